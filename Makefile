@@ -25,5 +25,8 @@ test: build
 demo: build
 	bash scripts/demo.sh $(BUILD)
 
+bundle:
+	bash scripts/make_bundle.sh $(BUILD)-cuda bundle
+
 clean:
 	rm -rf $(BUILD)

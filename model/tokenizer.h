@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -20,9 +21,37 @@ struct ChatMessage {
   std::string content;
 };
 
+// Everything a tokenizer is built from, independent of the file format (GGUF metadata or a
+// Hugging Face tokenizer.json are both converted to this first).
+struct TokenizerSpec {
+  enum TokenType : int32_t {
+    kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6,
+  };
+  std::string model = "gpt2";  // "gpt2": byte-level BPE; "llama": SentencePiece-style BPE
+  std::string pre = "default";  // tokenizer.ggml.pre (byte-level BPE only)
+  std::vector<std::string> tokens;  // as the vocabulary spells them (byte-level alphabet / U+2581)
+  std::vector<int32_t> token_types;  // TokenType per token; empty = all normal
+  std::vector<float> scores;         // "llama": merge priority of each token (higher first)
+  // "gpt2": merge rules in rank order. "llama": optional; when scores is empty, a merged token's
+  // score is minus the rank of the first rule that makes it (as tokenizer.json BPE ranks merges).
+  std::vector<std::pair<std::string, std::string>> merges;
+  int32_t bos_id = -1;
+  int32_t eos_id = -1;
+  int32_t unk_id = -1;
+  int32_t pad_id = -1;
+  bool add_bos = false;
+  bool add_space_prefix = false;  // "llama": a space before the text (and after special tokens)
+  std::string chat_template;      // Jinja source; empty if none
+};
+
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
+
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromSpec(const TokenizerSpec& spec);
+  static absl::StatusOr<TokenizerSpec> SpecFromGguf(const GgufFile& gguf);
+  // tokenizer.json (+ tokenizer_config.json beside it) to a spec, without building it.
+  static absl::StatusOr<TokenizerSpec> SpecFromTokenizerJson(const std::string& path);
 
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const GgufFile& gguf);
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGgufPath(const std::string& path);

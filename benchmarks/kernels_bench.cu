@@ -1,0 +1,418 @@
+// Decode-attention benchmark: one layer of decode attention (kernels/decode_attention.h) over a
+// paged cache of synthetic data, swept over context, batch, model shape and KV format.
+// Reports, per point: median time (CUDA events), the bytes the kernel must read (codes, scales,
+// outliers, q/o), achieved GB/s, that as a fraction of the device-to-device copy bandwidth
+// measured in the same run (cudaMemcpy D2D; copy GB/s counts read + write), and the speedup over
+// the fp16 kernel at the same point. A markdown table is printed last; --json=FILE writes JSON.
+//
+//   kernels_bench [--quick] [--contexts=32768,1048576] [--batches=1,8] [--shapes=llama3-8b,...]
+//                 [--formats=fp16,nuq3-1%] [--iters=7] [--mem_gb=48] [--json=out.json]
+//
+// Memory: one layer, blocks of a sequence are distinct; when batch * blocks would exceed
+// --mem_gb the block table wraps around a pool of that size (>= 1 GiB, far above L2, so the
+// data still comes from HBM). Keep --mem_gb <= ~60 on an 80 GB H100.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "kernels/decode_attention.h"
+#include "kernels/paged_kv.h"
+#include "kernels/reference/rope.h"
+#include "kvstore/block_layout.h"
+#include "kvstore/kv_format.h"
+
+namespace {
+
+using kvq::kernels::KvCodec;
+
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+struct Shape {
+  std::string name;
+  int n_heads, n_kv_heads, head_dim;
+};
+const std::vector<Shape> kShapes = {
+    {"llama3-8b", 32, 8, 128}, {"llama2-7b", 32, 32, 128}, {"smollm2-135m", 9, 3, 64}};
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  size_t at = 0;
+  while (at <= s.size()) {
+    const size_t c = s.find(',', at);
+    const std::string t = s.substr(at, c == std::string::npos ? std::string::npos : c - at);
+    if (!t.empty()) out.push_back(t);
+    if (c == std::string::npos) break;
+    at = c + 1;
+  }
+  return out;
+}
+
+__device__ __forceinline__ uint32_t Hash(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+
+// Random contents: fp16 halves in (-1, 1) for the fp16 codec, random bits otherwise.
+__global__ void FillKernel(uint32_t* words, int64_t n, bool fp16, uint64_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint32_t h = Hash(seed * 0x9E3779B97F4A7C15ull + i);
+    if (fp16) {
+      const float a = (h & 0xffff) / 65536.0f * 2.0f - 1.0f, b = (h >> 16) / 65536.0f * 2.0f - 1.0f;
+      words[i] = __half_as_ushort(__float2half_rn(a)) |
+                 (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(b))) << 16);
+    } else {
+      words[i] = h;
+    }
+  }
+}
+
+// Valid scales, outlier indices and key-outlier directories/entries for every pool block.
+__global__ void FixupKernel(uint8_t* pool, int64_t stride, kvq::kernels::KvBlockGeometry g,
+                            int key_entries, int cap) {
+  uint8_t* blk = pool + blockIdx.x * stride;
+  const int L = g.n_kv_heads * g.head_dim;
+  for (int t = threadIdx.x; t < kvq::kernels::kKvBlockTokens; t += blockDim.x) {
+    uint16_t* sc = reinterpret_cast<uint16_t*>(blk + g.value_scales_offset + t * 4);
+    sc[0] = 0;       // zp 0
+    sc[1] = 0x3c00;  // range 1
+    for (int o = 0; o < g.value_outliers_per_token; ++o) {
+      const int e = (o * L) / g.value_outliers_per_token + (t % 7);
+      uint8_t* idx = blk + g.value_outlier_index_offset +
+                     (static_cast<int64_t>(t) * g.value_outliers_per_token + o) * g.value_outlier_index_bytes;
+      if (g.value_outlier_index_bytes == 1) *idx = static_cast<uint8_t>(e);
+      else *reinterpret_cast<uint16_t*>(idx) = static_cast<uint16_t>(e);
+      reinterpret_cast<uint16_t*>(blk + g.value_outlier_value_offset)
+          [static_cast<int64_t>(t) * g.value_outliers_per_token + o] = 0x4400;  // 4.0
+    }
+  }
+  if (!g.has_key_outliers) return;
+  for (int h = 0; h < g.n_kv_heads; ++h) {
+    uint32_t* dir = reinterpret_cast<uint32_t*>(blk + g.key_outlier_dir_offset) + 2 * h;
+    if (threadIdx.x == 0) {
+      dir[0] = h * cap;
+      dir[1] = key_entries;
+    }
+    uint32_t* ents = reinterpret_cast<uint32_t*>(blk + g.fixed_bytes) + h * cap;
+    for (int e = threadIdx.x; e < key_entries; e += blockDim.x) {
+      const int tok = static_cast<int>((static_cast<int64_t>(e) * 256) / key_entries);
+      ents[e] = static_cast<uint32_t>(tok) | ((e * 37 % g.head_dim) << 8) | (0x4400u << 16);
+    }
+  }
+}
+
+kvq::kernels::KvBlockGeometry Geometry(const kvq::kvstore::BlockLayout& b) {
+  kvq::kernels::KvBlockGeometry g;
+  g.n_layers = b.n_layers;
+  g.n_kv_heads = b.n_kv_heads;
+  g.head_dim = b.head_dim;
+  g.bits = b.bits;
+  g.key_words_per_token = b.key_words_per_token;
+  g.value_words_per_token = b.value_words_per_token;
+  g.value_outliers_per_token = b.value_outliers_per_token;
+  g.value_outlier_index_bytes = b.value_outlier_index_bytes;
+  g.has_key_outliers = b.has_key_outliers;
+  g.key_codes_offset = b.key_codes_offset;
+  g.value_codes_offset = b.value_codes_offset;
+  g.key_scales_offset = b.key_scales_offset;
+  g.value_scales_offset = b.value_scales_offset;
+  g.value_outlier_index_offset = b.value_outlier_index_offset;
+  g.value_outlier_value_offset = b.value_outlier_value_offset;
+  g.key_outlier_dir_offset = b.key_outlier_dir_offset;
+  g.layer_bytes = b.layer_bytes;
+  g.fixed_bytes = b.fixed_bytes;
+  return g;
+}
+
+double CopyBandwidthGBs(int iters) {
+  const size_t bytes = size_t{2} << 30;
+  void *a, *b;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < iters + 1; ++i) {
+    CK(cudaEventRecord(e0));
+    CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float t;
+    CK(cudaEventElapsedTime(&t, e0, e1));
+    if (i > 0) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3) / 1e9;  // read + write
+}
+
+struct Row {
+  std::string shape, format;
+  int64_t context;
+  int batch;
+  double us, mbytes, gbs, frac_copy, vs_fp16;
+  bool ok;
+  std::string note;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  std::vector<int64_t> contexts = {32768, 131072, 524288, 1048576};
+  std::vector<int> batches = {1, 8, 32};
+  std::vector<std::string> shapes = {"llama3-8b", "llama2-7b", "smollm2-135m"};
+  std::vector<std::string> formats = {"fp16", "nuq4-1%", "nuq3-1%", "nuq2-1%"};
+  int iters = 7;
+  double mem_gb = 48.0;
+  std::string json;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto val = [&](const char* k) -> const char* {
+      const size_t n = std::strlen(k);
+      return a.compare(0, n, k) == 0 ? a.c_str() + n : nullptr;
+    };
+    if (a == "--quick") {
+      quick = true;
+    } else if (const char* v = val("--contexts=")) {
+      contexts.clear();
+      for (auto& s : Split(v)) contexts.push_back(std::atoll(s.c_str()));
+    } else if (const char* v = val("--batches=")) {
+      batches.clear();
+      for (auto& s : Split(v)) batches.push_back(std::atoi(s.c_str()));
+    } else if (const char* v = val("--shapes=")) {
+      shapes = Split(v);
+    } else if (const char* v = val("--formats=")) {
+      formats = Split(v);
+    } else if (const char* v = val("--iters=")) {
+      iters = std::max(1, std::atoi(v));
+    } else if (const char* v = val("--mem_gb=")) {
+      mem_gb = std::atof(v);
+    } else if (const char* v = val("--json=")) {
+      json = v;
+    } else {
+      std::fprintf(stderr, "unknown flag %s\n", a.c_str());
+      return 2;
+    }
+  }
+  if (quick) {
+    bool custom_ctx = false;
+    for (int i = 1; i < argc; ++i) custom_ctx |= std::strncmp(argv[i], "--contexts=", 11) == 0;
+    if (!custom_ctx) contexts = {131072, 1048576};
+    batches = {1, 8};
+    shapes = {"llama3-8b", "smollm2-135m"};
+    iters = std::min(iters, 5);
+  }
+  int dev = 0;
+  cudaDeviceProp prop;
+  CK(cudaGetDevice(&dev));
+  CK(cudaGetDeviceProperties(&prop, dev));
+  const double copy_gbs = CopyBandwidthGBs(5);
+  std::printf("# device: %s, %d SMs, L2 %d MiB; D2D copy %.0f GB/s (read + write)\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_gbs);
+
+  std::vector<Row> rows;
+  std::map<std::string, double> fp16_us;  // key: shape/context/batch
+  for (const std::string& sname : shapes) {
+    const Shape* sh = nullptr;
+    for (const Shape& s : kShapes) if (s.name == sname) sh = &s;
+    if (sh == nullptr) { std::fprintf(stderr, "unknown shape %s\n", sname.c_str()); return 2; }
+    for (int64_t ctx : contexts) {
+      for (int batch : batches) {
+        for (const std::string& fname : formats) {
+          Row r{sh->name, fname, ctx, batch, 0, 0, 0, 0, 0, false, ""};
+          auto fmt = kvq::kvstore::KvFormat::Parse(fname);
+          if (!fmt.ok()) { std::fprintf(stderr, "%s\n", std::string(fmt.status().message()).c_str()); return 2; }
+          kvq::kvstore::KvFormat f = *fmt;
+          f.sink_tokens = 0;  // sinks are noise at these lengths; keeps the pool uniform
+          const kvq::kvstore::KvShape kshape{1, sh->n_kv_heads, sh->head_dim};
+          const auto lay = kvq::kvstore::ComputeBlockLayout(f, kshape);
+          const auto geo = Geometry(lay);
+          const int key_entries = lay.has_key_outliers
+              ? static_cast<int>(std::lround(f.outlier_fraction * 256 * sh->head_dim)) : 0;
+          const int cap = key_entries;
+          const int64_t stride =
+              (lay.fixed_bytes + static_cast<int64_t>(sh->n_kv_heads) * cap * 4 + 15) / 16 * 16;
+          const int64_t blocks_per_seq = (ctx + 255) / 256;
+          const int64_t want_blocks = blocks_per_seq * batch;
+          const int64_t max_pool_blocks = static_cast<int64_t>(mem_gb * (1ull << 30)) / stride;
+          if (max_pool_blocks < blocks_per_seq && max_pool_blocks * stride < (1ll << 30)) {
+            r.note = "pool too small";
+            rows.push_back(r);
+            continue;
+          }
+          const int64_t pool_blocks = std::min(want_blocks, max_pool_blocks);
+          if (pool_blocks < want_blocks) r.note = "pool wraps";
+          uint8_t* pool;
+          CK(cudaMalloc(&pool, pool_blocks * stride));
+          FillKernel<<<4096, 256>>>(reinterpret_cast<uint32_t*>(pool), pool_blocks * stride / 4,
+                                    !f.quantized(), 17);
+          if (f.quantized()) FixupKernel<<<static_cast<unsigned>(pool_blocks), 256>>>(pool, stride, geo, key_entries, cap);
+          CK(cudaGetLastError());
+          std::vector<int32_t> table(want_blocks);
+          for (int64_t i = 0; i < want_blocks; ++i) table[i] = static_cast<int32_t>(i % pool_blocks);
+          std::vector<int32_t> lens(batch, static_cast<int32_t>(ctx));
+          std::vector<int64_t> firsts(batch, 0);
+          kvq::kernels::RopeParams rp;
+          rp.head_dim = sh->head_dim;
+          rp.theta = 500000.0;
+          const auto inv = kvq::kernels::RopeInvFreq(rp);
+          const int C = f.quantized() ? (1 << f.bits) : 0;
+          std::vector<float> lut(std::max(C, 1));
+          for (int j = 0; j < C; ++j) lut[j] = -1.0f + 2.0f * j / (C - 1);
+          std::vector<float> kzp(static_cast<size_t>(sh->n_kv_heads) * sh->head_dim, 0.0f), kr(kzp.size(), 1.0f);
+          int32_t *dtable, *dlens;
+          int64_t* dfirst;
+          double* dinv;
+          float *dlut, *dkzp, *dkr, *dq, *dout, *dlse;
+          void* ws;
+          const int max_splits = 4096;
+          const size_t ws_bytes = kvq::kernels::DecodeAttentionWorkspaceBytes(batch, sh->n_heads, sh->head_dim, max_splits);
+          CK(cudaMalloc(&dtable, table.size() * 4));
+          CK(cudaMalloc(&dlens, batch * 4));
+          CK(cudaMalloc(&dfirst, batch * 8));
+          CK(cudaMalloc(&dinv, inv.size() * 8));
+          CK(cudaMalloc(&dlut, lut.size() * 4));
+          CK(cudaMalloc(&dkzp, kzp.size() * 4));
+          CK(cudaMalloc(&dkr, kr.size() * 4));
+          const size_t qn = static_cast<size_t>(batch) * sh->n_heads * sh->head_dim;
+          CK(cudaMalloc(&dq, qn * 4));
+          CK(cudaMalloc(&dout, qn * 4));
+          CK(cudaMalloc(&dlse, static_cast<size_t>(batch) * sh->n_heads * 4));
+          CK(cudaMalloc(&ws, ws_bytes));
+          CK(cudaMemcpy(dtable, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+          CK(cudaMemcpy(dlens, lens.data(), batch * 4, cudaMemcpyHostToDevice));
+          CK(cudaMemcpy(dfirst, firsts.data(), batch * 8, cudaMemcpyHostToDevice));
+          CK(cudaMemcpy(dinv, inv.data(), inv.size() * 8, cudaMemcpyHostToDevice));
+          CK(cudaMemcpy(dlut, lut.data(), lut.size() * 4, cudaMemcpyHostToDevice));
+          CK(cudaMemcpy(dkzp, kzp.data(), kzp.size() * 4, cudaMemcpyHostToDevice));
+          CK(cudaMemcpy(dkr, kr.data(), kr.size() * 4, cudaMemcpyHostToDevice));
+          CK(cudaMemset(dq, 0, qn * 4));
+
+          kvq::kernels::DecodeAttentionParams p;
+          p.kv.geom = geo;
+          p.kv.codec = f.quantized() ? static_cast<KvCodec>(f.bits) : KvCodec::kFp16;
+          p.kv.pool = pool;
+          p.kv.block_stride_bytes = stride;
+          p.kv.block_table = dtable;
+          p.kv.max_blocks_per_seq = static_cast<int>(blocks_per_seq);
+          p.kv.seq_lens = dlens;
+          p.kv.first_positions = dfirst;
+          p.kv.key_lut = p.kv.value_lut = dlut;
+          p.kv.key_zero_point = dkzp;
+          p.kv.key_range = dkr;
+          p.kv.rope_inv_freq = dinv;
+          p.layer = 0;
+          p.batch = batch;
+          p.n_heads = sh->n_heads;
+          p.q = dq;
+          p.o = dout;
+          p.lse = dlse;
+          p.max_seq_len = static_cast<int>(ctx);
+          p.workspace = ws;
+          p.workspace_bytes = ws_bytes;
+          cudaEvent_t e0, e1;
+          CK(cudaEventCreate(&e0));
+          CK(cudaEventCreate(&e1));
+          std::vector<float> ms;
+          absl::Status st = absl::OkStatus();
+          for (int it = 0; it < iters + 2 && st.ok(); ++it) {
+            CK(cudaEventRecord(e0));
+            st = kvq::kernels::LaunchDecodeAttention(p, nullptr);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float t;
+            CK(cudaEventElapsedTime(&t, e0, e1));
+            if (it >= 2) ms.push_back(t);
+          }
+          CK(cudaDeviceSynchronize());
+          if (!st.ok()) {
+            r.note = std::string(st.message());
+          } else {
+            std::sort(ms.begin(), ms.end());
+            r.us = ms[ms.size() / 2] * 1e3;
+            // Bytes that must be read: K and V codes of every token and kv head, value scales
+            // and value outliers once per token, key-outlier directories and entries, q and o.
+            const double tok = static_cast<double>(ctx) * batch;
+            double bytes = tok * sh->n_kv_heads * (lay.key_words_per_token + lay.value_words_per_token) * 4.0;
+            if (f.quantized()) {
+              bytes += tok * 4.0;
+              bytes += tok * lay.value_outliers_per_token * (lay.value_outlier_index_bytes + 2.0);
+              if (lay.has_key_outliers) {
+                bytes += static_cast<double>(want_blocks) * sh->n_kv_heads * (8.0 + key_entries * 4.0);
+              }
+            }
+            bytes += 2.0 * qn * 4.0;
+            r.mbytes = bytes / 1e6;
+            r.gbs = bytes / (r.us * 1e-6) / 1e9;
+            r.frac_copy = r.gbs / copy_gbs;
+            r.ok = true;
+            const std::string key = sh->name + "/" + std::to_string(ctx) + "/" + std::to_string(batch);
+            if (!f.quantized()) fp16_us[key] = r.us;
+            r.vs_fp16 = fp16_us.count(key) ? fp16_us[key] / r.us : 0.0;
+          }
+          std::printf("%-13s ctx=%-8lld batch=%-3d %-9s %10.1f us %9.1f MB %7.0f GB/s %5.1f%% copy  x%.2f vs fp16 %s\n",
+                      r.shape.c_str(), static_cast<long long>(ctx), batch, fname.c_str(), r.us,
+                      r.mbytes, r.gbs, 100 * r.frac_copy, r.vs_fp16, r.note.c_str());
+          std::fflush(stdout);
+          rows.push_back(r);
+          cudaEventDestroy(e0);
+          cudaEventDestroy(e1);
+          for (void* ptr : {static_cast<void*>(pool), static_cast<void*>(dtable), static_cast<void*>(dlens),
+                            static_cast<void*>(dfirst), static_cast<void*>(dinv), static_cast<void*>(dlut),
+                            static_cast<void*>(dkzp), static_cast<void*>(dkr), static_cast<void*>(dq),
+                            static_cast<void*>(dout), static_cast<void*>(dlse), ws}) {
+            CK(cudaFree(ptr));
+          }
+        }
+      }
+    }
+  }
+  std::printf("\n## Decode attention, one layer (%s, D2D copy %.0f GB/s)\n\n", prop.name, copy_gbs);
+  std::printf("| shape | context | batch | format | time (us) | MB read | GB/s | of copy BW | speedup vs fp16 | note |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const Row& r : rows) {
+    std::printf("| %s | %lld | %d | %s | %.1f | %.1f | %.0f | %.1f%% | %.2f | %s |\n", r.shape.c_str(),
+                static_cast<long long>(r.context), r.batch, r.format.c_str(), r.us, r.mbytes, r.gbs,
+                100 * r.frac_copy, r.vs_fp16, r.note.c_str());
+  }
+  if (!json.empty()) {
+    FILE* fj = std::fopen(json.c_str(), "w");
+    if (fj != nullptr) {
+      std::fprintf(fj, "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"rows\": [\n", prop.name, copy_gbs);
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const Row& r = rows[i];
+        std::fprintf(fj, "  {\"shape\": \"%s\", \"context\": %lld, \"batch\": %d, \"format\": \"%s\", "
+                         "\"us\": %.2f, \"mbytes\": %.2f, \"gbs\": %.1f, \"frac_copy\": %.4f, "
+                         "\"vs_fp16\": %.3f, \"note\": \"%s\"}%s\n",
+                     r.shape.c_str(), static_cast<long long>(r.context), r.batch, r.format.c_str(), r.us,
+                     r.mbytes, r.gbs, r.frac_copy, r.vs_fp16, r.note.c_str(), i + 1 < rows.size() ? "," : "");
+      }
+      std::fprintf(fj, "]}\n");
+      std::fclose(fj);
+    }
+  }
+  return 0;
+}

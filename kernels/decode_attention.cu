@@ -1,0 +1,186 @@
+// Launcher of DecodeAttentionKernel: validation, split choice, dispatch through the explicit
+// instance table, and the merge of split partials. Math and layout: decode_attention.cuh.
+#include "kernels/decode_attention.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda_check.h"
+#include "kernels/decode_attention_instances.h"
+#include "kernels/merge_attention.h"
+
+namespace kvq::kernels {
+namespace {
+
+using decode_attention_internal::DecodeAttentionEntry;
+
+constexpr int kThreads = 128;
+
+int GroupBucket(int group) { return group <= 1 ? 1 : (group <= 4 ? 4 : 8); }
+
+const DecodeAttentionEntry* FindEntry(const DecodeAttentionDesc& d) {
+  for (const auto* table : {&decode_attention_internal::Fp16DecodeAttentionEntries(),
+                            &decode_attention_internal::LutDecodeAttentionEntries()}) {
+    for (const DecodeAttentionEntry& e : *table) {
+      if (e.desc == d) return &e;
+    }
+  }
+  return nullptr;
+}
+
+absl::Status Validate(const DecodeAttentionParams& p) {
+  const KvBlockGeometry& g = p.kv.geom;
+  auto bad = [](auto&&... args) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchDecodeAttention: ", args...));
+  };
+  if (p.batch < 0 || p.batch > 65535) return bad("batch ", p.batch, " outside [0, 65535]");
+  if (g.n_kv_heads <= 0 || p.n_heads <= 0 || p.n_heads % g.n_kv_heads != 0) {
+    return bad("n_heads ", p.n_heads, " must be a positive multiple of n_kv_heads ", g.n_kv_heads);
+  }
+  if (p.n_heads / g.n_kv_heads > 8) {
+    return absl::UnimplementedError(absl::StrCat(
+        "LaunchDecodeAttention: GQA group ", p.n_heads / g.n_kv_heads, " > 8 is not instantiated"));
+  }
+  if (p.layer < 0 || p.layer >= g.n_layers) return bad("layer ", p.layer, " outside [0, ", g.n_layers, ")");
+  const bool quant = p.kv.codec != KvCodec::kFp16;
+  const int bits = quant ? static_cast<int>(p.kv.codec) : 16;
+  if (g.bits != bits) return bad("geometry has ", g.bits, " bits, codec ", KvCodecName(p.kv.codec));
+  if (g.key_words_per_token != g.head_dim * bits / 32 ||
+      g.value_words_per_token != g.key_words_per_token) {
+    return bad("words per token ", g.key_words_per_token, " != head_dim * bits / 32");
+  }
+  if (g.key_scales_offset >= 0) {
+    return absl::UnimplementedError(
+        "LaunchDecodeAttention: int per-token formats (per-token key scaling) are not supported");
+  }
+  if (quant && (p.kv.key_lut == nullptr || p.kv.value_lut == nullptr ||
+                p.kv.key_zero_point == nullptr || p.kv.key_range == nullptr ||
+                g.value_scales_offset < 0)) {
+    return bad("LUT codec needs key/value LUTs, per-channel key scaling and value scales");
+  }
+  if (g.value_outliers_per_token > 0 &&
+      (g.value_outlier_index_bytes < 1 || g.value_outlier_index_bytes > 2)) {
+    return bad("value_outlier_index_bytes ", g.value_outlier_index_bytes);
+  }
+  if (!quant && (g.value_outliers_per_token > 0 || g.has_key_outliers)) {
+    return bad("fp16 codec with outliers");
+  }
+  if ((!p.kv.keys_rotated || p.kv.sink_tokens > 0) && p.kv.rope_inv_freq == nullptr) {
+    return bad("rope_inv_freq is required (keys pre-RoPE or sink tokens)");
+  }
+  if (p.kv.sink_tokens < 0 || p.kv.sink_tokens > 64) return bad("sink_tokens ", p.kv.sink_tokens);
+  if (p.kv.sink_tokens > 0 && p.kv.sink == nullptr) return bad("sink buffers missing");
+  if (p.kv.block_stride_bytes % 16 != 0 || p.kv.block_stride_bytes < g.fixed_bytes) {
+    return bad("block_stride_bytes ", p.kv.block_stride_bytes, " must be a multiple of 16 and >= ",
+               g.fixed_bytes);
+  }
+  if (p.max_seq_len < 0) return bad("max_seq_len ", p.max_seq_len);
+  if (p.batch > 0 && (p.q == nullptr || p.o == nullptr || p.lse == nullptr ||
+                      p.kv.seq_lens == nullptr || p.kv.first_positions == nullptr ||
+                      (p.max_seq_len > 0 && (p.kv.pool == nullptr || p.kv.block_table == nullptr)))) {
+    return bad("null q/o/lse/seq_lens/first_positions/pool/block_table");
+  }
+  // Sink tokens (at most 64) sit outside blocks, so a sequence needs at least this many.
+  if (static_cast<int64_t>(p.kv.max_blocks_per_seq) * kKvBlockTokens + 64 < p.max_seq_len) {
+    return bad("max_blocks_per_seq ", p.kv.max_blocks_per_seq, " too small for max_seq_len ",
+               p.max_seq_len);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string KvCodecName(KvCodec c) {
+  switch (c) {
+    case KvCodec::kFp16: return "fp16";
+    case KvCodec::kLut2: return "lut2";
+    case KvCodec::kLut3: return "lut3";
+    case KvCodec::kLut4: return "lut4";
+  }
+  return absl::StrCat("codec(", static_cast<int>(c), ")");
+}
+
+std::string DecodeAttentionDesc::ToString() const {
+  return absl::StrCat("{head_dim=", head_dim, ", codec=", KvCodecName(codec),
+                      ", group<=", max_group, "}");
+}
+
+int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
+                       int sm_count) {
+  (void)sink_tokens;
+  const int max_blocks = std::max(1, (max_seq_len + kKvBlockTokens - 1) / kKvBlockTokens);
+  const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * n_kv_heads);
+  // About four resident CTAs per SM make one wave; never split below one block per CTA.
+  const int64_t target = 4LL * std::max(sm_count, 1);
+  int splits = static_cast<int>(std::clamp<int64_t>((target + ctas - 1) / ctas, 1, max_blocks));
+  splits = std::min(splits, 65535);
+  const int blocks_per_split = (max_blocks + splits - 1) / splits;
+  return (max_blocks + blocks_per_split - 1) / blocks_per_split;
+}
+
+size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits) {
+  if (num_splits <= 1) return 0;
+  const size_t rows = static_cast<size_t>(batch) * n_heads;
+  return rows * num_splits * (static_cast<size_t>(head_dim) + 1) * sizeof(float);
+}
+
+absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t stream) {
+  if (absl::Status s = Validate(p); !s.ok()) return s;
+  if (p.batch == 0) return absl::OkStatus();
+  const KvBlockGeometry& g = p.kv.geom;
+  const DecodeAttentionDesc desc{g.head_dim, p.kv.codec, GroupBucket(p.n_heads / g.n_kv_heads)};
+  const DecodeAttentionEntry* entry = FindEntry(desc);
+  if (entry == nullptr) {
+    return absl::UnimplementedError(absl::StrCat(
+        "LaunchDecodeAttention: no kernel instance for ", desc.ToString(),
+        " (head dims and bit widths are limited by KVQ_CUDA_HEAD_DIMS / KVQ_CUDA_BITS)"));
+  }
+  int splits = p.num_splits;
+  if (splits <= 0) {
+    int dev = 0, sms = 0;
+    KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    splits = ChooseDecodeSplits(p.batch, g.n_kv_heads, p.max_seq_len, p.kv.sink_tokens, sms);
+  }
+  const int max_blocks = std::max(1, (p.max_seq_len + kKvBlockTokens - 1) / kKvBlockTokens);
+  splits = std::clamp(splits, 1, std::min(max_blocks, 65535));
+  const int blocks_per_split = (max_blocks + splits - 1) / splits;
+  splits = (max_blocks + blocks_per_split - 1) / blocks_per_split;
+  const int tokens_per_split = blocks_per_split * kKvBlockTokens;
+
+  float* part_o = nullptr;
+  float* part_lse = nullptr;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.n_heads;
+  if (splits > 1) {
+    const size_t need = DecodeAttentionWorkspaceBytes(p.batch, p.n_heads, g.head_dim, splits);
+    if (p.workspace == nullptr || p.workspace_bytes < need) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "LaunchDecodeAttention: ", splits, " splits need a workspace of ", need,
+          " bytes, got ", p.workspace_bytes));
+    }
+    part_o = static_cast<float*>(p.workspace);
+    part_lse = part_o + rows * splits * g.head_dim;
+  }
+  const dim3 grid(g.n_kv_heads, splits, p.batch);
+  entry->fn<<<grid, kThreads, 0, stream>>>(p, tokens_per_split, part_o, part_lse);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  if (splits > 1) {
+    MergeAttentionParams mp;
+    mp.rows = static_cast<int>(rows);
+    mp.n_parts = splits;
+    mp.head_dim = g.head_dim;
+    mp.o_parts = part_o;
+    mp.o_row_stride = static_cast<int64_t>(splits) * g.head_dim;
+    mp.o_part_stride = g.head_dim;
+    mp.lse_parts = part_lse;
+    mp.lse_row_stride = splits;
+    mp.lse_part_stride = 1;
+    mp.o = p.o;
+    mp.lse = p.lse;
+    return LaunchMergeAttention(mp, stream);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvq::kernels

@@ -1,0 +1,47 @@
+// Decode attention over a paged KV cache (fp16 or KVQuant nuq/int per-channel codes), one query
+// token per sequence, GQA, split-KV; writes (o, lse) per query head. See decode_attention.cuh for
+// the math and the thread mapping.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "kernels/paged_kv.h"
+
+namespace kvq::kernels {
+
+struct DecodeAttentionParams {
+  PagedKvCache kv;
+  int layer = 0;
+  int batch = 0;
+  int n_heads = 0;            // query heads; a multiple of kv.geom.n_kv_heads (<= 8 per kv head)
+  const float* q = nullptr;   // [batch][n_heads][head_dim], RoPE already applied at the query
+  float scale = 0.0f;         // softmax scale; <= 0 means 1/sqrt(head_dim)
+  float* o = nullptr;         // [batch][n_heads][head_dim], normalized
+  float* lse = nullptr;       // [batch][n_heads], natural log; -inf for an empty cache
+  int max_seq_len = 0;        // >= every seq_lens[s] (host-side bound; sizes the grid)
+  int num_splits = 0;         // 0: choose from the device's SM count
+  void* workspace = nullptr;  // DecodeAttentionWorkspaceBytes(...) bytes when num_splits > 1
+  size_t workspace_bytes = 0;
+};
+
+// The dispatch key: one template instance per descriptor.
+struct DecodeAttentionDesc {
+  int head_dim = 0;
+  KvCodec codec = KvCodec::kFp16;
+  int max_group = 0;  // bucket of the GQA group size: 1, 4 or 8
+  std::string ToString() const;
+  bool operator==(const DecodeAttentionDesc&) const = default;
+};
+
+// Splits the launcher uses for these sizes when num_splits == 0 (>= 1).
+int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens, int sm_count);
+size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits);
+
+absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t stream);
+
+}  // namespace kvq::kernels

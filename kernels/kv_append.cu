@@ -1,0 +1,333 @@
+// Quantize-append kernels (kv_append.h). The arithmetic is block_layout.h section 4, exactly as
+// kvstore/quantized_kv_cache.cc does it (fp32, IEEE division via __fdiv_rn, fmaf, RNE fp16):
+//
+// Keys (KeyAppendKernel, grid = (kv head, sequence), one thread per channel, tokens in order so
+// that outlier entries stay sorted by (token, channel)):
+//   per-channel formats: x_n = (x - zp_c) / r_c; outlier iff |x_n| > 1 (entry token | c << 8 |
+//   fp16(x) << 16, appended after the head's existing entries, channel order via a ballot scan);
+//   code = #{ j : clamp(x_n, -1, 1) > mid_j } (ties to the lower centroid); codes are OR-ed into
+//   the token's LSB-first bit stream in shared memory and written as whole words.
+//   (Post-RoPE formats would rotate x first; not implemented, the launcher rejects them.)
+// Values (ValueAppendKernel, grid = (token, sequence), 256 threads over the L = n_kv * head_dim
+// elements of the token):
+//   the k_v outliers are the k_lo = k/2 smallest and k_hi = k - k_lo largest elements in the
+//   order (value, index), found by max(k_lo, k_hi) rounds of a block-wide min/max over 64-bit
+//   keys (ordered float bits << 32 | index); lower/upper are the min/max of the rest;
+//   zp = fp16(0.5f (upper + lower)), r = max(fp16(0.5f (upper - lower)), 2^-14) (then fp16);
+//   outliers are written in ascending index order (block scan), codes as for keys with (zp, r).
+// Sink tokens (local index < sink capacity) are written as fp16 to the sink buffer instead.
+// fp16 codec: plain halves. Not supported: int per-token formats (per-token key scaling).
+#include "kernels/kv_append.h"
+
+#include <cuda_fp16.h>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda_check.h"
+
+namespace kvq::kernels {
+namespace {
+
+constexpr int kValueThreads = 256;
+constexpr int kMaxValueElems = 8192;  // n_kv_heads * head_dim per layer (smem: 32 KiB of floats)
+constexpr float kMinTokenRange = 6.103515625e-05f;
+
+__device__ __forceinline__ int SinkCapacity(const PagedKvCache& kv, int b) {
+  const int64_t fp = kv.first_positions[b];
+  return static_cast<int>(min(max(static_cast<int64_t>(kv.sink_tokens) - fp, int64_t{0}),
+                              static_cast<int64_t>(kv.sink_tokens)));
+}
+
+__device__ __forceinline__ uint32_t EncodeNearest(float xn, const float* mids, int n_mids) {
+  const float x = fminf(fmaxf(xn, -1.0f), 1.0f);
+  uint32_t code = 0;
+  for (int j = 0; j < n_mids; ++j) code += x > mids[j] ? 1u : 0u;
+  return code;
+}
+
+// ORs `code` (bits wide) at code index i of a bit stream in shared memory.
+__device__ __forceinline__ void OrCode(uint32_t* words, int i, int bits, uint32_t code) {
+  const int bit = i * bits, w = bit >> 5, sh = bit & 31;
+  atomicOr(&words[w], code << sh);
+  if (sh + bits > 32) atomicOr(&words[w + 1], code >> (32 - sh));
+}
+
+__device__ __forceinline__ uint16_t HalfBitsOf(float x) {
+  return __half_as_ushort(__float2half_rn(x));
+}
+
+// Where local token i of sequence b lives: block base and slot (i >= sink capacity).
+__device__ __forceinline__ uint8_t* TokenBlock(const KvAppendParams& p, int b, int64_t i,
+                                               int n_sink_cap, int* t) {
+  const int64_t j = i - n_sink_cap;
+  *t = static_cast<int>(j % kKvBlockTokens);
+  const int32_t blk =
+      p.kv.block_table[static_cast<int64_t>(b) * p.kv.max_blocks_per_seq + j / kKvBlockTokens];
+  return p.pool + static_cast<int64_t>(blk) * p.kv.block_stride_bytes;
+}
+
+__global__ void KeyAppendKernel(const KvAppendParams p) {
+  const KvBlockGeometry& g = p.kv.geom;
+  const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
+  const int D = g.head_dim, H = g.n_kv_heads;
+  const int bits = g.bits;
+  const bool quant = p.kv.codec != KvCodec::kFp16;
+  __shared__ float mids_s[15];
+  __shared__ uint32_t words_s[64];  // head_dim * bits / 32 <= 256 * 4 / 32 (fp16: 128 words)
+  __shared__ int warp_cnt_s[8];
+  __shared__ float zp_s[256], r_s[256];
+  const int n_sink_cap = SinkCapacity(p.kv, b);
+  const int64_t base_len = p.kv.seq_lens[b];
+  const int W = g.key_words_per_token;
+  if (quant) {
+    const int C = 1 << bits;
+    if (c < C - 1) {
+      const float* lut = p.kv.key_lut + p.layer * C;
+      mids_s[c] = 0.5f * (lut[c] + lut[c + 1]);
+    }
+    const int64_t at = (static_cast<int64_t>(p.layer) * H + h) * D + c;
+    zp_s[c] = p.kv.key_zero_point[at];
+    r_s[c] = p.kv.key_range[at];
+  }
+  __syncthreads();
+  for (int j = 0; j < p.n_new; ++j) {
+    const int64_t i = base_len + j;
+    float x = p.k[((static_cast<int64_t>(b) * p.n_new + j) * H + h) * D + c];
+    if (i < n_sink_cap) {
+      const int64_t L = static_cast<int64_t>(H) * D;
+      p.sink[b][(static_cast<int64_t>(p.layer) * n_sink_cap + i) * L + h * D + c] = HalfBitsOf(x);
+      continue;  // uniform: i is the same for the whole CTA
+    }
+    int t;
+    uint8_t* block = TokenBlock(p, b, i, n_sink_cap, &t);
+    uint8_t* lbase = block + static_cast<int64_t>(p.layer) * g.layer_bytes;
+    uint8_t* dst = lbase + g.key_codes_offset +
+                   (static_cast<int64_t>(h) * kKvBlockTokens + t) * W * 4;
+    if (!quant) {
+      reinterpret_cast<uint16_t*>(dst)[c] = HalfBitsOf(x);
+      continue;
+    }
+    for (int w = c; w < W; w += blockDim.x) words_s[w] = 0u;
+    __syncthreads();
+    const float xn = __fdiv_rn(x - zp_s[c], r_s[c]);
+    const bool outlier = g.has_key_outliers && fabsf(xn) > 1.0f;
+    OrCode(words_s, c, bits, EncodeNearest(xn, mids_s, (1 << bits) - 1));
+    // Compact outliers in channel order.
+    const unsigned ballot = __ballot_sync(0xffffffffu, outlier);
+    const int lane = c & 31, warp = c >> 5;
+    if (lane == 0) warp_cnt_s[warp] = __popc(ballot);
+    __syncthreads();
+    for (int w = c; w < W; w += blockDim.x) reinterpret_cast<uint32_t*>(dst)[w] = words_s[w];
+    if (g.has_key_outliers) {
+      int before = 0, total = 0;
+      for (int w = 0; w < (D + 31) / 32; ++w) {
+        if (w < warp) before += warp_cnt_s[w];
+        total += warp_cnt_s[w];
+      }
+      uint32_t* dir = reinterpret_cast<uint32_t*>(lbase + g.key_outlier_dir_offset) + 2 * h;
+      const uint32_t first = dir[0], count = dir[1];
+      const bool fits = count + total <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
+      if (outlier && fits) {
+        const int rank = before + __popc(ballot & ((1u << lane) - 1u));
+        uint32_t* ents = reinterpret_cast<uint32_t*>(block + g.fixed_bytes) + first;
+        ents[count + rank] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
+                             (static_cast<uint32_t>(HalfBitsOf(x)) << 16);
+      }
+      __syncthreads();  // every thread read dir[1] before it moves
+      if (c == 0 && total > 0) {
+        if (fits) dir[1] = count + total;
+        else if (p.overflow != nullptr) *p.overflow = 1;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+__device__ __forceinline__ uint32_t OrderedBits(float x) {
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__global__ void __launch_bounds__(kValueThreads) ValueAppendKernel(const KvAppendParams p) {
+  const KvBlockGeometry& g = p.kv.geom;
+  const int j = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int H = g.n_kv_heads, D = g.head_dim;
+  const int L = H * D;
+  const int bits = g.bits;
+  const bool quant = p.kv.codec != KvCodec::kFp16;
+  __shared__ float x_s[kMaxValueElems];
+  __shared__ uint8_t out_s[kMaxValueElems];
+  __shared__ uint32_t words_s[kMaxValueElems * 4 / 32];
+  __shared__ float mids_s[15];
+  __shared__ unsigned long long red_s[2][kValueThreads / 32];
+  __shared__ int cnt_s[kValueThreads];
+  const int n_sink_cap = SinkCapacity(p.kv, b);
+  const int64_t i = p.kv.seq_lens[b] + j;
+  const float* v = p.v + (static_cast<int64_t>(b) * p.n_new + j) * L;
+  if (i < n_sink_cap) {
+    const int64_t off = static_cast<int64_t>(g.n_layers) * n_sink_cap * L +
+                        (static_cast<int64_t>(p.layer) * n_sink_cap + i) * L;
+    for (int e = tid; e < L; e += kValueThreads) p.sink[b][off + e] = HalfBitsOf(v[e]);
+    return;
+  }
+  int t;
+  uint8_t* block = TokenBlock(p, b, i, n_sink_cap, &t);
+  uint8_t* lbase = block + static_cast<int64_t>(p.layer) * g.layer_bytes;
+  const int W = g.value_words_per_token;
+  if (!quant) {
+    for (int e = tid; e < L; e += kValueThreads) {
+      const int h = e / D, c = e % D;
+      reinterpret_cast<uint16_t*>(lbase + g.value_codes_offset +
+                                  (static_cast<int64_t>(h) * kKvBlockTokens + t) * W * 4)[c] =
+          HalfBitsOf(v[e]);
+    }
+    return;
+  }
+  const int C = 1 << bits;
+  if (tid < C - 1) {
+    const float* lut = p.kv.value_lut + p.layer * C;
+    mids_s[tid] = 0.5f * (lut[tid] + lut[tid + 1]);
+  }
+  for (int e = tid; e < L; e += kValueThreads) {
+    x_s[e] = v[e];
+    out_s[e] = 0;
+  }
+  for (int w = tid; w < H * W; w += kValueThreads) words_s[w] = 0u;
+  __syncthreads();
+  const int k = g.value_outliers_per_token;
+  const int k_lo = k / 2, k_hi = k - k_lo;
+  const int rounds = max(k_lo, k_hi) + 1;  // the last round finds lower/upper of the rest
+  unsigned long long lo_key = 0, hi_key = 0;
+  for (int r = 0; r < rounds; ++r) {
+    unsigned long long mn = ~0ull, mx = 0ull;
+    for (int e = tid; e < L; e += kValueThreads) {
+      if (out_s[e]) continue;
+      const unsigned long long key =
+          (static_cast<unsigned long long>(OrderedBits(x_s[e])) << 32) | static_cast<unsigned>(e);
+      mn = key < mn ? key : mn;
+      mx = key > mx ? key : mx;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const unsigned long long a = __shfl_xor_sync(0xffffffffu, mn, off);
+      const unsigned long long c = __shfl_xor_sync(0xffffffffu, mx, off);
+      mn = a < mn ? a : mn;
+      mx = c > mx ? c : mx;
+    }
+    if ((tid & 31) == 0) {
+      red_s[0][tid >> 5] = mn;
+      red_s[1][tid >> 5] = mx;
+    }
+    __syncthreads();
+    mn = red_s[0][0];
+    mx = red_s[1][0];
+    for (int w = 1; w < kValueThreads / 32; ++w) {
+      mn = red_s[0][w] < mn ? red_s[0][w] : mn;
+      mx = red_s[1][w] > mx ? red_s[1][w] : mx;
+    }
+    __syncthreads();  // red_s is reused next round; out_s is written below
+    if (r == rounds - 1) {
+      lo_key = mn;
+      hi_key = mx;
+    } else if (tid == 0) {
+      if (r < k_lo) out_s[static_cast<uint32_t>(mn)] = 1;
+      if (r < k_hi) out_s[static_cast<uint32_t>(mx)] = 1;
+    }
+    __syncthreads();
+  }
+  const float lower = x_s[static_cast<uint32_t>(lo_key)];
+  const float upper = x_s[static_cast<uint32_t>(hi_key)];
+  const uint16_t zp_h = HalfBitsOf(0.5f * (upper + lower));
+  float r = __half2float(__float2half_rn(0.5f * (upper - lower)));
+  if (!(r >= kMinTokenRange)) r = kMinTokenRange;
+  const uint16_t r_h = HalfBitsOf(r);
+  const float zp = __half2float(__ushort_as_half(zp_h)), rr = __half2float(__ushort_as_half(r_h));
+  if (tid == 0) {
+    uint16_t* sc = reinterpret_cast<uint16_t*>(lbase + g.value_scales_offset + t * 4);
+    sc[0] = zp_h;
+    sc[1] = r_h;
+  }
+  // Outliers in ascending index order: contiguous ranges per thread, exclusive scan of counts.
+  const int per = (L + kValueThreads - 1) / kValueThreads;
+  const int e0 = min(L, tid * per), e1 = min(L, e0 + per);
+  int mine = 0;
+  for (int e = e0; e < e1; ++e) mine += out_s[e];
+  cnt_s[tid] = mine;
+  __syncthreads();
+  int rank = 0;
+  for (int q = 0; q < tid; ++q) rank += cnt_s[q];
+  if (k > 0) {
+    uint8_t* idx = lbase + g.value_outlier_index_offset +
+                   static_cast<int64_t>(t) * k * g.value_outlier_index_bytes;
+    uint16_t* val = reinterpret_cast<uint16_t*>(lbase + g.value_outlier_value_offset +
+                                                static_cast<int64_t>(t) * k * 2);
+    for (int e = e0; e < e1; ++e) {
+      if (!out_s[e]) continue;
+      if (g.value_outlier_index_bytes == 1) idx[rank] = static_cast<uint8_t>(e);
+      else reinterpret_cast<uint16_t*>(idx)[rank] = static_cast<uint16_t>(e);
+      val[rank] = HalfBitsOf(x_s[e]);
+      ++rank;
+    }
+  }
+  for (int e = tid; e < L; e += kValueThreads) {
+    const float xn = __fdiv_rn(x_s[e] - zp, rr);
+    const int h = e / D, c = e % D;
+    OrCode(words_s + h * W, c, bits, EncodeNearest(xn, mids_s, C - 1));
+  }
+  __syncthreads();
+  for (int w = tid; w < H * W; w += kValueThreads) {
+    const int h = w / W, q = w % W;
+    reinterpret_cast<uint32_t*>(lbase + g.value_codes_offset +
+                                (static_cast<int64_t>(h) * kKvBlockTokens + t) * W * 4)[q] =
+        words_s[w];
+  }
+}
+
+}  // namespace
+
+absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
+  const KvBlockGeometry& g = p.kv.geom;
+  auto bad = [](auto&&... args) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchKvAppend: ", args...));
+  };
+  if (p.batch < 0 || p.batch > 65535 || p.n_new < 0) return bad("batch ", p.batch, ", n_new ", p.n_new);
+  if (p.batch == 0 || p.n_new == 0) return absl::OkStatus();
+  if (g.head_dim <= 0 || g.head_dim > 256 || g.head_dim % 32 != 0) {
+    return absl::UnimplementedError(absl::StrCat("LaunchKvAppend: head_dim ", g.head_dim,
+                                                 " (need a multiple of 32, <= 256)"));
+  }
+  if (static_cast<int64_t>(g.n_kv_heads) * g.head_dim > kMaxValueElems) {
+    return absl::UnimplementedError(absl::StrCat("LaunchKvAppend: n_kv_heads * head_dim = ",
+                                                 g.n_kv_heads * g.head_dim, " > ", kMaxValueElems));
+  }
+  if (p.layer < 0 || p.layer >= g.n_layers) return bad("layer ", p.layer);
+  const bool quant = p.kv.codec != KvCodec::kFp16;
+  if (g.bits != (quant ? static_cast<int>(p.kv.codec) : 16)) {
+    return bad("geometry bits ", g.bits, " vs codec ", KvCodecName(p.kv.codec));
+  }
+  if (g.key_scales_offset >= 0) {
+    return absl::UnimplementedError("LaunchKvAppend: int per-token formats are not supported");
+  }
+  if (quant && p.kv.keys_rotated) {
+    return absl::UnimplementedError(
+        "LaunchKvAppend: post-RoPE key formats (intB-pc-post) are not supported yet");
+  }
+  if (quant && (p.kv.key_lut == nullptr || p.kv.value_lut == nullptr ||
+                p.kv.key_zero_point == nullptr || p.kv.key_range == nullptr)) {
+    return bad("LUT codec needs LUTs and per-channel key scaling");
+  }
+  if (p.kv.sink_tokens > 0 && p.sink == nullptr) return bad("sink buffers missing");
+  if (p.pool == nullptr || p.k == nullptr || p.v == nullptr || p.kv.block_table == nullptr ||
+      p.kv.seq_lens == nullptr || p.kv.first_positions == nullptr) {
+    return bad("null pool/k/v/block_table/seq_lens/first_positions");
+  }
+  if (g.has_key_outliers && p.kv.key_outlier_capacity <= 0) {
+    return bad("key_outlier_capacity must be > 0 when the format has key outliers");
+  }
+  KeyAppendKernel<<<dim3(g.n_kv_heads, p.batch), g.head_dim, 0, stream>>>(p);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  ValueAppendKernel<<<dim3(p.n_new, p.batch), kValueThreads, 0, stream>>>(p);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+}  // namespace kvq::kernels

@@ -1,0 +1,35 @@
+// Merge of partial attention results (split-KV partials on one GPU, or per-rank partials):
+//   lse = log sum_r exp(lse_r),  o = sum_r exp(lse_r - lse) * o_r.
+// Computed as m = max_r lse_r, w_r = exp(lse_r - m), S = sum w_r, o = sum (w_r / S) o_r,
+// lse = m + log S (the order of kvstore/attention_merge.h). Partials with lse = -inf contribute
+// nothing; if all are -inf: o = 0, lse = -inf.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace kvq::kernels {
+
+struct MergeAttentionParams {
+  int rows = 0;       // (sequence, head) rows
+  int n_parts = 0;    // partials per row, >= 1
+  int head_dim = 0;   // <= 1024
+  // Partial r of row i: o_parts[i * o_row_stride + r * o_part_stride + d],
+  // lse_parts[i * lse_row_stride + r * lse_part_stride] (strides in elements), so both
+  // [rows][n_parts][hd] (split-KV workspace) and [n_parts][rows][hd] (gathered ranks) work.
+  const float* o_parts = nullptr;
+  int64_t o_row_stride = 0;
+  int64_t o_part_stride = 0;
+  const float* lse_parts = nullptr;
+  int64_t lse_row_stride = 0;
+  int64_t lse_part_stride = 0;
+  float* o = nullptr;    // [rows][head_dim]
+  float* lse = nullptr;  // [rows]
+};
+
+absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t stream);
+
+}  // namespace kvq::kernels

@@ -1,0 +1,76 @@
+// The device view of a paged KV cache in the block layout of kvstore/block_layout.h, as the CUDA
+// attention and append kernels address it. kernels/ sits below kvstore/ in the dependency order,
+// so this header mirrors the BlockLayout fields instead of including it; the owner of the pool
+// fills KvBlockGeometry field by field from kvstore::ComputeBlockLayout() (tests/kernels does so
+// and checks every offset). Host and device code.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace kvq::kernels {
+
+inline constexpr int kKvBlockTokens = 256;  // == kvstore::kBlockTokens
+
+// How the codes of one element are stored. kFp16: plain halves ("codes" are fp16 bits);
+// kLutB: B-bit LUT codes, an LSB-first bit stream of 32-bit words per token and head.
+enum class KvCodec : uint8_t { kFp16 = 16, kLut2 = 2, kLut3 = 3, kLut4 = 4 };
+std::string KvCodecName(KvCodec c);
+
+// Byte offsets inside a block, mirroring kvstore::BlockLayout (-1 where absent).
+struct KvBlockGeometry {
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int bits = 16;
+  int key_words_per_token = 0;        // per head: head_dim * bits / 32
+  int value_words_per_token = 0;
+  int value_outliers_per_token = 0;   // k_v
+  int value_outlier_index_bytes = 0;  // 1 or 2 (0 if k_v == 0)
+  bool has_key_outliers = false;
+  int64_t key_codes_offset = -1;
+  int64_t value_codes_offset = -1;
+  int64_t key_scales_offset = -1;     // int per-token formats only (not supported by the kernels)
+  int64_t value_scales_offset = -1;
+  int64_t value_outlier_index_offset = -1;
+  int64_t value_outlier_value_offset = -1;
+  int64_t key_outlier_dir_offset = -1;
+  int64_t layer_bytes = 0;
+  int64_t fixed_bytes = 0;
+};
+
+// A batch of sequences (or rank shards of sequences) over one block pool. Device pointers.
+// Block-token j (local token n_sink + j) of sequence s lives in block
+// block_table[s * max_blocks_per_seq + j / 256] at slot j % 256, at position
+// first_positions[s] + n_sink_capacity(s) + j, where n_sink_capacity(s) =
+// clamp(sink_tokens - first_positions[s], 0, sink_tokens) (block_layout.h section 1).
+struct PagedKvCache {
+  KvBlockGeometry geom;
+  KvCodec codec = KvCodec::kFp16;
+  const uint8_t* pool = nullptr;     // [n_pool_blocks][block_stride_bytes]
+  int64_t block_stride_bytes = 0;    // >= fixed_bytes + key-outlier capacity; multiple of 16
+  // Key outliers: entries of (layer, head) in block B are the uint32 words
+  // [first, first + count) after B's fixed section, {first, count} read from the directory.
+  // Append kernels write up to key_outlier_capacity entries per (layer, head) and block with
+  // first = (layer * n_kv_heads + head) * key_outlier_capacity (the pool's reservation).
+  int key_outlier_capacity = 0;
+  const int32_t* block_table = nullptr;      // [batch][max_blocks_per_seq]
+  int max_blocks_per_seq = 0;
+  const int32_t* seq_lens = nullptr;         // [batch] local tokens (sink + block tokens)
+  const int64_t* first_positions = nullptr;  // [batch] RoPE position of local token 0
+  int sink_tokens = 0;                       // format.sink_tokens
+  // [batch] fp16 sink buffers (SinkLayout: K [n_layers][n_sink_cap][n_kv][hd] pre-RoPE, then V
+  // of the same shape); entries may be null where n_sink_capacity is 0.
+  const uint16_t* const* sink = nullptr;
+  // Quantizer tensors (fp32, device): per-channel key scaling and the effective LUTs.
+  const float* key_zero_point = nullptr;  // [n_layers][n_kv][hd]
+  const float* key_range = nullptr;       // [n_layers][n_kv][hd]
+  const float* key_lut = nullptr;         // [n_layers][2^B] (Q-Norm applied)
+  const float* value_lut = nullptr;       // [n_layers][2^B]
+  // Stored keys are already rotated (post-RoPE formats, or a plain fp16 baseline cache). Sink
+  // tokens are always stored pre-RoPE and always rotated.
+  bool keys_rotated = false;
+  const double* rope_inv_freq = nullptr;  // [head_dim / 2], kernels::RopeInvFreq()
+};
+
+}  // namespace kvq::kernels

@@ -1,0 +1,39 @@
+// Token sampling from logits, one CTA per sequence (kernels/sampling.cu):
+//   temperature <= 0: greedy argmax (ties: lowest token id).
+//   otherwise, with e_i = exp((l_i - max l) / T) (so max e = 1) and Z = sum e_i:
+//     top_k  (0 = off): keep e_i >= e_(k), the k-th largest value (ties at it are all kept);
+//     top_p  (1 = off): then keep the largest-first prefix whose mass reaches top_p of the kept
+//                       mass, i.e. e_i >= tau_p, tau_p the largest tau with
+//                       sum_{kept, e_i >= tau} e_i >= top_p * sum_{kept} e_i;
+//     min_p  (0 = off): keep e_i >= min_p (= min_p * p_max / p_max);
+//   then draw u = SamplingUniform(seed, step) (Philox4x32-10, kernels/philox.h) and return the
+//   first kept token id i (in id order) whose running kept mass exceeds u * (kept mass).
+// Thresholds are found by bisection on the fp32 bits of e (exact: they are values of e).
+// Reference: kernels/reference/sampling.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace kvq::kernels {
+
+struct SamplingParams {
+  int batch = 0;
+  int vocab = 0;
+  const float* logits = nullptr;       // [batch][logits_row_stride], f32
+  int64_t logits_row_stride = 0;       // elements; 0 means vocab
+  const float* temperature = nullptr;  // [batch]
+  const int32_t* top_k = nullptr;      // [batch] (null: all off)
+  const float* top_p = nullptr;        // [batch] (null: all 1)
+  const float* min_p = nullptr;        // [batch] (null: all 0)
+  const uint64_t* seed = nullptr;      // [batch]
+  const uint64_t* step = nullptr;      // [batch] counter, e.g. the number of generated tokens
+  int32_t* tokens = nullptr;           // [batch] out
+};
+
+absl::Status LaunchSampling(const SamplingParams& p, cudaStream_t stream);
+
+}  // namespace kvq::kernels

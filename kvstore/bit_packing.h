@@ -1,0 +1,44 @@
+// Bit-exact packing of B-bit codes (B in 1..8, used with 2, 3, 4): an LSB-first bit stream over
+// little-endian uint32 words. Code i occupies bits [i*B, i*B + B) of the stream; stream bit k is
+// bit k % 32 of word k / 32. A group of 32 codes fills exactly B words, so nothing is wasted when
+// the code count is a multiple of 32; otherwise the last word is zero-padded.
+#pragma once
+
+#include <cstdint>
+
+namespace kvq::kvstore {
+
+inline constexpr int64_t PackedWords(int64_t n_codes, int bits) {
+  return (n_codes * bits + 31) / 32;
+}
+
+// Reads code i from a packed stream.
+inline uint32_t GetPackedCode(const uint32_t* words, int64_t i, int bits) {
+  const int64_t bit = i * bits;
+  const int64_t w = bit >> 5;
+  const int shift = static_cast<int>(bit & 31);
+  uint64_t window = words[w] >> shift;
+  if (shift + bits > 32) window |= static_cast<uint64_t>(words[w + 1]) << (32 - shift);
+  return static_cast<uint32_t>(window) & ((1u << bits) - 1u);
+}
+
+// Overwrites code i (the other codes are untouched). code must be < 2^bits.
+inline void SetPackedCode(uint32_t* words, int64_t i, int bits, uint32_t code) {
+  const int64_t bit = i * bits;
+  const int64_t w = bit >> 5;
+  const int shift = static_cast<int>(bit & 31);
+  const uint64_t mask = ((1ull << bits) - 1ull) << shift;
+  const uint64_t val = static_cast<uint64_t>(code) << shift;
+  words[w] = static_cast<uint32_t>((words[w] & ~mask) | (val & mask));
+  if (shift + bits > 32) {
+    const uint32_t hi_mask = static_cast<uint32_t>(mask >> 32);
+    words[w + 1] = (words[w + 1] & ~hi_mask) | (static_cast<uint32_t>(val >> 32) & hi_mask);
+  }
+}
+
+// Packs n codes into PackedWords(n, bits) words (padding bits zero).
+void PackCodes(const uint8_t* codes, int64_t n, int bits, uint32_t* words);
+// Unpacks n codes.
+void UnpackCodes(const uint32_t* words, int64_t n, int bits, uint8_t* codes);
+
+}  // namespace kvq::kvstore

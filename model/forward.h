@@ -1,0 +1,151 @@
+// The Llama-family decoder forward pass on the CPU (fp32 math, OpenBLAS GEMMs): embeddings,
+// RMSNorm, q/k/v projections (keys stay pre-RoPE in the cache), RoPE, GQA attention, SwiGLU MLP,
+// tied or untied output head. Batches of sequences with different numbers of new tokens (prefill
+// chunks and single decode tokens mixed). This is the reference backend and the oracle for the GPU.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kernels/reference/rope.h"
+#include "model/weights.h"
+
+namespace kvq::model {
+
+// One sequence's stored keys (pre-RoPE) and values, per layer. Implementations: the dense
+// DenseKvCache below (fp16 or fp32 storage) and, in the engine, the KVQuant quantized cache.
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+  // Committed tokens (visible to attention).
+  virtual int64_t length() const = 0;
+  // Stages n new tokens' keys (pre-RoPE) and values of one layer at positions
+  // [length(), length() + n). k, v: [n, n_kv_heads, head_dim].
+  virtual absl::Status Append(int layer, const float* k, const float* v, int n) = 0;
+  // Makes n staged tokens visible, after every layer appended them.
+  virtual void Commit(int n) = 0;
+  // Drops staged tokens that were not committed (a step that failed part-way).
+  virtual void DiscardStaged() = 0;
+  // Attention of n_q queries over the stored tokens: query i attends to positions
+  // [0, key_end[i]), which may include staged tokens. q: [n_q, n_heads, head_dim], already rotated
+  // at the query positions; keys are rotated at their own positions inside. Outputs the normalized
+  // o [n_q, n_heads, head_dim] and the natural-log log-sum-exp lse [n_q, n_heads] of the scaled
+  // scores (-inf with o = 0 for an empty range), so that partials merge exactly.
+  virtual void Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+                      float* lse) const = 0;
+  // Bytes this cache holds (for accounting).
+  virtual int64_t bytes() const = 0;
+  // A copy that shares nothing mutable with this one (sessions fork from it).
+  virtual std::unique_ptr<KvCache> Clone() const = 0;
+  // The committed tokens in the cache's own compressed form (session save/restore).
+  virtual absl::StatusOr<std::string> Serialize() const = 0;
+};
+
+// A cache that continues a shared, immutable prefix (a session's first `prefix_length` tokens):
+// attention merges the prefix's partial with the private tail's, so forks never copy the prefix.
+class PrefixKvCache : public KvCache {
+ public:
+  PrefixKvCache(std::shared_ptr<const KvCache> prefix, int64_t prefix_length,
+                std::unique_ptr<KvCache> tail, int n_heads, int head_dim);
+  int64_t length() const override { return prefix_length_ + tail_->length(); }
+  absl::Status Append(int layer, const float* k, const float* v, int n) override {
+    return tail_->Append(layer, k, v, n);
+  }
+  void Commit(int n) override { tail_->Commit(n); }
+  void DiscardStaged() override { tail_->DiscardStaged(); }
+  void Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+              float* lse) const override;
+  int64_t bytes() const override { return tail_->bytes(); }  // the prefix is the session's
+  std::unique_ptr<KvCache> Clone() const override;
+  absl::StatusOr<std::string> Serialize() const override {
+    return absl::UnimplementedError("a forked cache is not saved; save the session it came from");
+  }
+
+ private:
+  std::shared_ptr<const KvCache> prefix_;
+  int64_t prefix_length_;
+  std::unique_ptr<KvCache> tail_;
+  int n_heads_, head_dim_;
+};
+
+// Plain fp16 (or fp32) storage of pre-RoPE keys and values.
+class DenseKvCache : public KvCache {
+ public:
+  // position_offset: the RoPE position of this cache's first token (a cache that continues another
+  // one, e.g. a fork of a session, starts at the session's length).
+  DenseKvCache(const ModelConfig& config, bool fp32_storage = false, int64_t position_offset = 0);
+  int64_t length() const override { return length_; }
+  absl::Status Append(int layer, const float* k, const float* v, int n) override;
+  void Commit(int n) override;
+  void DiscardStaged() override;
+  void Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+              float* lse) const override;
+  int64_t bytes() const override;
+  std::unique_ptr<KvCache> Clone() const override;
+  absl::StatusOr<std::string> Serialize() const override;
+  // Restores what Serialize wrote (checks the shape against config).
+  static absl::StatusOr<std::unique_ptr<DenseKvCache>> Deserialize(const ModelConfig& config,
+                                                                   const std::string& bytes);
+  // Dequantized pre-RoPE keys / values of one layer for tokens [begin, end): [n, n_kv, hd].
+  void Read(int layer, int64_t begin, int64_t end, std::vector<float>* k,
+            std::vector<float>* v) const;
+
+ private:
+  int n_layers_, n_heads_, n_kv_heads_, head_dim_;
+  bool fp32_;
+  int64_t position_offset_;
+  std::vector<double> inv_freq_;
+  int64_t length_ = 0;
+  int64_t staged_ = 0;  // tokens appended to the last layer beyond length_
+  std::vector<std::vector<uint16_t>> k16_, v16_;  // per layer, [tokens, n_kv, hd] (fp16 bits)
+  std::vector<std::vector<float>> k32_, v32_;     // per layer, when fp32_storage
+};
+
+// Dense attention math shared by the caches: q [n_q, n_heads, hd] (rotated), k_rot and v
+// [n_keys, n_kv, hd] (keys rotated), query i attends keys [0, key_end[i]). Outputs as KvCache::Attend.
+void AttendDense(const float* q, int n_q, int n_heads, const float* k_rot, const float* v,
+                 int64_t n_keys, int n_kv_heads, int head_dim, const int64_t* key_end, float* o,
+                 float* lse);
+
+// Rope parameters of a model.
+kernels::RopeParams RopeParamsFor(const ModelConfig& config);
+
+struct ForwardItem {
+  KvCache* cache = nullptr;               // the sequence's cache; new tokens are appended
+  absl::Span<const int32_t> tokens;       // new tokens, at positions cache->length() + i
+  bool all_logits = false;                // logits for every new token, else the last only
+};
+
+struct ForwardOptions {
+  // false (serving): attention inside the new chunk is full precision (before quantization) and
+  // the stored past is attended through the cache; the two partials are merged.
+  // true (evaluation): the chunk is appended first and every query attends through the cache,
+  // exactly as if the tokens had been decoded one by one from the compressed cache.
+  bool chunk_through_cache = false;
+};
+
+class Forward {
+ public:
+  explicit Forward(const LlamaWeights& weights);
+  // Runs one step. logits: for each item in order, tokens.size() rows (all_logits) or one row,
+  // each of vocab_size floats. On error nothing is committed to any cache.
+  absl::Status Run(absl::Span<ForwardItem> items, const ForwardOptions& options,
+                   std::vector<float>* logits) const;
+  const ModelConfig& config() const { return w_.config; }
+  const LlamaWeights& weights() const { return w_; }
+
+ private:
+  const LlamaWeights& w_;
+  std::vector<double> inv_freq_;
+};
+
+// Merges attention partials: lse = log(exp(lse_a) + exp(lse_b)), o = weighted sum. In place on a.
+void MergeAttentionPartial(float* o_a, float* lse_a, const float* o_b, const float* lse_b,
+                           int rows, int head_dim);
+
+}  // namespace kvq::model

@@ -1,0 +1,38 @@
+// Token sampling on the CPU: greedy, temperature, top-k, top-p, min-p, repetition penalty,
+// seeded and deterministic (the same seed and logits give the same token on every machine).
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace kvq::model {
+
+struct SamplerConfig {
+  float temperature = 0.0f;  // 0: greedy
+  float top_p = 1.0f;
+  int top_k = 0;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplerConfig& config);
+  // Picks the next token from logits [vocab] (modified in place by the penalty); `history` is the
+  // tokens seen so far (for the repetition penalty).
+  int32_t Sample(float* logits, int vocab, const std::vector<int32_t>& history);
+
+ private:
+  SamplerConfig config_;
+  std::mt19937_64 rng_;
+};
+
+// Index of the largest logit (lowest index on ties).
+int32_t Argmax(const float* logits, int vocab);
+// log-softmax of the chosen token, and the top-n (token, logprob) pairs, best first.
+float LogProb(const float* logits, int vocab, int32_t token);
+std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int vocab, int n);
+
+}  // namespace kvq::model

@@ -1,0 +1,341 @@
+// Decode attention (fp16 and LUT codecs) and the partial merge, GPU vs reference:
+//  - every format is compared with kvstore::QuantizedKvCache::AttendPast (double accumulation
+//    over the same dequantized cache: the oracle of the fused dequant + RoPE + softmax);
+//  - fp16 is also compared with kernels::DecodeAttentionReference on plain arrays;
+//  - the merge kernel is compared with MergeAttentionReference, and exactly on integer inputs.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "common/half.h"
+#include "kernels/decode_attention.h"
+#include "kernels/merge_attention.h"
+#include "kernels/reference/attention.h"
+#include "kernels/reference/rope.h"
+#include "kvstore/kv_format.h"
+#include "kvstore/quantized_kv_cache.h"
+#include "kvstore/quantizer.h"
+#include "tests/kernels/cuda_test_util.h"
+#include "tests/kernels/kv_pool_test_util.h"
+
+namespace kvq {
+namespace {
+
+using testing::DeviceBuffer;
+using testing::MaxAbsError;
+
+// Tolerances (worst element). The GPU accumulates in fp32 where the oracle uses double, over the
+// same decoded values; scores are O(10), so fp32 rounding of the logits (~1e-6 relative) and of
+// the RoPE recurrence (a few 1e-7 relative per angle, kernels/decode_attention.cuh) move
+// softmax weights by ~1e-5 relative. o is a convex combination of values of magnitude <= ~4, and
+// key outliers add corrections of up to ~10x the dense range; 2e-3 leaves 20x margin over the
+// errors seen in fp32 simulations of this kernel and is still far below one fp16 ulp of the
+// values involved (>= 2e-3 at |v| >= 2). lse is a log of a sum of O(1e3) terms: 1e-3.
+constexpr double kOutTol = 2e-3;
+constexpr double kLseTol = 1e-3;
+
+struct Case {
+  std::string format;
+  int head_dim;
+  int n_kv_heads;
+  int group;
+  std::vector<int> lens;
+  int64_t first_position;  // of every sequence (a rank shard when > 0: no sink)
+  int splits;              // 0: auto
+};
+
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  std::string f = absl::StrReplaceAll(c.format, {{"-", "_"}, {"%", "pct"}, {".", "p"}});
+  return absl::StrCat(f, "_hd", c.head_dim, "_kv", c.n_kv_heads, "_g", c.group, "_n",
+                      c.lens.size(), "_max", *std::max_element(c.lens.begin(), c.lens.end()),
+                      "_pos", c.first_position, "_s", c.splits);
+}
+
+// A calibrated quantizer with random (but plausible) thresholds and strictly ascending LUTs.
+std::shared_ptr<const kvstore::Quantizer> MakeQuantizer(const kvstore::KvShape& shape,
+                                                        const kvstore::KvFormat& format,
+                                                        std::mt19937& rng) {
+  if (!format.quantized()) return nullptr;
+  kvstore::QuantizerData d;
+  d.shape = shape;
+  d.format = format;
+  d.fingerprint = "test";
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  const size_t nk = static_cast<size_t>(shape.n_layers) * shape.ElementsPerTokenPerLayer();
+  if (format.keys_per_channel()) {
+    for (size_t i = 0; i < nk; ++i) {
+      const float center = 0.5f * (u(rng) - 0.5f);
+      const float half = 0.8f + 1.5f * u(rng);
+      d.key_lower.push_back(center - half);
+      d.key_upper.push_back(center + half);
+    }
+  }
+  const int C = format.num_centroids();
+  for (int l = 0; l < shape.n_layers; ++l) {
+    for (auto* lut : {&d.key_lut, &d.value_lut}) {
+      for (int j = 0; j < C; ++j) {
+        // Evenly spaced with jitter below half a step: still strictly ascending in [-1, 1].
+        const float base = -1.0f + 2.0f * j / (C - 1);
+        const float jitter = (j == 0 || j == C - 1) ? 0.0f : (u(rng) - 0.5f) * (0.8f / (C - 1));
+        lut->push_back(base + jitter);
+      }
+    }
+    d.key_qnorm_scale.push_back(format.qnorm ? 0.9f : 1.0f);
+    d.key_qnorm_offset.push_back(format.qnorm ? 0.01f : 0.0f);
+    d.value_qnorm_scale.push_back(format.qnorm ? 0.95f : 1.0f);
+    d.value_qnorm_offset.push_back(0.0f);
+  }
+  auto q = kvstore::Quantizer::Create(std::move(d));
+  EXPECT_TRUE(q.ok()) << q.status();
+  return std::make_shared<const kvstore::Quantizer>(std::move(q).value());
+}
+
+class DecodeAttentionTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const Case& c = GetParam();
+  auto fmt = kvstore::KvFormat::Parse(c.format);
+  ASSERT_TRUE(fmt.ok()) << fmt.status();
+  const kvstore::KvShape shape{2, c.n_kv_heads, c.head_dim};
+  const int layer = 1;
+  const int n_heads = c.n_kv_heads * c.group;
+  std::mt19937 rng(1234 + c.head_dim + c.group);
+  auto quant = MakeQuantizer(shape, *fmt, rng);
+  kernels::RopeParams rope;
+  rope.head_dim = c.head_dim;
+  rope.theta = 500000.0;
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+
+  std::vector<std::unique_ptr<kvstore::QuantizedKvCache>> caches;
+  std::vector<const kvstore::QuantizedKvCache*> ptrs;
+  const int64_t L = shape.ElementsPerTokenPerLayer();
+  for (int len : c.lens) {
+    auto cache = kvstore::QuantizedKvCache::Create(shape, *fmt, quant, rope, c.first_position);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    std::vector<float> k(static_cast<size_t>(len) * L), v(k.size());
+    for (float& x : k) x = nd(rng) * 1.2f;
+    for (float& x : v) x = nd(rng);
+    // A few large key values so that per-channel outliers exist even at 0.1%.
+    for (size_t i = 0; i < k.size(); i += 97) k[i] *= 4.0f;
+    // Appended in chunks of up to 300 tokens (several steps).
+    for (int at = 0; at < len; at += 300) {
+      const int n = std::min(300, len - at);
+      for (int l = 0; l < shape.n_layers; ++l) {
+        ASSERT_TRUE((*cache)->Append(l, k.data() + at * L, v.data() + at * L, n).ok());
+      }
+      ASSERT_TRUE((*cache)->Commit().ok());
+    }
+    ptrs.push_back(cache->get());
+    caches.push_back(std::move(cache).value());
+  }
+  auto dev = testing::UploadCaches(ptrs, quant.get(), rope);
+  const int batch = static_cast<int>(c.lens.size());
+  std::vector<float> q(static_cast<size_t>(batch) * n_heads * c.head_dim);
+  for (float& x : q) x = nd(rng) * 0.6f;
+  DeviceBuffer<float> dq(q), dout(q.size()), dlse(static_cast<size_t>(batch) * n_heads);
+
+  kernels::DecodeAttentionParams p;
+  p.kv = dev->view;
+  p.layer = layer;
+  p.batch = batch;
+  p.n_heads = n_heads;
+  p.q = dq.get();
+  p.o = dout.get();
+  p.lse = dlse.get();
+  p.max_seq_len = dev->max_seq_len;
+  p.num_splits = c.splits;
+  int sms = 132;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  const int splits = c.splits > 0 ? c.splits
+                                  : kernels::ChooseDecodeSplits(batch, c.n_kv_heads,
+                                                                p.max_seq_len, 0, sms);
+  DeviceBuffer<uint8_t> ws(kernels::DecodeAttentionWorkspaceBytes(batch, n_heads, c.head_dim,
+                                                                   std::max(splits, 64)) + 16);
+  p.workspace = ws.get();
+  p.workspace_bytes = ws.size();
+  const absl::Status st = kernels::LaunchDecodeAttention(p, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  const std::vector<float> o = dout.Download(), lse = dlse.Download();
+
+  std::vector<float> want_o, want_lse;
+  for (int s = 0; s < batch; ++s) {
+    auto ref = caches[s]->AttendPast(layer, q.data() + static_cast<size_t>(s) * n_heads * c.head_dim,
+                                     1, n_heads);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    want_o.insert(want_o.end(), ref->o.begin(), ref->o.end());
+    want_lse.insert(want_lse.end(), ref->lse.begin(), ref->lse.end());
+  }
+  const auto eo = MaxAbsError(o, want_o);
+  const auto el = MaxAbsError(lse, want_lse);
+  EXPECT_LE(eo.err, kOutTol) << "o[" << eo.index << "] = " << o[eo.index] << ", want "
+                             << want_o[eo.index];
+  EXPECT_LE(el.err, kLseTol) << "lse[" << el.index << "] = " << lse[el.index] << ", want "
+                             << want_lse[el.index];
+
+  // fp16: the same inputs through the plain-array reference.
+  if (!fmt->quantized()) {
+    for (int s = 0; s < batch; ++s) {
+      std::vector<float> kk, vv;
+      ASSERT_TRUE(caches[s]->ReadBack(layer, 0, caches[s]->length(), &kk, &vv).ok());
+      const auto inv = kernels::RopeInvFreq(rope);
+      kernels::DecodeAttentionRefInput in;
+      in.n_heads = n_heads;
+      in.n_kv_heads = c.n_kv_heads;
+      in.head_dim = c.head_dim;
+      in.n_tokens = caches[s]->length();
+      in.first_position = c.first_position;
+      in.q = q.data() + static_cast<size_t>(s) * n_heads * c.head_dim;
+      in.k = kk.data();
+      in.v = vv.data();
+      in.inv_freq = &inv;
+      std::vector<float> ro(static_cast<size_t>(n_heads) * c.head_dim), rl(n_heads);
+      kernels::DecodeAttentionReference(in, ro.data(), rl.data());
+      std::vector<float> go(o.begin() + static_cast<size_t>(s) * ro.size(),
+                            o.begin() + static_cast<size_t>(s + 1) * ro.size());
+      std::vector<float> gl(lse.begin() + s * n_heads, lse.begin() + (s + 1) * n_heads);
+      EXPECT_LE(MaxAbsError(go, ro).err, kOutTol) << "sequence " << s;
+      EXPECT_LE(MaxAbsError(gl, rl).err, kLseTol) << "sequence " << s;
+    }
+  }
+}
+
+std::vector<Case> Cases() {
+  std::vector<Case> cs;
+  const std::vector<int> mixed = {1, 113, 256, 257, 700};
+  for (int hd : {64, 128}) {
+    for (const char* f : {"fp16", "nuq4-1%", "nuq3-1%", "nuq2-1%", "nuq3", "nuq4-0.1%-sink5",
+                          "int3-pc-post-1%", "int4-pc-pre"}) {
+      cs.push_back({f, hd, 2, 4, mixed, 0, 0});
+    }
+    cs.push_back({"fp16", hd, 3, 3, {1000}, 0, 3});
+    cs.push_back({"nuq3-1%", hd, 1, 1, {513, 40}, 0, 0});
+    cs.push_back({"nuq2-1%", hd, 2, 8, {300}, 0, 1});
+    cs.push_back({"nuq3-1%-sink5", hd, 1, 2, {3, 5, 6, 260}, 0, 0});
+    // A rank shard deep into a 10M-token sequence: positions near 1e7 (no sink).
+    cs.push_back({"fp16", hd, 2, 4, {600, 77}, 9999000, 0});
+    cs.push_back({"nuq3-1%", hd, 2, 4, {600, 77}, 9999000, 2});
+  }
+  return cs;
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, DecodeAttentionTest, ::testing::ValuesIn(Cases()), CaseName);
+
+TEST(DecodeAttentionLauncher, RejectsUnsupportedKeys) {
+  kernels::DecodeAttentionParams p;
+  p.kv.geom.n_layers = 1;
+  p.kv.geom.n_kv_heads = 1;
+  p.kv.geom.head_dim = 96;
+  p.kv.geom.bits = 16;
+  p.kv.geom.key_words_per_token = p.kv.geom.value_words_per_token = 48;
+  p.kv.keys_rotated = true;
+  p.batch = 0;
+  p.n_heads = 1;
+  // batch 0 is a no-op even for an uninstantiated head_dim...
+  EXPECT_TRUE(kernels::LaunchDecodeAttention(p, nullptr).ok());
+  p.n_heads = 16;
+  const absl::Status s = kernels::LaunchDecodeAttention(p, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;  // group 16 > 8
+  EXPECT_NE(std::string(s.message()).find("group"), std::string::npos) << s;
+}
+
+TEST(DecodeAttentionLauncher, UnknownInstanceNamesTheKey) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  kernels::DecodeAttentionParams p;
+  p.kv.geom.n_layers = 1;
+  p.kv.geom.n_kv_heads = 1;
+  p.kv.geom.head_dim = 96;
+  p.kv.geom.bits = 16;
+  p.kv.geom.key_words_per_token = p.kv.geom.value_words_per_token = 48;
+  p.kv.keys_rotated = true;
+  DeviceBuffer<float> buf(1024);
+  DeviceBuffer<int32_t> ibuf(16);
+  DeviceBuffer<int64_t> lbuf(16);
+  p.batch = 1;
+  p.n_heads = 1;
+  p.q = p.o = p.lse = buf.get();
+  p.kv.seq_lens = ibuf.get();
+  p.kv.first_positions = lbuf.get();
+  const absl::Status s = kernels::LaunchDecodeAttention(p, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  EXPECT_NE(std::string(s.message()).find("head_dim=96"), std::string::npos) << s;
+}
+
+// ---- Merge ----
+
+void RunMerge(int rows, int parts, int hd, const std::vector<float>& o_parts,
+              const std::vector<float>& lse_parts, std::vector<float>* o, std::vector<float>* lse) {
+  DeviceBuffer<float> dop(o_parts), dlp(lse_parts), dout(static_cast<size_t>(rows) * hd),
+      dlse(rows);
+  kernels::MergeAttentionParams p;
+  p.rows = rows;
+  p.n_parts = parts;
+  p.head_dim = hd;
+  p.o_parts = dop.get();
+  p.o_row_stride = static_cast<int64_t>(parts) * hd;
+  p.o_part_stride = hd;
+  p.lse_parts = dlp.get();
+  p.lse_row_stride = parts;
+  p.lse_part_stride = 1;
+  p.o = dout.get();
+  p.lse = dlse.get();
+  ASSERT_TRUE(kernels::LaunchMergeAttention(p, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  *o = dout.Download();
+  *lse = dlse.Download();
+}
+
+class MergeTest : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(MergeTest, MatchesReference) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const auto [parts, hd] = GetParam();
+  const int rows = 37;
+  std::mt19937 rng(parts * 31 + hd);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> op(static_cast<size_t>(rows) * parts * hd), lp(static_cast<size_t>(rows) * parts);
+  for (float& x : op) x = nd(rng);
+  for (size_t i = 0; i < lp.size(); ++i) lp[i] = (i % 7 == 3) ? -INFINITY : 5.0f * nd(rng);
+  for (int d = 0; d < parts; ++d) lp[d] = -INFINITY;  // row 0: every partial empty
+  std::vector<float> o, lse, ro(static_cast<size_t>(rows) * hd), rl(rows);
+  RunMerge(rows, parts, hd, op, lp, &o, &lse);
+  kernels::MergeAttentionReference(rows, parts, hd, op.data(), lp.data(), ro.data(), rl.data());
+  // fp32 vs double of a convex combination of N(0,1) values: 1e-5.
+  EXPECT_LE(MaxAbsError(o, ro).err, 1e-5);
+  EXPECT_LE(MaxAbsError(lse, rl).err, 1e-5);
+  EXPECT_TRUE(std::isinf(lse[0]) && lse[0] < 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, MergeTest,
+                         ::testing::Combine(::testing::Values(1, 2, 7, 64),
+                                            ::testing::Values(64, 128)));
+
+TEST(MergeExact, EqualLseIntegerOutputs) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  // Four partials with equal lse: weights are exactly 1/4, integer multiples of 4 merge exactly,
+  // and lse = l + log 4.
+  const int rows = 3, parts = 4, hd = 128;
+  std::vector<float> op(static_cast<size_t>(rows) * parts * hd), lp(rows * parts, 2.0f);
+  for (size_t i = 0; i < op.size(); ++i) op[i] = static_cast<float>(4 * (static_cast<int>(i % 11) - 5));
+  std::vector<float> o, lse;
+  RunMerge(rows, parts, hd, op, lp, &o, &lse);
+  for (int r = 0; r < rows; ++r) {
+    for (int d = 0; d < hd; ++d) {
+      double want = 0;
+      for (int k = 0; k < parts; ++k) want += op[(static_cast<size_t>(r) * parts + k) * hd + d] / 4.0;
+      ASSERT_EQ(o[static_cast<size_t>(r) * hd + d], static_cast<float>(want)) << r << "," << d;
+    }
+    EXPECT_NEAR(lse[r], 2.0 + std::log(4.0), 1e-6);
+  }
+}
+
+}  // namespace
+}  // namespace kvq

@@ -1,0 +1,288 @@
+// Dense-layer kernels vs their references: RMSNorm, query RoPE (positions up to 1e7), SwiGLU,
+// embedding gather, residual add, the cuBLAS GEMM wrapper, and sampling (greedy and
+// top-k/top-p/min-p/temperature with the Philox uniform, which must pick the reference's token).
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "kernels/dense_ops.h"
+#include "kernels/gemm.h"
+#include "kernels/philox.h"
+#include "kernels/reference/dense_ops.h"
+#include "kernels/reference/rope.h"
+#include "kernels/sampling.h"
+#include "tests/kernels/cuda_test_util.h"
+
+namespace kvq {
+namespace {
+
+using kernels::DType;
+using testing::DeviceBuffer;
+using testing::MaxAbsError;
+
+// Tolerances. f16 outputs: half an ulp of fp16 at |y| <= 4 is 2e-3, plus fp32 accumulation;
+// bf16: half an ulp at |y| <= 4 is 1.6e-2. f32 elementwise: 1e-5 relative-ish at |y| <= 10.
+constexpr double kF16Tol = 3e-3, kBf16Tol = 2e-2, kF32Tol = 2e-5;
+
+std::vector<uint16_t> ToHalf(const std::vector<float>& x) {
+  std::vector<uint16_t> h(x.size());
+  for (size_t i = 0; i < x.size(); ++i) h[i] = __half_as_ushort(__float2half_rn(x[i]));
+  return h;
+}
+std::vector<float> FromHalf(const std::vector<uint16_t>& h) {
+  std::vector<float> x(h.size());
+  for (size_t i = 0; i < h.size(); ++i) x[i] = __half2float(__ushort_as_half(h[i]));
+  return x;
+}
+std::vector<uint16_t> ToBf16(const std::vector<float>& x) {
+  std::vector<uint16_t> h(x.size());
+  for (size_t i = 0; i < x.size(); ++i) h[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+  return h;
+}
+std::vector<float> FromBf16(const std::vector<uint16_t>& h) {
+  std::vector<float> x(h.size());
+  for (size_t i = 0; i < h.size(); ++i) x[i] = __bfloat162float(__ushort_as_bfloat16(h[i]));
+  return x;
+}
+std::vector<float> Randn(size_t n, uint32_t seed, float s = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, s);
+  std::vector<float> x(n);
+  for (float& v : x) v = nd(rng);
+  return x;
+}
+
+class RmsNormTest : public ::testing::TestWithParam<std::tuple<DType, int>> {};
+TEST_P(RmsNormTest, MatchesReference) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const auto [dt, dim] = GetParam();
+  const int rows = 7;
+  auto x = Randn(static_cast<size_t>(rows) * dim, 1), w = Randn(dim, 2);
+  const bool bf = dt == DType::kBF16;
+  auto rx = bf ? FromBf16(ToBf16(x)) : FromHalf(ToHalf(x));
+  auto rw = bf ? FromBf16(ToBf16(w)) : FromHalf(ToHalf(w));
+  std::vector<float> want(x.size());
+  kernels::RmsNormReference(rx.data(), rw.data(), rows, dim, 1e-5f, want.data());
+  DeviceBuffer<uint16_t> dx(bf ? ToBf16(x) : ToHalf(x)), dw(bf ? ToBf16(w) : ToHalf(w)), dy(x.size());
+  kernels::RmsNormParams p;
+  p.rows = rows;
+  p.dim = dim;
+  p.dtype = dt;
+  p.x = dx.get();
+  p.weight = dw.get();
+  p.y = dy.get();
+  ASSERT_TRUE(kernels::LaunchRmsNorm(p, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  auto got = bf ? FromBf16(dy.Download()) : FromHalf(dy.Download());
+  EXPECT_LE(MaxAbsError(got, want).err, bf ? kBf16Tol : kF16Tol);
+}
+INSTANTIATE_TEST_SUITE_P(Grid, RmsNormTest,
+                         ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16),
+                                            ::testing::Values(113, 576, 4096)));
+
+TEST(RopeQuery, MatchesReferenceAtLargePositions) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  for (int hd : {64, 128}) {
+    kernels::RopeParams rp;
+    rp.head_dim = hd;
+    rp.theta = 500000.0;
+    rp.llama3_scaling = hd == 128;
+    rp.factor = 8.0;
+    const auto inv = kernels::RopeInvFreq(rp);
+    const int rows = 5, heads = 3;
+    const std::vector<int64_t> pos = {0, 1, 4095, 1000003, 9999999};
+    auto q = Randn(static_cast<size_t>(rows) * heads * hd, 3);
+    auto want = q;
+    for (int r = 0; r < rows; ++r) kernels::ApplyRopeReference(want.data() + r * heads * hd, heads, hd, pos[r], inv);
+    DeviceBuffer<float> dq(q);
+    DeviceBuffer<int64_t> dp(pos);
+    DeviceBuffer<double> di(inv);
+    kernels::RopeQueryParams p{rows, heads, hd, dq.get(), dp.get(), di.get()};
+    ASSERT_TRUE(kernels::LaunchRopeQuery(p, nullptr).ok());
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    // Both sides compute the angle and the rotation in double and round once: a few ulp of f32.
+    EXPECT_LE(MaxAbsError(dq.Download(), want).err, 1e-6) << "head_dim " << hd;
+  }
+}
+
+TEST(SwiGlu, MatchesReference) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const int rows = 5, dim = 333;
+  // Fused [rows][2*dim]: gate then up.
+  auto gu = Randn(static_cast<size_t>(rows) * 2 * dim, 4, 2.0f);
+  std::vector<float> g, u;
+  for (int r = 0; r < rows; ++r) {
+    g.insert(g.end(), gu.begin() + r * 2 * dim, gu.begin() + r * 2 * dim + dim);
+    u.insert(u.end(), gu.begin() + r * 2 * dim + dim, gu.begin() + (r + 1) * 2 * dim);
+  }
+  std::vector<float> want(g.size());
+  kernels::SwiGluReference(g.data(), u.data(), static_cast<int64_t>(g.size()), want.data());
+  DeviceBuffer<float> dgu(gu), dout(g.size());
+  kernels::SwiGluParams p;
+  p.rows = rows;
+  p.dim = dim;
+  p.dtype = DType::kF32;
+  p.gate = dgu.get();
+  p.up = dgu.get() + dim;
+  p.in_row_stride = 2 * dim;
+  p.out = dout.get();
+  ASSERT_TRUE(kernels::LaunchSwiGlu(p, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  EXPECT_LE(MaxAbsError(dout.Download(), want).err, kF32Tol);
+}
+
+TEST(Embedding, GathersRowsExactly) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const int vocab = 50, dim = 96;
+  auto table = FromHalf(ToHalf(Randn(static_cast<size_t>(vocab) * dim, 5)));
+  const std::vector<int32_t> ids = {3, 0, 49, 7, -1, 50, 3};
+  std::vector<float> want(ids.size() * dim);
+  kernels::EmbeddingReference(table.data(), vocab, dim, ids.data(), static_cast<int>(ids.size()), want.data());
+  DeviceBuffer<uint16_t> dt(ToHalf(table));
+  DeviceBuffer<int32_t> di(ids);
+  DeviceBuffer<float> dout(want.size());
+  kernels::EmbeddingParams p;
+  p.rows = static_cast<int>(ids.size());
+  p.dim = dim;
+  p.vocab = vocab;
+  p.table_dtype = DType::kF16;
+  p.out_dtype = DType::kF32;
+  p.table = dt.get();
+  p.ids = di.get();
+  p.out = dout.get();
+  ASSERT_TRUE(kernels::LaunchEmbedding(p, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  EXPECT_EQ(dout.Download(), want);
+}
+
+TEST(ResidualAdd, F32PlusF16) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  auto x = Randn(1001, 6), y = FromHalf(ToHalf(Randn(1001, 7)));
+  std::vector<float> want(x.size());
+  for (size_t i = 0; i < x.size(); ++i) want[i] = x[i] + y[i];
+  DeviceBuffer<float> dx(x);
+  DeviceBuffer<uint16_t> dy(ToHalf(y));
+  kernels::ResidualAddParams p{static_cast<int64_t>(x.size()), DType::kF32, DType::kF16, dx.get(), dy.get()};
+  ASSERT_TRUE(kernels::LaunchResidualAdd(p, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  EXPECT_EQ(dx.Download(), want);  // one fp32 addition: exact match
+}
+
+class GemmTest : public ::testing::TestWithParam<std::tuple<DType, DType>> {};
+TEST_P(GemmTest, MatchesReference) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const auto [ab, cdt] = GetParam();
+  const int m = 7, n = 130, k = 257;
+  const bool bf = ab == DType::kBF16;
+  auto a = Randn(static_cast<size_t>(m) * k, 8), b = Randn(static_cast<size_t>(n) * k, 9);
+  auto ra = bf ? FromBf16(ToBf16(a)) : FromHalf(ToHalf(a));
+  auto rb = bf ? FromBf16(ToBf16(b)) : FromHalf(ToHalf(b));
+  std::vector<float> want(static_cast<size_t>(m) * n);
+  kernels::GemmReference(ra.data(), rb.data(), m, n, k, want.data());
+  DeviceBuffer<uint16_t> da(bf ? ToBf16(a) : ToHalf(a)), db(bf ? ToBf16(b) : ToHalf(b));
+  DeviceBuffer<float> dc32(want.size());
+  DeviceBuffer<uint16_t> dc16(want.size());
+  cublasHandle_t h;
+  ASSERT_EQ(cublasCreate(&h), CUBLAS_STATUS_SUCCESS);
+  kernels::GemmParams p;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.ab_dtype = ab;
+  p.c_dtype = cdt;
+  p.a = da.get();
+  p.b = db.get();
+  p.c = cdt == DType::kF32 ? static_cast<void*>(dc32.get()) : static_cast<void*>(dc16.get());
+  const absl::Status st = kernels::Gemm(h, p, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  cublasDestroy(h);
+  std::vector<float> got = cdt == DType::kF32 ? dc32.Download()
+                           : cdt == DType::kF16 ? FromHalf(dc16.Download())
+                                                : FromBf16(dc16.Download());
+  // Dot products of 257 N(0,1) pairs: |c| <~ 50. fp32 accumulation: 1e-3; rounding of the
+  // output: half an ulp at 64 is 0.016 (f16) and 0.125 (bf16).
+  const double tol = cdt == DType::kF32 ? 1e-3 : (cdt == DType::kF16 ? 0.02 : 0.13);
+  EXPECT_LE(MaxAbsError(got, want).err, tol);
+}
+INSTANTIATE_TEST_SUITE_P(Grid, GemmTest,
+                         ::testing::Values(std::make_tuple(DType::kF16, DType::kF32),
+                                           std::make_tuple(DType::kF16, DType::kF16),
+                                           std::make_tuple(DType::kBF16, DType::kF32),
+                                           std::make_tuple(DType::kBF16, DType::kBF16)));
+
+TEST(Philox, HostMatchesKnownAnswer) {
+  // Random123 known-answer vector for philox4x32-10 with counter = key = 0.
+  const kernels::Philox4 r = kernels::Philox4x32_10(kernels::Philox4{{0, 0, 0, 0}}, 0, 0);
+  EXPECT_EQ(r.x[0], 0x6627e8d5u);
+  EXPECT_EQ(r.x[1], 0xe169c58du);
+  EXPECT_EQ(r.x[2], 0xbc57ac4cu);
+  EXPECT_EQ(r.x[3], 0x9b00dbd8u);
+}
+
+struct SampleCase {
+  float temperature;
+  int top_k;
+  float top_p;
+  float min_p;
+};
+class SamplingTest : public ::testing::TestWithParam<SampleCase> {};
+TEST_P(SamplingTest, PicksTheReferenceToken) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const SampleCase c = GetParam();
+  const int batch = 64, vocab = 32000;
+  // Logits on a grid of distinct values (multiples of 1/64 in [-8, 8] shuffled): well separated,
+  // so fp32 (GPU) and double (reference) agree on every threshold and boundary.
+  std::mt19937 rng(11);
+  std::vector<float> logits(static_cast<size_t>(batch) * vocab);
+  for (int b = 0; b < batch; ++b) {
+    std::vector<float> row(vocab);
+    for (int i = 0; i < vocab; ++i) row[i] = -8.0f + 16.0f * (i % 1024) / 1024.0f + (i / 1024) * 1e-3f;
+    std::shuffle(row.begin(), row.end(), rng);
+    std::copy(row.begin(), row.end(), logits.begin() + static_cast<size_t>(b) * vocab);
+  }
+  std::vector<float> temp(batch, c.temperature), tp(batch, c.top_p), mp(batch, c.min_p);
+  std::vector<int32_t> tk(batch, c.top_k);
+  std::vector<uint64_t> seed(batch), step(batch);
+  for (int b = 0; b < batch; ++b) {
+    seed[b] = 0x1234567890ull * (b + 1);
+    step[b] = b * 3;
+  }
+  DeviceBuffer<float> dl(logits), dt(temp), dtp(tp), dmp(mp);
+  DeviceBuffer<int32_t> dtk(tk), dout(batch);
+  DeviceBuffer<uint64_t> ds(seed), dst(step);
+  kernels::SamplingParams p;
+  p.batch = batch;
+  p.vocab = vocab;
+  p.logits = dl.get();
+  p.temperature = dt.get();
+  p.top_k = dtk.get();
+  p.top_p = dtp.get();
+  p.min_p = dmp.get();
+  p.seed = ds.get();
+  p.step = dst.get();
+  p.tokens = dout.get();
+  ASSERT_TRUE(kernels::LaunchSampling(p, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto got = dout.Download();
+  for (int b = 0; b < batch; ++b) {
+    kernels::SamplingRefConfig rc{c.temperature, c.top_k, c.top_p, c.min_p, seed[b], step[b]};
+    EXPECT_EQ(got[b], kernels::SampleReference(logits.data() + static_cast<size_t>(b) * vocab, vocab, rc))
+        << "sequence " << b;
+  }
+}
+INSTANTIATE_TEST_SUITE_P(Grid, SamplingTest,
+                         ::testing::Values(SampleCase{0.0f, 0, 1.0f, 0.0f},   // greedy
+                                           SampleCase{1.0f, 0, 1.0f, 0.0f},   // plain
+                                           SampleCase{0.7f, 40, 1.0f, 0.0f},  // top-k
+                                           SampleCase{1.0f, 0, 0.9f, 0.0f},   // top-p
+                                           SampleCase{1.3f, 0, 1.0f, 0.05f},  // min-p
+                                           SampleCase{0.8f, 50, 0.8f, 0.02f}));
+
+}  // namespace
+}  // namespace kvq

@@ -1,0 +1,160 @@
+// Builds the device view (kernels::PagedKvCache) of a batch of kvstore::QuantizedKvCache objects:
+// blocks exported in their canonical bytes into one pool (in reverse order, so the block table
+// really indirects), fp16 sink buffers rebuilt from ReadBack, quantizer tensors uploaded.
+#pragma once
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/paged_kv.h"
+#include "kernels/reference/rope.h"
+#include "kvstore/block_layout.h"
+#include "kvstore/quantized_kv_cache.h"
+#include "tests/kernels/cuda_test_util.h"
+
+namespace kvq::testing {
+
+static_assert(kernels::kKvBlockTokens == kvstore::kBlockTokens);
+
+inline kernels::KvBlockGeometry ToKernelGeometry(const kvstore::BlockLayout& b) {
+  kernels::KvBlockGeometry g;
+  g.n_layers = b.n_layers;
+  g.n_kv_heads = b.n_kv_heads;
+  g.head_dim = b.head_dim;
+  g.bits = b.bits;
+  g.key_words_per_token = b.key_words_per_token;
+  g.value_words_per_token = b.value_words_per_token;
+  g.value_outliers_per_token = b.value_outliers_per_token;
+  g.value_outlier_index_bytes = b.value_outlier_index_bytes;
+  g.has_key_outliers = b.has_key_outliers;
+  g.key_codes_offset = b.key_codes_offset;
+  g.value_codes_offset = b.value_codes_offset;
+  g.key_scales_offset = b.key_scales_offset;
+  g.value_scales_offset = b.value_scales_offset;
+  g.value_outlier_index_offset = b.value_outlier_index_offset;
+  g.value_outlier_value_offset = b.value_outlier_value_offset;
+  g.key_outlier_dir_offset = b.key_outlier_dir_offset;
+  g.layer_bytes = b.layer_bytes;
+  g.fixed_bytes = b.fixed_bytes;
+  return g;
+}
+
+inline kernels::KvCodec CodecOf(const kvstore::KvFormat& f) {
+  return f.quantized() ? static_cast<kernels::KvCodec>(f.bits) : kernels::KvCodec::kFp16;
+}
+
+// Device copy of a batch of caches (all with the same shape, format and quantizer).
+struct DevicePagedKv {
+  DeviceBuffer<uint8_t> pool;
+  DeviceBuffer<int32_t> block_table, seq_lens;
+  DeviceBuffer<int64_t> first_positions;
+  std::vector<std::unique_ptr<DeviceBuffer<uint16_t>>> sinks;
+  DeviceBuffer<const uint16_t*> sink_ptrs;
+  DeviceBuffer<float> key_zp, key_range, key_lut, value_lut;
+  DeviceBuffer<double> inv_freq;
+  kernels::PagedKvCache view;
+  int max_seq_len = 0;
+};
+
+inline std::unique_ptr<DevicePagedKv> UploadCaches(
+    const std::vector<const kvstore::QuantizedKvCache*>& caches, const kvstore::Quantizer* quant,
+    const kernels::RopeParams& rope) {
+  auto d = std::make_unique<DevicePagedKv>();
+  const kvstore::QuantizedKvCache& c0 = *caches[0];
+  const kvstore::KvShape& shape = c0.shape();
+  const kvstore::KvFormat& format = c0.format();
+  const kvstore::BlockLayout& lay = c0.layout();
+  std::vector<std::string> blocks;
+  std::vector<std::vector<int32_t>> ids(caches.size());
+  int max_blocks = 1;
+  for (size_t s = 0; s < caches.size(); ++s) {
+    const int64_t nb = caches[s]->Bytes().blocks;
+    max_blocks = std::max<int>(max_blocks, static_cast<int>(nb));
+    for (int64_t b = 0; b < nb; ++b) blocks.push_back(caches[s]->ExportBlock(b));
+  }
+  size_t stride = static_cast<size_t>(lay.fixed_bytes);
+  for (const auto& b : blocks) stride = std::max(stride, b.size());
+  stride = (stride + 15) / 16 * 16;
+  // Reverse order in the pool: block i of the flat list goes to slot n-1-i.
+  const size_t n = blocks.size();
+  std::vector<uint8_t> pool(std::max<size_t>(n, 1) * stride, 0);
+  std::vector<int32_t> table(caches.size() * max_blocks, 0);
+  size_t flat = 0;
+  for (size_t s = 0; s < caches.size(); ++s) {
+    const int64_t nb = caches[s]->Bytes().blocks;
+    for (int64_t b = 0; b < nb; ++b, ++flat) {
+      const size_t slot = n - 1 - flat;
+      std::copy(blocks[flat].begin(), blocks[flat].end(), pool.begin() + slot * stride);
+      table[s * max_blocks + b] = static_cast<int32_t>(slot);
+    }
+  }
+  d->pool.Upload(pool);
+  d->block_table.Upload(table);
+  std::vector<int32_t> lens;
+  std::vector<int64_t> firsts;
+  std::vector<const uint16_t*> sink_ptrs;
+  const int64_t L = shape.ElementsPerTokenPerLayer();
+  for (const auto* c : caches) {
+    lens.push_back(static_cast<int32_t>(c->length()));
+    d->max_seq_len = std::max<int>(d->max_seq_len, static_cast<int>(c->length()));
+    firsts.push_back(c->first_position());
+    const int cap = c->sink_capacity();
+    const int64_t have = std::min<int64_t>(cap, c->length());
+    std::vector<uint16_t> sink(static_cast<size_t>(shape.n_layers) * cap * L * 2, 0);
+    for (int l = 0; l < shape.n_layers && have > 0; ++l) {
+      std::vector<float> k, v;
+      EXPECT_TRUE(c->ReadBack(l, 0, have, &k, &v).ok());
+      for (int64_t i = 0; i < have * L; ++i) {
+        sink[static_cast<size_t>(l) * cap * L + i] = FloatToHalfBits(k[i]);
+        sink[(static_cast<size_t>(shape.n_layers) * cap + static_cast<size_t>(l) * cap) * L + i] =
+            FloatToHalfBits(v[i]);
+      }
+    }
+    d->sinks.push_back(std::make_unique<DeviceBuffer<uint16_t>>(sink));
+    sink_ptrs.push_back(d->sinks.back()->get());
+  }
+  d->seq_lens.Upload(lens);
+  d->first_positions.Upload(firsts);
+  d->sink_ptrs.Upload(sink_ptrs);
+  d->inv_freq.Upload(kernels::RopeInvFreq(rope));
+
+  kernels::PagedKvCache& v = d->view;
+  v.geom = ToKernelGeometry(lay);
+  v.codec = CodecOf(format);
+  v.pool = d->pool.get();
+  v.block_stride_bytes = static_cast<int64_t>(stride);
+  v.block_table = d->block_table.get();
+  v.max_blocks_per_seq = max_blocks;
+  v.seq_lens = d->seq_lens.get();
+  v.first_positions = d->first_positions.get();
+  v.sink_tokens = format.sink_tokens;
+  v.sink = d->sink_ptrs.get();
+  v.keys_rotated = format.keys_post_rope();
+  v.rope_inv_freq = d->inv_freq.get();
+  if (format.quantized()) {
+    const int C = format.num_centroids();
+    std::vector<float> klut, vlut;
+    for (int l = 0; l < shape.n_layers; ++l) {
+      const auto kl = quant->EffectiveKeyLut(l, format.qnorm);
+      const auto vl = quant->EffectiveValueLut(l, format.qnorm);
+      klut.insert(klut.end(), kl.begin(), kl.begin() + C);
+      vlut.insert(vlut.end(), vl.begin(), vl.begin() + C);
+    }
+    d->key_lut.Upload(klut);
+    d->value_lut.Upload(vlut);
+    const size_t nk = static_cast<size_t>(shape.n_layers) * L;
+    if (format.keys_per_channel()) {
+      d->key_zp.Upload(std::vector<float>(quant->KeyZeroPoint(0), quant->KeyZeroPoint(0) + nk));
+      d->key_range.Upload(std::vector<float>(quant->KeyRange(0), quant->KeyRange(0) + nk));
+    }
+    v.key_lut = d->key_lut.get();
+    v.value_lut = d->value_lut.get();
+    v.key_zero_point = d->key_zp.get();
+    v.key_range = d->key_range.get();
+  }
+  return d;
+}
+
+}  // namespace kvq::testing
