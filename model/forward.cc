@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
@@ -47,6 +48,13 @@ void RotateRows(float* x, int n, int heads, int hd, int64_t pos0, const std::vec
 }
 
 }  // namespace
+
+int DefaultCpuThreads() {
+  const int hw = static_cast<int>(std::thread::hardware_concurrency());
+  return std::clamp(hw / 2, 1, 8);
+}
+
+void SetCpuThreads(int n) { openblas_set_num_threads(n > 0 ? n : DefaultCpuThreads()); }
 
 kernels::RopeParams RopeParamsFor(const ModelConfig& c) {
   kernels::RopeParams p;

@@ -144,6 +144,11 @@ class Forward {
   std::vector<double> inv_freq_;
 };
 
+// Threads the CPU backend's BLAS uses (OpenBLAS). n <= 0 picks the default: half the hardware
+// threads, at most 8 (BLAS threads busy-wait, so leave room for the rest of the process).
+void SetCpuThreads(int n);
+int DefaultCpuThreads();
+
 // Merges attention partials: lse = log(exp(lse_a) + exp(lse_b)), o = weighted sum. In place on a.
 void MergeAttentionPartial(float* o_a, float* lse_a, const float* o_b, const float* lse_b,
                            int rows, int head_dim);

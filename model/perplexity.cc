@@ -50,6 +50,8 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(
     }
     scored_until = end;
     ++r.windows;
+    r.last_window_kv_bytes = cache->bytes();
+    r.last_window_tokens = cache->length();
     if (progress) progress(r);
     if (end == n) break;
   }

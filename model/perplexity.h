@@ -24,6 +24,9 @@ struct PerplexityResult {
   double nll_sum = 0.0;
   int64_t tokens = 0;  // scored targets
   int windows = 0;
+  // Exact KV bytes held after the last window, and its tokens: effective bits per element.
+  int64_t last_window_kv_bytes = 0;
+  int64_t last_window_tokens = 0;
   double ppl() const;
 };
 

@@ -30,7 +30,7 @@ done
 strip "$out"/bin/* 2>/dev/null || true
 # Libraries: everything resolved under /usr/lib or /usr/local/cuda except the base system, the
 # CUDA driver and MPI (the GPU machine brings its own).
-skip='^(libc|libm|libdl|librt|libpthread|ld-linux|libgcc_s|libstdc\+\+|libcuda|libmpi|libopen-|libpmix|libhwloc|libevent|libz|libnvidia)'
+skip='^(libc\.|libm\.|libdl|librt|libpthread|ld-linux|libgcc_s|libstdc\+\+|libcuda\.|libcublas|libnccl|libmpi|libopen-|libpmix|libhwloc|libevent|libz\.|libnvidia)'
 for b in "$out"/bin/*; do
   ldd "$b" 2>/dev/null | awk '/=> \//{print $3}'
 done | sort -u | while read -r lib; do

@@ -16,7 +16,7 @@ ABSL_FLAG(int, prefill_chunk, 512, "Prompt tokens per prefill chunk, interleaved
 ABSL_FLAG(int64_t, kv_capacity_bytes, 0, "KV cache bytes; 0: a default from available memory");
 ABSL_FLAG(std::string, session_dir, "", "Directory for SaveSession/RestoreSession; empty: disabled");
 ABSL_FLAG(int64_t, session_ttl_seconds, 0, "Default session TTL; 0: sessions live until deleted or evicted");
-ABSL_FLAG(int, threads, 0, "CPU threads for the forward pass; 0: all cores");
+ABSL_FLAG(int, threads, 0, "CPU (BLAS) threads for the forward pass; 0: half the hardware threads, at most 8");
 ABSL_FLAG(int64_t, max_message_bytes, 4 << 20, "Largest request message accepted (send documents in chunks)");
 ABSL_FLAG(double, drain_grace_seconds, 30, "On SIGTERM/SIGINT: time in-flight streams get to finish");
 

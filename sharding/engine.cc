@@ -119,6 +119,7 @@ struct Job {
   const std::atomic<bool>* ext_cancelled = nullptr;
   std::vector<int32_t> ext_tokens;              // the tokens the extension adds
   std::promise<absl::Status>* done = nullptr;
+  absl::Status admit_error;                     // set when admission failed
 
   bool prefilling() const { return prefilled < prompt.size(); }
 };
@@ -146,6 +147,7 @@ class Engine::Impl {
     KVQ_ASSIGN_OR_RETURN(factory_, sharding::KvCacheFactory::Create(weights_.config, o.kv_format, o.quantizer,
                                                                     model::ModelFingerprint(weights_)));
     forward_ = std::make_unique<model::Forward>(weights_);
+    model::SetCpuThreads(o.threads);
     capacity_ = o.kv_capacity_bytes > 0 ? o.kv_capacity_bytes : (int64_t{4} << 30);
     model_stops_ = tokenizer_->stop_ids();
     thread_ = std::thread([this] { Loop(); });
@@ -384,7 +386,8 @@ class Engine::Impl {
     p += n * 4;
     if (!get(&n) || n < 0 || p + n != data.size()) return absl::DataLossError(absl::StrCat(path, ": truncated KV image"));
     KVQ_ASSIGN_OR_RETURN(auto cache, factory_->Deserialize(data.substr(p, n)));
-    if (cache->length() != static_cast<int64_t>(tokens.size())) {
+    // The cache holds every token but the pending last one.
+    if (cache->length() != std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - 1)) {
       return absl::DataLossError(absl::StrCat(path, ": KV holds ", cache->length(), " tokens, token list ", tokens.size()));
     }
     std::lock_guard<std::mutex> lock(mu_);
@@ -480,7 +483,9 @@ class Engine::Impl {
         const int64_t offset = job->session ? job->session->cache->length() : 0;
         auto tail = factory_->Make(offset);
         if (!tail.ok()) {
-          Finish(*job, FinishReason::kError, tail.status());
+          // Finished by the loop after mu_ is released: sinks may take their own locks.
+          job->admit_error = tail.status();
+          failed_admissions_.push_back(std::move(job));
           continue;
         }
         if (job->session) {
@@ -527,7 +532,7 @@ class Engine::Impl {
   void Loop() {
     std::vector<float> logits;
     for (;;) {
-      std::vector<std::unique_ptr<Job>> finished_cancel;
+      std::vector<std::unique_ptr<Job>> finished_cancel, finished_error;
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait_for(lock, std::chrono::milliseconds(500), [&] {
@@ -561,7 +566,10 @@ class Engine::Impl {
           }
         }
         AdmitLocked();
-        if (stopping_ && running_.empty() && (waiting_.empty() || !drain_) && finished_cancel.empty()) {
+        for (auto& j : failed_admissions_) finished_error.push_back(std::move(j));
+        failed_admissions_.clear();
+        if (stopping_ && running_.empty() && (waiting_.empty() || !drain_) && finished_cancel.empty() &&
+            finished_error.empty()) {
           for (auto& j : waiting_) finished_cancel.push_back(std::move(j));
           waiting_.clear();
           lock.unlock();
@@ -570,6 +578,7 @@ class Engine::Impl {
         }
       }
       for (auto& j : finished_cancel) Finish(*j, FinishReason::kCancelled, absl::OkStatus());
+      for (auto& j : finished_error) Finish(*j, FinishReason::kError, j->admit_error);
       if (running_.empty()) continue;
       Step(&logits);
     }
@@ -694,6 +703,7 @@ class Engine::Impl {
   std::deque<std::unique_ptr<Job>> waiting_;
   std::vector<std::unique_ptr<Job>> running_;  // touched by the loop thread; guarded for Stats
   std::vector<uint64_t> cancelled_ids_;
+  std::vector<std::unique_ptr<Job>> failed_admissions_;  // finished outside mu_
   std::map<std::string, std::shared_ptr<Session>> sessions_;
   int64_t reserved_total_ = 0;
   uint64_t next_id_ = 1;

@@ -4,7 +4,7 @@
 //        picks --samples windows of --context tokens, evenly spaced through each training text
 //        (half of the samples from each), and writes their ids;
 //   2. python3 tools/fisher.py M ids.bin fisher.bin       (optional: sensitivity weights)
-//   3. kvq calibrate --model M --ids ids.bin [--fisher fisher.bin] --formats nuq3-1%,nuq4-1%
+//   3. kvq calibrate --model M --calib_ids ids.bin [--fisher fisher.bin] --formats nuq3-1%,nuq4-1%
 //        --out_dir DIR
 //        runs kvq's forward pass over the windows, collects every layer's pre-RoPE keys and values,
 //        and fits one quantizer file per format (DIR/<format>.kvqq).
@@ -30,7 +30,7 @@ ABSL_DECLARE_FLAG(std::string, text);
 ABSL_DECLARE_FLAG(int, context);
 ABSL_FLAG(int, samples, 16, "calibrate: number of calibration windows");
 ABSL_FLAG(std::string, dump_ids, "", "calibrate: write the calibration windows' ids here and stop");
-ABSL_FLAG(std::string, ids, "", "calibrate: calibration windows written by --dump_ids");
+ABSL_FLAG(std::string, calib_ids, "", "calibrate: calibration windows written by --dump_ids");
 ABSL_FLAG(std::string, fisher, "", "calibrate: Fisher weights from tools/fisher.py (empty: unweighted)");
 ABSL_FLAG(std::string, formats, "nuq4-1%,nuq3-1%,nuq2-1%", "calibrate: comma-separated KV formats");
 ABSL_FLAG(std::string, out_dir, ".", "calibrate: where <format>.kvqq files go");
@@ -72,15 +72,15 @@ absl::Status DumpIds(const model::Tokenizer& tok) {
 
 absl::Status Fit(const model::LlamaWeights& w) {
   const model::ModelConfig& c = w.config;
-  std::ifstream in(absl::GetFlag(FLAGS_ids), std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open --ids ", absl::GetFlag(FLAGS_ids)));
+  std::ifstream in(absl::GetFlag(FLAGS_calib_ids), std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open --calib_ids ", absl::GetFlag(FLAGS_calib_ids)));
   int32_t hdr[2];
   in.read(reinterpret_cast<char*>(hdr), 8);
   const int n_win = hdr[0], win = hdr[1];
-  if (!in || n_win <= 0 || win <= 1) return absl::DataLossError("bad --ids file header");
+  if (!in || n_win <= 0 || win <= 1) return absl::DataLossError("bad --calib_ids file header");
   std::vector<int32_t> ids(static_cast<size_t>(n_win) * win);
   in.read(reinterpret_cast<char*>(ids.data()), static_cast<std::streamsize>(ids.size() * 4));
-  if (!in) return absl::DataLossError("--ids file is truncated");
+  if (!in) return absl::DataLossError("--calib_ids file is truncated");
   const int64_t T = static_cast<int64_t>(n_win) * win;
   const int64_t kvd = c.kv_dim();
   // Collect pre-RoPE keys and values of every layer with the fp32 forward pass.
@@ -118,7 +118,7 @@ absl::Status Fit(const model::LlamaWeights& w) {
     if (h[0] != c.n_layers || h[1] != T || h[2] != kvd) {
       return absl::FailedPreconditionError(absl::StrCat("--fisher is for ", h[0], " layers x ", h[1], " tokens x ",
                                                         h[2], "; expected ", c.n_layers, " x ", T, " x ", kvd,
-                                                        " (same --ids file?)"));
+                                                        " (same --calib_ids file?)"));
     }
     fk.assign(c.n_layers, std::vector<float>(T * kvd));
     fv.assign(c.n_layers, std::vector<float>(T * kvd));

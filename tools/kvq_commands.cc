@@ -34,6 +34,7 @@ ABSL_FLAG(int, max_windows, 0, "eval-ppl: limit windows (0 = all)");
 ABSL_FLAG(std::string, kv_format, "fp16", "KV cache format: fp32 | fp16 | a kvstore format");
 ABSL_FLAG(std::string, quantizer, "", "quantizer file for quantized KV formats");
 ABSL_FLAG(std::string, ids, "", "logits: comma-separated token ids");
+ABSL_FLAG(int, threads, 0, "CPU (BLAS) threads; 0 = half the hardware threads, at most 8");
 
 namespace kvq::tools {
 namespace {
@@ -144,11 +145,15 @@ int EvalPpl() {
   if (!r.ok()) return Fail(r.status());
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "\n");
-  std::printf("{\"text\": \"%s\", \"kv_format\": \"%s\", \"context\": %d, \"stride\": %d, "
-              "\"windows\": %d, \"tokens\": %lld, \"corpus_tokens\": %zu, \"nll\": %.6f, "
-              "\"ppl\": %.6f, \"seconds\": %.1f}\n",
-              absl::GetFlag(FLAGS_text).c_str(), fmt.c_str(), po.context, po.stride, r->windows,
-              static_cast<long long>(r->tokens), ids.size(), r->nll_sum / r->tokens, r->ppl(), secs);
+  const model::ModelConfig& c = loaded->weights.config;
+  const double elems = static_cast<double>(r->last_window_tokens) * c.n_layers * 2.0 * c.kv_dim();
+  const double bits = elems > 0 ? 8.0 * static_cast<double>(r->last_window_kv_bytes) / elems : 0.0;
+  std::printf("{\"text\": \"%s\", \"kv_format\": \"%s\", \"quantizer\": \"%s\", \"context\": %d, "
+              "\"stride\": %d, \"windows\": %d, \"tokens\": %lld, \"corpus_tokens\": %zu, "
+              "\"nll\": %.6f, \"ppl\": %.6f, \"bits_per_element\": %.4f, \"seconds\": %.1f}\n",
+              absl::GetFlag(FLAGS_text).c_str(), fmt.c_str(), absl::GetFlag(FLAGS_quantizer).c_str(),
+              po.context, po.stride, r->windows, static_cast<long long>(r->tokens), ids.size(),
+              r->nll_sum / r->tokens, r->ppl(), bits, secs);
   return 0;
 }
 
@@ -195,6 +200,7 @@ std::vector<std::string> CommandNames() {
 
 int RunCommand(const std::string& name, int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  model::SetCpuThreads(absl::GetFlag(FLAGS_threads));
   if (name == "generate") return Generate();
   if (name == "eval-ppl") return EvalPpl();
   if (name == "tokenize") return Tokenize();

@@ -436,6 +436,7 @@ TEST_F(ServerTest, BadInputTableWhileAnotherStreamRuns) {
 
 TEST_F(ServerTest, MetricsScrapePassesPromtool) {
   ASSERT_TRUE(RunGenerate(*stub_, TextRequest("Metrics please", 4)).status.ok());
+  ASSERT_EQ(RunGenerate(*stub_, TextRequest("", 4)).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   const std::string body = HttpGet("http://127.0.0.1:" + std::to_string(server_->metrics_port()) + "/metrics");
   ASSERT_FALSE(body.empty());
   for (const char* family : {"kvq_requests", "kvq_time_to_first_token_seconds_bucket",
@@ -444,7 +445,8 @@ TEST_F(ServerTest, MetricsScrapePassesPromtool) {
                              "kvq_prefill_tokens_per_second", "kvq_kv_cache_used_bytes{rank=\"0\"}",
                              "kvq_kv_cache_capacity_bytes{rank=\"0\"}", "kvq_kv_element_size_bytes",
                              "kvq_kv_outlier_ratio", "kvq_attention_merge_seconds",
-                             "kvq_requests_finished_total{reason=\"length\"}", "kvq_request_errors_total"}) {
+                             "kvq_requests_finished_total{reason=\"length\"}",
+                             "kvq_request_errors_total{code=\"INVALID_ARGUMENT\",method=\"Generate\"}"}) {
     EXPECT_NE(body.find(family), std::string::npos) << family;
   }
   const std::string path = ::testing::TempDir() + "/kvq_metrics.txt";
