@@ -97,46 +97,56 @@ void AttendDense(const float* q, int n_q, int n_heads, const float* k_rot, const
   const int q_stride = n_heads * head_dim;
   const int kv_stride = n_kv_heads * head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  int64_t max_end = 0;
-  for (int i = 0; i < n_q; ++i) max_end = std::max(max_end, std::min(key_end[i], n_keys));
-  if (max_end == 0) {
-    std::fill(o, o + static_cast<int64_t>(n_q) * q_stride, 0.0f);
-    std::fill(lse, lse + static_cast<int64_t>(n_q) * n_heads, kNegInf);
-    return;
-  }
-  std::vector<float> scores(static_cast<size_t>(n_q) * max_end);
-  for (int h = 0; h < n_heads; ++h) {
-    const int g = h / group;
-    // scores[i, t] = q_i,h · k_t,g
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_q, static_cast<int>(max_end), head_dim,
-                scale, q + static_cast<int64_t>(h) * head_dim, q_stride,
-                k_rot + static_cast<int64_t>(g) * head_dim, kv_stride, 0.0f, scores.data(),
-                static_cast<int>(max_end));
-    for (int i = 0; i < n_q; ++i) {
-      float* s = scores.data() + static_cast<int64_t>(i) * max_end;
-      const int64_t end = std::min(key_end[i], max_end);
-      if (end <= 0) {
-        std::fill(s, s + max_end, 0.0f);
-        lse[static_cast<int64_t>(i) * n_heads + h] = kNegInf;
-        continue;
-      }
-      float m = kNegInf;
-      for (int64_t t = 0; t < end; ++t) m = std::max(m, s[t]);
-      double sum = 0.0;
-      for (int64_t t = 0; t < end; ++t) {
-        s[t] = std::exp(s[t] - m);
-        sum += s[t];
-      }
-      const float inv = static_cast<float>(1.0 / sum);
-      for (int64_t t = 0; t < end; ++t) s[t] *= inv;
-      std::fill(s + end, s + max_end, 0.0f);
-      lse[static_cast<int64_t>(i) * n_heads + h] = m + static_cast<float>(std::log(sum));
+  // Queries in tiles: a causal pattern (key_end growing with the query) then only touches the
+  // keys each tile needs, about half of the full rectangle.
+  constexpr int kTile = 128;
+  std::vector<float> scores;
+  for (int i0 = 0; i0 < n_q; i0 += kTile) {
+    const int nt = std::min(kTile, n_q - i0);
+    int64_t max_end = 0;
+    for (int i = i0; i < i0 + nt; ++i) max_end = std::max(max_end, std::min(key_end[i], n_keys));
+    if (max_end == 0) {
+      std::fill(o + static_cast<int64_t>(i0) * q_stride, o + static_cast<int64_t>(i0 + nt) * q_stride, 0.0f);
+      std::fill(lse + static_cast<int64_t>(i0) * n_heads, lse + static_cast<int64_t>(i0 + nt) * n_heads, kNegInf);
+      continue;
     }
-    // o_i,h = Σ_t p[i, t] v_t,g
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_q, head_dim, static_cast<int>(max_end),
-                1.0f, scores.data(), static_cast<int>(max_end),
-                v + static_cast<int64_t>(g) * head_dim, kv_stride, 0.0f,
-                o + static_cast<int64_t>(h) * head_dim, q_stride);
+    scores.resize(static_cast<size_t>(nt) * max_end);
+    const float* qt = q + static_cast<int64_t>(i0) * q_stride;
+    float* ot = o + static_cast<int64_t>(i0) * q_stride;
+    for (int h = 0; h < n_heads; ++h) {
+      const int g = h / group;
+      // scores[i, t] = scale * q_i,h . k_t,g
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nt, static_cast<int>(max_end), head_dim,
+                  scale, qt + static_cast<int64_t>(h) * head_dim, q_stride,
+                  k_rot + static_cast<int64_t>(g) * head_dim, kv_stride, 0.0f, scores.data(),
+                  static_cast<int>(max_end));
+      for (int i = 0; i < nt; ++i) {
+        float* s = scores.data() + static_cast<int64_t>(i) * max_end;
+        const int64_t end = std::min(key_end[i0 + i], max_end);
+        float* lse_ih = lse + static_cast<int64_t>(i0 + i) * n_heads + h;
+        if (end <= 0) {
+          std::fill(s, s + max_end, 0.0f);
+          *lse_ih = kNegInf;
+          continue;
+        }
+        float m = kNegInf;
+        for (int64_t t = 0; t < end; ++t) m = std::max(m, s[t]);
+        double sum = 0.0;
+        for (int64_t t = 0; t < end; ++t) {
+          s[t] = std::exp(s[t] - m);
+          sum += s[t];
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int64_t t = 0; t < end; ++t) s[t] *= inv;
+        std::fill(s + end, s + max_end, 0.0f);
+        *lse_ih = m + static_cast<float>(std::log(sum));
+      }
+      // o_i,h = sum_t p[i, t] v_t,g
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nt, head_dim, static_cast<int>(max_end),
+                  1.0f, scores.data(), static_cast<int>(max_end),
+                  v + static_cast<int64_t>(g) * head_dim, kv_stride, 0.0f,
+                  ot + static_cast<int64_t>(h) * head_dim, q_stride);
+    }
   }
 }
 

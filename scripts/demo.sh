@@ -22,11 +22,17 @@ if [ -x "$build/server/kvqd" ] && [ -x "$build/server/kvqctl" ]; then
     sleep 0.1
   done
   port=$(cat "$work/port")
+  # Wait until grpc.health.v1 reports SERVING (the model loads after the port opens).
+  for _ in $(seq 1 600); do
+    "$build/server/kvqctl" --server "127.0.0.1:$port" info > "$work/info" 2>&1 && break
+    kill -0 $pid 2>/dev/null || { cat "$work/kvqd.log"; exit 1; }
+    sleep 0.2
+  done
   echo "kvqd is serving SmolLM2-135M-Instruct on 127.0.0.1:$port (CPU); streaming a generation:"
   echo
-  "$build/server/kvqctl" --server "127.0.0.1:$port" generate --chat --max_tokens 96 "$prompt"
+  "$build/server/kvqctl" --server "127.0.0.1:$port" --max_tokens 96 generate "$prompt"
   echo
-  "$build/server/kvqctl" --server "127.0.0.1:$port" info
+  cat "$work/info"
 else
   echo "(kvqd not built: running the same job in-process)"
   "$build/tools/kvq" generate --model "$model" --prompt "$prompt" --max_tokens 96

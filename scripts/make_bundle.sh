@@ -25,6 +25,9 @@ rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
 find "$build" -maxdepth 3 -type f -executable \( -name 'kvq*' -o -name '*_test' -o -name '*_test_cu' \
     -o -name '*_bench' \) ! -name '*.so*' -print0 | while IFS= read -r -d '' f; do
+  name=$(basename "$f")
+  # With targets named, bundle only those.
+  if ((${#targets[@]})) && [[ " ${targets[*]} " != *" $name "* ]]; then continue; fi
   cp "$f" "$out/bin/"
 done
 strip "$out"/bin/* 2>/dev/null || true
