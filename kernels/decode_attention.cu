@@ -16,6 +16,14 @@ namespace {
 using decode_attention_internal::DecodeAttentionEntry;
 
 constexpr int kThreads = 128;
+constexpr int kMmaMaxWarps = 8;
+
+const decode_attention_internal::DecodeAttentionMmaEntry* FindMmaEntry(int head_dim, KvCodec codec) {
+  for (const auto& e : decode_attention_internal::MmaDecodeAttentionEntries()) {
+    if (e.desc.head_dim == head_dim && e.desc.codec == codec) return &e;
+  }
+  return nullptr;
+}
 
 int GroupBucket(int group) { return group <= 1 ? 1 : (group <= 4 ? 4 : 8); }
 
@@ -108,11 +116,14 @@ std::string DecodeAttentionDesc::ToString() const {
 
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
                        int sm_count) {
-  (void)sink_tokens;
   const int max_blocks = std::max(1, (max_seq_len + kKvBlockTokens - 1) / kKvBlockTokens);
-  const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * n_kv_heads);
-  // About four resident CTAs per SM make one wave; never split below one block per CTA.
-  const int64_t target = 4LL * std::max(sm_count, 1);
+  // Without sink tokens the tensor-core kernel runs: a CTA holds up to 8 KV heads and two CTAs
+  // fit on an SM. With sinks the CUDA-core kernel runs: a CTA per KV head, about four per SM.
+  const bool mma = sink_tokens == 0;
+  const int64_t heads_ctas = mma ? (n_kv_heads + kMmaMaxWarps - 1) / kMmaMaxWarps : n_kv_heads;
+  const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * heads_ctas);
+  // One wave of resident CTAs; never split below one block per CTA.
+  const int64_t target = (mma ? 2LL : 4LL) * std::max(sm_count, 1);
   int splits = static_cast<int>(std::clamp<int64_t>((target + ctas - 1) / ctas, 1, max_blocks));
   splits = std::min(splits, 65535);
   const int blocks_per_split = (max_blocks + splits - 1) / splits;
@@ -130,8 +141,11 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
   if (p.batch == 0) return absl::OkStatus();
   const KvBlockGeometry& g = p.kv.geom;
   const DecodeAttentionDesc desc{g.head_dim, p.kv.codec, GroupBucket(p.n_heads / g.n_kv_heads)};
-  const DecodeAttentionEntry* entry = FindEntry(desc);
-  if (entry == nullptr) {
+  // The tensor-core kernel serves caches without fp16 sink tokens; the CUDA-core kernel the rest.
+  const decode_attention_internal::DecodeAttentionMmaEntry* mma_entry =
+      p.kv.sink_tokens == 0 ? FindMmaEntry(g.head_dim, p.kv.codec) : nullptr;
+  const DecodeAttentionEntry* entry = mma_entry != nullptr ? nullptr : FindEntry(desc);
+  if (entry == nullptr && mma_entry == nullptr) {
     return absl::UnimplementedError(absl::StrCat(
         "LaunchDecodeAttention: no kernel instance for ", desc.ToString(),
         " (head dims and bit widths are limited by KVQ_CUDA_HEAD_DIMS / KVQ_CUDA_BITS)"));
@@ -162,8 +176,17 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
     part_o = static_cast<float*>(p.workspace);
     part_lse = part_o + rows * splits * g.head_dim;
   }
-  const dim3 grid(g.n_kv_heads, splits, p.batch);
-  entry->fn<<<grid, kThreads, 0, stream>>>(p, tokens_per_split, part_o, part_lse);
+  if (mma_entry != nullptr) {
+    const int warps = std::min(g.n_kv_heads, kMmaMaxWarps);
+    const size_t smem = mma_entry->smem_bytes(warps);
+    KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
+        mma_entry->fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    const dim3 grid((g.n_kv_heads + warps - 1) / warps, splits, p.batch);
+    mma_entry->fn<<<grid, warps * 32, smem, stream>>>(p, tokens_per_split, part_o, part_lse);
+  } else {
+    const dim3 grid(g.n_kv_heads, splits, p.batch);
+    entry->fn<<<grid, kThreads, 0, stream>>>(p, tokens_per_split, part_o, part_lse);
+  }
   KVQ_RETURN_IF_LAUNCH_ERROR();
   if (splits > 1) {
     MergeAttentionParams mp;

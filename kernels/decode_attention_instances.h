@@ -19,6 +19,15 @@ struct DecodeAttentionEntry {
 const std::vector<DecodeAttentionEntry>& Fp16DecodeAttentionEntries();
 const std::vector<DecodeAttentionEntry>& LutDecodeAttentionEntries();
 
+// Tensor-core kernels (decode_attention_mma.cuh): one instance per (head_dim, codec) serves every
+// GQA group <= 8 (desc.max_group == 8); dynamic shared memory depends on the warps per CTA.
+struct DecodeAttentionMmaEntry {
+  DecodeAttentionDesc desc;
+  DecodeAttentionKernelFn fn;
+  size_t (*smem_bytes)(int warps);
+};
+const std::vector<DecodeAttentionMmaEntry>& MmaDecodeAttentionEntries();
+
 }  // namespace kvq::kernels::decode_attention_internal
 
 #if !defined(KVQ_CUDA_HD_64) && !defined(KVQ_CUDA_HD_128)

@@ -10,7 +10,7 @@ pkgs=(build-essential cmake ninja-build pkg-config git ca-certificates python3 p
       libgrpc++-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libabsl-dev
       libopenmpi-dev openmpi-bin prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev
       nlohmann-json3-dev libopenblas-dev bible-kjv bible-kjv-text r-cran-janeaustenr r-base-core
-      prometheus curl)
+      prometheus curl python3-yaml)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

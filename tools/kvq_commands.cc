@@ -195,7 +195,7 @@ int FailStatus(const absl::Status& s) {
 }
 
 std::vector<std::string> CommandNames() {
-  return {"generate", "eval-ppl", "calibrate", "tokenize", "logits"};
+  return {"generate", "eval-ppl", "calibrate", "passkey", "tokenize", "logits"};
 }
 
 int RunCommand(const std::string& name, int argc, char** argv) {
@@ -206,6 +206,7 @@ int RunCommand(const std::string& name, int argc, char** argv) {
   if (name == "tokenize") return Tokenize();
   if (name == "logits") return Logits();
   if (name == "calibrate") return Calibrate();
+  if (name == "passkey") return Passkey();
   std::fprintf(stderr, "kvq: unknown command '%s'\n", name.c_str());
   return 2;
 }

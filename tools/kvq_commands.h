@@ -14,6 +14,7 @@ int RunCommand(const std::string& name, int argc, char** argv);
 
 // Subcommands implemented in their own files.
 int Calibrate();
+int Passkey();
 // Prints the status and returns the exit code for a failure.
 int FailStatus(const absl::Status& s);
 

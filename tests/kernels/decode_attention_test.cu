@@ -223,6 +223,9 @@ std::vector<Case> Cases() {
     // A rank shard deep into a 10M-token sequence: positions near 1e7 (no sink).
     cs.push_back({"fp16", hd, 2, 4, {600, 77}, 9999000, 0});
     cs.push_back({"nuq3-1%", hd, 2, 4, {600, 77}, 9999000, 2});
+    // One split over > 64 groups of 64 tokens: the fp32 RoPE anchor recurrence is re-anchored.
+    cs.push_back({"nuq4-1%", hd, 1, 8, {4500}, 9990000, 1});
+    cs.push_back({"fp16", hd, 9, 1, {4500}, 5000000, 1});
   }
   return cs;
 }
