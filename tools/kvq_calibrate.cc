@@ -11,6 +11,7 @@
 // scripts/calibrate.sh runs the three steps.
 #include <cstdio>
 #include <fstream>
+#include <map>
 
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
@@ -87,7 +88,6 @@ absl::Status Fit(const model::LlamaWeights& w) {
   std::vector<std::vector<float>> keys(c.n_layers, std::vector<float>(T * kvd));
   std::vector<std::vector<float>> values(c.n_layers, std::vector<float>(T * kvd));
   std::vector<std::vector<int64_t>> positions(c.n_layers);
-  std::vector<int64_t> pos(T);
   model::Forward fwd(w);
   for (int wi = 0; wi < n_win; ++wi) {
     model::DenseKvCache cache(c, /*fp32_storage=*/true);
@@ -100,7 +100,6 @@ absl::Status Fit(const model::LlamaWeights& w) {
       std::copy(k.begin(), k.end(), keys[l].begin() + static_cast<int64_t>(wi) * win * kvd);
       std::copy(v.begin(), v.end(), values[l].begin() + static_cast<int64_t>(wi) * win * kvd);
     }
-    for (int t = 0; t < win; ++t) pos[static_cast<int64_t>(wi) * win + t] = t;
     std::fprintf(stderr, "\r[kvq] collected window %d/%d", wi + 1, n_win);
   }
   std::fprintf(stderr, "\n");
@@ -128,21 +127,63 @@ absl::Status Fit(const model::LlamaWeights& w) {
     }
     if (!f) return absl::DataLossError("--fisher file is truncated");
   }
-  std::vector<kvstore::LayerCalibrationData> layers(c.n_layers);
-  for (int l = 0; l < c.n_layers; ++l) {
-    layers[l].n_tokens = T;
-    layers[l].keys = keys[l].data();
-    layers[l].values = values[l].data();
-    layers[l].key_weights = fk.empty() ? nullptr : fk[l].data();
-    layers[l].value_weights = fv.empty() ? nullptr : fv[l].data();
-    layers[l].positions = pos.data();
-  }
+  // Tokens a format keeps in fp16 (the attention sink: the first positions of every window) are
+  // never quantized, so they must not shape the thresholds or the LUTs: their keys and values and
+  // their gradients are unlike the rest (the sink draws most of the attention). Calibration data
+  // per sink length, built once per distinct length.
+  struct Filtered {
+    std::vector<std::vector<float>> k, v, fk, fv;
+    std::vector<int64_t> pos;
+  };
+  std::map<int, Filtered> by_sink;
+  auto data_for = [&](int sink) -> std::vector<kvstore::LayerCalibrationData> {
+    auto [it, inserted] = by_sink.try_emplace(sink);
+    Filtered& f = it->second;
+    const int keep = win - std::min(sink, win - 1);
+    const int64_t Tk = static_cast<int64_t>(n_win) * keep;
+    if (inserted) {
+      auto take = [&](const std::vector<float>& src, std::vector<float>* dst) {
+        dst->resize(Tk * kvd);
+        for (int wi = 0; wi < n_win; ++wi) {
+          std::copy(src.begin() + (static_cast<int64_t>(wi) * win + (win - keep)) * kvd,
+                    src.begin() + (static_cast<int64_t>(wi) + 1) * win * kvd,
+                    dst->begin() + static_cast<int64_t>(wi) * keep * kvd);
+        }
+      };
+      f.k.resize(c.n_layers);
+      f.v.resize(c.n_layers);
+      f.fk.resize(fk.empty() ? 0 : c.n_layers);
+      f.fv.resize(fv.empty() ? 0 : c.n_layers);
+      for (int l = 0; l < c.n_layers; ++l) {
+        take(keys[l], &f.k[l]);
+        take(values[l], &f.v[l]);
+        if (!fk.empty()) {
+          take(fk[l], &f.fk[l]);
+          take(fv[l], &f.fv[l]);
+        }
+      }
+      for (int wi = 0; wi < n_win; ++wi) {
+        for (int t = 0; t < keep; ++t) f.pos.push_back(win - keep + t);
+      }
+    }
+    std::vector<kvstore::LayerCalibrationData> layers(c.n_layers);
+    for (int l = 0; l < c.n_layers; ++l) {
+      layers[l].n_tokens = Tk;
+      layers[l].keys = f.k[l].data();
+      layers[l].values = f.v[l].data();
+      layers[l].key_weights = f.fk.empty() ? nullptr : f.fk[l].data();
+      layers[l].value_weights = f.fv.empty() ? nullptr : f.fv[l].data();
+      layers[l].positions = f.pos.data();
+    }
+    return layers;
+  };
   const kvstore::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim};
   kvstore::CalibrationOptions co;
   co.rope = model::RopeParamsFor(c);
   const std::string fingerprint = model::ModelFingerprint(w);
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',', absl::SkipEmpty())) {
     KVQ_ASSIGN_OR_RETURN(kvstore::KvFormat fmt, kvstore::KvFormat::Parse(std::string(name)));
+    const std::vector<kvstore::LayerCalibrationData> layers = data_for(fmt.sink_tokens);
     KVQ_ASSIGN_OR_RETURN(kvstore::Quantizer q, kvstore::Calibrate(shape, fmt, fingerprint, layers, co));
     const std::string path = absl::StrCat(absl::GetFlag(FLAGS_out_dir), "/", fmt.ToString(), ".kvqq");
     KVQ_RETURN_IF_ERROR(q.Save(path));

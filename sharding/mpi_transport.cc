@@ -1,0 +1,247 @@
+#include "sharding/mpi_transport.h"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+#ifdef KVQ_HAVE_MPI
+#include <mpi.h>
+#endif
+
+namespace kvq::sharding {
+
+#ifdef KVQ_HAVE_MPI
+
+namespace {
+
+constexpr int kTagData = 1;
+constexpr int kTagGone = 2;
+
+absl::Status MpiError(int rc, const char* call, const char* file, int line) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(rc, text, &len) != MPI_SUCCESS) len = 0;
+  return absl::InternalError(absl::StrCat(call, " failed at ", file, ":", line, ": ",
+                                          std::string(text, len), " (MPI error ", rc, ")"));
+}
+
+}  // namespace
+
+// Turns a failed MPI call into a Status with file:line (the communicator returns errors).
+#define KVQ_RETURN_IF_MPI_ERROR(call)                                          \
+  do {                                                                         \
+    const int kvq_mpi_rc_ = (call);                                            \
+    if (kvq_mpi_rc_ != MPI_SUCCESS) return MpiError(kvq_mpi_rc_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+struct MpiTransport::Impl {
+  MPI_Comm comm = MPI_COMM_NULL;
+  mutable std::mutex mu;
+  absl::Status broken;  // the first failure
+  bool finalized = false;
+
+  // Polls `request` until it completes. Tight at first (replies to small commands come back in
+  // microseconds), then backs off to short naps so that waiting ranks leave the cores to the ones
+  // computing (CI runs 4 ranks on 2 cores). `gone_from` >= 0: also watch for that rank's notice.
+  absl::Status Wait(MPI_Request* request, double timeout_s, int gone_from, const char* what,
+                    int peer) {
+    const auto start = std::chrono::steady_clock::now();
+    int nap_us = 0;
+    for (int spin = 0;; ++spin) {
+      int done = 0;
+      MPI_Status st;
+      KVQ_RETURN_IF_MPI_ERROR(MPI_Test(request, &done, &st));
+      if (done) return absl::OkStatus();
+      if (gone_from >= 0) {
+        int gone = 0;
+        MPI_Status gs;
+        KVQ_RETURN_IF_MPI_ERROR(MPI_Iprobe(gone_from, kTagGone, comm, &gone, &gs));
+        if (gone) {
+          int n = 0;
+          MPI_Get_count(&gs, MPI_CHAR, &n);
+          std::string why(static_cast<size_t>(n), '\0');
+          KVQ_RETURN_IF_MPI_ERROR(
+              MPI_Recv(why.data(), n, MPI_CHAR, gone_from, kTagGone, comm, MPI_STATUS_IGNORE));
+          MPI_Cancel(request);
+          return absl::UnavailableError(absl::StrCat("rank ", gone_from, " has exited: ", why));
+        }
+      }
+      if (timeout_s > 0 && spin % 64 == 0) {
+        const double waited =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (waited > timeout_s) {
+          MPI_Cancel(request);
+          return absl::DeadlineExceededError(absl::StrCat(
+              what, " rank ", peer, ": no answer after ", timeout_s,
+              " s (the rank hung or died; the job must end)"));
+        }
+      }
+      if (spin > 200) {
+        nap_us = std::min(500, nap_us + 10);
+        std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
+      }
+    }
+  }
+
+  absl::Status Fail(absl::Status s) {
+    if (broken.ok()) broken = s;
+    return s;
+  }
+};
+
+absl::StatusOr<std::unique_ptr<MpiTransport>> MpiTransport::Init(int* argc, char*** argv,
+                                                                 const MpiTransportOptions& options) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = 0;
+    KVQ_RETURN_IF_MPI_ERROR(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided));
+    if (provided < MPI_THREAD_SERIALIZED) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "this MPI provides thread level ", provided,
+          "; kvq needs MPI_THREAD_SERIALIZED (the engine thread makes the calls)"));
+    }
+  }
+  auto impl = std::make_unique<Impl>();
+  KVQ_RETURN_IF_MPI_ERROR(MPI_Comm_dup(MPI_COMM_WORLD, &impl->comm));
+  KVQ_RETURN_IF_MPI_ERROR(MPI_Comm_set_errhandler(impl->comm, MPI_ERRORS_RETURN));
+  KVQ_RETURN_IF_MPI_ERROR(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+  auto t = std::unique_ptr<MpiTransport>(new MpiTransport(std::move(impl)));
+  t->options_ = options;
+  KVQ_RETURN_IF_MPI_ERROR(MPI_Comm_rank(t->impl_->comm, &t->rank_));
+  KVQ_RETURN_IF_MPI_ERROR(MPI_Comm_size(t->impl_->comm, &t->size_));
+  return t;
+}
+
+MpiTransport::MpiTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+MpiTransport::~MpiTransport() = default;
+
+absl::Status MpiTransport::health() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->broken;
+}
+
+absl::Status MpiTransport::Send(int dest, std::string_view message) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (!impl_->broken.ok()) return impl_->broken;
+  if (dest < 0 || dest >= size_ || dest == rank_) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot send to rank ", dest, " of ", size_));
+  }
+  if (message.size() > static_cast<size_t>(INT_MAX)) {
+    return impl_->Fail(absl::InvalidArgumentError(
+        absl::StrCat("message of ", message.size(), " bytes to rank ", dest, " exceeds 2 GiB")));
+  }
+  MPI_Request req;
+  int rc = MPI_Isend(message.data(), static_cast<int>(message.size()), MPI_BYTE, dest, kTagData,
+                     impl_->comm, &req);
+  if (rc != MPI_SUCCESS) return impl_->Fail(MpiError(rc, "MPI_Isend", __FILE__, __LINE__));
+  absl::Status s = impl_->Wait(&req, options_.reply_timeout_seconds, rank_ == 0 ? dest : -1,
+                                "sending to", dest);
+  if (!s.ok()) return impl_->Fail(s);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> MpiTransport::Receive(int source, bool wait_forever) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (!impl_->broken.ok()) return impl_->broken;
+  // Probe for the size without blocking, under the same deadline and gone-watch as any wait.
+  const auto start = std::chrono::steady_clock::now();
+  const double timeout = wait_forever ? 0.0 : options_.reply_timeout_seconds;
+  int nap_us = 0;
+  MPI_Status st;
+  for (int spin = 0;; ++spin) {
+    int ready = 0;
+    int rc = MPI_Iprobe(source, kTagData, impl_->comm, &ready, &st);
+    if (rc != MPI_SUCCESS) return impl_->Fail(MpiError(rc, "MPI_Iprobe", __FILE__, __LINE__));
+    if (ready) break;
+    if (rank_ == 0) {
+      int gone = 0;
+      MPI_Status gs;
+      rc = MPI_Iprobe(source, kTagGone, impl_->comm, &gone, &gs);
+      if (rc != MPI_SUCCESS) return impl_->Fail(MpiError(rc, "MPI_Iprobe", __FILE__, __LINE__));
+      if (gone) {
+        int n = 0;
+        MPI_Get_count(&gs, MPI_CHAR, &n);
+        std::string why(static_cast<size_t>(n), '\0');
+        MPI_Recv(why.data(), n, MPI_CHAR, source, kTagGone, impl_->comm, MPI_STATUS_IGNORE);
+        return impl_->Fail(absl::UnavailableError(absl::StrCat("rank ", source, " has exited: ", why)));
+      }
+    }
+    if (timeout > 0 && spin % 64 == 0) {
+      const double waited =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (waited > timeout) {
+        return impl_->Fail(absl::DeadlineExceededError(absl::StrCat(
+            "waiting for rank ", source, ": no answer after ", timeout,
+            " s (the rank hung or died; the job must end)")));
+      }
+    }
+    if (spin > 200) {
+      nap_us = std::min(wait_forever ? 1000 : 500, nap_us + 10);
+      std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
+    }
+  }
+  int n = 0;
+  int rc = MPI_Get_count(&st, MPI_BYTE, &n);
+  if (rc != MPI_SUCCESS) return impl_->Fail(MpiError(rc, "MPI_Get_count", __FILE__, __LINE__));
+  std::string out(static_cast<size_t>(n), '\0');
+  rc = MPI_Recv(out.data(), n, MPI_BYTE, source, kTagData, impl_->comm, MPI_STATUS_IGNORE);
+  if (rc != MPI_SUCCESS) return impl_->Fail(MpiError(rc, "MPI_Recv", __FILE__, __LINE__));
+  return out;
+}
+
+void MpiTransport::NotifyGone(const absl::Status& why) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (rank_ == 0) return;
+  const std::string text = why.ToString();
+  // Eager for a short text: completes locally even if rank 0 never reads it.
+  MPI_Request req;
+  if (MPI_Isend(text.data(), static_cast<int>(text.size()), MPI_CHAR, 0, kTagGone, impl_->comm,
+                &req) == MPI_SUCCESS) {
+    (void)impl_->Wait(&req, 5.0, -1, "notifying", 0);
+  }
+}
+
+absl::Status MpiTransport::Finalize() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->finalized) return absl::OkStatus();
+  impl_->finalized = true;
+  MPI_Comm_free(&impl_->comm);
+  KVQ_RETURN_IF_MPI_ERROR(MPI_Finalize());
+  return absl::OkStatus();
+}
+
+void MpiTransport::Abort(int code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+#else  // !KVQ_HAVE_MPI
+
+struct MpiTransport::Impl {};
+
+absl::StatusOr<std::unique_ptr<MpiTransport>> MpiTransport::Init(int*, char***,
+                                                                 const MpiTransportOptions&) {
+  return absl::UnimplementedError("kvq was built without MPI: configure with -DKVQ_ENABLE_MPI=ON");
+}
+MpiTransport::MpiTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+MpiTransport::~MpiTransport() = default;
+absl::Status MpiTransport::Send(int, std::string_view) { return absl::UnimplementedError("no MPI"); }
+absl::StatusOr<std::string> MpiTransport::Receive(int, bool) { return absl::UnimplementedError("no MPI"); }
+void MpiTransport::NotifyGone(const absl::Status&) {}
+absl::Status MpiTransport::health() const { return absl::UnimplementedError("no MPI"); }
+absl::Status MpiTransport::Finalize() { return absl::OkStatus(); }
+void MpiTransport::Abort(int code) { std::_Exit(code); }
+
+#endif  // KVQ_HAVE_MPI
+
+}  // namespace kvq::sharding

@@ -1,0 +1,212 @@
+#include "sharding/worker.h"
+
+#include <map>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "model/forward.h"
+#include "sharding/kv_cache_factory.h"
+
+namespace kvq::sharding {
+namespace wire {
+
+void PutConfig(Writer& w, const model::ModelConfig& c) {
+  w.Put<int32_t>(c.n_layers).Put<int32_t>(c.hidden).Put<int32_t>(c.n_heads);
+  w.Put<int32_t>(c.n_kv_heads).Put<int32_t>(c.head_dim).Put<float>(c.rope_theta);
+  w.Put<uint8_t>(c.rope_scaling.enabled ? 1 : 0).Put<float>(c.rope_scaling.factor);
+  w.Put<float>(c.rope_scaling.low_freq_factor).Put<float>(c.rope_scaling.high_freq_factor);
+  w.Put<int32_t>(c.rope_scaling.original_max_position);
+}
+
+model::ModelConfig GetConfig(Reader& r) {
+  model::ModelConfig c;
+  c.n_layers = r.Get<int32_t>();
+  c.hidden = r.Get<int32_t>();
+  c.n_heads = r.Get<int32_t>();
+  c.n_kv_heads = r.Get<int32_t>();
+  c.head_dim = r.Get<int32_t>();
+  c.rope_theta = r.Get<float>();
+  c.rope_scaling.enabled = r.Get<uint8_t>() != 0;
+  c.rope_scaling.factor = r.Get<float>();
+  c.rope_scaling.low_freq_factor = r.Get<float>();
+  c.rope_scaling.high_freq_factor = r.Get<float>();
+  c.rope_scaling.original_max_position = r.Get<int32_t>();
+  return c;
+}
+
+std::string EncodeReply(const absl::Status& s, std::string_view payload) {
+  Writer w;
+  w.Put<uint8_t>(static_cast<uint8_t>(s.code())).PutString(s.message());
+  if (s.ok()) w.str().append(payload.data(), payload.size());
+  return std::move(w.str());
+}
+
+absl::Status DecodeReplyStatus(int rank, Reader& r) {
+  const auto code = static_cast<absl::StatusCode>(r.Get<uint8_t>());
+  const std::string message = r.GetString();
+  if (!r.ok()) return absl::DataLossError(absl::StrCat("rank ", rank, " sent a malformed reply"));
+  if (code == absl::StatusCode::kOk) return absl::OkStatus();
+  return absl::Status(code, absl::StrCat("rank ", rank, ": ", message));
+}
+
+}  // namespace wire
+
+namespace {
+
+class Worker {
+ public:
+  explicit Worker(Transport* t) : t_(t) {}
+
+  absl::Status Serve() {
+    for (;;) {
+      absl::StatusOr<std::string> msg = t_->Receive(0, /*wait_forever=*/true);
+      if (!msg.ok()) {
+        t_->NotifyGone(msg.status());
+        return msg.status();
+      }
+      wire::Reader r(*msg);
+      const auto op = static_cast<wire::Op>(r.Get<uint8_t>());
+      if (op == wire::Op::kShutdown) return absl::OkStatus();
+      if (op == wire::Op::kFree) {
+        caches_.erase(r.Get<uint64_t>());
+        continue;
+      }
+      std::string payload;
+      absl::Status s = Handle(op, r, &payload);
+      if (s.ok() && !r.ok()) s = absl::DataLossError("malformed command");
+      absl::Status sent = t_->Send(0, wire::EncodeReply(s, payload));
+      if (!sent.ok()) {
+        t_->NotifyGone(sent);
+        return sent;
+      }
+    }
+  }
+
+ private:
+  struct Factory {
+    model::ModelConfig config;
+    std::unique_ptr<KvCacheFactory> factory;
+  };
+  struct Cache {
+    const Factory* factory = nullptr;
+    std::unique_ptr<model::KvCache> kv;
+  };
+
+  absl::StatusOr<Cache*> Find(uint64_t id) {
+    auto it = caches_.find(id);
+    if (it == caches_.end()) {
+      return absl::NotFoundError(absl::StrCat("rank ", t_->rank(), " holds no cache ", id));
+    }
+    return &it->second;
+  }
+
+  absl::Status Handle(wire::Op op, wire::Reader& r, std::string* payload) {
+    switch (op) {
+      case wire::Op::kDefineFactory: {
+        const uint32_t id = r.Get<uint32_t>();
+        Factory f;
+        f.config = wire::GetConfig(r);
+        const std::string format = r.GetString(), quantizer = r.GetString(), fp = r.GetString();
+        if (!r.ok()) return absl::DataLossError("malformed kDefineFactory");
+        KVQ_ASSIGN_OR_RETURN(f.factory, KvCacheFactory::Create(f.config, format, quantizer, fp));
+        factories_[id] = std::move(f);
+        return absl::OkStatus();
+      }
+      case wire::Op::kCreate: {
+        const uint64_t id = r.Get<uint64_t>();
+        const uint32_t fid = r.Get<uint32_t>();
+        const int64_t offset = r.Get<int64_t>();
+        auto f = factories_.find(fid);
+        if (f == factories_.end()) return absl::NotFoundError(absl::StrCat("unknown KV factory ", fid));
+        if (caches_.count(id)) return absl::AlreadyExistsError(absl::StrCat("cache ", id, " exists"));
+        KVQ_ASSIGN_OR_RETURN(auto kv, f->second.factory->Make(offset));
+        caches_[id] = Cache{&f->second, std::move(kv)};
+        return absl::OkStatus();
+      }
+      case wire::Op::kAppend: {
+        KVQ_ASSIGN_OR_RETURN(Cache * c, Find(r.Get<uint64_t>()));
+        const int layer = r.Get<int32_t>(), n = r.Get<int32_t>();
+        const size_t elems = static_cast<size_t>(std::max(n, 0)) * c->factory->config.kv_dim();
+        k_.resize(elems);
+        v_.resize(elems);
+        r.GetArray(k_.data(), elems);
+        r.GetArray(v_.data(), elems);
+        if (!r.ok()) return absl::DataLossError("malformed kAppend");
+        return c->kv->Append(layer, k_.data(), v_.data(), n);
+      }
+      case wire::Op::kCommit: {
+        KVQ_ASSIGN_OR_RETURN(Cache * c, Find(r.Get<uint64_t>()));
+        c->kv->Commit(r.Get<int32_t>());
+        wire::Writer w;
+        w.Put<int64_t>(c->kv->length()).Put<int64_t>(c->kv->bytes());
+        *payload = std::move(w.str());
+        return absl::OkStatus();
+      }
+      case wire::Op::kDiscard: {
+        KVQ_ASSIGN_OR_RETURN(Cache * c, Find(r.Get<uint64_t>()));
+        c->kv->DiscardStaged();
+        return absl::OkStatus();
+      }
+      case wire::Op::kAttend: {
+        KVQ_ASSIGN_OR_RETURN(Cache * c, Find(r.Get<uint64_t>()));
+        const model::ModelConfig& mc = c->factory->config;
+        const int layer = r.Get<int32_t>(), n_q = r.Get<int32_t>();
+        if (layer < 0 || layer >= mc.n_layers || n_q < 0) {
+          return absl::InvalidArgumentError(absl::StrCat("bad attend: layer ", layer, ", n_q ", n_q));
+        }
+        std::vector<int64_t> key_end(n_q);
+        r.GetArray(key_end.data(), key_end.size());
+        q_.resize(static_cast<size_t>(n_q) * mc.q_dim());
+        r.GetArray(q_.data(), q_.size());
+        if (!r.ok()) return absl::DataLossError("malformed kAttend");
+        for (int64_t e : key_end) {
+          if (e < 0 || e > c->kv->length() + kMaxStaged) {
+            return absl::OutOfRangeError(absl::StrCat("key_end ", e, " outside the shard"));
+          }
+        }
+        std::vector<float> o(q_.size()), lse(static_cast<size_t>(n_q) * mc.n_heads);
+        c->kv->Attend(layer, q_.data(), n_q, key_end.data(), o.data(), lse.data());
+        wire::Writer w;
+        w.PutArray(o.data(), o.size()).PutArray(lse.data(), lse.size());
+        *payload = std::move(w.str());
+        return absl::OkStatus();
+      }
+      case wire::Op::kClone: {
+        KVQ_ASSIGN_OR_RETURN(Cache * c, Find(r.Get<uint64_t>()));
+        const uint64_t id = r.Get<uint64_t>();
+        if (caches_.count(id)) return absl::AlreadyExistsError(absl::StrCat("cache ", id, " exists"));
+        Cache copy{c->factory, c->kv->Clone()};
+        caches_[id] = std::move(copy);
+        return absl::OkStatus();
+      }
+      case wire::Op::kSerialize: {
+        KVQ_ASSIGN_OR_RETURN(Cache * c, Find(r.Get<uint64_t>()));
+        KVQ_ASSIGN_OR_RETURN(std::string bytes, c->kv->Serialize());
+        wire::Writer w;
+        w.PutString(bytes);
+        *payload = std::move(w.str());
+        return absl::OkStatus();
+      }
+      default:
+        return absl::InvalidArgumentError(absl::StrCat("unknown command ", static_cast<int>(op)));
+    }
+  }
+
+  // The coordinator clamps key_end to the shard; this only guards against a corrupt message.
+  static constexpr int64_t kMaxStaged = int64_t{1} << 20;
+
+  Transport* t_;
+  std::map<uint32_t, Factory> factories_;
+  std::map<uint64_t, Cache> caches_;
+  std::vector<float> k_, v_, q_;
+};
+
+}  // namespace
+
+absl::Status ServeWorker(Transport* transport) {
+  Worker w(transport);
+  return w.Serve();
+}
+
+}  // namespace kvq::sharding
