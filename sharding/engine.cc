@@ -481,7 +481,11 @@ class Engine::Impl {
       waiting_.pop_front();
       if (!job->is_extension) {
         const int64_t offset = job->session ? job->session->cache->length() : 0;
-        auto tail = factory_->Make(offset);
+        // [sharding] a generation without a session may be spread over ranks (EngineOptions).
+        auto tail = !job->session && options_.make_generation_cache
+                        ? options_.make_generation_cache(static_cast<int64_t>(job->prompt.size()) +
+                                                         job->req.sampling.max_tokens)
+                        : factory_->Make(offset);
         if (!tail.ok()) {
           // Finished by the loop after mu_ is released: sinks may take their own locks.
           job->admit_error = tail.status();

@@ -17,6 +17,10 @@
 #include "model/config.h"
 #include "model/tokenizer.h"
 
+namespace kvq::model {
+class KvCache;
+}  // namespace kvq::model
+
 namespace kvq::engine {
 
 // Unset fields in the API map to these defaults. temperature == 0 means greedy.
@@ -110,6 +114,11 @@ struct EngineOptions {
   int threads = 0;                   // 0: hardware concurrency
   std::string session_dir;           // where SaveSession writes by default
   int64_t session_ttl_seconds = 0;   // default TTL for new sessions (0: none)
+  // [sharding] Makes the KV cache of a generation that will hold up to `max_tokens` tokens, e.g.
+  // ShardedKvCacheFactory::Make (sharding/sharded_kv_cache.h) spreading it over MPI ranks; it must
+  // use kv_format. Null: one rank. Sessions and their forks always stay on rank 0.
+  std::function<absl::StatusOr<std::unique_ptr<model::KvCache>>(int64_t max_tokens)>
+      make_generation_cache;
 };
 
 class Engine {

@@ -209,6 +209,11 @@ void MpiTransport::NotifyGone(const absl::Status& why) {
   }
 }
 
+void MpiTransport::ClearFailureForTesting() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->broken = absl::OkStatus();
+}
+
 absl::Status MpiTransport::Finalize() {
   std::lock_guard<std::mutex> lock(impl_->mu);
   if (impl_->finalized) return absl::OkStatus();
@@ -239,6 +244,7 @@ absl::Status MpiTransport::Send(int, std::string_view) { return absl::Unimplemen
 absl::StatusOr<std::string> MpiTransport::Receive(int, bool) { return absl::UnimplementedError("no MPI"); }
 void MpiTransport::NotifyGone(const absl::Status&) {}
 absl::Status MpiTransport::health() const { return absl::UnimplementedError("no MPI"); }
+void MpiTransport::ClearFailureForTesting() {}
 absl::Status MpiTransport::Finalize() { return absl::OkStatus(); }
 void MpiTransport::Abort(int code) { std::_Exit(code); }
 

@@ -58,6 +58,8 @@ class MpiTransport : public Transport {
   void NotifyGone(const absl::Status& why) override;
   absl::Status health() const override;
   void set_reply_timeout_seconds(double s) { options_.reply_timeout_seconds = s; }
+  // Tests that break the transport on purpose use this to shut the job down cleanly afterwards.
+  void ClearFailureForTesting();
 
   // Ends MPI cleanly (every rank must call it). Call after the workers have been shut down.
   absl::Status Finalize();

@@ -37,7 +37,7 @@ model::ModelConfig GetConfig(Reader& r) {
 
 std::string EncodeReply(const absl::Status& s, std::string_view payload) {
   Writer w;
-  w.Put<uint8_t>(static_cast<uint8_t>(s.code())).PutString(s.message());
+  w.Put<uint8_t>(static_cast<uint8_t>(s.code())).PutString(std::string(s.message()));
   if (s.ok()) w.str().append(payload.data(), payload.size());
   return std::move(w.str());
 }

@@ -15,6 +15,7 @@ int RunCommand(const std::string& name, int argc, char** argv);
 // Subcommands implemented in their own files.
 int Calibrate();
 int Passkey();
+int Plan();  // [sharding] tools/kvq_plan.cc
 // Prints the status and returns the exit code for a failure.
 int FailStatus(const absl::Status& s);
 

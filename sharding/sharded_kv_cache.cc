@@ -1,0 +1,402 @@
+#include "sharding/sharded_kv_cache.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "sharding/worker.h"
+
+namespace kvq::sharding {
+namespace {
+
+// Ids are unique per process (rank 0): several factories and caches share the workers.
+std::atomic<uint32_t> next_factory_id{1};
+std::atomic<uint64_t> next_cache_id{1};
+
+constexpr char kBlobMagic[8] = {'K', 'V', 'Q', 'S', 'H', 'R', 'D', '1'};
+
+// The next reply from `rank`: its status, and the reader left at the payload.
+absl::Status ReceiveReply(Transport* t, int rank, std::string* msg, wire::Reader* r) {
+  KVQ_ASSIGN_OR_RETURN(*msg, t->Receive(rank));
+  *r = wire::Reader(*msg);
+  return wire::DecodeReplyStatus(rank, *r);
+}
+
+absl::Status Call(Transport* t, int rank, const std::string& command) {
+  KVQ_RETURN_IF_ERROR(t->Send(rank, command));
+  std::string msg;
+  wire::Reader r{std::string_view()};
+  return ReceiveReply(t, rank, &msg, &r);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// ShardedKvCacheFactory
+
+ShardedKvCacheFactory::ShardedKvCacheFactory(Transport* t, const model::ModelConfig& c, uint32_t id,
+                                             std::unique_ptr<KvCacheFactory> local, ShardPlanner planner)
+    : transport_(t), config_(c), id_(id), local_(std::move(local)), planner_(std::move(planner)) {}
+
+absl::StatusOr<std::unique_ptr<ShardedKvCacheFactory>> ShardedKvCacheFactory::Create(
+    Transport* transport, const model::ModelConfig& config, const std::string& format,
+    const std::string& quantizer_path, const std::string& fingerprint, ShardPlanner planner) {
+  if (transport == nullptr || transport->rank() != 0) {
+    return absl::FailedPreconditionError("sharded caches are made on rank 0");
+  }
+  if (planner.num_ranks() != transport->size()) {
+    return absl::InvalidArgumentError(absl::StrCat("the plan has ", planner.num_ranks(),
+                                                   " ranks; the job has ", transport->size()));
+  }
+  KVQ_ASSIGN_OR_RETURN(auto local, KvCacheFactory::Create(config, format, quantizer_path, fingerprint));
+  const uint32_t id = next_factory_id++;
+  wire::Writer w;
+  w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kDefineFactory)).Put<uint32_t>(id);
+  wire::PutConfig(w, config);
+  w.PutString(format).PutString(quantizer_path).PutString(fingerprint);
+  for (int r = 1; r < transport->size(); ++r) KVQ_RETURN_IF_ERROR(transport->Send(r, w.str()));
+  absl::Status first;
+  for (int r = 1; r < transport->size(); ++r) {
+    std::string msg;
+    wire::Reader rd{std::string_view()};
+    absl::Status s = ReceiveReply(transport, r, &msg, &rd);
+    if (first.ok()) first = s;
+  }
+  KVQ_RETURN_IF_ERROR(first);
+  return std::unique_ptr<ShardedKvCacheFactory>(
+      new ShardedKvCacheFactory(transport, config, id, std::move(local), std::move(planner)));
+}
+
+absl::StatusOr<std::unique_ptr<model::KvCache>> ShardedKvCacheFactory::Make(int64_t max_tokens) const {
+  KVQ_ASSIGN_OR_RETURN(std::vector<ShardRange> ranges, planner_.Plan(max_tokens));
+  KVQ_ASSIGN_OR_RETURN(auto cache, MakeWithRanges(std::move(ranges)));
+  return std::unique_ptr<model::KvCache>(std::move(cache));
+}
+
+absl::StatusOr<std::unique_ptr<ShardedKvCache>> ShardedKvCacheFactory::MakeWithRanges(
+    std::vector<ShardRange> ranges) const {
+  if (ranges.empty()) return absl::InvalidArgumentError("a sharded cache needs at least one range");
+  std::vector<bool> seen(transport_->size(), false);
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const ShardRange& r = ranges[i];
+    const bool last = i + 1 == ranges.size();
+    if (r.rank < 0 || r.rank >= transport_->size() || seen[r.rank]) {
+      return absl::InvalidArgumentError(absl::StrCat("range ", i, ": rank ", r.rank,
+                                                     " is outside the job or used twice"));
+    }
+    seen[r.rank] = true;
+    if (r.begin != (i == 0 ? 0 : ranges[i - 1].end) || (!last && r.end <= r.begin)) {
+      return absl::InvalidArgumentError(absl::StrCat("range ", i, " [", r.begin, ", ", r.end,
+                                                     ") does not continue the previous one"));
+    }
+  }
+  auto cache = std::unique_ptr<ShardedKvCache>(new ShardedKvCache(transport_, config_));
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    ShardedKvCache::Shard s;
+    s.range = ranges[i];
+    if (i + 1 == ranges.size()) s.range.end = ShardedKvCache::kOpenEnd;
+    if (s.range.rank == 0) {
+      KVQ_ASSIGN_OR_RETURN(s.local, local_->Make(s.range.begin));
+    } else {
+      s.id = next_cache_id++;
+      wire::Writer w;
+      w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kCreate)).Put<uint64_t>(s.id);
+      w.Put<uint32_t>(id_).Put<int64_t>(s.range.begin);
+      KVQ_RETURN_IF_ERROR(Call(transport_, s.range.rank, w.str()));
+    }
+    cache->shards_.push_back(std::move(s));  // freed by ~ShardedKvCache if a later one fails
+  }
+  return cache;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ShardedKvCache
+
+ShardedKvCache::~ShardedKvCache() {
+  if (!t_->health().ok()) return;  // the job is ending; the workers' memory goes with it
+  for (const Shard& s : shards_) {
+    if (s.local) continue;
+    wire::Writer w;
+    w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kFree)).Put<uint64_t>(s.id);
+    (void)t_->Send(s.range.rank, w.str());
+  }
+}
+
+absl::Status ShardedKvCache::Reply(int rank, std::string* payload) const {
+  wire::Reader r{std::string_view()};
+  return ReceiveReply(t_, rank, payload, &r);
+}
+
+absl::Status ShardedKvCache::Append(int layer, const float* k, const float* v, int n) {
+  KVQ_RETURN_IF_ERROR(error_);
+  if (n < 0) return absl::InvalidArgumentError(absl::StrCat("cannot append ", n, " tokens"));
+  const int64_t kvd = config_.kv_dim();
+  const int64_t first = length_, last = length_ + n;
+  // Remote slices first, so the workers append while rank 0 appends its own.
+  std::vector<int> sent;
+  absl::Status result;
+  for (Shard& s : shards_) {
+    const int64_t b = std::max(first, s.range.begin), e = std::min(last, s.range.end);
+    s.staged = static_cast<int>(std::max<int64_t>(0, e - b));
+    if (s.staged == 0 || s.local) continue;
+    const int64_t j0 = b - first;
+    wire::Writer w;
+    w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAppend)).Put<uint64_t>(s.id);
+    w.Put<int32_t>(layer).Put<int32_t>(s.staged);
+    w.PutArray(k + j0 * kvd, static_cast<size_t>(s.staged) * kvd);
+    w.PutArray(v + j0 * kvd, static_cast<size_t>(s.staged) * kvd);
+    absl::Status st = t_->Send(s.range.rank, w.str());
+    if (!st.ok()) {
+      Fail(st);
+      return st;
+    }
+    sent.push_back(s.range.rank);
+  }
+  for (Shard& s : shards_) {
+    if (s.staged == 0 || !s.local) continue;
+    const int64_t j0 = std::max(first, s.range.begin) - first;
+    absl::Status st = s.local->Append(layer, k + j0 * kvd, v + j0 * kvd, s.staged);
+    if (result.ok()) result = st;
+  }
+  for (int rank : sent) {
+    std::string msg;
+    absl::Status st = Reply(rank, &msg);
+    if (result.ok()) result = st;
+  }
+  if (!t_->health().ok()) Fail(result);
+  return result;
+}
+
+void ShardedKvCache::Commit(int n) {
+  int staged = 0;
+  for (const Shard& s : shards_) staged += s.staged;
+  if (!error_.ok()) return;
+  if (staged != n) {
+    Fail(absl::InternalError(absl::StrCat("commit of ", n, " tokens but ", staged, " are staged")));
+    return;
+  }
+  std::vector<Shard*> sent;
+  for (Shard& s : shards_) {
+    if (s.staged == 0 || s.local) continue;
+    wire::Writer w;
+    w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kCommit)).Put<uint64_t>(s.id).Put<int32_t>(s.staged);
+    absl::Status st = t_->Send(s.range.rank, w.str());
+    if (!st.ok()) return Fail(st);
+    sent.push_back(&s);
+  }
+  for (Shard& s : shards_) {
+    if (s.staged == 0 || !s.local) continue;
+    s.local->Commit(s.staged);
+    s.length += s.staged;
+    s.staged = 0;
+  }
+  for (Shard* s : sent) {
+    std::string msg;
+    wire::Reader r{std::string_view()};
+    absl::Status st = ReceiveReply(t_, s->range.rank, &msg, &r);
+    const int64_t len = r.Get<int64_t>(), bytes = r.Get<int64_t>();
+    if (st.ok() && len != s->length + s->staged) {
+      st = absl::InternalError(absl::StrCat("rank ", s->range.rank, " holds ", len,
+                                            " tokens after the commit; expected ", s->length + s->staged));
+    }
+    Fail(st);
+    s->length += s->staged;
+    s->staged = 0;
+    s->bytes = bytes;
+  }
+  length_ += n;
+}
+
+void ShardedKvCache::DiscardStaged() {
+  std::vector<int> sent;
+  for (Shard& s : shards_) {
+    if (s.staged == 0) continue;
+    s.staged = 0;
+    if (s.local) {
+      s.local->DiscardStaged();
+      continue;
+    }
+    wire::Writer w;
+    w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kDiscard)).Put<uint64_t>(s.id);
+    absl::Status st = t_->Send(s.range.rank, w.str());
+    if (!st.ok()) {
+      Fail(st);
+      continue;
+    }
+    sent.push_back(s.range.rank);
+  }
+  for (int rank : sent) {
+    std::string msg;
+    Fail(Reply(rank, &msg));
+  }
+}
+
+void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+                            float* lse) const {
+  const int nh = config_.n_heads, hd = config_.head_dim;
+  const size_t o_size = static_cast<size_t>(n_q) * nh * hd, lse_size = static_cast<size_t>(n_q) * nh;
+  std::fill(o, o + o_size, 0.0f);
+  std::fill(lse, lse + lse_size, -std::numeric_limits<float>::infinity());
+  if (!error_.ok() || n_q == 0) return;
+  // Per shard, each query's end inside the shard (staged tokens of this step included).
+  std::vector<std::vector<int64_t>> local_end(shards_.size(), std::vector<int64_t>(n_q));
+  std::vector<bool> active(shards_.size(), false);
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    const Shard& s = shards_[i];
+    for (int j = 0; j < n_q; ++j) {
+      local_end[i][j] = std::clamp<int64_t>(key_end[j] - s.range.begin, 0, s.length + s.staged);
+      if (local_end[i][j] > 0) active[i] = true;
+    }
+  }
+  std::vector<size_t> sent;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    const Shard& s = shards_[i];
+    if (!active[i] || s.local) continue;
+    wire::Writer w;
+    w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAttend)).Put<uint64_t>(s.id);
+    w.Put<int32_t>(layer).Put<int32_t>(n_q);
+    w.PutArray(local_end[i].data(), n_q).PutArray(q, static_cast<size_t>(n_q) * config_.q_dim());
+    absl::Status st = t_->Send(s.range.rank, w.str());
+    if (!st.ok()) return Fail(st);
+    sent.push_back(i);
+  }
+  // Partials in rank order; rank 0's computed while the workers compute theirs.
+  std::vector<std::vector<float>> part_o(shards_.size()), part_lse(shards_.size());
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    const Shard& s = shards_[i];
+    if (!active[i] || !s.local) continue;
+    part_o[i].resize(o_size);
+    part_lse[i].resize(lse_size);
+    s.local->Attend(layer, q, n_q, local_end[i].data(), part_o[i].data(), part_lse[i].data());
+  }
+  for (size_t i : sent) {
+    std::string msg;
+    wire::Reader r{std::string_view()};
+    absl::Status st = ReceiveReply(t_, shards_[i].range.rank, &msg, &r);
+    part_o[i].resize(o_size);
+    part_lse[i].resize(lse_size);
+    r.GetArray(part_o[i].data(), o_size);
+    r.GetArray(part_lse[i].data(), lse_size);
+    if (st.ok() && !r.ok()) st = absl::DataLossError(absl::StrCat("rank ", shards_[i].range.rank, " sent a short attention reply"));
+    Fail(st);
+  }
+  if (!error_.ok()) return;
+  bool first = true;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (!active[i]) continue;
+    if (first) {
+      std::copy(part_o[i].begin(), part_o[i].end(), o);
+      std::copy(part_lse[i].begin(), part_lse[i].end(), lse);
+      first = false;
+    } else {
+      model::MergeAttentionPartial(o, lse, part_o[i].data(), part_lse[i].data(), n_q * nh, hd);
+    }
+  }
+}
+
+int64_t ShardedKvCache::bytes() const {
+  int64_t total = 0;
+  for (const Shard& s : shards_) total += s.local ? s.local->bytes() : s.bytes;
+  return total;
+}
+
+std::unique_ptr<model::KvCache> ShardedKvCache::Clone() const {
+  auto c = std::unique_ptr<ShardedKvCache>(new ShardedKvCache(t_, config_));
+  c->length_ = length_;
+  c->error_ = error_;
+  for (const Shard& s : shards_) {
+    Shard n;
+    n.range = s.range;
+    n.length = s.length;
+    n.bytes = s.bytes;
+    if (s.local) {
+      n.local = s.local->Clone();
+    } else {
+      n.id = next_cache_id++;
+      if (c->error_.ok()) {
+        wire::Writer w;
+        w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kClone)).Put<uint64_t>(s.id).Put<uint64_t>(n.id);
+        c->Fail(Call(t_, s.range.rank, w.str()));
+      }
+    }
+    c->shards_.push_back(std::move(n));
+  }
+  return c;
+}
+
+absl::StatusOr<std::string> ShardedKvCache::Serialize() const {
+  KVQ_RETURN_IF_ERROR(error_);
+  wire::Writer w;
+  w.PutArray(kBlobMagic, sizeof(kBlobMagic)).Put<uint32_t>(static_cast<uint32_t>(shards_.size()));
+  for (const Shard& s : shards_) {
+    std::string bytes;
+    if (s.local) {
+      KVQ_ASSIGN_OR_RETURN(bytes, s.local->Serialize());
+    } else {
+      wire::Writer c;
+      c.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kSerialize)).Put<uint64_t>(s.id);
+      KVQ_RETURN_IF_ERROR(t_->Send(s.range.rank, c.str()));
+      std::string msg;
+      wire::Reader r{std::string_view()};
+      KVQ_RETURN_IF_ERROR(ReceiveReply(t_, s.range.rank, &msg, &r));
+      bytes = r.GetString();
+      if (!r.ok()) return absl::DataLossError(absl::StrCat("rank ", s.range.rank, " sent a short shard"));
+    }
+    w.Put<int32_t>(s.range.rank).Put<int64_t>(s.range.begin).Put<int64_t>(s.range.begin + s.length);
+    w.PutString(bytes);
+  }
+  return std::move(w.str());
+}
+
+std::vector<ShardRange> ShardedKvCache::ranges() const {
+  std::vector<ShardRange> out;
+  for (const Shard& s : shards_) {
+    ShardRange r = s.range;
+    if (r.end == kOpenEnd) r.end = std::max(r.begin, length_);
+    out.push_back(r);
+  }
+  return out;
+}
+
+std::vector<int64_t> ShardedKvCache::shard_lengths() const {
+  std::vector<int64_t> out;
+  for (const Shard& s : shards_) out.push_back(s.length);
+  return out;
+}
+
+absl::StatusOr<std::vector<ShardBlob>> SplitShardedBlob(const std::string& blob) {
+  wire::Reader r(blob);
+  char magic[sizeof(kBlobMagic)];
+  r.GetArray(magic, sizeof(magic));
+  if (!r.ok() || !std::equal(magic, magic + sizeof(magic), kBlobMagic)) {
+    return absl::InvalidArgumentError("not a sharded KV blob (bad magic)");
+  }
+  const uint32_t n = r.Get<uint32_t>();
+  std::vector<ShardBlob> out;
+  for (uint32_t i = 0; i < n && r.ok(); ++i) {
+    ShardBlob b;
+    b.range.rank = r.Get<int32_t>();
+    b.range.begin = r.Get<int64_t>();
+    b.range.end = r.Get<int64_t>();
+    b.bytes = r.GetString();
+    out.push_back(std::move(b));
+  }
+  if (!r.ok()) return absl::DataLossError("truncated sharded KV blob");
+  return out;
+}
+
+absl::Status ShutdownWorkers(Transport* transport) {
+  absl::Status first;
+  wire::Writer w;
+  w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kShutdown));
+  for (int r = 1; r < transport->size(); ++r) {
+    absl::Status s = transport->Send(r, w.str());
+    if (first.ok()) first = s;
+  }
+  return first;
+}
+
+}  // namespace kvq::sharding

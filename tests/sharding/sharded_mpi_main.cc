@@ -1,0 +1,402 @@
+// The sharded KV cache over MPI on the CPU. Run under `mpirun -np N` (ctest runs N = 2, 3, 4):
+// rank 0 runs the tests, ranks 1..N-1 serve as attention workers until rank 0 shuts them down.
+//   - merged attention over N shards equals one rank's within the reduction-order tolerance below,
+//     for fp16 and int4, with shard boundaries that cut blocks and append chunks, staged tokens,
+//     discarded steps, clones and serialization;
+//   - greedy generation through the engine with sharded caches gives the same tokens as one rank
+//     with the real SmolLM2 (fp16, int4, nuq3-1%), for a batch of prompts of mixed lengths whose
+//     prefill chunks (16 tokens) straddle the shard boundaries (multiples of 7);
+//   - DISABLED_WorkerFailure (its own ctest entry): a worker that stops answering fails the step on
+//     rank 0 with a Status within the reply timeout, and every later call fails fast.
+// Not a *_test.cc: it needs its own main and mpirun, so tests/CMakeLists.txt registers it.
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "model/config.h"
+#include "model/forward.h"
+#include "sharding/engine.h"
+#include "sharding/kv_cache_factory.h"
+#include "sharding/mpi_transport.h"
+#include "sharding/shard_planner.h"
+#include "sharding/sharded_kv_cache.h"
+#include "sharding/worker.h"
+#include "tests/test_util.h"
+
+namespace kvq::sharding {
+namespace {
+
+MpiTransport* g_transport = nullptr;
+
+// Tolerances (absolute, worst element). Sharded and single-rank attention see bit-identical keys
+// and values (quantization is per token, so a shard boundary changes no code); they differ only in
+// reduction order: each shard's softmax uses its own max and its own fp32 GEMM sums, then the
+// partials merge in double and round to fp32. For |v| <= 1 and a few hundred keys that moves o by a
+// few fp32 ulps of 1 (~1e-7 each); lse (~log of the key count, < 10) by a few ulps of 10.
+constexpr float kOutputTolerance = 4e-6f;
+constexpr float kLseTolerance = 8e-6f;
+
+model::ModelConfig SmallConfig() {
+  model::ModelConfig c;
+  EXPECT_TRUE(model::BuiltinConfig("smollm2-135m", &c).ok());
+  c.n_layers = 2;  // the attention math per layer is what is tested
+  return c;
+}
+
+ShardPlanner Planner(const KvCacheFactory& f, int ranks, int64_t block_tokens, int64_t min_tokens) {
+  ShardPlannerOptions o;
+  o.bytes_per_token = f.BytesPerToken();
+  o.block_tokens = block_tokens;
+  o.min_tokens_per_rank = min_tokens;
+  for (int r = 0; r < ranks; ++r) o.ranks.push_back({int64_t{1} << 30, 0});
+  return *ShardPlanner::Create(o);
+}
+
+// Ranges that cut at odd places: rank r starts at 37 + 61 * (r - 1).
+std::vector<ShardRange> OddRanges(int ranks) {
+  std::vector<ShardRange> r;
+  int64_t begin = 0;
+  for (int i = 0; i < ranks; ++i) {
+    const int64_t end = i + 1 == ranks ? begin + 1000 : 37 + 61 * i;
+    r.push_back({i, begin, end});
+    begin = end;
+  }
+  return r;
+}
+
+struct Pair {
+  std::unique_ptr<model::KvCache> single;
+  std::unique_ptr<ShardedKvCache> sharded;
+};
+
+class ShardedAttentionTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (g_transport->size() < 2) GTEST_SKIP() << "needs mpirun -np >= 2";
+    config_ = SmallConfig();
+    auto f = ShardedKvCacheFactory::Create(g_transport, config_, GetParam(), "", "",
+                                           Planner(*KvCacheFactory::Create(config_, GetParam(), "", "").value(),
+                                                   g_transport->size(), 7, 16));
+    ASSERT_TRUE(f.ok()) << f.status();
+    factory_ = std::move(*f);
+  }
+
+  Pair MakePair() {
+    Pair p;
+    p.single = *factory_->local().Make(0);
+    auto s = factory_->MakeWithRanges(OddRanges(g_transport->size()));
+    EXPECT_TRUE(s.ok()) << s.status();
+    p.sharded = std::move(*s);
+    return p;
+  }
+
+  // Appends n random tokens to every layer of both caches (committed unless `commit` is false).
+  void Append(Pair& p, int n, bool commit = true) {
+    const size_t elems = static_cast<size_t>(n) * config_.kv_dim();
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (int l = 0; l < config_.n_layers; ++l) {
+      std::vector<float> k(elems), v(elems);
+      for (auto& x : k) x = 2.0f * u(rng_);
+      for (auto& x : v) x = u(rng_);
+      ASSERT_TRUE(p.single->Append(l, k.data(), v.data(), n).ok());
+      absl::Status s = p.sharded->Append(l, k.data(), v.data(), n);
+      ASSERT_TRUE(s.ok()) << s;
+    }
+    if (commit) {
+      p.single->Commit(n);
+      p.sharded->Commit(n);
+      ASSERT_TRUE(p.sharded->status().ok()) << p.sharded->status();
+    }
+  }
+
+  // Random queries with the given ends; asserts the worst element against the tolerances.
+  void ExpectSameAttention(const model::KvCache& single, const ShardedKvCache& sharded,
+                           const std::vector<int64_t>& key_end) {
+    const int n_q = static_cast<int>(key_end.size());
+    const size_t od = static_cast<size_t>(n_q) * config_.q_dim(), ld = static_cast<size_t>(n_q) * config_.n_heads;
+    std::vector<float> q(od);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (auto& x : q) x = u(rng_);
+    for (int l = 0; l < config_.n_layers; ++l) {
+      std::vector<float> o1(od), l1(ld), o2(od), l2(ld);
+      single.Attend(l, q.data(), n_q, key_end.data(), o1.data(), l1.data());
+      sharded.Attend(l, q.data(), n_q, key_end.data(), o2.data(), l2.data());
+      ASSERT_TRUE(sharded.status().ok()) << sharded.status();
+      float worst_o = 0, worst_l = 0;
+      for (size_t i = 0; i < od; ++i) worst_o = std::max(worst_o, std::abs(o1[i] - o2[i]));
+      for (size_t i = 0; i < ld; ++i) {
+        if (std::isinf(l1[i]) || std::isinf(l2[i])) {
+          ASSERT_EQ(l1[i], l2[i]) << "row " << i;  // empty ranges: -inf on both
+        } else {
+          worst_l = std::max(worst_l, std::abs(l1[i] - l2[i]));
+        }
+      }
+      EXPECT_LE(worst_o, kOutputTolerance) << "layer " << l;
+      EXPECT_LE(worst_l, kLseTolerance) << "layer " << l;
+    }
+  }
+
+  model::ModelConfig config_;
+  std::unique_ptr<ShardedKvCacheFactory> factory_;
+  std::mt19937 rng_{1234};
+};
+
+TEST_P(ShardedAttentionTest, MergedEqualsSingleRank) {
+  Pair p = MakePair();
+  // Chunks of 1, 13, 50 and 77 tokens: several straddle a boundary (37, 98, 159).
+  for (int n : {1, 13, 50, 77, 1, 1}) Append(p, n);
+  ASSERT_EQ(p.sharded->length(), 143);
+  ASSERT_EQ(p.single->length(), 143);
+  // Ends inside every shard, at boundaries, empty, and the whole sequence.
+  ExpectSameAttention(*p.single, *p.sharded, {0, 1, 36, 37, 38, 97, 98, 120, 142, 143});
+  const auto lengths = p.sharded->shard_lengths();
+  int64_t sum = 0;
+  for (int64_t x : lengths) sum += x;
+  EXPECT_EQ(sum, 143);
+  EXPECT_GT(p.sharded->bytes(), 0);
+}
+
+TEST_P(ShardedAttentionTest, StagedTokensAreVisibleAndDiscardable) {
+  Pair p = MakePair();
+  Append(p, 30);
+  Append(p, 20, /*commit=*/false);  // staged across the boundary at 37
+  ExpectSameAttention(*p.single, *p.sharded, {31, 40, 50});
+  p.single->DiscardStaged();
+  p.sharded->DiscardStaged();
+  ASSERT_EQ(p.sharded->length(), 30);
+  Append(p, 70);  // other tokens in the discarded slots
+  ExpectSameAttention(*p.single, *p.sharded, {29, 60, 100});
+}
+
+TEST_P(ShardedAttentionTest, CloneForksEveryShard) {
+  Pair p = MakePair();
+  Append(p, 45);
+  Pair fork{p.single->Clone(), nullptr};
+  fork.sharded.reset(static_cast<ShardedKvCache*>(p.sharded->Clone().release()));
+  ASSERT_TRUE(fork.sharded->status().ok()) << fork.sharded->status();
+  Append(fork, 60);  // only the fork grows
+  EXPECT_EQ(p.sharded->length(), 45);
+  EXPECT_EQ(fork.sharded->length(), 105);
+  ExpectSameAttention(*p.single, *p.sharded, {45, 45});
+  ExpectSameAttention(*fork.single, *fork.sharded, {45, 104, 105});
+}
+
+TEST_P(ShardedAttentionTest, SerializeGathersEveryShard) {
+  Pair p = MakePair();
+  Append(p, 110);
+  auto blob = p.sharded->Serialize();
+  ASSERT_TRUE(blob.ok()) << blob.status();
+  auto parts = SplitShardedBlob(*blob);
+  ASSERT_TRUE(parts.ok()) << parts.status();
+  ASSERT_EQ(parts->size(), static_cast<size_t>(g_transport->size()));
+  int64_t end = 0;  // shards past the sequence's end hold nothing
+  for (const ShardBlob& b : *parts) {
+    if (b.range.tokens() > 0) EXPECT_EQ(b.range.begin, end) << "rank " << b.range.rank;
+    auto c = factory_->local().Deserialize(b.bytes);
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ((*c)->length(), b.range.tokens()) << "rank " << b.range.rank;
+    end += b.range.tokens();
+  }
+  EXPECT_EQ(end, 110);
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, ShardedAttentionTest, ::testing::Values("fp16", "int4"),
+                         [](const auto& info) { return info.param; });
+
+// ---------------------------------------------------------------------------------------------
+// Greedy generation through the engine: sharded == one rank.
+
+class Sink : public engine::TokenSink {
+ public:
+  void OnToken(const engine::TokenEvent& e) override {
+    std::lock_guard<std::mutex> l(mu_);
+    tokens_.push_back(e.token);
+  }
+  void OnFinish(engine::FinishReason r, const absl::Status& s, const engine::Usage&) override {
+    std::lock_guard<std::mutex> l(mu_);
+    status_ = r == engine::FinishReason::kError ? s : absl::OkStatus();
+    done_ = true;
+    cv_.notify_all();
+  }
+  std::vector<int32_t> Wait() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return done_; });
+    return tokens_;
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<int32_t> tokens_;
+  absl::Status status_;
+  bool done_ = false;
+};
+
+struct GenCase {
+  std::string format;
+  std::string quantizer;  // relative to the cache folder; empty: none needed
+};
+
+void PrintTo(const GenCase& c, std::ostream* os) { *os << c.format; }
+
+class ShardedGenerationTest : public ::testing::TestWithParam<GenCase> {};
+
+TEST_P(ShardedGenerationTest, SameTokensAsOneRank) {
+  if (g_transport->size() < 2) GTEST_SKIP() << "needs mpirun -np >= 2";
+  KVQ_REQUIRE_MODEL();
+  std::string quantizer;
+  if (!GetParam().quantizer.empty()) {
+    quantizer = testing::CacheDir() + "/" + GetParam().quantizer;
+    if (!testing::FileExists(quantizer)) {
+      GTEST_SKIP() << GetParam().format << " needs the quantizer " << quantizer
+                   << " (make it with kvq calibrate)";
+    }
+  }
+  engine::EngineOptions o;
+  o.model = testing::ModelPath();
+  o.kv_format = GetParam().format;
+  o.quantizer = quantizer;
+  o.max_batch = 8;
+  o.prefill_chunk = 16;  // chunks straddle the boundaries (multiples of 7)
+  o.threads = 1;
+  o.kv_capacity_bytes = int64_t{256} << 20;
+  // One engine for both runs: the hook shards while `sharded` is set.
+  std::unique_ptr<ShardedKvCacheFactory> factory;
+  bool sharded = false;
+  o.make_generation_cache = [&](int64_t max_tokens) -> absl::StatusOr<std::unique_ptr<model::KvCache>> {
+    if (!sharded) return factory->local().Make(0);
+    return factory->Make(max_tokens);
+  };
+  auto e = engine::Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto f = KvCacheFactory::Create((*e)->config(), o.kv_format, quantizer, "");
+  ASSERT_TRUE(f.ok()) << f.status();
+  // Block size 7 and 16 tokens per rank: these short sequences span every rank.
+  auto sf = ShardedKvCacheFactory::Create(g_transport, (*e)->config(), o.kv_format, quantizer, "",
+                                          Planner(**f, g_transport->size(), 7, 16));
+  ASSERT_TRUE(sf.ok()) << sf.status();
+  factory = std::move(*sf);
+
+  const std::vector<std::string> texts = {
+      "Hi!",
+      "What is the capital of France? Answer in one word.",
+      "Write a short poem about the sea, the wind and the sand, in four lines, and give it a title. "
+      "Then explain in one sentence what it means.",
+  };
+  auto run = [&]() {
+    std::vector<std::shared_ptr<Sink>> sinks;
+    for (size_t i = 0; i < texts.size(); ++i) {
+      auto chat = (*e)->tokenizer().ApplyChatTemplate({{"user", texts[i]}}, true);
+      engine::GenerateRequest r;
+      r.prompt = (*e)->tokenizer().Encode(*chat, true, true);
+      r.sampling.max_tokens = 6 + 3 * static_cast<int>(i);  // mixed lengths
+      r.sampling.ignore_eos = true;
+      r.sink = std::make_shared<Sink>();
+      sinks.push_back(std::static_pointer_cast<Sink>(r.sink));
+      auto id = (*e)->Enqueue(std::move(r));
+      EXPECT_TRUE(id.ok()) << id.status();
+    }
+    std::vector<std::vector<int32_t>> out;
+    for (auto& s : sinks) {
+      out.push_back(s->Wait());
+      EXPECT_TRUE(s->status_.ok()) << s->status_;
+    }
+    return out;
+  };
+  const auto one = run();
+  sharded = true;
+  const auto many = run();
+  ASSERT_EQ(one.size(), many.size());
+  for (size_t i = 0; i < one.size(); ++i) {
+    EXPECT_EQ(one[i].size(), static_cast<size_t>(6 + 3 * i));
+    EXPECT_EQ(one[i], many[i]) << "prompt " << i << " (" << GetParam().format << ", "
+                               << g_transport->size() << " ranks)";
+  }
+  (*e)->Shutdown(false);
+  e->reset();  // frees the sharded caches while the factory lives
+  EXPECT_TRUE(g_transport->health().ok()) << g_transport->health();
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, ShardedGenerationTest,
+                         ::testing::Values(GenCase{"fp16", ""}, GenCase{"int4", ""},
+                                           GenCase{"nuq3-1%", "quantizers/nuq3-1%.kvqq"}),
+                         [](const auto& info) {
+                           std::string n = info.param.format;
+                           for (char& c : n) if (c == '-' || c == '%') c = '_';
+                           return n;
+                         });
+
+// ---------------------------------------------------------------------------------------------
+// Failure: a worker that stops answering. Breaks the transport, so it runs alone (its own ctest
+// entry, --gtest_also_run_disabled_tests --gtest_filter=*WorkerFailure*).
+
+TEST(DISABLED_WorkerFailureTest, SilentWorkerFailsTheStepWithAStatus) {
+  if (g_transport->size() < 2) GTEST_SKIP() << "needs mpirun -np >= 2";
+  const model::ModelConfig c = SmallConfig();
+  auto local = KvCacheFactory::Create(c, "fp16", "", "");
+  ASSERT_TRUE(local.ok());
+  auto f = ShardedKvCacheFactory::Create(g_transport, c, "fp16", "", "",
+                                         Planner(**local, g_transport->size(), 7, 16));
+  ASSERT_TRUE(f.ok()) << f.status();
+  auto cache = (*f)->MakeWithRanges(OddRanges(g_transport->size()));
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  const int n = 40;  // reaches rank 1 (boundary at 37)
+  std::vector<float> kv(static_cast<size_t>(n) * c.kv_dim(), 0.5f);
+  for (int l = 0; l < c.n_layers; ++l) ASSERT_TRUE((*cache)->Append(l, kv.data(), kv.data(), n).ok());
+  (*cache)->Commit(n);
+  ASSERT_TRUE((*cache)->status().ok());
+
+  // Rank 1 (it holds position 40) leaves its loop without a word, as a hung or dead rank would.
+  const int victim = 1;
+  wire::Writer w;
+  w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kShutdown));
+  ASSERT_TRUE(g_transport->Send(victim, w.str()).ok());
+  g_transport->set_reply_timeout_seconds(1.0);
+
+  // One serving-mode layer step: attend the past, then append (which reports the failure).
+  std::vector<float> q(c.q_dim(), 0.1f), o(c.q_dim()), lse(c.n_heads);
+  const int64_t end = n;
+  (*cache)->Attend(0, q.data(), 1, &end, o.data(), lse.data());
+  std::vector<float> one(c.kv_dim(), 0.5f);
+  absl::Status s = (*cache)->Append(0, one.data(), one.data(), 1);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
+  EXPECT_NE(s.message().find(absl::StrCat("rank ", victim)), std::string::npos) << s;
+  // Every later call fails at once with the same Status (the job must end).
+  EXPECT_EQ((*cache)->Append(1, one.data(), one.data(), 1), s);
+  EXPECT_EQ(g_transport->health(), s);
+  g_transport->ClearFailureForTesting();  // so that main can shut the other workers down
+}
+
+}  // namespace
+}  // namespace kvq::sharding
+
+int main(int argc, char** argv) {
+  using kvq::sharding::MpiTransport;
+  auto t = MpiTransport::Init(&argc, &argv, {/*reply_timeout_seconds=*/120.0});
+  if (!t.ok()) {
+    std::fprintf(stderr, "MPI: %s\n", std::string(t.status().ToString()).c_str());
+    return 1;
+  }
+  kvq::sharding::g_transport = t->get();
+  kvq::model::SetCpuThreads(1);
+  if ((*t)->rank() != 0) {
+    absl::Status s = kvq::sharding::ServeWorker(t->get());
+    if (!s.ok()) {
+      std::fprintf(stderr, "worker %d: %s\n", (*t)->rank(), std::string(s.ToString()).c_str());
+      (*t)->Abort(1);
+    }
+    return (*t)->Finalize().ok() ? 0 : 1;
+  }
+  ::testing::InitGoogleTest(&argc, argv);
+  const int rc = RUN_ALL_TESTS();
+  absl::Status s = kvq::sharding::ShutdownWorkers(t->get());
+  if (!s.ok()) {
+    std::fprintf(stderr, "rank 0: %s\n", std::string(s.ToString()).c_str());
+    (*t)->Abort(rc != 0 ? rc : 1);  // loud: every rank ends now
+  }
+  const bool finalized = (*t)->Finalize().ok();
+  return rc != 0 ? rc : (finalized ? 0 : 1);
+}
