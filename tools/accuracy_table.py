@@ -66,14 +66,18 @@ def main():
     results = {}
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as ex:
         futs = {ex.submit(run, a, fmt, q, c): (label, c) for label, fmt, q in rows for c in CORPORA}
+        out = open(a.out, "w") if a.out else None
         for f in concurrent.futures.as_completed(futs):
             label, c = futs[f]
             results[(label, c)] = f.result()
             print(f"done: {label} / {c}: ppl {results[(label, c)]['ppl']:.4f}", file=sys.stderr, flush=True)
-    if a.out:
-        with open(a.out, "w") as fh:
-            for (label, c), r in sorted(results.items()):
-                fh.write(json.dumps(dict(r, row=label)) + "\n")
+            if out:  # as results arrive, so a run cut short keeps what it finished
+                out.write(json.dumps(dict(results[(label, c)], row=label)) + "\n")
+                out.flush()
+    print_table(rows, results, a.context)
+
+
+def print_table(rows, results, context):
     base = {c: results[("fp16", c)]["ppl"] for c in CORPORA if ("fp16", c) in results}
     toks = {c: results[(rows[0][0], c)]["tokens"] for c in CORPORA}
     print(f"| KV format | PPL KJV | ΔPPL KJV | PPL Austen | ΔPPL Austen | bits/elem | compression vs fp16 |")
@@ -86,9 +90,23 @@ def main():
             cells += [f"{r['ppl']:.3f}", "—" if label == "fp16" else f"{d:+.2f}%"]
         bits = results[(label, CORPORA[0])]["bits_per_element"]
         print(f"| {label} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {bits:.3f} | {16 / bits:.2f}× |")
-    print(f"\nEvaluated tokens: KJV {toks['kjv']}, Austen {toks['austen']}; context {a.context}, "
+    print(f"\nEvaluated tokens: KJV {toks['kjv']}, Austen {toks['austen']}; context {context}, "
           f"non-overlapping windows.")
 
 
+def table_from_jsonl(paths, context=2048):
+    """Prints the table from --out files (e.g. of several partial runs)."""
+    results = {}
+    for p in paths:
+        for line in open(p):
+            r = json.loads(line)
+            results[(r["row"], r["corpus"])] = r
+    rows = [row for row in ROWS if all((row[0], c) in results for c in CORPORA)]
+    print_table(rows, results, context)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--from_jsonl":
+        table_from_jsonl(sys.argv[2:])
+    else:
+        main()
