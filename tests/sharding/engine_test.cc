@@ -2,7 +2,9 @@
 // requests alone, sessions answer like the full prompt without prefilling the document again,
 // cancellation frees KV at once, saved sessions restore exactly, and impossible requests are
 // refused before anything is queued.
+#include <chrono>
 #include <condition_variable>
+#include <thread>
 #include <filesystem>
 #include <mutex>
 
@@ -244,6 +246,63 @@ TEST(EngineQuantizedTest, Int4PerTokenKvGeneratesAndAccountsFewerBytes) {
   EXPECT_TRUE(sink->status_.ok()) << sink->status_;
   EXPECT_EQ(sink->tokens().size(), 8u);
   EXPECT_GT(sink->usage_.kv_bytes, 0);
+}
+
+}  // namespace
+}  // namespace kvq::engine
+
+namespace kvq::engine {
+namespace {
+
+std::unique_ptr<Engine> SmallEngine(int64_t capacity_bytes) {
+  EngineOptions o;
+  o.model = testing::ModelPath();
+  o.kv_capacity_bytes = capacity_bytes;
+  auto e = Engine::Create(o);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return e.ok() ? std::move(*e) : nullptr;
+}
+
+// fp16 KV of SmolLM2: 2 * 30 layers * 192 * 2 bytes per token.
+constexpr int64_t kFp16BytesPerToken = 23040;
+
+TEST(EngineSessionsTest, IdleSessionsAreEvictedWhenARequestNeedsTheirMemory) {
+  KVQ_REQUIRE_MODEL();
+  auto engine = SmallEngine(300 * kFp16BytesPerToken);
+  ASSERT_NE(engine, nullptr);
+  std::vector<int32_t> doc(200);
+  for (size_t i = 0; i < doc.size(); ++i) doc[i] = 100 + static_cast<int32_t>(i);
+  ASSERT_TRUE(engine->CreateSession("old").ok());
+  ASSERT_TRUE(engine->ExtendSession("old", doc).ok());
+  EXPECT_GT(engine->Stats().kv_bytes_used, 190 * kFp16BytesPerToken);
+  // 150 prompt tokens + 50 generated do not fit next to the idle session: it is evicted.
+  auto sink = std::make_shared<CollectingSink>();
+  GenerateRequest r;
+  r.prompt.assign(doc.begin(), doc.begin() + 150);
+  r.sampling.max_tokens = 50;
+  r.sampling.ignore_eos = true;
+  r.sink = sink;
+  ASSERT_TRUE(engine->Enqueue(std::move(r)).ok());
+  sink->Wait();
+  EXPECT_TRUE(sink->status_.ok()) << sink->status_;
+  EXPECT_EQ(engine->GetSession("old").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine->Stats().kv_bytes_used, 0);
+}
+
+TEST(EngineSessionsTest, SessionsExpireAfterTheirTimeToLive) {
+  KVQ_REQUIRE_MODEL();
+  auto engine = SmallEngine(int64_t{64} << 20);
+  ASSERT_NE(engine, nullptr);
+  ASSERT_TRUE(engine->CreateSession("short", /*ttl_seconds=*/1).ok());
+  ASSERT_TRUE(engine->CreateSession("forever", /*ttl_seconds=*/0).ok());
+  ASSERT_TRUE(engine->ExtendSession("short", {1, 2, 3, 4}).ok());
+  // Expiry is time-based by definition: poll (bounded) until the scheduler's sweep removes it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (engine->GetSession("short").ok() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(engine->GetSession("short").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(engine->GetSession("forever").ok());
 }
 
 }  // namespace
