@@ -2,16 +2,26 @@
 // and on SIGTERM/SIGINT drains: health NOT_SERVING, new streams refused, in-flight ones finish
 // within --drain_grace_seconds, exit 0.
 #include <csignal>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <string>
 
 #include <pthread.h>
 
+#include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "server/config.h"
 #include "server/server.h"
+#include "sharding/kv_cache_factory.h"
+#include "sharding/mpi_transport.h"
+#include "sharding/sharded_kv_cache.h"
+#include "sharding/shard_planner.h"
+#include "sharding/worker.h"
+
+ABSL_FLAG(int64_t, min_tokens_per_rank, 65536,
+          "under mpirun: a sequence spans another rank only past this many tokens per rank");
 
 namespace {
 
@@ -38,17 +48,68 @@ int main(int argc, char** argv) {
     return 2;
   }
   // Signals are taken by a sigwait below, never by a handler: block them before any thread starts.
+  // Worker ranks keep them blocked: they end when rank 0 shuts them down after its drain.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
+  // Under mpirun (more than one rank) rank 0 serves and holds a shard; the others hold shards.
+  std::unique_ptr<kvq::sharding::MpiTransport> transport;
+  std::unique_ptr<kvq::sharding::ShardedKvCacheFactory> sharded;
+  kvq::server::KvqServer* server_ptr = nullptr;  // set once started; read by the cache hook
+#ifdef KVQ_HAVE_MPI
+  if (const char* n = std::getenv("OMPI_COMM_WORLD_SIZE"); n != nullptr && std::atoi(n) > 1) {
+    auto t = kvq::sharding::MpiTransport::Init(&argc, &argv);
+    if (!t.ok()) {
+      std::fprintf(stderr, "kvqd: MPI: %s\n", std::string(t.status().message()).c_str());
+      return 1;
+    }
+    transport = std::move(*t);
+    if (transport->rank() > 0) {
+      const absl::Status s = kvq::sharding::ServeWorker(transport.get());
+      if (!s.ok()) {
+        std::fprintf(stderr, "kvqd: rank %d: %s\n", transport->rank(), std::string(s.message()).c_str());
+        transport->Abort(1);
+      }
+      (void)transport->Finalize();
+      return 0;
+    }
+    // Rank 0: generations get caches spread over the ranks (sessions stay on rank 0). The
+    // factory needs the model's shape, so it is made on first use, on the scheduler thread.
+    kvq::engine::EngineOptions& eo = config->server.engine;
+    const int ranks = transport->size();
+    const std::string format = eo.kv_format, quantizer = eo.quantizer;
+    const int64_t per_rank = eo.kv_capacity_bytes > 0 ? eo.kv_capacity_bytes : (int64_t{4} << 30);
+    eo.make_generation_cache = [&transport, &sharded, &server_ptr, ranks, format, quantizer, per_rank](
+                                   int64_t max_tokens) -> absl::StatusOr<std::unique_ptr<kvq::model::KvCache>> {
+      if (!sharded) {
+        const kvq::model::ModelConfig& mc = server_ptr->engine()->config();
+        auto local = kvq::sharding::KvCacheFactory::Create(mc, format, quantizer, "");
+        if (!local.ok()) return local.status();
+        kvq::sharding::ShardPlannerOptions po;
+        po.bytes_per_token = (*local)->BytesPerToken();
+        po.min_tokens_per_rank = absl::GetFlag(FLAGS_min_tokens_per_rank);
+        for (int r = 0; r < ranks; ++r) po.ranks.push_back({per_rank, 0});
+        auto planner = kvq::sharding::ShardPlanner::Create(po);
+        if (!planner.ok()) return planner.status();
+        auto f = kvq::sharding::ShardedKvCacheFactory::Create(transport.get(), mc, format, quantizer,
+                                                              "", std::move(*planner));
+        if (!f.ok()) return f.status();
+        sharded = std::move(*f);
+      }
+      return sharded->Make(max_tokens);
+    };
+  }
+#endif
+
   absl::StatusOr<std::unique_ptr<kvq::server::KvqServer>> server = kvq::server::KvqServer::Start(config->server);
   if (!server.ok()) {
     std::fprintf(stderr, "kvqd: %s\n", std::string(server.status().message()).c_str());
     return 1;
   }
+  server_ptr = server->get();
   std::printf("kvqd: listening on port %d (metrics port %d); loading %s\n", (*server)->port(),
               (*server)->metrics_port(), config->server.engine.model.c_str());
   std::fflush(stdout);
@@ -70,6 +131,16 @@ int main(int argc, char** argv) {
   std::printf("kvqd: %s: draining\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
   std::fflush(stdout);
   (*server)->Drain();
+  if (transport) {
+    server->reset();  // the engine and its sharded caches first, then the workers
+    sharded.reset();
+    const absl::Status s = kvq::sharding::ShutdownWorkers(transport.get());
+    if (!s.ok()) {
+      std::fprintf(stderr, "kvqd: shutting down ranks: %s\n", std::string(s.message()).c_str());
+      transport->Abort(1);
+    }
+    (void)transport->Finalize();
+  }
   std::printf("kvqd: drained; bye\n");
   return 0;
 }

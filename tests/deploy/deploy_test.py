@@ -470,7 +470,7 @@ class EntrypointTest(unittest.TestCase):
 
 class DrainTest(unittest.TestCase):
     """SIGTERM to the entrypoint reaches rank 0's kvqd, which drains and exits 0, with and without
-    mpirun (one CPU rank: multi-rank kvqd is not there yet, so the 2-rank drain is not tested)."""
+    mpirun (one and two CPU ranks)."""
 
     def model(self):
         cache = pathlib.Path(os.environ.get("KVQ_CACHE", ROOT / ".cache"))
@@ -517,6 +517,53 @@ class DrainTest(unittest.TestCase):
         if not shutil.which("mpirun"):
             self.skipTest("mpirun not installed")
         self.drain(["mpirun", "-np", "1", "--host", "localhost:1", "--bind-to", "none"])
+
+    def test_drain_two_ranks_while_streaming(self):
+        """kvqd under mpirun with 2 CPU ranks (the 634-token prompt spans both shards) receives
+        SIGTERM while a stream runs: the stream completes, every rank ends, mpirun exits 0."""
+        if not shutil.which("mpirun"):
+            self.skipTest("mpirun not installed")
+        kvqctl = pathlib.Path(KVQD).parent / "kvqctl"
+        if not os.access(kvqctl, os.X_OK):
+            self.skipTest("no kvqctl built beside kvqd")
+        model = self.model()
+        with tempfile.TemporaryDirectory() as tmp:
+            port_file = pathlib.Path(tmp) / "port"
+            cmd = [str(ENTRYPOINT), "run", "mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none",
+                   KVQD, f"--model={model}", "--listen=127.0.0.1:0", f"--port_file={port_file}",
+                   "--metrics_listen=", "--threads=1", "--drain_grace_seconds=60",
+                   "--min_tokens_per_rank=64"]
+            env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                   "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_odls_base_sigkill_timeout": "30"}
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            out, client = [], None
+            try:
+                deadline = time.monotonic() + 180
+                for line in p.stdout:
+                    out.append(line)
+                    if "kvqd: serving" in line or time.monotonic() > deadline:
+                        break
+                self.assertTrue(any("kvqd: serving" in l for l in out), "".join(out))
+                prompt = "Summarize: " + " ".join(["The grass is green and the sky is blue."] * 60)
+                client = subprocess.Popen([str(kvqctl), f"--server=127.0.0.1:{port_file.read_text().strip()}",
+                                           "--max_tokens=40", "generate", prompt],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                # Signal once the stream is under way: its first output is prefill progress.
+                first = client.stdout.read(6)
+                self.assertTrue(first, "the stream produced no output")
+                p.send_signal(signal.SIGTERM)
+                streamed, _ = client.communicate(timeout=180)
+                rest, _ = p.communicate(timeout=180)
+            finally:
+                for proc in (client, p):
+                    if proc is not None and proc.poll() is None:
+                        proc.kill()
+            log = "".join(out) + rest
+            self.assertEqual(client.returncode, 0, first + streamed)
+            self.assertIn("FINISH_REASON_LENGTH", streamed)
+            self.assertIn("generated 40 tokens", streamed)
+            self.assertEqual(p.returncode, 0, log)
+            self.assertIn("kvqd: drained; bye", log)
 
 
 def main():
