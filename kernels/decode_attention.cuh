@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // ---- Block tokens [j_begin, j_end). ----
-  const int64_t kv_row = static_cast<int64_t>(b) * kv.max_blocks_per_seq;
+  const int64_t kv_row = kv.TableRow(b);
   for (int jb = j_begin; jb < j_end; jb += kKvBlockTokens) {
     const int n_in = min(kKvBlockTokens, j_end - jb);
     const int64_t blk = kv.block_table[kv_row + jb / kKvBlockTokens];

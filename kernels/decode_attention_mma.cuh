@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.0f, l1 = 0.0f;
 
   const int n_tiles = j_end > j_begin ? (j_end - j_begin + kTile - 1) / kTile : 0;
-  const int64_t kv_row = static_cast<int64_t>(b) * kv.max_blocks_per_seq;
+  const int64_t kv_row = kv.TableRow(b);
   const int lt = lane & 15, lh = lane >> 4;  // dequant mapping: token, channel half
 
   auto block_base = [&](int T) -> const uint8_t* {

@@ -28,9 +28,6 @@ absl::Status Gemm(cublasHandle_t handle, const GemmParams& p, cudaStream_t strea
     return absl::InvalidArgumentError(absl::StrCat("Gemm: m ", p.m, ", n ", p.n, ", k ", p.k,
                                                    ", lda ", lda, ", ldb ", ldb, ", ldc ", ldc));
   }
-  if (p.ab_dtype == DType::kF32) {
-    return absl::UnimplementedError("Gemm: inputs must be f16 or bf16 (got f32)");
-  }
   if (p.m == 0 || p.n == 0) return absl::OkStatus();
   if (p.a == nullptr || p.b == nullptr || p.c == nullptr || handle == nullptr) {
     return absl::InvalidArgumentError("Gemm: null pointer or handle");

@@ -1,6 +1,7 @@
 // Thin cuBLAS GEMM wrapper for the dense layers: row-major C[m][n] = alpha * A[m][k] . B[n][k]^T
-// + beta * C (B is a weight in PyTorch Linear layout [out][in]); f16/bf16 inputs, fp32
-// accumulation (CUBLAS_COMPUTE_32F), C in f16, bf16 or f32.
+// + beta * C (B is a weight in PyTorch Linear layout [out][in]); f16/bf16 inputs with fp32
+// accumulation (CUBLAS_COMPUTE_32F), or f32 inputs in full fp32 (no TF32: the exactness mode);
+// C in f16, bf16 or f32.
 #pragma once
 
 #include <cublas_v2.h>
@@ -15,7 +16,7 @@ namespace kvq::kernels {
 
 struct GemmParams {
   int m = 0, n = 0, k = 0;
-  DType ab_dtype = DType::kF16;  // f16 or bf16
+  DType ab_dtype = DType::kF16;  // f16, bf16 or f32
   DType c_dtype = DType::kF32;
   const void* a = nullptr;  // [m][lda], row-major
   int64_t lda = 0;          // 0 means k

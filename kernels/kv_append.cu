@@ -61,7 +61,7 @@ __device__ __forceinline__ uint8_t* TokenBlock(const KvAppendParams& p, int b, i
   const int64_t j = i - n_sink_cap;
   *t = static_cast<int>(j % kKvBlockTokens);
   const int32_t blk =
-      p.kv.block_table[static_cast<int64_t>(b) * p.kv.max_blocks_per_seq + j / kKvBlockTokens];
+      p.kv.block_table[p.kv.TableRow(b) + j / kKvBlockTokens];
   return p.pool + static_cast<int64_t>(blk) * p.kv.block_stride_bytes;
 }
 

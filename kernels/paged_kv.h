@@ -8,6 +8,12 @@
 #include <cstdint>
 #include <string>
 
+#if defined(__CUDACC__)
+#define KVQ_HOST_DEVICE __host__ __device__
+#else
+#define KVQ_HOST_DEVICE
+#endif
+
 namespace kvq::kernels {
 
 inline constexpr int kKvBlockTokens = 256;  // == kvstore::kBlockTokens
@@ -56,6 +62,12 @@ struct PagedKvCache {
   int key_outlier_capacity = 0;
   const int32_t* block_table = nullptr;      // [batch][max_blocks_per_seq]
   int max_blocks_per_seq = 0;
+  // Elements between consecutive batch rows of block_table; -1 means max_blocks_per_seq. 0 makes
+  // every row read row 0: the query rows of one sequence's prefill chunk share one table row.
+  int64_t block_table_stride = -1;
+  KVQ_HOST_DEVICE int64_t TableRow(int b) const {
+    return static_cast<int64_t>(b) * (block_table_stride < 0 ? max_blocks_per_seq : block_table_stride);
+  }
   const int32_t* seq_lens = nullptr;         // [batch] local tokens (sink + block tokens)
   const int64_t* first_positions = nullptr;  // [batch] RoPE position of local token 0
   int sink_tokens = 0;                       // format.sink_tokens

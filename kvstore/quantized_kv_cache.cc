@@ -528,23 +528,37 @@ absl::StatusOr<std::unique_ptr<QuantizedKvCache>> QuantizedKvCache::Clone() cons
 absl::StatusOr<std::string> QuantizedKvCache::Serialize() const {
   if (pending_n_ != 0) return absl::FailedPreconditionError("Serialize during an open step");
   const KvBytes bytes = Bytes();
+  std::vector<std::string> blocks;
+  blocks.reserve(static_cast<size_t>(bytes.blocks));
+  for (int64_t b = 0; b < bytes.blocks; ++b) blocks.push_back(ExportBlock(b));
+  return SerializeParts(format_, shape_, first_position_, length_, n_sink_, sink_k_, sink_v_,
+                        blocks);
+}
+
+std::string QuantizedKvCache::SerializeParts(const KvFormat& format, const KvShape& shape,
+                                             int64_t first_position, int64_t length,
+                                             int sink_capacity,
+                                             const std::vector<uint16_t>& sink_k,
+                                             const std::vector<uint16_t>& sink_v,
+                                             const std::vector<std::string>& blocks) {
+  const BlockLayout layout = ComputeBlockLayout(format, shape);
+  const int64_t sink_tokens = std::min<int64_t>(length, sink_capacity);
   internal::ByteWriter p;
-  p.PutString(format_.ToString());
-  p.Put<uint32_t>(shape_.n_layers);
-  p.Put<uint32_t>(shape_.n_kv_heads);
-  p.Put<uint32_t>(shape_.head_dim);
-  p.Put<int64_t>(first_position_);
-  p.Put<int64_t>(length_);
-  p.Put<uint64_t>(bytes.blocks);
-  const int64_t L = shape_.ElementsPerTokenPerLayer();
-  for (const std::vector<uint16_t>* sink : {&sink_k_, &sink_v_}) {
-    for (int l = 0; l < shape_.n_layers; ++l) {
-      p.PutBytes(sink->data() + static_cast<size_t>(l) * n_sink_ * L, bytes.sink_tokens * L * 2);
+  p.PutString(format.ToString());
+  p.Put<uint32_t>(shape.n_layers);
+  p.Put<uint32_t>(shape.n_kv_heads);
+  p.Put<uint32_t>(shape.head_dim);
+  p.Put<int64_t>(first_position);
+  p.Put<int64_t>(length);
+  p.Put<uint64_t>(blocks.size());
+  const int64_t L = shape.ElementsPerTokenPerLayer();
+  for (const std::vector<uint16_t>* sink : {&sink_k, &sink_v}) {
+    for (int l = 0; l < shape.n_layers; ++l) {
+      p.PutBytes(sink->data() + static_cast<size_t>(l) * sink_capacity * L, sink_tokens * L * 2);
     }
   }
-  for (int64_t b = 0; b < bytes.blocks; ++b) {
-    const std::string blk = ExportBlock(b);
-    p.Put<uint64_t>((blk.size() - layout_.fixed_bytes) / kKeyOutlierEntryBytes);
+  for (const std::string& blk : blocks) {
+    p.Put<uint64_t>((blk.size() - layout.fixed_bytes) / kKeyOutlierEntryBytes);
     p.PutBytes(blk.data(), blk.size());
   }
   internal::ByteWriter f;

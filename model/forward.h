@@ -40,6 +40,9 @@ class KvCache {
                       float* lse) const = 0;
   // Bytes this cache holds (for accounting).
   virtual int64_t bytes() const = 0;
+  // Bytes of the cache's canonical compressed form (what the table of effective bits reports):
+  // bytes() unless a paged pool reserves more than it uses.
+  virtual int64_t exact_bytes() const { return bytes(); }
   // A copy that shares nothing mutable with this one (sessions fork from it).
   virtual std::unique_ptr<KvCache> Clone() const = 0;
   // The committed tokens in the cache's own compressed form (session save/restore).
@@ -65,6 +68,9 @@ class PrefixKvCache : public KvCache {
   absl::StatusOr<std::string> Serialize() const override {
     return absl::UnimplementedError("a forked cache is not saved; save the session it came from");
   }
+  const KvCache& prefix() const { return *prefix_; }
+  int64_t prefix_length() const { return prefix_length_; }
+  KvCache& tail() { return *tail_; }
 
  private:
   std::shared_ptr<const KvCache> prefix_;
@@ -129,14 +135,24 @@ struct ForwardOptions {
   bool chunk_through_cache = false;
 };
 
-class Forward {
+// One step of the model over a batch of items: the CPU reference (Forward below) and the GPU
+// engine's pass (sharding/gpu/gpu_forward.h) implement it with the same meaning.
+class ForwardPass {
  public:
-  explicit Forward(const LlamaWeights& weights);
+  virtual ~ForwardPass() = default;
   // Runs one step. logits: for each item in order, tokens.size() rows (all_logits) or one row,
   // each of vocab_size floats. On error nothing is committed to any cache.
+  virtual absl::Status Run(absl::Span<ForwardItem> items, const ForwardOptions& options,
+                           std::vector<float>* logits) const = 0;
+  virtual const ModelConfig& config() const = 0;
+};
+
+class Forward : public ForwardPass {
+ public:
+  explicit Forward(const LlamaWeights& weights);
   absl::Status Run(absl::Span<ForwardItem> items, const ForwardOptions& options,
-                   std::vector<float>* logits) const;
-  const ModelConfig& config() const { return w_.config; }
+                   std::vector<float>* logits) const override;
+  const ModelConfig& config() const override { return w_.config; }
   const LlamaWeights& weights() const { return w_; }
 
  private:

@@ -13,7 +13,7 @@ double PerplexityResult::ppl() const {
 }
 
 absl::StatusOr<PerplexityResult> EvaluatePerplexity(
-    const Forward& forward, const std::vector<int32_t>& ids, const PerplexityOptions& o,
+    const ForwardPass& forward, const std::vector<int32_t>& ids, const PerplexityOptions& o,
     const CacheFactory& make_cache, const std::function<void(const PerplexityResult&)>& progress) {
   if (o.context < 2 || o.stride < 1 || o.stride > o.context) {
     return absl::InvalidArgumentError(absl::StrCat("need context >= 2 and 1 <= stride <= context; got context ",
@@ -39,18 +39,22 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(
     fo.chunk_through_cache = o.through_cache;
     KVQ_RETURN_IF_ERROR(forward.Run(absl::MakeSpan(&item, 1), fo, &logits));
     // logits row j predicts ids[begin + j + 1].
-    for (int64_t t = std::max(begin + 1, scored_until); t < end; ++t) {
+    const int64_t first_target = std::max(begin + 1, scored_until);
+    double nll = 0.0;
+#pragma omp parallel for reduction(+ : nll) schedule(static)
+    for (int64_t t = first_target; t < end; ++t) {
       const float* row = logits.data() + (t - 1 - begin) * static_cast<int64_t>(vocab);
       float m = row[0];
       for (int i = 1; i < vocab; ++i) m = std::max(m, row[i]);
       double s = 0.0;
       for (int i = 0; i < vocab; ++i) s += std::exp(static_cast<double>(row[i]) - m);
-      r.nll_sum += (m + std::log(s)) - row[ids[t]];
-      ++r.tokens;
+      nll += (m + std::log(s)) - row[ids[t]];
     }
+    r.nll_sum += nll;
+    r.tokens += std::max<int64_t>(0, end - first_target);
     scored_until = end;
     ++r.windows;
-    r.last_window_kv_bytes = cache->bytes();
+    r.last_window_kv_bytes = cache->exact_bytes();
     r.last_window_tokens = cache->length();
     if (progress) progress(r);
     if (end == n) break;

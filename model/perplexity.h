@@ -33,7 +33,7 @@ struct PerplexityResult {
 using CacheFactory = std::function<absl::StatusOr<std::unique_ptr<KvCache>>()>;
 
 absl::StatusOr<PerplexityResult> EvaluatePerplexity(
-    const Forward& forward, const std::vector<int32_t>& ids, const PerplexityOptions& options,
+    const ForwardPass& forward, const std::vector<int32_t>& ids, const PerplexityOptions& options,
     const CacheFactory& make_cache,
     const std::function<void(const PerplexityResult&)>& progress = nullptr);
 

@@ -26,6 +26,12 @@
 #include "model/sampling.h"
 #include "model/weights.h"
 #include "sharding/kv_cache_factory.h"
+#if KVQ_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "sharding/gpu/gpu_forward.h"
+#include "sharding/gpu/gpu_kv_cache.h"
+#endif
 
 namespace kvq::engine {
 
@@ -144,20 +150,81 @@ class Engine::Impl {
                                    : tok_path + "/tokenizer.json";
       KVQ_ASSIGN_OR_RETURN(tokenizer_, model::Tokenizer::FromTokenizerJson(json));
     }
-    KVQ_ASSIGN_OR_RETURN(factory_, sharding::KvCacheFactory::Create(weights_.config, o.kv_format, o.quantizer,
-                                                                    model::ModelFingerprint(weights_)));
-    forward_ = std::make_unique<model::Forward>(weights_);
+    if (o.device == "cuda") {
+      KVQ_RETURN_IF_ERROR(InitGpu(o));
+    } else if (o.device == "cpu" || o.device.empty()) {
+      KVQ_ASSIGN_OR_RETURN(factory_, sharding::KvCacheFactory::Create(weights_.config, o.kv_format, o.quantizer,
+                                                                      model::ModelFingerprint(weights_)));
+      forward_ = std::make_unique<model::Forward>(weights_);
+      capacity_ = o.kv_capacity_bytes > 0 ? o.kv_capacity_bytes : (int64_t{4} << 30);
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown device '", o.device, "' (cpu or cuda)"));
+    }
     model::SetCpuThreads(o.threads);
-    capacity_ = o.kv_capacity_bytes > 0 ? o.kv_capacity_bytes : (int64_t{4} << 30);
     model_stops_ = tokenizer_->stop_ids();
     thread_ = std::thread([this] { Loop(); });
     return absl::OkStatus();
   }
 
-  ~Impl() { Shutdown(false); }
+  ~Impl() {
+    Shutdown(false);
+    // Caches (sessions, jobs) go before the pool and the forward pass that own device memory.
+    sessions_.clear();
+    waiting_.clear();
+    running_.clear();
+    factory_.reset();
+    forward_.reset();
+#if KVQ_HAVE_CUDA
+    gpu_pool_.reset();
+    if (gpu_stream_ != nullptr) cudaStreamDestroy(gpu_stream_);
+#endif
+  }
+
+  absl::Status InitGpu(const EngineOptions& o) {
+#if KVQ_HAVE_CUDA
+    kernels::DType dt;
+    if (o.weights_dtype == "f16" || o.weights_dtype.empty()) {
+      dt = kernels::DType::kF16;
+    } else if (o.weights_dtype == "bf16") {
+      dt = kernels::DType::kBF16;
+    } else if (o.weights_dtype == "f32") {
+      dt = kernels::DType::kF32;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown weights dtype '", o.weights_dtype, "' (f16, bf16, f32)"));
+    }
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+      return absl::FailedPreconditionError("--device=cuda: no CUDA device is visible");
+    }
+    if (cudaStreamCreateWithFlags(&gpu_stream_, cudaStreamNonBlocking) != cudaSuccess) {
+      return absl::InternalError("cudaStreamCreate failed");
+    }
+    kvstore::KvFormat format;
+    std::shared_ptr<const kvstore::Quantizer> quant;
+    KVQ_RETURN_IF_ERROR(sharding::ResolveKvFormat(weights_.config, o.kv_format, o.quantizer,
+                                                  model::ModelFingerprint(weights_), &format, &quant));
+    KVQ_ASSIGN_OR_RETURN(auto fwd, sharding::GpuForward::Create(weights_, dt, gpu_stream_));
+    forward_ = std::move(fwd);
+    sharding::GpuKvOptions po;
+    po.capacity_bytes = o.kv_capacity_bytes;
+    po.memory_fraction = o.gpu_memory_fraction;
+    po.max_sink_slots = 2 * o.max_batch + 1024;
+    const model::ModelConfig& c = weights_.config;
+    KVQ_ASSIGN_OR_RETURN(gpu_pool_, sharding::GpuKvPool::Create({c.n_layers, c.n_kv_heads, c.head_dim}, format,
+                                                                quant, model::RopeParamsFor(c), po, gpu_stream_));
+    factory_ = sharding::MakeGpuKvCacheFactory(gpu_pool_, c.n_heads);
+    capacity_ = gpu_pool_->total_blocks() * gpu_pool_->block_bytes();
+    std::fprintf(stderr, "[kvq] GPU engine: weights %s, KV %s, pool %lld blocks x %lld B (%.2f GiB), %d sink slots\n",
+                 o.weights_dtype.c_str(), format.ToString().c_str(), static_cast<long long>(gpu_pool_->total_blocks()),
+                 static_cast<long long>(gpu_pool_->block_bytes()), capacity_ / 1073741824.0, gpu_pool_->free_sink_slots());
+    return absl::OkStatus();
+#else
+    return absl::FailedPreconditionError("--device=cuda: this build has no CUDA (configure with -DKVQ_ENABLE_CUDA=ON)");
+#endif
+  }
 
   int64_t TokensToBytes(int64_t tokens) const {
-    return static_cast<int64_t>(static_cast<double>(tokens) * factory_->BytesPerToken() + 0.5);
+    return factory_->BytesForTokens(tokens);
   }
 
   // Bytes held by sessions plus those reserved by admitted jobs. Caller holds mu_.
@@ -698,7 +765,11 @@ class Engine::Impl {
   model::LlamaWeights weights_;
   std::unique_ptr<model::Tokenizer> tokenizer_;
   std::unique_ptr<sharding::KvCacheFactory> factory_;
-  std::unique_ptr<model::Forward> forward_;
+  std::unique_ptr<model::ForwardPass> forward_;
+#if KVQ_HAVE_CUDA
+  std::shared_ptr<sharding::GpuKvPool> gpu_pool_;
+  cudaStream_t gpu_stream_ = nullptr;
+#endif
   std::vector<int32_t> model_stops_;
   int64_t capacity_ = 0;
 

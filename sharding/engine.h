@@ -107,6 +107,12 @@ struct EngineOptions {
   std::string model;                 // *.gguf, HF directory, or synthetic:<name>[:seed]
   std::string tokenizer;             // empty: from the model (GGUF) or tokenizer.json beside it
   std::string kv_format = "fp16";    // fp16 | nuq4-1% | nuq3-1% | ... (see kvstore)
+  // "cpu": the reference backend (OpenBLAS). "cuda": the GPU engine on the current device
+  // (weights in weights_dtype, KV in a paged pool sized from kv_capacity_bytes or
+  // gpu_memory_fraction of the memory left after the weights).
+  std::string device = "cpu";
+  std::string weights_dtype = "f16"; // cuda: f16 | bf16 | f32 (f32: matches the CPU to rounding)
+  double gpu_memory_fraction = 0.90;
   std::string quantizer;             // quantizer file for quantized formats
   int64_t kv_capacity_bytes = 0;     // 0: a default from available memory
   int max_batch = 16;                // sequences decoded together

@@ -70,6 +70,16 @@ absl::StatusOr<std::unique_ptr<KvCacheFactory>> KvCacheFactory::Create(
   if (format == "fp32" || format == "fp16") {
     return std::unique_ptr<KvCacheFactory>(new DenseFactory(config, format == "fp32"));
   }
+  kvstore::KvFormat parsed;
+  std::shared_ptr<const kvstore::Quantizer> q;
+  KVQ_RETURN_IF_ERROR(ResolveKvFormat(config, format, quantizer_path, fingerprint, &parsed, &q));
+  return std::unique_ptr<KvCacheFactory>(new QuantizedFactory(config, parsed, std::move(q)));
+}
+
+absl::Status ResolveKvFormat(const model::ModelConfig& config, const std::string& format,
+                             const std::string& quantizer_path, const std::string& fingerprint,
+                             kvstore::KvFormat* parsed_out,
+                             std::shared_ptr<const kvstore::Quantizer>* quantizer_out) {
   auto parsed = kvstore::KvFormat::Parse(format);
   if (!parsed.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("unknown KV format '", format, "': ",
@@ -91,7 +101,9 @@ absl::StatusOr<std::unique_ptr<KvCacheFactory>> KvCacheFactory::Create(
     KVQ_ASSIGN_OR_RETURN(kvstore::Quantizer u, kvstore::Quantizer::Uncalibrated(shape, *parsed, fingerprint));
     q = std::make_shared<const kvstore::Quantizer>(std::move(u));
   }
-  return std::unique_ptr<KvCacheFactory>(new QuantizedFactory(config, *parsed, std::move(q)));
+  *parsed_out = *parsed;
+  *quantizer_out = std::move(q);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<model::KvCache>> MakeKvCache(const model::ModelConfig& config,

@@ -18,6 +18,7 @@
 #include "model/tokenizer.h"
 #include "model/weights.h"
 #include "sharding/kv_cache_factory.h"
+#include "tools/kvq_backend.h"
 
 ABSL_FLAG(std::string, model, "", "model: *.gguf, HF directory, or synthetic:<name>[:seed]");
 ABSL_FLAG(std::string, prompt, "What is the capital of France?", "prompt text");
@@ -79,12 +80,10 @@ int Generate() {
     text = *rendered;
   }
   std::vector<int32_t> ids = tok.Encode(text, /*add_bos=*/true, /*parse_special=*/true);
-  model::Forward fwd(loaded->weights);
-  auto factory = sharding::KvCacheFactory::Create(loaded->weights.config, absl::GetFlag(FLAGS_kv_format),
-                                                  absl::GetFlag(FLAGS_quantizer),
-                                                  model::ModelFingerprint(loaded->weights));
-  if (!factory.ok()) return Fail(factory.status());
-  auto cache = (*factory)->Make(0);
+  auto backend = MakeBackend(loaded->weights);
+  if (!backend.ok()) return Fail(backend.status());
+  const model::ForwardPass& fwd = *(*backend)->forward;
+  auto cache = (*backend)->factory->Make(0);
   if (!cache.ok()) return Fail(cache.status());
   model::SamplerConfig sc;
   sc.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
@@ -127,16 +126,15 @@ int EvalPpl() {
   auto text = ReadFile(absl::GetFlag(FLAGS_text));
   if (!text.ok()) return Fail(text.status());
   const std::vector<int32_t> ids = loaded->tokenizer->Encode(*text, /*add_bos=*/false, /*parse_special=*/false);
-  model::Forward fwd(loaded->weights);
+  auto backend = MakeBackend(loaded->weights);
+  if (!backend.ok()) return Fail(backend.status());
+  const model::ForwardPass& fwd = *(*backend)->forward;
   model::PerplexityOptions po;
   po.context = absl::GetFlag(FLAGS_context);
   po.stride = absl::GetFlag(FLAGS_stride);
   po.max_windows = absl::GetFlag(FLAGS_max_windows);
   const std::string fmt = absl::GetFlag(FLAGS_kv_format);
-  auto kv = sharding::KvCacheFactory::Create(loaded->weights.config, fmt, absl::GetFlag(FLAGS_quantizer),
-                                             model::ModelFingerprint(loaded->weights));
-  if (!kv.ok()) return Fail(kv.status());
-  auto factory = [&]() { return (*kv)->Make(0); };
+  auto factory = [&]() { return (*backend)->factory->Make(0); };
   const auto t0 = std::chrono::steady_clock::now();
   auto r = model::EvaluatePerplexity(fwd, ids, po, factory, [&](const model::PerplexityResult& p) {
     std::fprintf(stderr, "\r[kvq] window %d: %lld tokens, ppl %.4f", p.windows,
@@ -150,10 +148,11 @@ int EvalPpl() {
   const double bits = elems > 0 ? 8.0 * static_cast<double>(r->last_window_kv_bytes) / elems : 0.0;
   std::printf("{\"text\": \"%s\", \"kv_format\": \"%s\", \"quantizer\": \"%s\", \"context\": %d, "
               "\"stride\": %d, \"windows\": %d, \"tokens\": %lld, \"corpus_tokens\": %zu, "
-              "\"nll\": %.6f, \"ppl\": %.6f, \"bits_per_element\": %.4f, \"seconds\": %.1f}\n",
+              "\"nll\": %.6f, \"ppl\": %.6f, \"bits_per_element\": %.4f, \"seconds\": %.1f, "
+              "\"device\": \"%s\"}\n",
               absl::GetFlag(FLAGS_text).c_str(), fmt.c_str(), absl::GetFlag(FLAGS_quantizer).c_str(),
               po.context, po.stride, r->windows, static_cast<long long>(r->tokens), ids.size(),
-              r->nll_sum / r->tokens, r->ppl(), bits, secs);
+              r->nll_sum / r->tokens, r->ppl(), bits, secs, (*backend)->description.c_str());
   return 0;
 }
 

@@ -18,6 +18,7 @@
 #include "model/tokenizer.h"
 #include "model/weights.h"
 #include "sharding/kv_cache_factory.h"
+#include "tools/kvq_backend.h"
 #include "tools/kvq_commands.h"
 
 ABSL_DECLARE_FLAG(std::string, model);
@@ -34,10 +35,9 @@ int Passkey() {
   if (!w.ok()) return FailStatus(w.status());
   auto tok = model::Tokenizer::FromGgufPath(absl::GetFlag(FLAGS_model));
   if (!tok.ok()) return FailStatus(tok.status());
-  auto factory = sharding::KvCacheFactory::Create(w->config, absl::GetFlag(FLAGS_kv_format),
-                                                  absl::GetFlag(FLAGS_quantizer),
-                                                  model::ModelFingerprint(*w));
-  if (!factory.ok()) return FailStatus(factory.status());
+  auto backend = MakeBackend(*w);
+  if (!backend.ok()) return FailStatus(backend.status());
+  const auto& factory = (*backend)->factory;
   const std::string intro =
       "There is an important piece of information hidden inside a lot of irrelevant text. Find it "
       "and memorize it. I will quiz you about it.\n";
@@ -49,7 +49,7 @@ int Passkey() {
   const int repeats = std::max(1, (length - 80) / static_cast<int>(filler_ids.size()));
   const int trials = absl::GetFlag(FLAGS_trials);
   std::mt19937_64 rng(absl::GetFlag(FLAGS_seed) + 12345);
-  model::Forward fwd(*w);
+  const model::ForwardPass& fwd = *(*backend)->forward;
   int found = 0;
   for (int t = 0; t < trials; ++t) {
     const int key = 10000 + static_cast<int>(rng() % 90000);
@@ -62,7 +62,7 @@ int Passkey() {
     if (depth >= repeats) text += absl::StrCat("The pass key is ", key, ". Remember it. ", key, " is the pass key. ");
     text += question;
     const std::vector<int32_t> ids = (*tok)->Encode(text, true, false);
-    auto cache = (*factory)->Make(0);
+    auto cache = factory->Make(0);
     if (!cache.ok()) return FailStatus(cache.status());
     model::ForwardOptions fo;
     fo.chunk_through_cache = true;
@@ -85,7 +85,7 @@ int Passkey() {
     std::fflush(stdout);
   }
   std::printf("{\"kv_format\": \"%s\", \"retrieved\": %d, \"trials\": %d}\n",
-              (*factory)->format().c_str(), found, trials);
+              factory->format().c_str(), found, trials);
   return 0;
 }
 

@@ -1,0 +1,628 @@
+#include "sharding/gpu/gpu_forward.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/half.h"
+#include "common/status.h"
+#include "kernels/cuda_check.h"
+#include "kernels/decode_attention.h"
+#include "kernels/dense_ops.h"
+#include "kernels/engine_ops.h"
+#include "kernels/gemm.h"
+#include "kernels/kv_append.h"
+#include "kernels/merge_attention.h"
+#include "kernels/reference/rope.h"
+#include "sharding/gpu/gpu_kv_cache.h"
+
+namespace kvq::sharding {
+namespace {
+
+using kernels::DType;
+
+uint16_t FloatToBf16Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// A device buffer that only grows (reallocated between steps, never during one).
+struct Grow {
+  void* p = nullptr;
+  size_t bytes = 0;
+  absl::Status Ensure(size_t n, cudaStream_t s) {
+    if (n <= bytes) return absl::OkStatus();
+    if (p != nullptr) {
+      KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
+      KVQ_RETURN_IF_CUDA_ERROR(cudaFree(p));
+      p = nullptr;
+    }
+    const size_t want = std::max(n, bytes + bytes / 2);
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p, want));
+    bytes = want;
+    return absl::OkStatus();
+  }
+  template <typename T> T* as() const { return static_cast<T*>(p); }
+  ~Grow() {
+    if (p != nullptr) cudaFree(p);
+  }
+};
+
+struct DevLayer {
+  float* attn_norm = nullptr;
+  float* ffn_norm = nullptr;
+  float* bq = nullptr;
+  float* bk = nullptr;
+  float* bv = nullptr;
+  void* wq = nullptr;
+  void* wk = nullptr;
+  void* wv = nullptr;
+  void* wo = nullptr;
+  void* w_gu = nullptr;  // [2 * intermediate][hidden]: gate rows then up rows
+  void* w_down = nullptr;
+};
+
+// One attention (or append) launch over a set of consecutive rows.
+struct Launch {
+  int row0 = 0, rows = 0;
+  int part = 0;              // partial slot (attention)
+  int64_t table_off = 0;     // into the step's int32 table array
+  int max_blocks = 1;
+  int64_t stride = -1;       // block_table_stride
+  int64_t lens_off = 0;      // into the step's int32 lens array
+  int64_t firsts_off = 0;    // into the step's int64 firsts array
+  int64_t sinks_off = 0;     // into the step's pointer array
+  int max_len = 0;
+  int n_new = 0;             // append
+  int splits = 1;
+};
+
+}  // namespace
+
+struct GpuForward::Impl {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  int sm_count = 0;
+  std::vector<void*> allocations;
+  std::vector<DevLayer> layers;
+  void* embed = nullptr;     // [vocab][hidden], dtype
+  void* lm_head = nullptr;   // == embed when tied
+  float* out_norm = nullptr;
+  double* inv_freq = nullptr;
+  mutable std::mutex mu;
+  mutable int64_t overflows_seen = 0;
+  // Step buffers.
+  mutable Grow x, h, q, k, v, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
+      tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks;
+
+  ~Impl() {
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    for (void* p : allocations) cudaFree(p);
+    if (cublas != nullptr) cublasDestroy(cublas);
+  }
+
+  absl::StatusOr<void*> Upload(const std::vector<float>& w, DType dtype) {
+    if (w.empty()) return nullptr;
+    void* d = nullptr;
+    const size_t n = w.size();
+    if (dtype == DType::kF32) {
+      KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&d, n * 4));
+      allocations.push_back(d);
+      KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(d, w.data(), n * 4, cudaMemcpyHostToDevice));
+      return d;
+    }
+    std::vector<uint16_t> hbits(n);
+    const bool f16 = dtype == DType::kF16;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
+      hbits[i] = f16 ? FloatToHalfBits(w[i]) : FloatToBf16Bits(w[i]);
+    }
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&d, n * 2));
+    allocations.push_back(d);
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(d, hbits.data(), n * 2, cudaMemcpyHostToDevice));
+    return d;
+  }
+};
+
+absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Create(const model::LlamaWeights& w,
+                                                               DType dtype, cudaStream_t stream) {
+  const model::ModelConfig& c = w.config;
+  KVQ_RETURN_IF_ERROR(c.Validate());
+  if (c.head_dim % 32 != 0 || c.head_dim > 256) {
+    return absl::UnimplementedError(absl::StrCat("GPU engine: head_dim ", c.head_dim, " (32, 64, 128 or 256)"));
+  }
+  std::unique_ptr<GpuForward> f(new GpuForward());
+  f->config_ = c;
+  f->dtype_ = dtype;
+  f->impl_ = std::make_unique<Impl>();
+  Impl& m = *f->impl_;
+  m.stream = stream;
+  KVQ_RETURN_IF_CUBLAS_ERROR(cublasCreate(&m.cublas));
+  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetStream(m.cublas, stream));
+  // Full fp32 (no TF32) when the weights are f32: the exactness mode.
+  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH));
+  int dev = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, dev));
+  size_t free0 = 0, total = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free0, &total));
+  auto up = [&](const std::vector<float>& v, DType t) { return m.Upload(v, t); };
+  KVQ_ASSIGN_OR_RETURN(m.embed, up(w.tok_embd, dtype));
+  if (w.output.empty()) {
+    m.lm_head = m.embed;
+  } else {
+    KVQ_ASSIGN_OR_RETURN(m.lm_head, up(w.output, dtype));
+  }
+  KVQ_ASSIGN_OR_RETURN(void* on, up(w.output_norm, DType::kF32));
+  m.out_norm = static_cast<float*>(on);
+  for (const model::LayerWeights& L : w.layers) {
+    DevLayer d;
+    KVQ_ASSIGN_OR_RETURN(void* an, up(L.attn_norm, DType::kF32));
+    KVQ_ASSIGN_OR_RETURN(void* fn, up(L.ffn_norm, DType::kF32));
+    d.attn_norm = static_cast<float*>(an);
+    d.ffn_norm = static_cast<float*>(fn);
+    if (c.attention_bias) {
+      KVQ_ASSIGN_OR_RETURN(void* bq, up(L.bq, DType::kF32));
+      KVQ_ASSIGN_OR_RETURN(void* bk, up(L.bk, DType::kF32));
+      KVQ_ASSIGN_OR_RETURN(void* bv, up(L.bv, DType::kF32));
+      d.bq = static_cast<float*>(bq);
+      d.bk = static_cast<float*>(bk);
+      d.bv = static_cast<float*>(bv);
+    }
+    KVQ_ASSIGN_OR_RETURN(d.wq, up(L.wq, dtype));
+    KVQ_ASSIGN_OR_RETURN(d.wk, up(L.wk, dtype));
+    KVQ_ASSIGN_OR_RETURN(d.wv, up(L.wv, dtype));
+    KVQ_ASSIGN_OR_RETURN(d.wo, up(L.wo, dtype));
+    std::vector<float> gu(L.w_gate);
+    gu.insert(gu.end(), L.w_up.begin(), L.w_up.end());
+    KVQ_ASSIGN_OR_RETURN(d.w_gu, up(gu, dtype));
+    KVQ_ASSIGN_OR_RETURN(d.w_down, up(L.w_down, dtype));
+    m.layers.push_back(d);
+  }
+  const std::vector<double> inv = kernels::RopeInvFreq(model::RopeParamsFor(c));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&m.inv_freq, inv.size() * sizeof(double)));
+  m.allocations.push_back(m.inv_freq);
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(m.inv_freq, inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice));
+  size_t free1 = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free1, &total));
+  f->weight_bytes_ = static_cast<int64_t>(free0) - static_cast<int64_t>(free1);
+  return f;
+}
+
+GpuForward::~GpuForward() = default;
+
+absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,
+                             std::vector<float>* logits) const {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  const model::ModelConfig& c = config_;
+  const int hidden = c.hidden, hd = c.head_dim, nh = c.n_heads, nkv = c.n_kv_heads;
+  const int qd = c.q_dim(), kvd = c.kv_dim(), inter = c.intermediate, vocab = c.vocab_size;
+  const bool eval = options.chunk_through_cache;
+  cudaStream_t s = m.stream;
+
+  // ---- Resolve caches and order rows: prefixed decode, plain decode, prefill chunks.
+  struct It {
+    int index;  // in items
+    int n;
+    GpuKvCache* w;            // writable cache
+    const GpuKvCache* pre;    // session prefix or null
+    int64_t pre_len;
+    int64_t committed;        // w->length()
+    int row0;
+  };
+  std::vector<It> its;
+  its.reserve(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    const model::ForwardItem& it = items[i];
+    if (it.cache == nullptr || it.tokens.empty()) {
+      return absl::InvalidArgumentError("every forward item needs a cache and at least one token");
+    }
+    for (int32_t t : it.tokens) {
+      if (t < 0 || t >= vocab) {
+        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " is outside the vocabulary [0, ", vocab, ")"));
+      }
+    }
+    It e{static_cast<int>(i), static_cast<int>(it.tokens.size()), nullptr, nullptr, 0, 0, 0};
+    if (auto* pc = dynamic_cast<model::PrefixKvCache*>(it.cache)) {
+      e.w = dynamic_cast<GpuKvCache*>(&pc->tail());
+      e.pre = dynamic_cast<const GpuKvCache*>(&pc->prefix());
+      e.pre_len = pc->prefix_length();
+      if (e.pre == nullptr) return absl::InvalidArgumentError("GPU forward: a session prefix that is not on the GPU");
+    } else {
+      e.w = dynamic_cast<GpuKvCache*>(it.cache);
+    }
+    if (e.w == nullptr) return absl::InvalidArgumentError("GPU forward needs GPU KV caches (GpuKvCache)");
+    if (e.w->poisoned()) return absl::InternalError("KV cache is unusable after a failed GPU step");
+    e.committed = e.w->length();
+    its.push_back(e);
+  }
+  auto rank = [](const It& e) { return e.n == 1 ? (e.pre != nullptr ? 0 : 1) : 2; };
+  std::stable_sort(its.begin(), its.end(), [&](const It& a, const It& b) { return rank(a) < rank(b); });
+  int T = 0, nd = 0, nd1 = 0;
+  for (It& e : its) {
+    e.row0 = T;
+    T += e.n;
+    if (e.n == 1) {
+      ++nd;
+      if (e.pre != nullptr) ++nd1;
+    }
+  }
+  // ---- Room for every new token before anything is written.
+  for (It& e : its) KVQ_RETURN_IF_ERROR(e.w->Reserve(e.n));
+
+  // ---- Host-side step description.
+  std::vector<int32_t> tokens(T), row_begin(T), tables, lens;
+  std::vector<int64_t> positions(T), firsts;
+  std::vector<void*> sinks;
+  for (const It& e : its) {
+    const model::ForwardItem& it = items[e.index];
+    const int64_t pos0 = e.w->first_position() + e.committed;
+    for (int j = 0; j < e.n; ++j) {
+      tokens[e.row0 + j] = it.tokens[j];
+      positions[e.row0 + j] = pos0 + j;
+      row_begin[e.row0 + j] = e.row0;
+    }
+  }
+  auto add_table = [&](const std::vector<int32_t>& blocks, int width) {
+    const int64_t off = static_cast<int64_t>(tables.size());
+    tables.insert(tables.end(), blocks.begin(), blocks.end());
+    tables.resize(off + width, 0);
+    return off;
+  };
+  std::vector<Launch> attn, app;
+  // Decode rows: one append and one attention over the writable caches; one over prefixes.
+  if (nd > 0) {
+    int maxb = 1;
+    for (int i = 0; i < nd; ++i) maxb = std::max<int>(maxb, static_cast<int>(its[i].w->blocks().size()));
+    Launch a;
+    a.row0 = 0;
+    a.rows = nd;
+    a.part = 1;
+    a.max_blocks = maxb;
+    a.table_off = static_cast<int64_t>(tables.size());
+    for (int i = 0; i < nd; ++i) add_table(its[i].w->blocks(), maxb);
+    a.lens_off = static_cast<int64_t>(lens.size());
+    for (int i = 0; i < nd; ++i) {
+      lens.push_back(static_cast<int32_t>(its[i].committed + (eval ? 1 : 0)));
+      a.max_len = std::max<int>(a.max_len, lens.back());
+    }
+    Launch ap = a;
+    ap.lens_off = static_cast<int64_t>(lens.size());
+    for (int i = 0; i < nd; ++i) lens.push_back(static_cast<int32_t>(its[i].committed));
+    a.firsts_off = ap.firsts_off = static_cast<int64_t>(firsts.size());
+    for (int i = 0; i < nd; ++i) firsts.push_back(its[i].w->first_position());
+    a.sinks_off = ap.sinks_off = static_cast<int64_t>(sinks.size());
+    for (int i = 0; i < nd; ++i) sinks.push_back(its[i].w->mutable_sink());
+    ap.n_new = 1;
+    attn.push_back(a);
+    app.push_back(ap);
+    if (nd1 > 0) {
+      Launch p;
+      p.row0 = 0;
+      p.rows = nd1;
+      p.part = 0;
+      int mb = 1;
+      for (int i = 0; i < nd1; ++i) mb = std::max<int>(mb, static_cast<int>(its[i].pre->blocks().size()));
+      p.max_blocks = mb;
+      p.table_off = static_cast<int64_t>(tables.size());
+      for (int i = 0; i < nd1; ++i) add_table(its[i].pre->blocks(), mb);
+      p.lens_off = static_cast<int64_t>(lens.size());
+      for (int i = 0; i < nd1; ++i) {
+        lens.push_back(static_cast<int32_t>(its[i].pre_len));
+        p.max_len = std::max<int>(p.max_len, lens.back());
+      }
+      p.firsts_off = static_cast<int64_t>(firsts.size());
+      for (int i = 0; i < nd1; ++i) firsts.push_back(its[i].pre->first_position());
+      p.sinks_off = static_cast<int64_t>(sinks.size());
+      for (int i = 0; i < nd1; ++i) sinks.push_back(const_cast<uint16_t*>(its[i].pre->sink()));
+      attn.push_back(p);
+    }
+  }
+  // Prefill chunks: rows share their cache's table row (stride 0).
+  for (size_t i = nd; i < its.size(); ++i) {
+    const It& e = its[i];
+    Launch a;
+    a.row0 = e.row0;
+    a.rows = e.n;
+    a.part = 1;
+    a.max_blocks = std::max<int>(1, static_cast<int>(e.w->blocks().size()));
+    a.stride = 0;
+    a.table_off = add_table(e.w->blocks(), a.max_blocks);
+    a.lens_off = static_cast<int64_t>(lens.size());
+    for (int j = 0; j < e.n; ++j) lens.push_back(static_cast<int32_t>(e.committed + (eval ? j + 1 : 0)));
+    a.max_len = static_cast<int>(e.committed + (eval ? e.n : 0));
+    a.firsts_off = static_cast<int64_t>(firsts.size());
+    for (int j = 0; j < e.n; ++j) firsts.push_back(e.w->first_position());
+    a.sinks_off = static_cast<int64_t>(sinks.size());
+    for (int j = 0; j < e.n; ++j) sinks.push_back(e.w->mutable_sink());
+    Launch ap;
+    ap.row0 = e.row0;
+    ap.rows = 1;
+    ap.n_new = e.n;
+    ap.max_blocks = a.max_blocks;
+    ap.table_off = a.table_off;
+    ap.lens_off = static_cast<int64_t>(lens.size());
+    lens.push_back(static_cast<int32_t>(e.committed));
+    ap.firsts_off = a.firsts_off;
+    ap.sinks_off = a.sinks_off;
+    attn.push_back(a);
+    app.push_back(ap);
+    if (e.pre != nullptr) {
+      Launch p;
+      p.row0 = e.row0;
+      p.rows = e.n;
+      p.part = 0;
+      p.max_blocks = std::max<int>(1, static_cast<int>(e.pre->blocks().size()));
+      p.stride = 0;
+      p.table_off = add_table(e.pre->blocks(), p.max_blocks);
+      p.lens_off = static_cast<int64_t>(lens.size());
+      for (int j = 0; j < e.n; ++j) lens.push_back(static_cast<int32_t>(e.pre_len));
+      p.max_len = static_cast<int>(e.pre_len);
+      p.firsts_off = static_cast<int64_t>(firsts.size());
+      for (int j = 0; j < e.n; ++j) firsts.push_back(e.pre->first_position());
+      p.sinks_off = static_cast<int64_t>(sinks.size());
+      for (int j = 0; j < e.n; ++j) sinks.push_back(const_cast<uint16_t*>(e.pre->sink()));
+      attn.push_back(p);
+    }
+  }
+  GpuKvPool& pool = its[0].w->pool();
+  size_t ws_bytes = 0;
+  for (Launch& a : attn) {
+    if (a.max_len == 0) continue;
+    a.splits = kernels::ChooseDecodeSplits(a.rows, nkv, a.max_len, pool.format().sink_tokens, m.sm_count);
+    ws_bytes = std::max(ws_bytes, kernels::DecodeAttentionWorkspaceBytes(a.rows, nh, hd, a.splits));
+  }
+  // Logit rows in item order.
+  std::vector<int32_t> gather;
+  {
+    std::vector<const It*> by_index(items.size());
+    for (const It& e : its) by_index[e.index] = &e;
+    for (const It* e : by_index) {
+      if (items[e->index].all_logits) {
+        for (int j = 0; j < e->n; ++j) gather.push_back(e->row0 + j);
+      } else {
+        gather.push_back(e->row0 + e->n - 1);
+      }
+    }
+  }
+  const int R = static_cast<int>(gather.size());
+
+  // ---- Buffers.
+  const int act = kernels::DTypeBytes(dtype_);
+  const size_t Ts = static_cast<size_t>(T);
+  KVQ_RETURN_IF_ERROR(m.x.Ensure(Ts * hidden * 4, s));
+  KVQ_RETURN_IF_ERROR(m.h.Ensure(Ts * hidden * act, s));
+  KVQ_RETURN_IF_ERROR(m.q.Ensure(Ts * qd * 4, s));
+  KVQ_RETURN_IF_ERROR(m.k.Ensure(Ts * kvd * 4, s));
+  KVQ_RETURN_IF_ERROR(m.v.Ensure(Ts * kvd * 4, s));
+  KVQ_RETURN_IF_ERROR(m.krot.Ensure(Ts * kvd * 4, s));
+  KVQ_RETURN_IF_ERROR(m.o.Ensure(Ts * qd * 4, s));
+  KVQ_RETURN_IF_ERROR(m.o_act.Ensure(Ts * qd * act, s));
+  KVQ_RETURN_IF_ERROR(m.gu.Ensure(Ts * 2 * inter * act, s));
+  KVQ_RETURN_IF_ERROR(m.mid.Ensure(Ts * inter * act, s));
+  KVQ_RETURN_IF_ERROR(m.parts_o.Ensure(3 * Ts * qd * 4, s));
+  KVQ_RETURN_IF_ERROR(m.parts_lse.Ensure(3 * Ts * nh * 4, s));
+  KVQ_RETURN_IF_ERROR(m.positions.Ensure(Ts * 8, s));
+  KVQ_RETURN_IF_ERROR(m.row_begin.Ensure(Ts * 4, s));
+  KVQ_RETURN_IF_ERROR(m.tokens.Ensure(Ts * 4, s));
+  KVQ_RETURN_IF_ERROR(m.gather_idx.Ensure(static_cast<size_t>(R) * 4, s));
+  KVQ_RETURN_IF_ERROR(m.sel.Ensure(static_cast<size_t>(R) * hidden * 4, s));
+  KVQ_RETURN_IF_ERROR(m.sel_act.Ensure(static_cast<size_t>(R) * hidden * act, s));
+  KVQ_RETURN_IF_ERROR(m.logits.Ensure(static_cast<size_t>(R) * vocab * 4, s));
+  KVQ_RETURN_IF_ERROR(m.ws.Ensure(std::max<size_t>(ws_bytes, 16), s));
+  KVQ_RETURN_IF_ERROR(m.tables.Ensure(std::max<size_t>(tables.size(), 1) * 4, s));
+  KVQ_RETURN_IF_ERROR(m.lens.Ensure(std::max<size_t>(lens.size(), 1) * 4, s));
+  KVQ_RETURN_IF_ERROR(m.firsts.Ensure(std::max<size_t>(firsts.size(), 1) * 8, s));
+  KVQ_RETURN_IF_ERROR(m.sinks.Ensure(std::max<size_t>(sinks.size(), 1) * sizeof(void*), s));
+  auto h2d = [&](Grow& g, const void* src, size_t n) -> absl::Status {
+    if (n == 0) return absl::OkStatus();
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(g.p, src, n, cudaMemcpyHostToDevice, s));
+    return absl::OkStatus();
+  };
+  // Pageable copies: the host vectors live until the step's final synchronize.
+  KVQ_RETURN_IF_ERROR(h2d(m.tokens, tokens.data(), Ts * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.positions, positions.data(), Ts * 8));
+  KVQ_RETURN_IF_ERROR(h2d(m.row_begin, row_begin.data(), Ts * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.gather_idx, gather.data(), static_cast<size_t>(R) * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.tables, tables.data(), tables.size() * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.lens, lens.data(), lens.size() * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.firsts, firsts.data(), firsts.size() * 8));
+  KVQ_RETURN_IF_ERROR(h2d(m.sinks, sinks.data(), sinks.size() * sizeof(void*)));
+  float* parts_o = m.parts_o.as<float>();
+  float* parts_lse = m.parts_lse.as<float>();
+  KVQ_RETURN_IF_ERROR(kernels::LaunchFillF32(3 * Ts * nh, -INFINITY, parts_lse, s));
+  KVQ_RETURN_IF_ERROR(kernels::LaunchFillF32(3 * Ts * qd, 0.0f, parts_o, s));
+
+  auto view_for = [&](const Launch& a) {
+    kernels::PagedKvCache v = pool.view();
+    v.block_table = m.tables.as<int32_t>() + a.table_off;
+    v.max_blocks_per_seq = a.max_blocks;
+    v.block_table_stride = a.stride;
+    v.seq_lens = m.lens.as<int32_t>() + a.lens_off;
+    v.first_positions = m.firsts.as<int64_t>() + a.firsts_off;
+    v.sink = reinterpret_cast<const uint16_t* const*>(m.sinks.as<void*>() + a.sinks_off);
+    return v;
+  };
+  auto gemm = [&](int mm, int n, int k, const void* a, const void* b, void* out, DType out_t, float beta) {
+    kernels::GemmParams g;
+    g.m = mm;
+    g.n = n;
+    g.k = k;
+    g.ab_dtype = dtype_;
+    g.c_dtype = out_t;
+    g.a = a;
+    g.b = b;
+    g.c = out;
+    g.beta = beta;
+    return kernels::Gemm(m.cublas, g, s);
+  };
+  for (const It& e : its) e.w->MarkStaged(e.n);
+  auto fail = [&](absl::Status st) {
+    cudaStreamSynchronize(s);
+    for (const It& e : its) e.w->DiscardStaged();
+    return st;
+  };
+#define KVQ_STEP(expr)                   \
+  do {                                   \
+    absl::Status st_ = (expr);           \
+    if (!st_.ok()) return fail(st_);     \
+  } while (0)
+
+  float* x = m.x.as<float>();
+  {
+    kernels::EmbeddingParams ep;
+    ep.rows = T;
+    ep.dim = hidden;
+    ep.vocab = vocab;
+    ep.table_dtype = dtype_;
+    ep.out_dtype = DType::kF32;
+    ep.table = m.embed;
+    ep.ids = m.tokens.as<int32_t>();
+    ep.out = x;
+    KVQ_STEP(kernels::LaunchEmbedding(ep, s));
+  }
+  float* q = m.q.as<float>();
+  float* k = m.k.as<float>();
+  float* v = m.v.as<float>();
+  float* o = m.o.as<float>();
+  void* o_act = dtype_ == DType::kF32 ? static_cast<void*>(o) : m.o_act.p;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const DevLayer& L = m.layers[l];
+    KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.attn_norm, m.h.p, dtype_, s));
+    KVQ_STEP(gemm(T, qd, hidden, m.h.p, L.wq, q, DType::kF32, 0.0f));
+    KVQ_STEP(gemm(T, kvd, hidden, m.h.p, L.wk, k, DType::kF32, 0.0f));
+    KVQ_STEP(gemm(T, kvd, hidden, m.h.p, L.wv, v, DType::kF32, 0.0f));
+    if (L.bq != nullptr) {
+      KVQ_STEP(kernels::LaunchAddBias(T, qd, qd, q, L.bq, s));
+      KVQ_STEP(kernels::LaunchAddBias(T, kvd, kvd, k, L.bk, s));
+      KVQ_STEP(kernels::LaunchAddBias(T, kvd, kvd, v, L.bv, s));
+    }
+    kernels::RopeQueryParams rq;
+    rq.rows = T;
+    rq.n_heads = nh;
+    rq.head_dim = hd;
+    rq.q = q;
+    rq.positions = m.positions.as<int64_t>();
+    rq.inv_freq = m.inv_freq;
+    KVQ_STEP(kernels::LaunchRopeQuery(rq, s));
+    auto append_all = [&]() -> absl::Status {
+      for (const Launch& a : app) {
+        kernels::KvAppendParams ap;
+        ap.kv = view_for(a);
+        ap.pool = const_cast<uint8_t*>(ap.kv.pool);
+        ap.sink = reinterpret_cast<uint16_t* const*>(m.sinks.as<void*>() + a.sinks_off);
+        ap.layer = l;
+        ap.batch = a.rows;
+        ap.n_new = a.n_new;
+        ap.k = k + static_cast<int64_t>(a.row0) * kvd;
+        ap.v = v + static_cast<int64_t>(a.row0) * kvd;
+        ap.overflow = pool.overflow_flag();
+        KVQ_RETURN_IF_ERROR(kernels::LaunchKvAppend(ap, s));
+      }
+      return absl::OkStatus();
+    };
+    if (eval) KVQ_STEP(append_all());
+    for (const Launch& a : attn) {
+      if (a.max_len == 0) continue;
+      kernels::DecodeAttentionParams dp;
+      dp.kv = view_for(a);
+      dp.layer = l;
+      dp.batch = a.rows;
+      dp.n_heads = nh;
+      dp.q = q + static_cast<int64_t>(a.row0) * qd;
+      dp.o = parts_o + (static_cast<int64_t>(a.part) * T + a.row0) * qd;
+      dp.lse = parts_lse + (static_cast<int64_t>(a.part) * T + a.row0) * nh;
+      dp.max_seq_len = a.max_len;
+      dp.num_splits = a.splits;
+      dp.workspace = m.ws.p;
+      dp.workspace_bytes = m.ws.bytes;
+      KVQ_STEP(kernels::LaunchDecodeAttention(dp, s));
+    }
+    if (!eval) {
+      float* krot = m.krot.as<float>();
+      KVQ_STEP(cudaMemcpyAsync(krot, k, Ts * kvd * 4, cudaMemcpyDeviceToDevice, s) == cudaSuccess
+                   ? absl::OkStatus()
+                   : absl::InternalError("copy of k"));
+      kernels::RopeQueryParams rk = rq;
+      rk.n_heads = nkv;
+      rk.q = krot;
+      KVQ_STEP(kernels::LaunchRopeQuery(rk, s));
+      kernels::ChunkAttentionParams cp;
+      cp.rows = T;
+      cp.n_heads = nh;
+      cp.n_kv_heads = nkv;
+      cp.head_dim = hd;
+      cp.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      cp.q = q;
+      cp.k = krot;
+      cp.v = v;
+      cp.row_begin = m.row_begin.as<int32_t>();
+      cp.o = parts_o + static_cast<int64_t>(2) * T * qd;
+      cp.lse = parts_lse + static_cast<int64_t>(2) * T * nh;
+      KVQ_STEP(kernels::LaunchChunkAttention(cp, s));
+      KVQ_STEP(append_all());
+    }
+    kernels::MergeAttentionParams mp;
+    mp.rows = T * nh;
+    mp.n_parts = 3;
+    mp.head_dim = hd;
+    mp.o_parts = parts_o;
+    mp.o_row_stride = hd;
+    mp.o_part_stride = static_cast<int64_t>(T) * qd;
+    mp.lse_parts = parts_lse;
+    mp.lse_row_stride = 1;
+    mp.lse_part_stride = static_cast<int64_t>(T) * nh;
+    mp.o = o;
+    mp.lse = m.ws.as<float>();  // scratch: the merged lse is not needed
+    // The merged lse needs rows floats of scratch; parts' lse slot 2 is free in eval mode only,
+    // so use krot (>= T * kvd floats >= T * nh) as scratch instead.
+    mp.lse = m.krot.as<float>();
+    KVQ_STEP(kernels::LaunchMergeAttention(mp, s));
+    if (dtype_ != DType::kF32) KVQ_STEP(kernels::LaunchConvertF32(Ts * qd, o, o_act, dtype_, s));
+    KVQ_STEP(gemm(T, hidden, qd, o_act, L.wo, x, DType::kF32, 1.0f));
+    KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.ffn_norm, m.h.p, dtype_, s));
+    KVQ_STEP(gemm(T, 2 * inter, hidden, m.h.p, L.w_gu, m.gu.p, dtype_, 0.0f));
+    kernels::SwiGluParams sp;
+    sp.rows = T;
+    sp.dim = inter;
+    sp.dtype = dtype_;
+    sp.gate = m.gu.p;
+    sp.up = static_cast<const uint8_t*>(m.gu.p) + static_cast<size_t>(inter) * act;
+    sp.in_row_stride = 2 * inter;
+    sp.out = m.mid.p;
+    KVQ_STEP(kernels::LaunchSwiGlu(sp, s));
+    KVQ_STEP(gemm(T, hidden, inter, m.mid.p, L.w_down, x, DType::kF32, 1.0f));
+  }
+  KVQ_STEP(kernels::LaunchGatherRows(R, hidden, x, m.gather_idx.as<int32_t>(), m.sel.as<float>(), s));
+  KVQ_STEP(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype_, s));
+  KVQ_STEP(gemm(R, vocab, hidden, m.sel_act.p, m.lm_head, m.logits.p, DType::kF32, 0.0f));
+  logits->resize(static_cast<size_t>(R) * vocab);
+  KVQ_STEP(cudaMemcpyAsync(logits->data(), m.logits.p, static_cast<size_t>(R) * vocab * 4, cudaMemcpyDeviceToHost, s) ==
+                   cudaSuccess
+               ? absl::OkStatus()
+               : absl::InternalError("copy of logits"));
+  {
+    const cudaError_t e = cudaStreamSynchronize(s);
+    if (e != cudaSuccess) {
+      return fail(absl::InternalError(absl::StrCat("GPU step failed: ", cudaGetErrorString(e))));
+    }
+  }
+#undef KVQ_STEP
+  for (const It& e : its) e.w->Commit(e.n);
+  const int64_t overflows = pool.overflows();
+  if (overflows != m.overflows_seen) {
+    m.overflows_seen = overflows;
+    std::fprintf(stderr,
+                 "[kvq] warning: a block's key-outlier reservation overflowed (%lld steps so far); the "
+                 "extra outliers were clamped. Raise GpuKvOptions::key_outlier_headroom.\n",
+                 static_cast<long long>(overflows));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvq::sharding

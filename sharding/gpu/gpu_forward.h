@@ -1,0 +1,48 @@
+// The Llama-family forward pass on one GPU: weights in f16/bf16 (or f32, the exactness mode that
+// matches the CPU reference to fp32 rounding), cuBLAS GEMMs, the dense-op kernels, and attention
+// through the paged KV pool (GpuKvCache): decode attention with split-KV over the stored past,
+// the chunk's own causal part at full precision, merged by (o, lse). The same meaning as the CPU
+// model::Forward, item by item (ForwardOptions included), so the engine runs either.
+//
+// A step's rows are ordered decode tokens first (those continuing a session prefix first), then
+// prefill chunks; every layer launches one append and one or two attention kernels for all decode
+// rows, plus one of each per prefill chunk (its query rows share the chunk's block-table row).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/dtype.h"
+#include "model/forward.h"
+#include "model/weights.h"
+
+namespace kvq::sharding {
+
+class GpuForward : public model::ForwardPass {
+ public:
+  // Uploads the weights (converted to `dtype`) to the current device.
+  static absl::StatusOr<std::unique_ptr<GpuForward>> Create(const model::LlamaWeights& weights,
+                                                            kernels::DType dtype, cudaStream_t stream);
+  ~GpuForward() override;
+  // Every item's cache must be a GpuKvCache, or a model::PrefixKvCache over two of them.
+  absl::Status Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,
+                   std::vector<float>* logits) const override;
+  const model::ModelConfig& config() const override { return config_; }
+  int64_t weight_bytes() const { return weight_bytes_; }
+  kernels::DType dtype() const { return dtype_; }
+
+ private:
+  struct Impl;
+  GpuForward() = default;
+  model::ModelConfig config_;
+  kernels::DType dtype_ = kernels::DType::kF16;
+  int64_t weight_bytes_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvq::sharding

@@ -1,0 +1,660 @@
+#include "sharding/gpu/gpu_kv_cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/half.h"
+#include "common/status.h"
+#include "kernels/cuda_check.h"
+#include "kernels/decode_attention.h"
+#include "kernels/engine_ops.h"
+#include "kernels/kv_append.h"
+#include "kvstore/quantized_kv_cache.h"
+
+namespace kvq::sharding {
+namespace {
+
+using kvstore::kBlockTokens;
+
+static_assert(kernels::kKvBlockTokens == kvstore::kBlockTokens);
+
+kernels::KvBlockGeometry ToKernelGeometry(const kvstore::BlockLayout& b) {
+  kernels::KvBlockGeometry g;
+  g.n_layers = b.n_layers;
+  g.n_kv_heads = b.n_kv_heads;
+  g.head_dim = b.head_dim;
+  g.bits = b.bits;
+  g.key_words_per_token = b.key_words_per_token;
+  g.value_words_per_token = b.value_words_per_token;
+  g.value_outliers_per_token = b.value_outliers_per_token;
+  g.value_outlier_index_bytes = b.value_outlier_index_bytes;
+  g.has_key_outliers = b.has_key_outliers;
+  g.key_codes_offset = b.key_codes_offset;
+  g.value_codes_offset = b.value_codes_offset;
+  g.key_scales_offset = b.key_scales_offset;
+  g.value_scales_offset = b.value_scales_offset;
+  g.value_outlier_index_offset = b.value_outlier_index_offset;
+  g.value_outlier_value_offset = b.value_outlier_value_offset;
+  g.key_outlier_dir_offset = b.key_outlier_dir_offset;
+  g.layer_bytes = b.layer_bytes;
+  g.fixed_bytes = b.fixed_bytes;
+  return g;
+}
+
+uint32_t Load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+void Store32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
+
+// Temporary device buffer for the host-API paths (tests, session files): not on a hot path.
+template <typename T>
+class DeviceTemp {
+ public:
+  DeviceTemp() = default;
+  ~DeviceTemp() {
+    if (p_ != nullptr) cudaFree(p_);
+  }
+  absl::Status Init(size_t n) {
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T)));
+    return absl::OkStatus();
+  }
+  absl::Status Upload(const T* src, size_t n, cudaStream_t s) {
+    KVQ_RETURN_IF_ERROR(Init(n));
+    if (n > 0) KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(p_, src, n * sizeof(T), cudaMemcpyHostToDevice, s));
+    return absl::OkStatus();
+  }
+  T* get() const { return p_; }
+
+ private:
+  T* p_ = nullptr;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// GpuKvPool
+
+absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
+    const kvstore::KvShape& shape, const kvstore::KvFormat& format,
+    std::shared_ptr<const kvstore::Quantizer> quantizer, const kernels::RopeParams& rope,
+    const GpuKvOptions& options, cudaStream_t stream) {
+  if (format.quantized() && !format.keys_per_channel()) {
+    return absl::UnimplementedError(absl::StrCat(
+        "KV format ", format.ToString(),
+        " (keys scaled per token) runs on the CPU backend only; the GPU serves fp16, nuqB[-s%] "
+        "and intB-pc-pre formats"));
+  }
+  if (format.keys_post_rope()) {
+    return absl::UnimplementedError(absl::StrCat("KV format ", format.ToString(),
+                                                 " (post-RoPE keys) runs on the CPU backend only"));
+  }
+  if (format.quantized() && quantizer == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("KV format ", format.ToString(), " needs its quantizer"));
+  }
+  std::shared_ptr<GpuKvPool> p(new GpuKvPool());
+  p->shape_ = shape;
+  p->format_ = format;
+  p->layout_ = kvstore::ComputeBlockLayout(format, shape);
+  p->quantizer_ = std::move(quantizer);
+  p->rope_ = rope;
+  p->stream_ = stream;
+  const kvstore::BlockLayout& lay = p->layout_;
+  int cap = 0;
+  if (lay.has_key_outliers) {
+    const double expected = static_cast<double>(kBlockTokens) * shape.head_dim * format.outlier_fraction;
+    cap = static_cast<int>(std::ceil(options.key_outlier_headroom * expected)) + shape.head_dim / 2;
+    cap = std::min((cap + 3) / 4 * 4, kBlockTokens * shape.head_dim);
+  }
+  const int64_t stride =
+      kvstore::AlignUp(lay.fixed_bytes + static_cast<int64_t>(shape.n_layers) * shape.n_kv_heads * cap * 4, 16);
+  const int64_t L = shape.ElementsPerTokenPerLayer();
+  p->sink_slot_bytes_ = static_cast<int64_t>(shape.n_layers) * format.sink_tokens * L * 2 * 2;
+
+  int64_t budget = options.capacity_bytes;
+  if (budget <= 0) {
+    size_t free_b = 0, total_b = 0;
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free_b, &total_b));
+    budget = static_cast<int64_t>(static_cast<double>(free_b) * options.memory_fraction);
+  }
+  p->sink_slots_ = p->sink_slot_bytes_ > 0 ? std::max(1, options.max_sink_slots) : 0;
+  const int64_t sink_total = p->sink_slots_ * p->sink_slot_bytes_;
+  p->n_blocks_ = std::min<int64_t>((budget - sink_total) / stride, (int64_t{1} << 31) - 1);
+  if (p->n_blocks_ < 1) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "KV pool: ", budget, " bytes leave no room for one ", stride, "-byte block of ",
+        format.ToString(), " (raise --kv_capacity or free GPU memory)"));
+  }
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->arena_, static_cast<size_t>(p->n_blocks_ * stride)));
+  if (sink_total > 0) KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->sink_arena_, static_cast<size_t>(sink_total)));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->overflow_, sizeof(int)));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p->overflow_, 0, sizeof(int), stream));
+  const std::vector<double> inv = kernels::RopeInvFreq(rope);
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->inv_freq_, inv.size() * sizeof(double)));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(p->inv_freq_, inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice));
+
+  kernels::PagedKvCache& v = p->view_;
+  v.geom = ToKernelGeometry(lay);
+  v.codec = format.quantized() ? static_cast<kernels::KvCodec>(format.bits) : kernels::KvCodec::kFp16;
+  v.pool = p->arena_;
+  v.block_stride_bytes = stride;
+  v.key_outlier_capacity = cap;
+  v.sink_tokens = format.sink_tokens;
+  v.keys_rotated = false;
+  v.rope_inv_freq = p->inv_freq_;
+  if (format.quantized()) {
+    const kvstore::Quantizer& q = *p->quantizer_;
+    const int C = format.num_centroids();
+    const size_t nk = static_cast<size_t>(shape.n_layers) * L;
+    std::vector<float> t;
+    t.insert(t.end(), q.KeyZeroPoint(0), q.KeyZeroPoint(0) + nk);
+    t.insert(t.end(), q.KeyRange(0), q.KeyRange(0) + nk);
+    for (int l = 0; l < shape.n_layers; ++l) {
+      const auto kl = q.EffectiveKeyLut(l, format.qnorm);
+      t.insert(t.end(), kl.begin(), kl.begin() + C);
+    }
+    for (int l = 0; l < shape.n_layers; ++l) {
+      const auto vl = q.EffectiveValueLut(l, format.qnorm);
+      t.insert(t.end(), vl.begin(), vl.begin() + C);
+    }
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->tensors_, t.size() * sizeof(float)));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(p->tensors_, t.data(), t.size() * sizeof(float), cudaMemcpyHostToDevice));
+    v.key_zero_point = p->tensors_;
+    v.key_range = p->tensors_ + nk;
+    v.key_lut = p->tensors_ + 2 * nk;
+    v.value_lut = p->tensors_ + 2 * nk + static_cast<size_t>(shape.n_layers) * C;
+  }
+  p->refs_.assign(static_cast<size_t>(p->n_blocks_), 0);
+  p->free_blocks_.resize(static_cast<size_t>(p->n_blocks_));
+  // Low ids are handed out first (pop from the back).
+  for (int64_t i = 0; i < p->n_blocks_; ++i) p->free_blocks_[i] = static_cast<int32_t>(p->n_blocks_ - 1 - i);
+  for (int i = p->sink_slots_ - 1; i >= 0; --i) p->free_sinks_.push_back(i);
+  return p;
+}
+
+GpuKvPool::~GpuKvPool() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  for (void* ptr : {static_cast<void*>(arena_), static_cast<void*>(sink_arena_), static_cast<void*>(tensors_),
+                    static_cast<void*>(inv_freq_), static_cast<void*>(overflow_), static_cast<void*>(init_ids_)}) {
+    if (ptr != nullptr) cudaFree(ptr);
+  }
+}
+
+int64_t GpuKvPool::free_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(free_blocks_.size());
+}
+
+int GpuKvPool::free_sink_slots() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(free_sinks_.size());
+}
+
+int64_t GpuKvPool::used_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return (n_blocks_ - static_cast<int64_t>(free_blocks_.size())) * block_bytes() +
+         (sink_slots_ - static_cast<int64_t>(free_sinks_.size())) * sink_slot_bytes_;
+}
+
+int GpuKvPool::SinkCapacity(int64_t first_position) const {
+  return static_cast<int>(std::clamp<int64_t>(format_.sink_tokens - first_position, 0, format_.sink_tokens));
+}
+
+int64_t GpuKvPool::BytesForTokens(int64_t tokens, int64_t first_position) const {
+  const int sink = SinkCapacity(first_position);
+  const int64_t in_blocks = std::max<int64_t>(0, tokens - sink);
+  return (in_blocks + kBlockTokens - 1) / kBlockTokens * block_bytes() + (sink > 0 ? sink_slot_bytes_ : 0);
+}
+
+absl::Status GpuKvPool::AllocateBlocks(int n, std::vector<int32_t>* ids) {
+  if (n <= 0) return absl::OkStatus();
+  std::vector<int32_t> got;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (static_cast<int>(free_blocks_.size()) < n) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "KV pool exhausted: ", n, " blocks of ", kBlockTokens, " tokens needed, ", free_blocks_.size(),
+          " free of ", n_blocks_));
+    }
+    got.assign(free_blocks_.end() - n, free_blocks_.end());
+    free_blocks_.resize(free_blocks_.size() - n);
+    for (int32_t id : got) refs_[id] = 1;
+    if (n > init_ids_cap_) {
+      if (init_ids_ != nullptr) {
+        cudaStreamSynchronize(stream_);
+        cudaFree(init_ids_);
+        init_ids_ = nullptr;
+      }
+      init_ids_cap_ = std::max(n, 256);
+      KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&init_ids_, sizeof(int32_t) * init_ids_cap_));
+    }
+    // Synchronous copy from pageable memory: the staging buffer is free again when it returns.
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(init_ids_, got.data(), sizeof(int32_t) * n, cudaMemcpyHostToDevice));
+    kernels::InitKvBlocksParams ip;
+    ip.pool = arena_;
+    ip.block_stride_bytes = block_bytes();
+    ip.ids = init_ids_;
+    ip.n = n;
+    ip.n_layers = shape_.n_layers;
+    ip.n_kv_heads = shape_.n_kv_heads;
+    ip.layer_bytes = layout_.layer_bytes;
+    ip.dir_offset = layout_.has_key_outliers ? layout_.key_outlier_dir_offset : -1;
+    ip.key_outlier_capacity = view_.key_outlier_capacity;
+    KVQ_RETURN_IF_ERROR(kernels::LaunchInitKvBlocks(ip, stream_));
+  }
+  ids->insert(ids->end(), got.begin(), got.end());
+  return absl::OkStatus();
+}
+
+void GpuKvPool::RetainBlocks(const std::vector<int32_t>& ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (int32_t id : ids) ++refs_[id];
+}
+
+void GpuKvPool::ReleaseBlocks(const std::vector<int32_t>& ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (int32_t id : ids) {
+    if (--refs_[id] == 0) free_blocks_.push_back(id);
+  }
+}
+
+absl::StatusOr<int> GpuKvPool::AllocateSinkSlot() {
+  int slot;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_sinks_.empty()) {
+      return absl::ResourceExhaustedError(absl::StrCat("KV pool: all ", sink_slots_,
+                                                       " fp16 sink slots are in use (sequences at once)"));
+    }
+    slot = free_sinks_.back();
+    free_sinks_.pop_back();
+  }
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(sink_slot(slot), 0, static_cast<size_t>(sink_slot_bytes_), stream_));
+  return slot;
+}
+
+void GpuKvPool::ReleaseSinkSlot(int slot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_sinks_.push_back(slot);
+}
+
+uint16_t* GpuKvPool::sink_slot(int slot) const {
+  return sink_arena_ + static_cast<int64_t>(slot) * (sink_slot_bytes_ / 2);
+}
+
+int64_t GpuKvPool::overflows() {
+  int flag = 0;
+  if (cudaMemcpyAsync(&flag, overflow_, sizeof(int), cudaMemcpyDeviceToHost, stream_) == cudaSuccess &&
+      cudaStreamSynchronize(stream_) == cudaSuccess && flag != 0) {
+    ++overflow_count_;
+    cudaMemsetAsync(overflow_, 0, sizeof(int), stream_);
+  }
+  return overflow_count_;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Canonical <-> device block bytes
+
+std::string CanonicalBlockFromDevice(const kvstore::BlockLayout& layout, int cap, const uint8_t* dev) {
+  std::string out(reinterpret_cast<const char*>(dev), static_cast<size_t>(layout.fixed_bytes));
+  if (!layout.has_key_outliers) return out;
+  uint32_t first = 0;
+  std::string entries;
+  for (int l = 0; l < layout.n_layers; ++l) {
+    for (int h = 0; h < layout.n_kv_heads; ++h) {
+      uint8_t* dir = reinterpret_cast<uint8_t*>(out.data()) + layout.KeyOutlierDirAt(l, h);
+      const uint32_t at = Load32(dir);
+      const uint32_t count = std::min<uint32_t>(Load32(dir + 4), static_cast<uint32_t>(cap));
+      std::vector<uint32_t> e(count);
+      std::memcpy(e.data(), dev + layout.fixed_bytes + static_cast<int64_t>(at) * 4, count * 4);
+      std::sort(e.begin(), e.end(), [](uint32_t a, uint32_t b) {
+        return (a & 0xffffu) != (b & 0xffffu)
+                   ? (kvstore::KeyOutlierToken(a) * 256 + kvstore::KeyOutlierChannel(a)) <
+                         (kvstore::KeyOutlierToken(b) * 256 + kvstore::KeyOutlierChannel(b))
+                   : a < b;
+      });
+      Store32(dir, first);
+      Store32(dir + 4, count);
+      first += count;
+      entries.append(reinterpret_cast<const char*>(e.data()), e.size() * 4);
+    }
+  }
+  return out + entries;
+}
+
+absl::Status DeviceBlockFromCanonical(const kvstore::BlockLayout& layout, int cap,
+                                      const std::string& canonical, int64_t stride,
+                                      std::vector<uint8_t>* out) {
+  out->assign(static_cast<size_t>(stride), 0);
+  if (static_cast<int64_t>(canonical.size()) < layout.fixed_bytes) {
+    return absl::DataLossError("block shorter than its fixed section");
+  }
+  std::memcpy(out->data(), canonical.data(), static_cast<size_t>(layout.fixed_bytes));
+  if (!layout.has_key_outliers) return absl::OkStatus();
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(canonical.data());
+  const int64_t n_entries = (static_cast<int64_t>(canonical.size()) - layout.fixed_bytes) / 4;
+  for (int l = 0; l < layout.n_layers; ++l) {
+    for (int h = 0; h < layout.n_kv_heads; ++h) {
+      uint8_t* dir = out->data() + layout.KeyOutlierDirAt(l, h);
+      const uint32_t first = Load32(dir), count = Load32(dir + 4);
+      if (count > static_cast<uint32_t>(cap)) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "a block holds ", count, " key outliers for layer ", l, " head ", h,
+            ", more than the GPU pool reserves (", cap, "); raise GpuKvOptions::key_outlier_headroom"));
+      }
+      if (first + static_cast<int64_t>(count) > n_entries) {
+        return absl::DataLossError("key outlier directory out of range");
+      }
+      const uint32_t at = static_cast<uint32_t>((l * layout.n_kv_heads + h) * cap);
+      std::memcpy(out->data() + layout.fixed_bytes + static_cast<int64_t>(at) * 4,
+                  src + layout.fixed_bytes + static_cast<int64_t>(first) * 4, count * 4);
+      Store32(dir, at);
+    }
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// GpuKvCache
+
+GpuKvCache::GpuKvCache(std::shared_ptr<GpuKvPool> pool, int n_heads, int64_t first_position)
+    : pool_(std::move(pool)), n_heads_(n_heads), first_position_(first_position),
+      sink_cap_(pool_->SinkCapacity(first_position)) {}
+
+GpuKvCache::~GpuKvCache() {
+  pool_->ReleaseBlocks(blocks_);
+  if (sink_slot_ >= 0) pool_->ReleaseSinkSlot(sink_slot_);
+}
+
+absl::Status GpuKvCache::Reserve(int n) {
+  if (poisoned_) return absl::InternalError("KV cache is unusable after a failed GPU step");
+  const int64_t tokens = length_ + n;
+  const int64_t in_blocks = std::max<int64_t>(0, tokens - sink_cap_);
+  const int64_t need = (in_blocks + kBlockTokens - 1) / kBlockTokens;
+  const bool need_sink = sink_cap_ > 0 && sink_slot_ < 0 && tokens > 0;
+  std::vector<int32_t> fresh;
+  if (need > static_cast<int64_t>(blocks_.size())) {
+    KVQ_RETURN_IF_ERROR(pool_->AllocateBlocks(static_cast<int>(need - blocks_.size()), &fresh));
+  }
+  if (need_sink) {
+    auto slot = pool_->AllocateSinkSlot();
+    if (!slot.ok()) {
+      pool_->ReleaseBlocks(fresh);
+      return slot.status();
+    }
+    sink_slot_ = *slot;
+  }
+  blocks_.insert(blocks_.end(), fresh.begin(), fresh.end());
+  return absl::OkStatus();
+}
+
+absl::Status GpuKvCache::Append(int layer, const float* k, const float* v, int n) {
+  if (layer == 0) KVQ_RETURN_IF_ERROR(Reserve(n));
+  cudaStream_t s = pool_->stream();
+  const int64_t L = pool_->shape().ElementsPerTokenPerLayer();
+  DeviceTemp<float> dk, dv;
+  DeviceTemp<int32_t> table, lens;
+  DeviceTemp<int64_t> first;
+  DeviceTemp<uint16_t*> sinks;
+  KVQ_RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * L, s));
+  KVQ_RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * L, s));
+  KVQ_RETURN_IF_ERROR(table.Upload(blocks_.data(), blocks_.size(), s));
+  const int32_t len = static_cast<int32_t>(length_);
+  KVQ_RETURN_IF_ERROR(lens.Upload(&len, 1, s));
+  KVQ_RETURN_IF_ERROR(first.Upload(&first_position_, 1, s));
+  uint16_t* sp = mutable_sink();
+  KVQ_RETURN_IF_ERROR(sinks.Upload(&sp, 1, s));
+  kernels::KvAppendParams ap;
+  ap.kv = pool_->view();
+  ap.kv.block_table = table.get();
+  ap.kv.max_blocks_per_seq = std::max<int>(1, static_cast<int>(blocks_.size()));
+  ap.kv.seq_lens = lens.get();
+  ap.kv.first_positions = first.get();
+  ap.kv.sink = reinterpret_cast<const uint16_t* const*>(sinks.get());
+  ap.pool = const_cast<uint8_t*>(ap.kv.pool);
+  ap.sink = sinks.get();
+  ap.layer = layer;
+  ap.batch = 1;
+  ap.n_new = n;
+  ap.k = dk.get();
+  ap.v = dv.get();
+  ap.overflow = pool_->overflow_flag();
+  KVQ_RETURN_IF_ERROR(kernels::LaunchKvAppend(ap, s));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
+  staged_ = n;
+  return absl::OkStatus();
+}
+
+void GpuKvCache::Commit(int n) {
+  length_ += n;
+  staged_ = 0;
+}
+
+void GpuKvCache::DiscardStaged() {
+  if (staged_ > 0) poisoned_ = true;
+  staged_ = 0;
+}
+
+void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+                        float* lse) const {
+  const int hd = pool_->shape().head_dim;
+  const size_t qn = static_cast<size_t>(n_q) * n_heads_ * hd;
+  auto fail = [&](const absl::Status& st) {
+    std::fprintf(stderr, "[kvq] GpuKvCache::Attend failed: %s\n", std::string(st.message()).c_str());
+    std::fill(o, o + qn, 0.0f);
+    std::fill(lse, lse + static_cast<size_t>(n_q) * n_heads_, -INFINITY);
+  };
+  cudaStream_t s = pool_->stream();
+  std::vector<int32_t> lens(n_q);
+  int max_len = 0;
+  for (int i = 0; i < n_q; ++i) {
+    lens[i] = static_cast<int32_t>(std::clamp<int64_t>(key_end[i], 0, length_ + staged_));
+    max_len = std::max(max_len, lens[i]);
+  }
+  std::vector<int64_t> firsts(n_q, first_position_);
+  std::vector<const uint16_t*> sinks(n_q, sink());
+  DeviceTemp<float> dq, dout, dlse;
+  DeviceTemp<int32_t> table, dlens;
+  DeviceTemp<int64_t> dfirst;
+  DeviceTemp<const uint16_t*> dsinks;
+  DeviceTemp<uint8_t> ws;
+  absl::Status st = dq.Upload(q, qn, s);
+  if (st.ok()) st = dout.Init(qn);
+  if (st.ok()) st = dlse.Init(static_cast<size_t>(n_q) * n_heads_);
+  if (st.ok()) st = table.Upload(blocks_.data(), blocks_.size(), s);
+  if (st.ok()) st = dlens.Upload(lens.data(), lens.size(), s);
+  if (st.ok()) st = dfirst.Upload(firsts.data(), firsts.size(), s);
+  if (st.ok()) st = dsinks.Upload(sinks.data(), sinks.size(), s);
+  if (!st.ok()) return fail(st);
+  kernels::DecodeAttentionParams p;
+  p.kv = pool_->view();
+  p.kv.block_table = table.get();
+  p.kv.max_blocks_per_seq = std::max<int>(1, static_cast<int>(blocks_.size()));
+  p.kv.block_table_stride = 0;  // every query row reads this sequence's table
+  p.kv.seq_lens = dlens.get();
+  p.kv.first_positions = dfirst.get();
+  p.kv.sink = dsinks.get();
+  p.layer = layer;
+  p.batch = n_q;
+  p.n_heads = n_heads_;
+  p.q = dq.get();
+  p.o = dout.get();
+  p.lse = dlse.get();
+  p.max_seq_len = max_len;
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  p.num_splits = kernels::ChooseDecodeSplits(n_q, pool_->shape().n_kv_heads, max_len, pool_->format().sink_tokens, sms);
+  p.workspace_bytes = kernels::DecodeAttentionWorkspaceBytes(n_q, n_heads_, hd, p.num_splits);
+  st = ws.Init(p.workspace_bytes);
+  if (st.ok()) {
+    p.workspace = ws.get();
+    st = kernels::LaunchDecodeAttention(p, s);
+  }
+  if (st.ok() && cudaMemcpyAsync(o, dout.get(), qn * 4, cudaMemcpyDeviceToHost, s) != cudaSuccess) {
+    st = absl::InternalError("copy of o");
+  }
+  if (st.ok() && cudaMemcpyAsync(lse, dlse.get(), static_cast<size_t>(n_q) * n_heads_ * 4,
+                                 cudaMemcpyDeviceToHost, s) != cudaSuccess) {
+    st = absl::InternalError("copy of lse");
+  }
+  if (st.ok() && cudaStreamSynchronize(s) != cudaSuccess) st = absl::InternalError("attention failed");
+  if (!st.ok()) fail(st);
+}
+
+int64_t GpuKvCache::bytes() const {
+  return static_cast<int64_t>(blocks_.size()) * pool_->block_bytes() +
+         (sink_slot_ >= 0 ? pool_->sink_slot_bytes() : 0);
+}
+
+int64_t GpuKvCache::exact_bytes() const {
+  auto ser = Serialize();
+  if (!ser.ok()) return bytes();
+  auto cpu = kvstore::QuantizedKvCache::Deserialize(*ser, pool_->quantizer(), pool_->rope());
+  return cpu.ok() ? (*cpu)->Bytes().total_bytes : bytes();
+}
+
+std::unique_ptr<model::KvCache> GpuKvCache::Clone() const {
+  auto c = std::make_unique<GpuKvCache>(pool_, n_heads_, first_position_);
+  if (poisoned_ || staged_ != 0) return nullptr;
+  c->length_ = length_;
+  const int64_t in_blocks = std::max<int64_t>(0, length_ - sink_cap_);
+  const int64_t used = (in_blocks + kBlockTokens - 1) / kBlockTokens;
+  const bool partial = in_blocks % kBlockTokens != 0;
+  std::vector<int32_t> shared(blocks_.begin(), blocks_.begin() + (used - (partial ? 1 : 0)));
+  pool_->RetainBlocks(shared);
+  c->blocks_ = shared;
+  cudaStream_t s = pool_->stream();
+  if (partial) {
+    std::vector<int32_t> fresh;
+    if (!pool_->AllocateBlocks(1, &fresh).ok()) return nullptr;  // c releases what it holds
+    c->blocks_.push_back(fresh[0]);
+    const int64_t B = pool_->block_bytes();
+    uint8_t* base = const_cast<uint8_t*>(pool_->view().pool);
+    if (cudaMemcpyAsync(base + fresh[0] * B, base + blocks_[used - 1] * B, B, cudaMemcpyDeviceToDevice, s) !=
+        cudaSuccess) {
+      return nullptr;
+    }
+  }
+  if (sink_slot_ >= 0) {
+    auto slot = pool_->AllocateSinkSlot();
+    if (!slot.ok()) return nullptr;
+    c->sink_slot_ = *slot;
+    if (cudaMemcpyAsync(c->mutable_sink(), sink(), pool_->sink_slot_bytes(), cudaMemcpyDeviceToDevice, s) !=
+        cudaSuccess) {
+      return nullptr;
+    }
+  }
+  return c;
+}
+
+absl::StatusOr<std::string> GpuKvCache::Serialize() const {
+  if (poisoned_) return absl::InternalError("KV cache is unusable after a failed GPU step");
+  if (staged_ != 0) return absl::FailedPreconditionError("Serialize during an open step");
+  cudaStream_t s = pool_->stream();
+  KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
+  const int64_t in_blocks = std::max<int64_t>(0, length_ - sink_cap_);
+  const int64_t used = (in_blocks + kBlockTokens - 1) / kBlockTokens;
+  const int64_t B = pool_->block_bytes();
+  std::vector<std::string> blocks;
+  std::vector<uint8_t> buf(static_cast<size_t>(B));
+  for (int64_t b = 0; b < used; ++b) {
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(buf.data(), pool_->view().pool + blocks_[b] * B, B, cudaMemcpyDeviceToHost));
+    blocks.push_back(CanonicalBlockFromDevice(pool_->layout(), pool_->key_outlier_capacity(), buf.data()));
+  }
+  const kvstore::KvShape& sh = pool_->shape();
+  const size_t half_n = static_cast<size_t>(sh.n_layers) * sink_cap_ * sh.ElementsPerTokenPerLayer();
+  std::vector<uint16_t> sk(half_n, 0), sv(half_n, 0);
+  if (sink_slot_ >= 0 && half_n > 0) {
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(sk.data(), sink(), half_n * 2, cudaMemcpyDeviceToHost));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(sv.data(), sink() + half_n, half_n * 2, cudaMemcpyDeviceToHost));
+  }
+  return kvstore::QuantizedKvCache::SerializeParts(pool_->format(), sh, first_position_, length_, sink_cap_,
+                                                   sk, sv, blocks);
+}
+
+absl::StatusOr<std::unique_ptr<GpuKvCache>> GpuKvCache::Deserialize(std::shared_ptr<GpuKvPool> pool,
+                                                                    int n_heads,
+                                                                    const std::string& bytes) {
+  KVQ_ASSIGN_OR_RETURN(auto cpu, kvstore::QuantizedKvCache::Deserialize(bytes, pool->quantizer(), pool->rope()));
+  if (!(cpu->format() == pool->format()) || !(cpu->shape() == pool->shape())) {
+    return absl::InvalidArgumentError(absl::StrCat("saved KV is ", cpu->format().ToString(),
+                                                   ", this GPU pool holds ", pool->format().ToString()));
+  }
+  auto c = std::make_unique<GpuKvCache>(pool, n_heads, cpu->first_position());
+  KVQ_RETURN_IF_ERROR(c->Reserve(static_cast<int>(cpu->length())));
+  const int64_t B = pool->block_bytes();
+  std::vector<uint8_t> buf;
+  for (int64_t b = 0; b < cpu->num_blocks(); ++b) {
+    KVQ_RETURN_IF_ERROR(DeviceBlockFromCanonical(pool->layout(), pool->key_outlier_capacity(),
+                                                 cpu->ExportBlock(b), B, &buf));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(const_cast<uint8_t*>(pool->view().pool) + c->blocks_[b] * B, buf.data(), B,
+                                        cudaMemcpyHostToDevice));
+  }
+  const int cap = c->sink_cap_;
+  const int64_t have = std::min<int64_t>(cap, cpu->length());
+  if (have > 0) {
+    const kvstore::KvShape& sh = pool->shape();
+    const int64_t L = sh.ElementsPerTokenPerLayer();
+    std::vector<uint16_t> sink(static_cast<size_t>(sh.n_layers) * cap * L * 2, 0);
+    for (int l = 0; l < sh.n_layers; ++l) {
+      std::vector<float> k, v;
+      KVQ_RETURN_IF_ERROR(cpu->ReadBack(l, 0, have, &k, &v));
+      for (int64_t i = 0; i < have * L; ++i) {
+        sink[static_cast<size_t>(l) * cap * L + i] = FloatToHalfBits(k[i]);
+        sink[(static_cast<size_t>(sh.n_layers) * cap + static_cast<size_t>(l) * cap) * L + i] = FloatToHalfBits(v[i]);
+      }
+    }
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(c->mutable_sink(), sink.data(), sink.size() * 2, cudaMemcpyHostToDevice));
+  }
+  c->length_ = cpu->length();
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Factory
+
+namespace {
+
+class GpuFactory : public KvCacheFactory {
+ public:
+  GpuFactory(std::shared_ptr<GpuKvPool> pool, int n_heads)
+      : pool_(std::move(pool)), n_heads_(n_heads), name_(pool_->format().ToString()) {}
+  absl::StatusOr<std::unique_ptr<model::KvCache>> Make(int64_t offset) const override {
+    return std::unique_ptr<model::KvCache>(new GpuKvCache(pool_, n_heads_, offset));
+  }
+  absl::StatusOr<std::unique_ptr<model::KvCache>> Deserialize(const std::string& b) const override {
+    KVQ_ASSIGN_OR_RETURN(auto c, GpuKvCache::Deserialize(pool_, n_heads_, b));
+    return std::unique_ptr<model::KvCache>(std::move(c));
+  }
+  double BytesPerToken() const override {
+    return static_cast<double>(pool_->block_bytes()) / kBlockTokens;
+  }
+  int64_t BytesForTokens(int64_t tokens) const override {
+    const int64_t in_blocks = std::max<int64_t>(0, tokens - pool_->SinkCapacity(0));
+    return (in_blocks + kBlockTokens - 1) / kBlockTokens * pool_->block_bytes();
+  }
+  double EffectiveBitsPerElement() const override {
+    const kvstore::KvShape& s = pool_->shape();
+    return 8.0 * BytesPerToken() / (2.0 * s.n_layers * s.ElementsPerTokenPerLayer());
+  }
+  double OutlierFraction() const override { return pool_->format().outlier_fraction; }
+  const std::string& format() const override { return name_; }
+
+ private:
+  std::shared_ptr<GpuKvPool> pool_;
+  int n_heads_;
+  std::string name_;
+};
+
+}  // namespace
+
+std::unique_ptr<KvCacheFactory> MakeGpuKvCacheFactory(std::shared_ptr<GpuKvPool> pool, int n_heads) {
+  return std::make_unique<GpuFactory>(std::move(pool), n_heads);
+}
+
+}  // namespace kvq::sharding

@@ -1,0 +1,454 @@
+// The GPU engine against the CPU reference, on the real SmolLM2 (runs on a machine with a CUDA
+// device; elsewhere every test skips and says why):
+//   - GpuKvCache appends byte-identically to kvstore::QuantizedKvCache (their serialized forms are
+//     equal), and its attention agrees with the CPU's;
+//   - GpuForward (f32 weights) gives the CPU's logits to fp32 rounding and the same greedy tokens
+//     for fp16 KV and every quantized format, in serving and in evaluation mode;
+//   - the engine on the GPU batches, serves sessions (saved on the GPU, loaded on the CPU), and its
+//     block pool returns to empty after thousands of requests, with the GPU's free memory flat.
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "model/fingerprint.h"
+#include "model/forward.h"
+#include "model/perplexity.h"
+#include "model/tokenizer.h"
+#include "model/weights.h"
+#include "sharding/engine.h"
+#include "sharding/kv_cache_factory.h"
+#include "sharding/quantized_cache.h"
+#include "kvstore/quantized_kv_cache.h"
+#include "tests/test_util.h"
+
+#if KVQ_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "sharding/gpu/gpu_forward.h"
+#include "sharding/gpu/gpu_kv_cache.h"
+#endif
+
+namespace kvq::sharding {
+namespace {
+
+#if KVQ_HAVE_CUDA
+
+bool HaveGpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define KVQ_REQUIRE_GPU()                                                                   \
+  do {                                                                                      \
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device here: GPU engine tests run on a GPU machine"; \
+    KVQ_REQUIRE_MODEL();                                                                    \
+  } while (0)
+
+std::string QuantizerFor(const std::string& fmt) {
+  if (fmt == "fp16") return "";
+  return testing::FixturePath("quantizers/" + fmt + ".kvqq");
+}
+
+const model::LlamaWeights& Weights() {
+  static auto* w = new model::LlamaWeights(*model::LoadWeights(testing::ModelPath()));
+  return *w;
+}
+
+const model::Tokenizer& Tok() {
+  static auto* t = model::Tokenizer::FromGgufPath(testing::ModelPath())->release();
+  return *t;
+}
+
+struct Gpu {
+  cudaStream_t stream = nullptr;
+  std::shared_ptr<GpuKvPool> pool;
+  std::unique_ptr<KvCacheFactory> factory;
+  ~Gpu() {
+    factory.reset();
+    pool.reset();
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
+std::unique_ptr<Gpu> MakeGpu(const std::string& fmt, int64_t bytes = int64_t{512} << 20) {
+  auto g = std::make_unique<Gpu>();
+  EXPECT_EQ(cudaStreamCreate(&g->stream), cudaSuccess);
+  const model::ModelConfig& c = Weights().config;
+  kvstore::KvFormat f;
+  std::shared_ptr<const kvstore::Quantizer> q;
+  absl::Status s = ResolveKvFormat(c, fmt, QuantizerFor(fmt), model::ModelFingerprint(Weights()), &f, &q);
+  EXPECT_TRUE(s.ok()) << s;
+  GpuKvOptions o;
+  o.capacity_bytes = bytes;
+  o.max_sink_slots = 64;
+  auto pool = GpuKvPool::Create({c.n_layers, c.n_kv_heads, c.head_dim}, f, q, model::RopeParamsFor(c), o, g->stream);
+  EXPECT_TRUE(pool.ok()) << pool.status();
+  g->pool = *pool;
+  g->factory = MakeGpuKvCacheFactory(g->pool, c.n_heads);
+  return g;
+}
+
+// The CPU twin of the GPU pool's caches: kvstore's QuantizedKvCache for every format, fp16 included
+// (KvCacheFactory's "fp16" is the dense model::DenseKvCache, which stores the same halves but
+// serializes differently).
+std::unique_ptr<model::KvCache> MakeCpuTwin(const std::string& fmt) {
+  const model::ModelConfig& c = Weights().config;
+  kvstore::KvFormat f;
+  std::shared_ptr<const kvstore::Quantizer> q;
+  EXPECT_TRUE(ResolveKvFormat(c, fmt, QuantizerFor(fmt), model::ModelFingerprint(Weights()), &f, &q).ok());
+  auto cache = kvstore::QuantizedKvCache::Create({c.n_layers, c.n_kv_heads, c.head_dim}, f, q, model::RopeParamsFor(c), 0);
+  EXPECT_TRUE(cache.ok());
+  return std::make_unique<QuantizedCache>(std::move(*cache), c.n_heads);
+}
+
+std::unique_ptr<KvCacheFactory> MakeCpu(const std::string& fmt) {
+  auto f = KvCacheFactory::Create(Weights().config, fmt, QuantizerFor(fmt), model::ModelFingerprint(Weights()));
+  EXPECT_TRUE(f.ok()) << f.status();
+  return std::move(*f);
+}
+
+const std::vector<std::string> kFormats = {"fp16", "nuq4-1%", "nuq3-1%", "nuq2-1%", "nuq3", "int3-pc-pre"};
+
+// Keys and values with the model's own statistics: the pre-RoPE k/v of a real prompt, captured by
+// running the CPU reference through a recording cache.
+class RecordingCache : public model::DenseKvCache {
+ public:
+  explicit RecordingCache(const model::ModelConfig& c) : model::DenseKvCache(c, true) {}
+  absl::Status Append(int layer, const float* k, const float* v, int n) override {
+    const int64_t L = Weights().config.kv_dim();
+    if (static_cast<int>(ks.size()) <= layer) ks.resize(layer + 1), vs.resize(layer + 1);
+    ks[layer].insert(ks[layer].end(), k, k + n * L);
+    vs[layer].insert(vs[layer].end(), v, v + n * L);
+    return model::DenseKvCache::Append(layer, k, v, n);
+  }
+  std::vector<std::vector<float>> ks, vs;
+};
+
+std::vector<int32_t> BookTokens(int n) {
+  std::string text = testing::ReadFileOrDie(testing::CorpusPath("austen.test.txt"));
+  if (text.empty()) text = testing::ReadFileOrDie(testing::CorpusPath("kjv.test.txt"));
+  auto ids = Tok().Encode(text.substr(0, 40000), false, false);
+  ids.resize(std::min<size_t>(ids.size(), n));
+  return ids;
+}
+
+TEST(GpuKvCacheTest, AppendIsByteIdenticalToTheCpuAndAttentionAgrees) {
+  KVQ_REQUIRE_GPU();
+  const model::ModelConfig& c = Weights().config;
+  const std::vector<int32_t> ids = BookTokens(420);
+  ASSERT_EQ(ids.size(), 420u);
+  RecordingCache rec(c);
+  {
+    model::Forward fwd(Weights());
+    model::ForwardItem item{&rec, ids, false};
+    std::vector<float> logits;
+    ASSERT_TRUE(fwd.Run(absl::MakeSpan(&item, 1), {}, &logits).ok());
+  }
+  const int64_t L = c.kv_dim();
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (const std::string& fmt : kFormats) {
+    SCOPED_TRACE(fmt);
+    auto gpu = MakeGpu(fmt);
+    auto g = gpu->factory->Make(0);
+    absl::StatusOr<std::unique_ptr<model::KvCache>> cc = MakeCpuTwin(fmt);
+    ASSERT_TRUE(g.ok());
+    // Steps of 300 (crosses the first block boundary), 1, and 119 tokens.
+    int64_t done = 0;
+    for (int n : {300, 1, 119}) {
+      for (int l = 0; l < c.n_layers; ++l) {
+        const float* k = rec.ks[l].data() + done * L;
+        const float* v = rec.vs[l].data() + done * L;
+        ASSERT_TRUE((*g)->Append(l, k, v, n).ok());
+        ASSERT_TRUE((*cc)->Append(l, k, v, n).ok());
+      }
+      (*g)->Commit(n);
+      (*cc)->Commit(n);
+      done += n;
+    }
+    auto gs = (*g)->Serialize();
+    auto cs = (*cc)->Serialize();
+    ASSERT_TRUE(gs.ok() && cs.ok()) << gs.status() << cs.status();
+    EXPECT_EQ(gs->size(), cs->size());
+    EXPECT_TRUE(*gs == *cs) << "GPU and CPU caches differ in their serialized bytes";
+    EXPECT_EQ((*g)->exact_bytes(), (*cc)->bytes());
+    // A CPU-saved cache loads into the GPU pool and saves back to the same bytes.
+    auto back = gpu->factory->Deserialize(*cs);
+    ASSERT_TRUE(back.ok()) << back.status();
+    auto bs = (*back)->Serialize();
+    ASSERT_TRUE(bs.ok());
+    EXPECT_TRUE(*bs == *cs);
+    // Attention of a few queries over prefixes (lengths 1, 113, 257, 420).
+    const int nq = 4;
+    std::vector<float> q(static_cast<size_t>(nq) * c.q_dim());
+    for (float& x : q) x = nd(rng);
+    const std::vector<int64_t> ends = {1, 113, 257, 420};
+    std::vector<float> og(q.size()), oc(q.size()), lg(nq * c.n_heads), lc(nq * c.n_heads);
+    (*g)->Attend(5, q.data(), nq, ends.data(), og.data(), lg.data());
+    (*cc)->Attend(5, q.data(), nq, ends.data(), oc.data(), lc.data());
+    double worst_o = 0, worst_l = 0;
+    for (size_t i = 0; i < og.size(); ++i) worst_o = std::max(worst_o, std::fabs(double(og[i]) - oc[i]));
+    for (size_t i = 0; i < lg.size(); ++i) worst_l = std::max(worst_l, std::fabs(double(lg[i]) - lc[i]));
+    std::printf("[gpu-kv] %-12s serialized %zu bytes identical=%d, attention max |do| %.2e, |dlse| %.2e\n",
+                fmt.c_str(), cs->size(), *gs == *cs, worst_o, worst_l);
+    EXPECT_LT(worst_o, 2e-4);
+    EXPECT_LT(worst_l, 2e-4);
+  }
+}
+
+// Greedy generation of one prompt through a forward pass and a cache factory: prefill in chunks,
+// then decode. Returns the tokens and the logits of the first decode step.
+std::vector<int32_t> Greedy(const model::ForwardPass& fwd, KvCacheFactory& f, const std::vector<int32_t>& prompt,
+                            int chunk, int n, std::vector<float>* first_logits) {
+  auto cache = f.Make(0);
+  EXPECT_TRUE(cache.ok());
+  std::vector<float> logits;
+  for (size_t at = 0; at < prompt.size(); at += chunk) {
+    std::vector<int32_t> part(prompt.begin() + at, prompt.begin() + std::min(prompt.size(), at + chunk));
+    model::ForwardItem item{cache->get(), part, false};
+    absl::Status s = fwd.Run(absl::MakeSpan(&item, 1), {}, &logits);
+    EXPECT_TRUE(s.ok()) << s;
+  }
+  if (first_logits) *first_logits = logits;
+  const int V = fwd.config().vocab_size;
+  std::vector<int32_t> out;
+  for (int i = 0; i < n; ++i) {
+    const int32_t t = static_cast<int32_t>(std::max_element(logits.begin(), logits.begin() + V) - logits.begin());
+    out.push_back(t);
+    std::vector<int32_t> step = {t};
+    model::ForwardItem item{cache->get(), step, false};
+    EXPECT_TRUE(fwd.Run(absl::MakeSpan(&item, 1), {}, &logits).ok());
+  }
+  return out;
+}
+
+TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
+  KVQ_REQUIRE_GPU();
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  auto g32 = GpuForward::Create(Weights(), kernels::DType::kF32, stream);
+  auto g16 = GpuForward::Create(Weights(), kernels::DType::kF16, stream);
+  ASSERT_TRUE(g32.ok() && g16.ok()) << g32.status();
+  model::Forward cpu(Weights());
+  std::vector<std::vector<int32_t>> prompts;
+  for (const char* p : {"Write a short poem about the sea.", "What is the capital of France? Explain briefly.",
+                        "List three uses of copper."}) {
+    prompts.push_back(Tok().Encode(*Tok().ApplyChatTemplate({{"user", p}}, true), true, true));
+  }
+  prompts.push_back(BookTokens(300));
+  int f16_same = 0, f16_total = 0;
+  for (const std::string& fmt : {"fp16", "nuq4-1%", "nuq3-1%", "nuq2-1%"}) {
+    auto gpu = MakeGpu(fmt);
+    auto cf = MakeCpu(fmt);
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      std::vector<float> lg, lc;
+      const auto tg = Greedy(**g32, *gpu->factory, prompts[p], 64, 20, &lg);
+      const auto tc = Greedy(cpu, *cf, prompts[p], 64, 20, &lc);
+      double worst = 0;
+      for (size_t i = 0; i < lg.size(); ++i) worst = std::max(worst, std::fabs(double(lg[i]) - lc[i]));
+      const auto t16 = Greedy(**g16, *gpu->factory, prompts[p], 64, 20, nullptr);
+      int same16 = 0;
+      while (same16 < 20 && t16[same16] == tc[same16]) ++same16;
+      f16_same += same16;
+      f16_total += 20;
+      std::printf("[gpu-fwd] %-8s prompt %zu (%zu tokens): f32 tokens %s, logits max |d| %.2e; f16 weights "
+                  "agree on the first %d/20\n",
+                  fmt.c_str(), p, prompts[p].size(), tg == tc ? "identical" : "DIFFER", worst, same16);
+      EXPECT_EQ(tg, tc) << fmt << " prompt " << p;
+      EXPECT_LT(worst, 5e-3) << fmt;
+    }
+  }
+  std::printf("[gpu-fwd] f16 weights: %d/%d greedy tokens equal to the fp32 CPU before the first divergence\n",
+              f16_same, f16_total);
+  g32->reset();
+  g16->reset();
+  cudaStreamDestroy(stream);
+}
+
+TEST(GpuForwardTest, EvaluationModePerplexityMatchesTheCpu) {
+  KVQ_REQUIRE_GPU();
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  auto g32 = GpuForward::Create(Weights(), kernels::DType::kF32, stream);
+  ASSERT_TRUE(g32.ok());
+  model::Forward cpu(Weights());
+  const std::vector<int32_t> ids = BookTokens(1024);
+  model::PerplexityOptions po;
+  po.context = 512;
+  po.stride = 512;
+  for (const std::string& fmt : {"fp16", "nuq3-1%", "nuq2-1%"}) {
+    auto gpu = MakeGpu(fmt);
+    auto cf = MakeCpu(fmt);
+    auto rg = model::EvaluatePerplexity(**g32, ids, po, [&] { return gpu->factory->Make(0); });
+    auto rc = model::EvaluatePerplexity(cpu, ids, po, [&] { return cf->Make(0); });
+    ASSERT_TRUE(rg.ok() && rc.ok());
+    std::printf("[gpu-ppl] %-8s GPU %.6f CPU %.6f (%lld tokens), bytes %lld vs %lld\n", fmt.c_str(), rg->ppl(),
+                rc->ppl(), static_cast<long long>(rg->tokens), static_cast<long long>(rg->last_window_kv_bytes),
+                static_cast<long long>(rc->last_window_kv_bytes));
+    EXPECT_NEAR(rg->ppl(), rc->ppl(), 1e-4 * rc->ppl());
+    EXPECT_EQ(rg->last_window_kv_bytes, rc->last_window_kv_bytes);
+  }
+  g32->reset();
+  cudaStreamDestroy(stream);
+}
+
+class Sink : public engine::TokenSink {
+ public:
+  void OnToken(const engine::TokenEvent& e) override {
+    std::lock_guard<std::mutex> l(mu);
+    tokens.push_back(e.token);
+  }
+  void OnFinish(engine::FinishReason r, const absl::Status& s, const engine::Usage&) override {
+    std::lock_guard<std::mutex> l(mu);
+    reason = r;
+    status = s;
+    done = true;
+    cv.notify_all();
+  }
+  void Wait() {
+    std::unique_lock<std::mutex> l(mu);
+    cv.wait(l, [&] { return done; });
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<int32_t> tokens;
+  engine::FinishReason reason = engine::FinishReason::kError;
+  absl::Status status;
+  bool done = false;
+};
+
+std::shared_ptr<Sink> Submit(engine::Engine& e, std::vector<int32_t> prompt, int max_tokens,
+                             const std::string& session = "") {
+  auto s = std::make_shared<Sink>();
+  engine::GenerateRequest r;
+  r.prompt = std::move(prompt);
+  r.session_id = session;
+  r.sampling.max_tokens = max_tokens;
+  r.sampling.ignore_eos = true;
+  r.sink = s;
+  auto id = e.Enqueue(std::move(r));
+  EXPECT_TRUE(id.ok()) << id.status();
+  if (!id.ok()) s->done = true;
+  return s;
+}
+
+engine::EngineOptions Options(const std::string& device) {
+  engine::EngineOptions o;
+  o.model = testing::ModelPath();
+  o.device = device;
+  o.weights_dtype = "f32";
+  o.kv_format = "nuq3-1%";
+  o.quantizer = QuantizerFor("nuq3-1%");
+  o.max_batch = 32;
+  o.prefill_chunk = 128;
+  o.kv_capacity_bytes = int64_t{512} << 20;
+  return o;
+}
+
+TEST(GpuEngineTest, BatchesSessionsAndSavedSessionsMatchTheCpuEngine) {
+  KVQ_REQUIRE_GPU();
+  auto ge = engine::Engine::Create(Options("cuda"));
+  ASSERT_TRUE(ge.ok()) << ge.status();
+  auto ce = engine::Engine::Create(Options("cpu"));
+  ASSERT_TRUE(ce.ok()) << ce.status();
+  engine::Engine& gpu = **ge;
+  engine::Engine& cpu = **ce;
+  std::vector<std::vector<int32_t>> prompts;
+  for (const char* p : {"Name three colours.", "What is 2+2?", "Write a sentence about the moon.",
+                        "Who wrote Pride and Prejudice?", "Describe a cat in one line."}) {
+    prompts.push_back(Tok().Encode(*Tok().ApplyChatTemplate({{"user", p}}, true), true, true));
+  }
+  prompts.push_back(BookTokens(700));  // several prefill chunks interleaved with decode steps
+  std::vector<std::shared_ptr<Sink>> gs, cs;
+  for (const auto& p : prompts) gs.push_back(Submit(gpu, p, 16));
+  for (const auto& p : prompts) {
+    cs.push_back(Submit(cpu, p, 16));
+    cs.back()->Wait();  // one at a time on the CPU: the reference
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    gs[i]->Wait();
+    EXPECT_TRUE(gs[i]->status.ok()) << gs[i]->status;
+    EXPECT_EQ(gs[i]->tokens, cs[i]->tokens) << "prompt " << i;
+  }
+  // A session on the GPU: a document prefilled once, then a question.
+  const std::vector<int32_t> doc = BookTokens(600);
+  ASSERT_TRUE(gpu.CreateSession("doc").ok());
+  ASSERT_TRUE(gpu.ExtendSession("doc", doc).ok());
+  const auto question = Tok().Encode("\nWho is speaking here?", false, false);
+  auto g_ans = Submit(gpu, question, 12, "doc");
+  g_ans->Wait();
+  std::vector<int32_t> full = doc;
+  full.insert(full.end(), question.begin(), question.end());
+  auto c_full = Submit(cpu, full, 12);
+  c_full->Wait();
+  EXPECT_EQ(g_ans->tokens, c_full->tokens);
+  // Saved on the GPU, loaded on the CPU engine: the same answer.
+  const std::string path = ::testing::TempDir() + "/gpu_session.kvqs";
+  ASSERT_TRUE(gpu.SaveSession("doc", path).ok());
+  auto loaded = cpu.LoadSession("doc", path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->tokens, static_cast<int64_t>(doc.size()));
+  auto c_ans = Submit(cpu, question, 12, "doc");
+  c_ans->Wait();
+  EXPECT_EQ(c_ans->tokens, g_ans->tokens);
+  ASSERT_TRUE(gpu.DeleteSession("doc").ok());
+  EXPECT_EQ(gpu.Stats().kv_bytes_used, 0);
+}
+
+TEST(GpuEngineTest, MemoryStaysFlatOverManyRequestsOfMixedLengths) {
+  KVQ_REQUIRE_GPU();
+  auto ge = engine::Engine::Create(Options("cuda"));
+  ASSERT_TRUE(ge.ok()) << ge.status();
+  engine::Engine& gpu = **ge;
+  const char* env = std::getenv("KVQ_GPU_REQUESTS");
+  const int total = env ? std::atoi(env) : 10000;
+  const std::vector<int32_t> book = BookTokens(1500);
+  std::mt19937 rng(11);
+  size_t free_before = 0, free_after = 0, tot = 0;
+  // Warm-up wave sizes every step buffer, then memory must not move.
+  auto wave = [&](int n) {
+    std::vector<std::shared_ptr<Sink>> sinks;
+    for (int i = 0; i < n; ++i) {
+      // Mostly short prompts, every tenth a long one (several prefill chunks).
+      const int len = 1 + static_cast<int>(rng() % (i % 10 == 0 ? 1200 : 200));
+      const int off = static_cast<int>(rng() % (book.size() - len));
+      std::vector<int32_t> p(book.begin() + off, book.begin() + off + len);
+      sinks.push_back(Submit(gpu, p, 1 + static_cast<int>(rng() % 8)));
+    }
+    int ok = 0;
+    for (auto& s : sinks) {
+      s->Wait();
+      ok += s->status.ok();
+    }
+    return ok;
+  };
+  ASSERT_EQ(wave(64), 64);
+  ASSERT_EQ(cudaMemGetInfo(&free_before, &tot), cudaSuccess);
+  const auto t0 = std::chrono::steady_clock::now();
+  int ok = 0;
+  for (int done = 0; done < total; done += 500) ok += wave(std::min(500, total - done));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_EQ(cudaMemGetInfo(&free_after, &tot), cudaSuccess);
+  const auto st = gpu.Stats();
+  std::printf("[gpu-mem] %d requests (%d ok) in %.1f s: engine KV used %lld bytes after, GPU free memory "
+              "%zu -> %zu bytes\n", total, ok, secs, static_cast<long long>(st.kv_bytes_used), free_before, free_after);
+  EXPECT_EQ(ok, total);
+  EXPECT_EQ(st.kv_bytes_used, 0);
+  EXPECT_EQ(free_after, free_before);
+}
+
+#else
+
+TEST(GpuEngineTest, Skipped) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif
+
+}  // namespace
+}  // namespace kvq::sharding

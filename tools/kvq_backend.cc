@@ -1,0 +1,87 @@
+#include "tools/kvq_backend.h"
+
+#include "absl/flags/declare.h"
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "model/fingerprint.h"
+#if KVQ_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "sharding/gpu/gpu_forward.h"
+#include "sharding/gpu/gpu_kv_cache.h"
+#endif
+
+ABSL_FLAG(std::string, device, "cpu", "compute backend: cpu (reference) or cuda (the GPU engine)");
+ABSL_FLAG(std::string, weights_dtype, "f32",
+          "cuda: weights f32 (matches the CPU reference to rounding), f16 or bf16");
+ABSL_FLAG(double, kv_capacity_gb, 8.0, "cuda: GiB of GPU memory for the KV block pool");
+
+ABSL_DECLARE_FLAG(std::string, kv_format);
+ABSL_DECLARE_FLAG(std::string, quantizer);
+
+namespace kvq::tools {
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const model::LlamaWeights& w) {
+  auto b = std::make_unique<Backend>();
+  const std::string device = absl::GetFlag(FLAGS_device);
+  const std::string fmt = absl::GetFlag(FLAGS_kv_format);
+  const std::string qpath = absl::GetFlag(FLAGS_quantizer);
+  if (device == "cpu") {
+    KVQ_ASSIGN_OR_RETURN(b->factory, sharding::KvCacheFactory::Create(w.config, fmt, qpath, model::ModelFingerprint(w)));
+    b->forward = std::make_unique<model::Forward>(w);
+    b->description = "cpu";
+    return b;
+  }
+  if (device != "cuda") return absl::InvalidArgumentError(absl::StrCat("--device=", device, ": use cpu or cuda"));
+#if KVQ_HAVE_CUDA
+  const std::string dts = absl::GetFlag(FLAGS_weights_dtype);
+  kernels::DType dt = kernels::DType::kF32;
+  if (dts == "f16") {
+    dt = kernels::DType::kF16;
+  } else if (dts == "bf16") {
+    dt = kernels::DType::kBF16;
+  } else if (dts != "f32") {
+    return absl::InvalidArgumentError(absl::StrCat("--weights_dtype=", dts, ": use f32, f16 or bf16"));
+  }
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    return absl::FailedPreconditionError("--device=cuda: no CUDA device is visible");
+  }
+  struct State {
+    cudaStream_t stream = nullptr;
+    std::shared_ptr<sharding::GpuKvPool> pool;
+    ~State() {
+      pool.reset();
+      if (stream != nullptr) cudaStreamDestroy(stream);
+    }
+  };
+  auto st = std::make_shared<State>();
+  if (cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking) != cudaSuccess) {
+    return absl::InternalError("cudaStreamCreate failed");
+  }
+  kvstore::KvFormat format;
+  std::shared_ptr<const kvstore::Quantizer> quant;
+  KVQ_RETURN_IF_ERROR(sharding::ResolveKvFormat(w.config, fmt, qpath, model::ModelFingerprint(w), &format, &quant));
+  KVQ_ASSIGN_OR_RETURN(auto fwd, sharding::GpuForward::Create(w, dt, st->stream));
+  b->forward = std::move(fwd);
+  sharding::GpuKvOptions po;
+  po.capacity_bytes = static_cast<int64_t>(absl::GetFlag(FLAGS_kv_capacity_gb) * 1073741824.0);
+  po.max_sink_slots = 64;
+  const model::ModelConfig& c = w.config;
+  KVQ_ASSIGN_OR_RETURN(st->pool, sharding::GpuKvPool::Create({c.n_layers, c.n_kv_heads, c.head_dim}, format, quant,
+                                                             model::RopeParamsFor(c), po, st->stream));
+  b->factory = sharding::MakeGpuKvCacheFactory(st->pool, c.n_heads);
+  cudaDeviceProp prop{};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaGetDeviceProperties(&prop, dev);
+  b->description = absl::StrCat("cuda (", prop.name, ", weights ", dts, ")");
+  b->device_state = st;
+  return b;
+#else
+  return absl::FailedPreconditionError("--device=cuda: this build has no CUDA (configure with -DKVQ_ENABLE_CUDA=ON)");
+#endif
+}
+
+}  // namespace kvq::tools
