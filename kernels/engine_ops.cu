@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(128) ChunkAttentionKernel(const ChunkAttention
     acc[e] = 0.0f;
   }
   float m = -CUDART_INF_F, l = 0.0f;
-  for (int j = p.row_begin[r]; j <= r; ++j) {
+  const int j_end = r + p.key_offset;
+  for (int j = p.row_begin != nullptr ? p.row_begin[r] : 0; j <= j_end; ++j) {
     const int64_t off = (static_cast<int64_t>(j) * p.n_kv_heads + hk) * hd;
     float s = 0.0f;
 #pragma unroll

@@ -27,7 +27,7 @@ absl::Status LaunchAddBias(int rows, int dim, int64_t stride, float* x, const fl
                            cudaStream_t stream);
 
 // Causal attention inside chunks. Row r (a token) of head h attends the rows
-// [row_begin[r], r] of the same buffer (its chunk, up to itself), softmax scale `scale`.
+// [row_begin[r], r + key_offset] of k/v (its chunk, up to itself), softmax scale `scale`.
 // q [rows][n_heads][head_dim] (rotated), k [rows][n_kv_heads][head_dim] (rotated),
 // v [rows][n_kv_heads][head_dim]; o [rows][n_heads][head_dim] normalized, lse [rows][n_heads]
 // natural log, so the result merges with the cache's partial (kernels/merge_attention.h).
@@ -40,7 +40,10 @@ struct ChunkAttentionParams {
   const float* q = nullptr;
   const float* k = nullptr;
   const float* v = nullptr;
-  const int32_t* row_begin = nullptr;  // [rows], device
+  const int32_t* row_begin = nullptr;  // [rows], device; null: every row starts at key 0
+  // Query row r's own key is k row r + key_offset: it attends k rows [row_begin[r], r + key_offset]
+  // (0 within a chunk; the chunk's start position when k holds the whole sequence).
+  int key_offset = 0;
   float* o = nullptr;
   float* lse = nullptr;
 };

@@ -43,6 +43,15 @@ class KvCache {
   // Bytes of the cache's canonical compressed form (what the table of effective bits reports):
   // bytes() unless a paged pool reserves more than it uses.
   virtual int64_t exact_bytes() const { return bytes(); }
+  // Dequantized pre-RoPE keys and values of one layer for local tokens [0, end), staged ones
+  // included: [end][n_kv_heads][head_dim] each. Lets another backend (the GPU forward pass in
+  // evaluation mode) attend through this cache's exact quantization. Unimplemented by default.
+  virtual absl::Status ReadDequantized(int layer, int64_t end, std::vector<float>* k,
+                                       std::vector<float>* v) const {
+    return absl::UnimplementedError("this KV cache cannot be read back");
+  }
+  // RoPE position of local token 0.
+  virtual int64_t first_position() const { return 0; }
   // A copy that shares nothing mutable with this one (sessions fork from it).
   virtual std::unique_ptr<KvCache> Clone() const = 0;
   // The committed tokens in the cache's own compressed form (session save/restore).
@@ -100,6 +109,12 @@ class DenseKvCache : public KvCache {
   // Dequantized pre-RoPE keys / values of one layer for tokens [begin, end): [n, n_kv, hd].
   void Read(int layer, int64_t begin, int64_t end, std::vector<float>* k,
             std::vector<float>* v) const;
+  absl::Status ReadDequantized(int layer, int64_t end, std::vector<float>* k,
+                               std::vector<float>* v) const override {
+    Read(layer, 0, end, k, v);
+    return absl::OkStatus();
+  }
+  int64_t first_position() const override { return position_offset_; }
 
  private:
   int n_layers_, n_heads_, n_kv_heads_, head_dim_;

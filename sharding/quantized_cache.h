@@ -25,6 +25,12 @@ class QuantizedCache : public model::KvCache {
   std::unique_ptr<model::KvCache> Clone() const override;
   absl::StatusOr<std::string> Serialize() const override { return cache_->Serialize(); }
 
+  absl::Status ReadDequantized(int layer, int64_t end, std::vector<float>* k,
+                               std::vector<float>* v) const override {
+    return cache_->ReadBack(layer, 0, end, k, v, /*include_staged=*/true);
+  }
+  int64_t first_position() const override { return cache_->first_position(); }
+
   const kvstore::QuantizedKvCache& cache() const { return *cache_; }
 
  private:

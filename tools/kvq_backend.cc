@@ -16,6 +16,10 @@ ABSL_FLAG(std::string, device, "cpu", "compute backend: cpu (reference) or cuda 
 ABSL_FLAG(std::string, weights_dtype, "f32",
           "cuda: weights f32 (matches the CPU reference to rounding), f16 or bf16");
 ABSL_FLAG(double, kv_capacity_gb, 8.0, "cuda: GiB of GPU memory for the KV block pool");
+ABSL_FLAG(bool, kv_host, false,
+          "cuda, evaluation only (eval-ppl, passkey): keep the KV cache in the CPU reference (any "
+          "format, e.g. int per-token and post-RoPE ones the GPU pool lacks) and run everything "
+          "else, attention included, on the GPU over its dequantized keys and values");
 
 ABSL_DECLARE_FLAG(std::string, kv_format);
 ABSL_DECLARE_FLAG(std::string, quantizer);
@@ -65,6 +69,12 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const model::LlamaWeights& 
   KVQ_RETURN_IF_ERROR(sharding::ResolveKvFormat(w.config, fmt, qpath, model::ModelFingerprint(w), &format, &quant));
   KVQ_ASSIGN_OR_RETURN(auto fwd, sharding::GpuForward::Create(w, dt, st->stream));
   b->forward = std::move(fwd);
+  if (absl::GetFlag(FLAGS_kv_host)) {
+    KVQ_ASSIGN_OR_RETURN(b->factory, sharding::KvCacheFactory::Create(w.config, fmt, qpath, model::ModelFingerprint(w)));
+    b->description = absl::StrCat("cuda (weights ", dts, ", KV in the CPU reference)");
+    b->device_state = st;
+    return b;
+  }
   sharding::GpuKvOptions po;
   po.capacity_bytes = static_cast<int64_t>(absl::GetFlag(FLAGS_kv_capacity_gb) * 1073741824.0);
   po.max_sink_slots = 64;

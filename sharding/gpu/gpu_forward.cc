@@ -97,12 +97,63 @@ struct GpuForward::Impl {
   mutable int64_t overflows_seen = 0;
   // Step buffers.
   mutable Grow x, h, q, k, v, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
-      tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks;
+      tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos;
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
     for (void* p : allocations) cudaFree(p);
     if (cublas != nullptr) cublasDestroy(cublas);
+  }
+
+  // Evaluation through a host cache: the item's new k/v go to the cache (its exact quantization),
+  // its dequantized keys and values come back, and the item's queries attend them causally on
+  // the GPU (into partial slot 1).
+  absl::Status HostAttention(const model::ModelConfig& c, model::KvCache* cache, int layer, int row0, int n,
+                             int64_t committed, int T, float* q, const float* k, const float* v) const {
+    const int kvd = c.kv_dim(), qd = c.q_dim();
+    std::vector<float> hk(static_cast<size_t>(n) * kvd), hv(hk.size());
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hk.data(), k + static_cast<int64_t>(row0) * kvd, hk.size() * 4,
+                                             cudaMemcpyDeviceToHost, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hv.data(), v + static_cast<int64_t>(row0) * kvd, hv.size() * 4,
+                                             cudaMemcpyDeviceToHost, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+    KVQ_RETURN_IF_ERROR(cache->Append(layer, hk.data(), hv.data(), n));
+    const int64_t len = committed + n;
+    std::vector<float> K, V;
+    KVQ_RETURN_IF_ERROR(cache->ReadDequantized(layer, len, &K, &V));
+    std::vector<int64_t> pos(static_cast<size_t>(len));
+    for (int64_t t = 0; t < len; ++t) pos[t] = cache->first_position() + t;
+    KVQ_RETURN_IF_ERROR(host_k.Ensure(K.size() * 4, stream));
+    KVQ_RETURN_IF_ERROR(host_v.Ensure(V.size() * 4, stream));
+    KVQ_RETURN_IF_ERROR(host_pos.Ensure(pos.size() * 8, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host_k.p, K.data(), K.size() * 4, cudaMemcpyHostToDevice, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host_v.p, V.data(), V.size() * 4, cudaMemcpyHostToDevice, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(host_pos.p, pos.data(), pos.size() * 8, cudaMemcpyHostToDevice, stream));
+    kernels::RopeQueryParams rk;
+    rk.rows = static_cast<int>(len);
+    rk.n_heads = c.n_kv_heads;
+    rk.head_dim = c.head_dim;
+    rk.q = host_k.as<float>();
+    rk.positions = host_pos.as<int64_t>();
+    rk.inv_freq = inv_freq;
+    KVQ_RETURN_IF_ERROR(kernels::LaunchRopeQuery(rk, stream));
+    kernels::ChunkAttentionParams cp;
+    cp.rows = n;
+    cp.n_heads = c.n_heads;
+    cp.n_kv_heads = c.n_kv_heads;
+    cp.head_dim = c.head_dim;
+    cp.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    cp.q = q + static_cast<int64_t>(row0) * qd;
+    cp.k = host_k.as<float>();
+    cp.v = host_v.as<float>();
+    cp.row_begin = nullptr;
+    cp.key_offset = static_cast<int>(committed);
+    cp.o = parts_o.as<float>() + (static_cast<int64_t>(T) + row0) * qd;
+    cp.lse = parts_lse.as<float>() + (static_cast<int64_t>(T) + row0) * c.n_heads;
+    KVQ_RETURN_IF_ERROR(kernels::LaunchChunkAttention(cp, stream));
+    // The host vectors must outlive the async copies.
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+    return absl::OkStatus();
   }
 
   absl::StatusOr<void*> Upload(const std::vector<float>& w, DType dtype) {
@@ -214,6 +265,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     int64_t pre_len;
     int64_t committed;        // w->length()
     int row0;
+    model::KvCache* host = nullptr;  // evaluation through a host cache (any KV format)
   };
   std::vector<It> its;
   its.reserve(items.size());
@@ -236,24 +288,35 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     } else {
       e.w = dynamic_cast<GpuKvCache*>(it.cache);
     }
-    if (e.w == nullptr) return absl::InvalidArgumentError("GPU forward needs GPU KV caches (GpuKvCache)");
+    if (e.w == nullptr) {
+      if (!eval) {
+        return absl::InvalidArgumentError(
+            "GPU forward: serving needs GPU KV caches (GpuKvCache); host caches work in evaluation mode");
+      }
+      e.host = it.cache;
+      e.committed = it.cache->length();
+      its.push_back(e);
+      continue;
+    }
     if (e.w->poisoned()) return absl::InternalError("KV cache is unusable after a failed GPU step");
     e.committed = e.w->length();
     its.push_back(e);
   }
-  auto rank = [](const It& e) { return e.n == 1 ? (e.pre != nullptr ? 0 : 1) : 2; };
+  auto rank = [](const It& e) { return e.host != nullptr ? 3 : e.n == 1 ? (e.pre != nullptr ? 0 : 1) : 2; };
   std::stable_sort(its.begin(), its.end(), [&](const It& a, const It& b) { return rank(a) < rank(b); });
   int T = 0, nd = 0, nd1 = 0;
   for (It& e : its) {
     e.row0 = T;
     T += e.n;
-    if (e.n == 1) {
+    if (e.n == 1 && e.host == nullptr) {
       ++nd;
       if (e.pre != nullptr) ++nd1;
     }
   }
   // ---- Room for every new token before anything is written.
-  for (It& e : its) KVQ_RETURN_IF_ERROR(e.w->Reserve(e.n));
+  for (It& e : its) {
+    if (e.host == nullptr) KVQ_RETURN_IF_ERROR(e.w->Reserve(e.n));
+  }
 
   // ---- Host-side step description.
   std::vector<int32_t> tokens(T), row_begin(T), tables, lens;
@@ -261,7 +324,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   std::vector<void*> sinks;
   for (const It& e : its) {
     const model::ForwardItem& it = items[e.index];
-    const int64_t pos0 = e.w->first_position() + e.committed;
+    const int64_t pos0 = (e.host != nullptr ? e.host->first_position() : e.w->first_position()) + e.committed;
     for (int j = 0; j < e.n; ++j) {
       tokens[e.row0 + j] = it.tokens[j];
       positions[e.row0 + j] = pos0 + j;
@@ -326,6 +389,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   // Prefill chunks: rows share their cache's table row (stride 0).
   for (size_t i = nd; i < its.size(); ++i) {
     const It& e = its[i];
+    if (e.host != nullptr) continue;
     Launch a;
     a.row0 = e.row0;
     a.rows = e.n;
@@ -370,11 +434,14 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       attn.push_back(p);
     }
   }
-  GpuKvPool& pool = its[0].w->pool();
+  GpuKvPool* pool = nullptr;
+  for (const It& e : its) {
+    if (e.w != nullptr) pool = &e.w->pool();
+  }
   size_t ws_bytes = 0;
   for (Launch& a : attn) {
     if (a.max_len == 0) continue;
-    a.splits = kernels::ChooseDecodeSplits(a.rows, nkv, a.max_len, pool.format().sink_tokens, m.sm_count);
+    a.splits = kernels::ChooseDecodeSplits(a.rows, nkv, a.max_len, pool->format().sink_tokens, m.sm_count);
     ws_bytes = std::max(ws_bytes, kernels::DecodeAttentionWorkspaceBytes(a.rows, nh, hd, a.splits));
   }
   // Logit rows in item order.
@@ -439,7 +506,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(kernels::LaunchFillF32(3 * Ts * qd, 0.0f, parts_o, s));
 
   auto view_for = [&](const Launch& a) {
-    kernels::PagedKvCache v = pool.view();
+    kernels::PagedKvCache v = pool->view();
     v.block_table = m.tables.as<int32_t>() + a.table_off;
     v.max_blocks_per_seq = a.max_blocks;
     v.block_table_stride = a.stride;
@@ -461,10 +528,18 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     g.beta = beta;
     return kernels::Gemm(m.cublas, g, s);
   };
-  for (const It& e : its) e.w->MarkStaged(e.n);
+  for (const It& e : its) {
+    if (e.host == nullptr) e.w->MarkStaged(e.n);
+  }
   auto fail = [&](absl::Status st) {
     cudaStreamSynchronize(s);
-    for (const It& e : its) e.w->DiscardStaged();
+    for (const It& e : its) {
+      if (e.host != nullptr) {
+        e.host->DiscardStaged();
+      } else {
+        e.w->DiscardStaged();
+      }
+    }
     return st;
   };
 #define KVQ_STEP(expr)                   \
@@ -521,7 +596,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
         ap.n_new = a.n_new;
         ap.k = k + static_cast<int64_t>(a.row0) * kvd;
         ap.v = v + static_cast<int64_t>(a.row0) * kvd;
-        ap.overflow = pool.overflow_flag();
+        ap.overflow = pool->overflow_flag();
         KVQ_RETURN_IF_ERROR(kernels::LaunchKvAppend(ap, s));
       }
       return absl::OkStatus();
@@ -542,6 +617,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       dp.workspace = m.ws.p;
       dp.workspace_bytes = m.ws.bytes;
       KVQ_STEP(kernels::LaunchDecodeAttention(dp, s));
+    }
+    for (const It& e : its) {
+      if (e.host != nullptr) KVQ_STEP(m.HostAttention(c, e.host, l, e.row0, e.n, e.committed, T, q, k, v));
     }
     if (!eval) {
       float* krot = m.krot.as<float>();
@@ -613,8 +691,14 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     }
   }
 #undef KVQ_STEP
-  for (const It& e : its) e.w->Commit(e.n);
-  const int64_t overflows = pool.overflows();
+  for (const It& e : its) {
+    if (e.host != nullptr) {
+      e.host->Commit(e.n);
+    } else {
+      e.w->Commit(e.n);
+    }
+  }
+  const int64_t overflows = pool != nullptr ? pool->overflows() : 0;
   if (overflows != m.overflows_seen) {
     m.overflows_seen = overflows;
     std::fprintf(stderr,

@@ -142,7 +142,7 @@ class GpuKvCache : public model::KvCache {
   // Device-side API of the GPU forward pass.
   // Makes room for length() + n tokens (blocks and the sink slot), before a step writes anything.
   absl::Status Reserve(int n);
-  int64_t first_position() const { return first_position_; }
+  int64_t first_position() const override { return first_position_; }
   int sink_capacity() const { return sink_cap_; }
   const std::vector<int32_t>& blocks() const { return blocks_; }
   const uint16_t* sink() const { return sink_slot_ >= 0 ? pool_->sink_slot(sink_slot_) : nullptr; }

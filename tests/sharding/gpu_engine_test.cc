@@ -51,9 +51,10 @@ bool HaveGpu() {
     KVQ_REQUIRE_MODEL();                                                                    \
   } while (0)
 
+// The calibrated fixture of a format, or "" for formats that need none (fp16, int per-token).
 std::string QuantizerFor(const std::string& fmt) {
-  if (fmt == "fp16") return "";
-  return testing::FixturePath("quantizers/" + fmt + ".kvqq");
+  const std::string path = testing::FixturePath("quantizers/" + fmt + ".kvqq");
+  return fmt != "fp16" && testing::FileExists(path) ? path : "";
 }
 
 const model::LlamaWeights& Weights() {
@@ -292,6 +293,30 @@ TEST(GpuForwardTest, EvaluationModePerplexityMatchesTheCpu) {
     std::printf("[gpu-ppl] %-8s GPU %.6f CPU %.6f (%lld tokens), bytes %lld vs %lld\n", fmt.c_str(), rg->ppl(),
                 rc->ppl(), static_cast<long long>(rg->tokens), static_cast<long long>(rg->last_window_kv_bytes),
                 static_cast<long long>(rc->last_window_kv_bytes));
+    EXPECT_NEAR(rg->ppl(), rc->ppl(), 1e-4 * rc->ppl());
+    EXPECT_EQ(rg->last_window_kv_bytes, rc->last_window_kv_bytes);
+  }
+  g32->reset();
+  cudaStreamDestroy(stream);
+}
+
+TEST(GpuForwardTest, EvaluationThroughHostCachesMatchesTheCpuForFormatsTheGpuPoolLacks) {
+  KVQ_REQUIRE_GPU();
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  auto g32 = GpuForward::Create(Weights(), kernels::DType::kF32, stream);
+  ASSERT_TRUE(g32.ok());
+  model::Forward cpu(Weights());
+  const std::vector<int32_t> ids = BookTokens(1024);
+  model::PerplexityOptions po;
+  po.context = 512;
+  po.stride = 512;
+  for (const std::string& fmt : {"fp16", "int4", "int3-pc-post", "nuq3-1%"}) {
+    auto cf = MakeCpu(fmt);
+    auto rg = model::EvaluatePerplexity(**g32, ids, po, [&] { return cf->Make(0); });
+    auto rc = model::EvaluatePerplexity(cpu, ids, po, [&] { return cf->Make(0); });
+    ASSERT_TRUE(rg.ok() && rc.ok()) << rg.status();
+    std::printf("[gpu-ppl-host] %-12s GPU+host KV %.6f CPU %.6f\n", fmt.c_str(), rg->ppl(), rc->ppl());
     EXPECT_NEAR(rg->ppl(), rc->ppl(), 1e-4 * rc->ppl());
     EXPECT_EQ(rg->last_window_kv_bytes, rc->last_window_kv_bytes);
   }
