@@ -96,6 +96,25 @@ __global__ void ConvertKernel(int64_t n, const float* __restrict__ in, T* __rest
   }
 }
 
+__device__ __forceinline__ uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+template <typename T>
+__global__ void FillNormalKernel(int64_t n, uint64_t seed, float mean, float std, T* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t r = SplitMix64(seed * 0x100000001b3ull + static_cast<uint64_t>(i));
+    const float u1 = (static_cast<float>(r >> 40) + 1.0f) * (1.0f / 16777217.0f);  // (0, 1]
+    const float u2 = static_cast<float>((r >> 16) & 0xffffffu) * (1.0f / 16777216.0f);
+    const float z = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+    out[i] = FromFloat<T>(mean + std * z);
+  }
+}
+
 __global__ void FillKernel(int64_t n, float value, float* x) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -192,6 +211,21 @@ absl::Status LaunchConvertF32(int64_t n, const float* in, void* out, DType out_d
     case DType::kF16: ConvertKernel<__half><<<g, kThreads, 0, stream>>>(n, in, static_cast<__half*>(out)); break;
     case DType::kBF16:
       ConvertKernel<__nv_bfloat16><<<g, kThreads, 0, stream>>>(n, in, static_cast<__nv_bfloat16*>(out));
+      break;
+  }
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::Status LaunchFillNormal(int64_t n, uint64_t seed, float mean, float std, void* out, DType dtype,
+                              cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  const unsigned g = GridFor(n, kThreads);
+  switch (dtype) {
+    case DType::kF32: FillNormalKernel<float><<<g, kThreads, 0, stream>>>(n, seed, mean, std, static_cast<float*>(out)); break;
+    case DType::kF16: FillNormalKernel<__half><<<g, kThreads, 0, stream>>>(n, seed, mean, std, static_cast<__half*>(out)); break;
+    case DType::kBF16:
+      FillNormalKernel<__nv_bfloat16><<<g, kThreads, 0, stream>>>(n, seed, mean, std, static_cast<__nv_bfloat16*>(out));
       break;
   }
   KVQ_RETURN_IF_LAUNCH_ERROR();

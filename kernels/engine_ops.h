@@ -53,6 +53,11 @@ absl::Status LaunchChunkAttention(const ChunkAttentionParams& p, cudaStream_t st
 absl::Status LaunchConvertF32(int64_t n, const float* in, void* out, DType out_dtype,
                               cudaStream_t stream);
 
+// out[i] ~ Normal(mean, std), counter-based (splitmix64 of seed and i, Box-Muller): the same
+// values for the same (seed, i) on any GPU. For synthetic weights and synthetic KV fills.
+absl::Status LaunchFillNormal(int64_t n, uint64_t seed, float mean, float std, void* out, DType dtype,
+                              cudaStream_t stream);
+
 // x[i] = value for n elements.
 absl::Status LaunchFillF32(int64_t n, float value, float* x, cudaStream_t stream);
 

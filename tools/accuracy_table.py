@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The KVQuant accuracy table of kvq on a real model: perplexity with every KV format of the
-ablation, on the test splits of both corpora, by kvq's own CPU reference (`kvq eval-ppl`, which
-evaluates as if every token had been decoded from the compressed cache).
+ablation, on the test splits of both corpora, by `kvq eval-ppl` (which evaluates as if every token
+had been decoded from the compressed cache): on the CPU reference, or with --kvq_args
+"--device cuda --kv_host" on a GPU with the KV cache still quantized by the CPU reference.
 
   python3 tools/accuracy_table.py --kvq build/tools/kvq --model M.gguf --corpora DIR \
       --quantizers DIR [--context 2048] [--max_windows 0] [--jobs 8] [--out results.json]
@@ -41,6 +42,7 @@ def run(args, fmt, quant, corpus):
            "--kv_format", fmt, "--threads", str(args.threads)]
     if quant:
         cmd += ["--quantizer", os.path.join(args.quantizers, quant)]
+    cmd += args.kvq_args.split()
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(" ".join(cmd) + "\n" + out.stderr[-2000:])
@@ -61,6 +63,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", default="", help="comma-separated row indices (default: all)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--kvq_args", default="",
+                    help="extra kvq flags, e.g. '--device cuda --kv_host' (GPU forward pass, KV in "
+                         "the CPU reference quantizer: every format, exact quantization)")
     a = ap.parse_args()
     rows = ROWS if not a.rows else [ROWS[int(i)] for i in a.rows.split(",")]
     results = {}

@@ -244,6 +244,78 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Create(const model::Llam
   return f;
 }
 
+absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::CreateSynthetic(const model::ModelConfig& c,
+                                                                        DType dtype, uint64_t seed,
+                                                                        cudaStream_t stream) {
+  KVQ_RETURN_IF_ERROR(c.Validate());
+  std::unique_ptr<GpuForward> f(new GpuForward());
+  f->config_ = c;
+  f->dtype_ = dtype;
+  f->impl_ = std::make_unique<Impl>();
+  Impl& m = *f->impl_;
+  m.stream = stream;
+  KVQ_RETURN_IF_CUBLAS_ERROR(cublasCreate(&m.cublas));
+  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetStream(m.cublas, stream));
+  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH));
+  int dev = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, dev));
+  size_t free0 = 0, total = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free0, &total));
+  uint64_t tensor = 0;
+  auto alloc = [&](int64_t n, DType t, bool ones) -> absl::StatusOr<void*> {
+    void* d = nullptr;
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&d, static_cast<size_t>(n) * kernels::DTypeBytes(t)));
+    m.allocations.push_back(d);
+    if (ones) {
+      KVQ_RETURN_IF_ERROR(kernels::LaunchFillF32(n, 1.0f, static_cast<float*>(d), stream));
+    } else {
+      KVQ_RETURN_IF_ERROR(kernels::LaunchFillNormal(n, seed * 1000003 + (++tensor), 0.0f, 0.02f, d, t, stream));
+    }
+    return d;
+  };
+  const int64_t h = c.hidden, q = c.q_dim(), kv = c.kv_dim(), ff = c.intermediate;
+  KVQ_ASSIGN_OR_RETURN(m.embed, alloc(c.vocab_size * h, dtype, false));
+  if (c.tie_word_embeddings) {
+    m.lm_head = m.embed;
+  } else {
+    KVQ_ASSIGN_OR_RETURN(m.lm_head, alloc(c.vocab_size * h, dtype, false));
+  }
+  KVQ_ASSIGN_OR_RETURN(void* on, alloc(h, DType::kF32, true));
+  m.out_norm = static_cast<float*>(on);
+  for (int l = 0; l < c.n_layers; ++l) {
+    DevLayer d;
+    KVQ_ASSIGN_OR_RETURN(void* an, alloc(h, DType::kF32, true));
+    KVQ_ASSIGN_OR_RETURN(void* fn, alloc(h, DType::kF32, true));
+    d.attn_norm = static_cast<float*>(an);
+    d.ffn_norm = static_cast<float*>(fn);
+    if (c.attention_bias) {
+      KVQ_ASSIGN_OR_RETURN(void* bq, alloc(q, DType::kF32, false));
+      KVQ_ASSIGN_OR_RETURN(void* bk, alloc(kv, DType::kF32, false));
+      KVQ_ASSIGN_OR_RETURN(void* bv, alloc(kv, DType::kF32, false));
+      d.bq = static_cast<float*>(bq);
+      d.bk = static_cast<float*>(bk);
+      d.bv = static_cast<float*>(bv);
+    }
+    KVQ_ASSIGN_OR_RETURN(d.wq, alloc(q * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.wk, alloc(kv * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.wv, alloc(kv * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.wo, alloc(h * q, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.w_gu, alloc(2 * ff * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.w_down, alloc(h * ff, dtype, false));
+    m.layers.push_back(d);
+  }
+  const std::vector<double> inv = kernels::RopeInvFreq(model::RopeParamsFor(c));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&m.inv_freq, inv.size() * sizeof(double)));
+  m.allocations.push_back(m.inv_freq);
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(m.inv_freq, inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+  size_t free1 = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free1, &total));
+  f->weight_bytes_ = static_cast<int64_t>(free0) - static_cast<int64_t>(free1);
+  return f;
+}
+
 GpuForward::~GpuForward() = default;
 
 absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,

@@ -28,6 +28,12 @@ class GpuForward : public model::ForwardPass {
   // Uploads the weights (converted to `dtype`) to the current device.
   static absl::StatusOr<std::unique_ptr<GpuForward>> Create(const model::LlamaWeights& weights,
                                                             kernels::DType dtype, cudaStream_t stream);
+  // Seeded random weights generated on the device (normal, std 0.02; norms 1), for speed and
+  // capacity runs of large shapes without a host copy: no checkpoint, not comparable to the CPU's
+  // model::MakeSyntheticWeights values.
+  static absl::StatusOr<std::unique_ptr<GpuForward>> CreateSynthetic(const model::ModelConfig& config,
+                                                                     kernels::DType dtype, uint64_t seed,
+                                                                     cudaStream_t stream);
   ~GpuForward() override;
   // Every item's cache must be a GpuKvCache, or a model::PrefixKvCache over two of them.
   absl::Status Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,

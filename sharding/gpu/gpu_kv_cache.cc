@@ -393,15 +393,22 @@ absl::Status GpuKvCache::Reserve(int n) {
 }
 
 absl::Status GpuKvCache::Append(int layer, const float* k, const float* v, int n) {
-  if (layer == 0) KVQ_RETURN_IF_ERROR(Reserve(n));
   cudaStream_t s = pool_->stream();
   const int64_t L = pool_->shape().ElementsPerTokenPerLayer();
   DeviceTemp<float> dk, dv;
+  KVQ_RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * L, s));
+  KVQ_RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * L, s));
+  KVQ_RETURN_IF_ERROR(AppendDevice(layer, dk.get(), dv.get(), n));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
+  return absl::OkStatus();
+}
+
+absl::Status GpuKvCache::AppendDevice(int layer, const float* k_dev, const float* v_dev, int n) {
+  if (layer == 0) KVQ_RETURN_IF_ERROR(Reserve(n));
+  cudaStream_t s = pool_->stream();
   DeviceTemp<int32_t> table, lens;
   DeviceTemp<int64_t> first;
   DeviceTemp<uint16_t*> sinks;
-  KVQ_RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * L, s));
-  KVQ_RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * L, s));
   KVQ_RETURN_IF_ERROR(table.Upload(blocks_.data(), blocks_.size(), s));
   const int32_t len = static_cast<int32_t>(length_);
   KVQ_RETURN_IF_ERROR(lens.Upload(&len, 1, s));
@@ -420,10 +427,11 @@ absl::Status GpuKvCache::Append(int layer, const float* k, const float* v, int n
   ap.layer = layer;
   ap.batch = 1;
   ap.n_new = n;
-  ap.k = dk.get();
-  ap.v = dv.get();
+  ap.k = k_dev;
+  ap.v = v_dev;
   ap.overflow = pool_->overflow_flag();
   KVQ_RETURN_IF_ERROR(kernels::LaunchKvAppend(ap, s));
+  // The temporaries are freed on return: wait for the kernel that reads them.
   KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
   staged_ = n;
   return absl::OkStatus();

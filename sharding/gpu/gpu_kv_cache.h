@@ -140,6 +140,9 @@ class GpuKvCache : public model::KvCache {
                                                                  const std::string& bytes);
 
   // Device-side API of the GPU forward pass.
+  // Append with k, v already in device memory ([n][n_kv][hd] f32, pre-RoPE): what Append does
+  // after its upload. Synthetic fills of long contexts use it directly.
+  absl::Status AppendDevice(int layer, const float* k_dev, const float* v_dev, int n);
   // Makes room for length() + n tokens (blocks and the sink slot), before a step writes anything.
   absl::Status Reserve(int n);
   int64_t first_position() const override { return first_position_; }

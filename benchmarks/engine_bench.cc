@@ -1,0 +1,341 @@
+// End-to-end GPU engine benchmark (issue: GPU engine): time per output token versus context length
+// and batch, time to first token and prefill tokens/s versus prompt length, for the real SmolLM2
+// and for Llama-3-8B / LLaMA-2-7B shapes with synthetic (device-generated) weights; fp16 KV versus
+// nuqB-1%. Every row shows its floor: the bytes one step must read (weights + KV) over the copy
+// bandwidth measured in the same process, and achieved/floor. The largest context that fits is
+// found by filling one sequence until the block pool is full, next to the planner's prediction.
+//
+// Long contexts are a SYNTHETIC FILL: random normal pre-RoPE keys/values quantized by the real
+// append kernel (valid blocks, real outliers), with no forward pass; prefilling millions of tokens
+// would take hours. Prefill speed is measured separately on real prefill (the forward pass).
+//
+//   engine_bench --model synthetic:llama-3-8b --formats fp16,nuq3-1% --contexts 1024,131072,1048576
+//                --batches 1,8 [--prefill 1024,4096] [--capacity] [--quantizers DIR]
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "model/config.h"
+#include "model/fingerprint.h"
+#include "model/weights.h"
+
+#if KVQ_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/engine_ops.h"
+#include "kvstore/quantized_kv_cache.h"
+#include "sharding/gpu/gpu_forward.h"
+#include "sharding/gpu/gpu_kv_cache.h"
+#include "sharding/kv_cache_factory.h"
+#include "sharding/shard_planner.h"
+#endif
+
+ABSL_FLAG(std::string, model, "synthetic:llama-3-8b", "*.gguf or synthetic:<builtin>");
+ABSL_FLAG(std::string, formats, "fp16,nuq4-1%,nuq3-1%,nuq2-1%", "KV formats");
+ABSL_FLAG(std::string, quantizers, "", "real model: directory of <format>.kvqq (synthetic: generated)");
+ABSL_FLAG(std::string, contexts, "1024,32768,131072,1048576", "decode: context lengths");
+ABSL_FLAG(std::string, batches, "1,8,32", "decode: batch sizes");
+ABSL_FLAG(std::string, prefill, "", "prefill: prompt lengths (real prefill, batch 1)");
+ABSL_FLAG(int, prefill_chunk, 2048, "prefill chunk");
+ABSL_FLAG(int, steps, 10, "timed decode steps per row");
+ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
+ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
+ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
+ABSL_FLAG(std::string, label, "", "free text printed with every row (e.g. the GPU)");
+
+#if KVQ_HAVE_CUDA
+namespace kvq {
+namespace {
+
+#define CHECK_OK(expr)                                                              \
+  do {                                                                              \
+    const absl::Status s_ = (expr);                                                 \
+    if (!s_.ok()) {                                                                 \
+      std::fprintf(stderr, "engine_bench: %s: %s\n", #expr, s_.ToString().c_str()); \
+      std::exit(1);                                                                 \
+    }                                                                               \
+  } while (0)
+
+std::vector<int64_t> Ints(const std::string& s) {
+  std::vector<int64_t> v;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    int64_t x;
+    if (absl::SimpleAtoi(p, &x)) v.push_back(x);
+  }
+  return v;
+}
+
+double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// Device-to-device copy bandwidth (read + write bytes over time), the reference for every floor.
+double CopyBandwidth() {
+  const size_t n = size_t{4} << 30;
+  void *a, *b;
+  if (cudaMalloc(&a, n) != cudaSuccess || cudaMalloc(&b, n) != cudaSuccess) return 0;
+  cudaMemset(a, 1, n);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);
+  cudaEventRecord(e0);
+  for (int i = 0; i < 5; ++i) cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);
+  cudaEventRecord(e1);
+  cudaEventSynchronize(e1);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, e0, e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 5.0 * 2.0 * n / (ms * 1e-3);
+}
+
+// Per-channel thresholds and uniform LUTs for a synthetic model: keys ~ N(0, sigma) are clipped at
+// +-2.576 sigma, i.e. 1% outliers for the -1% formats (no-outlier formats cover +-4 sigma).
+std::shared_ptr<const kvstore::Quantizer> SyntheticQuantizer(const model::ModelConfig& c,
+                                                             const kvstore::KvFormat& f, float sigma) {
+  kvstore::QuantizerData d;
+  d.shape = {c.n_layers, c.n_kv_heads, c.head_dim};
+  d.fingerprint = "synthetic";
+  d.format = f;
+  const size_t n = static_cast<size_t>(c.n_layers) * c.kv_dim();
+  const float t = (f.outlier_fraction > 0 ? 2.576f : 4.0f) * sigma;
+  d.key_lower.assign(n, -t);
+  d.key_upper.assign(n, t);
+  const int C = f.num_centroids();
+  for (int l = 0; l < c.n_layers; ++l) {
+    for (int j = 0; j < C; ++j) {
+      d.key_lut.push_back(-1.0f + 2.0f * j / (C - 1));
+      d.value_lut.push_back(-1.0f + 2.0f * j / (C - 1));
+    }
+  }
+  d.key_qnorm_scale.assign(c.n_layers, 1.0f);
+  d.key_qnorm_offset.assign(c.n_layers, 0.0f);
+  d.value_qnorm_scale.assign(c.n_layers, 1.0f);
+  d.value_qnorm_offset.assign(c.n_layers, 0.0f);
+  auto q = kvstore::Quantizer::Create(std::move(d));
+  CHECK_OK(q.status());
+  return std::make_shared<const kvstore::Quantizer>(std::move(*q));
+}
+
+struct Setup {
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<sharding::GpuForward> fwd;
+  std::shared_ptr<sharding::GpuKvPool> pool;
+  std::unique_ptr<sharding::KvCacheFactory> factory;
+  kvstore::KvFormat format;
+  double expected_bytes_per_token = 0;  // canonical bytes one token's KV occupies (all layers)
+  float sigma = 1.0f;
+};
+
+// Synthetic fill: n tokens of random pre-RoPE k/v appended in chunks through the append kernel.
+void Fill(Setup& st, sharding::GpuKvCache* cache, int64_t n, uint64_t seed) {
+  const model::ModelConfig& c = st.fwd->config();
+  const int64_t chunk = 16384;
+  float *k, *v;
+  CHECK_OK(cudaMalloc(&k, chunk * c.kv_dim() * 4) == cudaSuccess ? absl::OkStatus() : absl::InternalError("malloc"));
+  CHECK_OK(cudaMalloc(&v, chunk * c.kv_dim() * 4) == cudaSuccess ? absl::OkStatus() : absl::InternalError("malloc"));
+  for (int64_t done = 0; done < n; done += chunk) {
+    const int m = static_cast<int>(std::min(chunk, n - done));
+    for (int l = 0; l < c.n_layers; ++l) {
+      CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + done * 131 + l * 2, 0.0f, st.sigma, k,
+                                         kernels::DType::kF32, st.stream));
+      CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + done * 131 + l * 2 + 1, 0.0f, 1.0f, v,
+                                         kernels::DType::kF32, st.stream));
+      CHECK_OK(cache->AppendDevice(l, k, v, m));
+    }
+    cache->Commit(m);
+  }
+  cudaFree(k);
+  cudaFree(v);
+}
+
+// Median seconds of `steps` decode steps of `caches` (one token each), after 2 warm-up steps.
+double DecodeSeconds(Setup& st, std::vector<std::unique_ptr<model::KvCache>>& caches, int steps) {
+  std::vector<std::vector<int32_t>> tok(caches.size(), std::vector<int32_t>{17});
+  std::vector<float> logits;
+  std::vector<double> t;
+  for (int i = 0; i < steps + 2; ++i) {
+    std::vector<model::ForwardItem> items;
+    for (size_t b = 0; b < caches.size(); ++b) items.push_back({caches[b].get(), tok[b], false});
+    const double t0 = Now();
+    CHECK_OK(st.fwd->Run(absl::MakeSpan(items), {}, &logits));
+    if (i >= 2) t.push_back(Now() - t0);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int Main() {
+  const std::string spec = absl::GetFlag(FLAGS_model);
+  const std::string label = absl::GetFlag(FLAGS_label);
+  kernels::DType dt = kernels::DType::kF16;
+  if (absl::GetFlag(FLAGS_weights_dtype) == "bf16") dt = kernels::DType::kBF16;
+  if (absl::GetFlag(FLAGS_weights_dtype) == "f32") dt = kernels::DType::kF32;
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  const double bw = CopyBandwidth();
+  std::printf("# engine_bench: %s, %s, weights %s, D2D copy %.0f GB/s %s\n", prop.name, spec.c_str(),
+              absl::GetFlag(FLAGS_weights_dtype).c_str(), bw / 1e9, label.c_str());
+  Setup st;
+  cudaStreamCreateWithFlags(&st.stream, cudaStreamNonBlocking);
+  model::LlamaWeights host;
+  model::ModelConfig c;
+  const bool synthetic = spec.rfind("synthetic:", 0) == 0;
+  if (synthetic) {
+    std::vector<std::string> parts = absl::StrSplit(spec, ':');
+    CHECK_OK(model::BuiltinConfig(parts[1], &c));
+    auto f = sharding::GpuForward::CreateSynthetic(c, dt, 1, st.stream);
+    CHECK_OK(f.status());
+    st.fwd = std::move(*f);
+  } else {
+    auto w = model::LoadWeights(spec);
+    CHECK_OK(w.status());
+    host = std::move(*w);
+    c = host.config;
+    auto f = sharding::GpuForward::Create(host, dt, st.stream);
+    CHECK_OK(f.status());
+    st.fwd = std::move(*f);
+  }
+  // Synthetic weights: h = RMSNorm(x) has unit RMS, so k = h Wk has std sqrt(hidden) * 0.02.
+  st.sigma = synthetic ? 0.02f * std::sqrt(static_cast<float>(c.hidden)) : 1.0f;
+  const double weight_bytes = static_cast<double>(st.fwd->weight_bytes());
+  std::printf("# %s: %d layers, %d/%d heads x %d, weights %.2f GiB on the GPU\n", c.name.c_str(), c.n_layers,
+              c.n_heads, c.n_kv_heads, c.head_dim, weight_bytes / 1073741824.0);
+  for (absl::string_view fmt_sv : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',', absl::SkipEmpty())) {
+    const std::string fmt(fmt_sv);
+    st.factory.reset();
+    st.pool.reset();
+    std::shared_ptr<const kvstore::Quantizer> q;
+    auto parsed = kvstore::KvFormat::Parse(fmt);
+    CHECK_OK(parsed.status());
+    st.format = *parsed;
+    const kvstore::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim};
+    if (st.format.quantized()) {
+      if (synthetic || absl::GetFlag(FLAGS_quantizers).empty()) {
+        q = SyntheticQuantizer(c, st.format, st.sigma);
+      } else {
+        CHECK_OK(sharding::ResolveKvFormat(c, fmt, absl::GetFlag(FLAGS_quantizers) + "/" + fmt + ".kvqq",
+                                           model::ModelFingerprint(host), &st.format, &q));
+      }
+    }
+    st.expected_bytes_per_token = kvstore::ExpectedBytesPerToken(st.format, shape);
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    sharding::GpuKvOptions po;
+    const int64_t workspace = int64_t{3} << 30;  // step buffers, cuBLAS, decode workspace
+    po.capacity_bytes = static_cast<int64_t>((static_cast<double>(free_b) - workspace) * absl::GetFlag(FLAGS_pool_fraction));
+    po.max_sink_slots = 64;
+    auto pool = sharding::GpuKvPool::Create(shape, st.format, q, model::RopeParamsFor(c), po, st.stream);
+    CHECK_OK(pool.status());
+    st.pool = *pool;
+    st.factory = sharding::MakeGpuKvCacheFactory(st.pool, c.n_heads);
+    const double pool_bytes_per_token = static_cast<double>(st.pool->block_bytes()) / 256.0;
+    std::printf("\n## %s: %.1f KV bytes/token (canonical), %.1f in the pool (key-outlier reservation), pool %.1f GiB = "
+                "%lld tokens\n",
+                fmt.c_str(), st.expected_bytes_per_token, pool_bytes_per_token,
+                st.pool->capacity_bytes() / 1073741824.0, static_cast<long long>(st.pool->total_blocks() * 256));
+    std::printf("| model | KV | context | batch | ms/token (step) | floor ms | achieved/floor | tokens/s |\n");
+    std::printf("|---|---|---|---|---|---|---|---|\n");
+    for (int64_t ctx : Ints(absl::GetFlag(FLAGS_contexts))) {
+      for (int64_t batch : Ints(absl::GetFlag(FLAGS_batches))) {
+        const int64_t need = batch * st.pool->BytesForTokens(ctx + 64);
+        if (need > st.pool->capacity_bytes()) {
+          std::printf("| %s | %s | %lld | %lld | does not fit (%.1f GiB of KV) | | | |\n", c.name.c_str(), fmt.c_str(),
+                      static_cast<long long>(ctx), static_cast<long long>(batch), need / 1073741824.0);
+          continue;
+        }
+        std::vector<std::unique_ptr<model::KvCache>> caches;
+        for (int64_t b = 0; b < batch; ++b) {
+          auto m = st.factory->Make(0);
+          CHECK_OK(m.status());
+          Fill(st, static_cast<sharding::GpuKvCache*>(m->get()), ctx, 100 + b);
+          caches.push_back(std::move(*m));
+        }
+        const double secs = DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps));
+        const double bytes = weight_bytes + static_cast<double>(batch) * ctx * st.expected_bytes_per_token;
+        const double floor = bytes / bw;
+        std::printf("| %s | %s | %lld | %lld | %.3f | %.3f | %.2f | %.1f |\n", c.name.c_str(), fmt.c_str(),
+                    static_cast<long long>(ctx), static_cast<long long>(batch), secs * 1e3, floor * 1e3,
+                    floor / secs, batch / secs);
+        std::fflush(stdout);
+      }
+    }
+    const std::vector<int64_t> prefill = Ints(absl::GetFlag(FLAGS_prefill));
+    if (!prefill.empty()) {
+      std::printf("\n| model | KV | prompt | chunk | time to first token s | prefill tokens/s |\n|---|---|---|---|---|---|\n");
+      for (int64_t n : prefill) {
+        auto m = st.factory->Make(0);
+        CHECK_OK(m.status());
+        std::vector<int32_t> ids(n);
+        for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>((i * 7919 + 13) % (c.vocab_size - 10) + 5);
+        std::vector<float> logits;
+        const int chunk = absl::GetFlag(FLAGS_prefill_chunk);
+        const double t0 = Now();
+        for (int64_t at = 0; at < n; at += chunk) {
+          std::vector<int32_t> part(ids.begin() + at, ids.begin() + std::min<int64_t>(n, at + chunk));
+          model::ForwardItem item{m->get(), part, false};
+          CHECK_OK(st.fwd->Run(absl::MakeSpan(&item, 1), {}, &logits));
+        }
+        const double secs = Now() - t0;
+        std::printf("| %s | %s | %lld | %d | %.3f | %.0f |\n", c.name.c_str(), fmt.c_str(), static_cast<long long>(n),
+                    chunk, secs, n / secs);
+        std::fflush(stdout);
+      }
+    }
+    if (absl::GetFlag(FLAGS_capacity)) {
+      // Planner's prediction for this GPU: weights + workspace reserved, the rest at the canonical
+      // bytes per token (the planner does not know the pool's key-outlier reservation).
+      sharding::ShardPlannerOptions pl;
+      pl.bytes_per_token = st.expected_bytes_per_token;
+      pl.ranks.push_back({static_cast<int64_t>(total_b), static_cast<int64_t>(weight_bytes) + (int64_t{3} << 30)});
+      auto planner = sharding::ShardPlanner::Create(pl);
+      const int64_t predicted = planner.ok() ? planner->MaxContextTokens() : -1;
+      const int64_t tokens = st.pool->total_blocks() * 256 - 256 + st.pool->SinkCapacity(0);
+      auto m = st.factory->Make(0);
+      CHECK_OK(m.status());
+      const double t0 = Now();
+      Fill(st, static_cast<sharding::GpuKvCache*>(m->get()), tokens, 999);
+      const double fill_s = Now() - t0;
+      std::vector<std::unique_ptr<model::KvCache>> caches;
+      caches.push_back(std::move(*m));
+      const double secs = DecodeSeconds(st, caches, 3);
+      const double floor = (weight_bytes + static_cast<double>(tokens) * st.expected_bytes_per_token) / bw;
+      std::printf("\ncapacity %s: filled %lld tokens (synthetic fill, %.0f s), planner predicts %lld; decode %.2f ms/token, "
+                  "floor %.2f ms, achieved/floor %.2f\n",
+                  fmt.c_str(), static_cast<long long>(tokens), fill_s, static_cast<long long>(predicted), secs * 1e3,
+                  floor * 1e3, floor / secs);
+      std::fflush(stdout);
+    }
+  }
+  st.factory.reset();
+  st.pool.reset();
+  st.fwd.reset();
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvq
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::fprintf(stderr, "engine_bench: no CUDA device\n");
+    return 1;
+  }
+  return kvq::Main();
+}
+#else
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  std::fprintf(stderr, "engine_bench: built without CUDA\n");
+  return 1;
+}
+#endif
