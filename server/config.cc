@@ -14,6 +14,10 @@ ABSL_FLAG(std::string, metrics_port_file, "", "Write the chosen /metrics port he
 ABSL_FLAG(int, max_batch, 16, "Sequences decoded together");
 ABSL_FLAG(int, prefill_chunk, 512, "Prompt tokens per prefill chunk, interleaved with decode steps");
 ABSL_FLAG(int64_t, kv_capacity_bytes, 0, "KV cache bytes; 0: a default from available memory");
+ABSL_FLAG(std::string, device, "cpu", "cpu (reference backend) or cuda (the GPU engine on the visible device)");
+ABSL_FLAG(std::string, weights_dtype, "f16", "cuda: weight dtype f16 | bf16 | f32");
+ABSL_FLAG(double, gpu_memory_fraction, 0.90,
+          "cuda, --kv_capacity_bytes=0: fraction of the GPU memory left after the weights for the KV pool");
 ABSL_FLAG(std::string, session_dir, "", "Directory for SaveSession/RestoreSession; empty: disabled");
 ABSL_FLAG(int64_t, session_ttl_seconds, 0, "Default session TTL; 0: sessions live until deleted or evicted");
 ABSL_FLAG(int, threads, 0, "CPU (BLAS) threads for the forward pass; 0: half the hardware threads, at most 8");
@@ -29,6 +33,9 @@ absl::StatusOr<DaemonConfig> DaemonConfigFromFlags() {
   e.model = absl::GetFlag(FLAGS_model);
   e.tokenizer = absl::GetFlag(FLAGS_tokenizer);
   e.kv_format = absl::GetFlag(FLAGS_kv_format);
+  e.device = absl::GetFlag(FLAGS_device);
+  e.weights_dtype = absl::GetFlag(FLAGS_weights_dtype);
+  e.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
   e.quantizer = absl::GetFlag(FLAGS_quantizer);
   e.kv_capacity_bytes = absl::GetFlag(FLAGS_kv_capacity_bytes);
   e.max_batch = absl::GetFlag(FLAGS_max_batch);

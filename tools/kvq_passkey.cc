@@ -79,8 +79,8 @@ int Passkey() {
     const std::string answer = (*tok)->Decode(out, true);
     const bool ok = answer.find(std::to_string(key)) != std::string::npos;
     found += ok;
-    std::printf("{\"trial\": %d, \"tokens\": %zu, \"depth\": %.3f, \"key\": %d, \"answer\": \"%s\", \"ok\": %s}\n",
-                t, ids.size(), static_cast<double>(depth) / repeats, key,
+    std::printf("{\"kv_format\": \"%s\", \"trial\": %d, \"tokens\": %zu, \"depth\": %.3f, \"key\": %d, \"answer\": \"%s\", \"ok\": %s}\n",
+                factory->format().c_str(), t, ids.size(), static_cast<double>(depth) / repeats, key,
                 absl::CEscape(answer).c_str(), ok ? "true" : "false");
     std::fflush(stdout);
   }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU engine runs on a lent GPU machine, from a relocatable bundle (scripts/make_bundle.sh) and the
+# model in parts (the machine cannot reach PyPI; the file is larger than one transfer):
+#   scripts/gpu_engine_check.sh prepare DIR PARTDIR...  assemble model (hash-checked), unpack bundle/corpora
+#   scripts/gpu_engine_check.sh tests DIR               GPU engine tests against the CPU reference
+#   scripts/gpu_engine_check.sh table DIR CONTEXT JOBS  KVQuant accuracy table (GPU forward, CPU-reference KV)
+#   scripts/gpu_engine_check.sh passkey DIR TRIALS      passkey retrieval counts, fp16 / nuq4-1% / nuq3-1% / nuq2-1%
+#   scripts/gpu_engine_check.sh bench DIR ARGS...       benchmarks/engine_bench
+# DIR holds model.gguf, bundle/, corpora/ afterwards. Output goes to stdout.
+set -uo pipefail
+cmd=$1; dir=$2; shift 2
+here=$(cd "$(dirname "$0")/.." && pwd)
+want=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+env_setup() {
+  export KVQ_CACHE="$dir" NCCL_NVLS_ENABLE=0 OPENBLAS_NUM_THREADS=4
+  export LD_LIBRARY_PATH="$dir/bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  ln -sfn "$dir/SmolLM2-135M-Instruct.Q4_1.gguf" "$dir/model.gguf"
+}
+case "$cmd" in
+  prepare)
+    mkdir -p "$dir"
+    for p in "$@"; do cp "$p"/* "$dir"/; done
+    cd "$dir" || exit 1
+    if [ ! -s SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+      cat model.part.* > m.tmp && [ "$(sha256sum m.tmp | cut -d' ' -f1)" = "$want" ] || { echo "model hash mismatch"; exit 1; }
+      mv m.tmp SmolLM2-135M-Instruct.Q4_1.gguf
+    fi
+    for t in *.tar.xz; do tar -xJf "$t"; done
+    echo "prepared $dir: $(ls "$dir" | tr '\n' ' ')" ;;
+  tests)
+    env_setup
+    "$dir/bundle/bin/gpu_engine_test" 2>&1 | grep -v '^\[ RUN\|^\[       OK' ;;
+  table)
+    env_setup
+    ctx=$1; jobs=$2
+    python3 "$here/tools/accuracy_table.py" --kvq "$dir/bundle/bin/kvq" --model "$dir/model.gguf" \
+      --corpora "$dir/corpora" --quantizers "$here/tests/fixtures/quantizers" --context "$ctx" \
+      --jobs "$jobs" --threads 2 --out "${OUT:-/tmp}/table_$ctx.jsonl" \
+      --kvq_args "--device cuda --kv_host --weights_dtype f32" ;;
+  passkey)
+    env_setup
+    trials=$1
+    for f in fp16 nuq4-1% nuq3-1% nuq2-1%; do
+      q=(); [ "$f" != fp16 ] && q=(--quantizer "$here/tests/fixtures/quantizers/$f.kvqq")
+      "$dir/bundle/bin/kvq" passkey --model "$dir/model.gguf" --kv_format "$f" "${q[@]}" --trials "$trials" \
+        --length 7000 --device cuda --kv_host --weights_dtype f32 2>/dev/null &
+    done
+    wait ;;
+  bench)
+    env_setup
+    "$dir/bundle/bin/engine_bench" "$@" ;;
+esac
