@@ -6,7 +6,10 @@
 // the fp16 kernel at the same point. A markdown table is printed last; --json=FILE writes JSON.
 //
 //   kernels_bench [--quick] [--contexts=32768,1048576] [--batches=1,8] [--shapes=llama3-8b,...]
-//                 [--formats=fp16,nuq3-1%] [--iters=7] [--mem_gb=48] [--json=out.json]
+//                 [--formats=fp16,nuq3-1%] [--iters=7] [--mem_gb=48] [--sink=0] [--json=out.json]
+//
+// --sink=N gives quantized formats N fp16 sink tokens (the engine's default is 1; 0 keeps the
+// pool uniform and matches the earlier tables); context counts them.
 //
 // Memory: one layer, blocks of a sequence are distinct; when batch * blocks would exceed
 // --mem_gb the block table wraps around a pool of that size (>= 1 GiB, far above L2, so the
@@ -187,6 +190,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> formats = {"fp16", "nuq4-1%", "nuq3-1%", "nuq2-1%"};
   int iters = 7;
   double mem_gb = 48.0;
+  int sink = 0;
   std::string json;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -210,6 +214,8 @@ int main(int argc, char** argv) {
       iters = std::max(1, std::atoi(v));
     } else if (const char* v = val("--mem_gb=")) {
       mem_gb = std::atof(v);
+    } else if (const char* v = val("--sink=")) {
+      sink = std::max(0, std::min(64, std::atoi(v)));
     } else if (const char* v = val("--json=")) {
       json = v;
     } else {
@@ -246,7 +252,7 @@ int main(int argc, char** argv) {
           auto fmt = kvq::kvstore::KvFormat::Parse(fname);
           if (!fmt.ok()) { std::fprintf(stderr, "%s\n", std::string(fmt.status().message()).c_str()); return 2; }
           kvq::kvstore::KvFormat f = *fmt;
-          f.sink_tokens = 0;  // sinks are noise at these lengths; keeps the pool uniform
+          f.sink_tokens = f.quantized() ? sink : 0;
           const kvq::kvstore::KvShape kshape{1, sh->n_kv_heads, sh->head_dim};
           const auto lay = kvq::kvstore::ComputeBlockLayout(f, kshape);
           const auto geo = Geometry(lay);
@@ -310,6 +316,17 @@ int main(int argc, char** argv) {
           CK(cudaMemcpy(dkzp, kzp.data(), kzp.size() * 4, cudaMemcpyHostToDevice));
           CK(cudaMemcpy(dkr, kr.data(), kr.size() * 4, cudaMemcpyHostToDevice));
           CK(cudaMemset(dq, 0, qn * 4));
+          // Sink buffers: one fp16 buffer (zeros) shared by every sequence.
+          uint16_t* dsink = nullptr;
+          const uint16_t** dsink_ptrs = nullptr;
+          if (f.sink_tokens > 0) {
+            const size_t halves = static_cast<size_t>(2) * f.sink_tokens * sh->n_kv_heads * sh->head_dim;
+            CK(cudaMalloc(&dsink, halves * 2));
+            CK(cudaMemset(dsink, 0, halves * 2));
+            std::vector<const uint16_t*> ptrs(batch, dsink);
+            CK(cudaMalloc(&dsink_ptrs, batch * sizeof(void*)));
+            CK(cudaMemcpy(dsink_ptrs, ptrs.data(), batch * sizeof(void*), cudaMemcpyHostToDevice));
+          }
 
           kvq::kernels::DecodeAttentionParams p;
           p.kv.geom = geo;
@@ -324,6 +341,8 @@ int main(int argc, char** argv) {
           p.kv.key_zero_point = dkzp;
           p.kv.key_range = dkr;
           p.kv.rope_inv_freq = dinv;
+          p.kv.sink_tokens = f.sink_tokens;
+          p.kv.sink = dsink_ptrs;
           p.layer = 0;
           p.batch = batch;
           p.n_heads = sh->n_heads;
@@ -383,8 +402,9 @@ int main(int argc, char** argv) {
           for (void* ptr : {static_cast<void*>(pool), static_cast<void*>(dtable), static_cast<void*>(dlens),
                             static_cast<void*>(dfirst), static_cast<void*>(dinv), static_cast<void*>(dlut),
                             static_cast<void*>(dkzp), static_cast<void*>(dkr), static_cast<void*>(dq),
-                            static_cast<void*>(dout), static_cast<void*>(dlse), ws}) {
-            CK(cudaFree(ptr));
+                            static_cast<void*>(dout), static_cast<void*>(dlse), ws,
+                            static_cast<void*>(dsink), static_cast<void*>(dsink_ptrs)}) {
+            if (ptr != nullptr) CK(cudaFree(ptr));
           }
         }
       }

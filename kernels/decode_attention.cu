@@ -116,14 +116,13 @@ std::string DecodeAttentionDesc::ToString() const {
 
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
                        int sm_count) {
+  (void)sink_tokens;  // every instantiated format takes a tensor-core kernel (sinks included)
   const int max_blocks = std::max(1, (max_seq_len + kKvBlockTokens - 1) / kKvBlockTokens);
-  // Without sink tokens the tensor-core kernel runs: a CTA holds up to 8 KV heads and two CTAs
-  // fit on an SM. With sinks the CUDA-core kernel runs: a CTA per KV head, about four per SM.
-  const bool mma = sink_tokens == 0;
-  const int64_t heads_ctas = mma ? (n_kv_heads + kMmaMaxWarps - 1) / kMmaMaxWarps : n_kv_heads;
+  // Tensor-core kernels: a CTA holds up to 8 KV heads and two CTAs fit on an SM.
+  const int64_t heads_ctas = (n_kv_heads + kMmaMaxWarps - 1) / kMmaMaxWarps;
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * heads_ctas);
   // One wave of resident CTAs; never split below one block per CTA.
-  const int64_t target = (mma ? 2LL : 4LL) * std::max(sm_count, 1);
+  const int64_t target = 2LL * std::max(sm_count, 1);
   int splits = static_cast<int>(std::clamp<int64_t>((target + ctas - 1) / ctas, 1, max_blocks));
   splits = std::min(splits, 65535);
   const int blocks_per_split = (max_blocks + splits - 1) / splits;
@@ -141,9 +140,12 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
   if (p.batch == 0) return absl::OkStatus();
   const KvBlockGeometry& g = p.kv.geom;
   const DecodeAttentionDesc desc{g.head_dim, p.kv.codec, GroupBucket(p.n_heads / g.n_kv_heads)};
-  // The tensor-core kernel serves caches without fp16 sink tokens; the CUDA-core kernel the rest.
+  // Tensor-core kernels: LUT codecs with or without fp16 sink tokens (decode_attention_lut_mma.cuh)
+  // and fp16 without sinks (decode_attention_mma.cuh; fp16 formats have none). The CUDA-core
+  // kernel (decode_attention.cuh) serves the rest.
+  const bool quant = p.kv.codec != KvCodec::kFp16;
   const decode_attention_internal::DecodeAttentionMmaEntry* mma_entry =
-      p.kv.sink_tokens == 0 ? FindMmaEntry(g.head_dim, p.kv.codec) : nullptr;
+      (quant || p.kv.sink_tokens == 0) ? FindMmaEntry(g.head_dim, p.kv.codec) : nullptr;
   const DecodeAttentionEntry* entry = mma_entry != nullptr ? nullptr : FindEntry(desc);
   if (entry == nullptr && mma_entry == nullptr) {
     return absl::UnimplementedError(absl::StrCat(

@@ -38,7 +38,9 @@ struct DecodeAttentionDesc {
   bool operator==(const DecodeAttentionDesc&) const = default;
 };
 
-// Splits the launcher uses for these sizes when num_splits == 0 (>= 1).
+// Splits the launcher uses for these sizes when num_splits == 0 (>= 1). sink_tokens no longer
+// changes the choice (every instantiated format takes a tensor-core kernel, sinks included).
+// Sink buffers (PagedKvCache::sink) must be 16-byte aligned: the LUT kernel reads them in uint4.
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens, int sm_count);
 size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits);
 

@@ -1,7 +1,9 @@
 // Tensor-core decode attention over a paged KV cache (fp16 or KVQuant LUT codes, per-channel key
-// scaling, pre- or post-RoPE keys). The launcher uses it whenever the cache has no fp16 sink
-// tokens; DecodeAttentionKernel (decode_attention.cuh) remains the path with sinks and the
-// description of the math. Same (o, lse) partial output and split-KV merge.
+// scaling, pre- or post-RoPE keys). The launcher instantiates it for the fp16 codec only (fp16
+// formats have no sink tokens); LUT codecs, with or without sinks, take
+// decode_attention_lut_mma.cuh, which reuses this file's fragments, staging and RoPE table and is
+// where the LUT branches below were carried further. DecodeAttentionKernel (decode_attention.cuh)
+// remains the description of the math. Same (o, lse) partial output and split-KV merge.
 //
 // Thread mapping. CTA = up to 8 warps = up to 8 KV heads of one sequence and one split; warp w
 // owns KV head hk = blockIdx.x * warps + w for the whole token range of the split (so no

@@ -137,12 +137,17 @@ __global__ void InitKvBlocksKernel(const InitKvBlocksParams p) {
   for (int64_t i = threadIdx.x; i < n16; i += blockDim.x) w[i] = make_uint4(0, 0, 0, 0);
   if (p.dir_offset < 0) return;
   __syncthreads();
-  for (int i = threadIdx.x; i < p.n_layers * p.n_kv_heads; i += blockDim.x) {
+  const int lists = p.n_layers * p.n_kv_heads;
+  const uint32_t hw = static_cast<uint32_t>(p.key_outlier_header_words);
+  uint32_t* var = reinterpret_cast<uint32_t*>(blk + p.fixed_bytes);
+  for (int i = threadIdx.x; i < lists; i += blockDim.x) {
     const int l = i / p.n_kv_heads, h = i % p.n_kv_heads;
     uint32_t* dir = reinterpret_cast<uint32_t*>(blk + l * p.layer_bytes + p.dir_offset) + 2 * h;
-    dir[0] = static_cast<uint32_t>(i) * static_cast<uint32_t>(p.key_outlier_capacity);
+    dir[0] = hw + static_cast<uint32_t>(i) * static_cast<uint32_t>(p.key_outlier_capacity);
     dir[1] = 0;
+    if (hw > 0) var[1 + i] = static_cast<uint32_t>(p.key_outlier_capacity);
   }
+  if (hw > 0 && threadIdx.x == 0) var[0] = hw + static_cast<uint32_t>(lists) * p.key_outlier_capacity;
 }
 
 unsigned GridFor(int64_t n, int threads) {

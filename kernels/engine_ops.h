@@ -66,8 +66,9 @@ absl::Status LaunchGatherRows(int n, int dim, const float* src, const int32_t* i
                               cudaStream_t stream);
 
 // Fresh blocks of a paged pool: every byte of block ids[i] (stride bytes) zeroed, then the
-// key-outlier directory of each (layer, head) set to {first = (layer * n_kv + head) * capacity,
-// count = 0} (kernels/paged_kv.h). dir_offset < 0: the format has no key outliers.
+// key-outlier directory of each (layer, head) set to {first = header_words + (layer * n_kv +
+// head) * capacity, count = 0} and, with growable lists, the header (kernels/paged_kv.h).
+// dir_offset < 0: the format has no key outliers.
 struct InitKvBlocksParams {
   uint8_t* pool = nullptr;
   int64_t block_stride_bytes = 0;
@@ -76,8 +77,12 @@ struct InitKvBlocksParams {
   int n_layers = 0;
   int n_kv_heads = 0;
   int64_t layer_bytes = 0;
+  int64_t fixed_bytes = 0;
   int64_t dir_offset = -1;
   int key_outlier_capacity = 0;
+  // Growable lists (kernels/paged_kv.h): lists start after this many header words, and the
+  // header gets the spare area's start and every list's capacity. 0: fixed reservations.
+  int key_outlier_header_words = 0;
 };
 absl::Status LaunchInitKvBlocks(const InitKvBlocksParams& p, cudaStream_t stream);
 

@@ -124,18 +124,55 @@ __global__ void KeyAppendKernel(const KvAppendParams p) {
         total += warp_cnt_s[w];
       }
       uint32_t* dir = reinterpret_cast<uint32_t*>(lbase + g.key_outlier_dir_offset) + 2 * h;
-      const uint32_t first = dir[0], count = dir[1];
-      const bool fits = count + total <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
-      if (outlier && fits) {
-        const int rank = before + __popc(ballot & ((1u << lane) - 1u));
-        uint32_t* ents = reinterpret_cast<uint32_t*>(block + g.fixed_bytes) + first;
-        ents[count + rank] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
-                             (static_cast<uint32_t>(HalfBitsOf(x)) << 16);
+      uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
+      __shared__ uint32_t first_s, count_s, moved_from_s;
+      __shared__ int fits_s, moved_s;
+      if (c == 0) {
+        uint32_t first = dir[0];
+        const uint32_t count = dir[1];
+        int fits = 1, moved = 0;
+        if (p.kv.key_outlier_header_words == 0) {
+          fits = count + total <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
+        } else if (total > 0) {
+          uint32_t* cap_w = var + 1 + (p.layer * H + h);
+          const uint32_t cap = *cap_w;
+          if (count + total > cap) {
+            const uint32_t want = max(2u * cap, count + static_cast<uint32_t>(total) + 32u);
+            const uint32_t end_words = static_cast<uint32_t>((p.kv.block_stride_bytes - g.fixed_bytes) / 4);
+            const uint32_t at = atomicAdd(var, want);
+            if (at + want <= end_words) {
+              moved_from_s = first;
+              first = at;
+              *cap_w = want;
+              moved = 1;
+            } else {
+              fits = 0;
+            }
+          }
+        }
+        first_s = first;
+        count_s = count;
+        fits_s = fits;
+        moved_s = moved;
       }
-      __syncthreads();  // every thread read dir[1] before it moves
+      __syncthreads();
+      if (moved_s) {  // copy the list to its new region (ordered: one writer per list)
+        for (uint32_t e = c; e < count_s; e += blockDim.x) var[first_s + e] = var[moved_from_s + e];
+        __syncthreads();
+      }
+      if (outlier && fits_s) {
+        const int rank = before + __popc(ballot & ((1u << lane) - 1u));
+        var[first_s + count_s + rank] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
+                                        (static_cast<uint32_t>(HalfBitsOf(x)) << 16);
+      }
+      __syncthreads();  // every entry is written before the directory moves
       if (c == 0 && total > 0) {
-        if (fits) dir[1] = count + total;
-        else if (p.overflow != nullptr) *p.overflow = 1;
+        if (fits_s) {
+          dir[0] = first_s;
+          dir[1] = count_s + total;
+        } else if (p.overflow != nullptr) {
+          *p.overflow = 1;
+        }
       }
     }
     __syncthreads();

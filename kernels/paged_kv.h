@@ -60,6 +60,17 @@ struct PagedKvCache {
   // Append kernels write up to key_outlier_capacity entries per (layer, head) and block with
   // first = (layer * n_kv_heads + head) * key_outlier_capacity (the pool's reservation).
   int key_outlier_capacity = 0;
+  // Growable lists (key_outlier_header_words > 0): the variable section starts with a header of
+  // that many uint32 words: word 0 = next free word of the block's spare area, words 1 + i = the
+  // capacity of list i = layer * n_kv_heads + head. Lists start at first = header_words +
+  // i * key_outlier_capacity; a list that would overflow moves (its entries copied) to a region of
+  // twice its capacity taken from the spare area, which runs to the end of the block stride. Only
+  // when the spare area is exhausted are new entries dropped (the overflow flag). Readers use
+  // {first, count} from the directory as always.
+  int key_outlier_header_words = 0;
+  KVQ_HOST_DEVICE static int KeyOutlierHeaderWords(int n_layers, int n_kv_heads) {
+    return (1 + n_layers * n_kv_heads + 3) / 4 * 4;
+  }
   const int32_t* block_table = nullptr;      // [batch][max_blocks_per_seq]
   int max_blocks_per_seq = 0;
   // Elements between consecutive batch rows of block_table; -1 means max_blocks_per_seq. 0 makes

@@ -774,8 +774,8 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   if (overflows != m.overflows_seen) {
     m.overflows_seen = overflows;
     std::fprintf(stderr,
-                 "[kvq] warning: a block's key-outlier reservation overflowed (%lld steps so far); the "
-                 "extra outliers were clamped. Raise GpuKvOptions::key_outlier_headroom.\n",
+                 "[kvq] warning: a block's key-outlier spare area overflowed (%lld steps so far); the "
+                 "extra outliers were clamped. Raise GpuKvOptions::key_outlier_spare_fraction.\n",
                  static_cast<long long>(overflows));
   }
   return absl::OkStatus();

@@ -103,14 +103,17 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   p->rope_ = rope;
   p->stream_ = stream;
   const kvstore::BlockLayout& lay = p->layout_;
-  int cap = 0;
+  int cap = 0, header = 0;
+  int64_t spare = 0;
+  const int64_t lists = static_cast<int64_t>(shape.n_layers) * shape.n_kv_heads;
   if (lay.has_key_outliers) {
     const double expected = static_cast<double>(kBlockTokens) * shape.head_dim * format.outlier_fraction;
-    cap = static_cast<int>(std::ceil(options.key_outlier_headroom * expected)) + shape.head_dim / 2;
+    cap = static_cast<int>(std::ceil(options.key_outlier_base_headroom * expected)) + shape.head_dim / 4;
     cap = std::min((cap + 3) / 4 * 4, kBlockTokens * shape.head_dim);
+    header = kernels::PagedKvCache::KeyOutlierHeaderWords(shape.n_layers, shape.n_kv_heads);
+    spare = static_cast<int64_t>(std::ceil(options.key_outlier_spare_fraction * expected * lists));
   }
-  const int64_t stride =
-      kvstore::AlignUp(lay.fixed_bytes + static_cast<int64_t>(shape.n_layers) * shape.n_kv_heads * cap * 4, 16);
+  const int64_t stride = kvstore::AlignUp(lay.fixed_bytes + (header + lists * cap + spare) * 4, 16);
   const int64_t L = shape.ElementsPerTokenPerLayer();
   p->sink_slot_bytes_ = static_cast<int64_t>(shape.n_layers) * format.sink_tokens * L * 2 * 2;
 
@@ -142,6 +145,7 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   v.pool = p->arena_;
   v.block_stride_bytes = stride;
   v.key_outlier_capacity = cap;
+  v.key_outlier_header_words = header;
   v.sink_tokens = format.sink_tokens;
   v.keys_rotated = false;
   v.rope_inv_freq = p->inv_freq_;
@@ -242,6 +246,8 @@ absl::Status GpuKvPool::AllocateBlocks(int n, std::vector<int32_t>* ids) {
     ip.n_layers = shape_.n_layers;
     ip.n_kv_heads = shape_.n_kv_heads;
     ip.layer_bytes = layout_.layer_bytes;
+    ip.fixed_bytes = layout_.fixed_bytes;
+    ip.key_outlier_header_words = view_.key_outlier_header_words;
     ip.dir_offset = layout_.has_key_outliers ? layout_.key_outlier_dir_offset : -1;
     ip.key_outlier_capacity = view_.key_outlier_capacity;
     KVQ_RETURN_IF_ERROR(kernels::LaunchInitKvBlocks(ip, stream_));
@@ -299,7 +305,8 @@ int64_t GpuKvPool::overflows() {
 // ---------------------------------------------------------------------------------------------
 // Canonical <-> device block bytes
 
-std::string CanonicalBlockFromDevice(const kvstore::BlockLayout& layout, int cap, const uint8_t* dev) {
+std::string CanonicalBlockFromDevice(const kvstore::BlockLayout& layout, int64_t stride, const uint8_t* dev) {
+  const uint32_t var_words = static_cast<uint32_t>((stride - layout.fixed_bytes) / 4);
   std::string out(reinterpret_cast<const char*>(dev), static_cast<size_t>(layout.fixed_bytes));
   if (!layout.has_key_outliers) return out;
   uint32_t first = 0;
@@ -307,8 +314,8 @@ std::string CanonicalBlockFromDevice(const kvstore::BlockLayout& layout, int cap
   for (int l = 0; l < layout.n_layers; ++l) {
     for (int h = 0; h < layout.n_kv_heads; ++h) {
       uint8_t* dir = reinterpret_cast<uint8_t*>(out.data()) + layout.KeyOutlierDirAt(l, h);
-      const uint32_t at = Load32(dir);
-      const uint32_t count = std::min<uint32_t>(Load32(dir + 4), static_cast<uint32_t>(cap));
+      const uint32_t at = std::min(Load32(dir), var_words);
+      const uint32_t count = std::min(Load32(dir + 4), var_words - at);
       std::vector<uint32_t> e(count);
       std::memcpy(e.data(), dev + layout.fixed_bytes + static_cast<int64_t>(at) * 4, count * 4);
       std::sort(e.begin(), e.end(), [](uint32_t a, uint32_t b) {
@@ -326,7 +333,7 @@ std::string CanonicalBlockFromDevice(const kvstore::BlockLayout& layout, int cap
   return out + entries;
 }
 
-absl::Status DeviceBlockFromCanonical(const kvstore::BlockLayout& layout, int cap,
+absl::Status DeviceBlockFromCanonical(const kvstore::BlockLayout& layout, int cap, int header,
                                       const std::string& canonical, int64_t stride,
                                       std::vector<uint8_t>* out) {
   out->assign(static_cast<size_t>(stride), 0);
@@ -337,24 +344,40 @@ absl::Status DeviceBlockFromCanonical(const kvstore::BlockLayout& layout, int ca
   if (!layout.has_key_outliers) return absl::OkStatus();
   const uint8_t* src = reinterpret_cast<const uint8_t*>(canonical.data());
   const int64_t n_entries = (static_cast<int64_t>(canonical.size()) - layout.fixed_bytes) / 4;
+  uint8_t* var = out->data() + layout.fixed_bytes;
+  const int64_t var_words = (stride - layout.fixed_bytes) / 4;
+  const int lists = layout.n_layers * layout.n_kv_heads;
+  int64_t spare_next = header + static_cast<int64_t>(lists) * cap;
   for (int l = 0; l < layout.n_layers; ++l) {
     for (int h = 0; h < layout.n_kv_heads; ++h) {
+      const int i = l * layout.n_kv_heads + h;
       uint8_t* dir = out->data() + layout.KeyOutlierDirAt(l, h);
       const uint32_t first = Load32(dir), count = Load32(dir + 4);
-      if (count > static_cast<uint32_t>(cap)) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "a block holds ", count, " key outliers for layer ", l, " head ", h,
-            ", more than the GPU pool reserves (", cap, "); raise GpuKvOptions::key_outlier_headroom"));
-      }
       if (first + static_cast<int64_t>(count) > n_entries) {
         return absl::DataLossError("key outlier directory out of range");
       }
-      const uint32_t at = static_cast<uint32_t>((l * layout.n_kv_heads + h) * cap);
-      std::memcpy(out->data() + layout.fixed_bytes + static_cast<int64_t>(at) * 4,
-                  src + layout.fixed_bytes + static_cast<int64_t>(first) * 4, count * 4);
-      Store32(dir, at);
+      int64_t at = header + static_cast<int64_t>(i) * cap;
+      int64_t list_cap = cap;
+      if (count > static_cast<uint32_t>(cap)) {
+        if (header == 0) {
+          return absl::ResourceExhaustedError(absl::StrCat("a block holds ", count, " key outliers for layer ", l,
+                                                           " head ", h, ", more than the pool reserves (", cap, ")"));
+        }
+        list_cap = std::max<int64_t>(2 * cap, count + 32);
+        at = spare_next;
+        spare_next += list_cap;
+        if (spare_next > var_words) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "a block's key outliers exceed the GPU pool's spare area (layer ", l, " head ", h, ": ", count,
+              "); raise GpuKvOptions::key_outlier_spare_fraction"));
+        }
+      }
+      std::memcpy(var + at * 4, src + layout.fixed_bytes + static_cast<int64_t>(first) * 4, count * 4);
+      Store32(dir, static_cast<uint32_t>(at));
+      if (header > 0) Store32(var + (1 + i) * 4, static_cast<uint32_t>(list_cap));
     }
   }
+  if (header > 0) Store32(var, static_cast<uint32_t>(spare_next));
   return absl::OkStatus();
 }
 
@@ -572,7 +595,7 @@ absl::StatusOr<std::string> GpuKvCache::Serialize() const {
   std::vector<uint8_t> buf(static_cast<size_t>(B));
   for (int64_t b = 0; b < used; ++b) {
     KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(buf.data(), pool_->view().pool + blocks_[b] * B, B, cudaMemcpyDeviceToHost));
-    blocks.push_back(CanonicalBlockFromDevice(pool_->layout(), pool_->key_outlier_capacity(), buf.data()));
+    blocks.push_back(CanonicalBlockFromDevice(pool_->layout(), B, buf.data()));
   }
   const kvstore::KvShape& sh = pool_->shape();
   const size_t half_n = static_cast<size_t>(sh.n_layers) * sink_cap_ * sh.ElementsPerTokenPerLayer();
@@ -599,7 +622,8 @@ absl::StatusOr<std::unique_ptr<GpuKvCache>> GpuKvCache::Deserialize(std::shared_
   std::vector<uint8_t> buf;
   for (int64_t b = 0; b < cpu->num_blocks(); ++b) {
     KVQ_RETURN_IF_ERROR(DeviceBlockFromCanonical(pool->layout(), pool->key_outlier_capacity(),
-                                                 cpu->ExportBlock(b), B, &buf));
+                                                 pool->view().key_outlier_header_words, cpu->ExportBlock(b), B,
+                                                 &buf));
     KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(const_cast<uint8_t*>(pool->view().pool) + c->blocks_[b] * B, buf.data(), B,
                                         cudaMemcpyHostToDevice));
   }

@@ -226,6 +226,14 @@ std::vector<Case> Cases() {
     // One split over > 64 groups of 64 tokens: the fp32 RoPE anchor recurrence is re-anchored.
     cs.push_back({"nuq4-1%", hd, 1, 8, {4500}, 9990000, 1});
     cs.push_back({"fp16", hd, 9, 1, {4500}, 5000000, 1});
+    // fp16 sink tokens on the tensor-core path: partial sink capacity (first_position 2 < sink
+    // 5), sinks only in split 0 of several, the 64-token maximum (4 sink tiles), post-RoPE keys
+    // with rotated sinks, mixed lengths shorter and longer than the sink.
+    cs.push_back({"nuq3-1%-sink5", hd, 2, 4, {1, 3, 4, 300}, 2, 0});
+    cs.push_back({"nuq4-1%-sink5", hd, 2, 8, {600, 2, 5, 517}, 0, 3});
+    cs.push_back({"nuq2-1%-sink64", hd, 1, 4, {64, 65, 400, 30}, 0, 0});
+    cs.push_back({"int3-pc-post-1%-sink3", hd, 2, 4, {1, 113, 256, 257, 700}, 0, 2});
+    cs.push_back({"nuq3-1%", hd, 8, 4, {2048, 1, 777}, 0, 0});
   }
   return cs;
 }

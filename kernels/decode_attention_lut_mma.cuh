@@ -1,0 +1,615 @@
+// Tensor-core decode attention for LUT codecs (nuqB / intB per-channel, B = 2, 3, 4), with or
+// without fp16 sink tokens. Same (o, lse) partials and split-KV merge as the other kernels; the
+// thread mapping, staging tile, ldmatrix/mma fragments and the RoPE cos/sin table scheme are those
+// of decode_attention_mma.cuh (read that first). What differs is where the dequantization
+// arithmetic goes: the staging tile holds raw LUT values (fp16), and every per-channel / per-token
+// affine factor is moved out of the per-element path into the mma operands.
+//
+// Keys. A key is k_c = r_c l_c + z_c (l = key_lut[code], per-channel range r and zero point z),
+// rotated by RoPE in rotate-half pairs (c, c + hd/2) at the token's angles th_c. Expanding
+//   q . R(th) k = sum_{c < hd/2} cos_c (q_c k_c + q_c' k_c') + sin_c (q_c' k_c - q_c k_c')
+// (c' = c + hd/2) gives
+//   s = (l o cos) . Q1 + (l o sin) . Q2 + cos . Zc + sin . Zs
+// with, per query head (all scaled by softmax scale * log2 e):
+//   Q1_c = q_c r_c,  Q2_c = q_c' r_c,  Q1_c' = q_c' r_c',  Q2_c' = -q_c r_c'
+//   Zc_f = q_f z_f + q_f' z_f',  Zs_f = q_f' z_f - q_f z_f'          (f < hd/2)
+// where "o cos" multiplies channel c and c' by cos th_c. So the A operands are the staged LUT
+// values times the cos/sin table (two HMUL2 per register, the cost of the rotation it replaces),
+// the per-channel scaling lives in the B operands (q, built once per CTA), and the zero-point
+// term is an mma of the cos/sin table itself. 24 mma per tile instead of 8; tensor cores are idle
+// in this kernel anyway. Post-RoPE keys use the same code with cos = 1, sin = 0.
+// A key outlier x replaces l by (x - z_c) / r_c in the staging tile.
+//
+// Values. v = r_t l + zp_t with per-token fp16 scaling, so
+//   o = sum_t p_t v_t = sum_t (p_t r_t) l_t + (sum_t p_t zp_t) 1:
+// the P operand carries p_t r_t (fp16), the zero points go to one fp32 accumulator per head, and
+// the staged values are LUT values. A value outlier x replaces l by (x - zp_t) / r_t.
+// Both tables are pair tables: entry (a | b << B) = half2(lut[a], lut[b]), one 32-bit shared load
+// per two channels, one table per layer for all KV heads of the CTA.
+//
+// Sink tokens (fp16, pre-RoPE, outside blocks; split 0 only): up to 4 extra tiles before the block
+// tiles, staged from the sink buffers as l = (k - z_c) / r_c and v with r = 1, zp = 0, rotated at
+// their own positions with a cos/sin group anchored at first_position (always rotated, also for
+// post-RoPE formats). Sink buffers must be 16-byte aligned (read in uint4).
+//
+// Precision: l, cos/sin, their products and P are fp16 (relative 2^-11), all sums fp32 — the same
+// roundings as decode_attention_mma.cuh, which rounds the dequantized key and value instead. An
+// outlier whose (x - zero point) / range exceeds the fp16 range (range clamped to 2^-14 by the
+// quantizer and a huge outlier) is clamped to +-65504.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+#include <cstdint>
+
+#include "kernels/decode_attention.h"
+#include "kernels/decode_attention_mma.cuh"
+#include "kernels/paged_kv.h"
+
+namespace kvq::kernels::decode_attention_lut_mma {
+
+using decode_attention_mma::BitsH2;
+using decode_attention_mma::CMul;
+using decode_attention_mma::Codes8;
+using decode_attention_mma::H2Bits;
+using decode_attention_mma::kGroupTiles;
+using decode_attention_mma::kLn2;
+using decode_attention_mma::kLog2e;
+using decode_attention_mma::kMaxWarps;
+using decode_attention_mma::kTile;
+using decode_attention_mma::Ldsm2T;
+using decode_attention_mma::Ldsm4;
+using decode_attention_mma::Ldsm4T;
+using decode_attention_mma::LoadWords;
+using decode_attention_mma::Mma;
+using decode_attention_mma::PackF2;
+using decode_attention_mma::SinCosD;
+using decode_attention_mma::SmemAddr;
+using decode_attention_mma::StageOff;
+
+template <int kHeadDim, int kBits>
+struct LutMmaCfg {
+  static constexpr int kC = 1 << kBits;
+  static constexpr int kPairs = kC * kC;              // pair-table entries
+  static constexpr int kHalf = kHeadDim / 2;
+  static constexpr int kChunks = kHeadDim / 16;
+  static constexpr int kHC = kChunks / 2;
+  static constexpr int kHalfWords = kHalf * kBits / 32;
+  // cos/sin table: per tile and lane, for each lo chunk jj: the 4 cos half2 of the lane's A
+  // registers (reg r = token half + 2 * column half), then the 4 sin half2.
+  static constexpr int kCsWords = kHC * 8;
+  static constexpr int kCsStride = kCsWords + 4;      // conflict-free 16-byte reads
+  static constexpr int kStageBytes = kTile * kHeadDim * 2;
+  static constexpr int kPBytes = kTile * 8 * 2;
+  static constexpr int kZrBytes = kHeadDim * 8;       // float2 {zero point, 1 / range}
+  static constexpr int kZBytes = 2 * kHC * 32 * 16;   // Q2 and zero-point B fragments [jj][lane]
+  static constexpr int kWarpBytes = (kStageBytes + kPBytes + kZrBytes + kZBytes + 15) / 16 * 16;
+  static constexpr int kCsBytes = kGroupTiles * 32 * kCsStride * 4;
+  static constexpr int kRotBytes = kHalf * 11 * 8;    // anchor, e1, st8[8], e64 (float2)
+  static constexpr int kPairBytes = 2 * kPairs * 4;   // key and value pair tables
+  static constexpr int kCtaBytes = kCsBytes + kRotBytes + kPairBytes;
+  static size_t SmemBytes(int warps) { return kCtaBytes + static_cast<size_t>(warps) * kWarpBytes; }
+};
+
+template <int kW>
+struct LutRaw {
+  uint32_t k[kW], v[kW], vscale;
+};
+
+__device__ __forceinline__ float HalfLo(uint32_t u) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(u & 0xffffu)));
+}
+__device__ __forceinline__ float HalfHi(uint32_t u) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(u >> 16)));
+}
+__device__ __forceinline__ uint16_t ClampedHalf(float x) {
+  return __half_as_ushort(__float2half_rn(fminf(fmaxf(x, -65504.0f), 65504.0f)));
+}
+__device__ __forceinline__ uint32_t HMul2(uint32_t a, uint32_t b) {
+  return H2Bits(__hmul2(BitsH2(a), BitsH2(b)));
+}
+__device__ __forceinline__ void PrefetchL1(const void* ptr) {
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr));
+}
+
+template <int kHeadDim, KvCodec kCodec>
+__global__ void __launch_bounds__(kMaxWarps * 32, 2)
+    DecodeAttentionLutMmaKernel(const DecodeAttentionParams p, const int tokens_per_split,
+                                float* __restrict__ part_o, float* __restrict__ part_lse) {
+  static_assert(kCodec != KvCodec::kFp16);
+  constexpr int kBits = static_cast<int>(kCodec);
+  using Cfg = LutMmaCfg<kHeadDim, kBits>;
+  constexpr int kC = Cfg::kC;
+  constexpr int kPairs = Cfg::kPairs;
+  constexpr int kHalf = Cfg::kHalf;
+  constexpr int kChunks = Cfg::kChunks;
+  constexpr int kHC = Cfg::kHC;
+  constexpr int kW = Cfg::kHalfWords;
+  constexpr int kReanchor = 64;
+  using RawT = LutRaw<kW>;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint32_t* cs_s = reinterpret_cast<uint32_t*>(smem);
+  float2* anc_s = reinterpret_cast<float2*>(smem + Cfg::kCsBytes);
+  float2* e1_s = anc_s + kHalf;
+  float2* st8_s = e1_s + kHalf;  // [kHalf][8]
+  float2* e64_s = st8_s + kHalf * 8;
+  uint32_t* kpair_s = reinterpret_cast<uint32_t*>(smem + Cfg::kCsBytes + Cfg::kRotBytes);
+  uint32_t* vpair_s = kpair_s + kPairs;
+
+  const PagedKvCache& kv = p.kv;
+  const KvBlockGeometry& geo = kv.geom;
+  const int nwarps = blockDim.x >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int hk = blockIdx.x * nwarps + warp;
+  const int split = blockIdx.y, b = blockIdx.z;
+  const int n_kv = geo.n_kv_heads;
+  const bool active = hk < n_kv;
+  const int group = p.n_heads / n_kv;
+  const bool rope = !kv.keys_rotated;
+  const int g = lane >> 2, q4 = lane & 3;
+  uint8_t* wsm = smem + Cfg::kCtaBytes + warp * Cfg::kWarpBytes;
+  uint8_t* stage = wsm;
+  uint8_t* pbuf = wsm + Cfg::kStageBytes;
+  float2* zr_s = reinterpret_cast<float2*>(wsm + Cfg::kStageBytes + Cfg::kPBytes);
+  uint4* zb_s = reinterpret_cast<uint4*>(wsm + Cfg::kStageBytes + Cfg::kPBytes + Cfg::kZrBytes);
+  uint4* q2b_s = zb_s + kHC * 32;
+
+  const int seq_len = kv.seq_lens[b];
+  const int64_t first_pos = kv.first_positions[b];
+  const int n_sink_cap = static_cast<int>(
+      min(max(static_cast<int64_t>(kv.sink_tokens) - first_pos, int64_t{0}),
+          static_cast<int64_t>(kv.sink_tokens)));
+  const int n_sink = min(seq_len, n_sink_cap);
+  const int n_blk = max(seq_len - n_sink_cap, 0);
+  const int j_begin = split * tokens_per_split;
+  const int j_end = min(j_begin + tokens_per_split, n_blk);
+  const int n_tiles = j_end > j_begin ? (j_end - j_begin + kTile - 1) / kTile : 0;
+  const int n_stiles = (split == 0 && n_sink > 0) ? (n_sink + kTile - 1) / kTile : 0;
+  const int64_t blk_pos0 = first_pos + n_sink_cap;  // position of block token 0
+  const float scale = p.scale > 0.0f ? p.scale : 1.0f / sqrtf(static_cast<float>(kHeadDim));
+  const float qscale = scale * kLog2e;
+  const int k_v = geo.value_outliers_per_token;
+  const int hk_c = active ? hk : 0;
+
+  // ---- Per-CTA constants: rotation steps, pair tables; per warp: key scaling. ----
+  for (int f = tid; f < kHalf; f += blockDim.x) {
+    const double inv = kv.rope_inv_freq[f];
+    e1_s[f] = SinCosD(inv);
+    for (int r = 0; r < 8; ++r) st8_s[f * 8 + r] = SinCosD(inv * (8.0 * r));
+    e64_s[f] = SinCosD(inv * static_cast<double>(kTile * kGroupTiles));
+  }
+  {
+    const float* kl = kv.key_lut + p.layer * kC;
+    const float* vl = kv.value_lut + p.layer * kC;
+    for (int i = tid; i < kPairs; i += blockDim.x) {
+      kpair_s[i] = PackF2(kl[i % kC], kl[i / kC]);
+      vpair_s[i] = PackF2(vl[i % kC], vl[i / kC]);
+    }
+  }
+  const int64_t zr_at = (static_cast<int64_t>(p.layer) * n_kv + hk_c) * kHeadDim;
+  for (int c = lane; c < kHeadDim; c += 32) {
+    zr_s[c] = make_float2(__ldg(kv.key_zero_point + zr_at + c), 1.0f / __ldg(kv.key_range + zr_at + c));
+  }
+
+  // B operands (column g = query head g of the group): q1/q2 over all channels, zc/zs over the
+  // hd/2 frequencies; fragment rows 2q4, 2q4+1 (h = 0) and 2q4+8, 2q4+9 (h = 1) of each chunk.
+  // q1 stays in registers; q2 ({jj, jj + hd/32} per lane) and zc/zs ({zc0, zc1, zs0, zs1}) are
+  // read from shared memory per tile, 16 bytes per lane each (registers are short).
+  uint32_t q1[kChunks][2];
+  {
+    const bool gv = active && g < group;
+    const float* qrow = p.q + (static_cast<int64_t>(b) * p.n_heads + hk_c * group + (gv ? g : 0)) * kHeadDim;
+    const float* zp = kv.key_zero_point + zr_at;
+    const float* rg = kv.key_range + zr_at;
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float a1[2], a2[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = 16 * j + 2 * q4 + 8 * h + e;
+          const float qv = qrow[c];
+          const float qp = c < kHalf ? qrow[c + kHalf] : -qrow[c - kHalf];
+          const float r = __ldg(rg + c) * qscale;
+          a1[e] = qv * r;
+          a2[e] = qp * r;
+        }
+        q1[j][h] = gv ? PackF2(a1[0], a1[1]) : 0u;
+        reinterpret_cast<uint32_t*>(q2b_s + (j % kHC) * 32 + lane)[(j / kHC) * 2 + h] =
+            gv ? PackF2(a2[0], a2[1]) : 0u;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kHC; ++j) {
+      uint32_t zc[2], zs[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float ac[2], as[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int f = 16 * j + 2 * q4 + 8 * h + e;
+          const float qa = qrow[f], qb = qrow[f + kHalf];
+          const float za = __ldg(zp + f), zb = __ldg(zp + f + kHalf);
+          ac[e] = (qa * za + qb * zb) * qscale;
+          as[e] = (qb * za - qa * zb) * qscale;
+        }
+        zc[h] = gv ? PackF2(ac[0], ac[1]) : 0u;
+        zs[h] = gv ? PackF2(as[0], as[1]) : 0u;
+      }
+      zb_s[j * 32 + lane] = make_uint4(zc[0], zc[1], zs[0], zs[1]);
+    }
+  }
+
+  float acc[kChunks][4];
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.0f, l1 = 0.0f, z0 = 0.0f, z1 = 0.0f;
+
+  const int64_t kv_row = kv.TableRow(b);
+  const int lt = lane & 15, lh = lane >> 4;  // staging mapping: token, channel half
+
+  auto block_base = [&](int T) -> const uint8_t* {
+    const int j = j_begin + T * kTile;
+    const int64_t blk = kv.block_table[kv_row + j / kKvBlockTokens];
+    return kv.pool + blk * kv.block_stride_bytes + static_cast<int64_t>(p.layer) * geo.layer_bytes;
+  };
+  // Raw codes of this lane's token and channel half, loaded one tile ahead: the keys right after
+  // the current keys are staged, the values and scales right after the current ones are used (one
+  // register copy of each, not two).
+  auto tok_ok = [&](int T) { return active && T < n_tiles && j_begin + T * kTile + lt < j_end; };
+  // base: block_base(T) (looked up once per tile by the caller).
+  auto row_at = [&](int T, const uint8_t* base, int64_t offset) -> const uint32_t* {
+    const int j = j_begin + T * kTile;
+    const int64_t tok = static_cast<int64_t>(hk) * kKvBlockTokens + j % kKvBlockTokens + lt;
+    return reinterpret_cast<const uint32_t*>(base + offset) + tok * geo.key_words_per_token;
+  };
+  auto load_k = [&](int T, const uint8_t* base, RawT& r) {
+    if (!tok_ok(T)) {
+#pragma unroll
+      for (int i = 0; i < kW; ++i) r.k[i] = 0u;
+      return;
+    }
+    LoadWords(row_at(T, base, geo.key_codes_offset) + lh * kW, r.k);
+  };
+  auto load_v = [&](int T, const uint8_t* base, RawT& r) {
+    if (!tok_ok(T)) {
+#pragma unroll
+      for (int i = 0; i < kW; ++i) r.v[i] = 0u;
+      r.vscale = 0u;
+      return;
+    }
+    LoadWords(row_at(T, base, geo.value_codes_offset) + lh * kW, r.v);
+    const int j = j_begin + T * kTile;
+    r.vscale = __ldg(reinterpret_cast<const uint32_t*>(base + geo.value_scales_offset) +
+                     j % kKvBlockTokens + lt);
+  };
+
+  // Sink buffer of this sequence: K [n_layers][n_sink_cap][n_kv][hd], then V.
+  const int64_t sink_row = static_cast<int64_t>(n_kv) * kHeadDim;
+  const uint16_t* sink_k = nullptr;
+  const uint16_t* sink_v = nullptr;
+  if (n_stiles > 0) {
+    sink_k = kv.sink[b] + static_cast<int64_t>(p.layer) * n_sink_cap * sink_row + hk_c * kHeadDim;
+    sink_v = sink_k + static_cast<int64_t>(geo.n_layers) * n_sink_cap * sink_row;
+  }
+
+  RawT cur;
+  if (active && n_tiles > 0) {
+    const uint8_t* base0 = block_base(0);
+    load_k(0, base0, cur);
+    load_v(0, base0, cur);
+  }
+  int kcur = 0, kcount = 0;
+  const uint32_t* kents = nullptr;
+  __syncthreads();
+
+  for (int T = -n_stiles; T < n_tiles; ++T) {
+    const bool sink_tile = T < 0;
+    const int ts = T + n_stiles;                       // sink tile index (when sink_tile)
+    const int j = j_begin + T * kTile;                 // block token (when !sink_tile)
+    const int tin = sink_tile ? 0 : j % kKvBlockTokens;
+    const int n_valid = sink_tile ? min(kTile, n_sink - ts * kTile) : min(kTile, j_end - j);
+    const int tig = sink_tile ? ts : T % kGroupTiles;  // tile in its cos/sin group
+
+    // ---- cos/sin table of the group (CTA-wide): sinks form one group of <= 4 tiles. ----
+    if (sink_tile ? T == -n_stiles : (T % kGroupTiles) == 0) {
+      __syncthreads();
+      const bool rot = sink_tile || rope;
+      if (rot) {
+        const int64_t gpos = sink_tile ? first_pos : blk_pos0 + j;
+        const bool exact = sink_tile || (T / kGroupTiles) % kReanchor == 0;
+        for (int f = tid; f < kHalf; f += blockDim.x) {
+          anc_s[f] = exact ? SinCosD(static_cast<double>(gpos) * kv.rope_inv_freq[f])
+                           : CMul(anc_s[f], e64_s[f]);
+        }
+      }
+      __syncthreads();
+      constexpr int kFPairs = kHalf / 2;
+      for (int u = tid; u < 8 * kFPairs; u += blockDim.x) {
+        const int r = u / kFPairs, f = 2 * (u % kFPairs);
+        const float2 one = make_float2(1.0f, 0.0f);
+        float2 c0 = rot ? CMul(anc_s[f], st8_s[f * 8 + r]) : one;
+        float2 c1 = rot ? CMul(anc_s[f + 1], st8_s[(f + 1) * 8 + r]) : one;
+        const float2 s0 = rot ? e1_s[f] : one, s1 = rot ? e1_s[f + 1] : one;
+        const int jj = f / 16, col = f % 16, hi8 = col / 8, qq = (col % 8) / 2;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const int tau = 8 * r + k;  // token in the group
+          const int tile = tau / 16, th = (tau % 16) / 8, gg = tau % 8;
+          uint32_t* dst = cs_s + (tile * 32 + gg * 4 + qq) * Cfg::kCsStride + jj * 8 + th + 2 * hi8;
+          dst[0] = PackF2(c0.x, c1.x);
+          dst[4] = PackF2(c0.y, c1.y);
+          c0 = CMul(c0, s0);
+          c1 = CMul(c1, s1);
+        }
+      }
+      __syncthreads();
+    }
+    if (!active) continue;
+
+    const uint8_t* lb = sink_tile ? nullptr : block_base(T);
+    // Next block tile's block (the current one unless this tile ends a block).
+    const bool next_block = !sink_tile && tin + kTile == kKvBlockTokens;
+    const uint8_t* nb = !sink_tile && next_block && T + 1 < n_tiles ? block_base(T + 1) : lb;
+    if (!sink_tile && geo.has_key_outliers && tin == 0) {
+      const uint32_t* dir = reinterpret_cast<const uint32_t*>(lb + geo.key_outlier_dir_offset) + 2 * hk;
+      const int first = static_cast<int>(dir[0]);
+      kcount = static_cast<int>(dir[1]);
+      kcur = 0;
+      kents = reinterpret_cast<const uint32_t*>(lb - static_cast<int64_t>(p.layer) * geo.layer_bytes +
+                                                geo.fixed_bytes) + first;
+    }
+
+    // Sinks: zero point 0, range 1 (the block tiles' codes wait in cur).
+    const uint32_t vscale = sink_tile ? 0x3c000000u : cur.vscale;
+
+    // ---- 1. keys -> staging: LUT values l (fp16). ----
+    __syncwarp();
+    if (sink_tile) {
+      const int t = ts * kTile + lt;
+      const uint4* src = reinterpret_cast<const uint4*>(sink_k + static_cast<int64_t>(t) * sink_row + lh * kHalf);
+#pragma unroll
+      for (int g8 = 0; g8 < kHalf / 8; ++g8) {
+        const uint4 x = t < n_sink ? src[g8] : make_uint4(0, 0, 0, 0);
+        const uint32_t xw[4] = {x.x, x.y, x.z, x.w};
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = lh * kHalf + 8 * g8 + 2 * e;
+          const float2 za = zr_s[c], zb = zr_s[c + 1];
+          w[e] = t < n_sink ? PackF2((HalfLo(xw[e]) - za.x) * za.y, (HalfHi(xw[e]) - zb.x) * zb.y) : 0u;
+        }
+        *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =
+            make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    } else {
+#pragma unroll
+      for (int g8 = 0; g8 < kHalf / 8; ++g8) {
+        const uint32_t x = Codes8<kBits>(cur.k, g8);
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = kpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+        *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =
+            make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      load_k(T + 1, nb, cur);
+      // Outlier data of the next tile into L1 now: its loads are dependent chains (directory ->
+      // entries, index -> value) that would otherwise put two or three memory round trips on
+      // every tile's critical path.
+      if (T + 1 < n_tiles) {
+        if (geo.has_key_outliers) {
+          if (next_block) {
+            if (lane == 0) PrefetchL1(nb + geo.key_outlier_dir_offset + 8 * hk);
+          } else if (lane < 2 && kcur + 32 * lane < kcount) {
+            PrefetchL1(kents + kcur + 32 * lane);
+          }
+        }
+        if (k_v > 0) {
+          const int ib = geo.value_outlier_index_bytes;
+          const int t0 = (tin + kTile) % kKvBlockTokens;
+          if (lane * 128 < kTile * k_v * ib) {
+            PrefetchL1(nb + geo.value_outlier_index_offset + static_cast<int64_t>(t0) * k_v * ib + lane * 128);
+          }
+          if (lane * 128 < kTile * k_v * 2) {
+            PrefetchL1(nb + geo.value_outlier_value_offset + static_cast<int64_t>(t0) * k_v * 2 + lane * 128);
+          }
+        }
+      }
+      // Key outliers of this tile replace their element by (x - z) / r.
+      if (geo.has_key_outliers) {
+        __syncwarp();
+        while (true) {
+          const int e = kcur + lane;
+          bool in = false;
+          uint32_t ent = 0;
+          if (e < kcount) {
+            ent = __ldg(kents + e);
+            in = static_cast<int>(ent & 0xffu) < tin + kTile;
+          }
+          if (in) {
+            const int t = static_cast<int>(ent & 0xffu) - tin, c = static_cast<int>((ent >> 8) & 0xffu);
+            const float2 zr = zr_s[c];
+            *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(t, c >> 3) + (c & 7) * 2) =
+                ClampedHalf((HalfLo(ent >> 16) - zr.x) * zr.y);
+          }
+          const int n = __popc(__ballot_sync(0xffffffffu, in));
+          kcur += n;
+          if (n < 32) break;
+        }
+      }
+    }
+    __syncwarp();
+
+    // ---- 2. S = (l o cos) Q1 + (l o sin) Q2 + cos Zc + sin Zs ----
+    // Four independent accumulators: 24 dependent mma in one chain would put ~24 mma latencies
+    // on the tile's critical path.
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    {
+      float sb[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float sd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const int row = (lane & 7) + ((lane >> 3) & 1) * 8, csel = lane >> 4;
+      const uint32_t sbase = SmemAddr(stage);
+      const uint32_t* cs = cs_s + (tig * 32 + lane) * Cfg::kCsStride;
+#pragma unroll
+      for (int jj = 0; jj < kHC; ++jj) {
+        uint32_t lo[4], hi[4];
+        Ldsm4(sbase + StageOff<kHeadDim>(row, 2 * jj + csel), lo);
+        Ldsm4(sbase + StageOff<kHeadDim>(row, 2 * (jj + kHC) + csel), hi);
+        const uint4 c4 = *reinterpret_cast<const uint4*>(cs + jj * 8);
+        const uint4 s4 = *reinterpret_cast<const uint4*>(cs + jj * 8 + 4);
+        const uint32_t cw[4] = {c4.x, c4.y, c4.z, c4.w};
+        const uint32_t sw[4] = {s4.x, s4.y, s4.z, s4.w};
+        const uint4 q2v = q2b_s[jj * 32 + lane];
+        uint32_t a[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = HMul2(lo[r], cw[r]);
+        Mma(s, a, q1[jj][0], q1[jj][1]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = HMul2(lo[r], sw[r]);
+        Mma(sb, a, q2v.x, q2v.y);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = HMul2(hi[r], cw[r]);
+        Mma(sc, a, q1[jj + kHC][0], q1[jj + kHC][1]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = HMul2(hi[r], sw[r]);
+        Mma(sd, a, q2v.z, q2v.w);
+        const uint4 z4 = zb_s[jj * 32 + lane];
+        Mma(jj % 2 ? sb : s, cw, z4.x, z4.y);
+        Mma(jj % 2 ? sd : sc, sw, z4.z, z4.w);
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) s[r] = (s[r] + sb[r]) + (sc[r] + sd[r]);
+    }
+    __syncwarp();
+
+    // ---- 3. values -> staging: LUT values (sinks: the fp16 values, r = 1, zp = 0). ----
+    if (sink_tile) {
+      const int t = ts * kTile + lt;
+      const uint4* src = reinterpret_cast<const uint4*>(sink_v + static_cast<int64_t>(t) * sink_row + lh * kHalf);
+#pragma unroll
+      for (int g8 = 0; g8 < kHalf / 8; ++g8) {
+        *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =
+            t < n_sink ? src[g8] : make_uint4(0, 0, 0, 0);
+      }
+    } else {
+#pragma unroll
+      for (int g8 = 0; g8 < kHalf / 8; ++g8) {
+        const uint32_t x = Codes8<kBits>(cur.v, g8);
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = vpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+        *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =
+            make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      if (k_v > 0) {
+        __syncwarp();
+        const int ib = geo.value_outlier_index_bytes;
+        const int t = tin + lt;
+        if (lt < n_valid) {
+          const float vzp = HalfLo(vscale), vr = HalfHi(vscale);
+          const uint8_t* idx = lb + geo.value_outlier_index_offset + static_cast<int64_t>(t) * k_v * ib;
+          const uint16_t* val = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset) +
+                                static_cast<int64_t>(t) * k_v;
+          for (int o = lh; o < k_v; o += 2) {
+            const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
+            if (e / kHeadDim != hk) continue;
+            const int c = e % kHeadDim;
+            const float x = __half2float(__ushort_as_half(val[o]));
+            *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
+                ClampedHalf((x - vzp) / vr);
+          }
+        }
+      }
+    }
+
+    // ---- 4. online softmax (log2 domain); lane: tokens g, g+8; heads 2q4, 2q4+1. ----
+    if (g >= n_valid) s[0] = s[1] = -CUDART_INF_F;
+    if (g + 8 >= n_valid) s[2] = s[3] = -CUDART_INF_F;
+    float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: n_valid >= 1
+    const float corr0 = exp2f(m0 - mn0), corr1 = exp2f(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    const float p0 = exp2f(s[0] - mn0), p1 = exp2f(s[1] - mn1);
+    const float p2 = exp2f(s[2] - mn0), p3 = exp2f(s[3] - mn1);
+    // Per-token value scaling of tokens g and g+8 (held by staging lanes g and g+8).
+    const uint32_t vs_g = __shfl_sync(0xffffffffu, vscale, g);
+    const uint32_t vs_g8 = __shfl_sync(0xffffffffu, vscale, g + 8);
+    if (!sink_tile) load_v(T + 1, nb, cur);
+    const float zg = HalfLo(vs_g), rg = HalfHi(vs_g), zg8 = HalfLo(vs_g8), rg8 = HalfHi(vs_g8);
+    l0 = fmaf(l0, corr0, p0 + p2);
+    l1 = fmaf(l1, corr1, p1 + p3);
+    z0 = fmaf(z0, corr0, fmaf(p0, zg, p2 * zg8));
+    z1 = fmaf(z1, corr1, fmaf(p1, zg, p3 * zg8));
+    if (__any_sync(0xffffffffu, corr0 != 1.0f || corr1 != 1.0f)) {
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+        acc[i][0] *= corr0;
+        acc[i][1] *= corr1;
+        acc[i][2] *= corr0;
+        acc[i][3] *= corr1;
+      }
+    }
+    *reinterpret_cast<uint32_t*>(pbuf + g * 16 + q4 * 4) = PackF2(p0 * rg, p1 * rg);
+    *reinterpret_cast<uint32_t*>(pbuf + (g + 8) * 16 + q4 * 4) = PackF2(p2 * rg8, p3 * rg8);
+    __syncwarp();
+
+    // ---- 5. O^T += L_V^T . (P r) ----
+    {
+      uint32_t pb[2];
+      Ldsm2T(SmemAddr(pbuf) + (lane & 15) * 16, pb);
+      const int mi = lane >> 3, r = lane & 7;
+      const int row = r + 8 * (mi >> 1), csel = mi & 1;
+      const uint32_t sbase = SmemAddr(stage);
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+        uint32_t a[4];
+        Ldsm4T(sbase + StageOff<kHeadDim>(row, 2 * i + csel), a);
+        Mma(acc[i], a, pb[0], pb[1]);
+      }
+    }
+  }
+
+  if (!active) return;
+  // ---- Finish: l and the zero-point sums over the lanes of equal q4. ----
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    z0 += __shfl_xor_sync(0xffffffffu, z0, off);
+    z1 += __shfl_xor_sync(0xffffffffu, z1, off);
+  }
+  const int n_splits = gridDim.y;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int head = 2 * q4 + h;
+    if (head >= group) continue;
+    const float l = h ? l1 : l0, m = h ? m1 : m0, zsum = h ? z1 : z0;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float lse = l > 0.0f ? (m + log2f(l)) * kLn2 : -CUDART_INF_F;
+    const int64_t row = static_cast<int64_t>(b) * p.n_heads + hk * group + head;
+    float* orow;
+    if (part_o != nullptr) {
+      orow = part_o + (row * n_splits + split) * kHeadDim;
+      if (g == 0) part_lse[row * n_splits + split] = lse;
+    } else {
+      orow = p.o + row * kHeadDim;
+      if (g == 0) p.lse[row] = lse;
+    }
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      orow[16 * i + g] = (acc[i][h] + zsum) * inv;
+      orow[16 * i + g + 8] = (acc[i][2 + h] + zsum) * inv;
+    }
+  }
+}
+
+}  // namespace kvq::kernels::decode_attention_lut_mma
