@@ -5,9 +5,10 @@
 // bandwidth measured in the same process, and achieved/floor. The largest context that fits is
 // found by filling one sequence until the block pool is full, next to the planner's prediction.
 //
-// Long contexts are a SYNTHETIC FILL: random normal pre-RoPE keys/values quantized by the real
-// append kernel (valid blocks, real outliers), with no forward pass; prefilling millions of tokens
-// would take hours. Prefill speed is measured separately on real prefill (the forward pass).
+// Long contexts are a SYNTHETIC FILL: one block of random normal pre-RoPE keys/values quantized by
+// the real append kernel (valid codes, scales and outliers), replicated into every block of the
+// context, with no forward pass; prefilling millions of tokens would take hours. Prefill speed is
+// measured separately on real prefill (the forward pass).
 //
 //   engine_bench --model synthetic:llama-3-8b --formats fp16,nuq3-1% --contexts 1024,131072,1048576
 //                --batches 1,8 [--prefill 1024,4096] [--capacity] [--quantizers DIR]
@@ -134,26 +135,27 @@ struct Setup {
   float sigma = 1.0f;
 };
 
-// Synthetic fill: n tokens of random pre-RoPE k/v appended in chunks through the append kernel.
-void Fill(Setup& st, sharding::GpuKvCache* cache, int64_t n, uint64_t seed) {
+// Synthetic fill: the first sink + 256 tokens are random pre-RoPE k/v appended through the append
+// kernel (real quantization, real outliers); the rest of the n tokens are copies of that block
+// (GpuKvCache::ReplicateFirstBlock), rounded down to whole blocks. Returns the tokens held.
+int64_t Fill(Setup& st, sharding::GpuKvCache* cache, int64_t n, uint64_t seed) {
   const model::ModelConfig& c = st.fwd->config();
-  const int64_t chunk = 16384;
+  const int m = cache->sink_capacity() + 256;
   float *k, *v;
-  CHECK_OK(cudaMalloc(&k, chunk * c.kv_dim() * 4) == cudaSuccess ? absl::OkStatus() : absl::InternalError("malloc"));
-  CHECK_OK(cudaMalloc(&v, chunk * c.kv_dim() * 4) == cudaSuccess ? absl::OkStatus() : absl::InternalError("malloc"));
-  for (int64_t done = 0; done < n; done += chunk) {
-    const int m = static_cast<int>(std::min(chunk, n - done));
-    for (int l = 0; l < c.n_layers; ++l) {
-      CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + done * 131 + l * 2, 0.0f, st.sigma, k,
-                                         kernels::DType::kF32, st.stream));
-      CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + done * 131 + l * 2 + 1, 0.0f, 1.0f, v,
-                                         kernels::DType::kF32, st.stream));
-      CHECK_OK(cache->AppendDevice(l, k, v, m));
-    }
-    cache->Commit(m);
+  CHECK_OK(cudaMalloc(&k, int64_t{m} * c.kv_dim() * 4) == cudaSuccess ? absl::OkStatus() : absl::InternalError("malloc"));
+  CHECK_OK(cudaMalloc(&v, int64_t{m} * c.kv_dim() * 4) == cudaSuccess ? absl::OkStatus() : absl::InternalError("malloc"));
+  for (int l = 0; l < c.n_layers; ++l) {
+    CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + l * 2, 0.0f, st.sigma, k,
+                                       kernels::DType::kF32, st.stream));
+    CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + l * 2 + 1, 0.0f, 1.0f, v,
+                                       kernels::DType::kF32, st.stream));
+    CHECK_OK(cache->AppendDevice(l, k, v, m));
   }
+  cache->Commit(m);
   cudaFree(k);
   cudaFree(v);
+  CHECK_OK(cache->ReplicateFirstBlock(std::max<int64_t>(n, m)));
+  return cache->length();
 }
 
 // Median seconds of `steps` decode steps of `caches` (one token each), after 2 warm-up steps.
@@ -252,12 +254,14 @@ int Main() {
           continue;
         }
         std::vector<std::unique_ptr<model::KvCache>> caches;
+        int64_t held = 0;
         for (int64_t b = 0; b < batch; ++b) {
           auto m = st.factory->Make(0);
           CHECK_OK(m.status());
-          Fill(st, static_cast<sharding::GpuKvCache*>(m->get()), ctx, 100 + b);
+          held = Fill(st, static_cast<sharding::GpuKvCache*>(m->get()), ctx, 100 + b);
           caches.push_back(std::move(*m));
         }
+        ctx = held;
         const double secs = DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps));
         const double bytes = weight_bytes + static_cast<double>(batch) * ctx * st.expected_bytes_per_token;
         const double floor = bytes / bw;
@@ -297,11 +301,12 @@ int Main() {
       pl.ranks.push_back({static_cast<int64_t>(total_b), static_cast<int64_t>(weight_bytes) + (int64_t{3} << 30)});
       auto planner = sharding::ShardPlanner::Create(pl);
       const int64_t predicted = planner.ok() ? planner->MaxContextTokens() : -1;
-      const int64_t tokens = st.pool->total_blocks() * 256 - 256 + st.pool->SinkCapacity(0);
+      // Every block but one (the decode steps' tail) filled.
+      const int64_t target = (st.pool->total_blocks() - 1) * 256 + st.pool->SinkCapacity(0);
       auto m = st.factory->Make(0);
       CHECK_OK(m.status());
       const double t0 = Now();
-      Fill(st, static_cast<sharding::GpuKvCache*>(m->get()), tokens, 999);
+      const int64_t tokens = Fill(st, static_cast<sharding::GpuKvCache*>(m->get()), target, 999);
       const double fill_s = Now() - t0;
       std::vector<std::unique_ptr<model::KvCache>> caches;
       caches.push_back(std::move(*m));

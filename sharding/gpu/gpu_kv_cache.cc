@@ -460,6 +460,26 @@ absl::Status GpuKvCache::AppendDevice(int layer, const float* k_dev, const float
   return absl::OkStatus();
 }
 
+absl::Status GpuKvCache::ReplicateFirstBlock(int64_t tokens) {
+  if (length_ != sink_cap_ + kBlockTokens || staged_ != 0) {
+    return absl::FailedPreconditionError("ReplicateFirstBlock needs exactly one full block and no open step");
+  }
+  const int64_t blocks = std::max<int64_t>(1, (tokens - sink_cap_) / kBlockTokens);
+  std::vector<int32_t> fresh;
+  if (blocks > 1) KVQ_RETURN_IF_ERROR(pool_->AllocateBlocks(static_cast<int>(blocks - 1), &fresh));
+  const int64_t B = pool_->block_bytes();
+  uint8_t* base = const_cast<uint8_t*>(pool_->view().pool);
+  for (int32_t id : fresh) {
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(base + id * B, base + blocks_[0] * B, B, cudaMemcpyDeviceToDevice,
+                                             pool_->stream()));
+  }
+  KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(pool_->stream()));
+  blocks_.resize(1);
+  blocks_.insert(blocks_.end(), fresh.begin(), fresh.end());
+  length_ = sink_cap_ + blocks * kBlockTokens;
+  return absl::OkStatus();
+}
+
 void GpuKvCache::Commit(int n) {
   length_ += n;
   staged_ = 0;

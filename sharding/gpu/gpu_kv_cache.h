@@ -147,6 +147,11 @@ class GpuKvCache : public model::KvCache {
   // Append with k, v already in device memory ([n][n_kv][hd] f32, pre-RoPE): what Append does
   // after its upload. Synthetic fills of long contexts use it directly.
   absl::Status AppendDevice(int layer, const float* k_dev, const float* v_dev, int n);
+  // SYNTHETIC FILL for speed and capacity runs: with exactly one full block held (length() ==
+  // sink_capacity() + 256), grows the cache to `tokens` (rounded down to whole blocks) by copying
+  // that block's bytes into fresh blocks. Every block is valid (codes, scales, outliers of real
+  // appended data), so attention reads real bytes at real addresses.
+  absl::Status ReplicateFirstBlock(int64_t tokens);
   // Makes room for length() + n tokens (blocks and the sink slot), before a step writes anything.
   absl::Status Reserve(int n);
   int64_t first_position() const override { return first_position_; }
