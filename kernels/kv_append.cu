@@ -137,7 +137,10 @@ __global__ void KeyAppendKernel(const KvAppendParams p) {
           uint32_t* cap_w = var + 1 + (p.layer * H + h);
           const uint32_t cap = *cap_w;
           if (count + total > cap) {
-            const uint32_t want = max(2u * cap, count + static_cast<uint32_t>(total) + 32u);
+            // Room for half as many again: a list that overflows once tends to keep growing
+            // while its block fills, and every move abandons the old region.
+            const uint32_t need = count + static_cast<uint32_t>(total);
+            const uint32_t want = need + max(32u, need / 2);
             const uint32_t end_words = static_cast<uint32_t>((p.kv.block_stride_bytes - g.fixed_bytes) / 4);
             const uint32_t at = atomicAdd(var, want);
             if (at + want <= end_words) {

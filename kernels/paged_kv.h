@@ -64,7 +64,7 @@ struct PagedKvCache {
   // that many uint32 words: word 0 = next free word of the block's spare area, words 1 + i = the
   // capacity of list i = layer * n_kv_heads + head. Lists start at first = header_words +
   // i * key_outlier_capacity; a list that would overflow moves (its entries copied) to a region of
-  // twice its capacity taken from the spare area, which runs to the end of the block stride. Only
+  // 1.5x its new size taken from the spare area, which runs to the end of the block stride. Only
   // when the spare area is exhausted are new entries dropped (the overflow flag). Readers use
   // {first, count} from the directory as always.
   int key_outlier_header_words = 0;

@@ -54,8 +54,12 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(
     r.tokens += std::max<int64_t>(0, end - first_target);
     scored_until = end;
     ++r.windows;
-    r.last_window_kv_bytes = cache->exact_bytes();
-    r.last_window_tokens = cache->length();
+    // Bytes per token from full windows only: a short last window would count its partly
+    // filled block against few tokens.
+    if (r.last_window_tokens == 0 || end - begin == o.context) {
+      r.last_window_kv_bytes = cache->exact_bytes();
+      r.last_window_tokens = cache->length();
+    }
     if (progress) progress(r);
     if (end == n) break;
   }

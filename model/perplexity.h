@@ -24,7 +24,8 @@ struct PerplexityResult {
   double nll_sum = 0.0;
   int64_t tokens = 0;  // scored targets
   int windows = 0;
-  // Exact KV bytes held after the last window, and its tokens: effective bits per element.
+  // Exact KV bytes held after the last full-context window (the first window if none is full),
+  // and its tokens: effective bits per element.
   int64_t last_window_kv_bytes = 0;
   int64_t last_window_tokens = 0;
   double ppl() const;
