@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/cublas_api.h"
 
 namespace kvq::kernels::internal {
 inline absl::Status CudaErrorToStatus(cudaError_t e, const char* expr, const char* file, int line) {
@@ -15,7 +16,7 @@ inline absl::Status CudaErrorToStatus(cudaError_t e, const char* expr, const cha
 inline absl::Status CublasErrorToStatus(cublasStatus_t e, const char* expr, const char* file,
                                         int line) {
   return absl::InternalError(absl::StrCat(file, ":", line, ": ", expr, " failed: ",
-                                          cublasGetStatusName(e), " (", cublasGetStatusString(e),
+                                          ::kvq::kernels::cublas::GetStatusName(e), " (", ::kvq::kernels::cublas::GetStatusString(e),
                                           ")"));
 }
 }  // namespace kvq::kernels::internal

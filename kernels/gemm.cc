@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cublas_api.h"
 #include "kernels/cuda_check.h"
 
 namespace kvq::kernels {
@@ -32,10 +33,10 @@ absl::Status Gemm(cublasHandle_t handle, const GemmParams& p, cudaStream_t strea
   if (p.a == nullptr || p.b == nullptr || p.c == nullptr || handle == nullptr) {
     return absl::InvalidArgumentError("Gemm: null pointer or handle");
   }
-  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetStream(handle, stream));
+  KVQ_RETURN_IF_CUBLAS_ERROR(cublas::SetStream(handle, stream));
   // Row-major C = A B^T is column-major C^T (n x m) = B_cm^T (n x k) . A_cm (k x m), where the
   // row-major [n][ldb] B is the column-major k x n matrix with leading dimension ldb.
-  KVQ_RETURN_IF_CUBLAS_ERROR(cublasGemmEx(
+  KVQ_RETURN_IF_CUBLAS_ERROR(cublas::GemmEx(
       handle, CUBLAS_OP_T, CUBLAS_OP_N, p.n, p.m, p.k, &p.alpha, p.b, CudaType(p.ab_dtype),
       static_cast<int>(ldb), p.a, CudaType(p.ab_dtype), static_cast<int>(lda), &p.beta, p.c,
       CudaType(p.c_dtype), static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));

@@ -61,6 +61,15 @@ int main(int argc, char** argv) {
   kvq::server::KvqServer* server_ptr = nullptr;  // set once started; read by the cache hook
 #ifdef KVQ_HAVE_MPI
   if (const char* n = std::getenv("OMPI_COMM_WORLD_SIZE"); n != nullptr && std::atoi(n) > 1) {
+    if (config->server.engine.device == "cuda") {
+      // Refused up front, on every rank, rather than failing requests later.
+      std::fprintf(stderr,
+                   "kvqd: --device=cuda with %s ranks: the GPU engine serves one rank for now (the NCCL data "
+                   "plane that spreads a sequence over GPUs is not built yet); run one rank, or --device=cpu "
+                   "to shard over MPI on the CPU\n",
+                   n);
+      return 2;
+    }
     auto t = kvq::sharding::MpiTransport::Init(&argc, &argv);
     if (!t.ok()) {
       std::fprintf(stderr, "kvqd: MPI: %s\n", std::string(t.status().message()).c_str());

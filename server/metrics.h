@@ -28,7 +28,7 @@ class Metrics {
   void SetEngine(const engine::Engine* engine);
   void SetServing(bool serving);
 
-  // What to register with a prometheus::Exposer (refreshes the engine families, then collects).
+  // What the /metrics endpoint serializes (refreshes the engine families, then collects).
   std::shared_ptr<prometheus::Collectable> collectable() { return collectable_; }
 
   void ObserveTimeToFirstToken(double seconds) { ttft_->Observe(seconds); }

@@ -31,20 +31,19 @@ absl::StatusOr<std::unique_ptr<KvqServer>> KvqServer::Start(const ServerOptions&
   }
   s->SetServing(false);
   if (!options.metrics_listen.empty()) {
-    try {  // civetweb reports a busy port by throwing; keep it inside this module
-      s->exposer_ = std::make_unique<prometheus::Exposer>(options.metrics_listen, 2);
-    } catch (const std::exception& e) {
+    auto http = MetricsHttpServer::Start(options.metrics_listen, s->metrics_->collectable());
+    if (!http.ok()) {
       return absl::UnavailableError(absl::StrCat("cannot serve /metrics on ", options.metrics_listen, ": ",
-                                                 e.what()));
+                                                 http.status().message()));
     }
-    s->exposer_->RegisterCollectable(s->metrics_->collectable());
-    const std::vector<int> ports = s->exposer_->GetListeningPorts();
-    s->metrics_port_ = ports.empty() ? 0 : ports.front();
+    s->metrics_http_ = std::move(*http);
+    s->metrics_port_ = s->metrics_http_->port();
   }
   return s;
 }
 
 KvqServer::~KvqServer() { Drain(); }
+
 
 absl::Status KvqServer::LoadEngine() {
   absl::StatusOr<std::unique_ptr<engine::Engine>> engine = engine::Engine::Create(options_.engine);
@@ -78,7 +77,7 @@ void KvqServer::Drain() {
   if (engine_) engine_->Shutdown(/*drain=*/false);
   service_->AttachEngine(nullptr);
   metrics_->SetEngine(nullptr);
-  exposer_.reset();
+  metrics_http_.reset();
   // Reactors still waiting for the engine's OnFinish have it now; the engine can go.
   engine_.reset();
 }

@@ -10,8 +10,8 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
-#include "prometheus/exposer.h"
 #include "server/metrics.h"
+#include "server/metrics_http.h"
 #include "server/service.h"
 #include "sharding/engine.h"
 
@@ -52,7 +52,7 @@ class KvqServer {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<KvqService> service_;
   std::unique_ptr<grpc::Server> server_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<engine::Engine> engine_;
   int port_ = 0;
   int metrics_port_ = 0;

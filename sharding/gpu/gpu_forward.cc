@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "common/status.h"
+#include "kernels/cublas_api.h"
 #include "kernels/cuda_check.h"
 #include "kernels/decode_attention.h"
 #include "kernels/dense_ops.h"
@@ -102,7 +103,7 @@ struct GpuForward::Impl {
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
     for (void* p : allocations) cudaFree(p);
-    if (cublas != nullptr) cublasDestroy(cublas);
+    if (cublas != nullptr) kernels::cublas::Destroy(cublas);
   }
 
   // Evaluation through a host cache: the item's new k/v go to the cache (its exact quantization),
@@ -192,10 +193,10 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Create(const model::Llam
   f->impl_ = std::make_unique<Impl>();
   Impl& m = *f->impl_;
   m.stream = stream;
-  KVQ_RETURN_IF_CUBLAS_ERROR(cublasCreate(&m.cublas));
-  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetStream(m.cublas, stream));
+  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::Create(&m.cublas));
+  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetStream(m.cublas, stream));
   // Full fp32 (no TF32) when the weights are f32: the exactness mode.
-  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH));
+  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH));
   int dev = 0;
   KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
   KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, dev));
@@ -254,9 +255,9 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::CreateSynthetic(const mo
   f->impl_ = std::make_unique<Impl>();
   Impl& m = *f->impl_;
   m.stream = stream;
-  KVQ_RETURN_IF_CUBLAS_ERROR(cublasCreate(&m.cublas));
-  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetStream(m.cublas, stream));
-  KVQ_RETURN_IF_CUBLAS_ERROR(cublasSetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH));
+  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::Create(&m.cublas));
+  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetStream(m.cublas, stream));
+  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH));
   int dev = 0;
   KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
   KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, dev));

@@ -2,6 +2,8 @@
 // embedding gather, residual add, the cuBLAS GEMM wrapper, and sampling (greedy and
 // top-k/top-p/min-p/temperature with the Philox uniform, which must pick the reference's token).
 #include <cublas_v2.h>
+
+#include "kernels/cublas_api.h"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <gtest/gtest.h>
@@ -188,7 +190,7 @@ TEST_P(GemmTest, MatchesReference) {
   DeviceBuffer<float> dc32(want.size());
   DeviceBuffer<uint16_t> dc16(want.size());
   cublasHandle_t h;
-  ASSERT_EQ(cublasCreate(&h), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(kernels::cublas::Create(&h), CUBLAS_STATUS_SUCCESS);
   kernels::GemmParams p;
   p.m = m;
   p.n = n;
@@ -201,7 +203,7 @@ TEST_P(GemmTest, MatchesReference) {
   const absl::Status st = kernels::Gemm(h, p, nullptr);
   ASSERT_TRUE(st.ok()) << st;
   KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
-  cublasDestroy(h);
+  kernels::cublas::Destroy(h);
   std::vector<float> got = cdt == DType::kF32 ? dc32.Download()
                            : cdt == DType::kF16 ? FromHalf(dc16.Download())
                                                 : FromBf16(dc16.Download());
