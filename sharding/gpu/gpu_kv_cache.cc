@@ -78,6 +78,23 @@ class DeviceTemp {
 // ---------------------------------------------------------------------------------------------
 // GpuKvPool
 
+GpuBlockGeometry ComputeGpuBlockGeometry(const kvstore::KvShape& shape, const kvstore::KvFormat& format,
+                                         const GpuKvOptions& options) {
+  const kvstore::BlockLayout lay = kvstore::ComputeBlockLayout(format, shape);
+  GpuBlockGeometry g;
+  const int64_t lists = static_cast<int64_t>(shape.n_layers) * shape.n_kv_heads;
+  if (lay.has_key_outliers) {
+    const double expected = static_cast<double>(kBlockTokens) * shape.head_dim * format.outlier_fraction;
+    int cap = static_cast<int>(std::ceil(options.key_outlier_base_headroom * expected)) + shape.head_dim / 4;
+    g.key_outlier_capacity = std::min((cap + 3) / 4 * 4, kBlockTokens * shape.head_dim);
+    g.key_outlier_header_words = kernels::PagedKvCache::KeyOutlierHeaderWords(shape.n_layers, shape.n_kv_heads);
+    g.spare_words = static_cast<int64_t>(std::ceil(options.key_outlier_spare_fraction * expected * lists));
+  }
+  g.block_stride_bytes = kvstore::AlignUp(
+      lay.fixed_bytes + (g.key_outlier_header_words + lists * g.key_outlier_capacity + g.spare_words) * 4, 16);
+  return g;
+}
+
 absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
     const kvstore::KvShape& shape, const kvstore::KvFormat& format,
     std::shared_ptr<const kvstore::Quantizer> quantizer, const kernels::RopeParams& rope,
@@ -103,17 +120,9 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   p->rope_ = rope;
   p->stream_ = stream;
   const kvstore::BlockLayout& lay = p->layout_;
-  int cap = 0, header = 0;
-  int64_t spare = 0;
-  const int64_t lists = static_cast<int64_t>(shape.n_layers) * shape.n_kv_heads;
-  if (lay.has_key_outliers) {
-    const double expected = static_cast<double>(kBlockTokens) * shape.head_dim * format.outlier_fraction;
-    cap = static_cast<int>(std::ceil(options.key_outlier_base_headroom * expected)) + shape.head_dim / 4;
-    cap = std::min((cap + 3) / 4 * 4, kBlockTokens * shape.head_dim);
-    header = kernels::PagedKvCache::KeyOutlierHeaderWords(shape.n_layers, shape.n_kv_heads);
-    spare = static_cast<int64_t>(std::ceil(options.key_outlier_spare_fraction * expected * lists));
-  }
-  const int64_t stride = kvstore::AlignUp(lay.fixed_bytes + (header + lists * cap + spare) * 4, 16);
+  const GpuBlockGeometry bg = ComputeGpuBlockGeometry(shape, format, options);
+  const int cap = bg.key_outlier_capacity, header = bg.key_outlier_header_words;
+  const int64_t stride = bg.block_stride_bytes;
   const int64_t L = shape.ElementsPerTokenPerLayer();
   p->sink_slot_bytes_ = static_cast<int64_t>(shape.n_layers) * format.sink_tokens * L * 2 * 2;
 

@@ -53,6 +53,17 @@ struct GpuKvOptions {
   double key_outlier_spare_fraction = 1.75;
 };
 
+// The byte geometry of a pool block for a format (host arithmetic, no device): the fixed section
+// of block_layout.h, then the key-outlier variable section (header, base lists, spare area).
+struct GpuBlockGeometry {
+  int key_outlier_capacity = 0;   // base entries per (layer, head) list
+  int key_outlier_header_words = 0;
+  int64_t spare_words = 0;
+  int64_t block_stride_bytes = 0;
+};
+GpuBlockGeometry ComputeGpuBlockGeometry(const kvstore::KvShape& shape, const kvstore::KvFormat& format,
+                                         const GpuKvOptions& options);
+
 class GpuKvPool {
  public:
   // quantizer may be null for formats that need none (fp16, int per-token is not supported on the
