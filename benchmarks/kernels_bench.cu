@@ -30,6 +30,7 @@
 #include "kernels/paged_kv.h"
 #include "kernels/reference/rope.h"
 #include "kvstore/block_layout.h"
+#include "kvstore/kernel_geometry.h"
 #include "kvstore/kv_format.h"
 
 namespace {
@@ -123,28 +124,6 @@ __global__ void FixupKernel(uint8_t* pool, int64_t stride, kvq::kernels::KvBlock
   }
 }
 
-kvq::kernels::KvBlockGeometry Geometry(const kvq::kvstore::BlockLayout& b) {
-  kvq::kernels::KvBlockGeometry g;
-  g.n_layers = b.n_layers;
-  g.n_kv_heads = b.n_kv_heads;
-  g.head_dim = b.head_dim;
-  g.bits = b.bits;
-  g.key_words_per_token = b.key_words_per_token;
-  g.value_words_per_token = b.value_words_per_token;
-  g.value_outliers_per_token = b.value_outliers_per_token;
-  g.value_outlier_index_bytes = b.value_outlier_index_bytes;
-  g.has_key_outliers = b.has_key_outliers;
-  g.key_codes_offset = b.key_codes_offset;
-  g.value_codes_offset = b.value_codes_offset;
-  g.key_scales_offset = b.key_scales_offset;
-  g.value_scales_offset = b.value_scales_offset;
-  g.value_outlier_index_offset = b.value_outlier_index_offset;
-  g.value_outlier_value_offset = b.value_outlier_value_offset;
-  g.key_outlier_dir_offset = b.key_outlier_dir_offset;
-  g.layer_bytes = b.layer_bytes;
-  g.fixed_bytes = b.fixed_bytes;
-  return g;
-}
 
 double CopyBandwidthGBs(int iters) {
   const size_t bytes = size_t{2} << 30;
@@ -255,7 +234,7 @@ int main(int argc, char** argv) {
           f.sink_tokens = f.quantized() ? sink : 0;
           const kvq::kvstore::KvShape kshape{1, sh->n_kv_heads, sh->head_dim};
           const auto lay = kvq::kvstore::ComputeBlockLayout(f, kshape);
-          const auto geo = Geometry(lay);
+          const auto geo = kvq::kvstore::ToKernelGeometry(lay);
           const int key_entries = lay.has_key_outliers
               ? static_cast<int>(std::lround(f.outlier_fraction * 256 * sh->head_dim)) : 0;
           const int cap = key_entries;

@@ -27,10 +27,7 @@
 #include "model/weights.h"
 #include "sharding/kv_cache_factory.h"
 #if KVQ_HAVE_CUDA
-#include <cuda_runtime.h>
-
-#include "sharding/gpu/gpu_forward.h"
-#include "sharding/gpu/gpu_kv_cache.h"
+#include "sharding/gpu/gpu_backend.h"
 #endif
 
 namespace kvq::engine {
@@ -175,48 +172,26 @@ class Engine::Impl {
     factory_.reset();
     forward_.reset();
 #if KVQ_HAVE_CUDA
-    gpu_pool_.reset();
-    if (gpu_stream_ != nullptr) cudaStreamDestroy(gpu_stream_);
+    gpu_.reset();
 #endif
   }
 
   absl::Status InitGpu(const EngineOptions& o) {
 #if KVQ_HAVE_CUDA
-    kernels::DType dt;
-    if (o.weights_dtype == "f16" || o.weights_dtype.empty()) {
-      dt = kernels::DType::kF16;
-    } else if (o.weights_dtype == "bf16") {
-      dt = kernels::DType::kBF16;
-    } else if (o.weights_dtype == "f32") {
-      dt = kernels::DType::kF32;
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown weights dtype '", o.weights_dtype, "' (f16, bf16, f32)"));
-    }
-    int n_dev = 0;
-    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
-      return absl::FailedPreconditionError("--device=cuda: no CUDA device is visible");
-    }
-    if (cudaStreamCreateWithFlags(&gpu_stream_, cudaStreamNonBlocking) != cudaSuccess) {
-      return absl::InternalError("cudaStreamCreate failed");
-    }
-    kvstore::KvFormat format;
-    std::shared_ptr<const kvstore::Quantizer> quant;
-    KVQ_RETURN_IF_ERROR(sharding::ResolveKvFormat(weights_.config, o.kv_format, o.quantizer,
-                                                  model::ModelFingerprint(weights_), &format, &quant));
-    KVQ_ASSIGN_OR_RETURN(auto fwd, sharding::GpuForward::Create(weights_, dt, gpu_stream_));
-    forward_ = std::move(fwd);
+    KVQ_ASSIGN_OR_RETURN(const kernels::DType dt, sharding::ParseWeightsDtype(o.weights_dtype));
     sharding::GpuKvOptions po;
     po.capacity_bytes = o.kv_capacity_bytes;
     po.memory_fraction = o.gpu_memory_fraction;
     po.max_sink_slots = 2 * o.max_batch + 1024;
-    const model::ModelConfig& c = weights_.config;
-    KVQ_ASSIGN_OR_RETURN(gpu_pool_, sharding::GpuKvPool::Create({c.n_layers, c.n_kv_heads, c.head_dim}, format,
-                                                                quant, model::RopeParamsFor(c), po, gpu_stream_));
-    factory_ = sharding::MakeGpuKvCacheFactory(gpu_pool_, c.n_heads);
-    capacity_ = gpu_pool_->total_blocks() * gpu_pool_->block_bytes();
+    KVQ_ASSIGN_OR_RETURN(gpu_, sharding::GpuBackend::Create(weights_, o.kv_format, o.quantizer, dt, po));
+    // The engine owns the pass and the factory like the CPU ones; gpu_ keeps the pool and stream.
+    forward_ = std::move(gpu_->forward);
+    factory_ = std::move(gpu_->factory);
+    const sharding::GpuKvPool& pool = *gpu_->pool;
+    capacity_ = pool.total_blocks() * pool.block_bytes();
     std::fprintf(stderr, "[kvq] GPU engine: weights %s, KV %s, pool %lld blocks x %lld B (%.2f GiB), %d sink slots\n",
-                 o.weights_dtype.c_str(), format.ToString().c_str(), static_cast<long long>(gpu_pool_->total_blocks()),
-                 static_cast<long long>(gpu_pool_->block_bytes()), capacity_ / 1073741824.0, gpu_pool_->free_sink_slots());
+                 o.weights_dtype.c_str(), pool.format().ToString().c_str(), static_cast<long long>(pool.total_blocks()),
+                 static_cast<long long>(pool.block_bytes()), capacity_ / 1073741824.0, pool.free_sink_slots());
     return absl::OkStatus();
 #else
     return absl::FailedPreconditionError("--device=cuda: this build has no CUDA (configure with -DKVQ_ENABLE_CUDA=ON)");
@@ -767,8 +742,7 @@ class Engine::Impl {
   std::unique_ptr<sharding::KvCacheFactory> factory_;
   std::unique_ptr<model::ForwardPass> forward_;
 #if KVQ_HAVE_CUDA
-  std::shared_ptr<sharding::GpuKvPool> gpu_pool_;
-  cudaStream_t gpu_stream_ = nullptr;
+  std::unique_ptr<sharding::GpuBackend> gpu_;  // pool and stream; outlives factory_ and forward_
 #endif
   std::vector<int32_t> model_stops_;
   int64_t capacity_ = 0;

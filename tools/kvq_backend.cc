@@ -8,8 +8,7 @@
 #if KVQ_HAVE_CUDA
 #include <cuda_runtime.h>
 
-#include "sharding/gpu/gpu_forward.h"
-#include "sharding/gpu/gpu_kv_cache.h"
+#include "sharding/gpu/gpu_backend.h"
 #endif
 
 ABSL_FLAG(std::string, device, "cpu", "compute backend: cpu (reference) or cuda (the GPU engine)");
@@ -40,54 +39,26 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const model::LlamaWeights& 
   if (device != "cuda") return absl::InvalidArgumentError(absl::StrCat("--device=", device, ": use cpu or cuda"));
 #if KVQ_HAVE_CUDA
   const std::string dts = absl::GetFlag(FLAGS_weights_dtype);
-  kernels::DType dt = kernels::DType::kF32;
-  if (dts == "f16") {
-    dt = kernels::DType::kF16;
-  } else if (dts == "bf16") {
-    dt = kernels::DType::kBF16;
-  } else if (dts != "f32") {
-    return absl::InvalidArgumentError(absl::StrCat("--weights_dtype=", dts, ": use f32, f16 or bf16"));
-  }
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    return absl::FailedPreconditionError("--device=cuda: no CUDA device is visible");
-  }
-  struct State {
-    cudaStream_t stream = nullptr;
-    std::shared_ptr<sharding::GpuKvPool> pool;
-    ~State() {
-      pool.reset();
-      if (stream != nullptr) cudaStreamDestroy(stream);
-    }
-  };
-  auto st = std::make_shared<State>();
-  if (cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking) != cudaSuccess) {
-    return absl::InternalError("cudaStreamCreate failed");
-  }
-  kvstore::KvFormat format;
-  std::shared_ptr<const kvstore::Quantizer> quant;
-  KVQ_RETURN_IF_ERROR(sharding::ResolveKvFormat(w.config, fmt, qpath, model::ModelFingerprint(w), &format, &quant));
-  KVQ_ASSIGN_OR_RETURN(auto fwd, sharding::GpuForward::Create(w, dt, st->stream));
-  b->forward = std::move(fwd);
-  if (absl::GetFlag(FLAGS_kv_host)) {
-    KVQ_ASSIGN_OR_RETURN(b->factory, sharding::KvCacheFactory::Create(w.config, fmt, qpath, model::ModelFingerprint(w)));
-    b->description = absl::StrCat("cuda (weights ", dts, ", KV in the CPU reference)");
-    b->device_state = st;
-    return b;
-  }
+  KVQ_ASSIGN_OR_RETURN(const kernels::DType dt, sharding::ParseWeightsDtype(dts));
   sharding::GpuKvOptions po;
   po.capacity_bytes = static_cast<int64_t>(absl::GetFlag(FLAGS_kv_capacity_gb) * 1073741824.0);
   po.max_sink_slots = 64;
-  const model::ModelConfig& c = w.config;
-  KVQ_ASSIGN_OR_RETURN(st->pool, sharding::GpuKvPool::Create({c.n_layers, c.n_kv_heads, c.head_dim}, format, quant,
-                                                             model::RopeParamsFor(c), po, st->stream));
-  b->factory = sharding::MakeGpuKvCacheFactory(st->pool, c.n_heads);
-  cudaDeviceProp prop{};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  cudaGetDeviceProperties(&prop, dev);
-  b->description = absl::StrCat("cuda (", prop.name, ", weights ", dts, ")");
-  b->device_state = st;
+  const bool kv_host = absl::GetFlag(FLAGS_kv_host);
+  std::shared_ptr<sharding::GpuBackend> gpu;
+  KVQ_ASSIGN_OR_RETURN(gpu, sharding::GpuBackend::Create(w, kv_host ? "" : fmt, qpath, dt, po));
+  b->forward = std::move(gpu->forward);
+  if (kv_host) {
+    KVQ_ASSIGN_OR_RETURN(b->factory, sharding::KvCacheFactory::Create(w.config, fmt, qpath, model::ModelFingerprint(w)));
+    b->description = absl::StrCat("cuda (weights ", dts, ", KV in the CPU reference)");
+  } else {
+    b->factory = std::move(gpu->factory);
+    cudaDeviceProp prop{};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaGetDeviceProperties(&prop, dev);
+    b->description = absl::StrCat("cuda (", prop.name, ", weights ", dts, ")");
+  }
+  b->device_state = gpu;
   return b;
 #else
   return absl::FailedPreconditionError("--device=cuda: this build has no CUDA (configure with -DKVQ_ENABLE_CUDA=ON)");

@@ -15,7 +15,7 @@ namespace kvq::tools {
 struct Backend {
   std::unique_ptr<model::ForwardPass> forward;
   std::unique_ptr<sharding::KvCacheFactory> factory;
-  std::shared_ptr<void> device_state;  // GPU pool and stream (released after the caches)
+  std::shared_ptr<void> device_state;  // the GPU pool and stream (released after the caches)
   std::string description;
   ~Backend() {
     factory.reset();

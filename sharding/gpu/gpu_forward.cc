@@ -95,7 +95,6 @@ struct GpuForward::Impl {
   float* out_norm = nullptr;
   double* inv_freq = nullptr;
   mutable std::mutex mu;
-  mutable int64_t overflows_seen = 0;
   // Step buffers.
   mutable Grow x, h, q, k, v, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
       tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos;
@@ -157,6 +156,27 @@ struct GpuForward::Impl {
     return absl::OkStatus();
   }
 
+  // cuBLAS on the stream (full fp32 without TF32 when the weights are f32: the exactness mode)
+  // and the device's SM count.
+  absl::Status Init(cudaStream_t s) {
+    stream = s;
+    KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::Create(&cublas));
+    KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetStream(cublas, s));
+    KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetMathMode(cublas, CUBLAS_PEDANTIC_MATH));
+    int dev = 0;
+    KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev));
+    return absl::OkStatus();
+  }
+
+  absl::Status UploadRope(const model::ModelConfig& c) {
+    const std::vector<double> inv = kernels::RopeInvFreq(model::RopeParamsFor(c));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&inv_freq, inv.size() * sizeof(double)));
+    allocations.push_back(inv_freq);
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(inv_freq, inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice));
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<void*> Upload(const std::vector<float>& w, DType dtype) {
     if (w.empty()) return nullptr;
     void* d = nullptr;
@@ -183,23 +203,8 @@ struct GpuForward::Impl {
 absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Create(const model::LlamaWeights& w,
                                                                DType dtype, cudaStream_t stream) {
   const model::ModelConfig& c = w.config;
-  KVQ_RETURN_IF_ERROR(c.Validate());
-  if (c.head_dim % 32 != 0 || c.head_dim > 256) {
-    return absl::UnimplementedError(absl::StrCat("GPU engine: head_dim ", c.head_dim, " (32, 64, 128 or 256)"));
-  }
-  std::unique_ptr<GpuForward> f(new GpuForward());
-  f->config_ = c;
-  f->dtype_ = dtype;
-  f->impl_ = std::make_unique<Impl>();
+  KVQ_ASSIGN_OR_RETURN(std::unique_ptr<GpuForward> f, Empty(c, dtype, stream));
   Impl& m = *f->impl_;
-  m.stream = stream;
-  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::Create(&m.cublas));
-  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetStream(m.cublas, stream));
-  // Full fp32 (no TF32) when the weights are f32: the exactness mode.
-  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH));
-  int dev = 0;
-  KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
-  KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, dev));
   size_t free0 = 0, total = 0;
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free0, &total));
   auto up = [&](const std::vector<float>& v, DType t) { return m.Upload(v, t); };
@@ -235,10 +240,7 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Create(const model::Llam
     KVQ_ASSIGN_OR_RETURN(d.w_down, up(L.w_down, dtype));
     m.layers.push_back(d);
   }
-  const std::vector<double> inv = kernels::RopeInvFreq(model::RopeParamsFor(c));
-  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&m.inv_freq, inv.size() * sizeof(double)));
-  m.allocations.push_back(m.inv_freq);
-  KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(m.inv_freq, inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice));
+  KVQ_RETURN_IF_ERROR(m.UploadRope(c));
   size_t free1 = 0;
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free1, &total));
   f->weight_bytes_ = static_cast<int64_t>(free0) - static_cast<int64_t>(free1);
@@ -248,19 +250,8 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Create(const model::Llam
 absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::CreateSynthetic(const model::ModelConfig& c,
                                                                         DType dtype, uint64_t seed,
                                                                         cudaStream_t stream) {
-  KVQ_RETURN_IF_ERROR(c.Validate());
-  std::unique_ptr<GpuForward> f(new GpuForward());
-  f->config_ = c;
-  f->dtype_ = dtype;
-  f->impl_ = std::make_unique<Impl>();
+  KVQ_ASSIGN_OR_RETURN(std::unique_ptr<GpuForward> f, Empty(c, dtype, stream));
   Impl& m = *f->impl_;
-  m.stream = stream;
-  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::Create(&m.cublas));
-  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetStream(m.cublas, stream));
-  KVQ_RETURN_IF_CUBLAS_ERROR(kernels::cublas::SetMathMode(m.cublas, CUBLAS_PEDANTIC_MATH));
-  int dev = 0;
-  KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
-  KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, dev));
   size_t free0 = 0, total = 0;
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free0, &total));
   uint64_t tensor = 0;
@@ -306,14 +297,25 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::CreateSynthetic(const mo
     KVQ_ASSIGN_OR_RETURN(d.w_down, alloc(h * ff, dtype, false));
     m.layers.push_back(d);
   }
-  const std::vector<double> inv = kernels::RopeInvFreq(model::RopeParamsFor(c));
-  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&m.inv_freq, inv.size() * sizeof(double)));
-  m.allocations.push_back(m.inv_freq);
-  KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(m.inv_freq, inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice));
+  KVQ_RETURN_IF_ERROR(m.UploadRope(c));
   KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
   size_t free1 = 0;
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free1, &total));
   f->weight_bytes_ = static_cast<int64_t>(free0) - static_cast<int64_t>(free1);
+  return f;
+}
+
+absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Empty(const model::ModelConfig& c, DType dtype,
+                                                               cudaStream_t stream) {
+  KVQ_RETURN_IF_ERROR(c.Validate());
+  if (c.head_dim % 32 != 0 || c.head_dim > 256) {
+    return absl::UnimplementedError(absl::StrCat("GPU engine: head_dim ", c.head_dim, " (32, 64, 128 or 256)"));
+  }
+  std::unique_ptr<GpuForward> f(new GpuForward());
+  f->config_ = c;
+  f->dtype_ = dtype;
+  f->impl_ = std::make_unique<Impl>();
+  KVQ_RETURN_IF_ERROR(f->impl_->Init(stream));
   return f;
 }
 
@@ -729,9 +731,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     mp.lse_row_stride = 1;
     mp.lse_part_stride = static_cast<int64_t>(T) * nh;
     mp.o = o;
-    mp.lse = m.ws.as<float>();  // scratch: the merged lse is not needed
-    // The merged lse needs rows floats of scratch; parts' lse slot 2 is free in eval mode only,
-    // so use krot (>= T * kvd floats >= T * nh) as scratch instead.
+    // The merged lse is not needed: krot (T * kvd >= T * nh floats, free here) takes it.
     mp.lse = m.krot.as<float>();
     KVQ_STEP(kernels::LaunchMergeAttention(mp, s));
     if (dtype_ != DType::kF32) KVQ_STEP(kernels::LaunchConvertF32(Ts * qd, o, o_act, dtype_, s));
@@ -757,6 +757,13 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
                    cudaSuccess
                ? absl::OkStatus()
                : absl::InternalError("copy of logits"));
+  int overflowed = 0;  // the append kernels' flag, read with the logits (no extra synchronize)
+  if (pool != nullptr) {
+    KVQ_STEP(cudaMemcpyAsync(&overflowed, pool->overflow_flag(), sizeof(int), cudaMemcpyDeviceToHost, s) ==
+                     cudaSuccess
+                 ? absl::OkStatus()
+                 : absl::InternalError("copy of the overflow flag"));
+  }
   {
     const cudaError_t e = cudaStreamSynchronize(s);
     if (e != cudaSuccess) {
@@ -771,9 +778,8 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       e.w->Commit(e.n);
     }
   }
-  const int64_t overflows = pool != nullptr ? pool->overflows() : 0;
-  if (overflows != m.overflows_seen) {
-    m.overflows_seen = overflows;
+  if (overflowed != 0) {
+    const int64_t overflows = pool->CountOverflow();
     std::fprintf(stderr,
                  "[kvq] warning: a block's key-outlier spare area overflowed (%lld steps so far); the "
                  "extra outliers were clamped. Raise GpuKvOptions::key_outlier_spare_fraction.\n",

@@ -45,6 +45,9 @@ class GpuForward : public model::ForwardPass {
  private:
   struct Impl;
   GpuForward() = default;
+  // A pass with cuBLAS and the device set up and no weights yet (both Create functions start here).
+  static absl::StatusOr<std::unique_ptr<GpuForward>> Empty(const model::ModelConfig& config, kernels::DType dtype,
+                                                           cudaStream_t stream);
   model::ModelConfig config_;
   kernels::DType dtype_ = kernels::DType::kF16;
   int64_t weight_bytes_ = 0;

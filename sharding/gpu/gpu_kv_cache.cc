@@ -11,37 +11,13 @@
 #include "kernels/decode_attention.h"
 #include "kernels/engine_ops.h"
 #include "kernels/kv_append.h"
+#include "kvstore/kernel_geometry.h"
 #include "kvstore/quantized_kv_cache.h"
 
 namespace kvq::sharding {
 namespace {
 
 using kvstore::kBlockTokens;
-
-static_assert(kernels::kKvBlockTokens == kvstore::kBlockTokens);
-
-kernels::KvBlockGeometry ToKernelGeometry(const kvstore::BlockLayout& b) {
-  kernels::KvBlockGeometry g;
-  g.n_layers = b.n_layers;
-  g.n_kv_heads = b.n_kv_heads;
-  g.head_dim = b.head_dim;
-  g.bits = b.bits;
-  g.key_words_per_token = b.key_words_per_token;
-  g.value_words_per_token = b.value_words_per_token;
-  g.value_outliers_per_token = b.value_outliers_per_token;
-  g.value_outlier_index_bytes = b.value_outlier_index_bytes;
-  g.has_key_outliers = b.has_key_outliers;
-  g.key_codes_offset = b.key_codes_offset;
-  g.value_codes_offset = b.value_codes_offset;
-  g.key_scales_offset = b.key_scales_offset;
-  g.value_scales_offset = b.value_scales_offset;
-  g.value_outlier_index_offset = b.value_outlier_index_offset;
-  g.value_outlier_value_offset = b.value_outlier_value_offset;
-  g.key_outlier_dir_offset = b.key_outlier_dir_offset;
-  g.layer_bytes = b.layer_bytes;
-  g.fixed_bytes = b.fixed_bytes;
-  return g;
-}
 
 uint32_t Load32(const uint8_t* p) {
   uint32_t v;
@@ -149,7 +125,7 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(p->inv_freq_, inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice));
 
   kernels::PagedKvCache& v = p->view_;
-  v.geom = ToKernelGeometry(lay);
+  v.geom = kvstore::ToKernelGeometry(lay);
   v.codec = format.quantized() ? static_cast<kernels::KvCodec>(format.bits) : kernels::KvCodec::kFp16;
   v.pool = p->arena_;
   v.block_stride_bytes = stride;
@@ -301,14 +277,9 @@ uint16_t* GpuKvPool::sink_slot(int slot) const {
   return sink_arena_ + static_cast<int64_t>(slot) * (sink_slot_bytes_ / 2);
 }
 
-int64_t GpuKvPool::overflows() {
-  int flag = 0;
-  if (cudaMemcpyAsync(&flag, overflow_, sizeof(int), cudaMemcpyDeviceToHost, stream_) == cudaSuccess &&
-      cudaStreamSynchronize(stream_) == cudaSuccess && flag != 0) {
-    ++overflow_count_;
-    cudaMemsetAsync(overflow_, 0, sizeof(int), stream_);
-  }
-  return overflow_count_;
+int64_t GpuKvPool::CountOverflow() {
+  cudaMemsetAsync(overflow_, 0, sizeof(int), stream_);
+  return ++overflow_count_;
 }
 
 // ---------------------------------------------------------------------------------------------

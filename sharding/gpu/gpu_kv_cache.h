@@ -43,7 +43,7 @@ struct GpuKvOptions {
   // overflow, into the block's spare area of spare_fraction * expected entries per list (the
   // append kernel relocates it with 50% slack; kernels/paged_kv.h). Only when a block's spare area
   // is used up are entries dropped (the dense code keeps the clamped value), counted in
-  // GpuKvPool::overflows() and logged by the forward pass. Measured on SmolLM2 nuq3-1% with its
+  // GpuKvPool::CountOverflow() and logged by the forward pass. Measured on SmolLM2 nuq3-1% with its
   // calibrated thresholds (2048 tokens of each test split): lists average 163-181 entries
   // (expected 164), but the first blocks of a text are dense: Austen's block 0 holds 1.59x the
   // expected total, 73 of its 90 lists over 224, one list 416 (505 at nuq2-1%). On the H200 a
@@ -105,10 +105,11 @@ class GpuKvPool {
   absl::StatusOr<int> AllocateSinkSlot();  // zeroed
   void ReleaseSinkSlot(int slot);
   uint16_t* sink_slot(int slot) const;
-  // Device flag the append kernel raises when a block's key-outlier reservation overflowed.
+  // Device flag the append kernel raises when a block's key-outlier spare area overflowed.
   int* overflow_flag() const { return overflow_; }
-  // Reads (and clears) the overflow flag: how many steps overflowed so far.
-  int64_t overflows();
+  // After a step that found the flag raised: clears it (on the stream) and returns how many steps
+  // overflowed so far.
+  int64_t CountOverflow();
 
  private:
   GpuKvPool() = default;

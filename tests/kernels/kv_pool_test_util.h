@@ -11,35 +11,13 @@
 #include "kernels/paged_kv.h"
 #include "kernels/reference/rope.h"
 #include "kvstore/block_layout.h"
+#include "kvstore/kernel_geometry.h"
 #include "kvstore/quantized_kv_cache.h"
 #include "tests/kernels/cuda_test_util.h"
 
 namespace kvq::testing {
 
-static_assert(kernels::kKvBlockTokens == kvstore::kBlockTokens);
-
-inline kernels::KvBlockGeometry ToKernelGeometry(const kvstore::BlockLayout& b) {
-  kernels::KvBlockGeometry g;
-  g.n_layers = b.n_layers;
-  g.n_kv_heads = b.n_kv_heads;
-  g.head_dim = b.head_dim;
-  g.bits = b.bits;
-  g.key_words_per_token = b.key_words_per_token;
-  g.value_words_per_token = b.value_words_per_token;
-  g.value_outliers_per_token = b.value_outliers_per_token;
-  g.value_outlier_index_bytes = b.value_outlier_index_bytes;
-  g.has_key_outliers = b.has_key_outliers;
-  g.key_codes_offset = b.key_codes_offset;
-  g.value_codes_offset = b.value_codes_offset;
-  g.key_scales_offset = b.key_scales_offset;
-  g.value_scales_offset = b.value_scales_offset;
-  g.value_outlier_index_offset = b.value_outlier_index_offset;
-  g.value_outlier_value_offset = b.value_outlier_value_offset;
-  g.key_outlier_dir_offset = b.key_outlier_dir_offset;
-  g.layer_bytes = b.layer_bytes;
-  g.fixed_bytes = b.fixed_bytes;
-  return g;
-}
+using kvstore::ToKernelGeometry;
 
 inline kernels::KvCodec CodecOf(const kvstore::KvFormat& f) {
   return f.quantized() ? static_cast<kernels::KvCodec>(f.bits) : kernels::KvCodec::kFp16;

@@ -1,0 +1,41 @@
+// Everything one GPU needs to run the model over a paged KV pool: a stream, the forward pass,
+// the block pool and the cache factory over it, built in one place for the engine
+// (--device=cuda) and the kvq tool. Members are destroyed caches-first (factory, pool, forward
+// pass) and the stream last.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kernels/dtype.h"
+#include "model/weights.h"
+#include "sharding/gpu/gpu_forward.h"
+#include "sharding/gpu/gpu_kv_cache.h"
+#include "sharding/kv_cache_factory.h"
+
+namespace kvq::sharding {
+
+// "f16" | "bf16" | "f32"; InvalidArgument names the choices otherwise.
+absl::StatusOr<kernels::DType> ParseWeightsDtype(const std::string& name);
+
+struct GpuBackend {
+  // FailedPrecondition when no CUDA device is visible. The pool takes pool_options (its
+  // capacity_bytes, or a fraction of the memory left after the weights). An empty kv_format builds
+  // the forward pass alone (the KV cache lives elsewhere, e.g. in the CPU reference quantizer).
+  static absl::StatusOr<std::unique_ptr<GpuBackend>> Create(const model::LlamaWeights& weights,
+                                                            const std::string& kv_format,
+                                                            const std::string& quantizer_path,
+                                                            kernels::DType weights_dtype,
+                                                            const GpuKvOptions& pool_options);
+  ~GpuBackend();
+
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<GpuForward> forward;
+  std::shared_ptr<GpuKvPool> pool;
+  std::unique_ptr<KvCacheFactory> factory;
+};
+
+}  // namespace kvq::sharding
