@@ -26,6 +26,7 @@
 #include "model/sampling.h"
 #include "model/weights.h"
 #include "sharding/kv_cache_factory.h"
+#include "sharding/session_file.h"
 #if KVQ_HAVE_CUDA
 #include "sharding/gpu/gpu_backend.h"
 #endif
@@ -378,56 +379,21 @@ class Engine::Impl {
       if (it->second->busy) return absl::FailedPreconditionError(absl::StrCat("session '", id, "' is being extended"));
       s = it->second;
     }
-    KVQ_ASSIGN_OR_RETURN(std::string kv, s->cache->Serialize());
-    // Format: magic, format name, token count, tokens, KV image.
-    std::string out = "KVQSESS1";
-    auto put = [&](int64_t v) { out.append(reinterpret_cast<const char*>(&v), 8); };
-    put(static_cast<int64_t>(factory_->format().size()));
-    out += factory_->format();
-    put(static_cast<int64_t>(s->tokens.size()));
-    out.append(reinterpret_cast<const char*>(s->tokens.data()), s->tokens.size() * 4);
-    put(static_cast<int64_t>(kv.size()));
-    out += kv;
-    const std::string tmp = path + ".tmp";
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) return absl::PermissionDeniedError(absl::StrCat("cannot write ", tmp));
-    f.write(out.data(), static_cast<std::streamsize>(out.size()));
-    f.close();
-    if (!f || std::rename(tmp.c_str(), path.c_str()) != 0) {
-      return absl::InternalError(absl::StrCat("failed writing ", path));
-    }
-    return absl::OkStatus();
+    sharding::SessionImage image;
+    image.kv_format = factory_->format();
+    image.tokens = s->tokens;
+    KVQ_ASSIGN_OR_RETURN(image.kv, s->cache->Serialize());
+    return sharding::WriteSessionFile(path, image);
   }
 
   absl::StatusOr<SessionInfo> LoadSession(const std::string& id, const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) return absl::NotFoundError(absl::StrCat("cannot open session file ", path));
-    std::stringstream ss;
-    ss << f.rdbuf();
-    const std::string data = ss.str();
-    size_t p = 8;
-    auto get = [&](int64_t* v) {
-      if (p + 8 > data.size()) return false;
-      std::memcpy(v, data.data() + p, 8);
-      p += 8;
-      return true;
-    };
-    int64_t n = 0;
-    if (data.compare(0, 8, "KVQSESS1") != 0 || !get(&n) || n < 0 || p + n > data.size()) {
-      return absl::DataLossError(absl::StrCat(path, " is not a kvq session file"));
-    }
-    const std::string fmt = data.substr(p, n);
-    p += n;
-    if (fmt != factory_->format()) {
-      return absl::FailedPreconditionError(absl::StrCat("session was saved with KV format ", fmt,
+    KVQ_ASSIGN_OR_RETURN(sharding::SessionImage image, sharding::ReadSessionFile(path));
+    if (image.kv_format != factory_->format()) {
+      return absl::FailedPreconditionError(absl::StrCat("session was saved with KV format ", image.kv_format,
                                                         ", this server runs ", factory_->format()));
     }
-    if (!get(&n) || n < 0 || p + n * 4 > data.size()) return absl::DataLossError(absl::StrCat(path, ": truncated token list"));
-    std::vector<int32_t> tokens(n);
-    std::memcpy(tokens.data(), data.data() + p, n * 4);
-    p += n * 4;
-    if (!get(&n) || n < 0 || p + n != data.size()) return absl::DataLossError(absl::StrCat(path, ": truncated KV image"));
-    KVQ_ASSIGN_OR_RETURN(auto cache, factory_->Deserialize(data.substr(p, n)));
+    std::vector<int32_t>& tokens = image.tokens;
+    KVQ_ASSIGN_OR_RETURN(auto cache, factory_->Deserialize(image.kv));
     // The cache holds every token but the pending last one.
     if (cache->length() != std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - 1)) {
       return absl::DataLossError(absl::StrCat(path, ": KV holds ", cache->length(), " tokens, token list ", tokens.size()));
