@@ -143,11 +143,11 @@ __global__ void InitKvBlocksKernel(const InitKvBlocksParams p) {
   for (int i = threadIdx.x; i < lists; i += blockDim.x) {
     const int l = i / p.n_kv_heads, h = i % p.n_kv_heads;
     uint32_t* dir = reinterpret_cast<uint32_t*>(blk + l * p.layer_bytes + p.dir_offset) + 2 * h;
-    dir[0] = hw + static_cast<uint32_t>(i) * static_cast<uint32_t>(p.key_outlier_capacity);
+    // Growable lists start empty with no region; fixed ones at their reservation.
+    dir[0] = hw > 0 ? hw : static_cast<uint32_t>(i) * static_cast<uint32_t>(p.key_outlier_capacity);
     dir[1] = 0;
-    if (hw > 0) var[1 + i] = static_cast<uint32_t>(p.key_outlier_capacity);
   }
-  if (hw > 0 && threadIdx.x == 0) var[0] = hw + static_cast<uint32_t>(lists) * p.key_outlier_capacity;
+  if (hw > 0 && threadIdx.x == 0) var[0] = hw;
 }
 
 unsigned GridFor(int64_t n, int threads) {

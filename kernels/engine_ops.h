@@ -80,8 +80,8 @@ struct InitKvBlocksParams {
   int64_t fixed_bytes = 0;
   int64_t dir_offset = -1;
   int key_outlier_capacity = 0;
-  // Growable lists (kernels/paged_kv.h): lists start after this many header words, and the
-  // header gets the spare area's start and every list's capacity. 0: fixed reservations.
+  // Growable lists (kernels/paged_kv.h): the header (this many words) gets its bump pointer at
+  // the header's end and zero capacities. 0: fixed reservations of key_outlier_capacity.
   int key_outlier_header_words = 0;
 };
 absl::Status LaunchInitKvBlocks(const InitKvBlocksParams& p, cudaStream_t stream);

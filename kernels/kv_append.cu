@@ -65,19 +65,39 @@ __device__ __forceinline__ uint8_t* TokenBlock(const KvAppendParams& p, int b, i
   return p.pool + static_cast<int64_t>(blk) * p.kv.block_stride_bytes;
 }
 
+// Takes `want` words from the block's bump area (header word 0), or `need` if `want` no longer
+// fits; returns the first word or ~0u when not even `need` fits.
+__device__ __forceinline__ uint32_t TakeKeyWords(uint32_t* var, uint32_t end_words, uint32_t need, uint32_t* want) {
+  uint32_t old = *reinterpret_cast<volatile uint32_t*>(var);
+  while (true) {
+    uint32_t take = old + *want <= end_words ? *want : need;
+    if (old + take > end_words) return ~0u;
+    const uint32_t seen = atomicCAS(var, old, old + take);
+    if (seen == old) {
+      *want = take;
+      return old;
+    }
+    old = seen;
+  }
+}
+
 __global__ void KeyAppendKernel(const KvAppendParams p) {
   const KvBlockGeometry& g = p.kv.geom;
   const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
   const int D = g.head_dim, H = g.n_kv_heads;
   const int bits = g.bits;
   const bool quant = p.kv.codec != KvCodec::kFp16;
+  const bool growable = p.kv.key_outlier_header_words > 0;
   __shared__ float mids_s[15];
   __shared__ uint32_t words_s[64];  // head_dim * bits / 32 <= 256 * 4 / 32 (fp16: 128 words)
   __shared__ int warp_cnt_s[8];
   __shared__ float zp_s[256], r_s[256];
+  __shared__ uint32_t first_s, count_s, moved_from_s;
+  __shared__ int fits_s, moved_s;
   const int n_sink_cap = SinkCapacity(p.kv, b);
   const int64_t base_len = p.kv.seq_lens[b];
   const int W = g.key_words_per_token;
+  const int lane = c & 31, warp = c >> 5;
   if (quant) {
     const int C = 1 << bits;
     if (c < C - 1) {
@@ -89,65 +109,52 @@ __global__ void KeyAppendKernel(const KvAppendParams p) {
     r_s[c] = p.kv.key_range[at];
   }
   __syncthreads();
-  for (int j = 0; j < p.n_new; ++j) {
-    const int64_t i = base_len + j;
-    float x = p.k[((static_cast<int64_t>(b) * p.n_new + j) * H + h) * D + c];
-    if (i < n_sink_cap) {
+  auto key_at = [&](int j) { return p.k[((static_cast<int64_t>(b) * p.n_new + j) * H + h) * D + c]; };
+  int j = 0;
+  while (j < p.n_new) {
+    const int64_t i0 = base_len + j;
+    if (i0 < n_sink_cap) {
       const int64_t L = static_cast<int64_t>(H) * D;
-      p.sink[b][(static_cast<int64_t>(p.layer) * n_sink_cap + i) * L + h * D + c] = HalfBitsOf(x);
-      continue;  // uniform: i is the same for the whole CTA
+      p.sink[b][(static_cast<int64_t>(p.layer) * n_sink_cap + i0) * L + h * D + c] = HalfBitsOf(key_at(j));
+      ++j;
+      continue;  // uniform: i0 is the same for the whole CTA
     }
-    int t;
-    uint8_t* block = TokenBlock(p, b, i, n_sink_cap, &t);
+    // The tokens [j, j + seg) fall in one block, slots [t0, t0 + seg).
+    int t0;
+    uint8_t* block = TokenBlock(p, b, i0, n_sink_cap, &t0);
+    const int seg = static_cast<int>(min(static_cast<int64_t>(p.n_new - j), static_cast<int64_t>(kKvBlockTokens - t0)));
     uint8_t* lbase = block + static_cast<int64_t>(p.layer) * g.layer_bytes;
-    uint8_t* dst = lbase + g.key_codes_offset +
-                   (static_cast<int64_t>(h) * kKvBlockTokens + t) * W * 4;
-    if (!quant) {
-      reinterpret_cast<uint16_t*>(dst)[c] = HalfBitsOf(x);
-      continue;
-    }
-    for (int w = c; w < W; w += blockDim.x) words_s[w] = 0u;
-    __syncthreads();
-    const float xn = __fdiv_rn(x - zp_s[c], r_s[c]);
-    const bool outlier = g.has_key_outliers && fabsf(xn) > 1.0f;
-    OrCode(words_s, c, bits, EncodeNearest(xn, mids_s, (1 << bits) - 1));
-    // Compact outliers in channel order.
-    const unsigned ballot = __ballot_sync(0xffffffffu, outlier);
-    const int lane = c & 31, warp = c >> 5;
-    if (lane == 0) warp_cnt_s[warp] = __popc(ballot);
-    __syncthreads();
-    for (int w = c; w < W; w += blockDim.x) reinterpret_cast<uint32_t*>(dst)[w] = words_s[w];
-    if (g.has_key_outliers) {
-      int before = 0, total = 0;
-      for (int w = 0; w < (D + 31) / 32; ++w) {
-        if (w < warp) before += warp_cnt_s[w];
-        total += warp_cnt_s[w];
-      }
-      uint32_t* dir = reinterpret_cast<uint32_t*>(lbase + g.key_outlier_dir_offset) + 2 * h;
-      uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
-      __shared__ uint32_t first_s, count_s, moved_from_s;
-      __shared__ int fits_s, moved_s;
+    uint32_t* dir = reinterpret_cast<uint32_t*>(lbase + g.key_outlier_dir_offset) + 2 * h;
+    uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
+    const bool outliers = quant && g.has_key_outliers;
+    if (outliers) {
+      // Pass 1: how many entries this segment adds, so that the list grows at most once.
+      int mine = 0;
+      for (int jj = 0; jj < seg; ++jj) mine += fabsf(__fdiv_rn(key_at(j + jj) - zp_s[c], r_s[c])) > 1.0f ? 1 : 0;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mine += __shfl_xor_sync(0xffffffffu, mine, off);
+      if (lane == 0) warp_cnt_s[warp] = mine;
+      __syncthreads();
       if (c == 0) {
+        int total = 0;
+        for (int w = 0; w < (D + 31) / 32; ++w) total += warp_cnt_s[w];
         uint32_t first = dir[0];
         const uint32_t count = dir[1];
+        const uint32_t need = count + static_cast<uint32_t>(total);
         int fits = 1, moved = 0;
-        if (p.kv.key_outlier_header_words == 0) {
-          fits = count + total <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
+        if (!growable) {
+          fits = need <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
         } else if (total > 0) {
           uint32_t* cap_w = var + 1 + (p.layer * H + h);
-          const uint32_t cap = *cap_w;
-          if (count + total > cap) {
-            // Room for half as many again: a list that overflows once tends to keep growing
-            // while its block fills, and every move abandons the old region.
-            const uint32_t need = count + static_cast<uint32_t>(total);
-            const uint32_t want = need + max(32u, need / 2);
+          if (need > *cap_w) {
+            uint32_t want = PagedKvCache::KeyOutlierListWant(need, t0 + seg, kKvBlockTokens - t0 - seg, p.kv.key_outlier_capacity);
             const uint32_t end_words = static_cast<uint32_t>((p.kv.block_stride_bytes - g.fixed_bytes) / 4);
-            const uint32_t at = atomicAdd(var, want);
-            if (at + want <= end_words) {
+            const uint32_t at = TakeKeyWords(var, end_words, need, &want);
+            if (at != ~0u) {
               moved_from_s = first;
               first = at;
               *cap_w = want;
-              moved = 1;
+              moved = count > 0;
             } else {
               fits = 0;
             }
@@ -159,27 +166,113 @@ __global__ void KeyAppendKernel(const KvAppendParams p) {
         moved_s = moved;
       }
       __syncthreads();
-      if (moved_s) {  // copy the list to its new region (ordered: one writer per list)
+      if (moved_s) {  // copy the list to its new region (one writer per list)
         for (uint32_t e = c; e < count_s; e += blockDim.x) var[first_s + e] = var[moved_from_s + e];
         __syncthreads();
       }
-      if (outlier && fits_s) {
-        const int rank = before + __popc(ballot & ((1u << lane) - 1u));
-        var[first_s + count_s + rank] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
-                                        (static_cast<uint32_t>(HalfBitsOf(x)) << 16);
+    }
+    // Pass 2: codes, and outlier entries in (token, channel) order.
+    for (int jj = 0; jj < seg; ++jj) {
+      const int t = t0 + jj;
+      const float x = key_at(j + jj);
+      uint8_t* dst = lbase + g.key_codes_offset + (static_cast<int64_t>(h) * kKvBlockTokens + t) * W * 4;
+      if (!quant) {
+        reinterpret_cast<uint16_t*>(dst)[c] = HalfBitsOf(x);
+        continue;
       }
-      __syncthreads();  // every entry is written before the directory moves
-      if (c == 0 && total > 0) {
-        if (fits_s) {
-          dir[0] = first_s;
-          dir[1] = count_s + total;
-        } else if (p.overflow != nullptr) {
-          *p.overflow = 1;
+      for (int w = c; w < W; w += blockDim.x) words_s[w] = 0u;
+      __syncthreads();
+      const float xn = __fdiv_rn(x - zp_s[c], r_s[c]);
+      const bool outlier = outliers && fabsf(xn) > 1.0f;
+      OrCode(words_s, c, bits, EncodeNearest(xn, mids_s, (1 << bits) - 1));
+      const unsigned ballot = __ballot_sync(0xffffffffu, outlier);
+      if (lane == 0) warp_cnt_s[warp] = __popc(ballot);
+      __syncthreads();
+      for (int w = c; w < W; w += blockDim.x) reinterpret_cast<uint32_t*>(dst)[w] = words_s[w];
+      if (outliers) {
+        int before = 0, total = 0;
+        for (int w = 0; w < (D + 31) / 32; ++w) {
+          if (w < warp) before += warp_cnt_s[w];
+          total += warp_cnt_s[w];
         }
+        if (outlier && fits_s) {
+          const int rank = before + __popc(ballot & ((1u << lane) - 1u));
+          var[first_s + count_s + rank] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
+                                          (static_cast<uint32_t>(HalfBitsOf(x)) << 16);
+        }
+        __syncthreads();  // every thread has read count_s and warp_cnt_s
+        if (c == 0 && fits_s) count_s += total;
+      }
+      __syncthreads();
+    }
+    if (outliers && c == 0) {
+      if (fits_s) {
+        dir[0] = first_s;
+        dir[1] = count_s;
+      } else if (p.overflow != nullptr) {
+        *p.overflow = 1;
       }
     }
     __syncthreads();
+    j += seg;
   }
+}
+
+// One CTA per block: rewrites the block's key-outlier lists contiguously (list order) with room
+// for the rest of the block, from a scratch copy; full blocks get exactly their entries.
+__global__ void CompactKeyOutliersKernel(const CompactKeyOutliersParams p) {
+  const int lists = p.n_layers * p.n_kv_heads;
+  const int32_t id = p.ids[blockIdx.x];
+  const int filled = p.filled[blockIdx.x];
+  uint8_t* blk = p.pool + static_cast<int64_t>(id) * p.block_stride_bytes;
+  uint32_t* var = reinterpret_cast<uint32_t*>(blk + p.fixed_bytes);
+  const uint32_t end_words = static_cast<uint32_t>((p.block_stride_bytes - p.fixed_bytes) / 4);
+  uint32_t* scratch = p.scratch + static_cast<int64_t>(blockIdx.x) * end_words;
+  auto dir_of = [&](int i) {
+    return reinterpret_cast<uint32_t*>(blk + (i / p.n_kv_heads) * p.layer_bytes + p.dir_offset) + 2 * (i % p.n_kv_heads);
+  };
+  __shared__ uint32_t used_s, tight_s;
+  // 1. Copy every list's entries to scratch, packed in list order (thread 0 assigns offsets).
+  extern __shared__ uint32_t off_s[];  // [lists + 1]
+  if (threadIdx.x == 0) {
+    uint32_t at = 0, want_total = 0;
+    for (int i = 0; i < lists; ++i) {
+      off_s[i] = at;
+      const uint32_t count = dir_of(i)[1];
+      at += count;
+      want_total += PagedKvCache::KeyOutlierListWant(count, filled, kKvBlockTokens - filled, p.key_outlier_capacity);
+    }
+    off_s[lists] = at;
+    tight_s = p.header_words + want_total > end_words;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x / 32; i < lists; i += blockDim.x / 32) {
+    const uint32_t* d = dir_of(i);
+    const uint32_t first = d[0], count = d[1];
+    for (uint32_t e = threadIdx.x % 32; e < count; e += 32) scratch[off_s[i] + e] = var[first + e];
+  }
+  __syncthreads();
+  // 2. New regions: each list gets its entries plus the growth it may still need (only its
+  // entries when the block cannot give everyone that).
+  if (threadIdx.x == 0) {
+    uint32_t at = p.header_words;
+    for (int i = 0; i < lists; ++i) {
+      const uint32_t count = off_s[i + 1] - off_s[i];
+      const uint32_t cap = tight_s ? count : PagedKvCache::KeyOutlierListWant(count, filled, kKvBlockTokens - filled, p.key_outlier_capacity);
+      uint32_t* d = dir_of(i);
+      d[0] = at;
+      var[1 + i] = cap;
+      at += cap;
+    }
+    used_s = at;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x / 32; i < lists; i += blockDim.x / 32) {
+    const uint32_t* d = dir_of(i);
+    const uint32_t first = d[0], count = d[1];
+    for (uint32_t e = threadIdx.x % 32; e < count; e += 32) var[first + e] = scratch[off_s[i] + e];
+  }
+  if (threadIdx.x == 0) var[0] = used_s;
 }
 
 __device__ __forceinline__ uint32_t OrderedBits(float x) {
@@ -366,6 +459,20 @@ absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
   KeyAppendKernel<<<dim3(g.n_kv_heads, p.batch), g.head_dim, 0, stream>>>(p);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   ValueAppendKernel<<<dim3(p.n_new, p.batch), kValueThreads, 0, stream>>>(p);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+absl::Status LaunchCompactKeyOutliers(const CompactKeyOutliersParams& p, cudaStream_t stream) {
+  if (p.n <= 0) return absl::OkStatus();
+  if (p.n > CompactKeyOutliersParams::kMaxBlocks || p.header_words <= 0 || p.dir_offset < 0 ||
+      p.scratch == nullptr || p.pool == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchCompactKeyOutliers: n ", p.n, " (max ",
+                                                   CompactKeyOutliersParams::kMaxBlocks, "), header ",
+                                                   p.header_words, ", dir offset ", p.dir_offset));
+  }
+  const size_t smem = (static_cast<size_t>(p.n_layers) * p.n_kv_heads + 1) * 4;
+  CompactKeyOutliersKernel<<<p.n, 256, smem, stream>>>(p);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

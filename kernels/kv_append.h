@@ -27,11 +27,35 @@ struct KvAppendParams {
   int n_new = 0;
   const float* k = nullptr;  // [batch][n_new][n_kv_heads][head_dim], pre-RoPE
   const float* v = nullptr;  // [batch][n_new][n_kv_heads][head_dim]
-  // Set to 1 when a (block, layer, head) would exceed key_outlier_capacity (its new entries are
-  // then dropped: the dense codes still hold the clamped values). May be null.
+  // Set to 1 when a (block, layer, head) list cannot grow (fixed reservations: beyond
+  // key_outlier_capacity; growable lists: the block's area is used up). That step's new entries
+  // of the list are dropped (the dense codes still hold the clamped values). May be null.
   int* overflow = nullptr;
 };
 
 absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream);
+
+// Compaction of growable key-outlier lists (paged_kv.h): for each block, its lists are rewritten
+// contiguously in list order, each with room for what the rest of the block may add (a full block
+// keeps exactly its entries), and the bump pointer reset after them: space abandoned by lists
+// that moved while the block filled comes back. Run between steps, on blocks that just filled
+// (and every so often on a block being decoded into).
+struct CompactKeyOutliersParams {
+  static constexpr int kMaxBlocks = 32;
+  uint8_t* pool = nullptr;
+  int64_t block_stride_bytes = 0;
+  int64_t layer_bytes = 0;
+  int64_t fixed_bytes = 0;
+  int64_t dir_offset = -1;
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int header_words = 0;
+  int key_outlier_capacity = 0;  // nominal entries per list and full block (the growth rate)
+  uint32_t* scratch = nullptr;   // kMaxBlocks * (block_stride_bytes - fixed_bytes) bytes, device
+  int n = 0;
+  int32_t ids[kMaxBlocks] = {};
+  int32_t filled[kMaxBlocks] = {};  // tokens in each block (256 = full)
+};
+absl::Status LaunchCompactKeyOutliers(const CompactKeyOutliersParams& p, cudaStream_t stream);
 
 }  // namespace kvq::kernels

@@ -61,13 +61,27 @@ struct PagedKvCache {
   // first = (layer * n_kv_heads + head) * key_outlier_capacity (the pool's reservation).
   int key_outlier_capacity = 0;
   // Growable lists (key_outlier_header_words > 0): the variable section starts with a header of
-  // that many uint32 words: word 0 = next free word of the block's spare area, words 1 + i = the
-  // capacity of list i = layer * n_kv_heads + head. Lists start at first = header_words +
-  // i * key_outlier_capacity; a list that would overflow moves (its entries copied) to a region of
-  // 1.5x its new size taken from the spare area, which runs to the end of the block stride. Only
-  // when the spare area is exhausted are new entries dropped (the overflow flag). Readers use
-  // {first, count} from the directory as always.
+  // that many uint32 words: word 0 = next free word of the block's area (a bump pointer, starting
+  // at the header's end), words 1 + i = the capacity of list i = layer * n_kv_heads + head (0 until
+  // the list gets its first entries). A list that must grow takes a new region from the bump
+  // pointer, sized for what the rest of the block is likely to add (its rate so far or
+  // key_outlier_capacity per 256 tokens, whichever is larger, plus a quarter; exactly its entries
+  // once the block is full), and its entries move there. LaunchCompactKeyOutliers (kv_append.h)
+  // packs a block's lists again when it fills. Only when the area is used up are new entries
+  // dropped (the overflow flag). Readers use {first, count} from the directory as always.
   int key_outlier_header_words = 0;
+  // The capacity a growable list takes when it holds `need` entries after `filled` tokens of its
+  // block, with `remaining` tokens still to come (nominal = key_outlier_capacity).
+  KVQ_HOST_DEVICE static uint32_t KeyOutlierListWant(uint32_t need, int filled, int remaining, int nominal) {
+    if (remaining <= 0) return need;
+    const float r0 = static_cast<float>(nominal) / kKvBlockTokens;
+    const float r1 = filled > 0 ? static_cast<float>(need) / static_cast<float>(filled) : 0.0f;
+    const float rate = r0 > r1 ? r0 : r1;
+    const float extra = 1.25f * rate * static_cast<float>(remaining);
+    uint32_t e = static_cast<uint32_t>(extra);
+    if (static_cast<float>(e) < extra) ++e;
+    return need + e + 4u;
+  }
   KVQ_HOST_DEVICE static int KeyOutlierHeaderWords(int n_layers, int n_kv_heads) {
     return (1 + n_layers * n_kv_heads + 3) / 4 * 4;
   }

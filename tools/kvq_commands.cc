@@ -194,7 +194,7 @@ int FailStatus(const absl::Status& s) {
 }
 
 std::vector<std::string> CommandNames() {
-  return {"generate", "eval-ppl", "calibrate", "passkey", "tokenize", "logits", "plan"};
+  return {"generate", "eval-ppl", "calibrate", "passkey", "tokenize", "logits", "plan", "outlier-census"};
 }
 
 int RunCommand(const std::string& name, int argc, char** argv) {
@@ -207,6 +207,7 @@ int RunCommand(const std::string& name, int argc, char** argv) {
   if (name == "calibrate") return Calibrate();
   if (name == "passkey") return Passkey();
   if (name == "plan") return Plan();  // [sharding]
+  if (name == "outlier-census") return OutlierCensus();
   std::fprintf(stderr, "kvq: unknown command '%s'\n", name.c_str());
   return 2;
 }

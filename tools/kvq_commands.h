@@ -16,6 +16,7 @@ int RunCommand(const std::string& name, int argc, char** argv);
 int Calibrate();
 int Passkey();
 int Plan();  // [sharding] tools/kvq_plan.cc
+int OutlierCensus();  // tools/kvq_outliers.cc
 // Prints the status and returns the exit code for a failure.
 int FailStatus(const absl::Status& s);
 

@@ -781,8 +781,8 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   if (overflowed != 0) {
     const int64_t overflows = pool->CountOverflow();
     std::fprintf(stderr,
-                 "[kvq] warning: a block's key-outlier spare area overflowed (%lld steps so far); the "
-                 "extra outliers were clamped. Raise GpuKvOptions::key_outlier_spare_fraction.\n",
+                 "[kvq] warning: a block's key-outlier area was used up (%lld steps so far); the extra "
+                 "outliers were clamped. Raise GpuKvOptions::key_outlier_reserve.\n",
                  static_cast<long long>(overflows));
   }
   return absl::OkStatus();

@@ -61,13 +61,11 @@ GpuBlockGeometry ComputeGpuBlockGeometry(const kvstore::KvShape& shape, const kv
   const int64_t lists = static_cast<int64_t>(shape.n_layers) * shape.n_kv_heads;
   if (lay.has_key_outliers) {
     const double expected = static_cast<double>(kBlockTokens) * shape.head_dim * format.outlier_fraction;
-    int cap = static_cast<int>(std::ceil(options.key_outlier_base_headroom * expected)) + shape.head_dim / 4;
-    g.key_outlier_capacity = std::min((cap + 3) / 4 * 4, kBlockTokens * shape.head_dim);
+    g.key_outlier_capacity = std::max(1, static_cast<int>(std::ceil(expected)));
     g.key_outlier_header_words = kernels::PagedKvCache::KeyOutlierHeaderWords(shape.n_layers, shape.n_kv_heads);
-    g.spare_words = static_cast<int64_t>(std::ceil(options.key_outlier_spare_fraction * expected * lists));
+    g.area_words = static_cast<int64_t>(std::ceil(std::max(1.0, options.key_outlier_reserve) * expected * lists));
   }
-  g.block_stride_bytes = kvstore::AlignUp(
-      lay.fixed_bytes + (g.key_outlier_header_words + lists * g.key_outlier_capacity + g.spare_words) * 4, 16);
+  g.block_stride_bytes = kvstore::AlignUp(lay.fixed_bytes + (g.key_outlier_header_words + g.area_words) * 4, 16);
   return g;
 }
 
@@ -99,6 +97,8 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   const GpuBlockGeometry bg = ComputeGpuBlockGeometry(shape, format, options);
   const int cap = bg.key_outlier_capacity, header = bg.key_outlier_header_words;
   const int64_t stride = bg.block_stride_bytes;
+  const int64_t scratch_bytes =
+      lay.has_key_outliers ? kernels::CompactKeyOutliersParams::kMaxBlocks * (stride - lay.fixed_bytes) : 0;
   const int64_t L = shape.ElementsPerTokenPerLayer();
   p->sink_slot_bytes_ = static_cast<int64_t>(shape.n_layers) * format.sink_tokens * L * 2 * 2;
 
@@ -110,7 +110,7 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   }
   p->sink_slots_ = p->sink_slot_bytes_ > 0 ? std::max(1, options.max_sink_slots) : 0;
   const int64_t sink_total = p->sink_slots_ * p->sink_slot_bytes_;
-  p->n_blocks_ = std::min<int64_t>((budget - sink_total) / stride, (int64_t{1} << 31) - 1);
+  p->n_blocks_ = std::min<int64_t>((budget - sink_total - scratch_bytes) / stride, (int64_t{1} << 31) - 1);
   if (p->n_blocks_ < 1) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "KV pool: ", budget, " bytes leave no room for one ", stride, "-byte block of ",
@@ -118,6 +118,7 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   }
   KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->arena_, static_cast<size_t>(p->n_blocks_ * stride)));
   if (sink_total > 0) KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->sink_arena_, static_cast<size_t>(sink_total)));
+  if (scratch_bytes > 0) KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->compact_scratch_, static_cast<size_t>(scratch_bytes)));
   KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->overflow_, sizeof(int)));
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p->overflow_, 0, sizeof(int), stream));
   const std::vector<double> inv = kernels::RopeInvFreq(rope);
@@ -167,7 +168,8 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
 GpuKvPool::~GpuKvPool() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   for (void* ptr : {static_cast<void*>(arena_), static_cast<void*>(sink_arena_), static_cast<void*>(tensors_),
-                    static_cast<void*>(inv_freq_), static_cast<void*>(overflow_), static_cast<void*>(init_ids_)}) {
+                    static_cast<void*>(inv_freq_), static_cast<void*>(overflow_), static_cast<void*>(init_ids_),
+                    static_cast<void*>(compact_scratch_)}) {
     if (ptr != nullptr) cudaFree(ptr);
   }
 }
@@ -277,6 +279,30 @@ uint16_t* GpuKvPool::sink_slot(int slot) const {
   return sink_arena_ + static_cast<int64_t>(slot) * (sink_slot_bytes_ / 2);
 }
 
+absl::Status GpuKvPool::CompactBlocks(const std::vector<int32_t>& ids, const std::vector<int>& filled) {
+  if (compact_scratch_ == nullptr || view_.key_outlier_header_words == 0) return absl::OkStatus();
+  kernels::CompactKeyOutliersParams cp;
+  cp.pool = arena_;
+  cp.block_stride_bytes = block_bytes();
+  cp.layer_bytes = layout_.layer_bytes;
+  cp.fixed_bytes = layout_.fixed_bytes;
+  cp.dir_offset = layout_.key_outlier_dir_offset;
+  cp.n_layers = shape_.n_layers;
+  cp.n_kv_heads = shape_.n_kv_heads;
+  cp.header_words = view_.key_outlier_header_words;
+  cp.key_outlier_capacity = view_.key_outlier_capacity;
+  cp.scratch = compact_scratch_;
+  for (size_t at = 0; at < ids.size(); at += kernels::CompactKeyOutliersParams::kMaxBlocks) {
+    cp.n = static_cast<int>(std::min<size_t>(ids.size() - at, kernels::CompactKeyOutliersParams::kMaxBlocks));
+    for (int i = 0; i < cp.n; ++i) {
+      cp.ids[i] = ids[at + i];
+      cp.filled[i] = filled[at + i];
+    }
+    KVQ_RETURN_IF_ERROR(kernels::LaunchCompactKeyOutliers(cp, stream_));
+  }
+  return absl::OkStatus();
+}
+
 int64_t GpuKvPool::CountOverflow() {
   cudaMemsetAsync(overflow_, 0, sizeof(int), stream_);
   return ++overflow_count_;
@@ -314,7 +340,7 @@ std::string CanonicalBlockFromDevice(const kvstore::BlockLayout& layout, int64_t
 }
 
 absl::Status DeviceBlockFromCanonical(const kvstore::BlockLayout& layout, int cap, int header,
-                                      const std::string& canonical, int64_t stride,
+                                      const std::string& canonical, int64_t stride, int filled,
                                       std::vector<uint8_t>* out) {
   out->assign(static_cast<size_t>(stride), 0);
   if (static_cast<int64_t>(canonical.size()) < layout.fixed_bytes) {
@@ -327,37 +353,41 @@ absl::Status DeviceBlockFromCanonical(const kvstore::BlockLayout& layout, int ca
   uint8_t* var = out->data() + layout.fixed_bytes;
   const int64_t var_words = (stride - layout.fixed_bytes) / 4;
   const int lists = layout.n_layers * layout.n_kv_heads;
-  int64_t spare_next = header + static_cast<int64_t>(lists) * cap;
-  for (int l = 0; l < layout.n_layers; ++l) {
-    for (int h = 0; h < layout.n_kv_heads; ++h) {
-      const int i = l * layout.n_kv_heads + h;
-      uint8_t* dir = out->data() + layout.KeyOutlierDirAt(l, h);
-      const uint32_t first = Load32(dir), count = Load32(dir + 4);
-      if (first + static_cast<int64_t>(count) > n_entries) {
-        return absl::DataLossError("key outlier directory out of range");
-      }
-      int64_t at = header + static_cast<int64_t>(i) * cap;
-      int64_t list_cap = cap;
-      if (count > static_cast<uint32_t>(cap)) {
-        if (header == 0) {
-          return absl::ResourceExhaustedError(absl::StrCat("a block holds ", count, " key outliers for layer ", l,
-                                                           " head ", h, ", more than the pool reserves (", cap, ")"));
-        }
-        list_cap = std::max<int64_t>(2 * cap, count + 32);
-        at = spare_next;
-        spare_next += list_cap;
-        if (spare_next > var_words) {
-          return absl::ResourceExhaustedError(absl::StrCat(
-              "a block's key outliers exceed the GPU pool's spare area (layer ", l, " head ", h, ": ", count,
-              "); raise GpuKvOptions::key_outlier_spare_fraction"));
-        }
-      }
-      std::memcpy(var + at * 4, src + layout.fixed_bytes + static_cast<int64_t>(first) * 4, count * 4);
-      Store32(dir, static_cast<uint32_t>(at));
-      if (header > 0) Store32(var + (1 + i) * 4, static_cast<uint32_t>(list_cap));
+  auto dir_of = [&](int i) { return out->data() + layout.KeyOutlierDirAt(i / layout.n_kv_heads, i % layout.n_kv_heads); };
+  int64_t total = 0, want_total = 0;
+  for (int i = 0; i < lists; ++i) {
+    const uint32_t first = Load32(dir_of(i)), count = Load32(dir_of(i) + 4);
+    if (first + static_cast<int64_t>(count) > n_entries) return absl::DataLossError("key outlier directory out of range");
+    if (header == 0 && count > static_cast<uint32_t>(cap)) {
+      return absl::ResourceExhaustedError(absl::StrCat("a block holds ", count, " key outliers for layer ",
+                                                       i / layout.n_kv_heads, " head ", i % layout.n_kv_heads,
+                                                       ", more than the pool reserves (", cap, ")"));
     }
+    total += count;
+    want_total += kernels::PagedKvCache::KeyOutlierListWant(count, filled, kBlockTokens - filled, cap);
   }
-  if (header > 0) Store32(var, static_cast<uint32_t>(spare_next));
+  if (header > 0 && header + total > var_words) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a block holds ", total, " key outliers, more than the GPU pool's area per block (", var_words - header,
+        "); raise GpuKvOptions::key_outlier_reserve"));
+  }
+  const bool tight = header + want_total > var_words;
+  int64_t at_next = header;
+  for (int i = 0; i < lists; ++i) {
+    uint8_t* dir = dir_of(i);
+    const uint32_t first = Load32(dir), count = Load32(dir + 4);
+    int64_t at = static_cast<int64_t>(i) * cap;  // fixed reservations
+    if (header > 0) {
+      const uint32_t list_cap =
+          tight ? count : kernels::PagedKvCache::KeyOutlierListWant(count, filled, kBlockTokens - filled, cap);
+      at = at_next;
+      at_next += list_cap;
+      Store32(var + (1 + i) * 4, list_cap);
+    }
+    std::memcpy(var + at * 4, src + layout.fixed_bytes + static_cast<int64_t>(first) * 4, count * 4);
+    Store32(dir, static_cast<uint32_t>(at));
+  }
+  if (header > 0) Store32(var, static_cast<uint32_t>(at_next));
   return absl::OkStatus();
 }
 
@@ -461,6 +491,26 @@ absl::Status GpuKvCache::ReplicateFirstBlock(int64_t tokens) {
 }
 
 void GpuKvCache::Commit(int n) {
+  // Blocks that filled up, or passed another quarter while being decoded into, get their
+  // key-outlier lists packed (the space of lists that moved comes back).
+  const int64_t before = std::max<int64_t>(0, length_ - sink_cap_), after = std::max<int64_t>(0, length_ + n - sink_cap_);
+  std::vector<int32_t> ids;
+  std::vector<int> filled;
+  for (int64_t b = before / kBlockTokens; b * kBlockTokens < after && b < static_cast<int64_t>(blocks_.size()); ++b) {
+    const int64_t f0 = std::clamp<int64_t>(before - b * kBlockTokens, 0, kBlockTokens);
+    const int64_t f1 = std::clamp<int64_t>(after - b * kBlockTokens, 0, kBlockTokens);
+    if (f1 / kCompactEvery > f0 / kCompactEvery) {
+      ids.push_back(blocks_[b]);
+      filled.push_back(static_cast<int>(f1));
+    }
+  }
+  if (!ids.empty()) {
+    const absl::Status s = pool_->CompactBlocks(ids, filled);
+    if (!s.ok()) {
+      std::fprintf(stderr, "[kvq] key-outlier compaction failed: %s\n", std::string(s.message()).c_str());
+      poisoned_ = true;
+    }
+  }
   length_ += n;
   staged_ = 0;
 }
@@ -621,9 +671,10 @@ absl::StatusOr<std::unique_ptr<GpuKvCache>> GpuKvCache::Deserialize(std::shared_
   const int64_t B = pool->block_bytes();
   std::vector<uint8_t> buf;
   for (int64_t b = 0; b < cpu->num_blocks(); ++b) {
+    const int filled = static_cast<int>(std::min<int64_t>(kBlockTokens, cpu->length() - c->sink_cap_ - b * kBlockTokens));
     KVQ_RETURN_IF_ERROR(DeviceBlockFromCanonical(pool->layout(), pool->key_outlier_capacity(),
                                                  pool->view().key_outlier_header_words, cpu->ExportBlock(b), B,
-                                                 &buf));
+                                                 filled, &buf));
     KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(const_cast<uint8_t*>(pool->view().pool) + c->blocks_[b] * B, buf.data(), B,
                                         cudaMemcpyHostToDevice));
   }

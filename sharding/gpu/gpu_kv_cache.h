@@ -38,27 +38,24 @@ struct GpuKvOptions {
   double memory_fraction = 0.90;
   // fp16 sink slots (sequences and sessions that start at position 0 and hold sink tokens).
   int max_sink_slots = 4096;
-  // Key outliers per block: each (layer, head) list starts with base_headroom * expected +
-  // head_dim / 4 entries (expected = 256 * head_dim * outlier_fraction) and moves, when it would
-  // overflow, into the block's spare area of spare_fraction * expected entries per list (the
-  // append kernel relocates it with 50% slack; kernels/paged_kv.h). Only when a block's spare area
-  // is used up are entries dropped (the dense code keeps the clamped value), counted in
-  // GpuKvPool::CountOverflow() and logged by the forward pass. Measured on SmolLM2 nuq3-1% with its
-  // calibrated thresholds (2048 tokens of each test split): lists average 163-181 entries
-  // (expected 164), but the first blocks of a text are dense: Austen's block 0 holds 1.59x the
-  // expected total, 73 of its 90 lists over 224, one list 416 (505 at nuq2-1%). On the H200 a
-  // 0.75 spare area overflowed on it; 1.75 (3x expected in all) leaves room for those moves.
-  // The pool pays for it: ~9% more bytes per token than the canonical form at nuq3-1%.
-  double key_outlier_base_headroom = 1.25;
-  double key_outlier_spare_fraction = 1.75;
+  // Key outliers per block (their count depends on the text: per-channel thresholds are
+  // calibrated offline): every block has an area of key_outlier_reserve times the nominal count
+  // (256 * head_dim * outlier_fraction per (layer, head) list), from which the append kernel gives
+  // lists regions as they grow and which is packed again when a block fills (kernels/paged_kv.h).
+  // Measured with `kvq outlier-census` on SmolLM2 (2048-token windows, 32 full blocks per split and
+  // format, calibrated nuq4/3/2-1% thresholds): block totals average 0.94-1.02x nominal, at most
+  // 1.56x (Austen, nuq4-1%); single lists up to 2.37x. 2.25 leaves 44% above that block. Only
+  // when a block's area is used up are entries dropped (the dense code keeps the clamped value),
+  // counted in GpuKvPool::CountOverflow() and logged by the forward pass.
+  double key_outlier_reserve = 2.25;
 };
 
 // The byte geometry of a pool block for a format (host arithmetic, no device): the fixed section
-// of block_layout.h, then the key-outlier variable section (header, base lists, spare area).
+// of block_layout.h, then the key-outlier variable section (header, then the lists' area).
 struct GpuBlockGeometry {
-  int key_outlier_capacity = 0;   // base entries per (layer, head) list
+  int key_outlier_capacity = 0;   // nominal entries per (layer, head) list and full block
   int key_outlier_header_words = 0;
-  int64_t spare_words = 0;
+  int64_t area_words = 0;
   int64_t block_stride_bytes = 0;
 };
 GpuBlockGeometry ComputeGpuBlockGeometry(const kvstore::KvShape& shape, const kvstore::KvFormat& format,
@@ -105,7 +102,10 @@ class GpuKvPool {
   absl::StatusOr<int> AllocateSinkSlot();  // zeroed
   void ReleaseSinkSlot(int slot);
   uint16_t* sink_slot(int slot) const;
-  // Device flag the append kernel raises when a block's key-outlier spare area overflowed.
+  // Packs the key-outlier lists of blocks (ids, tokens each holds) on the stream
+  // (kernels::LaunchCompactKeyOutliers); a no-op for formats without key outliers.
+  absl::Status CompactBlocks(const std::vector<int32_t>& ids, const std::vector<int>& filled);
+  // Device flag the append kernel raises when a block's key-outlier area is used up.
   int* overflow_flag() const { return overflow_; }
   // After a step that found the flag raised: clears it (on the stream) and returns how many steps
   // overflowed so far.
@@ -126,6 +126,7 @@ class GpuKvPool {
   double* inv_freq_ = nullptr;
   int* overflow_ = nullptr;
   int32_t* init_ids_ = nullptr;  // staging for AllocateBlocks' init kernel
+  uint32_t* compact_scratch_ = nullptr;  // CompactKeyOutliersParams::kMaxBlocks block areas
   int init_ids_cap_ = 0;
   int64_t n_blocks_ = 0;
   int sink_slots_ = 0;
@@ -139,6 +140,8 @@ class GpuKvPool {
 
 class GpuKvCache : public model::KvCache {
  public:
+  // A block being filled gets its key-outlier lists packed every this many tokens and when full.
+  static constexpr int kCompactEvery = 64;
   GpuKvCache(std::shared_ptr<GpuKvPool> pool, int n_heads, int64_t first_position = 0);
   ~GpuKvCache() override;
 
@@ -200,8 +203,11 @@ std::unique_ptr<KvCacheFactory> MakeGpuKvCacheFactory(std::shared_ptr<GpuKvPool>
 // (token, channel), after the fixed section.
 std::string CanonicalBlockFromDevice(const kvstore::BlockLayout& layout, int64_t block_stride,
                                      const uint8_t* device_block_bytes);
+// A block holding `filled` tokens gets, per list, its entries plus the room the append kernel
+// would give it for the rest of the block (exactly its entries when full, or when the area cannot
+// give every list that room).
 absl::Status DeviceBlockFromCanonical(const kvstore::BlockLayout& layout, int key_outlier_capacity,
                                       int header_words, const std::string& canonical,
-                                      int64_t block_stride, std::vector<uint8_t>* out);
+                                      int64_t block_stride, int filled, std::vector<uint8_t>* out);
 
 }  // namespace kvq::sharding

@@ -2,7 +2,10 @@
 // chunk then single-token decode steps, over every layer; every block's fixed section (codes,
 // value scales, value outliers) must match byte for byte, the key-outlier entries of every
 // (layer, head) must match entry for entry, and sink tokens must match as fp16. Then decode
-// attention over the GPU-built pool is compared with the CPU cache's AttendPast.
+// attention over the GPU-built pool is compared with the CPU cache's AttendPast. Key-outlier lists
+// either have fixed worst-case reservations or are growable (the GPU pool's layout: regions taken
+// from a per-block area as lists grow, packed by LaunchCompactKeyOutliers every 64 tokens and when
+// a block fills, as GpuKvCache::Commit does).
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -34,12 +37,14 @@ struct AppendCase {
   int n_kv_heads;
   int prefill;  // tokens of the first step (a chunk)
   int decode;   // single-token steps after it
+  bool growable = false;
 };
 
 std::string AppendName(const ::testing::TestParamInfo<AppendCase>& info) {
   const AppendCase& c = info.param;
   return absl::StrCat(absl::StrReplaceAll(c.format, {{"-", "_"}, {"%", "pct"}, {".", "p"}}),
-                      "_hd", c.head_dim, "_kv", c.n_kv_heads, "_p", c.prefill, "_d", c.decode);
+                      "_hd", c.head_dim, "_kv", c.n_kv_heads, "_p", c.prefill, "_d", c.decode,
+                      c.growable ? "_growable" : "");
 }
 
 std::shared_ptr<const kvstore::Quantizer> RandomQuantizer(const kvstore::KvShape& shape,
@@ -96,12 +101,25 @@ TEST_P(KvAppendTest, BitExactWithKvstore) {
   const int n_blocks = std::max(1, (total - n_sink_cap + kvstore::kBlockTokens - 1) / kvstore::kBlockTokens);
   const int H = shape.n_kv_heads, D = shape.head_dim, NL = shape.n_layers;
   const int64_t L = shape.ElementsPerTokenPerLayer();
-  const int cap = kvstore::kBlockTokens * D;
-  const int64_t stride = (lay.fixed_bytes + static_cast<int64_t>(NL) * H * cap * 4 + 15) / 16 * 16;
+  const int lists = NL * H;
+  const int header = c.growable ? kernels::PagedKvCache::KeyOutlierHeaderWords(NL, H) : 0;
+  // Fixed: the worst case per list. Growable: the nominal count per list, and an area of half the
+  // worst case for all lists (lists move several times while the blocks fill).
+  const int cap = c.growable ? std::max(1, static_cast<int>(kvstore::kBlockTokens * D * fmt->outlier_fraction + 0.999))
+                             : kvstore::kBlockTokens * D;
+  const int64_t var_words = c.growable ? header + static_cast<int64_t>(lists) * kvstore::kBlockTokens * D / 2
+                                       : static_cast<int64_t>(lists) * cap;
+  const int64_t stride = (lay.fixed_bytes + var_words * 4 + 15) / 16 * 16;
 
-  // Zeroed blocks with per-(layer, head) reserved outlier ranges; block b at pool slot b.
+  // Zeroed blocks with per-(layer, head) reserved outlier ranges (or empty growable lists); block b
+  // at pool slot b.
   std::vector<uint8_t> pool(static_cast<size_t>(n_blocks) * stride, 0);
-  if (lay.has_key_outliers) {
+  if (lay.has_key_outliers && c.growable) {
+    for (int b = 0; b < n_blocks; ++b) {
+      for (int i = 0; i < lists; ++i) std::memcpy(pool.data() + b * stride + lay.KeyOutlierDirAt(i / H, i % H), &header, 4);
+      std::memcpy(pool.data() + b * stride + lay.fixed_bytes, &header, 4);
+    }
+  } else if (lay.has_key_outliers) {
     for (int b = 0; b < n_blocks; ++b) {
       for (int l = 0; l < NL; ++l) {
         for (int h = 0; h < H; ++h) {
@@ -127,6 +145,7 @@ TEST_P(KvAppendTest, BitExactWithKvstore) {
   ap.kv.pool = dpool.get();
   ap.kv.block_stride_bytes = stride;
   ap.kv.key_outlier_capacity = cap;
+  ap.kv.key_outlier_header_words = header;
   ap.kv.block_table = dtable.get();
   ap.kv.max_blocks_per_seq = n_blocks;
   ap.kv.seq_lens = dlen.get();
@@ -138,6 +157,9 @@ TEST_P(KvAppendTest, BitExactWithKvstore) {
   ap.overflow = doverflow.get();
 
   std::normal_distribution<float> nd(0.0f, 1.0f);
+  DeviceBuffer<uint32_t> dscratch(static_cast<size_t>(kernels::CompactKeyOutliersParams::kMaxBlocks) *
+                                  ((stride - lay.fixed_bytes) / 4));
+  int compactions = 0;
   int have = 0;
   std::vector<int> steps = {c.prefill};
   for (int i = 0; i < c.decode; ++i) steps.push_back(1);
@@ -159,9 +181,33 @@ TEST_P(KvAppendTest, BitExactWithKvstore) {
       ASSERT_TRUE(st.ok()) << st;
     }
     ASSERT_TRUE(cpu->Commit().ok());
+    if (c.growable && lay.has_key_outliers) {
+      kernels::CompactKeyOutliersParams cp;
+      cp.pool = dpool.get();
+      cp.block_stride_bytes = stride;
+      cp.layer_bytes = lay.layer_bytes;
+      cp.fixed_bytes = lay.fixed_bytes;
+      cp.dir_offset = lay.key_outlier_dir_offset;
+      cp.n_layers = NL;
+      cp.n_kv_heads = H;
+      cp.header_words = header;
+      cp.key_outlier_capacity = cap;
+      cp.scratch = dscratch.get();
+      const int before = std::max(0, have - n_sink_cap), after = std::max(0, have + n - n_sink_cap);
+      for (int b = before / 256; b * 256 < after; ++b) {
+        const int f0 = std::clamp(before - b * 256, 0, 256), f1 = std::clamp(after - b * 256, 0, 256);
+        if (f1 / 64 > f0 / 64 && cp.n < cp.kMaxBlocks) {
+          cp.ids[cp.n] = b;
+          cp.filled[cp.n++] = f1;
+        }
+      }
+      if (cp.n > 0) ++compactions;
+      ASSERT_TRUE(kernels::LaunchCompactKeyOutliers(cp, nullptr).ok());
+    }
     KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
     have += n;
   }
+  if (c.growable && lay.has_key_outliers) EXPECT_GT(compactions, 0);
   EXPECT_EQ(doverflow.Download()[0], 0);
   const std::vector<uint8_t> got = dpool.Download();
   const int64_t cpu_blocks = cpu->Bytes().blocks;
@@ -239,7 +285,9 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(AppendCase{"fp16", 128, 2, 300, 3}, AppendCase{"nuq4-1%", 128, 2, 300, 5},
                       AppendCase{"nuq3-1%", 64, 3, 113, 150}, AppendCase{"nuq2-1%", 128, 8, 257, 2},
                       AppendCase{"nuq3", 64, 1, 40, 3}, AppendCase{"nuq3-0.1%-sink5", 128, 2, 3, 260},
-                      AppendCase{"int4-pc-pre-1%", 64, 2, 256, 1}),
+                      AppendCase{"int4-pc-pre-1%", 64, 2, 256, 1},
+                      AppendCase{"nuq3-1%", 64, 3, 600, 300, true}, AppendCase{"nuq4-2%", 128, 2, 113, 150, true},
+                      AppendCase{"nuq2-1%-sink5", 128, 2, 3, 260, true}),
     AppendName);
 
 }  // namespace

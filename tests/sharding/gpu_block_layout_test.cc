@@ -1,7 +1,8 @@
-// The GPU pool's block bytes against the canonical (CPU, serialized) form, on the host: a block
-// with a key-outlier list far over its base reservation moves into the spare area and comes back
-// byte-identical; a block that cannot fit is refused with a message that says what to raise. This
-// is the path sessions take between the CPU and GPU engines; it needs no GPU.
+// The GPU pool's block bytes against the canonical (CPU, serialized) form, on the host: blocks with
+// key-outlier lists far over the nominal count load packed (full blocks exactly, a partial block
+// with room to grow) and come back byte-identical; a block that cannot fit is refused with a
+// message that says what to raise. This is the path sessions take between the CPU and GPU
+// engines; it needs no GPU.
 #include <random>
 #include <string>
 #include <vector>
@@ -66,36 +67,45 @@ uint32_t Word(const std::vector<uint8_t>& b, int64_t offset) {
   return w;
 }
 
-TEST(GpuBlockLayoutTest, AListFarOverItsReservationMovesToTheSpareAreaAndRoundTrips) {
+TEST(GpuBlockLayoutTest, DenseListsLoadPackedWithRoomInThePartialBlockAndRoundTrip) {
   if (!testing::FileExists(testing::FixturePath("quantizers/nuq3-1%.kvqq"))) GTEST_SKIP() << "no quantizer fixture";
   auto cache = MakeCache({{0, 0}, {7, 2}}, 200, 600);
   const kvstore::BlockLayout& lay = cache->layout();
   const GpuBlockGeometry g = ComputeGpuBlockGeometry(cache->shape(), cache->format(), GpuKvOptions{});
   ASSERT_GT(g.key_outlier_header_words, 0);
   const int lists = lay.n_layers * lay.n_kv_heads;
+  ASSERT_EQ(cache->num_blocks(), 3);  // 1 sink token, then 256 + 256 + 87
   for (int64_t b = 0; b < cache->num_blocks(); ++b) {
+    const int filled = b < 2 ? 256 : 87;
     const std::string canon = cache->ExportBlock(b);
     std::vector<uint8_t> dev;
     ASSERT_TRUE(DeviceBlockFromCanonical(lay, g.key_outlier_capacity, g.key_outlier_header_words, canon,
-                                         g.block_stride_bytes, &dev)
+                                         g.block_stride_bytes, filled, &dev)
                     .ok());
     EXPECT_EQ(static_cast<int64_t>(dev.size()), g.block_stride_bytes);
     EXPECT_EQ(CanonicalBlockFromDevice(lay, g.block_stride_bytes, dev.data()), canon) << "block " << b;
     const int64_t var = lay.fixed_bytes;
-    const uint32_t count00 = Word(dev, lay.KeyOutlierDirAt(0, 0) + 4);
-    const uint32_t first00 = Word(dev, lay.KeyOutlierDirAt(0, 0));
-    if (b == 0) {
-      // Tokens 1-199 (token 0 is the fp16 sink) x 40 channels of list (layer 0, head 0): far
-      // over the base reservation.
-      EXPECT_GE(count00, 199u * 40u);
-      EXPECT_GE(first00, static_cast<uint32_t>(g.key_outlier_header_words + lists * g.key_outlier_capacity));
-      EXPECT_GE(Word(dev, var + 4 * (1 + 0)), count00);  // its capacity in the header
-    } else {
-      EXPECT_LE(count00, static_cast<uint32_t>(g.key_outlier_capacity));
-      EXPECT_EQ(first00, static_cast<uint32_t>(g.key_outlier_header_words));
+    // Lists follow each other in list order from the header's end; the header's capacity of a
+    // list is its count in a full block and more in the partial one.
+    uint32_t at = static_cast<uint32_t>(g.key_outlier_header_words);
+    for (int i = 0; i < lists; ++i) {
+      const int l = i / lay.n_kv_heads, h = i % lay.n_kv_heads;
+      const uint32_t first = Word(dev, lay.KeyOutlierDirAt(l, h)), count = Word(dev, lay.KeyOutlierDirAt(l, h) + 4);
+      const uint32_t cap = Word(dev, var + 4 * (1 + i));
+      ASSERT_EQ(first, at) << "block " << b << " list " << i;
+      if (filled == 256) {
+        EXPECT_EQ(cap, count);
+      } else {
+        EXPECT_GT(cap, count + (256 - filled) * g.key_outlier_capacity / 256);
+      }
+      at += cap;
     }
-    // The spare area's next free word lies inside the block.
-    EXPECT_LE(Word(dev, var), static_cast<uint32_t>((g.block_stride_bytes - var) / 4));
+    EXPECT_EQ(Word(dev, var), at);  // the bump pointer follows the last list
+    EXPECT_LE(at, static_cast<uint32_t>((g.block_stride_bytes - var) / 4));
+    if (b == 0) {
+      // Tokens 1-199 (token 0 is the fp16 sink) x 40 channels of list (layer 0, head 0).
+      EXPECT_GE(Word(dev, lay.KeyOutlierDirAt(0, 0) + 4), 199u * 40u);
+    }
   }
 }
 
@@ -109,9 +119,9 @@ TEST(GpuBlockLayoutTest, ABlockThatCannotFitIsRefusedWithWhatToRaise) {
   const GpuBlockGeometry g = ComputeGpuBlockGeometry(cache->shape(), cache->format(), GpuKvOptions{});
   std::vector<uint8_t> dev;
   const absl::Status s = DeviceBlockFromCanonical(cache->layout(), g.key_outlier_capacity, g.key_outlier_header_words,
-                                                  cache->ExportBlock(0), g.block_stride_bytes, &dev);
+                                                  cache->ExportBlock(0), g.block_stride_bytes, 256, &dev);
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
-  EXPECT_NE(std::string(s.message()).find("key_outlier_spare_fraction"), std::string::npos) << s;
+  EXPECT_NE(std::string(s.message()).find("key_outlier_reserve"), std::string::npos) << s;
 }
 
 #else
