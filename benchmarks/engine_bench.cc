@@ -243,13 +243,14 @@ int Main() {
                 "%lld tokens\n",
                 fmt.c_str(), st.expected_bytes_per_token, pool_bytes_per_token,
                 st.pool->capacity_bytes() / 1073741824.0, static_cast<long long>(st.pool->total_blocks() * 256));
-    std::printf("| model | KV | context | batch | ms/token (step) | floor ms | achieved/floor | tokens/s |\n");
-    std::printf("|---|---|---|---|---|---|---|---|\n");
+    std::printf("| model | KV | context | batch | ms/token (step) | floor ms | achieved/floor | tokens/s | ms/token without "
+                "CUDA graphs |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|\n");
     for (int64_t ctx : Ints(absl::GetFlag(FLAGS_contexts))) {
       for (int64_t batch : Ints(absl::GetFlag(FLAGS_batches))) {
         const int64_t need = batch * st.pool->BytesForTokens(ctx + 64);
         if (need > st.pool->capacity_bytes()) {
-          std::printf("| %s | %s | %lld | %lld | does not fit (%.1f GiB of KV) | | | |\n", c.name.c_str(), fmt.c_str(),
+          std::printf("| %s | %s | %lld | %lld | does not fit (%.1f GiB of KV) | | | | |\n", c.name.c_str(), fmt.c_str(),
                       static_cast<long long>(ctx), static_cast<long long>(batch), need / 1073741824.0);
           continue;
         }
@@ -263,11 +264,15 @@ int Main() {
         }
         ctx = held;
         const double secs = DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps));
+        // The same caches, a few tokens longer, with every kernel launched one by one.
+        st.fwd->set_cuda_graphs(false);
+        const double plain = DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps));
+        st.fwd->set_cuda_graphs(true);
         const double bytes = weight_bytes + static_cast<double>(batch) * ctx * st.expected_bytes_per_token;
         const double floor = bytes / bw;
-        std::printf("| %s | %s | %lld | %lld | %.3f | %.3f | %.2f | %.1f |\n", c.name.c_str(), fmt.c_str(),
+        std::printf("| %s | %s | %lld | %lld | %.3f | %.3f | %.2f | %.1f | %.3f |\n", c.name.c_str(), fmt.c_str(),
                     static_cast<long long>(ctx), static_cast<long long>(batch), secs * 1e3, floor * 1e3,
-                    floor / secs, batch / secs);
+                    floor / secs, batch / secs, plain * 1e3);
         std::fflush(stdout);
       }
     }
@@ -294,13 +299,21 @@ int Main() {
       }
     }
     if (absl::GetFlag(FLAGS_capacity)) {
-      // Planner's prediction for this GPU: weights + workspace reserved, the rest at the canonical
-      // bytes per token (the planner does not know the pool's key-outlier reservation).
-      sharding::ShardPlannerOptions pl;
-      pl.bytes_per_token = st.expected_bytes_per_token;
-      pl.ranks.push_back({static_cast<int64_t>(total_b), static_cast<int64_t>(weight_bytes) + (int64_t{3} << 30)});
-      auto planner = sharding::ShardPlanner::Create(pl);
-      const int64_t predicted = planner.ok() ? planner->MaxContextTokens() : -1;
+      // Planner's predictions, from the whole GPU down to what the pool holds: (a) all memory but
+      // the weights and a 3 GiB workspace at the canonical bytes per token (what `kvqd --plan`
+      // assumes); (b) the bytes this pool was given, canonical bytes per token; (c) the same bytes
+      // at the pool's bytes per token (canonical + the per-block key-outlier reservation).
+      auto predict = [&](int64_t total, int64_t reserved, double bpt) -> int64_t {
+        sharding::ShardPlannerOptions pl;
+        pl.bytes_per_token = bpt;
+        pl.ranks.push_back({total, reserved});
+        auto planner = sharding::ShardPlanner::Create(pl);
+        return planner.ok() ? planner->MaxContextTokens() : -1;
+      };
+      const int64_t predicted = predict(static_cast<int64_t>(total_b), static_cast<int64_t>(weight_bytes) + (int64_t{3} << 30),
+                                        st.expected_bytes_per_token);
+      const int64_t pred_budget = predict(st.pool->capacity_bytes(), 0, st.expected_bytes_per_token);
+      const int64_t pred_pool = predict(st.pool->capacity_bytes(), 0, static_cast<double>(st.pool->block_bytes()) / 256);
       // Every block but one (the decode steps' tail) filled.
       const int64_t target = (st.pool->total_blocks() - 1) * 256 + st.pool->SinkCapacity(0);
       auto m = st.factory->Make(0);
@@ -312,10 +325,14 @@ int Main() {
       caches.push_back(std::move(*m));
       const double secs = DecodeSeconds(st, caches, 3);
       const double floor = (weight_bytes + static_cast<double>(tokens) * st.expected_bytes_per_token) / bw;
-      std::printf("\ncapacity %s: filled %lld tokens (synthetic fill, %.0f s), planner predicts %lld; decode %.2f ms/token, "
-                  "floor %.2f ms, achieved/floor %.2f\n",
-                  fmt.c_str(), static_cast<long long>(tokens), fill_s, static_cast<long long>(predicted), secs * 1e3,
-                  floor * 1e3, floor / secs);
+      std::printf("\ncapacity %s: filled %lld tokens (synthetic fill, %.0f s); planner predicts %lld (whole GPU - weights "
+                  "- 3 GiB, canonical bytes/token), %lld (the pool's %.1f GiB, canonical), %lld (the pool's bytes, "
+                  "its %.1f bytes/token with the key-outlier reservation); decode %.2f ms/token, floor %.2f ms, "
+                  "achieved/floor %.2f\n",
+                  fmt.c_str(), static_cast<long long>(tokens), fill_s, static_cast<long long>(predicted),
+                  static_cast<long long>(pred_budget), st.pool->capacity_bytes() / 1073741824.0,
+                  static_cast<long long>(pred_pool), st.pool->block_bytes() / 256.0, secs * 1e3, floor * 1e3,
+                  floor / secs);
       std::fflush(stdout);
     }
   }

@@ -28,6 +28,8 @@ namespace kvq::kernels {
 namespace {
 
 constexpr int kValueThreads = 256;
+constexpr int kKeyThreads = 256;  // >= kKvBlockTokens: a block segment's tokens fit one scan
+constexpr int kKeyTile = 16;      // tokens staged in shared memory at a time
 constexpr int kMaxValueElems = 8192;  // n_kv_heads * head_dim per layer (smem: 32 KiB of floats)
 constexpr float kMinTokenRange = 6.103515625e-05f;
 
@@ -81,140 +83,186 @@ __device__ __forceinline__ uint32_t TakeKeyWords(uint32_t* var, uint32_t end_wor
   }
 }
 
-__global__ void KeyAppendKernel(const KvAppendParams p) {
+// One CTA per (kv head, sequence, block segment): the new tokens of that sequence that fall in
+// one block (CTA 0 also takes the sink tokens), in tiles of kKeyTile tokens staged in shared
+// memory. Pass 1 quantizes every element of a tile in parallel, packs each token's codes into
+// whole words (one thread per word) and counts each token's outliers; a scan over the segment's
+// tokens gives every token its place in the list, which grows at most once (thread 0, from the
+// block's area); pass 2 writes the entries, one thread per token in channel order, so the list
+// stays sorted by (token, channel).
+__global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendParams p) {
   const KvBlockGeometry& g = p.kv.geom;
-  const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
+  const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z, tid = threadIdx.x;
   const int D = g.head_dim, H = g.n_kv_heads;
   const int bits = g.bits;
   const bool quant = p.kv.codec != KvCodec::kFp16;
   const bool growable = p.kv.key_outlier_header_words > 0;
+  const bool outliers = quant && g.has_key_outliers;
   __shared__ float mids_s[15];
-  __shared__ uint32_t words_s[64];  // head_dim * bits / 32 <= 256 * 4 / 32 (fp16: 128 words)
-  __shared__ int warp_cnt_s[8];
   __shared__ float zp_s[256], r_s[256];
+  __shared__ float x_s[kKeyTile][256];
+  __shared__ uint16_t code_s[kKeyTile][256];  // codes (fp16: the half bits); bit 15 = outlier
+  __shared__ int cnt_s[kKeyThreads];
   __shared__ uint32_t first_s, count_s, moved_from_s;
-  __shared__ int fits_s, moved_s;
+  __shared__ int fits_s, moved_s, total_s;
   const int n_sink_cap = SinkCapacity(p.kv, b);
-  const int64_t base_len = p.kv.seq_lens[b];
-  const int W = g.key_words_per_token;
-  const int lane = c & 31, warp = c >> 5;
-  if (quant) {
-    const int C = 1 << bits;
-    if (c < C - 1) {
-      const float* lut = p.kv.key_lut + p.layer * C;
-      mids_s[c] = 0.5f * (lut[c] + lut[c + 1]);
+  const int64_t base = p.kv.seq_lens[b];
+  // New tokens [j_sink, n_new) are block tokens; block of token j: (base + j - cap) / 256.
+  const int j_sink = static_cast<int>(min(static_cast<int64_t>(p.n_new), max(int64_t{0}, n_sink_cap - base)));
+  if (seg == 0) {  // sink tokens (fp16, pre-RoPE)
+    const int64_t L = static_cast<int64_t>(H) * D;
+    for (int j = 0; j < j_sink; ++j) {
+      const float* x = p.k + ((static_cast<int64_t>(b) * p.n_new + j) * H + h) * D;
+      for (int c = tid; c < D; c += blockDim.x) {
+        p.sink[b][(static_cast<int64_t>(p.layer) * n_sink_cap + base + j) * L + h * D + c] = HalfBitsOf(x[c]);
+      }
     }
-    const int64_t at = (static_cast<int64_t>(p.layer) * H + h) * D + c;
-    zp_s[c] = p.kv.key_zero_point[at];
-    r_s[c] = p.kv.key_range[at];
+  }
+  if (j_sink >= p.n_new) return;
+  const int64_t blk = (base + j_sink - n_sink_cap) / kKvBlockTokens + seg;
+  const int64_t j_lo = max(static_cast<int64_t>(j_sink), blk * kKvBlockTokens + n_sink_cap - base);
+  const int64_t j_hi = min(static_cast<int64_t>(p.n_new), (blk + 1) * kKvBlockTokens + n_sink_cap - base);
+  if (j_lo >= j_hi) return;  // uniform over the CTA
+  const int n_tok = static_cast<int>(j_hi - j_lo);
+  const int t0 = static_cast<int>((base + j_lo - n_sink_cap) % kKvBlockTokens);
+  uint8_t* block = p.pool + static_cast<int64_t>(p.kv.block_table[p.kv.TableRow(b) + blk]) * p.kv.block_stride_bytes;
+  uint8_t* lbase = block + static_cast<int64_t>(p.layer) * g.layer_bytes;
+  const int W = g.key_words_per_token;
+  const int n_mids = (1 << min(bits, 4)) - 1;
+  if (quant) {
+    if (tid < n_mids) {
+      const float* lut = p.kv.key_lut + p.layer * (n_mids + 1);
+      mids_s[tid] = 0.5f * (lut[tid] + lut[tid + 1]);
+    }
+    const int64_t at = (static_cast<int64_t>(p.layer) * H + h) * D;
+    for (int c = tid; c < D; c += blockDim.x) {
+      zp_s[c] = p.kv.key_zero_point[at + c];
+      r_s[c] = p.kv.key_range[at + c];
+    }
+  }
+  cnt_s[tid] = 0;
+  __syncthreads();
+  const float* kseg = p.k + ((static_cast<int64_t>(b) * p.n_new + j_lo) * H + h) * D;
+  const int64_t krow = static_cast<int64_t>(H) * D;  // floats between consecutive tokens
+  // Stages tile [tt0, tt0 + nt) of the segment and marks codes / outliers; returns nt.
+  auto stage = [&](int tt0) {
+    const int nt = min(kKeyTile, n_tok - tt0);
+    for (int e = tid; e < nt * D; e += blockDim.x) {
+      const int tt = e / D, c = e % D;
+      const float x = kseg[(tt0 + tt) * krow + c];
+      x_s[tt][c] = x;
+      uint16_t code;
+      if (quant) {
+        const float xn = __fdiv_rn(x - zp_s[c], r_s[c]);
+        code = static_cast<uint16_t>(EncodeNearest(xn, mids_s, n_mids) | ((outliers && fabsf(xn) > 1.0f) ? 0x8000u : 0u));
+      } else {
+        code = HalfBitsOf(x);
+      }
+      code_s[tt][c] = code;
+    }
+    __syncthreads();
+    return nt;
+  };
+  // Pass 1: codes as whole words, outlier counts per token.
+  for (int tt0 = 0; tt0 < n_tok; tt0 += kKeyTile) {
+    const int nt = stage(tt0);
+    for (int task = tid; task < nt * W; task += blockDim.x) {
+      const int tt = task / W, w = task % W;
+      uint32_t word = 0;
+      if (!quant) {
+        word = static_cast<uint32_t>(code_s[tt][2 * w]) | (static_cast<uint32_t>(code_s[tt][2 * w + 1]) << 16);
+      } else {
+        const int c_lo = (32 * w) / bits, c_hi = min(D, (32 * w + 32 + bits - 1) / bits);
+        for (int c = c_lo; c < c_hi; ++c) {
+          const uint32_t code = code_s[tt][c] & 0x7fffu;
+          const int sh = c * bits - 32 * w;
+          word |= sh >= 0 ? code << sh : code >> -sh;
+        }
+      }
+      reinterpret_cast<uint32_t*>(lbase + g.key_codes_offset +
+                                  (static_cast<int64_t>(h) * kKvBlockTokens + t0 + tt0 + tt) * W * 4)[w] = word;
+    }
+    if (outliers && tid < nt) {
+      int n = 0;
+      for (int c = 0; c < D; ++c) n += code_s[tid][c] >> 15;
+      cnt_s[tt0 + tid] = n;
+    }
+    __syncthreads();  // the next tile overwrites x_s / code_s
+  }
+  if (!outliers) return;  // uniform
+  // Exclusive offsets of the tokens' entries: inclusive scan of cnt_s.
+  const int mine = cnt_s[tid];
+  for (int off = 1; off < kKeyThreads; off <<= 1) {
+    const int add = tid >= off ? cnt_s[tid - off] : 0;
+    __syncthreads();
+    cnt_s[tid] += add;
+    __syncthreads();
+  }
+  uint32_t* dir = reinterpret_cast<uint32_t*>(lbase + g.key_outlier_dir_offset) + 2 * h;
+  uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
+  if (tid == 0) {
+    const int total = cnt_s[kKeyThreads - 1];
+    uint32_t first = dir[0];
+    const uint32_t count = dir[1];
+    const uint32_t need = count + static_cast<uint32_t>(total);
+    int fits = 1, moved = 0;
+    if (!growable) {
+      fits = need <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
+    } else if (total > 0) {
+      uint32_t* cap_w = var + 1 + (p.layer * H + h);
+      if (need > *cap_w) {
+        uint32_t want = PagedKvCache::KeyOutlierListWant(need, t0 + n_tok, kKvBlockTokens - t0 - n_tok,
+                                                         p.kv.key_outlier_capacity);
+        const uint32_t end_words = static_cast<uint32_t>((p.kv.block_stride_bytes - g.fixed_bytes) / 4);
+        const uint32_t at = TakeKeyWords(var, end_words, need, &want);
+        if (at != ~0u) {
+          moved_from_s = first;
+          first = at;
+          *cap_w = want;
+          moved = count > 0;
+        } else {
+          fits = 0;
+        }
+      }
+    }
+    first_s = first;
+    count_s = count;
+    fits_s = fits;
+    moved_s = moved;
+    total_s = total;
   }
   __syncthreads();
-  auto key_at = [&](int j) { return p.k[((static_cast<int64_t>(b) * p.n_new + j) * H + h) * D + c]; };
-  int j = 0;
-  while (j < p.n_new) {
-    const int64_t i0 = base_len + j;
-    if (i0 < n_sink_cap) {
-      const int64_t L = static_cast<int64_t>(H) * D;
-      p.sink[b][(static_cast<int64_t>(p.layer) * n_sink_cap + i0) * L + h * D + c] = HalfBitsOf(key_at(j));
-      ++j;
-      continue;  // uniform: i0 is the same for the whole CTA
-    }
-    // The tokens [j, j + seg) fall in one block, slots [t0, t0 + seg).
-    int t0;
-    uint8_t* block = TokenBlock(p, b, i0, n_sink_cap, &t0);
-    const int seg = static_cast<int>(min(static_cast<int64_t>(p.n_new - j), static_cast<int64_t>(kKvBlockTokens - t0)));
-    uint8_t* lbase = block + static_cast<int64_t>(p.layer) * g.layer_bytes;
-    uint32_t* dir = reinterpret_cast<uint32_t*>(lbase + g.key_outlier_dir_offset) + 2 * h;
-    uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
-    const bool outliers = quant && g.has_key_outliers;
-    if (outliers) {
-      // Pass 1: how many entries this segment adds, so that the list grows at most once.
-      int mine = 0;
-      for (int jj = 0; jj < seg; ++jj) mine += fabsf(__fdiv_rn(key_at(j + jj) - zp_s[c], r_s[c])) > 1.0f ? 1 : 0;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) mine += __shfl_xor_sync(0xffffffffu, mine, off);
-      if (lane == 0) warp_cnt_s[warp] = mine;
-      __syncthreads();
-      if (c == 0) {
-        int total = 0;
-        for (int w = 0; w < (D + 31) / 32; ++w) total += warp_cnt_s[w];
-        uint32_t first = dir[0];
-        const uint32_t count = dir[1];
-        const uint32_t need = count + static_cast<uint32_t>(total);
-        int fits = 1, moved = 0;
-        if (!growable) {
-          fits = need <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
-        } else if (total > 0) {
-          uint32_t* cap_w = var + 1 + (p.layer * H + h);
-          if (need > *cap_w) {
-            uint32_t want = PagedKvCache::KeyOutlierListWant(need, t0 + seg, kKvBlockTokens - t0 - seg, p.kv.key_outlier_capacity);
-            const uint32_t end_words = static_cast<uint32_t>((p.kv.block_stride_bytes - g.fixed_bytes) / 4);
-            const uint32_t at = TakeKeyWords(var, end_words, need, &want);
-            if (at != ~0u) {
-              moved_from_s = first;
-              first = at;
-              *cap_w = want;
-              moved = count > 0;
-            } else {
-              fits = 0;
-            }
-          }
+  if (total_s == 0) return;
+  if (!fits_s) {
+    if (tid == 0 && p.overflow != nullptr) *p.overflow = 1;
+    return;
+  }
+  if (moved_s) {  // the list moves to its new region (one writer per list)
+    for (uint32_t e = tid; e < count_s; e += blockDim.x) var[first_s + e] = var[moved_from_s + e];
+  }
+  const int my_before = cnt_s[tid] - mine;  // token tid's offset (tokens < n_tok)
+  __syncthreads();
+  cnt_s[tid] = my_before;
+  __syncthreads();
+  // Pass 2: entries, one thread per token of a tile, in channel order.
+  for (int tt0 = 0; tt0 < n_tok; tt0 += kKeyTile) {
+    const int nt = stage(tt0);
+    if (tid < nt) {
+      uint32_t* out = var + first_s + count_s + cnt_s[tt0 + tid];
+      const int t = t0 + tt0 + tid;
+      int k = 0;
+      for (int c = 0; c < D; ++c) {
+        if (code_s[tid][c] >> 15) {
+          out[k++] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
+                     (static_cast<uint32_t>(HalfBitsOf(x_s[tid][c])) << 16);
         }
-        first_s = first;
-        count_s = count;
-        fits_s = fits;
-        moved_s = moved;
-      }
-      __syncthreads();
-      if (moved_s) {  // copy the list to its new region (one writer per list)
-        for (uint32_t e = c; e < count_s; e += blockDim.x) var[first_s + e] = var[moved_from_s + e];
-        __syncthreads();
-      }
-    }
-    // Pass 2: codes, and outlier entries in (token, channel) order.
-    for (int jj = 0; jj < seg; ++jj) {
-      const int t = t0 + jj;
-      const float x = key_at(j + jj);
-      uint8_t* dst = lbase + g.key_codes_offset + (static_cast<int64_t>(h) * kKvBlockTokens + t) * W * 4;
-      if (!quant) {
-        reinterpret_cast<uint16_t*>(dst)[c] = HalfBitsOf(x);
-        continue;
-      }
-      for (int w = c; w < W; w += blockDim.x) words_s[w] = 0u;
-      __syncthreads();
-      const float xn = __fdiv_rn(x - zp_s[c], r_s[c]);
-      const bool outlier = outliers && fabsf(xn) > 1.0f;
-      OrCode(words_s, c, bits, EncodeNearest(xn, mids_s, (1 << bits) - 1));
-      const unsigned ballot = __ballot_sync(0xffffffffu, outlier);
-      if (lane == 0) warp_cnt_s[warp] = __popc(ballot);
-      __syncthreads();
-      for (int w = c; w < W; w += blockDim.x) reinterpret_cast<uint32_t*>(dst)[w] = words_s[w];
-      if (outliers) {
-        int before = 0, total = 0;
-        for (int w = 0; w < (D + 31) / 32; ++w) {
-          if (w < warp) before += warp_cnt_s[w];
-          total += warp_cnt_s[w];
-        }
-        if (outlier && fits_s) {
-          const int rank = before + __popc(ballot & ((1u << lane) - 1u));
-          var[first_s + count_s + rank] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
-                                          (static_cast<uint32_t>(HalfBitsOf(x)) << 16);
-        }
-        __syncthreads();  // every thread has read count_s and warp_cnt_s
-        if (c == 0 && fits_s) count_s += total;
-      }
-      __syncthreads();
-    }
-    if (outliers && c == 0) {
-      if (fits_s) {
-        dir[0] = first_s;
-        dir[1] = count_s;
-      } else if (p.overflow != nullptr) {
-        *p.overflow = 1;
       }
     }
     __syncthreads();
-    j += seg;
+  }
+  if (tid == 0) {  // every entry (and a moved list) is written: publish
+    dir[0] = first_s;
+    dir[1] = count_s + static_cast<uint32_t>(total_s);
   }
 }
 
@@ -456,7 +504,9 @@ absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
   if (g.has_key_outliers && p.kv.key_outlier_capacity <= 0) {
     return bad("key_outlier_capacity must be > 0 when the format has key outliers");
   }
-  KeyAppendKernel<<<dim3(g.n_kv_heads, p.batch), g.head_dim, 0, stream>>>(p);
+  // Block segments: the new tokens of one sequence span at most this many blocks.
+  const int segments = (p.n_new + kKvBlockTokens - 1) / kKvBlockTokens + 1;
+  KeyAppendKernel<<<dim3(g.n_kv_heads, p.batch, segments), kKeyThreads, 0, stream>>>(p);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   ValueAppendKernel<<<dim3(p.n_new, p.batch), kValueThreads, 0, stream>>>(p);
   KVQ_RETURN_IF_LAUNCH_ERROR();

@@ -160,6 +160,9 @@ class ForwardPass {
   virtual absl::Status Run(absl::Span<ForwardItem> items, const ForwardOptions& options,
                            std::vector<float>* logits) const = 0;
   virtual const ModelConfig& config() const = 0;
+  // Called by the engine when it has no running sequences: frees what only speeds up steps (the
+  // GPU pass's captured CUDA graphs).
+  virtual void ReleaseIdleResources() const {}
 };
 
 class Forward : public ForwardPass {

@@ -593,6 +593,8 @@ class Engine::Impl {
       for (auto& j : finished_error) Finish(*j, FinishReason::kError, j->admit_error);
       if (running_.empty()) continue;
       Step(&logits);
+      // Idle now (every sequence finished): drop what only speeds up steps right away.
+      if (running_.empty()) forward_->ReleaseIdleResources();
     }
   }
 

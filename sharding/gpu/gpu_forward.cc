@@ -1,7 +1,10 @@
 #include "sharding/gpu/gpu_forward.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <map>
+#include <tuple>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -35,6 +38,7 @@ uint16_t FloatToBf16Bits(float f) {
 struct Grow {
   void* p = nullptr;
   size_t bytes = 0;
+  uint32_t reallocs = 0;  // captured CUDA graphs hold p: they are rebuilt when it moves
   absl::Status Ensure(size_t n, cudaStream_t s) {
     if (n <= bytes) return absl::OkStatus();
     if (p != nullptr) {
@@ -45,6 +49,7 @@ struct Grow {
     const size_t want = std::max(n, bytes + bytes / 2);
     KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p, want));
     bytes = want;
+    ++reallocs;
     return absl::OkStatus();
   }
   template <typename T> T* as() const { return static_cast<T*>(p); }
@@ -98,9 +103,61 @@ struct GpuForward::Impl {
   // Step buffers.
   mutable Grow x, h, q, k, v, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
       tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos;
+  // Decode steps as CUDA graphs, keyed by what fixes their launches: rows, block-table width,
+  // splits, the pool, and the step buffers' allocation count (the graph holds their pointers).
+  struct GraphKey {
+    int rows, table_width, splits;
+    uint64_t pool;  // GpuKvPool::id()
+    uint64_t buffers;
+    bool operator<(const GraphKey& o) const {
+      return std::tie(rows, table_width, splits, pool, buffers) < std::tie(o.rows, o.table_width, o.splits, o.pool, o.buffers);
+    }
+  };
+  mutable std::map<GraphKey, cudaGraphExec_t> graphs;
+  mutable int64_t graph_launches = 0, graph_captures = 0;
+  bool use_graphs = true;
+  uint64_t BufferGeneration() const {
+    uint64_t g = 0;
+    for (const Grow* b : {&x, &h, &q, &k, &v, &krot, &o, &o_act, &gu, &mid, &parts_o, &parts_lse, &positions,
+                          &row_begin, &tokens, &gather_idx, &sel, &sel_act, &logits, &ws, &tables, &lens, &firsts,
+                          &sinks}) {
+      g += b->reallocs;
+    }
+    return g;
+  }
+  void DropGraphs() const {
+    for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
+    graphs.clear();
+  }
+  // Launches the graph for `key`, capturing `enqueue` into it first when there is none.
+  template <typename F>
+  absl::Status LaunchGraph(const GraphKey& key, F&& enqueue) const {
+    auto it = graphs.find(key);
+    if (it == graphs.end()) {
+      if (graphs.size() >= 64) DropGraphs();
+      KVQ_RETURN_IF_CUDA_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+      const absl::Status st = enqueue();
+      cudaGraph_t g = nullptr;
+      const cudaError_t e = cudaStreamEndCapture(stream, &g);
+      if (!st.ok() || e != cudaSuccess) {
+        if (g != nullptr) cudaGraphDestroy(g);
+        return !st.ok() ? st : absl::InternalError(absl::StrCat("CUDA graph capture: ", cudaGetErrorString(e)));
+      }
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t ie = cudaGraphInstantiate(&exec, g, 0);
+      cudaGraphDestroy(g);
+      KVQ_RETURN_IF_CUDA_ERROR(ie);
+      it = graphs.emplace(key, exec).first;
+      ++graph_captures;
+    }
+    KVQ_RETURN_IF_CUDA_ERROR(cudaGraphLaunch(it->second, stream));
+    ++graph_launches;
+    return absl::OkStatus();
+  }
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
+    DropGraphs();
     for (void* p : allocations) cudaFree(p);
     if (cublas != nullptr) kernels::cublas::Destroy(cublas);
   }
@@ -321,6 +378,24 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Empty(const model::Model
 
 GpuForward::~GpuForward() = default;
 
+void GpuForward::set_cuda_graphs(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->use_graphs = on;
+  if (!on) impl_->DropGraphs();
+}
+
+bool GpuForward::cuda_graphs() const { return impl_->use_graphs; }
+
+void GpuForward::ReleaseIdleResources() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->DropGraphs();
+}
+
+int64_t GpuForward::graph_launches() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->graph_launches;
+}
+
 absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,
                              std::vector<float>* logits) const {
   Impl& m = *impl_;
@@ -388,6 +463,11 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       if (e.pre != nullptr) ++nd1;
     }
   }
+  // A step of plain decode rows only (serving) runs as a CUDA graph: its launches depend only on
+  // the rows, the block-table width (rounded up by at most 1/16, to a multiple of a power of two)
+  // and the splits (chosen for that width's capacity); per-step values live in device buffers
+  // copied before the launch.
+  const bool graph = m.use_graphs && !eval && nd == T && nd1 == 0 && T > 0;
   // ---- Room for every new token before anything is written.
   for (It& e : its) {
     if (e.host == nullptr) KVQ_RETURN_IF_ERROR(e.w->Reserve(e.n));
@@ -417,6 +497,10 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   if (nd > 0) {
     int maxb = 1;
     for (int i = 0; i < nd; ++i) maxb = std::max<int>(maxb, static_cast<int>(its[i].w->blocks().size()));
+    if (graph) {  // at most 1/16 over: splits are chosen for this width's capacity
+      const int g = static_cast<int>(std::bit_floor(static_cast<unsigned>(std::max(1, maxb / 16))));
+      maxb = (maxb + g - 1) / g * g;
+    }
     Launch a;
     a.row0 = 0;
     a.rows = nd;
@@ -513,6 +597,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   for (const It& e : its) {
     if (e.w != nullptr) pool = &e.w->pool();
   }
+  if (graph) {  // splits (and the kernel's tokens per split) for the table's whole capacity
+    attn[0].max_len = attn[0].max_blocks * kvstore::kBlockTokens + pool->format().sink_tokens;
+  }
   size_t ws_bytes = 0;
   for (Launch& a : attn) {
     if (a.max_len == 0) continue;
@@ -566,6 +653,8 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(g.p, src, n, cudaMemcpyHostToDevice, s));
     return absl::OkStatus();
   };
+  // The pool's own work on its stream (new blocks zeroed, lists packed, clones) comes first.
+  if (pool != nullptr) KVQ_RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(s, pool->work_event(), 0));
   // Pageable copies: the host vectors live until the step's final synchronize.
   KVQ_RETURN_IF_ERROR(h2d(m.tokens, tokens.data(), Ts * 4));
   KVQ_RETURN_IF_ERROR(h2d(m.positions, positions.data(), Ts * 8));
@@ -577,8 +666,6 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(h2d(m.sinks, sinks.data(), sinks.size() * sizeof(void*)));
   float* parts_o = m.parts_o.as<float>();
   float* parts_lse = m.parts_lse.as<float>();
-  KVQ_RETURN_IF_ERROR(kernels::LaunchFillF32(3 * Ts * nh, -INFINITY, parts_lse, s));
-  KVQ_RETURN_IF_ERROR(kernels::LaunchFillF32(3 * Ts * qd, 0.0f, parts_o, s));
 
   auto view_for = [&](const Launch& a) {
     kernels::PagedKvCache v = pool->view();
@@ -617,11 +704,15 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     }
     return st;
   };
+  // The step's device work (kernels and cuBLAS only: capturable into a graph).
+  auto enqueue = [&]() -> absl::Status {
 #define KVQ_STEP(expr)                   \
   do {                                   \
     absl::Status st_ = (expr);           \
-    if (!st_.ok()) return fail(st_);     \
+    if (!st_.ok()) return st_;           \
   } while (0)
+  KVQ_STEP(kernels::LaunchFillF32(3 * Ts * nh, -INFINITY, parts_lse, s));
+  KVQ_STEP(kernels::LaunchFillF32(3 * Ts * qd, 0.0f, parts_o, s));
 
   float* x = m.x.as<float>();
   {
@@ -752,6 +843,20 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_STEP(kernels::LaunchGatherRows(R, hidden, x, m.gather_idx.as<int32_t>(), m.sel.as<float>(), s));
   KVQ_STEP(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype_, s));
   KVQ_STEP(gemm(R, vocab, hidden, m.sel_act.p, m.lm_head, m.logits.p, DType::kF32, 0.0f));
+    return absl::OkStatus();
+  };
+  {
+    const absl::Status st =
+        graph ? m.LaunchGraph({T, attn[0].max_blocks, attn[0].splits, pool->id(), m.BufferGeneration()}, enqueue)
+              : enqueue();
+    if (!st.ok()) return fail(st);
+  }
+#undef KVQ_STEP
+#define KVQ_STEP(expr)                   \
+  do {                                   \
+    absl::Status st_ = (expr);           \
+    if (!st_.ok()) return fail(st_);     \
+  } while (0)
   logits->resize(static_cast<size_t>(R) * vocab);
   KVQ_STEP(cudaMemcpyAsync(logits->data(), m.logits.p, static_cast<size_t>(R) * vocab * 4, cudaMemcpyDeviceToHost, s) ==
                    cudaSuccess

@@ -39,7 +39,13 @@ class GpuForward : public model::ForwardPass {
   absl::Status Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,
                    std::vector<float>* logits) const override;
   const model::ModelConfig& config() const override { return config_; }
+  void ReleaseIdleResources() const override;  // drops the captured graphs
   int64_t weight_bytes() const { return weight_bytes_; }
+  // Steps of plain decode rows run as captured CUDA graphs (one per batch size, block-table width
+  // bucket and split count; on by default). Off: every kernel is launched one by one.
+  void set_cuda_graphs(bool on);
+  bool cuda_graphs() const;
+  int64_t graph_launches() const;  // steps that ran as a graph so far
   kernels::DType dtype() const { return dtype_; }
 
  private:

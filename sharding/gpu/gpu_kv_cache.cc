@@ -1,6 +1,7 @@
 #include "sharding/gpu/gpu_kv_cache.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -86,7 +87,9 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   if (format.quantized() && quantizer == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("KV format ", format.ToString(), " needs its quantizer"));
   }
+  static std::atomic<uint64_t> next_id{1};
   std::shared_ptr<GpuKvPool> p(new GpuKvPool());
+  p->id_ = next_id.fetch_add(1);
   p->shape_ = shape;
   p->format_ = format;
   p->layout_ = kvstore::ComputeBlockLayout(format, shape);
@@ -120,6 +123,7 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   if (sink_total > 0) KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->sink_arena_, static_cast<size_t>(sink_total)));
   if (scratch_bytes > 0) KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->compact_scratch_, static_cast<size_t>(scratch_bytes)));
   KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->overflow_, sizeof(int)));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(&p->work_, cudaEventDisableTiming));
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p->overflow_, 0, sizeof(int), stream));
   const std::vector<double> inv = kernels::RopeInvFreq(rope);
   KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->inv_freq_, inv.size() * sizeof(double)));
@@ -167,6 +171,7 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
 
 GpuKvPool::~GpuKvPool() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  if (work_ != nullptr) cudaEventDestroy(work_);
   for (void* ptr : {static_cast<void*>(arena_), static_cast<void*>(sink_arena_), static_cast<void*>(tensors_),
                     static_cast<void*>(inv_freq_), static_cast<void*>(overflow_), static_cast<void*>(init_ids_),
                     static_cast<void*>(compact_scratch_)}) {
@@ -238,6 +243,7 @@ absl::Status GpuKvPool::AllocateBlocks(int n, std::vector<int32_t>* ids) {
     ip.dir_offset = layout_.has_key_outliers ? layout_.key_outlier_dir_offset : -1;
     ip.key_outlier_capacity = view_.key_outlier_capacity;
     KVQ_RETURN_IF_ERROR(kernels::LaunchInitKvBlocks(ip, stream_));
+    KVQ_RETURN_IF_ERROR(RecordWork());
   }
   ids->insert(ids->end(), got.begin(), got.end());
   return absl::OkStatus();
@@ -267,6 +273,7 @@ absl::StatusOr<int> GpuKvPool::AllocateSinkSlot() {
     free_sinks_.pop_back();
   }
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(sink_slot(slot), 0, static_cast<size_t>(sink_slot_bytes_), stream_));
+  KVQ_RETURN_IF_ERROR(RecordWork());
   return slot;
 }
 
@@ -300,11 +307,17 @@ absl::Status GpuKvPool::CompactBlocks(const std::vector<int32_t>& ids, const std
     }
     KVQ_RETURN_IF_ERROR(kernels::LaunchCompactKeyOutliers(cp, stream_));
   }
+  return RecordWork();
+}
+
+absl::Status GpuKvPool::RecordWork() {
+  KVQ_RETURN_IF_CUDA_ERROR(cudaEventRecord(work_, stream_));
   return absl::OkStatus();
 }
 
 int64_t GpuKvPool::CountOverflow() {
   cudaMemsetAsync(overflow_, 0, sizeof(int), stream_);
+  RecordWork().IgnoreError();
   return ++overflow_count_;
 }
 
@@ -630,6 +643,7 @@ std::unique_ptr<model::KvCache> GpuKvCache::Clone() const {
       return nullptr;
     }
   }
+  if (!pool_->RecordWork().ok()) return nullptr;
   return c;
 }
 

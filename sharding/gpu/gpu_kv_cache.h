@@ -105,6 +105,13 @@ class GpuKvPool {
   // Packs the key-outlier lists of blocks (ids, tokens each holds) on the stream
   // (kernels::LaunchCompactKeyOutliers); a no-op for formats without key outliers.
   absl::Status CompactBlocks(const std::vector<int32_t>& ids, const std::vector<int>& filled);
+  // Recorded after the pool's own work on its stream (block init, sink zeroing, compaction,
+  // clone copies); a forward pass on another stream waits on it before touching the pool.
+  cudaEvent_t work_event() const { return work_; }
+  // Unique over the process's lifetime (a new pool may reuse a freed one's address; captured
+  // CUDA graphs that hold a pool's pointers are keyed by this).
+  uint64_t id() const { return id_; }
+  absl::Status RecordWork();
   // Device flag the append kernel raises when a block's key-outlier area is used up.
   int* overflow_flag() const { return overflow_; }
   // After a step that found the flag raised: clears it (on the stream) and returns how many steps
@@ -125,6 +132,8 @@ class GpuKvPool {
   float* tensors_ = nullptr;   // key zero-point, range, LUTs
   double* inv_freq_ = nullptr;
   int* overflow_ = nullptr;
+  cudaEvent_t work_ = nullptr;
+  uint64_t id_ = 0;
   int32_t* init_ids_ = nullptr;  // staging for AllocateBlocks' init kernel
   uint32_t* compact_scratch_ = nullptr;  // CompactKeyOutliersParams::kMaxBlocks block areas
   int init_ids_cap_ = 0;

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -228,7 +229,9 @@ std::vector<int32_t> Greedy(const model::ForwardPass& fwd, KvCacheFactory& f, co
     out.push_back(t);
     std::vector<int32_t> step = {t};
     model::ForwardItem item{cache->get(), step, false};
-    EXPECT_TRUE(fwd.Run(absl::MakeSpan(&item, 1), fo, &logits).ok());
+    const absl::Status s = fwd.Run(absl::MakeSpan(&item, 1), fo, &logits);
+    EXPECT_TRUE(s.ok()) << s;
+    if (!s.ok()) break;
   }
   return out;
 }
@@ -279,6 +282,20 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
       const auto t16 = Greedy(**g16, *gpu->factory, prompts[p], 64, 20, nullptr);
       f16_same += SamePrefix(t16, tc);
       f16_total += 20;
+      if (p == 0 && (fmt == "fp16" || fmt == "nuq3-1%")) {
+        // Decode steps ran as CUDA graphs; launched kernel by kernel they give the same tokens
+        // and the same logits to the bit.
+        const int64_t launches = (*g32)->graph_launches();
+        (*g32)->set_cuda_graphs(false);
+        std::vector<float> lp;
+        const auto tp = Greedy(**g32, *gpu->factory, prompts[p], 64, 20, &lp);
+        (*g32)->set_cuda_graphs(true);
+        EXPECT_GT(launches, 0);
+        EXPECT_EQ((*g32)->graph_launches(), launches);
+        EXPECT_EQ(tp, tg) << fmt;
+        std::printf("[gpu-fwd] %-8s prompt %zu: CUDA graphs on/off give the same tokens: %s (%lld graph steps so far)\n",
+                    fmt.c_str(), p, tp == tg ? "yes" : "NO", static_cast<long long>(launches));
+      }
       if (fmt == "fp16") {
         std::printf("[gpu-fwd] %-8s prompt %zu (%zu tokens): GPU vs CPU tokens %s, logits max |d| %.2e; f16 weights "
                     "agree on the first %d/20\n",
@@ -517,19 +534,40 @@ TEST(GpuEngineTest, MemoryStaysFlatOverManyRequestsOfMixedLengths) {
     }
     return ok;
   };
+  // Once idle, the engine drops its captured CUDA graphs; memory is compared when idle.
+  auto idle_free = [&]() {  // free memory once it has not moved for 0.5 s (at most 5 s)
+    size_t f = 0, last = 0;
+    int stable = 0;
+    for (int i = 0; i < 100 && stable < 10; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      EXPECT_EQ(cudaMemGetInfo(&f, &tot), cudaSuccess);
+      stable = f == last ? stable + 1 : 0;
+      last = f;
+    }
+    return f;
+  };
   ASSERT_EQ(wave(64), 64);
-  ASSERT_EQ(cudaMemGetInfo(&free_before, &tot), cudaSuccess);
+  free_before = idle_free();
   const auto t0 = std::chrono::steady_clock::now();
   int ok = 0;
-  for (int done = 0; done < total; done += 500) ok += wave(std::min(500, total - done));
+  size_t free_mid = 0;
+  for (int done = 0; done < total; done += 500) {
+    ok += wave(std::min(500, total - done));
+    if (done < total / 2 && done + 500 >= total / 2) free_mid = idle_free();
+  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  ASSERT_EQ(cudaMemGetInfo(&free_after, &tot), cudaSuccess);
+  free_after = idle_free();
   const auto st = gpu.Stats();
   std::printf("[gpu-mem] %d requests (%d ok) in %.1f s: engine KV used %lld bytes after, GPU free memory "
-              "%zu -> %zu bytes\n", total, ok, secs, static_cast<long long>(st.kv_bytes_used), free_before, free_after);
+              "%zu -> %zu (half-way) -> %zu bytes\n", total, ok, secs, static_cast<long long>(st.kv_bytes_used),
+              free_before, free_mid, free_after);
   EXPECT_EQ(ok, total);
   EXPECT_EQ(st.kv_bytes_used, 0);
-  EXPECT_EQ(free_after, free_before);
+  // No growth with the number of requests: the second half leaves memory where the first left it.
+  // Against the warm-up, the CUDA driver may keep a 2 MiB page it used for the (since destroyed)
+  // decode graphs of batch shapes the warm-up had not seen (measured on the H200: -2 MiB once).
+  EXPECT_EQ(free_after, free_mid);
+  EXPECT_LE(static_cast<int64_t>(free_before) - static_cast<int64_t>(free_after), int64_t{4} << 20);
 }
 
 #else
