@@ -21,6 +21,7 @@
 #include "model/gguf.h"
 #include "model/loader_gguf.h"
 #include "model/weights.h"
+#include "sharding/gpu_block_geometry.h"
 #include "sharding/shard_planner.h"
 #include "tools/kvq_commands.h"
 
@@ -32,6 +33,12 @@ ABSL_FLAG(std::string, gpu_memory, "141GB", "plan: memory per GPU (e.g. 141GB, 8
 ABSL_FLAG(std::string, rank0_reserve, "",
           "plan: bytes rank 0 keeps for weights and workspace (empty: fp16 weights + workspace)");
 ABSL_FLAG(std::string, workspace, "2GiB", "plan: workspace bytes reserved on every rank");
+ABSL_FLAG(double, kv_memory_fraction, 0.90,
+          "plan: share of what is left after the reserve that the KV pool takes (the engine's "
+          "--gpu_memory_fraction)");
+ABSL_FLAG(bool, canonical_bytes, false,
+          "plan: count the canonical bytes per token (the session-file form) instead of the GPU "
+          "pool's, which include the per-block key-outlier area");
 ABSL_FLAG(int64_t, min_tokens_per_rank, 65536,
           "plan: fewest tokens a rank holds before a sequence spreads to another");
 
@@ -83,14 +90,19 @@ int Plan() {
   auto config = ModelShape(spec);
   if (!config.ok()) return FailStatus(config.status());
   const std::string fmt_name = absl::GetFlag(FLAGS_kv_format);
-  double bpt = 0;
+  double bpt = 0, canonical = 0;
   if (fmt_name == "fp16" || fmt_name == "fp32") {
-    bpt = 2.0 * config->n_layers * config->kv_dim() * (fmt_name == "fp32" ? 4 : 2);
+    bpt = canonical = 2.0 * config->n_layers * config->kv_dim() * (fmt_name == "fp32" ? 4 : 2);
   } else {
     auto fmt = kvstore::KvFormat::Parse(fmt_name);
     if (!fmt.ok()) return FailStatus(fmt.status());
-    bpt = kvstore::ExpectedBytesPerToken(
-        *fmt, kvstore::KvShape{config->n_layers, config->n_kv_heads, config->head_dim});
+    const kvstore::KvShape shape{config->n_layers, config->n_kv_heads, config->head_dim};
+    canonical = kvstore::ExpectedBytesPerToken(*fmt, shape);
+    bpt = absl::GetFlag(FLAGS_canonical_bytes) ? canonical : sharding::ComputeGpuBlockGeometry(shape, *fmt).bytes_per_token();
+  }
+  const double fraction = absl::GetFlag(FLAGS_kv_memory_fraction);
+  if (!(fraction > 0.0 && fraction <= 1.0)) {
+    return FailStatus(absl::InvalidArgumentError("--kv_memory_fraction must be in (0, 1]"));
   }
   const int gpus = absl::GetFlag(FLAGS_gpus);
   if (gpus < 1) return FailStatus(absl::InvalidArgumentError("--gpus must be >= 1"));
@@ -109,20 +121,24 @@ int Plan() {
   o.bytes_per_token = bpt;
   o.block_tokens = kvstore::kBlockTokens;
   o.min_tokens_per_rank = absl::GetFlag(FLAGS_min_tokens_per_rank);
-  o.ranks.push_back({*memory, rank0});
-  for (int r = 1; r < gpus; ++r) o.ranks.push_back({*memory, *workspace});
+  // The pool takes `fraction` of what each rank has left after its reserve.
+  auto reserve = [&](int64_t r) { return r + static_cast<int64_t>((1.0 - fraction) * static_cast<double>(*memory - r)); };
+  o.ranks.push_back({*memory, reserve(rank0)});
+  for (int r = 1; r < gpus; ++r) o.ranks.push_back({*memory, reserve(*workspace)});
   auto planner = sharding::ShardPlanner::Create(o);
   if (!planner.ok()) return FailStatus(planner.status());
 
   std::printf("model        %s (%d layers, %d KV heads x %d, %.2fB parameters)\n",
               config->name.empty() ? spec.c_str() : config->name.c_str(), config->n_layers,
               config->n_kv_heads, config->head_dim, config->ParameterCount() / 1e9);
-  std::printf("kv format    %s: %.1f bytes per token (%.2f KiB), %.3f bits per element\n",
-              fmt_name.c_str(), bpt, bpt / 1024.0, 8.0 * bpt / (2.0 * config->n_layers * config->kv_dim()));
+  std::printf("kv format    %s: %.1f bytes per token (%.2f KiB), %.3f bits per element; %s\n",
+              fmt_name.c_str(), bpt, bpt / 1024.0, 8.0 * bpt / (2.0 * config->n_layers * config->kv_dim()),
+              bpt == canonical ? "canonical form"
+                               : absl::StrFormat("GPU pool blocks (canonical %.1f + key-outlier area)", canonical).c_str());
   std::printf("ranks        %d x %.2f GiB; rank 0 reserves %.2f GiB (weights %.2f GiB + workspace), "
-              "workers %.2f GiB\n",
+              "workers %.2f GiB; the KV pool takes %.0f%% of the rest\n",
               gpus, *memory / 1073741824.0, rank0 / 1073741824.0, weights / 1073741824.0,
-              *workspace / 1073741824.0);
+              *workspace / 1073741824.0, 100.0 * fraction);
   for (int r = 0; r < gpus; ++r) {
     std::printf("  rank %-3d   capacity %lld tokens\n", r,
                 static_cast<long long>(planner->CapacityTokens(r)));

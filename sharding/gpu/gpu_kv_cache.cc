@@ -55,21 +55,6 @@ class DeviceTemp {
 // ---------------------------------------------------------------------------------------------
 // GpuKvPool
 
-GpuBlockGeometry ComputeGpuBlockGeometry(const kvstore::KvShape& shape, const kvstore::KvFormat& format,
-                                         const GpuKvOptions& options) {
-  const kvstore::BlockLayout lay = kvstore::ComputeBlockLayout(format, shape);
-  GpuBlockGeometry g;
-  const int64_t lists = static_cast<int64_t>(shape.n_layers) * shape.n_kv_heads;
-  if (lay.has_key_outliers) {
-    const double expected = static_cast<double>(kBlockTokens) * shape.head_dim * format.outlier_fraction;
-    g.key_outlier_capacity = std::max(1, static_cast<int>(std::ceil(expected)));
-    g.key_outlier_header_words = kernels::PagedKvCache::KeyOutlierHeaderWords(shape.n_layers, shape.n_kv_heads);
-    g.area_words = static_cast<int64_t>(std::ceil(std::max(1.0, options.key_outlier_reserve) * expected * lists));
-  }
-  g.block_stride_bytes = kvstore::AlignUp(lay.fixed_bytes + (g.key_outlier_header_words + g.area_words) * 4, 16);
-  return g;
-}
-
 absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
     const kvstore::KvShape& shape, const kvstore::KvFormat& format,
     std::shared_ptr<const kvstore::Quantizer> quantizer, const kernels::RopeParams& rope,

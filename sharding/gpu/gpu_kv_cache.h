@@ -28,6 +28,7 @@
 #include "kvstore/kv_format.h"
 #include "kvstore/quantizer.h"
 #include "model/forward.h"
+#include "sharding/gpu_block_geometry.h"
 #include "sharding/kv_cache_factory.h"
 
 namespace kvq::sharding {
@@ -40,26 +41,17 @@ struct GpuKvOptions {
   int max_sink_slots = 4096;
   // Key outliers per block (their count depends on the text: per-channel thresholds are
   // calibrated offline): every block has an area of key_outlier_reserve times the nominal count
-  // (256 * head_dim * outlier_fraction per (layer, head) list), from which the append kernel gives
-  // lists regions as they grow and which is packed again when a block fills (kernels/paged_kv.h).
-  // Measured with `kvq outlier-census` on SmolLM2 (2048-token windows, 32 full blocks per split and
-  // format, calibrated nuq4/3/2-1% thresholds): block totals average 0.94-1.02x nominal, at most
-  // 1.56x (Austen, nuq4-1%); single lists up to 2.37x. 2.25 leaves 44% above that block. Only
-  // when a block's area is used up are entries dropped (the dense code keeps the clamped value),
-  // counted in GpuKvPool::CountOverflow() and logged by the forward pass.
-  double key_outlier_reserve = 2.25;
+  // (sharding/gpu_block_geometry.h, where the default is measured), from which the append kernel
+  // gives lists regions as they grow and which is packed again when a block fills
+  // (kernels/paged_kv.h). Only when a block's area is used up are entries dropped (the dense code
+  // keeps the clamped value), counted in GpuKvPool::CountOverflow() and logged by the forward pass.
+  double key_outlier_reserve = kDefaultKeyOutlierReserve;
 };
 
-// The byte geometry of a pool block for a format (host arithmetic, no device): the fixed section
-// of block_layout.h, then the key-outlier variable section (header, then the lists' area).
-struct GpuBlockGeometry {
-  int key_outlier_capacity = 0;   // nominal entries per (layer, head) list and full block
-  int key_outlier_header_words = 0;
-  int64_t area_words = 0;
-  int64_t block_stride_bytes = 0;
-};
-GpuBlockGeometry ComputeGpuBlockGeometry(const kvstore::KvShape& shape, const kvstore::KvFormat& format,
-                                         const GpuKvOptions& options);
+inline GpuBlockGeometry ComputeGpuBlockGeometry(const kvstore::KvShape& shape, const kvstore::KvFormat& format,
+                                                const GpuKvOptions& options) {
+  return ComputeGpuBlockGeometry(shape, format, options.key_outlier_reserve);
+}
 
 class GpuKvPool {
  public:

@@ -12,6 +12,7 @@
 #include "kvstore/block_layout.h"
 #include "kvstore/kv_format.h"
 #include "kvstore/quantized_kv_cache.h"
+#include "sharding/gpu_block_geometry.h"
 
 namespace kvq::sharding {
 namespace {
@@ -176,6 +177,42 @@ TEST(ShardPlannerTest, RanksWithoutRoomAreSkippedAndBadInputsRefused) {
   o.bytes_per_token = 1;
   o.ranks.clear();
   EXPECT_EQ(ShardPlanner::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The GPU pool's blocks (sharding/gpu_block_geometry.h) against what the pool on the H200 reported
+// for the same shapes (engine_bench, benchmarks/RESULTS.md, 2026-12-01): canonical bytes plus the
+// key-outlier area of 2.25x the nominal count. Formats without key outliers spend exactly the
+// canonical bytes.
+TEST(GpuBlockGeometryTest, PoolBytesPerTokenAreTheMeasuredOnes) {
+  const struct {
+    const char* format;
+    int layers, kv_heads, head_dim;
+    double canonical, pool;
+  } cases[] = {
+      {"nuq3-1%", 32, 8, 128, 27302.7, 28945.2},   // Llama-3-8B
+      {"nuq4-1%", 32, 8, 128, 35494.7, 37137.2},
+      {"nuq2-1%", 32, 8, 128, 19110.7, 20753.2},
+      {"nuq3-1%", 32, 32, 128, 108954.9, 115524.6},  // LLaMA-2-7B
+      {"nuq3-1%", 30, 3, 64, 4854.1, 5143.6},        // SmolLM2-135M
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.format);
+    const kvstore::KvShape shape{c.layers, c.kv_heads, c.head_dim};
+    const auto f = kvstore::KvFormat::Parse(c.format);
+    ASSERT_TRUE(f.ok());
+    EXPECT_NEAR(kvstore::ExpectedBytesPerToken(*f, shape), c.canonical, 0.05);
+    const GpuBlockGeometry g = ComputeGpuBlockGeometry(shape, *f);
+    EXPECT_NEAR(g.bytes_per_token(), c.pool, 0.05);
+    EXPECT_EQ(g.block_stride_bytes % 16, 0);
+  }
+  const auto nuq3 = kvstore::KvFormat::Parse("nuq3");
+  ASSERT_TRUE(nuq3.ok());
+  const kvstore::KvShape l3{32, 8, 128};
+  EXPECT_EQ(ComputeGpuBlockGeometry(l3, *nuq3).block_stride_bytes,
+            kvstore::AlignUp(kvstore::ComputeBlockLayout(*nuq3, l3).fixed_bytes, 16));
+  // A larger reserve costs 4 bytes per extra nominal entry.
+  const auto f = kvstore::KvFormat::Parse("nuq3-1%");
+  EXPECT_GT(ComputeGpuBlockGeometry(l3, *f, 3.0).block_stride_bytes, ComputeGpuBlockGeometry(l3, *f).block_stride_bytes);
 }
 
 }  // namespace
