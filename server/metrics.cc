@@ -65,6 +65,13 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   steps_ = &BuildCounter().Name("kvq_engine_steps_total")
                 .Help("Forward steps (decode batch plus at most one prefill chunk) run by the engine")
                 .Register(r).Add({});
+  graph_steps_ = &BuildCounter().Name("kvq_engine_graph_steps_total")
+                      .Help("Decode steps run as a captured CUDA graph (GPU engine)")
+                      .Register(r).Add({});
+  overflow_steps_ = &BuildCounter().Name("kvq_kv_key_outlier_overflow_steps_total")
+                         .Help("Steps in which a block's key outliers outgrew its area in the GPU pool "
+                               "(the extra outliers were stored clamped into the dense codes)")
+                         .Register(r).Add({});
   prefill_tps_ = &BuildGauge().Name("kvq_prefill_tokens_per_second")
                       .Help("Recent prefill throughput of the engine").Register(r).Add({});
   decode_tps_ = &BuildGauge().Name("kvq_decode_tokens_per_second")
@@ -135,6 +142,14 @@ void Metrics::Refresh() {
   if (st.generated_tokens_total > last_generated_total_) {
     generated_tokens_->Increment(static_cast<double>(st.generated_tokens_total - last_generated_total_));
     last_generated_total_ = st.generated_tokens_total;
+  }
+  if (st.graph_steps_total > last_graph_steps_) {
+    graph_steps_->Increment(static_cast<double>(st.graph_steps_total - last_graph_steps_));
+    last_graph_steps_ = st.graph_steps_total;
+  }
+  if (st.key_outlier_overflow_steps_total > last_overflow_steps_) {
+    overflow_steps_->Increment(static_cast<double>(st.key_outlier_overflow_steps_total - last_overflow_steps_));
+    last_overflow_steps_ = st.key_outlier_overflow_steps_total;
   }
   if (st.steps_total > last_steps_) {
     steps_->Increment(static_cast<double>(st.steps_total - last_steps_));

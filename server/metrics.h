@@ -60,6 +60,8 @@ class Metrics {
   prometheus::Counter* generated_tokens_;
   prometheus::Counter* session_tokens_;
   prometheus::Counter* steps_;
+  prometheus::Counter* graph_steps_;
+  prometheus::Counter* overflow_steps_;
   prometheus::Gauge* prefill_tps_;
   prometheus::Gauge* decode_tps_;
   prometheus::Family<prometheus::Gauge>* kv_used_family_;
@@ -75,6 +77,8 @@ class Metrics {
   const engine::Engine* engine_ = nullptr;
   int64_t last_prompt_total_ = 0;
   int64_t last_generated_total_ = 0;
+  int64_t last_graph_steps_ = 0;
+  int64_t last_overflow_steps_ = 0;
   int64_t last_steps_ = 0;
 };
 

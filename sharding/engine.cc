@@ -186,6 +186,7 @@ class Engine::Impl {
     po.max_sink_slots = 2 * o.max_batch + 1024;
     KVQ_ASSIGN_OR_RETURN(gpu_, sharding::GpuBackend::Create(weights_, o.kv_format, o.quantizer, dt, po));
     // The engine owns the pass and the factory like the CPU ones; gpu_ keeps the pool and stream.
+    gpu_forward_ = gpu_->forward.get();
     forward_ = std::move(gpu_->forward);
     factory_ = std::move(gpu_->factory);
     const sharding::GpuKvPool& pool = *gpu_->pool;
@@ -433,6 +434,12 @@ class Engine::Impl {
     st.prompt_tokens_total = prompt_total_;
     st.generated_tokens_total = generated_total_;
     st.steps_total = steps_;
+#if KVQ_HAVE_CUDA
+    if (gpu_ != nullptr) {
+      st.graph_steps_total = gpu_forward_ != nullptr ? gpu_forward_->graph_launches() : 0;
+      st.key_outlier_overflow_steps_total = gpu_->pool != nullptr ? gpu_->pool->overflow_steps() : 0;
+    }
+#endif
     return st;
   }
 
@@ -711,6 +718,7 @@ class Engine::Impl {
   std::unique_ptr<model::ForwardPass> forward_;
 #if KVQ_HAVE_CUDA
   std::unique_ptr<sharding::GpuBackend> gpu_;  // pool and stream; outlives factory_ and forward_
+  const sharding::GpuForward* gpu_forward_ = nullptr;  // == forward_ (its graph counter)
 #endif
   std::vector<int32_t> model_stops_;
   int64_t capacity_ = 0;

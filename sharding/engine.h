@@ -101,6 +101,8 @@ struct EngineStats {
   int64_t generated_tokens_total = 0;
   double merge_seconds_per_step = 0.0;     // sharded runs; 0 on one rank
   int64_t steps_total = 0;
+  int64_t graph_steps_total = 0;              // GPU: decode steps run as a captured CUDA graph
+  int64_t key_outlier_overflow_steps_total = 0;  // GPU: steps whose key outliers outgrew a block's area
 };
 
 struct EngineOptions {

@@ -1,6 +1,7 @@
 #include "sharding/gpu/gpu_forward.h"
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <map>
@@ -114,7 +115,7 @@ struct GpuForward::Impl {
     }
   };
   mutable std::map<GraphKey, cudaGraphExec_t> graphs;
-  mutable int64_t graph_launches = 0, graph_captures = 0;
+  mutable std::atomic<int64_t> graph_launches{0}, graph_captures{0};
   bool use_graphs = true;
   uint64_t BufferGeneration() const {
     uint64_t g = 0;
@@ -391,10 +392,7 @@ void GpuForward::ReleaseIdleResources() const {
   impl_->DropGraphs();
 }
 
-int64_t GpuForward::graph_launches() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->graph_launches;
-}
+int64_t GpuForward::graph_launches() const { return impl_->graph_launches.load(); }
 
 absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,
                              std::vector<float>* logits) const {

@@ -14,6 +14,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -109,6 +110,7 @@ class GpuKvPool {
   // After a step that found the flag raised: clears it (on the stream) and returns how many steps
   // overflowed so far.
   int64_t CountOverflow();
+  int64_t overflow_steps() const { return overflow_count_.load(); }
 
  private:
   GpuKvPool() = default;
@@ -132,7 +134,7 @@ class GpuKvPool {
   int64_t n_blocks_ = 0;
   int sink_slots_ = 0;
   int64_t sink_slot_bytes_ = 0;
-  int64_t overflow_count_ = 0;
+  std::atomic<int64_t> overflow_count_{0};
   mutable std::mutex mu_;
   std::vector<int32_t> free_blocks_;
   std::vector<int32_t> refs_;

@@ -445,6 +445,7 @@ TEST_F(ServerTest, MetricsScrapePassesPromtool) {
                              "kvq_prefill_tokens_per_second", "kvq_kv_cache_used_bytes{rank=\"0\"}",
                              "kvq_kv_cache_capacity_bytes{rank=\"0\"}", "kvq_kv_element_size_bytes",
                              "kvq_kv_outlier_ratio", "kvq_attention_merge_seconds",
+                             "kvq_engine_graph_steps_total 0", "kvq_kv_key_outlier_overflow_steps_total 0",
                              "kvq_requests_finished_total{reason=\"length\"}",
                              "kvq_request_errors_total{code=\"INVALID_ARGUMENT\",method=\"Generate\"}"}) {
     EXPECT_NE(body.find(family), std::string::npos) << family;
