@@ -4,13 +4,12 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
-#include <map>
-#include <tuple>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "common/status.h"
+#include "sharding/gpu/decode_graphs.h"
 #include "kernels/cublas_api.h"
 #include "kernels/cuda_check.h"
 #include "kernels/decode_attention.h"
@@ -36,10 +35,13 @@ uint16_t FloatToBf16Bits(float f) {
 }
 
 // A device buffer that only grows (reallocated between steps, never during one).
+// Reallocations of step buffers in this process: captured decode graphs hold their pointers and
+// are keyed by this count.
+std::atomic<uint64_t> g_buffer_reallocs{0};
+
 struct Grow {
   void* p = nullptr;
   size_t bytes = 0;
-  uint32_t reallocs = 0;  // captured CUDA graphs hold p: they are rebuilt when it moves
   absl::Status Ensure(size_t n, cudaStream_t s) {
     if (n <= bytes) return absl::OkStatus();
     if (p != nullptr) {
@@ -50,7 +52,7 @@ struct Grow {
     const size_t want = std::max(n, bytes + bytes / 2);
     KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p, want));
     bytes = want;
-    ++reallocs;
+    ++g_buffer_reallocs;
     return absl::OkStatus();
   }
   template <typename T> T* as() const { return static_cast<T*>(p); }
@@ -104,61 +106,12 @@ struct GpuForward::Impl {
   // Step buffers.
   mutable Grow x, h, q, k, v, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
       tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos;
-  // Decode steps as CUDA graphs, keyed by what fixes their launches: rows, block-table width,
-  // splits, the pool, and the step buffers' allocation count (the graph holds their pointers).
-  struct GraphKey {
-    int rows, table_width, splits;
-    uint64_t pool;  // GpuKvPool::id()
-    uint64_t buffers;
-    bool operator<(const GraphKey& o) const {
-      return std::tie(rows, table_width, splits, pool, buffers) < std::tie(o.rows, o.table_width, o.splits, o.pool, o.buffers);
-    }
-  };
-  mutable std::map<GraphKey, cudaGraphExec_t> graphs;
-  mutable std::atomic<int64_t> graph_launches{0}, graph_captures{0};
+  mutable DecodeGraphs graphs;  // plain decode steps (Run)
   bool use_graphs = true;
-  uint64_t BufferGeneration() const {
-    uint64_t g = 0;
-    for (const Grow* b : {&x, &h, &q, &k, &v, &krot, &o, &o_act, &gu, &mid, &parts_o, &parts_lse, &positions,
-                          &row_begin, &tokens, &gather_idx, &sel, &sel_act, &logits, &ws, &tables, &lens, &firsts,
-                          &sinks}) {
-      g += b->reallocs;
-    }
-    return g;
-  }
-  void DropGraphs() const {
-    for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
-    graphs.clear();
-  }
-  // Launches the graph for `key`, capturing `enqueue` into it first when there is none.
-  template <typename F>
-  absl::Status LaunchGraph(const GraphKey& key, F&& enqueue) const {
-    auto it = graphs.find(key);
-    if (it == graphs.end()) {
-      if (graphs.size() >= 64) DropGraphs();
-      KVQ_RETURN_IF_CUDA_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
-      const absl::Status st = enqueue();
-      cudaGraph_t g = nullptr;
-      const cudaError_t e = cudaStreamEndCapture(stream, &g);
-      if (!st.ok() || e != cudaSuccess) {
-        if (g != nullptr) cudaGraphDestroy(g);
-        return !st.ok() ? st : absl::InternalError(absl::StrCat("CUDA graph capture: ", cudaGetErrorString(e)));
-      }
-      cudaGraphExec_t exec = nullptr;
-      const cudaError_t ie = cudaGraphInstantiate(&exec, g, 0);
-      cudaGraphDestroy(g);
-      KVQ_RETURN_IF_CUDA_ERROR(ie);
-      it = graphs.emplace(key, exec).first;
-      ++graph_captures;
-    }
-    KVQ_RETURN_IF_CUDA_ERROR(cudaGraphLaunch(it->second, stream));
-    ++graph_launches;
-    return absl::OkStatus();
-  }
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
-    DropGraphs();
+    graphs.Drop();
     for (void* p : allocations) cudaFree(p);
     if (cublas != nullptr) kernels::cublas::Destroy(cublas);
   }
@@ -382,17 +335,17 @@ GpuForward::~GpuForward() = default;
 void GpuForward::set_cuda_graphs(bool on) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->use_graphs = on;
-  if (!on) impl_->DropGraphs();
+  if (!on) impl_->graphs.Drop();
 }
 
 bool GpuForward::cuda_graphs() const { return impl_->use_graphs; }
 
 void GpuForward::ReleaseIdleResources() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
-  impl_->DropGraphs();
+  impl_->graphs.Drop();
 }
 
-int64_t GpuForward::graph_launches() const { return impl_->graph_launches.load(); }
+int64_t GpuForward::graph_launches() const { return impl_->graphs.launches(); }
 
 absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,
                              std::vector<float>* logits) const {
@@ -845,7 +798,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   };
   {
     const absl::Status st =
-        graph ? m.LaunchGraph({T, attn[0].max_blocks, attn[0].splits, pool->id(), m.BufferGeneration()}, enqueue)
+        graph ? m.graphs.Launch({T, attn[0].max_blocks, attn[0].splits, pool->id(), g_buffer_reallocs.load()}, s, enqueue)
               : enqueue();
     if (!st.ok()) return fail(st);
   }
