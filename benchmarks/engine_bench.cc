@@ -23,6 +23,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "model/config.h"
 #include "model/fingerprint.h"
@@ -46,6 +47,9 @@ ABSL_FLAG(std::string, contexts, "1024,32768,131072,1048576", "decode: context l
 ABSL_FLAG(std::string, batches, "1,8,32", "decode: batch sizes");
 ABSL_FLAG(std::string, prefill, "", "prefill: prompt lengths (real prefill, batch 1)");
 ABSL_FLAG(int, prefill_chunk, 2048, "prefill chunk");
+ABSL_FLAG(int64_t, prefill_baseline_max, 16384,
+          "prompts up to this length are also prefilled with the first implementation (decode kernel "
+          "once per query row, scalar chunk kernel) for the speed-up column");
 ABSL_FLAG(int, steps, 10, "timed decode steps per row");
 ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
@@ -278,23 +282,35 @@ int Main() {
     }
     const std::vector<int64_t> prefill = Ints(absl::GetFlag(FLAGS_prefill));
     if (!prefill.empty()) {
-      std::printf("\n| model | KV | prompt | chunk | time to first token s | prefill tokens/s |\n|---|---|---|---|---|---|\n");
-      for (int64_t n : prefill) {
+      std::printf("\n| model | KV | prompt | chunk | time to first token s | prefill tokens/s | TTFT, decode kernel per row s | speed-up |\n|---|---|---|---|---|---|---|---|\n");
+      const int chunk = absl::GetFlag(FLAGS_prefill_chunk);
+      auto ttft = [&](int64_t n) {
         auto m = st.factory->Make(0);
         CHECK_OK(m.status());
         std::vector<int32_t> ids(n);
         for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>((i * 7919 + 13) % (c.vocab_size - 10) + 5);
         std::vector<float> logits;
-        const int chunk = absl::GetFlag(FLAGS_prefill_chunk);
         const double t0 = Now();
         for (int64_t at = 0; at < n; at += chunk) {
           std::vector<int32_t> part(ids.begin() + at, ids.begin() + std::min<int64_t>(n, at + chunk));
           model::ForwardItem item{m->get(), part, false};
           CHECK_OK(st.fwd->Run(absl::MakeSpan(&item, 1), {}, &logits));
         }
-        const double secs = Now() - t0;
-        std::printf("| %s | %s | %lld | %d | %.3f | %.0f |\n", c.name.c_str(), fmt.c_str(), static_cast<long long>(n),
-                    chunk, secs, n / secs);
+        return Now() - t0;
+      };
+      for (int64_t n : prefill) {
+        ttft(std::min<int64_t>(n, chunk));  // warm-up: buffers, cuBLAS heuristics
+        const double secs = ttft(n);
+        double base = -1.0;
+        if (n <= absl::GetFlag(FLAGS_prefill_baseline_max)) {
+          st.fwd->set_prefill_kernel(false);
+          base = ttft(n);
+          st.fwd->set_prefill_kernel(true);
+        }
+        std::printf("| %s | %s | %lld | %d | %.3f | %.0f | %s | %s |\n", c.name.c_str(), fmt.c_str(),
+                    static_cast<long long>(n), chunk, secs, n / secs,
+                    base > 0 ? absl::StrFormat("%.3f", base).c_str() : "-",
+                    base > 0 ? absl::StrFormat("%.2fx", base / secs).c_str() : "-");
         std::fflush(stdout);
       }
     }

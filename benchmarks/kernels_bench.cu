@@ -7,6 +7,14 @@
 //
 //   kernels_bench [--quick] [--contexts=32768,1048576] [--batches=1,8] [--shapes=llama3-8b,...]
 //                 [--formats=fp16,nuq3-1%] [--iters=7] [--mem_gb=48] [--sink=0] [--json=out.json]
+//                 [--prefill_rows=4096]
+//
+// --prefill_rows=N (batch-1 points only) also times N query rows of one prefill chunk over the
+// same past through kernels::LaunchPrefillPast (expand to fp16 in segments + tensor-core flash
+// attention + merges), the tensor-core kernel alone over an fp16 K/V of the same shape, and the
+// chunk's causal self-attention (N x N): time, TFLOP/s (4 * N * n_heads * keys * head_dim for
+// the past, half that for the causal chunk), printed as a second table. PyTorch's SDPA on the same
+// shapes: benchmarks/sdpa_bench.py.
 //
 // --sink=N gives quantized formats N fp16 sink tokens (the engine's default is 1; 0 keeps the
 // pool uniform and matches the earlier tables); context counts them.
@@ -27,6 +35,7 @@
 #include <vector>
 
 #include "kernels/decode_attention.h"
+#include "kernels/prefill_attention.h"
 #include "kernels/paged_kv.h"
 #include "kernels/reference/rope.h"
 #include "kvstore/block_layout.h"
@@ -150,6 +159,156 @@ double CopyBandwidthGBs(int iters) {
   return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3) / 1e9;  // read + write
 }
 
+struct PrefillRow {
+  std::string shape, format;
+  int64_t context;
+  int rows;
+  double past_us, expand_us, fa_us, chunk_us, past_tflops, fa_tflops, chunk_tflops;
+  int splits;
+  int64_t seg_tokens;
+};
+
+template <typename F>
+double MedianUs(int iters, F&& f) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int it = 0; it < iters + 1; ++it) {
+    CK(cudaEventRecord(e0));
+    f();
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float t;
+    CK(cudaEventElapsedTime(&t, e0, e1));
+    if (it >= 1) ms.push_back(t);
+  }
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2] * 1e3;
+}
+
+#define CKS(x)                                                                                  \
+  do {                                                                                          \
+    const absl::Status s_ = (x);                                                                \
+    if (!s_.ok()) {                                                                             \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, std::string(s_.message()).c_str()); \
+      std::exit(1);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+// N query rows over the cache `kv` (batch row 0, ctx local tokens): the engine's prefill path and
+// its parts.
+PrefillRow RunPrefill(const kvq::kernels::PagedKvCache& kv, const Shape& sh, const std::string& fmt,
+                      int64_t ctx, int rows, int sm_count, int iters) {
+  PrefillRow r{sh.name, fmt, ctx, rows, 0, 0, 0, 0, 0, 0, 0, 1, 0};
+  const int hd = sh.head_dim, nh = sh.n_heads, nkv = sh.n_kv_heads;
+  const auto plan = kvq::kernels::PlanPrefillPast(rows, nh, nkv, hd, ctx, sm_count, size_t{128} << 20,
+                                                  size_t{256} << 20);
+  r.splits = plan.splits;
+  r.seg_tokens = plan.seg_tokens;
+  float *dq, *dout, *dlse, *po = nullptr, *pl = nullptr;
+  uint16_t *xk, *xv, *ck, *cv;
+  const size_t qn = static_cast<size_t>(rows) * nh * hd;
+  CK(cudaMalloc(&dq, qn * 4));
+  CK(cudaMalloc(&dout, qn * 4));
+  CK(cudaMalloc(&dlse, static_cast<size_t>(rows) * nh * 4));
+  CK(cudaMemset(dq, 0, qn * 4));  // q = 0: every key weighs the same; the work does not depend on it
+  CK(cudaMalloc(&xk, plan.expand_bytes));
+  CK(cudaMalloc(&xv, plan.expand_bytes));
+  if (plan.partial_bytes > 0) {
+    CK(cudaMalloc(&po, plan.partial_bytes));
+    CK(cudaMalloc(&pl, plan.partial_bytes / hd));
+  }
+  kvq::kernels::PrefillPastParams pp;
+  pp.kv = kv;
+  pp.n_keys = ctx;
+  pp.rows = rows;
+  pp.n_heads = nh;
+  pp.q = dq;
+  pp.limit_base = ctx;
+  pp.o = dout;
+  pp.lse = dlse;
+  pp.plan = plan;
+  pp.xk = xk;
+  pp.xv = xv;
+  pp.part_o = po;
+  pp.part_lse = pl;
+  r.past_us = MedianUs(iters, [&] { CKS(kvq::kernels::LaunchPrefillPast(pp, nullptr)); });
+  // Expansion alone (every segment into the same buffer).
+  r.expand_us = MedianUs(iters, [&] {
+    for (int64_t s0 = 0; s0 < ctx; s0 += plan.seg_tokens) {
+      kvq::kernels::ExpandKvParams ep;
+      ep.kv = kv;
+      ep.t0 = s0;
+      ep.n = static_cast<int>(std::min<int64_t>(plan.seg_tokens, ctx - s0));
+      ep.k = xk;
+      ep.v = xv;
+      ep.token_stride = static_cast<int64_t>(nkv) * hd;
+      ep.head_stride = hd;
+      CKS(kvq::kernels::LaunchExpandKv(ep, nullptr));
+    }
+  });
+  // The tensor-core kernel alone over one contiguous fp16 K/V of min(ctx, seg) keys, scaled to ctx.
+  {
+    kvq::kernels::PrefillAttentionParams fp;
+    fp.rows = rows;
+    fp.n_heads = nh;
+    fp.n_kv_heads = nkv;
+    fp.head_dim = hd;
+    fp.q = dq;
+    fp.k = xk;
+    fp.v = xv;
+    fp.kv_token_stride = static_cast<int64_t>(nkv) * hd;
+    fp.kv_head_stride = hd;
+    fp.n_keys = static_cast<int>(std::min<int64_t>(ctx, plan.seg_tokens));
+    fp.limit_base = fp.n_keys;
+    fp.splits = plan.splits;
+    fp.o = po != nullptr ? po : dout;
+    fp.lse = pl != nullptr ? pl : dlse;
+    fp.o_split_stride = static_cast<int64_t>(qn);
+    fp.lse_split_stride = static_cast<int64_t>(rows) * nh;
+    if (plan.splits > 1 && po == nullptr) fp.splits = 1;
+    const double us = MedianUs(iters, [&] { CKS(kvq::kernels::LaunchPrefillAttention(fp, nullptr)); });
+    r.fa_us = us * static_cast<double>(ctx) / fp.n_keys;
+  }
+  // The chunk's causal self-attention (rows x rows).
+  {
+    CK(cudaMalloc(&ck, static_cast<size_t>(rows) * nkv * hd * 2));
+    CK(cudaMalloc(&cv, static_cast<size_t>(rows) * nkv * hd * 2));
+    CK(cudaMemcpy(ck, xk, std::min(plan.expand_bytes, static_cast<size_t>(rows) * nkv * hd * 2), cudaMemcpyDeviceToDevice));
+    CK(cudaMemcpy(cv, xv, std::min(plan.expand_bytes, static_cast<size_t>(rows) * nkv * hd * 2), cudaMemcpyDeviceToDevice));
+    kvq::kernels::PrefillAttentionParams cp;
+    cp.rows = rows;
+    cp.n_heads = nh;
+    cp.n_kv_heads = nkv;
+    cp.head_dim = hd;
+    cp.q = dq;
+    cp.k = ck;
+    cp.v = cv;
+    cp.kv_token_stride = static_cast<int64_t>(nkv) * hd;
+    cp.kv_head_stride = hd;
+    cp.n_keys = rows;
+    cp.limit_base = 1;
+    cp.causal = true;
+    cp.o = dout;
+    cp.lse = dlse;
+    r.chunk_us = MedianUs(iters, [&] { CKS(kvq::kernels::LaunchPrefillAttention(cp, nullptr)); });
+  }
+  const double past_flop = 4.0 * rows * nh * static_cast<double>(ctx) * hd;
+  const double chunk_flop = 2.0 * rows * nh * static_cast<double>(rows) * hd;
+  r.past_tflops = past_flop / (r.past_us * 1e-6) / 1e12;
+  r.fa_tflops = past_flop / (r.fa_us * 1e-6) / 1e12;
+  r.chunk_tflops = chunk_flop / (r.chunk_us * 1e-6) / 1e12;
+  for (void* ptr : {static_cast<void*>(dq), static_cast<void*>(dout), static_cast<void*>(dlse),
+                    static_cast<void*>(po), static_cast<void*>(pl), static_cast<void*>(xk),
+                    static_cast<void*>(xv), static_cast<void*>(ck), static_cast<void*>(cv)}) {
+    if (ptr != nullptr) CK(cudaFree(ptr));
+  }
+  return r;
+}
+
 struct Row {
   std::string shape, format;
   int64_t context;
@@ -171,6 +330,8 @@ int main(int argc, char** argv) {
   double mem_gb = 48.0;
   int sink = 0;
   std::string json;
+  int prefill_rows = 0;
+  std::vector<PrefillRow> prows;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto val = [&](const char* k) -> const char* {
@@ -195,6 +356,8 @@ int main(int argc, char** argv) {
       mem_gb = std::atof(v);
     } else if (const char* v = val("--sink=")) {
       sink = std::max(0, std::min(64, std::atoi(v)));
+    } else if (const char* v = val("--prefill_rows=")) {
+      prefill_rows = std::max(0, std::atoi(v));
     } else if (const char* v = val("--json=")) {
       json = v;
     } else {
@@ -371,6 +534,15 @@ int main(int argc, char** argv) {
             if (!f.quantized()) fp16_us[key] = r.us;
             r.vs_fp16 = fp16_us.count(key) ? fp16_us[key] / r.us : 0.0;
           }
+          if (prefill_rows > 0 && batch == 1 && st.ok()) {
+            PrefillRow pr = RunPrefill(p.kv, *sh, fname, ctx, prefill_rows, prop.multiProcessorCount, iters);
+            std::printf("%-13s ctx=%-8lld prefill rows=%d %-9s past %9.1f us (%.0f TFLOP/s; expand %.1f us, "
+                        "kernel alone %.0f TFLOP/s, splits %d, segment %lld) chunk %.1f us (%.0f TFLOP/s)\n",
+                        sh->name.c_str(), static_cast<long long>(ctx), prefill_rows, fname.c_str(), pr.past_us,
+                        pr.past_tflops, pr.expand_us, pr.fa_tflops, pr.splits, static_cast<long long>(pr.seg_tokens),
+                        pr.chunk_us, pr.chunk_tflops);
+            prows.push_back(pr);
+          }
           std::printf("%-13s ctx=%-8lld batch=%-3d %-9s %10.1f us %9.1f MB %7.0f GB/s %5.1f%% copy  x%.2f vs fp16 %s\n",
                       r.shape.c_str(), static_cast<long long>(ctx), batch, fname.c_str(), r.us,
                       r.mbytes, r.gbs, 100 * r.frac_copy, r.vs_fp16, r.note.c_str());
@@ -396,6 +568,18 @@ int main(int argc, char** argv) {
     std::printf("| %s | %lld | %d | %s | %.1f | %.1f | %.0f | %.1f%% | %.2f | %s |\n", r.shape.c_str(),
                 static_cast<long long>(r.context), r.batch, r.format.c_str(), r.us, r.mbytes, r.gbs,
                 100 * r.frac_copy, r.vs_fp16, r.note.c_str());
+  }
+  if (!prows.empty()) {
+    std::printf("\n## Prefill attention over a cached past, one layer (%s)\n\n", prop.name);
+    std::printf("| shape | past | query rows | format | past: expand + attend + merge (us) | TFLOP/s | of which expand (us) | "
+                "tensor-core kernel alone, TFLOP/s | causal chunk %dx%d (us) | chunk TFLOP/s |\n",
+                prefill_rows, prefill_rows);
+    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const PrefillRow& r : prows) {
+      std::printf("| %s | %lld | %d | %s | %.1f | %.0f | %.1f | %.0f | %.1f | %.0f |\n", r.shape.c_str(),
+                  static_cast<long long>(r.context), r.rows, r.format.c_str(), r.past_us, r.past_tflops,
+                  r.expand_us, r.fa_tflops, r.chunk_us, r.chunk_tflops);
+    }
   }
   if (!json.empty()) {
     FILE* fj = std::fopen(json.c_str(), "w");

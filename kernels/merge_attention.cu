@@ -15,8 +15,9 @@ __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
   const float* lse_row = p.lse_parts + row * p.lse_row_stride;
   float mx = -CUDART_INF_F;
   for (int r = 0; r < p.n_parts; ++r) mx = fmaxf(mx, lse_row[r * p.lse_part_stride]);
-  if (mx == -CUDART_INF_F) {
+  if (mx == -CUDART_INF_F) {  // uniform over the CTA
     for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) p.o[row * p.head_dim + d] = 0.0f;
+    __syncthreads();
     if (threadIdx.x == 0) p.lse[row] = -CUDART_INF_F;
     return;
   }
@@ -32,6 +33,7 @@ __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
     }
     p.o[row * p.head_dim + d] = acc;
   }
+  __syncthreads();  // every thread has read the lse partials: the output may alias partial 0
   if (threadIdx.x == 0) p.lse[row] = mx + logf(sum);
 }
 

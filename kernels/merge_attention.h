@@ -26,6 +26,8 @@ struct MergeAttentionParams {
   const float* lse_parts = nullptr;
   int64_t lse_row_stride = 0;
   int64_t lse_part_stride = 0;
+  // May alias partial 0 when o_row_stride == head_dim and lse_row_stride == 1 (each element is
+  // read by the thread that writes it; the lse after a barrier): a running merge in place.
   float* o = nullptr;    // [rows][head_dim]
   float* lse = nullptr;  // [rows]
 };

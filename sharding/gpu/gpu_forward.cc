@@ -18,6 +18,7 @@
 #include "kernels/gemm.h"
 #include "kernels/kv_append.h"
 #include "kernels/merge_attention.h"
+#include "kernels/prefill_attention.h"
 #include "kernels/reference/rope.h"
 #include "sharding/gpu/gpu_kv_cache.h"
 
@@ -88,7 +89,19 @@ struct Launch {
   int max_len = 0;
   int n_new = 0;             // append
   int splits = 1;
+  // Prefill rows through the tensor-core kernels: local tokens [0, fa_keys) of the table's one
+  // sequence expanded in segments; row r sees keys [0, fa_limit_base + (fa_causal ? r : 0)).
+  bool fa = false;
+  int64_t fa_keys = 0;
+  int64_t fa_limit_base = 0;
+  bool fa_causal = false;
+  kernels::PrefillPastPlan fa_plan;
 };
+
+// Device memory the prefill path may take per step: expanded K (and as much V) of one segment, and
+// the split partials of one segment (plus the running result).
+constexpr size_t kExpandBudgetBytes = size_t{128} << 20;
+constexpr size_t kPrefillPartialBudgetBytes = size_t{256} << 20;
 
 }  // namespace
 
@@ -105,9 +118,11 @@ struct GpuForward::Impl {
   mutable std::mutex mu;
   // Step buffers.
   mutable Grow x, h, q, k, v, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
-      tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos;
+      tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos,
+      xk, xv, pf_o, pf_lse, k16, v16;
   mutable DecodeGraphs graphs;  // plain decode steps (Run)
   bool use_graphs = true;
+  bool use_prefill_kernel = true;
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
@@ -340,6 +355,13 @@ void GpuForward::set_cuda_graphs(bool on) {
 
 bool GpuForward::cuda_graphs() const { return impl_->use_graphs; }
 
+void GpuForward::set_prefill_kernel(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->use_prefill_kernel = on;
+}
+
+bool GpuForward::prefill_kernel() const { return impl_->use_prefill_kernel; }
+
 void GpuForward::ReleaseIdleResources() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->graphs.Drop();
@@ -496,7 +518,20 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       attn.push_back(p);
     }
   }
-  // Prefill chunks: rows share their cache's table row (stride 0).
+  // Prefill chunks: rows share their cache's table row (stride 0). With the prefill kernels, one
+  // launch description per chunk and past: its one sequence row (lens = the tokens to expand).
+  const bool fa = m.use_prefill_kernel;
+  auto add_seq = [&](Launch& a, const GpuKvCache* cache, int64_t len, int n_rows) {
+    a.lens_off = static_cast<int64_t>(lens.size());
+    a.firsts_off = static_cast<int64_t>(firsts.size());
+    a.sinks_off = static_cast<int64_t>(sinks.size());
+    const int n_entries = fa ? 1 : n_rows;
+    for (int j = 0; j < n_entries; ++j) {
+      firsts.push_back(cache->first_position());
+      sinks.push_back(const_cast<uint16_t*>(cache->sink()));
+    }
+    if (fa) lens.push_back(static_cast<int32_t>(len));
+  };
   for (size_t i = nd; i < its.size(); ++i) {
     const It& e = its[i];
     if (e.host != nullptr) continue;
@@ -507,13 +542,18 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     a.max_blocks = std::max<int>(1, static_cast<int>(e.w->blocks().size()));
     a.stride = 0;
     a.table_off = add_table(e.w->blocks(), a.max_blocks);
-    a.lens_off = static_cast<int64_t>(lens.size());
-    for (int j = 0; j < e.n; ++j) lens.push_back(static_cast<int32_t>(e.committed + (eval ? j + 1 : 0)));
     a.max_len = static_cast<int>(e.committed + (eval ? e.n : 0));
-    a.firsts_off = static_cast<int64_t>(firsts.size());
-    for (int j = 0; j < e.n; ++j) firsts.push_back(e.w->first_position());
-    a.sinks_off = static_cast<int64_t>(sinks.size());
-    for (int j = 0; j < e.n; ++j) sinks.push_back(e.w->mutable_sink());
+    add_seq(a, e.w, a.max_len, e.n);
+    if (fa) {
+      a.fa = true;
+      a.fa_keys = a.max_len;
+      a.fa_limit_base = e.committed + (eval ? 1 : 0);
+      a.fa_causal = eval;
+    } else {
+      for (int j = 0; j < e.n; ++j) lens.push_back(static_cast<int32_t>(e.committed + (eval ? j + 1 : 0)));
+    }
+    // Sinks written by this chunk's append are read through the writable cache's own slot.
+    for (int64_t j = a.sinks_off; j < static_cast<int64_t>(sinks.size()); ++j) sinks[j] = e.w->mutable_sink();
     Launch ap;
     ap.row0 = e.row0;
     ap.rows = 1;
@@ -534,13 +574,15 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       p.max_blocks = std::max<int>(1, static_cast<int>(e.pre->blocks().size()));
       p.stride = 0;
       p.table_off = add_table(e.pre->blocks(), p.max_blocks);
-      p.lens_off = static_cast<int64_t>(lens.size());
-      for (int j = 0; j < e.n; ++j) lens.push_back(static_cast<int32_t>(e.pre_len));
       p.max_len = static_cast<int>(e.pre_len);
-      p.firsts_off = static_cast<int64_t>(firsts.size());
-      for (int j = 0; j < e.n; ++j) firsts.push_back(e.pre->first_position());
-      p.sinks_off = static_cast<int64_t>(sinks.size());
-      for (int j = 0; j < e.n; ++j) sinks.push_back(const_cast<uint16_t*>(e.pre->sink()));
+      add_seq(p, e.pre, e.pre_len, e.n);
+      if (fa) {
+        p.fa = true;
+        p.fa_keys = e.pre_len;
+        p.fa_limit_base = e.pre_len;
+      } else {
+        for (int j = 0; j < e.n; ++j) lens.push_back(static_cast<int32_t>(e.pre_len));
+      }
       attn.push_back(p);
     }
   }
@@ -552,11 +594,23 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     attn[0].max_len = attn[0].max_blocks * kvstore::kBlockTokens + pool->format().sink_tokens;
   }
   size_t ws_bytes = 0;
+  size_t xkv_bytes = 0, pf_parts_bytes = 0;
   for (Launch& a : attn) {
     if (a.max_len == 0) continue;
+    if (a.fa) {
+      a.fa_plan = kernels::PlanPrefillPast(a.rows, nh, nkv, hd, a.fa_keys, m.sm_count, kExpandBudgetBytes,
+                                           kPrefillPartialBudgetBytes);
+      xkv_bytes = std::max(xkv_bytes, a.fa_plan.expand_bytes);
+      pf_parts_bytes = std::max(pf_parts_bytes, a.fa_plan.partial_bytes);
+      continue;
+    }
     a.splits = kernels::ChooseDecodeSplits(a.rows, nkv, a.max_len, pool->format().sink_tokens, m.sm_count);
     ws_bytes = std::max(ws_bytes, kernels::DecodeAttentionWorkspaceBytes(a.rows, nh, hd, a.splits));
   }
+  // The chunk's own part through the prefill kernel needs its k/v in fp16.
+  const int first_prefill_row = nd < static_cast<int>(its.size()) ? its[nd].row0 : T;
+  // (Not in the f32 exactness mode: there the chunk's own part stays at fp32, like the CPU's.)
+  const bool chunk_fa = fa && !eval && first_prefill_row < T && dtype_ != DType::kF32;
   // Logit rows in item order.
   std::vector<int32_t> gather;
   {
@@ -595,6 +649,18 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(m.sel_act.Ensure(static_cast<size_t>(R) * hidden * act, s));
   KVQ_RETURN_IF_ERROR(m.logits.Ensure(static_cast<size_t>(R) * vocab * 4, s));
   KVQ_RETURN_IF_ERROR(m.ws.Ensure(std::max<size_t>(ws_bytes, 16), s));
+  if (xkv_bytes > 0) {
+    KVQ_RETURN_IF_ERROR(m.xk.Ensure(xkv_bytes, s));
+    KVQ_RETURN_IF_ERROR(m.xv.Ensure(xkv_bytes, s));
+  }
+  if (pf_parts_bytes > 0) {
+    KVQ_RETURN_IF_ERROR(m.pf_o.Ensure(pf_parts_bytes, s));
+    KVQ_RETURN_IF_ERROR(m.pf_lse.Ensure(pf_parts_bytes / hd, s));
+  }
+  if (chunk_fa) {
+    KVQ_RETURN_IF_ERROR(m.k16.Ensure(Ts * kvd * 2, s));
+    KVQ_RETURN_IF_ERROR(m.v16.Ensure(Ts * kvd * 2, s));
+  }
   KVQ_RETURN_IF_ERROR(m.tables.Ensure(std::max<size_t>(tables.size(), 1) * 4, s));
   KVQ_RETURN_IF_ERROR(m.lens.Ensure(std::max<size_t>(lens.size(), 1) * 4, s));
   KVQ_RETURN_IF_ERROR(m.firsts.Ensure(std::max<size_t>(firsts.size(), 1) * 8, s));
@@ -640,6 +706,59 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     g.c = out;
     g.beta = beta;
     return kernels::Gemm(m.cublas, g, s);
+  };
+  // Prefill rows over a cached past (Launch::fa): kernels::LaunchPrefillPast with this step's
+  // buffers (sized from the launches' plans above).
+  float* const q_all = m.q.as<float>();
+  auto prefill_past = [&](const Launch& a, int l) -> absl::Status {
+    kernels::PrefillPastParams pp;
+    pp.kv = view_for(a);
+    pp.layer = l;
+    pp.n_keys = a.fa_keys;
+    pp.rows = a.rows;
+    pp.n_heads = nh;
+    pp.q = q_all + static_cast<int64_t>(a.row0) * qd;
+    pp.limit_base = a.fa_limit_base;
+    pp.causal = a.fa_causal;
+    pp.o = parts_o + (static_cast<int64_t>(a.part) * T + a.row0) * qd;
+    pp.lse = parts_lse + (static_cast<int64_t>(a.part) * T + a.row0) * nh;
+    pp.plan = a.fa_plan;
+    pp.xk = m.xk.as<uint16_t>();
+    pp.xv = m.xv.as<uint16_t>();
+    pp.part_o = m.pf_o.as<float>();
+    pp.part_lse = m.pf_lse.as<float>();
+    return kernels::LaunchPrefillPast(pp, s);
+  };
+  // Each prefill chunk attends itself causally through the same kernel, from fp16 copies of its
+  // rotated keys and values (partial slot 2; decode rows keep the scalar chunk kernel).
+  auto prefill_chunks = [&](int l) -> absl::Status {
+    (void)l;
+    const int n = T - first_prefill_row;
+    const int64_t at = static_cast<int64_t>(first_prefill_row) * kvd;
+    KVQ_RETURN_IF_ERROR(kernels::LaunchToHalfRows(n, kvd, m.krot.as<float>() + at, kvd, m.k16.as<uint16_t>() + at, kvd, s));
+    KVQ_RETURN_IF_ERROR(kernels::LaunchToHalfRows(n, kvd, m.v.as<float>() + at, kvd, m.v16.as<uint16_t>() + at, kvd, s));
+    for (size_t i = nd; i < its.size(); ++i) {
+      const It& e = its[i];
+      if (e.host != nullptr) continue;
+      kernels::PrefillAttentionParams pp;
+      pp.rows = e.n;
+      pp.n_heads = nh;
+      pp.n_kv_heads = nkv;
+      pp.head_dim = hd;
+      pp.q = q_all + static_cast<int64_t>(e.row0) * qd;
+      pp.k = m.k16.as<uint16_t>() + static_cast<int64_t>(e.row0) * kvd;
+      pp.v = m.v16.as<uint16_t>() + static_cast<int64_t>(e.row0) * kvd;
+      pp.kv_token_stride = kvd;
+      pp.kv_head_stride = hd;
+      pp.n_keys = e.n;
+      pp.limit_base = 1;
+      pp.causal = true;
+      pp.splits = 1;
+      pp.o = parts_o + (static_cast<int64_t>(2) * T + e.row0) * qd;
+      pp.lse = parts_lse + static_cast<int64_t>(2) * T * nh + static_cast<int64_t>(e.row0) * nh;
+      KVQ_RETURN_IF_ERROR(kernels::LaunchPrefillAttention(pp, s));
+    }
+    return absl::OkStatus();
   };
   for (const It& e : its) {
     if (e.host == nullptr) e.w->MarkStaged(e.n);
@@ -721,6 +840,10 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     if (eval) KVQ_STEP(append_all());
     for (const Launch& a : attn) {
       if (a.max_len == 0) continue;
+      if (a.fa) {
+        KVQ_STEP(prefill_past(a, l));
+        continue;
+      }
       kernels::DecodeAttentionParams dp;
       dp.kv = view_for(a);
       dp.layer = l;
@@ -748,7 +871,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       rk.q = krot;
       KVQ_STEP(kernels::LaunchRopeQuery(rk, s));
       kernels::ChunkAttentionParams cp;
-      cp.rows = T;
+      cp.rows = chunk_fa ? first_prefill_row : T;
       cp.n_heads = nh;
       cp.n_kv_heads = nkv;
       cp.head_dim = hd;
@@ -760,6 +883,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       cp.o = parts_o + static_cast<int64_t>(2) * T * qd;
       cp.lse = parts_lse + static_cast<int64_t>(2) * T * nh;
       KVQ_STEP(kernels::LaunchChunkAttention(cp, s));
+      if (chunk_fa) KVQ_STEP(prefill_chunks(l));
       KVQ_STEP(append_all());
     }
     kernels::MergeAttentionParams mp;

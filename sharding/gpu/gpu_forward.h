@@ -1,7 +1,8 @@
 // The Llama-family forward pass on one GPU: weights in f16/bf16 (or f32, the exactness mode that
 // matches the CPU reference to fp32 rounding), cuBLAS GEMMs, the dense-op kernels, and attention
 // through the paged KV pool (GpuKvCache): decode attention with split-KV over the stored past,
-// the chunk's own causal part at full precision, merged by (o, lse). The same meaning as the CPU
+// the chunk's own causal part, merged by (o, lse); prefill chunks through the tensor-core prefill
+// kernels. The same meaning as the CPU
 // model::Forward, item by item (ForwardOptions included), so the engine runs either.
 //
 // A step's rows are ordered decode tokens first (those continuing a session prefix first), then
@@ -46,6 +47,12 @@ class GpuForward : public model::ForwardPass {
   void set_cuda_graphs(bool on);
   bool cuda_graphs() const;
   int64_t graph_launches() const;  // steps that ran as a graph so far
+  // Prefill chunks attend the cached past (and themselves) with the tensor-core prefill kernels
+  // (kernels/prefill_attention.h: the past expanded to fp16 in bounded segments, read once per 64
+  // query rows; on by default). Off: the decode kernel once per query row and the scalar chunk
+  // kernel (the first implementation; kept for A/B runs).
+  void set_prefill_kernel(bool on);
+  bool prefill_kernel() const;
   kernels::DType dtype() const { return dtype_; }
 
  private:

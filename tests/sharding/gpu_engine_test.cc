@@ -296,6 +296,23 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
         std::printf("[gpu-fwd] %-8s prompt %zu: CUDA graphs on/off give the same tokens: %s (%lld graph steps so far)\n",
                     fmt.c_str(), p, tp == tg ? "yes" : "NO", static_cast<long long>(launches));
       }
+      if (p == 3 && (fmt == "fp16" || fmt == "nuq3-1%")) {
+        // The 300-token prompt is prefilled in 64-token chunks: the tensor-core prefill kernels
+        // (past expanded in fp16) against the first implementation (decode kernel once per query
+        // row, scalar fp32 chunk kernel), with f16 weights where the chunk kernel differs too.
+        for (auto* g : {&*g32, &*g16}) {
+          std::vector<float> la, lb;
+          const auto ta = Greedy(**g, *gpu->factory, prompts[p], 64, 8, &la);
+          (*g)->set_prefill_kernel(false);
+          const auto tb = Greedy(**g, *gpu->factory, prompts[p], 64, 8, &lb);
+          (*g)->set_prefill_kernel(true);
+          std::printf("[gpu-fwd] %-8s %s weights: prefill kernels vs per-row decode kernel: first-step logits max |d| "
+                      "%.2e, greedy tokens agree on the first %d/8\n",
+                      fmt.c_str(), g == &*g32 ? "f32" : "f16", MaxAbsDiff(la, lb), SamePrefix(ta, tb));
+          EXPECT_GE(SamePrefix(ta, tb), 1) << fmt;
+          EXPECT_LT(MaxAbsDiff(la, lb), 0.1) << fmt;
+        }
+      }
       if (fmt == "fp16") {
         std::printf("[gpu-fwd] %-8s prompt %zu (%zu tokens): GPU vs CPU tokens %s, logits max |d| %.2e; f16 weights "
                     "agree on the first %d/20\n",

@@ -1,0 +1,613 @@
+// ExpandKv and PrefillAttention (kernels/prefill_attention.h).
+//
+// ExpandKvKernel. CTA = 32 local tokens, looping over the kv heads (the tokens' cos/sin are formed
+// once, in double, and serve every head). Per head: dense keys decoded into a shared fp32 tile,
+// __syncthreads, the key outliers of the (at most two) blocks the tile touches replace their
+// elements, __syncthreads, RoPE in rotate-half pairs and one fp16 rounding on the way out. Values
+// are written dense first and their outliers overwrite them after a __syncthreads (global writes
+// of a CTA are visible to the CTA after the barrier).
+//
+// PrefillAttentionKernel (FlashAttention-2 structure). CTA = 64 M rows (query row, head of the
+// group) of one kv head and one key split, 4 warps of 16 rows. Q is scaled by softmax scale *
+// log2 e, rounded to fp16 and kept in mma A fragments. K and V tiles of 64 keys are copied with
+// cp.async into a double-buffered, XOR-swizzled shared tile (16-byte chunk c of row t at
+// c ^ (t & 7): conflict-free ldmatrix), S = Q K^T by ldmatrix + mma.m16n8k16 (fp32), the masked
+// online softmax runs on the accumulators in registers, P is rounded to fp16 and reused as the A
+// operand of O += P V (V through ldmatrix.trans). Keys past a row's limit are -inf; a row with no
+// visible key in the split writes o = 0, lse = -inf.
+#include "kernels/prefill_attention.h"
+
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cuda_check.h"
+#include "kernels/decode_attention_mma.cuh"
+#include "kernels/merge_attention.h"
+
+namespace kvq::kernels {
+namespace {
+
+using decode_attention_mma::Ldsm4;
+using decode_attention_mma::Ldsm4T;
+using decode_attention_mma::Mma;
+using decode_attention_mma::PackF2;
+using decode_attention_mma::SmemAddr;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------------------------------------
+// ExpandKv
+
+constexpr int kExpTokens = 32;
+constexpr int kExpThreads = 128;
+constexpr int kExpMaxHd = 128;
+
+__device__ __forceinline__ float HalfToFloat(uint16_t bits) {
+  return __half2float(__ushort_as_half(bits));
+}
+__device__ __forceinline__ uint16_t FloatToHalf(float x) { return __half_as_ushort(__float2half_rn(x)); }
+
+// Code i of a token's LSB-first bit stream of `bits`-bit codes.
+__device__ __forceinline__ uint32_t CodeAt(const uint32_t* words, int i, int bits) {
+  const int bit = i * bits;
+  const int w = bit >> 5, sh = bit & 31;
+  uint32_t x = __ldg(words + w) >> sh;
+  if (sh + bits > 32) x = __funnelshift_r(__ldg(words + w), __ldg(words + w + 1), sh);
+  return x & ((1u << bits) - 1u);
+}
+
+__global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvParams p) {
+  __shared__ float ks[kExpTokens][kExpMaxHd];
+  __shared__ float2 cs[kExpTokens][kExpMaxHd / 2];
+  const PagedKvCache& kv = p.kv;
+  const KvBlockGeometry& geo = kv.geom;
+  const int hd = geo.head_dim, half = hd / 2, n_kv = geo.n_kv_heads;
+  const int tid = threadIdx.x;
+  const int64_t i0 = p.t0 + static_cast<int64_t>(blockIdx.x) * kExpTokens;  // first local token
+  const int nt = static_cast<int>(min(static_cast<int64_t>(kExpTokens), p.t0 + p.n - i0));
+  const int64_t first_pos = kv.first_positions[p.seq];
+  const int nsc = static_cast<int>(min(max(static_cast<int64_t>(kv.sink_tokens) - first_pos, int64_t{0}),
+                                       static_cast<int64_t>(kv.sink_tokens)));
+  const int seq_len = kv.seq_lens[p.seq];
+  const int n_sink = min(seq_len, nsc);
+  const int64_t row = kv.TableRow(p.seq);
+  const bool quant = kv.codec != KvCodec::kFp16;
+  const int bits = static_cast<int>(kv.codec);
+  const int C = quant ? (1 << bits) : 0;
+
+  // cos/sin of every (token, frequency) of the tile, from a double-precision angle.
+  for (int u = tid; u < nt * half; u += kExpThreads) {
+    const int t = u / half, f = u % half;
+    const int64_t i = i0 + t;
+    const bool rot = i < n_sink || !kv.keys_rotated;
+    float2 c = make_float2(1.0f, 0.0f);
+    if (rot) {
+      double s, co;
+      sincos(static_cast<double>(first_pos + i) * kv.rope_inv_freq[f], &s, &co);
+      c = make_float2(static_cast<float>(co), static_cast<float>(s));
+    }
+    cs[t][f] = c;
+  }
+  // Block tokens of the tile: [jb, je) (empty when the tile is all sinks).
+  const int64_t jb = max(i0 - nsc, int64_t{0}), je = max(i0 + nt - nsc, int64_t{0});
+  const uint16_t* sink_k = nullptr;
+  const uint16_t* sink_v = nullptr;
+  const int64_t sink_row = static_cast<int64_t>(n_kv) * hd;
+  if (n_sink > 0 && i0 < n_sink) {
+    sink_k = kv.sink[p.seq] + static_cast<int64_t>(p.layer) * nsc * sink_row;
+    sink_v = kv.sink[p.seq] + static_cast<int64_t>(geo.n_layers) * nsc * sink_row +
+             static_cast<int64_t>(p.layer) * nsc * sink_row;
+  }
+  auto layer_base = [&](int64_t j) -> const uint8_t* {
+    const int64_t blk = kv.block_table[row + j / kKvBlockTokens];
+    return kv.pool + blk * kv.block_stride_bytes + static_cast<int64_t>(p.layer) * geo.layer_bytes;
+  };
+  const float* klut = quant ? kv.key_lut + static_cast<int64_t>(p.layer) * C : nullptr;
+  const float* vlut = quant ? kv.value_lut + static_cast<int64_t>(p.layer) * C : nullptr;
+  const int k_v = geo.value_outliers_per_token;
+
+  for (int h = 0; h < n_kv; ++h) {
+    const int64_t zr_at = (static_cast<int64_t>(p.layer) * n_kv + h) * hd;
+    __syncthreads();  // ks of the previous head fully read
+    // ---- Dense keys (pre-RoPE, fp32) to shared; dense values straight out. ----
+    for (int u = tid; u < nt * hd; u += kExpThreads) {
+      const int t = u / hd, c = u % hd;
+      const int64_t i = i0 + t;
+      float kx, vx;
+      if (i < n_sink) {
+        kx = HalfToFloat(sink_k[i * sink_row + h * hd + c]);
+        vx = HalfToFloat(sink_v[i * sink_row + h * hd + c]);
+      } else {
+        const int64_t j = i - nsc;
+        const int slot = static_cast<int>(j % kKvBlockTokens);
+        const uint8_t* lb = layer_base(j);
+        const int64_t tok = static_cast<int64_t>(h) * kKvBlockTokens + slot;
+        if (!quant) {
+          kx = HalfToFloat(reinterpret_cast<const uint16_t*>(lb + geo.key_codes_offset)[tok * hd + c]);
+          vx = HalfToFloat(reinterpret_cast<const uint16_t*>(lb + geo.value_codes_offset)[tok * hd + c]);
+        } else {
+          const uint32_t* kw = reinterpret_cast<const uint32_t*>(lb + geo.key_codes_offset) +
+                               tok * geo.key_words_per_token;
+          const uint32_t* vw = reinterpret_cast<const uint32_t*>(lb + geo.value_codes_offset) +
+                               tok * geo.value_words_per_token;
+          kx = fmaf(klut[CodeAt(kw, c, bits)], __ldg(kv.key_range + zr_at + c), __ldg(kv.key_zero_point + zr_at + c));
+          const uint32_t vsc = *reinterpret_cast<const uint32_t*>(lb + geo.value_scales_offset + slot * 4);
+          vx = fmaf(vlut[CodeAt(vw, c, bits)], HalfToFloat(static_cast<uint16_t>(vsc >> 16)),
+                    HalfToFloat(static_cast<uint16_t>(vsc & 0xffffu)));
+        }
+      }
+      ks[t][c] = kx;
+      p.v[(i - p.t0) * p.token_stride + h * p.head_stride + c] = FloatToHalf(vx);
+    }
+    __syncthreads();
+    // ---- Outliers replace their elements. ----
+    if (quant && geo.has_key_outliers && je > jb) {
+      for (int64_t blk_start = jb / kKvBlockTokens * kKvBlockTokens; blk_start < je; blk_start += kKvBlockTokens) {
+        const uint8_t* lb = layer_base(blk_start);
+        const uint32_t* dir = reinterpret_cast<const uint32_t*>(lb + geo.key_outlier_dir_offset) + 2 * h;
+        const uint32_t first = dir[0], count = dir[1];
+        const uint32_t* ents = reinterpret_cast<const uint32_t*>(lb - static_cast<int64_t>(p.layer) * geo.layer_bytes +
+                                                                 geo.fixed_bytes) + first;
+        for (uint32_t e = tid; e < count; e += kExpThreads) {
+          const uint32_t ent = ents[e];
+          const int64_t j = blk_start + static_cast<int64_t>(ent & 0xffu);
+          if (j < jb || j >= je) continue;
+          ks[j + nsc - i0][(ent >> 8) & 0xffu] = HalfToFloat(static_cast<uint16_t>(ent >> 16));
+        }
+      }
+    }
+    if (quant && k_v > 0 && je > jb) {
+      const int ib = geo.value_outlier_index_bytes;
+      for (int u = tid; u < (je - jb) * k_v; u += kExpThreads) {
+        const int64_t j = jb + u / k_v;
+        const int o = u % k_v;
+        const int slot = static_cast<int>(j % kKvBlockTokens);
+        const uint8_t* lb = layer_base(j);
+        const uint8_t* idx = lb + geo.value_outlier_index_offset + static_cast<int64_t>(slot) * k_v * ib;
+        const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
+        if (e / hd != h) continue;
+        const uint16_t x = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset)[static_cast<int64_t>(slot) * k_v + o];
+        p.v[(j + nsc - p.t0) * p.token_stride + h * p.head_stride + e % hd] = x;
+      }
+    }
+    __syncthreads();
+    // ---- RoPE (rotate-half pairs) and the fp16 keys. ----
+    for (int u = tid; u < nt * half; u += kExpThreads) {
+      const int t = u / half, f = u % half;
+      const float2 c = cs[t][f];
+      const float a = ks[t][f], b = ks[t][f + half];
+      uint16_t* out = p.k + (i0 + t - p.t0) * p.token_stride + h * p.head_stride;
+      out[f] = FloatToHalf(a * c.x - b * c.y);
+      out[f + half] = FloatToHalf(b * c.x + a * c.y);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PrefillAttention
+
+constexpr int kBM = 64;       // M rows per CTA
+constexpr int kBN = 64;       // keys per tile
+constexpr int kPaWarps = 4;
+
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kN>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kN));
+}
+
+template <int kHd>
+__global__ void __launch_bounds__(kPaWarps * 32) PrefillAttentionKernel(const PrefillAttentionParams p,
+                                                                       const int keys_per_split) {
+  constexpr int kRowChunks = kHd / 8;   // 16-byte chunks per K/V row
+  constexpr int kKSteps = kHd / 16;     // mma k-steps over channels (S)
+  constexpr int kNT = kBN / 8;          // key n-tiles (S)
+  constexpr int kDT = kHd / 8;          // channel n-tiles (O)
+  constexpr int kTileHalves = kBN * kHd;
+  extern __shared__ __align__(16) uint16_t pa_smem[];  // [2][K, V][kBN][kHd]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int group = p.n_heads / p.n_kv_heads;
+  const int hk = blockIdx.y, split = blockIdx.z;
+  const int64_t M = static_cast<int64_t>(p.rows) * group;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+
+  auto limit_of = [&](int64_t m) -> int {
+    if (m >= M) return 0;
+    const int64_t r = m / group;
+    const int64_t l = p.limit_base + (p.causal ? r : 0);
+    return static_cast<int>(min(max(l, int64_t{0}), static_cast<int64_t>(p.n_keys)));
+  };
+  const int64_t mA = m0 + warp * 16 + g, mB = mA + 8;
+  const int limA = limit_of(mA), limB = limit_of(mB);
+  const int kb = split * keys_per_split;
+  const int ke = min(kb + keys_per_split, p.n_keys);
+  const int cta_max = p.causal ? limit_of(min(m0 + kBM, M) - 1) : limit_of(m0);
+  const int cta_min = limit_of(m0);  // limits grow with the row
+  const int kend = min(ke, cta_max);
+  const int n_tiles = kend > kb ? (kend - kb + kBN - 1) / kBN : 0;
+
+  // ---- Q fragments (fp16, pre-scaled into the log2 domain). ----
+  const float qs = (p.scale > 0.0f ? p.scale : rsqrtf(static_cast<float>(kHd))) * kLog2e;
+  uint32_t qf[kKSteps][4];
+  {
+    const float* qa = nullptr;
+    const float* qb = nullptr;
+    if (mA < M) qa = p.q + ((mA / group) * p.n_heads + hk * group + mA % group) * kHd;
+    if (mB < M) qb = p.q + ((mB / group) * p.n_heads + hk * group + mB % group) * kHd;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const int c0 = 16 * kk + 2 * q4, c1 = c0 + 8;
+      const float2 a0 = qa ? *reinterpret_cast<const float2*>(qa + c0) : make_float2(0.f, 0.f);
+      const float2 b0 = qb ? *reinterpret_cast<const float2*>(qb + c0) : make_float2(0.f, 0.f);
+      const float2 a1 = qa ? *reinterpret_cast<const float2*>(qa + c1) : make_float2(0.f, 0.f);
+      const float2 b1 = qb ? *reinterpret_cast<const float2*>(qb + c1) : make_float2(0.f, 0.f);
+      qf[kk][0] = PackF2(a0.x * qs, a0.y * qs);
+      qf[kk][1] = PackF2(b0.x * qs, b0.y * qs);
+      qf[kk][2] = PackF2(a1.x * qs, a1.y * qs);
+      qf[kk][3] = PackF2(b1.x * qs, b1.y * qs);
+    }
+  }
+
+  const uint16_t* kg = p.k + hk * p.kv_head_stride;
+  const uint16_t* vg = p.v + hk * p.kv_head_stride;
+  const uint32_t sbase = SmemAddr(pa_smem);
+  auto load_tile = [&](int T, int buf) {
+    const int key0 = kb + T * kBN;
+    const uint32_t kdst = sbase + static_cast<uint32_t>(buf * 2 * kTileHalves) * 2;
+    const uint32_t vdst = kdst + kTileHalves * 2;
+    for (int idx = tid; idx < kBN * kRowChunks; idx += kPaWarps * 32) {
+      const int t = idx / kRowChunks, ch = idx % kRowChunks;
+      const int key = key0 + t;
+      const bool ok = key < kend;
+      const int64_t off = static_cast<int64_t>(ok ? key : 0) * p.kv_token_stride + ch * 8;
+      const uint32_t so = static_cast<uint32_t>(t * kHd * 2 + ((ch ^ (t & 7)) << 4));
+      CpAsync16(kdst + so, kg + off, ok);
+      CpAsync16(vdst + so, vg + off, ok);
+    }
+    CpAsyncCommit();
+  };
+
+  float acc[kDT][4];
+#pragma unroll
+  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.0f;
+  float rmA = -CUDART_INF_F, rmB = -CUDART_INF_F, rlA = 0.0f, rlB = 0.0f;
+
+  if (n_tiles > 0) load_tile(0, 0);
+  for (int T = 0; T < n_tiles; ++T) {
+    const int buf = T & 1;
+    if (T + 1 < n_tiles) {
+      load_tile(T + 1, buf ^ 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const uint32_t kbuf = sbase + static_cast<uint32_t>(buf * 2 * kTileHalves) * 2;
+    const uint32_t vbuf = kbuf + kTileHalves * 2;
+    const int mi = lane >> 3, rr = lane & 7;
+
+    // ---- S = Q K^T ----
+    float s[kNT][4];
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        const int t = (2 * np + (mi >> 1)) * 8 + rr;
+        const int ch = 2 * kk + (mi & 1);
+        uint32_t b[4];
+        Ldsm4(kbuf + static_cast<uint32_t>(t * kHd * 2 + ((ch ^ (t & 7)) << 4)), b);
+        Mma(s[2 * np], qf[kk], b[0], b[1]);
+        Mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+      }
+    }
+    // ---- Mask keys at or past each row's limit. ----
+    const int key0 = kb + T * kBN;
+    if (key0 + kBN > cta_min) {
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        const int key = key0 + n * 8 + 2 * q4;
+        if (key >= limA) s[n][0] = -CUDART_INF_F;
+        if (key + 1 >= limA) s[n][1] = -CUDART_INF_F;
+        if (key >= limB) s[n][2] = -CUDART_INF_F;
+        if (key + 1 >= limB) s[n][3] = -CUDART_INF_F;
+      }
+    }
+    // ---- Online softmax (log2 domain). ----
+    float mxA = rmA, mxB = rmB;
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      mxA = fmaxf(mxA, fmaxf(s[n][0], s[n][1]));
+      mxB = fmaxf(mxB, fmaxf(s[n][2], s[n][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
+      mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
+    }
+    const float uA = mxA == -CUDART_INF_F ? 0.0f : mxA;
+    const float uB = mxB == -CUDART_INF_F ? 0.0f : mxB;
+    const float cA = exp2f(rmA - uA), cB = exp2f(rmB - uB);
+    rmA = mxA;
+    rmB = mxB;
+    float sumA = 0.0f, sumB = 0.0f;
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      s[n][0] = exp2f(s[n][0] - uA);
+      s[n][1] = exp2f(s[n][1] - uA);
+      s[n][2] = exp2f(s[n][2] - uB);
+      s[n][3] = exp2f(s[n][3] - uB);
+      sumA += s[n][0] + s[n][1];
+      sumB += s[n][2] + s[n][3];
+    }
+    rlA = fmaf(rlA, cA, sumA);
+    rlB = fmaf(rlB, cB, sumB);
+#pragma unroll
+    for (int d = 0; d < kDT; ++d) {
+      acc[d][0] *= cA;
+      acc[d][1] *= cA;
+      acc[d][2] *= cB;
+      acc[d][3] *= cB;
+    }
+    // ---- O += P V ----
+#pragma unroll
+    for (int j = 0; j < kBN / 16; ++j) {
+      uint32_t a[4];
+      a[0] = PackF2(s[2 * j][0], s[2 * j][1]);
+      a[1] = PackF2(s[2 * j][2], s[2 * j][3]);
+      a[2] = PackF2(s[2 * j + 1][0], s[2 * j + 1][1]);
+      a[3] = PackF2(s[2 * j + 1][2], s[2 * j + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        const int t = 16 * j + (mi & 1) * 8 + rr;
+        const int ch = 2 * dp + (mi >> 1);
+        uint32_t b[4];
+        Ldsm4T(vbuf + static_cast<uint32_t>(t * kHd * 2 + ((ch ^ (t & 7)) << 4)), b);
+        Mma(acc[2 * dp], a, b[0], b[1]);
+        Mma(acc[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+
+  // ---- Epilogue: row sums over the 4 lanes of a row, normalized o and lse. ----
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    rlA += __shfl_xor_sync(0xffffffffu, rlA, off);
+    rlB += __shfl_xor_sync(0xffffffffu, rlB, off);
+  }
+#pragma unroll
+  for (int hsel = 0; hsel < 2; ++hsel) {
+    const int64_t m = hsel ? mB : mA;
+    if (m >= M) continue;
+    const float l = hsel ? rlB : rlA, mx = hsel ? rmB : rmA;
+    const int64_t r = m / group;
+    const int64_t out_row = r * p.n_heads + hk * group + m % group;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* orow = p.o + split * p.o_split_stride + out_row * kHd;
+#pragma unroll
+    for (int d = 0; d < kDT; ++d) {
+      *reinterpret_cast<float2*>(orow + 8 * d + 2 * q4) =
+          make_float2(acc[d][2 * hsel] * inv, acc[d][2 * hsel + 1] * inv);
+    }
+    if (q4 == 0) {
+      p.lse[split * p.lse_split_stride + out_row] = l > 0.0f ? (mx + log2f(l)) * kLn2 : -CUDART_INF_F;
+    }
+  }
+}
+
+template <int kHd>
+constexpr size_t PaSmemBytes() {
+  return static_cast<size_t>(2) * 2 * kBN * kHd * 2;
+}
+
+template <int kHd>
+absl::Status LaunchPa(const PrefillAttentionParams& p, int64_t keys_per_split64, cudaStream_t stream) {
+  const int keys_per_split = static_cast<int>(std::min<int64_t>(keys_per_split64, 2147483647 - kBN));
+  // Per device: set before every launch (a host-side attribute write, cheap next to the launch).
+  KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillAttentionKernel<kHd>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(PaSmemBytes<kHd>())));
+  const int64_t M = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
+  const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(p.n_kv_heads),
+                  static_cast<unsigned>(p.splits));
+  PrefillAttentionKernel<kHd><<<grid, kPaWarps * 32, PaSmemBytes<kHd>(), stream>>>(p, keys_per_split);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+__global__ void ToHalfRowsKernel(int rows, int cols, const float* __restrict__ in, int64_t in_stride,
+                                 uint16_t* __restrict__ out, int64_t out_stride) {
+  const int64_t total = static_cast<int64_t>(rows) * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols;
+    const int c = static_cast<int>(i % cols);
+    out[r * out_stride + c] = FloatToHalf(in[r * in_stride + c]);
+  }
+}
+
+bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+}  // namespace
+
+absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {
+  const KvBlockGeometry& geo = p.kv.geom;
+  if (geo.head_dim < 2 || geo.head_dim > kExpMaxHd || geo.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchExpandKv: head_dim ", geo.head_dim,
+                                                   " (need an even head_dim <= ", kExpMaxHd, ")"));
+  }
+  if (p.n < 0 || p.t0 < 0 || p.seq < 0 || p.layer < 0 || p.layer >= geo.n_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchExpandKv: t0 ", p.t0, ", n ", p.n, ", seq ", p.seq,
+                                                   ", layer ", p.layer, " (need t0, n, seq >= 0 and layer < ",
+                                                   geo.n_layers, ")"));
+  }
+  if (p.kv.codec != KvCodec::kFp16 && (p.kv.key_lut == nullptr || p.kv.value_lut == nullptr ||
+                                       p.kv.key_range == nullptr || p.kv.key_zero_point == nullptr)) {
+    return absl::InvalidArgumentError("LaunchExpandKv: a LUT codec needs key_lut, value_lut, key_range and key_zero_point");
+  }
+  if (p.kv.codec != KvCodec::kFp16 && geo.key_scales_offset >= 0) {
+    return absl::InvalidArgumentError("LaunchExpandKv: int per-token key formats are not supported");
+  }
+  if (p.n == 0) return absl::OkStatus();
+  if (p.kv.sink_tokens > 0 && p.kv.sink == nullptr) {
+    return absl::InvalidArgumentError("LaunchExpandKv: the format has sink tokens but the view has no sink buffers");
+  }
+  if (p.k == nullptr || p.v == nullptr || p.kv.pool == nullptr || p.kv.block_table == nullptr ||
+      p.kv.seq_lens == nullptr || p.kv.first_positions == nullptr || p.kv.rope_inv_freq == nullptr) {
+    return absl::InvalidArgumentError("LaunchExpandKv: null pointer");
+  }
+  const int64_t tiles = (static_cast<int64_t>(p.n) + kExpTokens - 1) / kExpTokens;
+  if (tiles > 2147483647) return absl::InvalidArgumentError("LaunchExpandKv: too many tokens");
+  ExpandKvKernel<<<static_cast<unsigned>(tiles), kExpThreads, 0, stream>>>(p);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+int ChoosePrefillSplits(int rows, int n_heads, int n_kv_heads, int n_keys, int sm_count, int max_splits) {
+  if (rows <= 0 || n_kv_heads <= 0 || n_heads < n_kv_heads || n_keys <= 0) return 1;
+  const int64_t m = static_cast<int64_t>(rows) * (n_heads / n_kv_heads);
+  const int64_t ctas = (m + kBM - 1) / kBM * n_kv_heads;
+  const int64_t want = 2 * static_cast<int64_t>(std::max(sm_count, 1));  // two waves' worth
+  if (ctas >= want) return 1;
+  int64_t s = (want + ctas - 1) / ctas;
+  s = std::min<int64_t>(s, (n_keys + 4 * kBN - 1) / (4 * kBN));  // >= 4 key tiles per split
+  s = std::min<int64_t>(s, std::max(max_splits, 1));
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_t stream) {
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchPrefillAttention: head_dim ", p.head_dim,
+                                                   " (supported: 64, 128)"));
+  }
+  if (p.n_kv_heads <= 0 || p.n_heads <= 0 || p.n_heads % p.n_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchPrefillAttention: n_heads ", p.n_heads,
+                                                   " must be a positive multiple of n_kv_heads ", p.n_kv_heads));
+  }
+  if (p.rows < 0 || p.n_keys < 0 || p.splits < 1 || p.splits > 65535 || p.n_kv_heads > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchPrefillAttention: rows ", p.rows, ", n_keys ", p.n_keys,
+                                                   ", splits ", p.splits, " (need rows, n_keys >= 0, 1 <= splits <= 65535)"));
+  }
+  if (p.rows == 0) return absl::OkStatus();
+  if (p.q == nullptr || p.o == nullptr || p.lse == nullptr || (p.n_keys > 0 && (p.k == nullptr || p.v == nullptr))) {
+    return absl::InvalidArgumentError("LaunchPrefillAttention: null pointer");
+  }
+  if (p.kv_token_stride % 8 != 0 || p.kv_head_stride % 8 != 0 || !Aligned16(p.k) || !Aligned16(p.v)) {
+    return absl::InvalidArgumentError("LaunchPrefillAttention: K/V rows must be 16-byte aligned (strides multiples of 8 halves)");
+  }
+  const int64_t m = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
+  if ((m + kBM - 1) / kBM > 2147483647) return absl::InvalidArgumentError("LaunchPrefillAttention: too many rows");
+  int64_t kps = (static_cast<int64_t>(p.n_keys) + p.splits - 1) / p.splits;
+  kps = std::max<int64_t>(kBN, (kps + kBN - 1) / kBN * kBN);
+  return p.head_dim == 64 ? LaunchPa<64>(p, kps, stream) : LaunchPa<128>(p, kps, stream);
+}
+
+PrefillPastPlan PlanPrefillPast(int rows, int n_heads, int n_kv_heads, int head_dim, int64_t n_keys,
+                                int sm_count, size_t expand_budget_bytes, size_t partial_budget_bytes) {
+  PrefillPastPlan plan;
+  const int64_t per_token = static_cast<int64_t>(std::max(n_kv_heads, 1)) * std::max(head_dim, 1) * 2;
+  int64_t seg = static_cast<int64_t>(expand_budget_bytes) / per_token / kKvBlockTokens * kKvBlockTokens;
+  seg = std::max<int64_t>(seg, kKvBlockTokens);
+  plan.seg_tokens = std::max<int64_t>(1, std::min(seg, n_keys));
+  plan.expand_bytes = static_cast<size_t>(plan.seg_tokens * per_token);
+  const size_t part = static_cast<size_t>(std::max(rows, 1)) * std::max(n_heads, 1) * std::max(head_dim, 1) * 4;
+  const int max_splits = static_cast<int>(std::max<size_t>(1, partial_budget_bytes / part - 1));
+  plan.splits = ChoosePrefillSplits(rows, n_heads, n_kv_heads, static_cast<int>(plan.seg_tokens), sm_count, max_splits);
+  if (plan.splits > 1 || n_keys > plan.seg_tokens) plan.partial_bytes = static_cast<size_t>(plan.splits + 1) * part;
+  return plan;
+}
+
+absl::Status LaunchPrefillPast(const PrefillPastParams& p, cudaStream_t stream) {
+  const KvBlockGeometry& geo = p.kv.geom;
+  const int hd = geo.head_dim, nkv = geo.n_kv_heads;
+  if (p.n_keys <= 0 || p.rows <= 0) return absl::OkStatus();
+  if (p.plan.seg_tokens <= 0 || p.plan.splits < 1 || p.xk == nullptr || p.xv == nullptr) {
+    return absl::InvalidArgumentError("LaunchPrefillPast: no plan or expand buffers (PlanPrefillPast)");
+  }
+  const int64_t seg = p.plan.seg_tokens;
+  const int64_t n_seg = (p.n_keys + seg - 1) / seg;
+  const bool direct = n_seg == 1 && p.plan.splits == 1;
+  if (!direct && (p.part_o == nullptr || p.part_lse == nullptr)) {
+    return absl::InvalidArgumentError("LaunchPrefillPast: this plan needs partial buffers");
+  }
+  const int64_t part_o = static_cast<int64_t>(p.rows) * p.n_heads * hd, part_lse = static_cast<int64_t>(p.rows) * p.n_heads;
+  const int64_t kvd = static_cast<int64_t>(nkv) * hd;
+  for (int64_t si = 0; si < n_seg; ++si) {
+    const int64_t s0 = si * seg;
+    ExpandKvParams ep;
+    ep.kv = p.kv;
+    ep.layer = p.layer;
+    ep.seq = p.seq;
+    ep.t0 = s0;
+    ep.n = static_cast<int>(std::min(seg, p.n_keys - s0));
+    ep.k = p.xk;
+    ep.v = p.xv;
+    ep.token_stride = kvd;
+    ep.head_stride = hd;
+    KVQ_RETURN_IF_ERROR(LaunchExpandKv(ep, stream));
+    PrefillAttentionParams pp;
+    pp.rows = p.rows;
+    pp.n_heads = p.n_heads;
+    pp.n_kv_heads = nkv;
+    pp.head_dim = hd;
+    pp.q = p.q;
+    pp.k = p.xk;
+    pp.v = p.xv;
+    pp.kv_token_stride = kvd;
+    pp.kv_head_stride = hd;
+    pp.n_keys = ep.n;
+    pp.limit_base = p.limit_base - s0;
+    pp.causal = p.causal;
+    pp.scale = p.scale;
+    pp.splits = p.plan.splits;
+    pp.o = direct ? p.o : p.part_o + part_o;
+    pp.lse = direct ? p.lse : p.part_lse + part_lse;
+    pp.o_split_stride = part_o;
+    pp.lse_split_stride = part_lse;
+    KVQ_RETURN_IF_ERROR(LaunchPrefillAttention(pp, stream));
+    if (direct) continue;
+    MergeAttentionParams mp;
+    mp.rows = p.rows * p.n_heads;
+    mp.head_dim = hd;
+    // The first segment merges its splits only; later ones also the running result (slot 0).
+    mp.n_parts = si == 0 ? p.plan.splits : p.plan.splits + 1;
+    mp.o_parts = si == 0 ? p.part_o + part_o : p.part_o;
+    mp.lse_parts = si == 0 ? p.part_lse + part_lse : p.part_lse;
+    mp.o_row_stride = hd;
+    mp.o_part_stride = part_o;
+    mp.lse_row_stride = 1;
+    mp.lse_part_stride = part_lse;
+    const bool last = si + 1 == n_seg;
+    mp.o = last ? p.o : p.part_o;
+    mp.lse = last ? p.lse : p.part_lse;
+    KVQ_RETURN_IF_ERROR(LaunchMergeAttention(mp, stream));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LaunchToHalfRows(int rows, int cols, const float* in, int64_t in_stride, uint16_t* out,
+                              int64_t out_stride, cudaStream_t stream) {
+  if (rows < 0 || cols < 0) return absl::InvalidArgumentError("LaunchToHalfRows: negative size");
+  if (rows == 0 || cols == 0) return absl::OkStatus();
+  if (in == nullptr || out == nullptr) return absl::InvalidArgumentError("LaunchToHalfRows: null pointer");
+  const int64_t total = static_cast<int64_t>(rows) * cols;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 4096));
+  ToHalfRowsKernel<<<blocks, 256, 0, stream>>>(rows, cols, in, in_stride, out, out_stride);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+}  // namespace kvq::kernels

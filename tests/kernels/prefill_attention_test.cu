@@ -1,0 +1,1010 @@
+// Prefill attention (kernels/prefill_attention.h), GPU vs reference:
+//  - ExpandKv vs kvstore::QuantizedKvCache::ReadBack (the dequantization oracle) with the keys
+//    rotated by kernels::ApplyRopeReference at their positions: every format the GPU kernels
+//    support, sinks (full, partial capacity, none on a rank shard), sub-ranges starting past 0 and
+//    crossing block boundaries, token-major and head-major outputs. Values bit-exact, keys within
+//    one fp16 rounding, nothing written outside the addressed elements;
+//  - PrefillAttention over the expanded past vs AttendPast (double accumulation over the same
+//    dequantized cache), not causal, with 1, 3 and the chosen number of key splits merged by
+//    LaunchMergeAttention;
+//  - causal rows (row r sees keys [0, limit_base + r)) vs AttendPast per row, including rows that
+//    see nothing and splits a row does not reach (o = 0, lse = -inf there);
+//  - a chunk attending itself from fp32 K/V through LaunchToHalfRows, token-major (padded) and
+//    head-major, vs a double-precision reference over the same fp16 K/V;
+//  - launcher validation and ChoosePrefillSplits (host only: no device needed).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "common/half.h"
+#include "kernels/merge_attention.h"
+#include "kernels/prefill_attention.h"
+#include "kernels/reference/rope.h"
+#include "kvstore/kv_format.h"
+#include "kvstore/quantized_kv_cache.h"
+#include "kvstore/quantizer.h"
+#include "tests/kernels/cuda_test_util.h"
+#include "tests/kernels/kv_pool_test_util.h"
+
+namespace kvq {
+namespace {
+
+using testing::DeviceBuffer;
+using testing::MaxAbsError;
+
+// ---- Tolerances (worst element) ----
+//
+// ExpandKv keys: the GPU decodes the same fp32 pre-RoPE key as ReadBack, rotates it in fp32 with
+// cos/sin of a double angle and rounds once to fp16; the oracle rotates in double and is compared
+// unrounded. One rounding to fp16 moves a value by at most half an ulp, <= 2^-11 |ref| (equality
+// just above a power of two, so the worst element sits near 1.0x of this bound by design: 0.97x
+// measured on an H200). The fp32 rotation adds a few fp32 ulps of the pair's magnitude (<= ~20
+// with key outliers: ~1e-5 at most); the 1e-4 absolute term leaves 10x over that and covers
+// subnormals. Post-RoPE formats: the oracle un-rotates (ReadBack) and rotates back in double, with
+// one float rounding in between: the same order.
+constexpr double kHalfRel = 1.0 / 2048.0;
+constexpr double kExpandKeyAbs = 1e-4;
+// ExpandKv values are compared bit for bit: ReadBack computes fmaf(lut[code], r, zp) in fp32 as
+// the kernel does, outliers and sinks are fp16 already, and both round to nearest even once.
+//
+// PrefillAttention vs AttendPast (double accumulation over the unrounded fp32 K/V): the GPU rounds
+// K and V (ExpandKv), Q * scale * log2 e and P to fp16, relative 2^-11 each, and accumulates in
+// fp32.
+//  o: a row that sees one key returns that value rounded to fp16: half an ulp, <= 2^-9 ~ 2e-3 for
+//     |v| in [4, 8) (the largest dense values of N(0, 1) data; outliers are exact fp16). Rounding
+//     P moves o by sum_t p_t e_t (v_t - o) and logit errors by sum_t p_t ds_t (v_t - o): random
+//     signs, ~1e-4 each over many keys. 3e-3 = the single-value bound + 1e-3.
+//  lse: a softmax-weighted mean of logit errors. A logit s = scale * q.k moves by
+//     scale * sum_d q_d k_d (e_q + e_k): ~2e-4 rms for q ~ N(0, 0.6^2), k ~ N(0, 1.2^2) (independent
+//     errors add in quadrature over head_dim), a rounded key outlier (|k| up to ~20) adds <= 1e-3.
+//     2e-3 is 4 sigma of the worst rows plus an outlier.
+// Measured on an H200 over this grid: o 8.6e-4, lse 4.9e-4.
+constexpr double kPastOutTol = 3e-3;
+constexpr double kPastLseTol = 2e-3;
+// PrefillAttention vs a double reference over the very fp16 K/V it reads (the attention alone):
+// V needs no rounding, only the Q and P roundings and fp32 accumulation remain (see above); the
+// same bounds hold with more margin. Measured on an H200: o 7.2e-4, lse 6.4e-4 (a one-key row:
+// the whole logit error of Q's rounding shows).
+constexpr double kSelfOutTol = 3e-3;
+constexpr double kSelfLseTol = 2e-3;
+
+constexpr int kLayer = 1;            // of 2: per-layer offsets are exercised
+constexpr int kMinSplitKeys = 64;    // every key split is a multiple of 64 keys (prefill_attention.h)
+constexpr uint16_t kUnwritten = 0x7d55;  // an fp16 NaN payload no float conversion produces
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+std::string FormatTag(const std::string& f) {
+  return absl::StrReplaceAll(f, {{"-", "_"}, {"%", "pct"}, {".", "p"}});
+}
+
+// A calibrated quantizer with random (but plausible) thresholds and strictly ascending LUTs
+// (as tests/kernels/decode_attention_test.cu builds it).
+std::shared_ptr<const kvstore::Quantizer> MakeQuantizer(const kvstore::KvShape& shape,
+                                                        const kvstore::KvFormat& format,
+                                                        std::mt19937& rng) {
+  if (!format.quantized()) return nullptr;
+  kvstore::QuantizerData d;
+  d.shape = shape;
+  d.format = format;
+  d.fingerprint = "test";
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  const size_t nk = static_cast<size_t>(shape.n_layers) * shape.ElementsPerTokenPerLayer();
+  if (format.keys_per_channel()) {
+    for (size_t i = 0; i < nk; ++i) {
+      const float center = 0.5f * (u(rng) - 0.5f);
+      const float half = 0.8f + 1.5f * u(rng);
+      d.key_lower.push_back(center - half);
+      d.key_upper.push_back(center + half);
+    }
+  }
+  const int C = format.num_centroids();
+  for (int l = 0; l < shape.n_layers; ++l) {
+    for (auto* lut : {&d.key_lut, &d.value_lut}) {
+      for (int j = 0; j < C; ++j) {
+        // Evenly spaced with jitter below half a step: still strictly ascending in [-1, 1].
+        const float base = -1.0f + 2.0f * j / (C - 1);
+        const float jitter = (j == 0 || j == C - 1) ? 0.0f : (u(rng) - 0.5f) * (0.8f / (C - 1));
+        lut->push_back(base + jitter);
+      }
+    }
+    d.key_qnorm_scale.push_back(format.qnorm ? 0.9f : 1.0f);
+    d.key_qnorm_offset.push_back(format.qnorm ? 0.01f : 0.0f);
+    d.value_qnorm_scale.push_back(format.qnorm ? 0.95f : 1.0f);
+    d.value_qnorm_offset.push_back(0.0f);
+  }
+  auto q = kvstore::Quantizer::Create(std::move(d));
+  EXPECT_TRUE(q.ok()) << q.status();
+  return std::make_shared<const kvstore::Quantizer>(std::move(q).value());
+}
+
+// A batch of sequence caches (random K/V, one shape, format and quantizer) and its device view.
+struct Past {
+  kvstore::KvShape shape;
+  kernels::RopeParams rope;
+  std::shared_ptr<const kvstore::Quantizer> quant;
+  std::vector<std::unique_ptr<kvstore::QuantizedKvCache>> caches;
+  std::unique_ptr<testing::DevicePagedKv> dev;
+};
+
+void BuildPast(const std::string& format, int head_dim, int n_kv_heads, const std::vector<int>& lens,
+               int64_t first_position, uint32_t seed, Past* past) {
+  auto fmt = kvstore::KvFormat::Parse(format);
+  ASSERT_TRUE(fmt.ok()) << fmt.status();
+  past->shape = kvstore::KvShape{2, n_kv_heads, head_dim};
+  past->rope.head_dim = head_dim;
+  past->rope.theta = 500000.0;
+  std::mt19937 rng(seed);
+  past->quant = MakeQuantizer(past->shape, *fmt, rng);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t L = past->shape.ElementsPerTokenPerLayer();
+  std::vector<const kvstore::QuantizedKvCache*> ptrs;
+  for (int len : lens) {
+    auto cache = kvstore::QuantizedKvCache::Create(past->shape, *fmt, past->quant, past->rope,
+                                                   first_position);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    std::vector<float> k(static_cast<size_t>(len) * L), v(k.size());
+    for (float& x : k) x = nd(rng) * 1.2f;
+    for (float& x : v) x = nd(rng);
+    // A few large key values so that per-channel outliers exist even at 0.1%.
+    for (size_t i = 0; i < k.size(); i += 97) k[i] *= 4.0f;
+    // Appended in steps of up to 300 tokens.
+    for (int at = 0; at < len; at += 300) {
+      const int n = std::min(300, len - at);
+      for (int l = 0; l < past->shape.n_layers; ++l) {
+        ASSERT_TRUE((*cache)->Append(l, k.data() + at * L, v.data() + at * L, n).ok());
+      }
+      ASSERT_TRUE((*cache)->Commit().ok());
+    }
+    ptrs.push_back(cache->get());
+    past->caches.push_back(std::move(cache).value());
+  }
+  past->dev = testing::UploadCaches(ptrs, past->quant.get(), past->rope);
+}
+
+std::vector<float> RandomQ(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> q(n);
+  for (float& x : q) x = nd(rng) * 0.6f;
+  return q;
+}
+
+// ---- ExpandKv ----
+
+// LaunchExpandKv of local tokens [t0, t0 + n) of batch row `seq` into fresh buffers of `elems`
+// halves filled with kUnwritten; both come back to the host.
+void Expand(const kernels::PagedKvCache& view, int seq, int64_t t0, int n, int64_t token_stride,
+            int64_t head_stride, size_t elems, std::vector<uint16_t>* k, std::vector<uint16_t>* v) {
+  DeviceBuffer<uint16_t> dk(std::vector<uint16_t>(elems, kUnwritten));
+  DeviceBuffer<uint16_t> dv(std::vector<uint16_t>(elems, kUnwritten));
+  kernels::ExpandKvParams p;
+  p.kv = view;
+  p.layer = kLayer;
+  p.seq = seq;
+  p.t0 = t0;
+  p.n = n;
+  p.k = dk.get();
+  p.v = dv.get();
+  p.token_stride = token_stride;
+  p.head_stride = head_stride;
+  const absl::Status st = kernels::LaunchExpandKv(p, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  *k = dk.Download();
+  *v = dv.Download();
+}
+
+// The oracle of ExpandKv: ReadBack's K (pre-RoPE: ReadBack un-rotates post-RoPE formats; sinks
+// are stored pre-RoPE) rotated at first_position + t0 + i, and ReadBack's V.
+void ExpandOracle(const kvstore::QuantizedKvCache& c, int64_t t0, int n, std::vector<float>* k,
+                  std::vector<float>* v) {
+  ASSERT_TRUE(c.ReadBack(kLayer, t0, t0 + n, k, v).ok());
+  const int64_t L = c.shape().ElementsPerTokenPerLayer();
+  for (int i = 0; i < n; ++i) {
+    kernels::ApplyRopeReference(k->data() + i * L, c.shape().n_kv_heads, c.shape().head_dim,
+                                c.first_position() + t0 + i, c.inv_freq());
+  }
+}
+
+// GPU expansion (fp16 at i * ts + h * hs + d) vs the oracle ([n][H][D] floats): keys within one
+// fp16 rounding, values bit-exact, every other element still kUnwritten.
+void CheckExpanded(const std::vector<float>& rk, const std::vector<float>& rv,
+                   const std::vector<uint16_t>& gk, const std::vector<uint16_t>& gv, int n, int H,
+                   int D, int64_t ts, int64_t hs) {
+  std::vector<bool> written(gk.size(), false);
+  double worst = 0.0;  // max over keys of err / tol
+  size_t worst_ref = 0;
+  float worst_got = 0.0f;
+  int64_t v_bad = 0;
+  size_t v_first = 0;
+  for (int i = 0; i < n; ++i) {
+    for (int h = 0; h < H; ++h) {
+      for (int d = 0; d < D; ++d) {
+        const size_t at = static_cast<size_t>(i * ts + h * hs + d);
+        const size_t ref = (static_cast<size_t>(i) * H + h) * D + d;
+        ASSERT_LT(at, gk.size());
+        written[at] = true;
+        const float got = HalfBitsToFloat(gk[at]);
+        const double want = rk[ref];
+        double err = std::fabs(static_cast<double>(got) - want);
+        if (std::isnan(err)) err = INFINITY;
+        const double r = err / (kHalfRel * std::fabs(want) + kExpandKeyAbs);
+        if (r > worst) {
+          worst = r;
+          worst_ref = ref;
+          worst_got = got;
+        }
+        if (gv[at] != FloatToHalfBits(rv[ref]) && v_bad++ == 0) v_first = ref;
+      }
+    }
+  }
+  const auto where = [&](size_t ref) {
+    return absl::StrCat("token +", ref / (static_cast<size_t>(H) * D), ", head ", (ref / D) % H,
+                        ", channel ", ref % D);
+  };
+  EXPECT_LE(worst, 1.0) << "key at " << where(worst_ref) << " = " << worst_got << ", want "
+                        << rk[worst_ref] << " (" << worst << "x the tolerance)";
+  if (v_bad > 0) {
+    const size_t i = v_first / (static_cast<size_t>(H) * D), h = (v_first / D) % H, d = v_first % D;
+    ADD_FAILURE() << v_bad << " values differ; first at " << where(v_first) << ": "
+                  << HalfBitsToFloat(gv[static_cast<size_t>(i * ts + h * hs + d)]) << ", want "
+                  << rv[v_first] << " (fp16 " << HalfBitsToFloat(FloatToHalfBits(rv[v_first]))
+                  << ")";
+  }
+  int64_t stray = 0;
+  for (size_t at = 0; at < gk.size(); ++at) {
+    if (!written[at] && (gk[at] != kUnwritten || gv[at] != kUnwritten)) ++stray;
+  }
+  EXPECT_EQ(stray, 0) << "elements written outside [t0, t0 + n) x heads x head_dim";
+}
+
+struct ExpandCase {
+  std::string format;
+  int head_dim;
+  int n_kv_heads;
+  int64_t first_position;  // of every sequence (> sink: a rank shard without sink tokens)
+};
+
+std::string ExpandName(const ::testing::TestParamInfo<ExpandCase>& info) {
+  const ExpandCase& c = info.param;
+  return absl::StrCat(FormatTag(c.format), "_hd", c.head_dim, "_kv", c.n_kv_heads, "_pos",
+                      c.first_position);
+}
+
+class ExpandKvTest : public ::testing::TestWithParam<ExpandCase> {};
+
+TEST_P(ExpandKvTest, MatchesReadBackRotated) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const ExpandCase& c = GetParam();
+  const int H = c.n_kv_heads, D = c.head_dim;
+  Past past;
+  // 256 and 300 put the end on and past the first block boundary (sink tokens shift it).
+  ASSERT_NO_FATAL_FAILURE(BuildPast(c.format, D, H, {1, 113, 256, 300, 700}, c.first_position,
+                                    77 + D + H, &past));
+  for (size_t s = 0; s < past.caches.size(); ++s) {
+    const kvstore::QuantizedKvCache& cache = *past.caches[s];
+    const int len = static_cast<int>(cache.length());
+    // Whole sequence; from t0 = 37 (past any sink) to the end; 20 tokens across block 0's end.
+    std::vector<std::pair<int64_t, int>> ranges = {{0, len}};
+    if (len > 37) ranges.push_back({37, len - 37});
+    if (len > 251) ranges.push_back({250, std::min(20, len - 250)});
+    for (const auto& [t0, n] : ranges) {
+      std::vector<float> rk, rv;
+      ASSERT_NO_FATAL_FAILURE(ExpandOracle(cache, t0, n, &rk, &rv));
+      for (const bool head_major : {false, true}) {
+        SCOPED_TRACE(absl::StrCat("seq ", s, " (len ", len, "), tokens [", t0, ", ", t0 + n, "), ",
+                                  head_major ? "head-major" : "token-major"));
+        // Head-major: one token of padding after each head; token-major: a tail after the last
+        // token. Both must stay unwritten.
+        const int64_t ts = head_major ? D : static_cast<int64_t>(H) * D;
+        const int64_t hs = head_major ? static_cast<int64_t>(n + 1) * D : D;
+        const size_t elems = head_major ? static_cast<size_t>(H * hs) : static_cast<size_t>(n * ts + 64);
+        std::vector<uint16_t> gk, gv;
+        ASSERT_NO_FATAL_FAILURE(Expand(past.dev->view, static_cast<int>(s), t0, n, ts, hs, elems, &gk, &gv));
+        ASSERT_NO_FATAL_FAILURE(CheckExpanded(rk, rv, gk, gv, n, H, D, ts, hs));
+      }
+    }
+  }
+}
+
+std::vector<ExpandCase> ExpandCases() {
+  std::vector<ExpandCase> cs;
+  // Every format decode_attention_test runs on the GPU: fp16, nuq at 1% / 0.1% / 0% outliers,
+  // sinks (nuq defaults to sink1; sink5, sink64), per-channel int pre- and post-RoPE (keys stored
+  // rotated, sinks not). n_kv alternates 2 / 3 (3 x 128 = 384 elements: 2-byte value-outlier
+  // indices).
+  const std::vector<std::string> formats = {
+      "fp16",          "nuq4-1%",         "nuq3-1%",         "nuq2-1%",
+      "nuq3",          "nuq4-0.1%-sink5", "nuq2-1%-sink64",  "int3-pc-post-1%",
+      "int3-pc-post-1%-sink3", "int4-pc-pre"};
+  for (int hd : {64, 128}) {
+    for (size_t i = 0; i < formats.size(); ++i) {
+      cs.push_back({formats[i], hd, 2 + static_cast<int>(i % 2), 0});
+    }
+    // Partial sink capacity: first_position 2 < sink 5 leaves 3 sink tokens.
+    cs.push_back({"nuq3-1%-sink5", hd, 2, 2});
+    // Rank shards deep into a long sequence (no sink; RoPE angles near 5e6 rad need double).
+    cs.push_back({"fp16", hd, 3, 5000000});
+    cs.push_back({"nuq3-1%", hd, 2, 5000000});
+    cs.push_back({"int3-pc-post-1%-sink3", hd, 2, 5000000});
+  }
+  return cs;
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, ExpandKvTest, ::testing::ValuesIn(ExpandCases()), ExpandName);
+
+// ---- PrefillAttention: helpers ----
+
+// The whole past [0, len) of batch row `seq`, token-major ([len][n_kv][hd]), expanded in segments
+// of up to 300 tokens (t0 > 0 into an offset output), left on the device.
+void ExpandAll(const kernels::PagedKvCache& view, int seq, int len, int64_t L,
+               DeviceBuffer<uint16_t>* k, DeviceBuffer<uint16_t>* v) {
+  k->Resize(static_cast<size_t>(len) * L);
+  v->Resize(static_cast<size_t>(len) * L);
+  for (int t0 = 0; t0 < len; t0 += 300) {
+    kernels::ExpandKvParams p;
+    p.kv = view;
+    p.layer = kLayer;
+    p.seq = seq;
+    p.t0 = t0;
+    p.n = std::min(300, len - t0);
+    p.k = k->get() + t0 * L;
+    p.v = v->get() + t0 * L;
+    p.token_stride = L;
+    p.head_stride = view.geom.head_dim;
+    const absl::Status st = kernels::LaunchExpandKv(p, nullptr);
+    ASSERT_TRUE(st.ok()) << st;
+  }
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+}
+
+struct PrefillOut {
+  std::vector<float> o_parts, lse_parts;  // [splits][rows * n_heads][hd], [splits][rows * n_heads]
+  std::vector<float> o, lse;              // merged: [rows * n_heads][hd], [rows * n_heads]
+};
+
+// LaunchPrefillAttention (p: shape, K/V and limits; q, outputs and splits are set here) into
+// partial slots pre-filled with NaN, so that an output the kernel fails to write shows, then
+// LaunchMergeAttention over the slots when splits > 1.
+void RunPrefill(kernels::PrefillAttentionParams p, const std::vector<float>& q, int splits,
+                PrefillOut* out) {
+  const size_t rh = static_cast<size_t>(p.rows) * p.n_heads;
+  const size_t hd = static_cast<size_t>(p.head_dim);
+  DeviceBuffer<float> dq(q);
+  DeviceBuffer<float> dop(std::vector<float>(splits * rh * hd, kNaN));
+  DeviceBuffer<float> dlp(std::vector<float>(splits * rh, kNaN));
+  p.q = dq.get();
+  p.splits = splits;
+  p.o = dop.get();
+  p.lse = dlp.get();
+  p.o_split_stride = static_cast<int64_t>(rh * hd);
+  p.lse_split_stride = static_cast<int64_t>(rh);
+  const absl::Status st = kernels::LaunchPrefillAttention(p, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  out->o_parts = dop.Download();
+  out->lse_parts = dlp.Download();
+  if (splits == 1) {
+    out->o = out->o_parts;
+    out->lse = out->lse_parts;
+    return;
+  }
+  DeviceBuffer<float> dout(rh * hd), dlse(rh);
+  kernels::MergeAttentionParams m;
+  m.rows = static_cast<int>(rh);
+  m.n_parts = splits;
+  m.head_dim = p.head_dim;
+  m.o_parts = dop.get();
+  m.o_row_stride = p.head_dim;
+  m.o_part_stride = static_cast<int64_t>(rh * hd);
+  m.lse_parts = dlp.get();
+  m.lse_row_stride = 1;
+  m.lse_part_stride = static_cast<int64_t>(rh);
+  m.o = dout.get();
+  m.lse = dlse.get();
+  const absl::Status mst = kernels::LaunchMergeAttention(m, nullptr);
+  ASSERT_TRUE(mst.ok()) << mst;
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  out->o = dout.Download();
+  out->lse = dlse.Download();
+}
+
+// Every partial written (no NaN left of the fill, no lse = +inf) and o = 0 where lse = -inf.
+void ExpectPartialsWritten(const PrefillOut& out, size_t rows_x_heads, int hd) {
+  int64_t bad = 0;
+  size_t first = 0;
+  for (size_t i = 0; i < out.lse_parts.size(); ++i) {
+    const float l = out.lse_parts[i];
+    bool ok = !std::isnan(l) && l != INFINITY;
+    for (int d = 0; d < hd && ok; ++d) {
+      const float x = out.o_parts[i * hd + d];
+      ok = !std::isnan(x) && (l != -INFINITY || x == 0.0f);
+    }
+    if (!ok && bad++ == 0) first = i;
+  }
+  EXPECT_EQ(bad, 0) << "partials unwritten, or lse = -inf with o != 0; first: split "
+                    << first / rows_x_heads << ", (row, head) " << first % rows_x_heads
+                    << ", lse " << out.lse_parts[first];
+}
+
+// Rows whose visible keys all lie in [0, 64) sit entirely in split 0 (every split holds a
+// multiple of 64 keys): every other split must report o = 0, lse = -inf for them; rows that see
+// no key, every split.
+void ExpectEmptySplits(const PrefillOut& out, const std::vector<int>& limits, int n_heads, int hd,
+                       int splits) {
+  const size_t rh = limits.size() * n_heads;
+  int64_t bad = 0;
+  std::string first;
+  for (int s = 0; s < splits; ++s) {
+    for (size_t r = 0; r < limits.size(); ++r) {
+      if (!(limits[r] == 0 || (s > 0 && limits[r] <= kMinSplitKeys))) continue;
+      for (int h = 0; h < n_heads; ++h) {
+        const size_t row = s * rh + r * n_heads + h;
+        bool ok = out.lse_parts[row] == -INFINITY;
+        for (int d = 0; d < hd && ok; ++d) ok = out.o_parts[row * hd + d] == 0.0f;
+        if (!ok && bad++ == 0) {
+          first = absl::StrCat("split ", s, ", row ", r, " (limit ", limits[r], "), head ", h,
+                               ": lse ", out.lse_parts[row]);
+        }
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0) << "(row, head) partials of splits the row cannot see are not empty; first: "
+                    << first;
+}
+
+// Worst element of o ([rows][n_heads][hd]: per_head = hd) or lse (per_head = 1) within tol.
+void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, double tol,
+                 int n_heads, int per_head, const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  if (got.empty()) return;
+  const auto e = MaxAbsError(got, want);
+  const size_t per_row = static_cast<size_t>(n_heads) * per_head;
+  EXPECT_LE(e.err, tol) << what << " of row " << e.index / per_row << ", head "
+                        << (e.index % per_row) / per_head << ", element " << e.index % per_head
+                        << " = " << got[e.index] << ", want " << want[e.index];
+}
+
+// ---- PrefillAttention over the expanded past, not causal ----
+
+struct PastCase {
+  std::string format;
+  int head_dim;
+  int n_kv_heads;
+  int group;
+  int len;   // past tokens (= keys)
+  int rows;  // query rows
+  int64_t first_position;
+  float scale;  // 0: 1/sqrt(head_dim)
+};
+
+std::string PastName(const ::testing::TestParamInfo<PastCase>& info) {
+  const PastCase& c = info.param;
+  return absl::StrCat(FormatTag(c.format), "_hd", c.head_dim, "_kv", c.n_kv_heads, "_g", c.group,
+                      "_len", c.len, "_rows", c.rows, "_pos", c.first_position,
+                      c.scale > 0 ? "_scaled" : "");
+}
+
+class PrefillPastTest : public ::testing::TestWithParam<PastCase> {};
+
+TEST_P(PrefillPastTest, MatchesAttendPast) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const PastCase& c = GetParam();
+  const uint32_t seed = 1000 + c.len + c.rows + c.head_dim;
+  Past past;
+  ASSERT_NO_FATAL_FAILURE(
+      BuildPast(c.format, c.head_dim, c.n_kv_heads, {c.len}, c.first_position, seed, &past));
+  const kvstore::QuantizedKvCache& cache = *past.caches[0];
+  const int n_heads = c.n_kv_heads * c.group;
+  const int64_t L = past.shape.ElementsPerTokenPerLayer();
+  DeviceBuffer<uint16_t> dk, dv;
+  ASSERT_NO_FATAL_FAILURE(ExpandAll(past.dev->view, 0, c.len, L, &dk, &dv));
+
+  const std::vector<float> q =
+      RandomQ(static_cast<size_t>(c.rows) * n_heads * c.head_dim, seed + 1);
+  auto want = cache.AttendPast(kLayer, q.data(), c.rows, n_heads, 0, c.len,
+                               static_cast<double>(c.scale));
+  ASSERT_TRUE(want.ok()) << want.status();
+
+  kernels::PrefillAttentionParams p;
+  p.rows = c.rows;
+  p.n_heads = n_heads;
+  p.n_kv_heads = c.n_kv_heads;
+  p.head_dim = c.head_dim;
+  p.k = dk.get();
+  p.v = dv.get();
+  p.kv_token_stride = L;
+  p.kv_head_stride = c.head_dim;
+  p.n_keys = c.len;
+  p.causal = false;
+  p.scale = c.scale;
+  int sms = 132;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  const int chosen = kernels::ChoosePrefillSplits(c.rows, n_heads, c.n_kv_heads, c.len, sms, 16);
+  // (splits, limit_base): 3 splits with fewer than 129 keys leave trailing splits empty for every
+  // row; limit_base past n_keys is clamped to it.
+  const int64_t len = c.len;
+  const std::vector<int> limits(c.rows, c.len);
+  for (const auto& [splits, limit_base] : {std::pair{1, len}, std::pair{3, len},
+                                           std::pair{3, len + 1000}, std::pair{chosen, len}}) {
+    SCOPED_TRACE(absl::StrCat("splits ", splits, ", limit_base ", limit_base));
+    p.limit_base = limit_base;
+    PrefillOut out;
+    ASSERT_NO_FATAL_FAILURE(RunPrefill(p, q, splits, &out));
+    ExpectPartialsWritten(out, static_cast<size_t>(c.rows) * n_heads, c.head_dim);
+    ExpectEmptySplits(out, limits, n_heads, c.head_dim, splits);
+    ExpectClose(out.o, want->o, kPastOutTol, n_heads, c.head_dim, "o");
+    ExpectClose(out.lse, want->lse, kPastLseTol, n_heads, 1, "lse");
+  }
+}
+
+std::vector<PastCase> PastCases() {
+  std::vector<PastCase> cs;
+  for (int hd : {64, 128}) {
+    cs.push_back({"fp16", hd, 2, 4, 700, 64, 0, 0.0f});
+    cs.push_back({"nuq4-1%", hd, 2, 4, 300, 17, 0, 0.0f});
+    cs.push_back({"nuq3-1%", hd, 3, 3, 113, 200, 0, 0.0f});
+    cs.push_back({"nuq2-1%", hd, 2, 8, 256, 1, 0, 0.0f});
+    cs.push_back({"nuq3", hd, 1, 1, 1, 17, 0, 0.0f});
+    cs.push_back({"nuq4-0.1%-sink5", hd, 2, 4, 700, 17, 0, 0.0f});
+    cs.push_back({"int3-pc-post-1%-sink3", hd, 2, 4, 300, 64, 0, 0.0f});
+    cs.push_back({"int4-pc-pre", hd, 2, 3, 257, 17, 0, 0.0f});
+    cs.push_back({"nuq3-1%", hd, 2, 4, 700, 64, 5000000, 0.0f});
+    cs.push_back({"fp16", hd, 3, 1, 1000, 200, 5000000, 0.0f});
+    // An explicit softmax scale (not 1/sqrt(hd)), and GQA group 8 over a long-ish past.
+    cs.push_back({"nuq4-1%", hd, 1, 8, 520, 33, 0, 0.07f});
+  }
+  return cs;
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, PrefillPastTest, ::testing::ValuesIn(PastCases()), PastName);
+
+// ---- PrefillAttention over the expanded past, causal ----
+
+struct CausalCase {
+  std::string format;
+  int head_dim;
+  int n_kv_heads;
+  int group;
+  int len;  // keys
+  int rows;
+  int64_t limit_base;  // row r sees keys [0, clamp(limit_base + r, 0, len))
+  int splits;
+  int64_t first_position;
+};
+
+std::string CausalName(const ::testing::TestParamInfo<CausalCase>& info) {
+  const CausalCase& c = info.param;
+  return absl::StrCat(FormatTag(c.format), "_hd", c.head_dim, "_kv", c.n_kv_heads, "_g", c.group,
+                      "_len", c.len, "_rows", c.rows, "_base",
+                      c.limit_base < 0 ? absl::StrCat("m", -c.limit_base) : absl::StrCat(c.limit_base),
+                      "_s", c.splits, "_pos", c.first_position);
+}
+
+class PrefillCausalTest : public ::testing::TestWithParam<CausalCase> {};
+
+TEST_P(PrefillCausalTest, MatchesAttendPastPerRow) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const CausalCase& c = GetParam();
+  const uint32_t seed = 2000 + c.len + c.rows + c.head_dim;
+  Past past;
+  ASSERT_NO_FATAL_FAILURE(
+      BuildPast(c.format, c.head_dim, c.n_kv_heads, {c.len}, c.first_position, seed, &past));
+  const kvstore::QuantizedKvCache& cache = *past.caches[0];
+  const int n_heads = c.n_kv_heads * c.group;
+  const int64_t L = past.shape.ElementsPerTokenPerLayer();
+  const size_t row_elems = static_cast<size_t>(n_heads) * c.head_dim;
+  DeviceBuffer<uint16_t> dk, dv;
+  ASSERT_NO_FATAL_FAILURE(ExpandAll(past.dev->view, 0, c.len, L, &dk, &dv));
+
+  const std::vector<float> q = RandomQ(c.rows * row_elems, seed + 1);
+  std::vector<int> limits(c.rows);
+  std::vector<float> want_o, want_lse;
+  for (int r = 0; r < c.rows; ++r) {
+    limits[r] = static_cast<int>(std::clamp<int64_t>(c.limit_base + r, 0, c.len));
+    auto ref = cache.AttendPast(kLayer, q.data() + r * row_elems, 1, n_heads, 0, limits[r]);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    want_o.insert(want_o.end(), ref->o.begin(), ref->o.end());
+    want_lse.insert(want_lse.end(), ref->lse.begin(), ref->lse.end());
+  }
+
+  kernels::PrefillAttentionParams p;
+  p.rows = c.rows;
+  p.n_heads = n_heads;
+  p.n_kv_heads = c.n_kv_heads;
+  p.head_dim = c.head_dim;
+  p.k = dk.get();
+  p.v = dv.get();
+  p.kv_token_stride = L;
+  p.kv_head_stride = c.head_dim;
+  p.n_keys = c.len;
+  p.limit_base = c.limit_base;
+  p.causal = true;
+  PrefillOut out;
+  ASSERT_NO_FATAL_FAILURE(RunPrefill(p, q, c.splits, &out));
+  ExpectPartialsWritten(out, static_cast<size_t>(c.rows) * n_heads, c.head_dim);
+  ExpectEmptySplits(out, limits, n_heads, c.head_dim, c.splits);
+  ExpectClose(out.o, want_o, kPastOutTol, n_heads, c.head_dim, "o");
+  ExpectClose(out.lse, want_lse, kPastLseTol, n_heads, 1, "lse");
+}
+
+std::vector<CausalCase> CausalCases() {
+  return {
+      // The last chunk of a prompt: rows past 200 clamp at n_keys.
+      {"nuq3-1%", 128, 2, 4, 700, 200, 500, 3, 0},
+      // Every row sees <= 64 keys: splits 1 and 2 are empty for all of them.
+      {"fp16", 64, 2, 4, 300, 64, 1, 3, 0},
+      // limit_base 0: row 0 sees nothing (o = 0, lse = -inf after the merge as well).
+      {"nuq4-1%-sink5", 128, 1, 8, 113, 17, 0, 2, 0},
+      // Negative limit_base: rows 0..20 see nothing; one split.
+      {"nuq2-1%", 64, 3, 3, 256, 100, -20, 1, 0},
+      // Post-RoPE keys with rotated sinks, the last row exactly at n_keys.
+      {"int3-pc-post-1%-sink3", 128, 2, 4, 700, 64, 637, 3, 0},
+      // A rank shard: more splits than the chunk needs, limits crossing split boundaries.
+      {"nuq3-1%", 64, 2, 4, 1000, 200, 700, 4, 5000000},
+      // Group 1 (M rows = query rows), 128-key tiles partially masked.
+      {"int4-pc-pre", 128, 3, 1, 257, 150, 40, 2, 0},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, PrefillCausalTest, ::testing::ValuesIn(CausalCases()), CausalName);
+
+// ---- A chunk attending itself: fp32 K/V -> ToHalfRows -> PrefillAttention ----
+
+// Plain double-precision attention: q [rows][n_heads][hd] over k, v [n_keys][n_kv][hd] (floats),
+// row r seeing keys [0, clamp(limit_base + (causal ? r : 0), 0, n_keys)), scale 1/sqrt(hd), query
+// head h reading kv head h / (n_heads / n_kv); natural-log lse; o = 0 and lse = -inf for a row
+// that sees no key.
+void AttentionReference(const std::vector<float>& q, const std::vector<float>& k,
+                        const std::vector<float>& v, int rows, int n_heads, int n_kv, int hd,
+                        int n_keys, int64_t limit_base, bool causal, std::vector<float>* o,
+                        std::vector<float>* lse) {
+  const int group = n_heads / n_kv;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  o->assign(static_cast<size_t>(rows) * n_heads * hd, 0.0f);
+  lse->assign(static_cast<size_t>(rows) * n_heads, -INFINITY);
+  std::vector<double> s(n_keys), acc(hd);
+  for (int r = 0; r < rows; ++r) {
+    const int lim = static_cast<int>(std::clamp<int64_t>(limit_base + (causal ? r : 0), 0, n_keys));
+    if (lim == 0) continue;
+    for (int h = 0; h < n_heads; ++h) {
+      const size_t row = static_cast<size_t>(r) * n_heads + h;
+      const float* qv = q.data() + row * hd;
+      const int hk = h / group;
+      double mx = -INFINITY;
+      for (int t = 0; t < lim; ++t) {
+        const float* kv = k.data() + (static_cast<size_t>(t) * n_kv + hk) * hd;
+        double dot = 0.0;
+        for (int d = 0; d < hd; ++d) dot += static_cast<double>(qv[d]) * kv[d];
+        s[t] = dot * scale;
+        mx = std::max(mx, s[t]);
+      }
+      double sum = 0.0;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int t = 0; t < lim; ++t) {
+        const double p = std::exp(s[t] - mx);
+        sum += p;
+        const float* vv = v.data() + (static_cast<size_t>(t) * n_kv + hk) * hd;
+        for (int d = 0; d < hd; ++d) acc[d] += p * vv[d];
+      }
+      for (int d = 0; d < hd; ++d) (*o)[row * hd + d] = static_cast<float>(acc[d] / sum);
+      (*lse)[row] = static_cast<float>(mx + std::log(sum));
+    }
+  }
+}
+
+struct SelfCase {
+  int head_dim;
+  int n_kv_heads;
+  int group;
+  int rows;  // = keys: the chunk's own tokens
+  bool head_major;
+  int splits;
+};
+
+std::string SelfName(const ::testing::TestParamInfo<SelfCase>& info) {
+  const SelfCase& c = info.param;
+  return absl::StrCat("hd", c.head_dim, "_kv", c.n_kv_heads, "_g", c.group, "_rows", c.rows,
+                      c.head_major ? "_headmajor" : "_tokenmajor", "_s", c.splits);
+}
+
+class PrefillSelfTest : public ::testing::TestWithParam<SelfCase> {};
+
+TEST_P(PrefillSelfTest, ChunkAttendsItself) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const SelfCase& c = GetParam();
+  const int H = c.n_kv_heads, D = c.head_dim, n = c.rows;
+  const int n_heads = H * c.group;
+  const int64_t L = static_cast<int64_t>(H) * D;
+  std::mt19937 rng(3000 + n + D + H);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  // K/V as the engine has them after the QKV projection and RoPE: fp32 [n][n_kv][hd].
+  std::vector<float> k(static_cast<size_t>(n) * L), v(k.size());
+  for (float& x : k) x = nd(rng) * 1.2f;
+  for (float& x : v) x = nd(rng);
+  for (size_t i = 0; i < k.size(); i += 97) k[i] *= 4.0f;
+  const std::vector<float> q = RandomQ(static_cast<size_t>(n) * n_heads * D, 3001 + n);
+
+  // Token-major with 8 halves of padding after each head; head-major with 8 tokens' worth of
+  // padding after each head. Strides stay multiples of 8 (16-byte rows).
+  const int64_t hs = c.head_major ? static_cast<int64_t>(n + 8) * D : D + 8;
+  const int64_t ts = c.head_major ? D : H * hs;
+  const size_t elems = c.head_major ? static_cast<size_t>(H * hs) : static_cast<size_t>(n * ts);
+  DeviceBuffer<float> dkf(k), dvf(v);
+  DeviceBuffer<uint16_t> dk(std::vector<uint16_t>(elems, kUnwritten));
+  DeviceBuffer<uint16_t> dv(std::vector<uint16_t>(elems, kUnwritten));
+  for (auto [src, dst] : {std::make_pair(dkf.get(), dk.get()), std::make_pair(dvf.get(), dv.get())}) {
+    if (c.head_major) {
+      for (int h = 0; h < H; ++h) {
+        const absl::Status st = kernels::LaunchToHalfRows(n, D, src + h * D, L, dst + h * hs, D, nullptr);
+        ASSERT_TRUE(st.ok()) << st;
+      }
+    } else {
+      const absl::Status st = kernels::LaunchToHalfRows(n * H, D, src, D, dst, hs, nullptr);
+      ASSERT_TRUE(st.ok()) << st;
+    }
+  }
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+
+  // The conversion: round to nearest even, exactly FloatToHalfBits; padding untouched.
+  const std::vector<uint16_t> hk = dk.Download(), hv = dv.Download();
+  std::vector<float> k16(k.size()), v16(v.size());
+  std::vector<bool> written(elems, false);
+  int64_t bad = 0, stray = 0;
+  for (int t = 0; t < n; ++t) {
+    for (int h = 0; h < H; ++h) {
+      for (int d = 0; d < D; ++d) {
+        const size_t at = static_cast<size_t>(t * ts + h * hs + d);
+        const size_t src = (static_cast<size_t>(t) * H + h) * D + d;
+        written[at] = true;
+        bad += hk[at] != FloatToHalfBits(k[src]);
+        bad += hv[at] != FloatToHalfBits(v[src]);
+        k16[src] = HalfBitsToFloat(hk[at]);
+        v16[src] = HalfBitsToFloat(hv[at]);
+      }
+    }
+  }
+  for (size_t at = 0; at < elems; ++at) {
+    if (!written[at]) stray += (hk[at] != kUnwritten) + (hv[at] != kUnwritten);
+  }
+  EXPECT_EQ(bad, 0) << "ToHalfRows differs from round-to-nearest-even";
+  EXPECT_EQ(stray, 0) << "ToHalfRows wrote outside its rows";
+
+  std::vector<float> want_o, want_lse;
+  AttentionReference(q, k16, v16, n, n_heads, H, D, n, 1, true, &want_o, &want_lse);
+
+  kernels::PrefillAttentionParams p;
+  p.rows = n;
+  p.n_heads = n_heads;
+  p.n_kv_heads = H;
+  p.head_dim = D;
+  p.k = dk.get();
+  p.v = dv.get();
+  p.kv_token_stride = ts;
+  p.kv_head_stride = hs;
+  p.n_keys = n;
+  p.limit_base = 1;  // row r sees the chunk's tokens [0, r]
+  p.causal = true;
+  PrefillOut out;
+  ASSERT_NO_FATAL_FAILURE(RunPrefill(p, q, c.splits, &out));
+  ExpectPartialsWritten(out, static_cast<size_t>(n) * n_heads, D);
+  std::vector<int> limits(n);
+  for (int r = 0; r < n; ++r) limits[r] = std::min(r + 1, n);
+  ExpectEmptySplits(out, limits, n_heads, D, c.splits);
+  ExpectClose(out.o, want_o, kSelfOutTol, n_heads, D, "o");
+  ExpectClose(out.lse, want_lse, kSelfLseTol, n_heads, 1, "lse");
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, PrefillSelfTest,
+                         ::testing::Values(SelfCase{64, 2, 4, 1, false, 1},
+                                           SelfCase{64, 2, 4, 113, true, 1},
+                                           SelfCase{128, 2, 4, 113, false, 2},
+                                           SelfCase{128, 3, 3, 200, true, 3},
+                                           SelfCase{64, 1, 8, 64, false, 1},
+                                           SelfCase{64, 4, 2, 257, true, 2},
+                                           SelfCase{128, 8, 1, 300, false, 1},
+                                           SelfCase{128, 1, 1, 1000, true, 4}),
+                         SelfName);
+
+// The hd128 kernel needs more than 48 KiB of dynamic shared memory, an attribute that is set per
+// device: every device of the process must launch it. Skips with fewer than two devices.
+TEST(PrefillAttentionDevices, LaunchesOnEveryDevice) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  int n_dev = 0;
+  KVQ_ASSERT_CUDA(cudaGetDeviceCount(&n_dev));
+  if (n_dev < 2) GTEST_SKIP() << "one CUDA device";
+  const int n = 70, H = 1, D = 128, n_heads = 2;
+  std::mt19937 rng(4000);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> k16(static_cast<size_t>(n) * H * D), v16(k16.size());
+  std::vector<uint16_t> kh(k16.size()), vh(k16.size());
+  for (size_t i = 0; i < k16.size(); ++i) {
+    kh[i] = FloatToHalfBits(nd(rng));
+    vh[i] = FloatToHalfBits(nd(rng));
+    k16[i] = HalfBitsToFloat(kh[i]);
+    v16[i] = HalfBitsToFloat(vh[i]);
+  }
+  const std::vector<float> q = RandomQ(static_cast<size_t>(n) * n_heads * D, 4001);
+  std::vector<float> want_o, want_lse;
+  AttentionReference(q, k16, v16, n, n_heads, H, D, n, n, false, &want_o, &want_lse);
+  for (int dev = 0; dev < n_dev; ++dev) {
+    SCOPED_TRACE(absl::StrCat("device ", dev));
+    KVQ_ASSERT_CUDA(cudaSetDevice(dev));
+    DeviceBuffer<uint16_t> dk(kh), dv(vh);
+    kernels::PrefillAttentionParams p;
+    p.rows = n;
+    p.n_heads = n_heads;
+    p.n_kv_heads = H;
+    p.head_dim = D;
+    p.k = dk.get();
+    p.v = dv.get();
+    p.kv_token_stride = D;
+    p.kv_head_stride = D;
+    p.n_keys = n;
+    p.limit_base = n;
+    PrefillOut out;
+    ASSERT_NO_FATAL_FAILURE(RunPrefill(p, q, 1, &out));
+    ExpectClose(out.o, want_o, kSelfOutTol, n_heads, D, "o");
+    ExpectClose(out.lse, want_lse, kSelfLseTol, n_heads, 1, "lse");
+  }
+  KVQ_ASSERT_CUDA(cudaSetDevice(0));
+}
+
+// ---- Launch validation (before any CUDA call: these run without a device) ----
+
+void ExpectInvalid(const absl::Status& s, const std::string& needle) {
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(std::string(s.message()).find(needle), std::string::npos)
+      << "message should mention \"" << needle << "\": " << s;
+}
+
+TEST(PrefillAttentionLauncher, RejectsBadShapes) {
+  kernels::PrefillAttentionParams p;
+  p.rows = 4;
+  p.n_heads = 8;
+  p.n_kv_heads = 2;
+  p.head_dim = 96;
+  p.n_keys = 10;
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "head_dim");
+  p.head_dim = 128;
+  p.n_heads = 6;
+  p.n_kv_heads = 4;
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "n_heads");
+  p.n_kv_heads = 0;
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "n_heads");
+  p.n_heads = 8;
+  p.n_kv_heads = 2;
+  p.splits = 0;
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "splits");
+  p.splits = 1;
+  p.rows = -1;
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "rows");
+  p.rows = 4;
+  p.n_keys = -1;
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "n_keys");
+  // Every shape valid, every pointer null.
+  p.n_keys = 10;
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "null");
+  // No rows: nothing to do, even without buffers.
+  p.rows = 0;
+  EXPECT_TRUE(kernels::LaunchPrefillAttention(p, nullptr).ok());
+}
+
+TEST(PrefillAttentionLauncher, RejectsMisalignedKv) {
+  // Real buffers so that a launcher that failed to validate would read valid memory.
+  KVQ_REQUIRE_CUDA_DEVICE();
+  DeviceBuffer<float> q(4 * 8 * 64), o(4 * 8 * 64), lse(4 * 8);
+  DeviceBuffer<uint16_t> kv(16 * 2 * 64 + 64);
+  kernels::PrefillAttentionParams p;
+  p.rows = 4;
+  p.n_heads = 8;
+  p.n_kv_heads = 2;
+  p.head_dim = 64;
+  p.q = q.get();
+  p.o = o.get();
+  p.lse = lse.get();
+  p.k = p.v = kv.get();
+  p.n_keys = 16;
+  p.limit_base = 16;
+  p.kv_token_stride = 2 * 64 + 4;  // not a multiple of 8 halves
+  p.kv_head_stride = 64;
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "aligned");
+  p.kv_token_stride = 2 * 64;
+  p.k = kv.get() + 4;  // 8-byte aligned only
+  ExpectInvalid(kernels::LaunchPrefillAttention(p, nullptr), "aligned");
+  p.k = kv.get();
+  EXPECT_TRUE(kernels::LaunchPrefillAttention(p, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+}
+
+TEST(ExpandKvLauncher, RejectsBadArguments) {
+  kernels::ExpandKvParams p;
+  p.kv.geom.n_layers = 2;
+  p.kv.geom.n_kv_heads = 2;
+  p.kv.geom.head_dim = 256;  // over the kernel's tile
+  p.kv.codec = kernels::KvCodec::kFp16;
+  p.n = 4;
+  ExpectInvalid(kernels::LaunchExpandKv(p, nullptr), "head_dim");
+  p.kv.geom.head_dim = 128;
+  p.layer = 2;
+  ExpectInvalid(kernels::LaunchExpandKv(p, nullptr), "layer");
+  p.layer = 1;
+  p.t0 = -1;
+  ExpectInvalid(kernels::LaunchExpandKv(p, nullptr), "t0");
+  p.t0 = 0;
+  p.n = -1;
+  ExpectInvalid(kernels::LaunchExpandKv(p, nullptr), "n ");
+  p.n = 4;
+  ExpectInvalid(kernels::LaunchExpandKv(p, nullptr), "null");
+  // A LUT codec without its quantizer tensors.
+  p.kv.codec = kernels::KvCodec::kLut3;
+  ExpectInvalid(kernels::LaunchExpandKv(p, nullptr), "lut");
+  // No tokens: nothing to do.
+  p.kv.codec = kernels::KvCodec::kFp16;
+  p.n = 0;
+  EXPECT_TRUE(kernels::LaunchExpandKv(p, nullptr).ok());
+}
+
+TEST(ToHalfRowsLauncher, RejectsBadArguments) {
+  ExpectInvalid(kernels::LaunchToHalfRows(-1, 8, nullptr, 8, nullptr, 8, nullptr), "negative");
+  ExpectInvalid(kernels::LaunchToHalfRows(2, 8, nullptr, 8, nullptr, 8, nullptr), "null");
+  EXPECT_TRUE(kernels::LaunchToHalfRows(0, 8, nullptr, 8, nullptr, 8, nullptr).ok());
+}
+
+// ---- ChoosePrefillSplits (host) ----
+
+TEST(ChoosePrefillSplits, StaysInRange) {
+  for (int rows : {1, 17, 64, 200, 1000, 8192}) {
+    for (const auto& [n_heads, n_kv] : {std::pair{8, 8}, std::pair{32, 8}, std::pair{24, 3},
+                                         std::pair{64, 8}}) {
+      for (int n_keys : {0, 1, 64, 65, 300, 5000, 100000, 2000000}) {
+        for (int sms : {1, 16, 132}) {
+          for (int max_splits : {1, 2, 4, 16, 64}) {
+            const int s = kernels::ChoosePrefillSplits(rows, n_heads, n_kv, n_keys, sms, max_splits);
+            SCOPED_TRACE(absl::StrCat("rows ", rows, ", heads ", n_heads, "/", n_kv, ", keys ",
+                                      n_keys, ", sms ", sms, ", max ", max_splits));
+            ASSERT_GE(s, 1);
+            ASSERT_LE(s, max_splits);
+            // No split without keys: each holds a multiple of 64.
+            ASSERT_LE(s, std::max(1, (n_keys + kMinSplitKeys - 1) / kMinSplitKeys));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ChoosePrefillSplits, OneWhenTheRowsFillTheDevice) {
+  // 4096 rows x group 4 = 256 M tiles of 64 per kv head, x 8 kv heads: 2048 CTAs on 132 SMs.
+  EXPECT_EQ(kernels::ChoosePrefillSplits(4096, 32, 8, 100000, 132, 16), 1);
+  EXPECT_EQ(kernels::ChoosePrefillSplits(2048, 64, 8, 8192, 132, 64), 1);
+  // A single split allowed, or too few keys for two.
+  EXPECT_EQ(kernels::ChoosePrefillSplits(1, 8, 8, 100000, 132, 1), 1);
+  EXPECT_EQ(kernels::ChoosePrefillSplits(1, 8, 8, 64, 132, 16), 1);
+  EXPECT_EQ(kernels::ChoosePrefillSplits(1, 8, 8, 0, 132, 16), 1);
+}
+
+TEST(ChoosePrefillSplits, SplitsASmallChunkOverALongPast) {
+  // One row, 8 kv heads: 8 CTAs on 132 SMs; even 16 splits leave SMs idle, so take them all.
+  EXPECT_EQ(kernels::ChoosePrefillSplits(1, 8, 8, 100000, 132, 16), 16);
+  // More SMs never means fewer splits.
+  int prev = 1;
+  for (int sms : {1, 8, 32, 66, 132, 264}) {
+    const int s = kernels::ChoosePrefillSplits(17, 32, 8, 50000, sms, 64);
+    EXPECT_GE(s, prev) << "sms " << sms;
+    prev = s;
+  }
+  EXPECT_GT(prev, 1);
+}
+
+}  // namespace
+}  // namespace kvq
