@@ -300,6 +300,10 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
         // The 300-token prompt is prefilled in 64-token chunks: the tensor-core prefill kernels
         // (past expanded in fp16) against the first implementation (decode kernel once per query
         // row, scalar fp32 chunk kernel), with f16 weights where the chunk kernel differs too.
+        // fp16 KV: logits within 0.05 (measured 2.7e-3 with f32 weights, 1.4e-2 with f16). A
+        // quantized cache amplifies the rounding differences (later chunks' keys move by an ulp,
+        // codes near a threshold flip: measured 0.2-0.36 on nuq3-1%, as GPU vs CPU above), so
+        // there the greedy tokens are compared.
         for (auto* g : {&*g32, &*g16}) {
           std::vector<float> la, lb;
           const auto ta = Greedy(**g, *gpu->factory, prompts[p], 64, 8, &la);
@@ -309,8 +313,8 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
           std::printf("[gpu-fwd] %-8s %s weights: prefill kernels vs per-row decode kernel: first-step logits max |d| "
                       "%.2e, greedy tokens agree on the first %d/8\n",
                       fmt.c_str(), g == &*g32 ? "f32" : "f16", MaxAbsDiff(la, lb), SamePrefix(ta, tb));
-          EXPECT_GE(SamePrefix(ta, tb), 1) << fmt;
-          EXPECT_LT(MaxAbsDiff(la, lb), 0.1) << fmt;
+          EXPECT_GE(SamePrefix(ta, tb), fmt == "fp16" ? 8 : 1) << fmt;
+          if (fmt == "fp16") EXPECT_LT(MaxAbsDiff(la, lb), 0.05) << fmt;
         }
       }
       if (fmt == "fp16") {
@@ -339,7 +343,9 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
   cudaStreamDestroy(stream);
 }
 
-// Perplexity through the cache: fp16 on the GPU equals the CPU's. Quantized formats in the GPU
+// Perplexity through the cache: fp16 on the GPU equals the CPU's to 3e-4 relative (the prefill
+// kernels round q and the softmax weights to fp16 on the tensor cores; measured 1.2e-4 on the
+// H200, 2026-12-01, where the per-row decode kernel gave < 1e-4). Quantized formats in the GPU
 // pool against the CPU reference quantizer fed by the same GPU forward pass: within the spread that
 // arithmetic noise gives a quantized cache on this model (see above; 1022 tokens: measured up to
 // 1.8%, the same size as CPU vs GPU forward over one quantizer), and within one block's key
@@ -365,7 +371,7 @@ TEST(GpuForwardTest, EvaluationModePerplexityMatchesTheCpu) {
     std::printf("[gpu-ppl] %-8s GPU pool %.6f, %s %.6f (%lld tokens), bytes %lld vs %lld\n", fmt.c_str(), rg->ppl(),
                 fmt == "fp16" ? "CPU" : "GPU forward + CPU quantizer", rc->ppl(), static_cast<long long>(rg->tokens),
                 static_cast<long long>(rg->last_window_kv_bytes), static_cast<long long>(rc->last_window_kv_bytes));
-    EXPECT_NEAR(rg->ppl(), rc->ppl(), (fmt == "fp16" ? 1e-4 : fmt == "nuq2-1%" ? 0.06 : 0.03) * rc->ppl());
+    EXPECT_NEAR(rg->ppl(), rc->ppl(), (fmt == "fp16" ? 3e-4 : fmt == "nuq2-1%" ? 0.06 : 0.03) * rc->ppl());
     if (fmt == "fp16") {
       EXPECT_EQ(rg->last_window_kv_bytes, rc->last_window_kv_bytes);
     } else {
