@@ -44,29 +44,44 @@ constexpr float kLn2 = 0.6931471805599453f;
 // ExpandKv
 
 constexpr int kExpTokens = 32;
-constexpr int kExpThreads = 128;
+constexpr int kExpThreads = 256;
 constexpr int kExpMaxHd = 128;
 
 __device__ __forceinline__ float HalfToFloat(uint16_t bits) {
   return __half2float(__ushort_as_half(bits));
 }
 __device__ __forceinline__ uint16_t FloatToHalf(float x) { return __half_as_ushort(__float2half_rn(x)); }
+__device__ __forceinline__ uint32_t PackHalves(float lo, float hi) {
+  return static_cast<uint32_t>(FloatToHalf(lo)) | (static_cast<uint32_t>(FloatToHalf(hi)) << 16);
+}
+__device__ __forceinline__ void Unpack8(const uint4 w, float (&x)[8]) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    x[2 * e] = HalfToFloat(static_cast<uint16_t>(ws[e] & 0xffffu));
+    x[2 * e + 1] = HalfToFloat(static_cast<uint16_t>(ws[e] >> 16));
+  }
+}
+__device__ __forceinline__ uint4 Pack8(const float (&x)[8]) {
+  return make_uint4(PackHalves(x[0], x[1]), PackHalves(x[2], x[3]), PackHalves(x[4], x[5]), PackHalves(x[6], x[7]));
+}
 
-// Code i of a token's LSB-first bit stream of `bits`-bit codes.
-__device__ __forceinline__ uint32_t CodeAt(const uint32_t* words, int i, int bits) {
-  const int bit = i * bits;
+// The 8 codes [8 g, 8 g + 8) of a token's LSB-first stream of `bits`-bit codes, right-aligned.
+__device__ __forceinline__ uint32_t Codes8At(const uint32_t* words, int g, int bits) {
+  const int bit = 8 * g * bits;
   const int w = bit >> 5, sh = bit & 31;
-  uint32_t x = __ldg(words + w) >> sh;
-  if (sh + bits > 32) x = __funnelshift_r(__ldg(words + w), __ldg(words + w + 1), sh);
-  return x & ((1u << bits) - 1u);
+  const uint32_t lo = __ldg(words + w);
+  return sh + 8 * bits > 32 ? __funnelshift_r(lo, __ldg(words + w + 1), sh) : lo >> sh;
 }
 
 __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvParams p) {
-  __shared__ float ks[kExpTokens][kExpMaxHd];
+  __shared__ __align__(16) float ks[kExpTokens][kExpMaxHd];
   __shared__ float2 cs[kExpTokens][kExpMaxHd / 2];
+  __shared__ float klut_s[16], vlut_s[16];
   const PagedKvCache& kv = p.kv;
   const KvBlockGeometry& geo = kv.geom;
   const int hd = geo.head_dim, half = hd / 2, n_kv = geo.n_kv_heads;
+  const int groups = hd / 8, half_groups = half / 8;
   const int tid = threadIdx.x;
   const int64_t i0 = p.t0 + static_cast<int64_t>(blockIdx.x) * kExpTokens;  // first local token
   const int nt = static_cast<int>(min(static_cast<int64_t>(kExpTokens), p.t0 + p.n - i0));
@@ -79,17 +94,26 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
   const bool quant = kv.codec != KvCodec::kFp16;
   const int bits = static_cast<int>(kv.codec);
   const int C = quant ? (1 << bits) : 0;
+  const uint32_t cmask = quant ? (1u << bits) - 1u : 0u;
 
-  // cos/sin of every (token, frequency) of the tile, from a double-precision angle.
+  if (quant && tid < C) {
+    klut_s[tid] = kv.key_lut[static_cast<int64_t>(p.layer) * C + tid];
+    vlut_s[tid] = kv.value_lut[static_cast<int64_t>(p.layer) * C + tid];
+  }
+  // cos/sin of every (token, frequency) of the tile: the angle reduced to [-pi, pi] in double
+  // (positions up to 1e7 and more), then sincosf.
   for (int u = tid; u < nt * half; u += kExpThreads) {
     const int t = u / half, f = u % half;
     const int64_t i = i0 + t;
     const bool rot = i < n_sink || !kv.keys_rotated;
     float2 c = make_float2(1.0f, 0.0f);
     if (rot) {
-      double s, co;
-      sincos(static_cast<double>(first_pos + i) * kv.rope_inv_freq[f], &s, &co);
-      c = make_float2(static_cast<float>(co), static_cast<float>(s));
+      constexpr double kTwoPi = 6.283185307179586476925286766559;
+      const double a = static_cast<double>(first_pos + i) * kv.rope_inv_freq[f];
+      const float r = static_cast<float>(a - rint(a * (1.0 / kTwoPi)) * kTwoPi);
+      float sn, co;
+      sincosf(r, &sn, &co);
+      c = make_float2(co, sn);
     }
     cs[t][f] = c;
   }
@@ -107,42 +131,53 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
     const int64_t blk = kv.block_table[row + j / kKvBlockTokens];
     return kv.pool + blk * kv.block_stride_bytes + static_cast<int64_t>(p.layer) * geo.layer_bytes;
   };
-  const float* klut = quant ? kv.key_lut + static_cast<int64_t>(p.layer) * C : nullptr;
-  const float* vlut = quant ? kv.value_lut + static_cast<int64_t>(p.layer) * C : nullptr;
   const int k_v = geo.value_outliers_per_token;
+  auto vout = [&](int64_t i, int h) { return p.v + (i - p.t0) * p.token_stride + h * p.head_stride; };
 
   for (int h = 0; h < n_kv; ++h) {
     const int64_t zr_at = (static_cast<int64_t>(p.layer) * n_kv + h) * hd;
-    __syncthreads();  // ks of the previous head fully read
-    // ---- Dense keys (pre-RoPE, fp32) to shared; dense values straight out. ----
-    for (int u = tid; u < nt * hd; u += kExpThreads) {
-      const int t = u / hd, c = u % hd;
+    __syncthreads();  // LUTs and cos/sin in; ks of the previous head fully read
+    // ---- Dense keys (pre-RoPE, fp32) to shared, dense values straight out: 8 channels a unit.
+    for (int u = tid; u < nt * groups; u += kExpThreads) {
+      const int t = u / groups, g = u % groups, c0 = 8 * g;
       const int64_t i = i0 + t;
-      float kx, vx;
+      float kx[8], vx[8];
       if (i < n_sink) {
-        kx = HalfToFloat(sink_k[i * sink_row + h * hd + c]);
-        vx = HalfToFloat(sink_v[i * sink_row + h * hd + c]);
+        Unpack8(*reinterpret_cast<const uint4*>(sink_k + i * sink_row + h * hd + c0), kx);
+        *reinterpret_cast<uint4*>(vout(i, h) + c0) = *reinterpret_cast<const uint4*>(sink_v + i * sink_row + h * hd + c0);
       } else {
         const int64_t j = i - nsc;
         const int slot = static_cast<int>(j % kKvBlockTokens);
         const uint8_t* lb = layer_base(j);
         const int64_t tok = static_cast<int64_t>(h) * kKvBlockTokens + slot;
         if (!quant) {
-          kx = HalfToFloat(reinterpret_cast<const uint16_t*>(lb + geo.key_codes_offset)[tok * hd + c]);
-          vx = HalfToFloat(reinterpret_cast<const uint16_t*>(lb + geo.value_codes_offset)[tok * hd + c]);
+          Unpack8(__ldg(reinterpret_cast<const uint4*>(lb + geo.key_codes_offset) + tok * groups + g), kx);
+          *reinterpret_cast<uint4*>(vout(i, h) + c0) =
+              __ldg(reinterpret_cast<const uint4*>(lb + geo.value_codes_offset) + tok * groups + g);
         } else {
-          const uint32_t* kw = reinterpret_cast<const uint32_t*>(lb + geo.key_codes_offset) +
-                               tok * geo.key_words_per_token;
-          const uint32_t* vw = reinterpret_cast<const uint32_t*>(lb + geo.value_codes_offset) +
-                               tok * geo.value_words_per_token;
-          kx = fmaf(klut[CodeAt(kw, c, bits)], __ldg(kv.key_range + zr_at + c), __ldg(kv.key_zero_point + zr_at + c));
+          const uint32_t kc = Codes8At(reinterpret_cast<const uint32_t*>(lb + geo.key_codes_offset) +
+                                           tok * geo.key_words_per_token, g, bits);
+          const uint32_t vc = Codes8At(reinterpret_cast<const uint32_t*>(lb + geo.value_codes_offset) +
+                                           tok * geo.value_words_per_token, g, bits);
+          const float4 r0 = __ldg(reinterpret_cast<const float4*>(kv.key_range + zr_at + c0));
+          const float4 r1 = __ldg(reinterpret_cast<const float4*>(kv.key_range + zr_at + c0 + 4));
+          const float4 z0 = __ldg(reinterpret_cast<const float4*>(kv.key_zero_point + zr_at + c0));
+          const float4 z1 = __ldg(reinterpret_cast<const float4*>(kv.key_zero_point + zr_at + c0 + 4));
+          const float rg[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+          const float zp[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
           const uint32_t vsc = *reinterpret_cast<const uint32_t*>(lb + geo.value_scales_offset + slot * 4);
-          vx = fmaf(vlut[CodeAt(vw, c, bits)], HalfToFloat(static_cast<uint16_t>(vsc >> 16)),
-                    HalfToFloat(static_cast<uint16_t>(vsc & 0xffffu)));
+          const float vr = HalfToFloat(static_cast<uint16_t>(vsc >> 16));
+          const float vz = HalfToFloat(static_cast<uint16_t>(vsc & 0xffffu));
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            kx[e] = fmaf(klut_s[(kc >> (e * bits)) & cmask], rg[e], zp[e]);
+            vx[e] = fmaf(vlut_s[(vc >> (e * bits)) & cmask], vr, vz);
+          }
+          *reinterpret_cast<uint4*>(vout(i, h) + c0) = Pack8(vx);
         }
       }
-      ks[t][c] = kx;
-      p.v[(i - p.t0) * p.token_stride + h * p.head_stride + c] = FloatToHalf(vx);
+      *reinterpret_cast<float4*>(&ks[t][c0]) = make_float4(kx[0], kx[1], kx[2], kx[3]);
+      *reinterpret_cast<float4*>(&ks[t][c0 + 4]) = make_float4(kx[4], kx[5], kx[6], kx[7]);
     }
     __syncthreads();
     // ---- Outliers replace their elements. ----
@@ -154,7 +189,7 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
         const uint32_t* ents = reinterpret_cast<const uint32_t*>(lb - static_cast<int64_t>(p.layer) * geo.layer_bytes +
                                                                  geo.fixed_bytes) + first;
         for (uint32_t e = tid; e < count; e += kExpThreads) {
-          const uint32_t ent = ents[e];
+          const uint32_t ent = __ldg(ents + e);
           const int64_t j = blk_start + static_cast<int64_t>(ent & 0xffu);
           if (j < jb || j >= je) continue;
           ks[j + nsc - i0][(ent >> 8) & 0xffu] = HalfToFloat(static_cast<uint16_t>(ent >> 16));
@@ -172,18 +207,24 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
         const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
         if (e / hd != h) continue;
         const uint16_t x = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset)[static_cast<int64_t>(slot) * k_v + o];
-        p.v[(j + nsc - p.t0) * p.token_stride + h * p.head_stride + e % hd] = x;
+        vout(j + nsc, h)[e % hd] = x;
       }
     }
     __syncthreads();
-    // ---- RoPE (rotate-half pairs) and the fp16 keys. ----
-    for (int u = tid; u < nt * half; u += kExpThreads) {
-      const int t = u / half, f = u % half;
-      const float2 c = cs[t][f];
-      const float a = ks[t][f], b = ks[t][f + half];
+    // ---- RoPE (rotate-half pairs) and the fp16 keys: 8 frequencies a unit. ----
+    for (int u = tid; u < nt * half_groups; u += kExpThreads) {
+      const int t = u / half_groups, f0 = 8 * (u % half_groups);
+      float lo[8], hi[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float2 c = cs[t][f0 + e];
+        const float a = ks[t][f0 + e], b = ks[t][f0 + e + half];
+        lo[e] = a * c.x - b * c.y;
+        hi[e] = b * c.x + a * c.y;
+      }
       uint16_t* out = p.k + (i0 + t - p.t0) * p.token_stride + h * p.head_stride;
-      out[f] = FloatToHalf(a * c.x - b * c.y);
-      out[f + half] = FloatToHalf(b * c.x + a * c.y);
+      *reinterpret_cast<uint4*>(out + f0) = Pack8(lo);
+      *reinterpret_cast<uint4*>(out + f0 + half) = Pack8(hi);
     }
   }
 }
@@ -456,9 +497,9 @@ bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 
 absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {
   const KvBlockGeometry& geo = p.kv.geom;
-  if (geo.head_dim < 2 || geo.head_dim > kExpMaxHd || geo.head_dim % 2 != 0) {
+  if (geo.head_dim < 16 || geo.head_dim > kExpMaxHd || geo.head_dim % 16 != 0) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchExpandKv: head_dim ", geo.head_dim,
-                                                   " (need an even head_dim <= ", kExpMaxHd, ")"));
+                                                   " (need a multiple of 16, <= ", kExpMaxHd, ")"));
   }
   if (p.n < 0 || p.t0 < 0 || p.seq < 0 || p.layer < 0 || p.layer >= geo.n_layers) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchExpandKv: t0 ", p.t0, ", n ", p.n, ", seq ", p.seq,
@@ -468,6 +509,9 @@ absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {
   if (p.kv.codec != KvCodec::kFp16 && (p.kv.key_lut == nullptr || p.kv.value_lut == nullptr ||
                                        p.kv.key_range == nullptr || p.kv.key_zero_point == nullptr)) {
     return absl::InvalidArgumentError("LaunchExpandKv: a LUT codec needs key_lut, value_lut, key_range and key_zero_point");
+  }
+  if (p.kv.codec != KvCodec::kFp16 && (!Aligned16(p.kv.key_range) || !Aligned16(p.kv.key_zero_point))) {
+    return absl::InvalidArgumentError("LaunchExpandKv: key_range and key_zero_point must be 16-byte aligned");
   }
   if (p.kv.codec != KvCodec::kFp16 && geo.key_scales_offset >= 0) {
     return absl::InvalidArgumentError("LaunchExpandKv: int per-token key formats are not supported");
@@ -479,6 +523,9 @@ absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {
   if (p.k == nullptr || p.v == nullptr || p.kv.pool == nullptr || p.kv.block_table == nullptr ||
       p.kv.seq_lens == nullptr || p.kv.first_positions == nullptr || p.kv.rope_inv_freq == nullptr) {
     return absl::InvalidArgumentError("LaunchExpandKv: null pointer");
+  }
+  if (p.token_stride % 8 != 0 || p.head_stride % 8 != 0 || !Aligned16(p.k) || !Aligned16(p.v)) {
+    return absl::InvalidArgumentError("LaunchExpandKv: output rows must be 16-byte aligned (strides multiples of 8 halves)");
   }
   const int64_t tiles = (static_cast<int64_t>(p.n) + kExpTokens - 1) / kExpTokens;
   if (tiles > 2147483647) return absl::InvalidArgumentError("LaunchExpandKv: too many tokens");

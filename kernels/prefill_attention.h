@@ -24,7 +24,8 @@
 //
 // GQA: the M dimension of a CTA's tile is (query row, head of the group) pairs of one kv head, so
 // each K/V tile read from shared memory serves every query head of its group.
-// Supported: PrefillAttention head_dim 64 and 128, ExpandKv any even head_dim <= 128; any group
+// Supported: PrefillAttention head_dim 64 and 128, ExpandKv head_dim a multiple of 16 <= 128 (and
+// 16-byte aligned output rows); any group
 // size; keys per launch < 2^31. Precondition the launchers cannot check (device memory):
 // ExpandKv's t0 + n <= seq_lens[seq].
 #pragma once
