@@ -13,8 +13,8 @@
 // same past through kernels::LaunchPrefillPast (expand to fp16 in segments + tensor-core flash
 // attention + merges), the tensor-core kernel alone over an fp16 K/V of the same shape, and the
 // chunk's causal self-attention (N x N): time, TFLOP/s (4 * N * n_heads * keys * head_dim for
-// the past, half that for the causal chunk), printed as a second table. PyTorch's SDPA on the same
-// shapes: benchmarks/sdpa_bench.py.
+// the past, half that for the causal chunk), and the quantize-append of the N tokens into fresh
+// blocks, printed as a second table. PyTorch's SDPA on the same shapes: benchmarks/sdpa_bench.py.
 //
 // --sink=N gives quantized formats N fp16 sink tokens (the engine's default is 1; 0 keeps the
 // pool uniform and matches the earlier tables); context counts them.
@@ -35,6 +35,8 @@
 #include <vector>
 
 #include "kernels/decode_attention.h"
+#include "kernels/engine_ops.h"
+#include "kernels/kv_append.h"
 #include "kernels/prefill_attention.h"
 #include "kernels/paged_kv.h"
 #include "kernels/reference/rope.h"
@@ -163,7 +165,7 @@ struct PrefillRow {
   std::string shape, format;
   int64_t context;
   int rows;
-  double past_us, expand_us, fa_us, chunk_us, past_tflops, fa_tflops, chunk_tflops;
+  double past_us, expand_us, fa_us, chunk_us, past_tflops, fa_tflops, chunk_tflops, append_us;
   int splits;
   int64_t seg_tokens;
 };
@@ -200,9 +202,71 @@ double MedianUs(int iters, F&& f) {
 
 // N query rows over the cache `kv` (batch row 0, ctx local tokens): the engine's prefill path and
 // its parts.
+// Quantize-append of `rows` new tokens (normal random k, v) of one layer into fresh blocks of a
+// separate pool with the same geometry (fixed key-outlier reservations of key_cap entries): what a
+// prefill chunk's append costs (independent of the context before it).
+double AppendUs(const kvq::kernels::PagedKvCache& kv, int rows, int key_cap, int iters) {
+  const kvq::kernels::KvBlockGeometry& g = kv.geom;
+  const int nb = (rows + kvq::kernels::kKvBlockTokens - 1) / kvq::kernels::kKvBlockTokens;
+  const size_t elems = static_cast<size_t>(rows) * g.n_kv_heads * g.head_dim;
+  uint8_t* pool;
+  int32_t *ids, *lens;
+  float *k, *v;
+  CK(cudaMalloc(&pool, static_cast<size_t>(nb) * kv.block_stride_bytes));
+  CK(cudaMalloc(&ids, nb * 4));
+  CK(cudaMalloc(&lens, 4));
+  CK(cudaMalloc(&k, elems * 4));
+  CK(cudaMalloc(&v, elems * 4));
+  std::vector<int32_t> hid(nb);
+  for (int i = 0; i < nb; ++i) hid[i] = i;
+  CK(cudaMemcpy(ids, hid.data(), nb * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemset(lens, 0, 4));
+  CKS(kvq::kernels::LaunchFillNormal(static_cast<int64_t>(elems), 3, 0.0f, 1.0f, k, kvq::kernels::DType::kF32, nullptr));
+  CKS(kvq::kernels::LaunchFillNormal(static_cast<int64_t>(elems), 4, 0.0f, 1.0f, v, kvq::kernels::DType::kF32, nullptr));
+  kvq::kernels::InitKvBlocksParams ip;
+  ip.pool = pool;
+  ip.block_stride_bytes = kv.block_stride_bytes;
+  ip.ids = ids;
+  ip.n = nb;
+  ip.n_layers = g.n_layers;
+  ip.n_kv_heads = g.n_kv_heads;
+  ip.layer_bytes = g.layer_bytes;
+  ip.fixed_bytes = g.fixed_bytes;
+  ip.dir_offset = g.has_key_outliers ? g.key_outlier_dir_offset : -1;
+  ip.key_outlier_capacity = key_cap;
+  int* overflow;
+  CK(cudaMalloc(&overflow, 4));
+  kvq::kernels::KvAppendParams ap;
+  ap.kv = kv;
+  ap.kv.pool = pool;
+  ap.kv.block_table = ids;
+  ap.kv.max_blocks_per_seq = nb;
+  ap.kv.block_table_stride = -1;
+  ap.kv.seq_lens = lens;
+  ap.kv.key_outlier_capacity = key_cap;
+  ap.kv.key_outlier_header_words = 0;
+  ap.pool = pool;
+  ap.sink = const_cast<uint16_t* const*>(kv.sink);
+  ap.batch = 1;
+  ap.n_new = rows;
+  ap.k = k;
+  ap.v = v;
+  ap.overflow = overflow;
+  const double us = MedianUs(iters, [&] {
+    CKS(kvq::kernels::LaunchInitKvBlocks(ip, nullptr));  // fresh blocks every time (timed with it)
+    CKS(kvq::kernels::LaunchKvAppend(ap, nullptr));
+  });
+  const double init_us = MedianUs(iters, [&] { CKS(kvq::kernels::LaunchInitKvBlocks(ip, nullptr)); });
+  for (void* ptr : {static_cast<void*>(pool), static_cast<void*>(ids), static_cast<void*>(lens),
+                    static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(overflow)}) {
+    CK(cudaFree(ptr));
+  }
+  return us - init_us;
+}
+
 PrefillRow RunPrefill(const kvq::kernels::PagedKvCache& kv, const Shape& sh, const std::string& fmt,
-                      int64_t ctx, int rows, int sm_count, int iters) {
-  PrefillRow r{sh.name, fmt, ctx, rows, 0, 0, 0, 0, 0, 0, 0, 1, 0};
+                      int64_t ctx, int rows, int sm_count, int iters, int key_cap) {
+  PrefillRow r{sh.name, fmt, ctx, rows, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0};
   const int hd = sh.head_dim, nh = sh.n_heads, nkv = sh.n_kv_heads;
   const auto plan = kvq::kernels::PlanPrefillPast(rows, nh, nkv, hd, ctx, sm_count, size_t{128} << 20,
                                                   size_t{256} << 20);
@@ -296,6 +360,7 @@ PrefillRow RunPrefill(const kvq::kernels::PagedKvCache& kv, const Shape& sh, con
     cp.lse = dlse;
     r.chunk_us = MedianUs(iters, [&] { CKS(kvq::kernels::LaunchPrefillAttention(cp, nullptr)); });
   }
+  r.append_us = AppendUs(kv, rows, key_cap, iters);
   const double past_flop = 4.0 * rows * nh * static_cast<double>(ctx) * hd;
   const double chunk_flop = 2.0 * rows * nh * static_cast<double>(rows) * hd;
   r.past_tflops = past_flop / (r.past_us * 1e-6) / 1e12;
@@ -535,7 +600,7 @@ int main(int argc, char** argv) {
             r.vs_fp16 = fp16_us.count(key) ? fp16_us[key] / r.us : 0.0;
           }
           if (prefill_rows > 0 && batch == 1 && st.ok()) {
-            PrefillRow pr = RunPrefill(p.kv, *sh, fname, ctx, prefill_rows, prop.multiProcessorCount, iters);
+            PrefillRow pr = RunPrefill(p.kv, *sh, fname, ctx, prefill_rows, prop.multiProcessorCount, iters, cap);
             std::printf("%-13s ctx=%-8lld prefill rows=%d %-9s past %9.1f us (%.0f TFLOP/s; expand %.1f us, "
                         "kernel alone %.0f TFLOP/s, splits %d, segment %lld) chunk %.1f us (%.0f TFLOP/s)\n",
                         sh->name.c_str(), static_cast<long long>(ctx), prefill_rows, fname.c_str(), pr.past_us,
@@ -572,13 +637,15 @@ int main(int argc, char** argv) {
   if (!prows.empty()) {
     std::printf("\n## Prefill attention over a cached past, one layer (%s)\n\n", prop.name);
     std::printf("| shape | past | query rows | format | past: expand + attend + merge (us) | TFLOP/s | of which expand (us) | "
-                "tensor-core kernel alone, TFLOP/s | causal chunk %dx%d (us) | chunk TFLOP/s |\n",
-                prefill_rows, prefill_rows);
-    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+                "tensor-core kernel alone, TFLOP/s | causal chunk %dx%d (us) | chunk TFLOP/s | append of the %d "
+                "tokens (us) | append / (past + chunk) |\n",
+                prefill_rows, prefill_rows, prefill_rows);
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const PrefillRow& r : prows) {
-      std::printf("| %s | %lld | %d | %s | %.1f | %.0f | %.1f | %.0f | %.1f | %.0f |\n", r.shape.c_str(),
+      std::printf("| %s | %lld | %d | %s | %.1f | %.0f | %.1f | %.0f | %.1f | %.0f | %.1f | %.3f |\n", r.shape.c_str(),
                   static_cast<long long>(r.context), r.rows, r.format.c_str(), r.past_us, r.past_tflops,
-                  r.expand_us, r.fa_tflops, r.chunk_us, r.chunk_tflops);
+                  r.expand_us, r.fa_tflops, r.chunk_us, r.chunk_tflops, r.append_us,
+                  r.append_us / (r.past_us + r.chunk_us));
     }
   }
   if (!json.empty()) {
