@@ -17,6 +17,7 @@ using decode_attention_internal::DecodeAttentionEntry;
 
 constexpr int kThreads = 128;
 constexpr int kMmaMaxWarps = 8;
+constexpr int kMmaSplitUnit = 64;  // tokens: kTile * kGroupTiles of the tensor-core kernels
 
 const decode_attention_internal::DecodeAttentionMmaEntry* FindMmaEntry(int head_dim, KvCodec codec) {
   for (const auto& e : decode_attention_internal::MmaDecodeAttentionEntries()) {
@@ -117,16 +118,18 @@ std::string DecodeAttentionDesc::ToString() const {
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
                        int sm_count) {
   (void)sink_tokens;  // every instantiated format takes a tensor-core kernel (sinks included)
-  const int max_blocks = std::max(1, (max_seq_len + kKvBlockTokens - 1) / kKvBlockTokens);
+  const int max_units = std::max(1, (max_seq_len + kMmaSplitUnit - 1) / kMmaSplitUnit);
   // Tensor-core kernels: a CTA holds up to 8 KV heads and two CTAs fit on an SM.
   const int64_t heads_ctas = (n_kv_heads + kMmaMaxWarps - 1) / kMmaMaxWarps;
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * heads_ctas);
-  // One wave of resident CTAs; never split below one block per CTA.
+  // One wave of resident CTAs; never split below 64 tokens per CTA. (Whole blocks per split, as
+  // before, left a 1K-token context on 5 CTAs: a warp walks its tiles one memory round trip at a
+  // time, ~3 us each, so Llama-3-8B fp16 spent 50 us per layer there; measured on the H200.)
   const int64_t target = 2LL * std::max(sm_count, 1);
-  int splits = static_cast<int>(std::clamp<int64_t>((target + ctas - 1) / ctas, 1, max_blocks));
+  int splits = static_cast<int>(std::clamp<int64_t>((target + ctas - 1) / ctas, 1, max_units));
   splits = std::min(splits, 65535);
-  const int blocks_per_split = (max_blocks + splits - 1) / splits;
-  return (max_blocks + blocks_per_split - 1) / blocks_per_split;
+  const int units_per_split = (max_units + splits - 1) / splits;
+  return (max_units + units_per_split - 1) / units_per_split;
 }
 
 size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits) {
@@ -159,11 +162,14 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
     KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     splits = ChooseDecodeSplits(p.batch, g.n_kv_heads, p.max_seq_len, p.kv.sink_tokens, sms);
   }
-  const int max_blocks = std::max(1, (p.max_seq_len + kKvBlockTokens - 1) / kKvBlockTokens);
-  splits = std::clamp(splits, 1, std::min(max_blocks, 65535));
-  const int blocks_per_split = (max_blocks + splits - 1) / splits;
-  splits = (max_blocks + blocks_per_split - 1) / blocks_per_split;
-  const int tokens_per_split = blocks_per_split * kKvBlockTokens;
+  // Splits are whole 64-token units for the tensor-core kernels (whole cos/sin groups; the LUT
+  // kernel finds its key-outlier cursor inside a block) and whole blocks for the CUDA-core kernel.
+  const int unit = mma_entry != nullptr ? kMmaSplitUnit : kKvBlockTokens;
+  const int max_units = std::max(1, (p.max_seq_len + unit - 1) / unit);
+  splits = std::clamp(splits, 1, std::min(max_units, 65535));
+  const int units_per_split = (max_units + splits - 1) / splits;
+  splits = (max_units + units_per_split - 1) / units_per_split;
+  const int tokens_per_split = units_per_split * unit;
 
   float* part_o = nullptr;
   float* part_lse = nullptr;

@@ -354,13 +354,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     // Next block tile's block (the current one unless this tile ends a block).
     const bool next_block = !sink_tile && tin + kTile == kKvBlockTokens;
     const uint8_t* nb = !sink_tile && next_block && T + 1 < n_tiles ? block_base(T + 1) : lb;
-    if (!sink_tile && geo.has_key_outliers && tin == 0) {
+    // Key-outlier cursor: at each block start, and at a split that starts inside a block (splits
+    // are multiples of 64 tokens) at the block's first entry of a token >= tin (entries are sorted
+    // by token).
+    if (!sink_tile && geo.has_key_outliers && (tin == 0 || T == 0)) {
       const uint32_t* dir = reinterpret_cast<const uint32_t*>(lb + geo.key_outlier_dir_offset) + 2 * hk;
       const int first = static_cast<int>(dir[0]);
       kcount = static_cast<int>(dir[1]);
-      kcur = 0;
       kents = reinterpret_cast<const uint32_t*>(lb - static_cast<int64_t>(p.layer) * geo.layer_bytes +
                                                 geo.fixed_bytes) + first;
+      kcur = 0;
+      if (tin != 0) {
+        int hi = kcount;
+        while (kcur < hi) {
+          const int mid = (kcur + hi) >> 1;
+          if (static_cast<int>(__ldg(kents + mid) & 0xffu) < tin) kcur = mid + 1; else hi = mid;
+        }
+      }
     }
 
     // Sinks: zero point 0, range 1 (the block tiles' codes wait in cur).

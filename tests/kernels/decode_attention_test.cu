@@ -234,6 +234,11 @@ std::vector<Case> Cases() {
     cs.push_back({"nuq2-1%-sink64", hd, 1, 4, {64, 65, 400, 30}, 0, 0});
     cs.push_back({"int3-pc-post-1%-sink3", hd, 2, 4, {1, 113, 256, 257, 700}, 0, 2});
     cs.push_back({"nuq3-1%", hd, 8, 4, {2048, 1, 777}, 0, 0});
+    // Splits of 64-token units that start inside blocks (700 tokens = 11 units, 5 splits of 3
+    // units: splits begin at tokens 192, 384, 576): the key-outlier cursor is found mid-block.
+    cs.push_back({"nuq3-1%", hd, 2, 4, {700, 450}, 0, 5});
+    cs.push_back({"nuq4-1%-sink5", hd, 1, 8, {700}, 0, 7});
+    cs.push_back({"fp16", hd, 2, 4, {700, 130}, 0, 9});
   }
   return cs;
 }
