@@ -5,8 +5,9 @@
 // units of 8 channels (16-byte loads and stores): dense keys decoded into a shared fp32 tile,
 // __syncthreads, the key outliers of the (at most two) blocks the tile touches replace their
 // elements, __syncthreads, RoPE in rotate-half pairs and one fp16 rounding on the way out. Values
-// are written dense first and their outliers overwrite them after a __syncthreads (global writes
-// of a CTA are visible to the CTA after the barrier).
+// are written dense first; their outliers (indexed over all heads of the layer) overwrite them once
+// every head is out, after a __syncthreads (a CTA's global writes are visible to it after the
+// barrier).
 //
 // PrefillAttentionKernel (FlashAttention-2 structure). CTA = 64 * kAtoms M rows (query row, head
 // of the group) of one kv head and one key split, 4 warps of 16 * kAtoms rows. Q is scaled by
@@ -136,10 +137,31 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
   };
   const int k_v = geo.value_outliers_per_token;
   auto vout = [&](int64_t i, int h) { return p.v + (i - p.t0) * p.token_stride + h * p.head_stride; };
+  // Per token (every head): its block's layer base and value scaling.
+  __shared__ const uint8_t* lb_s[kExpTokens];
+  __shared__ float vr_s[kExpTokens], vz_s[kExpTokens];
+  __shared__ __align__(16) float kr_s[kExpMaxHd], kz_s[kExpMaxHd];
+  if (tid < nt && i0 + tid >= n_sink) {
+    const int64_t j = i0 + tid - nsc;
+    const uint8_t* lb = layer_base(j);
+    lb_s[tid] = lb;
+    if (quant) {
+      const uint32_t vsc = *reinterpret_cast<const uint32_t*>(lb + geo.value_scales_offset + (j % kKvBlockTokens) * 4);
+      vr_s[tid] = HalfToFloat(static_cast<uint16_t>(vsc >> 16));
+      vz_s[tid] = HalfToFloat(static_cast<uint16_t>(vsc & 0xffffu));
+    }
+  }
 
   for (int h = 0; h < n_kv; ++h) {
     const int64_t zr_at = (static_cast<int64_t>(p.layer) * n_kv + h) * hd;
-    __syncthreads();  // LUTs and cos/sin in; ks of the previous head fully read
+    __syncthreads();  // LUTs, cos/sin and token data in; ks and kr_s of the previous head read
+    if (quant) {
+      for (int c = tid; c < hd; c += kExpThreads) {
+        kr_s[c] = __ldg(kv.key_range + zr_at + c);
+        kz_s[c] = __ldg(kv.key_zero_point + zr_at + c);
+      }
+      __syncthreads();
+    }
     // ---- Dense keys (pre-RoPE, fp32) to shared, dense values straight out: 8 channels a unit.
     for (int u = tid; u < nt * groups; u += kExpThreads) {
       const int t = u / groups, g = u % groups, c0 = 8 * g;
@@ -151,7 +173,7 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
       } else {
         const int64_t j = i - nsc;
         const int slot = static_cast<int>(j % kKvBlockTokens);
-        const uint8_t* lb = layer_base(j);
+        const uint8_t* lb = lb_s[t];
         const int64_t tok = static_cast<int64_t>(h) * kKvBlockTokens + slot;
         if (!quant) {
           Unpack8(__ldg(reinterpret_cast<const uint4*>(lb + geo.key_codes_offset) + tok * groups + g), kx);
@@ -162,18 +184,10 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
                                            tok * geo.key_words_per_token, g, bits);
           const uint32_t vc = Codes8At(reinterpret_cast<const uint32_t*>(lb + geo.value_codes_offset) +
                                            tok * geo.value_words_per_token, g, bits);
-          const float4 r0 = __ldg(reinterpret_cast<const float4*>(kv.key_range + zr_at + c0));
-          const float4 r1 = __ldg(reinterpret_cast<const float4*>(kv.key_range + zr_at + c0 + 4));
-          const float4 z0 = __ldg(reinterpret_cast<const float4*>(kv.key_zero_point + zr_at + c0));
-          const float4 z1 = __ldg(reinterpret_cast<const float4*>(kv.key_zero_point + zr_at + c0 + 4));
-          const float rg[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
-          const float zp[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
-          const uint32_t vsc = *reinterpret_cast<const uint32_t*>(lb + geo.value_scales_offset + slot * 4);
-          const float vr = HalfToFloat(static_cast<uint16_t>(vsc >> 16));
-          const float vz = HalfToFloat(static_cast<uint16_t>(vsc & 0xffffu));
+          const float vr = vr_s[t], vz = vz_s[t];
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            kx[e] = fmaf(klut_s[(kc >> (e * bits)) & cmask], rg[e], zp[e]);
+            kx[e] = fmaf(klut_s[(kc >> (e * bits)) & cmask], kr_s[c0 + e], kz_s[c0 + e]);
             vx[e] = fmaf(vlut_s[(vc >> (e * bits)) & cmask], vr, vz);
           }
           *reinterpret_cast<uint4*>(vout(i, h) + c0) = Pack8(vx);
@@ -199,20 +213,6 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
         }
       }
     }
-    if (quant && k_v > 0 && je > jb) {
-      const int ib = geo.value_outlier_index_bytes;
-      for (int u = tid; u < (je - jb) * k_v; u += kExpThreads) {
-        const int64_t j = jb + u / k_v;
-        const int o = u % k_v;
-        const int slot = static_cast<int>(j % kKvBlockTokens);
-        const uint8_t* lb = layer_base(j);
-        const uint8_t* idx = lb + geo.value_outlier_index_offset + static_cast<int64_t>(slot) * k_v * ib;
-        const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
-        if (e / hd != h) continue;
-        const uint16_t x = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset)[static_cast<int64_t>(slot) * k_v + o];
-        vout(j + nsc, h)[e % hd] = x;
-      }
-    }
     __syncthreads();
     // ---- RoPE (rotate-half pairs) and the fp16 keys: 8 frequencies a unit. ----
     for (int u = tid; u < nt * half_groups; u += kExpThreads) {
@@ -228,6 +228,23 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
       uint16_t* out = p.k + (i0 + t - p.t0) * p.token_stride + h * p.head_stride;
       *reinterpret_cast<uint4*>(out + f0) = Pack8(lo);
       *reinterpret_cast<uint4*>(out + f0 + half) = Pack8(hi);
+    }
+  }
+  // ---- Value outliers (indexed over every head of the layer): once, after every head's dense
+  // values are out, instead of a scan of all of them per head.
+  if (quant && k_v > 0 && je > jb) {
+    __syncthreads();
+    const int ib = geo.value_outlier_index_bytes;
+    for (int u = tid; u < (je - jb) * k_v; u += kExpThreads) {
+      const int64_t j = jb + u / k_v;
+      const int o = u % k_v;
+      const int slot = static_cast<int>(j % kKvBlockTokens);
+      const uint8_t* lb = lb_s[j + nsc - i0];
+      const uint8_t* idx = lb + geo.value_outlier_index_offset + static_cast<int64_t>(slot) * k_v * ib;
+      const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
+      if (e >= n_kv * hd) continue;
+      const uint16_t x = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset)[static_cast<int64_t>(slot) * k_v + o];
+      vout(j + nsc, e / hd)[e % hd] = x;
     }
   }
 }
