@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
 // ---------------------------------------------------------------------------------------------
 // PrefillAttention
 
-constexpr int kBM = 64;       // M rows per CTA at one m16 block per warp (split heuristics)
+constexpr int kBM = 64;       // the fewest M rows a CTA takes (launch-size check)
 constexpr int kBN = 64;       // keys per tile
 constexpr int kPaWarps = 4;
 
@@ -620,10 +620,14 @@ absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {
   return absl::OkStatus();
 }
 
-int ChoosePrefillSplits(int rows, int n_heads, int n_kv_heads, int n_keys, int sm_count, int max_splits) {
+int PrefillRowsPerCta(int head_dim) { return head_dim == 128 ? PaCfg<128, 2>::kBM : PaCfg<64, 1>::kBM; }
+
+int ChoosePrefillSplits(int rows, int n_heads, int n_kv_heads, int n_keys, int sm_count, int max_splits,
+                        int rows_per_cta) {
   if (rows <= 0 || n_kv_heads <= 0 || n_heads < n_kv_heads || n_keys <= 0) return 1;
   const int64_t m = static_cast<int64_t>(rows) * (n_heads / n_kv_heads);
-  const int64_t ctas = (m + kBM - 1) / kBM * n_kv_heads;
+  const int64_t bm = std::max(rows_per_cta, 1);
+  const int64_t ctas = (m + bm - 1) / bm * n_kv_heads;
   const int64_t want = 2 * static_cast<int64_t>(std::max(sm_count, 1));  // two waves' worth
   if (ctas >= want) return 1;
   int64_t s = (want + ctas - 1) / ctas;
@@ -673,7 +677,8 @@ PrefillPastPlan PlanPrefillPast(int rows, int n_heads, int n_kv_heads, int head_
   plan.expand_bytes = static_cast<size_t>(plan.seg_tokens * per_token);
   const size_t part = static_cast<size_t>(std::max(rows, 1)) * std::max(n_heads, 1) * std::max(head_dim, 1) * 4;
   const int max_splits = static_cast<int>(std::max<size_t>(1, partial_budget_bytes / part - 1));
-  plan.splits = ChoosePrefillSplits(rows, n_heads, n_kv_heads, static_cast<int>(plan.seg_tokens), sm_count, max_splits);
+  plan.splits = ChoosePrefillSplits(rows, n_heads, n_kv_heads, static_cast<int>(plan.seg_tokens), sm_count, max_splits,
+                                    PrefillRowsPerCta(head_dim));
   if (plan.splits > 1 || n_keys > plan.seg_tokens) plan.partial_bytes = static_cast<size_t>(plan.splits + 1) * part;
   return plan;
 }

@@ -83,7 +83,11 @@ absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_
 
 // Splits that fill the device for this launch shape: >= 1, <= max_splits, at least 4 key tiles
 // (256 keys) per split; 1 when the rows alone give two CTAs per SM.
-int ChoosePrefillSplits(int rows, int n_heads, int n_kv_heads, int n_keys, int sm_count, int max_splits);
+// rows_per_cta: M rows (query row x head of the group) per CTA of the kernel the launch will take
+// (PrefillRowsPerCta).
+int ChoosePrefillSplits(int rows, int n_heads, int n_kv_heads, int n_keys, int sm_count, int max_splits,
+                        int rows_per_cta = 64);
+int PrefillRowsPerCta(int head_dim);
 
 // Query rows of one sequence over the local tokens [0, n_keys) of its paged cache: per segment of
 // plan.seg_tokens tokens, ExpandKv into (xk, xv) and PrefillAttention with plan.splits splits;
