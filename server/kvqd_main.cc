@@ -19,6 +19,9 @@
 #include "sharding/sharded_kv_cache.h"
 #include "sharding/shard_planner.h"
 #include "sharding/worker.h"
+#if KVQ_HAVE_CUDA
+#include "sharding/gpu/gpu_backend.h"
+#endif
 
 ABSL_FLAG(int64_t, min_tokens_per_rank, 65536,
           "under mpirun: a sequence spans another rank only past this many tokens per rank");
@@ -61,14 +64,18 @@ int main(int argc, char** argv) {
   kvq::server::KvqServer* server_ptr = nullptr;  // set once started; read by the cache hook
 #ifdef KVQ_HAVE_MPI
   if (const char* n = std::getenv("OMPI_COMM_WORLD_SIZE"); n != nullptr && std::atoi(n) > 1) {
-    if (config->server.engine.device == "cuda") {
-      // Refused up front, on every rank, rather than failing requests later.
-      std::fprintf(stderr,
-                   "kvqd: --device=cuda with %s ranks: the GPU engine serves one rank for now (the NCCL data "
-                   "plane that spreads a sequence over GPUs is not built yet); run one rank, or --device=cpu "
-                   "to shard over MPI on the CPU\n",
-                   n);
+    const bool gpu = config->server.engine.device == "cuda";
+    if (gpu) {
+#if KVQ_HAVE_CUDA
+      // One GPU per rank on a node (ranks beyond the node's GPUs share them).
+      if (absl::Status s = kvq::sharding::SelectDeviceForLocalRank(); !s.ok()) {
+        std::fprintf(stderr, "kvqd: %s\n", std::string(s.message()).c_str());
+        return 2;
+      }
+#else
+      std::fprintf(stderr, "kvqd: --device=cuda: this build has no CUDA\n");
       return 2;
+#endif
     }
     auto t = kvq::sharding::MpiTransport::Init(&argc, &argv);
     if (!t.ok()) {
@@ -77,7 +84,21 @@ int main(int argc, char** argv) {
     }
     transport = std::move(*t);
     if (transport->rank() > 0) {
-      const absl::Status s = kvq::sharding::ServeWorker(transport.get());
+      kvq::sharding::WorkerFactoryMaker maker;
+#if KVQ_HAVE_CUDA
+      if (gpu) {
+        // GPU workers: each KV format's shards live in a block pool on this rank's GPU
+        // (--kv_capacity_bytes per rank, or --gpu_memory_fraction of its free memory). Rank 0 and
+        // the workers exchange q, new k/v and partials over MPI through the host for now; NCCL is
+        // the next step (DESIGN.md).
+        kvq::sharding::GpuKvOptions po;
+        po.capacity_bytes = config->server.engine.kv_capacity_bytes;
+        po.memory_fraction = config->server.engine.gpu_memory_fraction;
+        maker = [po](const kvq::model::ModelConfig& c, const std::string& f, const std::string& q,
+                     const std::string& fp) { return kvq::sharding::MakeGpuWorkerKvFactory(c, f, q, fp, po); };
+      }
+#endif
+      const absl::Status s = kvq::sharding::ServeWorker(transport.get(), maker);
       if (!s.ok()) {
         std::fprintf(stderr, "kvqd: rank %d: %s\n", transport->rank(), std::string(s.message()).c_str());
         transport->Abort(1);
@@ -91,12 +112,17 @@ int main(int argc, char** argv) {
     const int ranks = transport->size();
     const std::string format = eo.kv_format, quantizer = eo.quantizer;
     const int64_t per_rank = eo.kv_capacity_bytes > 0 ? eo.kv_capacity_bytes : (int64_t{4} << 30);
-    eo.make_generation_cache = [&transport, &sharded, &server_ptr, ranks, format, quantizer, per_rank](
+    eo.make_generation_cache = [&transport, &sharded, &server_ptr, ranks, format, quantizer, per_rank, gpu](
                                    int64_t max_tokens) -> absl::StatusOr<std::unique_ptr<kvq::model::KvCache>> {
       if (!sharded) {
         const kvq::model::ModelConfig& mc = server_ptr->engine()->config();
         auto local = kvq::sharding::KvCacheFactory::Create(mc, format, quantizer, "");
         if (!local.ok()) return local.status();
+        // On GPUs rank 0's own shards live in the engine's block pool (not owned here; the engine
+        // outlives every cache it runs).
+        std::shared_ptr<const kvq::sharding::KvCacheFactory> rank0;
+        if (gpu) rank0 = std::shared_ptr<const kvq::sharding::KvCacheFactory>(&server_ptr->engine()->kv_factory(),
+                                                                                [](const kvq::sharding::KvCacheFactory*) {});
         kvq::sharding::ShardPlannerOptions po;
         po.bytes_per_token = (*local)->BytesPerToken();
         po.min_tokens_per_rank = absl::GetFlag(FLAGS_min_tokens_per_rank);
@@ -104,7 +130,7 @@ int main(int argc, char** argv) {
         auto planner = kvq::sharding::ShardPlanner::Create(po);
         if (!planner.ok()) return planner.status();
         auto f = kvq::sharding::ShardedKvCacheFactory::Create(transport.get(), mc, format, quantizer,
-                                                              "", std::move(*planner));
+                                                              "", std::move(*planner), rank0);
         if (!f.ok()) return f.status();
         sharded = std::move(*f);
       }

@@ -457,6 +457,7 @@ class Engine::Impl {
   const model::ModelConfig& config() const { return weights_.config; }
   const model::Tokenizer& tokenizer() const { return *tokenizer_; }
   const std::string& kv_format() const { return factory_->format(); }
+  const sharding::KvCacheFactory& kv_factory() const { return *factory_; }
 
  private:
   void Finish(Job& j, FinishReason reason, const absl::Status& status) {
@@ -752,6 +753,7 @@ Engine::~Engine() { impl_->Shutdown(false); }
 const model::ModelConfig& Engine::config() const { return impl_->config(); }
 const model::Tokenizer& Engine::tokenizer() const { return impl_->tokenizer(); }
 const std::string& Engine::kv_format() const { return impl_->kv_format(); }
+const sharding::KvCacheFactory& Engine::kv_factory() const { return impl_->kv_factory(); }
 absl::StatusOr<uint64_t> Engine::Enqueue(GenerateRequest r) { return impl_->Enqueue(std::move(r)); }
 void Engine::Cancel(uint64_t id) { impl_->Cancel(id); }
 absl::StatusOr<SessionInfo> Engine::CreateSession(const std::string& id, int64_t ttl) {

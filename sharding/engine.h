@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "model/config.h"
 #include "model/tokenizer.h"
+#include "sharding/kv_cache_factory.h"
 
 namespace kvq::model {
 class KvCache;
@@ -139,6 +140,9 @@ class Engine {
   const model::ModelConfig& config() const;
   const model::Tokenizer& tokenizer() const;
   const std::string& kv_format() const;
+  // The factory of this engine's own caches (a GPU engine's: over its block pool), e.g. for rank
+  // 0's shards of sequences spread over ranks. Lives as long as the engine.
+  const sharding::KvCacheFactory& kv_factory() const;
 
   // Validates and queues a request. Errors (returned, nothing queued): InvalidArgument for bad
   // parameters or token ids outside the vocabulary; NotFound for an unknown session;

@@ -38,12 +38,13 @@ absl::Status Call(Transport* t, int rank, const std::string& command) {
 // ShardedKvCacheFactory
 
 ShardedKvCacheFactory::ShardedKvCacheFactory(Transport* t, const model::ModelConfig& c, uint32_t id,
-                                             std::unique_ptr<KvCacheFactory> local, ShardPlanner planner)
+                                             std::shared_ptr<const KvCacheFactory> local, ShardPlanner planner)
     : transport_(t), config_(c), id_(id), local_(std::move(local)), planner_(std::move(planner)) {}
 
 absl::StatusOr<std::unique_ptr<ShardedKvCacheFactory>> ShardedKvCacheFactory::Create(
     Transport* transport, const model::ModelConfig& config, const std::string& format,
-    const std::string& quantizer_path, const std::string& fingerprint, ShardPlanner planner) {
+    const std::string& quantizer_path, const std::string& fingerprint, ShardPlanner planner,
+    std::shared_ptr<const KvCacheFactory> local) {
   if (transport == nullptr || transport->rank() != 0) {
     return absl::FailedPreconditionError("sharded caches are made on rank 0");
   }
@@ -51,7 +52,13 @@ absl::StatusOr<std::unique_ptr<ShardedKvCacheFactory>> ShardedKvCacheFactory::Cr
     return absl::InvalidArgumentError(absl::StrCat("the plan has ", planner.num_ranks(),
                                                    " ranks; the job has ", transport->size()));
   }
-  KVQ_ASSIGN_OR_RETURN(auto local, KvCacheFactory::Create(config, format, quantizer_path, fingerprint));
+  if (local == nullptr) {
+    KVQ_ASSIGN_OR_RETURN(std::unique_ptr<KvCacheFactory> made,
+                         KvCacheFactory::Create(config, format, quantizer_path, fingerprint));
+    local = std::move(made);
+  } else if (local->format() != format) {
+    return absl::InvalidArgumentError(absl::StrCat("rank 0's KV factory serves ", local->format(), ", not ", format));
+  }
   const uint32_t id = next_factory_id++;
   wire::Writer w;
   w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kDefineFactory)).Put<uint32_t>(id);

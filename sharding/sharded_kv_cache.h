@@ -45,9 +45,12 @@ class ShardedKvCache;
 // Must outlive the caches it makes. Calls from one thread at a time (the engine's scheduler).
 class ShardedKvCacheFactory {
  public:
+  // local: the factory of rank 0's own shards (e.g. the GPU engine's pool); null: one made here
+  // from the format (CPU reference caches).
   static absl::StatusOr<std::unique_ptr<ShardedKvCacheFactory>> Create(
       Transport* transport, const model::ModelConfig& config, const std::string& format,
-      const std::string& quantizer_path, const std::string& fingerprint, ShardPlanner planner);
+      const std::string& quantizer_path, const std::string& fingerprint, ShardPlanner planner,
+      std::shared_ptr<const KvCacheFactory> local = nullptr);
 
   // A cache for a sequence that will hold up to `max_tokens` tokens, laid out by the planner.
   absl::StatusOr<std::unique_ptr<model::KvCache>> Make(int64_t max_tokens) const;
@@ -60,11 +63,11 @@ class ShardedKvCacheFactory {
 
  private:
   ShardedKvCacheFactory(Transport* t, const model::ModelConfig& c, uint32_t id,
-                        std::unique_ptr<KvCacheFactory> local, ShardPlanner planner);
+                        std::shared_ptr<const KvCacheFactory> local, ShardPlanner planner);
   Transport* transport_;
   model::ModelConfig config_;
   uint32_t id_;
-  std::unique_ptr<KvCacheFactory> local_;
+  std::shared_ptr<const KvCacheFactory> local_;
   ShardPlanner planner_;
 };
 

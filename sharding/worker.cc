@@ -56,7 +56,11 @@ namespace {
 
 class Worker {
  public:
-  explicit Worker(Transport* t) : t_(t) {}
+  Worker(Transport* t, WorkerFactoryMaker make) : t_(t), make_(std::move(make)) {
+    if (!make_) make_ = [](const model::ModelConfig& c, const std::string& f, const std::string& q, const std::string& fp) {
+      return KvCacheFactory::Create(c, f, q, fp);
+    };
+  }
 
   absl::Status Serve() {
     for (;;) {
@@ -109,7 +113,7 @@ class Worker {
         f.config = wire::GetConfig(r);
         const std::string format = r.GetString(), quantizer = r.GetString(), fp = r.GetString();
         if (!r.ok()) return absl::DataLossError("malformed kDefineFactory");
-        KVQ_ASSIGN_OR_RETURN(f.factory, KvCacheFactory::Create(f.config, format, quantizer, fp));
+        KVQ_ASSIGN_OR_RETURN(f.factory, make_(f.config, format, quantizer, fp));
         factories_[id] = std::move(f);
         return absl::OkStatus();
       }
@@ -197,6 +201,7 @@ class Worker {
   static constexpr int64_t kMaxStaged = int64_t{1} << 20;
 
   Transport* t_;
+  WorkerFactoryMaker make_;
   std::map<uint32_t, Factory> factories_;
   std::map<uint64_t, Cache> caches_;
   std::vector<float> k_, v_, q_;
@@ -204,8 +209,8 @@ class Worker {
 
 }  // namespace
 
-absl::Status ServeWorker(Transport* transport) {
-  Worker w(transport);
+absl::Status ServeWorker(Transport* transport, const WorkerFactoryMaker& make_factory) {
+  Worker w(transport, make_factory);
   return w.Serve();
 }
 

@@ -10,12 +10,15 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "model/config.h"
+#include "sharding/kv_cache_factory.h"
 #include "sharding/mpi_transport.h"
 
 namespace kvq::sharding {
@@ -23,7 +26,13 @@ namespace kvq::sharding {
 // Serves commands from rank 0 until kShutdown (returns OK) or a transport failure (returns it,
 // after telling rank 0). Errors of single commands (a bad cache id, a failed append) go back to
 // rank 0 in the reply and the loop goes on.
-absl::Status ServeWorker(Transport* transport);
+// How a worker makes the KV factory of a format rank 0 defines: by default the CPU reference
+// (KvCacheFactory::Create); a GPU worker passes one over its own block pool
+// (sharding/gpu/gpu_backend.h, MakeGpuWorkerKvFactory).
+using WorkerFactoryMaker = std::function<absl::StatusOr<std::unique_ptr<KvCacheFactory>>(
+    const model::ModelConfig& config, const std::string& format, const std::string& quantizer_path,
+    const std::string& fingerprint)>;
+absl::Status ServeWorker(Transport* transport, const WorkerFactoryMaker& make_factory = nullptr);
 
 namespace wire {
 

@@ -1,5 +1,7 @@
 #include "sharding/gpu/gpu_backend.h"
 
+#include <cstdlib>
+
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "model/fingerprint.h"
@@ -38,6 +40,42 @@ absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const model::Llam
                                                   model::RopeParamsFor(c), pool_options, b->stream));
   b->factory = MakeGpuKvCacheFactory(b->pool, c.n_heads);
   return b;
+}
+
+absl::Status SelectDeviceForLocalRank() {
+  int n_dev = 0;
+  if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+    return absl::FailedPreconditionError("--device=cuda: no CUDA device is visible");
+  }
+  const char* lr = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  if (lr == nullptr) return absl::OkStatus();
+  const int dev = std::atoi(lr) % n_dev;
+  if (cudaSetDevice(dev) != cudaSuccess) return absl::InternalError(absl::StrCat("cudaSetDevice(", dev, ") failed"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<KvCacheFactory>> MakeGpuWorkerKvFactory(const model::ModelConfig& c,
+                                                                       const std::string& kv_format,
+                                                                       const std::string& quantizer_path,
+                                                                       const std::string& fingerprint,
+                                                                       const GpuKvOptions& pool_options) {
+  int n_dev = 0;
+  if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+    return absl::FailedPreconditionError("GPU worker: no CUDA device is visible");
+  }
+  // One stream per worker process for every pool it makes (pools live until the process ends).
+  static cudaStream_t stream = [] {
+    cudaStream_t st = nullptr;
+    return cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess ? st : nullptr;
+  }();
+  if (stream == nullptr) return absl::InternalError("GPU worker: cudaStreamCreate failed");
+  kvstore::KvFormat format;
+  std::shared_ptr<const kvstore::Quantizer> quant;
+  KVQ_RETURN_IF_ERROR(ResolveKvFormat(c, kv_format, quantizer_path, fingerprint, &format, &quant));
+  KVQ_ASSIGN_OR_RETURN(std::shared_ptr<GpuKvPool> pool,
+                       GpuKvPool::Create({c.n_layers, c.n_kv_heads, c.head_dim}, format, quant,
+                                         model::RopeParamsFor(c), pool_options, stream));
+  return MakeGpuKvCacheFactory(std::move(pool), c.n_heads);
 }
 
 GpuBackend::~GpuBackend() {

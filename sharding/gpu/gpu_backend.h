@@ -38,4 +38,17 @@ struct GpuBackend {
   std::unique_ptr<KvCacheFactory> factory;
 };
 
+// Under mpirun: the device of this rank, OMPI_COMM_WORLD_LOCAL_RANK modulo the visible devices
+// (no-op without it). FailedPrecondition when no device is visible.
+absl::Status SelectDeviceForLocalRank();
+
+// An attention worker's KV factory (sharding/worker.h): a block pool of its own on the current
+// device (pool_options: capacity_bytes, or a fraction of the free memory) and GpuKvCache shards over
+// it. No weights and no forward pass. The pool's stream is the process's worker stream.
+absl::StatusOr<std::unique_ptr<KvCacheFactory>> MakeGpuWorkerKvFactory(const model::ModelConfig& config,
+                                                                       const std::string& kv_format,
+                                                                       const std::string& quantizer_path,
+                                                                       const std::string& fingerprint,
+                                                                       const GpuKvOptions& pool_options);
+
 }  // namespace kvq::sharding

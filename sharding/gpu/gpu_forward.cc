@@ -131,6 +131,40 @@ struct GpuForward::Impl {
     if (cublas != nullptr) kernels::cublas::Destroy(cublas);
   }
 
+  // Serving through a host cache (e.g. a ShardedKvCache): the item's rotated queries go to
+  // KvCache::Attend over its committed tokens (every rank holding some attends its shard; rank 0
+  // merges), and the result lands in partial slot 1 like the GPU caches' past.
+  absl::Status HostPastAttention(const model::ModelConfig& c, model::KvCache* cache, int layer, int row0, int n,
+                                 int64_t committed, int T, const float* q, float* parts_o, float* parts_lse) const {
+    const int qd = c.q_dim(), nh = c.n_heads;
+    if (committed == 0) return absl::OkStatus();  // slot 1 stays empty (filled with -inf)
+    std::vector<float> hq(static_cast<size_t>(n) * qd), ho(hq.size()), hl(static_cast<size_t>(n) * nh);
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hq.data(), q + static_cast<int64_t>(row0) * qd, hq.size() * 4,
+                                             cudaMemcpyDeviceToHost, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+    const std::vector<int64_t> key_end(static_cast<size_t>(n), committed);
+    cache->Attend(layer, hq.data(), n, key_end.data(), ho.data(), hl.data());
+    float* o_dst = parts_o + (static_cast<int64_t>(T) + row0) * qd;
+    float* l_dst = parts_lse + static_cast<int64_t>(T) * nh + static_cast<int64_t>(row0) * nh;
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(o_dst, ho.data(), ho.size() * 4, cudaMemcpyHostToDevice, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(l_dst, hl.data(), hl.size() * 4, cudaMemcpyHostToDevice, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));  // the host vectors end here
+    return absl::OkStatus();
+  }
+  // Serving through a host cache: the item's new keys (pre-RoPE) and values go to KvCache::Append
+  // (a sharded cache sends them to the rank that owns their positions).
+  absl::Status HostAppend(const model::ModelConfig& c, model::KvCache* cache, int layer, int row0, int n,
+                          const float* k, const float* v) const {
+    const int kvd = c.kv_dim();
+    std::vector<float> hk(static_cast<size_t>(n) * kvd), hv(hk.size());
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hk.data(), k + static_cast<int64_t>(row0) * kvd, hk.size() * 4,
+                                             cudaMemcpyDeviceToHost, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hv.data(), v + static_cast<int64_t>(row0) * kvd, hv.size() * 4,
+                                             cudaMemcpyDeviceToHost, stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+    return cache->Append(layer, hk.data(), hv.data(), n);
+  }
+
   // Evaluation through a host cache: the item's new k/v go to the cache (its exact quantization),
   // its dequantized keys and values come back, and the item's queries attend them causally on
   // the GPU (into partial slot 1).
@@ -412,10 +446,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       e.w = dynamic_cast<GpuKvCache*>(it.cache);
     }
     if (e.w == nullptr) {
-      if (!eval) {
-        return absl::InvalidArgumentError(
-            "GPU forward: serving needs GPU KV caches (GpuKvCache); host caches work in evaluation mode");
-      }
+      // A host cache: evaluation through it, or (serving) a cache whose attention runs elsewhere,
+      // e.g. a sequence spread over MPI ranks (ShardedKvCache): its past is attended through
+      // KvCache::Attend and its new tokens appended through KvCache::Append, over the host.
       e.host = it.cache;
       e.committed = it.cache->length();
       its.push_back(e);
@@ -610,7 +643,11 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   // The chunk's own part through the prefill kernel needs its k/v in fp16.
   const int first_prefill_row = nd < static_cast<int>(its.size()) ? its[nd].row0 : T;
   // (Not in the f32 exactness mode: there the chunk's own part stays at fp32, like the CPU's.)
-  const bool chunk_fa = fa && !eval && first_prefill_row < T && dtype_ != DType::kF32;
+  // (Host caches in serving mode sit after the prefill rows and take the scalar chunk kernel with
+  // the decode rows: then every row does.)
+  bool any_host = false;
+  for (const It& e : its) any_host |= e.host != nullptr;
+  const bool chunk_fa = fa && !eval && !any_host && first_prefill_row < T && dtype_ != DType::kF32;
   // Logit rows in item order.
   std::vector<int32_t> gather;
   {
@@ -859,7 +896,12 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       KVQ_STEP(kernels::LaunchDecodeAttention(dp, s));
     }
     for (const It& e : its) {
-      if (e.host != nullptr) KVQ_STEP(m.HostAttention(c, e.host, l, e.row0, e.n, e.committed, T, q, k, v));
+      if (e.host == nullptr) continue;
+      if (eval) {
+        KVQ_STEP(m.HostAttention(c, e.host, l, e.row0, e.n, e.committed, T, q, k, v));
+      } else {
+        KVQ_STEP(m.HostPastAttention(c, e.host, l, e.row0, e.n, e.committed, T, q, parts_o, parts_lse));
+      }
     }
     if (!eval) {
       float* krot = m.krot.as<float>();
@@ -885,6 +927,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       KVQ_STEP(kernels::LaunchChunkAttention(cp, s));
       if (chunk_fa) KVQ_STEP(prefill_chunks(l));
       KVQ_STEP(append_all());
+      for (const It& e : its) {
+        if (e.host != nullptr) KVQ_STEP(m.HostAppend(c, e.host, l, e.row0, e.n, k, v));
+      }
     }
     kernels::MergeAttentionParams mp;
     mp.rows = T * nh;

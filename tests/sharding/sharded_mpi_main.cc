@@ -12,6 +12,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <random>
 
@@ -25,12 +26,18 @@
 #include "sharding/shard_planner.h"
 #include "sharding/sharded_kv_cache.h"
 #include "sharding/worker.h"
+#if KVQ_HAVE_CUDA
+#include "sharding/gpu/gpu_backend.h"
+#endif
 #include "tests/test_util.h"
 
 namespace kvq::sharding {
 namespace {
 
 MpiTransport* g_transport = nullptr;
+// KVQ_SHARDED_GPU=1: every rank's shards live in a GPU block pool (workers through
+// MakeGpuWorkerKvFactory, rank 0 in its engine's pool) and only the GPU tests run.
+bool g_gpu_mode = false;
 
 // Tolerances (absolute, worst element). Sharded and single-rank attention see bit-identical keys
 // and values (quantization is per token, so a shard boundary changes no code); they differ only in
@@ -391,6 +398,86 @@ TEST(DISABLED_WorkerFailureTest, SilentWorkerFailsTheStepWithAStatus) {
   g_transport->ClearFailureForTesting();  // so that main can shut the other workers down
 }
 
+// ---------------------------------------------------------------------------------------------
+// The GPU engine with sequences spread over ranks whose shards are GPU caches (q, new k/v and
+// partials over MPI through the host): the same greedy tokens as one rank, fp16 KV exactly,
+// nuq3-1% for the first tokens (the quantization amplifies the merge's rounding, see above).
+TEST(ShardedGpuGenerationTest, SameTokensAsOneRank) {
+  if (!g_gpu_mode) GTEST_SKIP() << "run with KVQ_SHARDED_GPU=1 under mpirun on a GPU machine";
+  if (g_transport->size() < 2) GTEST_SKIP() << "needs mpirun -np >= 2";
+  KVQ_REQUIRE_MODEL();
+  for (const std::string fmt : {"fp16", "nuq3-1%"}) {
+    engine::EngineOptions o;
+    o.model = testing::ModelPath();
+    o.device = "cuda";
+    o.weights_dtype = "f32";
+    o.kv_format = fmt;
+    o.quantizer = fmt == "fp16" ? "" : std::string(KVQ_SOURCE_DIR) + "/tests/fixtures/quantizers/" + fmt + ".kvqq";
+    o.max_batch = 8;
+    o.prefill_chunk = 16;
+    o.kv_capacity_bytes = int64_t{256} << 20;
+    std::unique_ptr<ShardedKvCacheFactory> factory;
+    bool sharded = false;
+    engine::Engine* eng = nullptr;
+    o.make_generation_cache = [&](int64_t max_tokens) -> absl::StatusOr<std::unique_ptr<model::KvCache>> {
+      if (!sharded) return eng->kv_factory().Make(0);
+      return factory->Make(max_tokens);
+    };
+    auto e = engine::Engine::Create(o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    eng = e->get();
+    std::shared_ptr<const KvCacheFactory> rank0(&(*e)->kv_factory(), [](const KvCacheFactory*) {});
+    auto sf = ShardedKvCacheFactory::Create(g_transport, (*e)->config(), fmt, o.quantizer, "",
+                                            Planner((*e)->kv_factory(), g_transport->size(), 7, 16), rank0);
+    ASSERT_TRUE(sf.ok()) << sf.status();
+    factory = std::move(*sf);
+    const std::vector<std::string> texts = {
+        "Hi!",
+        "What is the capital of France? Answer in one word.",
+        "Write a short poem about the sea, the wind and the sand, in four lines, and give it a title.",
+    };
+    auto run = [&]() {
+      std::vector<std::shared_ptr<Sink>> sinks;
+      for (size_t i = 0; i < texts.size(); ++i) {
+        auto chat = (*e)->tokenizer().ApplyChatTemplate({{"user", texts[i]}}, true);
+        engine::GenerateRequest r;
+        r.prompt = (*e)->tokenizer().Encode(*chat, true, true);
+        r.sampling.max_tokens = 8 + 4 * static_cast<int>(i);
+        r.sampling.ignore_eos = true;
+        r.sink = std::make_shared<Sink>();
+        sinks.push_back(std::static_pointer_cast<Sink>(r.sink));
+        EXPECT_TRUE((*e)->Enqueue(std::move(r)).ok());
+      }
+      std::vector<std::vector<int32_t>> out;
+      for (auto& sk : sinks) {
+        out.push_back(sk->Wait());
+        EXPECT_TRUE(sk->status_.ok()) << sk->status_;
+      }
+      return out;
+    };
+    const auto one = run();
+    sharded = true;
+    const auto many = run();
+    int same = 0, total = 0;
+    for (size_t i = 0; i < one.size(); ++i) {
+      ASSERT_EQ(one[i].size(), many[i].size());
+      size_t prefix = 0;
+      while (prefix < one[i].size() && one[i][prefix] == many[i][prefix]) ++prefix;
+      same += static_cast<int>(prefix);
+      total += static_cast<int>(one[i].size());
+      if (fmt == "fp16") {
+        EXPECT_EQ(one[i], many[i]) << fmt << " prompt " << i;
+      } else {
+        EXPECT_GE(prefix, 6u) << fmt << " prompt " << i;
+      }
+    }
+    std::printf("[sharded-gpu] %s, %d ranks: %d/%d tokens equal to one rank before the first divergence\n",
+                fmt.c_str(), g_transport->size(), same, total);
+    (*e)->Shutdown(false);
+    e->reset();
+  }
+}
+
 }  // namespace
 }  // namespace kvq::sharding
 
@@ -403,8 +490,24 @@ int main(int argc, char** argv) {
   }
   kvq::sharding::g_transport = t->get();
   kvq::model::SetCpuThreads(1);
+  const char* gpu_env = std::getenv("KVQ_SHARDED_GPU");
+  kvq::sharding::g_gpu_mode = gpu_env != nullptr && std::string(gpu_env) == "1";
+  kvq::sharding::WorkerFactoryMaker maker;
+#if KVQ_HAVE_CUDA
+  if (kvq::sharding::g_gpu_mode) {
+    if (absl::Status s = kvq::sharding::SelectDeviceForLocalRank(); !s.ok()) {
+      std::fprintf(stderr, "rank %d: %s\n", (*t)->rank(), std::string(s.ToString()).c_str());
+      (*t)->Abort(1);
+    }
+    kvq::sharding::GpuKvOptions po;
+    po.capacity_bytes = int64_t{256} << 20;
+    maker = [po](const kvq::model::ModelConfig& c, const std::string& f, const std::string& q, const std::string& fp) {
+      return kvq::sharding::MakeGpuWorkerKvFactory(c, f, q, fp, po);
+    };
+  }
+#endif
   if ((*t)->rank() != 0) {
-    absl::Status s = kvq::sharding::ServeWorker(t->get());
+    absl::Status s = kvq::sharding::ServeWorker(t->get(), maker);
     if (!s.ok()) {
       std::fprintf(stderr, "worker %d: %s\n", (*t)->rank(), std::string(s.ToString()).c_str());
       (*t)->Abort(1);
@@ -412,6 +515,7 @@ int main(int argc, char** argv) {
     return (*t)->Finalize().ok() ? 0 : 1;
   }
   ::testing::InitGoogleTest(&argc, argv);
+  if (kvq::sharding::g_gpu_mode) ::testing::GTEST_FLAG(filter) = "ShardedGpu*";
   const int rc = RUN_ALL_TESTS();
   absl::Status s = kvq::sharding::ShutdownWorkers(t->get());
   if (!s.ok()) {
