@@ -23,6 +23,10 @@
 #include "sharding/gpu/gpu_backend.h"
 #endif
 
+ABSL_FLAG(bool, experimental_gpu_shards, false,
+          "--device=cuda under mpirun: spread sequences over the ranks' GPUs with q, new k/v and "
+          "attention partials over MPI through the host (not yet verified on GPUs; the NCCL data plane "
+          "is the next step). Off: kvqd refuses --device=cuda with several ranks.");
 ABSL_FLAG(int64_t, min_tokens_per_rank, 65536,
           "under mpirun: a sequence spans another rank only past this many tokens per rank");
 
@@ -65,6 +69,15 @@ int main(int argc, char** argv) {
 #ifdef KVQ_HAVE_MPI
   if (const char* n = std::getenv("OMPI_COMM_WORLD_SIZE"); n != nullptr && std::atoi(n) > 1) {
     const bool gpu = config->server.engine.device == "cuda";
+    if (gpu && !absl::GetFlag(FLAGS_experimental_gpu_shards)) {
+      // Refused up front, on every rank, rather than failing requests later.
+      std::fprintf(stderr,
+                   "kvqd: --device=cuda with %s ranks: spreading a sequence over GPUs is experimental (MPI "
+                   "through the host; the NCCL data plane is not built yet): pass "
+                   "--experimental_gpu_shards, run one rank, or --device=cpu to shard over MPI on the CPU\n",
+                   n);
+      return 2;
+    }
     if (gpu) {
 #if KVQ_HAVE_CUDA
       // One GPU per rank on a node (ranks beyond the node's GPUs share them).
