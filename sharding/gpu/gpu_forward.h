@@ -36,7 +36,10 @@ class GpuForward : public model::ForwardPass {
                                                                      kernels::DType dtype, uint64_t seed,
                                                                      cudaStream_t stream);
   ~GpuForward() override;
-  // Every item's cache must be a GpuKvCache, or a model::PrefixKvCache over two of them.
+  // An item's cache is a GpuKvCache, a model::PrefixKvCache over two of them, or any other
+  // KvCache reached over the host: in evaluation mode through its dequantized keys and values, in
+  // serving mode through KvCache::Attend (the past) and Append (e.g. a ShardedKvCache whose shards
+  // live on other ranks' GPUs; --experimental_gpu_shards).
   absl::Status Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,
                    std::vector<float>* logits) const override;
   const model::ModelConfig& config() const override { return config_; }
