@@ -993,6 +993,15 @@ TEST(ChoosePrefillSplits, OneWhenTheRowsFillTheDevice) {
   EXPECT_EQ(kernels::ChoosePrefillSplits(1, 8, 8, 0, 132, 16), 1);
 }
 
+TEST(ChoosePrefillSplits, CountsTheCtasOfTheKernelTaken) {
+  // 512 rows x group 4 over 8 kv heads: 256 CTAs of 64 rows (nearly two waves on 132 SMs: 2
+  // splits) but 128 CTAs of 128 rows (the head-dim-128 kernel: 3 splits).
+  EXPECT_EQ(kernels::PrefillRowsPerCta(128), 128);
+  EXPECT_EQ(kernels::PrefillRowsPerCta(64), 64);
+  EXPECT_EQ(kernels::ChoosePrefillSplits(512, 32, 8, 100000, 132, 64, 64), 2);
+  EXPECT_EQ(kernels::ChoosePrefillSplits(512, 32, 8, 100000, 132, 64, kernels::PrefillRowsPerCta(128)), 3);
+}
+
 TEST(ChoosePrefillSplits, SplitsASmallChunkOverALongPast) {
   // One row, 8 kv heads: 8 CTAs on 132 SMs; even 16 splits leave SMs idle, so take them all.
   EXPECT_EQ(kernels::ChoosePrefillSplits(1, 8, 8, 100000, 132, 16), 16);
