@@ -676,7 +676,9 @@ PrefillPastPlan PlanPrefillPast(int rows, int n_heads, int n_kv_heads, int head_
   plan.seg_tokens = std::max<int64_t>(1, std::min(seg, n_keys));
   plan.expand_bytes = static_cast<size_t>(plan.seg_tokens * per_token);
   const size_t part = static_cast<size_t>(std::max(rows, 1)) * std::max(n_heads, 1) * std::max(head_dim, 1) * 4;
-  const int max_splits = static_cast<int>(std::max<size_t>(1, partial_budget_bytes / part - 1));
+  // (splits + 1) slots fit the budget; at least one split whatever the budget.
+  const size_t slots = partial_budget_bytes / part;
+  const int max_splits = static_cast<int>(std::clamp<size_t>(slots > 1 ? slots - 1 : 1, 1, 65535));
   plan.splits = ChoosePrefillSplits(rows, n_heads, n_kv_heads, static_cast<int>(plan.seg_tokens), sm_count, max_splits,
                                     PrefillRowsPerCta(head_dim));
   if (plan.splits > 1 || n_keys > plan.seg_tokens) plan.partial_bytes = static_cast<size_t>(plan.splits + 1) * part;

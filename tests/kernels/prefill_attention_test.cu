@@ -1002,6 +1002,32 @@ TEST(ChoosePrefillSplits, CountsTheCtasOfTheKernelTaken) {
   EXPECT_EQ(kernels::ChoosePrefillSplits(512, 32, 8, 100000, 132, 64, kernels::PrefillRowsPerCta(128)), 3);
 }
 
+// The engine's plan for one prefill launch over a cached past (host only).
+TEST(PlanPrefillPast, BoundsTheExpansionAndThePartials) {
+  const size_t expand = size_t{128} << 20, partials = size_t{256} << 20;
+  // Llama-3-8B shape, 4096 rows over 1M keys: segments of 128 MiB / (8 heads x 128 x 2 bytes) =
+  // 65,536 tokens; the rows fill the device (one split); 16 segments merge through two partial
+  // slots of 4096 x 32 x 128 floats.
+  auto p = kernels::PlanPrefillPast(4096, 32, 8, 128, 1 << 20, 132, expand, partials);
+  EXPECT_EQ(p.seg_tokens, 65536);
+  EXPECT_EQ(p.expand_bytes, size_t{128} << 20);
+  EXPECT_EQ(p.splits, 1);
+  EXPECT_EQ(p.partial_bytes, size_t{2} * 4096 * 32 * 128 * 4);
+  // The same rows over a past that fits one segment: no partials at all.
+  p = kernels::PlanPrefillPast(4096, 32, 8, 128, 20000, 132, expand, partials);
+  EXPECT_EQ(p.seg_tokens, 20000);
+  EXPECT_EQ(p.splits, 1);
+  EXPECT_EQ(p.partial_bytes, 0u);
+  // 16 rows: split over the keys, partial slots within the budget.
+  p = kernels::PlanPrefillPast(16, 32, 8, 128, 100000, 132, expand, partials);
+  EXPECT_GT(p.splits, 1);
+  EXPECT_EQ(p.partial_bytes, static_cast<size_t>(p.splits + 1) * 16 * 32 * 128 * 4);
+  EXPECT_LE(p.partial_bytes, partials);
+  // A partial budget smaller than two slots still gives a usable plan (one split).
+  p = kernels::PlanPrefillPast(4096, 32, 8, 128, 1 << 20, 132, expand, size_t{1} << 20);
+  EXPECT_EQ(p.splits, 1);
+}
+
 TEST(ChoosePrefillSplits, SplitsASmallChunkOverALongPast) {
   // One row, 8 kv heads: 8 CTAs on 132 SMs; even 16 splits leave SMs idle, so take them all.
   EXPECT_EQ(kernels::ChoosePrefillSplits(1, 8, 8, 100000, 132, 16), 16);
