@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "common/half.h"
@@ -13,6 +14,7 @@
 #include "kvstore/block_layout.h"
 #include "kvstore/kernel_geometry.h"
 #include "kvstore/quantized_kv_cache.h"
+#include "kvstore/quantizer.h"
 #include "tests/kernels/cuda_test_util.h"
 
 namespace kvq::testing {
@@ -133,6 +135,46 @@ inline std::unique_ptr<DevicePagedKv> UploadCaches(
     v.key_range = d->key_range.get();
   }
   return d;
+}
+
+// A calibrated quantizer with random (but plausible) thresholds and strictly ascending LUTs, for
+// the attention kernels' tests (decode and prefill).
+inline std::shared_ptr<const kvstore::Quantizer> MakeRandomQuantizer(const kvstore::KvShape& shape,
+                                                                     const kvstore::KvFormat& format,
+                                                                     std::mt19937& rng) {
+  if (!format.quantized()) return nullptr;
+  kvstore::QuantizerData d;
+  d.shape = shape;
+  d.format = format;
+  d.fingerprint = "test";
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  const size_t nk = static_cast<size_t>(shape.n_layers) * shape.ElementsPerTokenPerLayer();
+  if (format.keys_per_channel()) {
+    for (size_t i = 0; i < nk; ++i) {
+      const float center = 0.5f * (u(rng) - 0.5f);
+      const float half = 0.8f + 1.5f * u(rng);
+      d.key_lower.push_back(center - half);
+      d.key_upper.push_back(center + half);
+    }
+  }
+  const int C = format.num_centroids();
+  for (int l = 0; l < shape.n_layers; ++l) {
+    for (auto* lut : {&d.key_lut, &d.value_lut}) {
+      for (int j = 0; j < C; ++j) {
+        // Evenly spaced with jitter below half a step: still strictly ascending in [-1, 1].
+        const float base = -1.0f + 2.0f * j / (C - 1);
+        const float jitter = (j == 0 || j == C - 1) ? 0.0f : (u(rng) - 0.5f) * (0.8f / (C - 1));
+        lut->push_back(base + jitter);
+      }
+    }
+    d.key_qnorm_scale.push_back(format.qnorm ? 0.9f : 1.0f);
+    d.key_qnorm_offset.push_back(format.qnorm ? 0.01f : 0.0f);
+    d.value_qnorm_scale.push_back(format.qnorm ? 0.95f : 1.0f);
+    d.value_qnorm_offset.push_back(0.0f);
+  }
+  auto q = kvstore::Quantizer::Create(std::move(d));
+  EXPECT_TRUE(q.ok()) << q.status();
+  return std::make_shared<const kvstore::Quantizer>(std::move(q).value());
 }
 
 }  // namespace kvq::testing

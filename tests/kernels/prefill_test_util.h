@@ -1,0 +1,89 @@
+// Shared by the prefill kernels' GPU tests (expand_kv_test.cu, prefill_attention_test.cu): a
+// batch of quantized caches with random K/V uploaded as a paged device view, random queries, and
+// the launchers' InvalidArgument check.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_replace.h"
+#include "kernels/reference/rope.h"
+#include "kvstore/kv_format.h"
+#include "kvstore/quantized_kv_cache.h"
+#include "tests/kernels/kv_pool_test_util.h"
+
+namespace kvq::testing {
+
+inline constexpr int kPrefillTestLayer = 1;          // of 2: per-layer offsets are exercised
+inline constexpr uint16_t kUnwritten = 0x7d55;  // an fp16 NaN payload no float conversion produces
+
+inline std::string FormatTag(const std::string& f) {
+  return absl::StrReplaceAll(f, {{"-", "_"}, {"%", "pct"}, {".", "p"}});
+}
+
+// A batch of sequence caches (random K/V, one shape, format and quantizer) and its device view.
+struct Past {
+  kvstore::KvShape shape;
+  kernels::RopeParams rope;
+  std::shared_ptr<const kvstore::Quantizer> quant;
+  std::vector<std::unique_ptr<kvstore::QuantizedKvCache>> caches;
+  std::unique_ptr<DevicePagedKv> dev;
+};
+
+inline void BuildPast(const std::string& format, int head_dim, int n_kv_heads, const std::vector<int>& lens,
+                      int64_t first_position, uint32_t seed, Past* past) {
+  auto fmt = kvstore::KvFormat::Parse(format);
+  ASSERT_TRUE(fmt.ok()) << fmt.status();
+  past->shape = kvstore::KvShape{2, n_kv_heads, head_dim};
+  past->rope.head_dim = head_dim;
+  past->rope.theta = 500000.0;
+  std::mt19937 rng(seed);
+  past->quant = MakeRandomQuantizer(past->shape, *fmt, rng);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t L = past->shape.ElementsPerTokenPerLayer();
+  std::vector<const kvstore::QuantizedKvCache*> ptrs;
+  for (int len : lens) {
+    auto cache = kvstore::QuantizedKvCache::Create(past->shape, *fmt, past->quant, past->rope,
+                                                   first_position);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    std::vector<float> k(static_cast<size_t>(len) * L), v(k.size());
+    for (float& x : k) x = nd(rng) * 1.2f;
+    for (float& x : v) x = nd(rng);
+    // A few large key values so that per-channel outliers exist even at 0.1%.
+    for (size_t i = 0; i < k.size(); i += 97) k[i] *= 4.0f;
+    // Appended in steps of up to 300 tokens.
+    for (int at = 0; at < len; at += 300) {
+      const int n = std::min(300, len - at);
+      for (int l = 0; l < past->shape.n_layers; ++l) {
+        ASSERT_TRUE((*cache)->Append(l, k.data() + at * L, v.data() + at * L, n).ok());
+      }
+      ASSERT_TRUE((*cache)->Commit().ok());
+    }
+    ptrs.push_back(cache->get());
+    past->caches.push_back(std::move(cache).value());
+  }
+  past->dev = UploadCaches(ptrs, past->quant.get(), past->rope);
+}
+
+inline std::vector<float> RandomQ(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> q(n);
+  for (float& x : q) x = nd(rng) * 0.6f;
+  return q;
+}
+
+inline void ExpectInvalid(const absl::Status& s, const std::string& needle) {
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(std::string(s.message()).find(needle), std::string::npos)
+      << "message should mention \"" << needle << "\": " << s;
+}
+
+}  // namespace kvq::testing
