@@ -11,6 +11,7 @@
 // Not a *_test.cc: it needs its own main and mpirun, so tests/CMakeLists.txt registers it.
 #include <cmath>
 #include <condition_variable>
+#include <functional>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -246,6 +247,56 @@ struct GenCase {
   std::string quantizer;  // relative to the cache folder; empty: none needed
 };
 
+// Greedy generations of `texts` (chat-templated, all enqueued before the first finishes, so they
+// batch), prompt i with max_tokens(i) tokens.
+std::vector<std::vector<int32_t>> GenerateAll(engine::Engine& e, const std::vector<std::string>& texts,
+                                              const std::function<int(int)>& max_tokens) {
+  std::vector<std::shared_ptr<Sink>> sinks;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    auto chat = e.tokenizer().ApplyChatTemplate({{"user", texts[i]}}, true);
+    engine::GenerateRequest r;
+    r.prompt = e.tokenizer().Encode(*chat, true, true);
+    r.sampling.max_tokens = max_tokens(static_cast<int>(i));
+    r.sampling.ignore_eos = true;
+    r.sink = std::make_shared<Sink>();
+    sinks.push_back(std::static_pointer_cast<Sink>(r.sink));
+    auto id = e.Enqueue(std::move(r));
+    EXPECT_TRUE(id.ok()) << id.status();
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (auto& s : sinks) {
+    out.push_back(s->Wait());
+    EXPECT_TRUE(s->status_.ok()) << s->status_;
+  }
+  return out;
+}
+
+// One rank's greedy tokens against several ranks'. fp16 KV: the same tokens. A quantized cache
+// amplifies the merge's reduction-order rounding (a key that moves by an ulp can cross a
+// quantization threshold, and the code flips), so there the first 6 tokens of every prompt must
+// agree and later divergence is reported: seen on one CI machine with int4 at 2 ranks (prompt 2
+// equal for 9 of 12 tokens; 3 and 4 ranks equal) while another machine's BLAS kept all 12 equal.
+void ExpectSameGreedy(const std::vector<std::vector<int32_t>>& one, const std::vector<std::vector<int32_t>>& many,
+                      const std::string& format, const char* tag) {
+  ASSERT_EQ(one.size(), many.size());
+  const bool quantized = format != "fp16";
+  int same = 0, total = 0;
+  for (size_t i = 0; i < one.size(); ++i) {
+    ASSERT_EQ(one[i].size(), many[i].size());
+    size_t prefix = 0;
+    while (prefix < one[i].size() && one[i][prefix] == many[i][prefix]) ++prefix;
+    same += static_cast<int>(prefix);
+    total += static_cast<int>(one[i].size());
+    if (!quantized) {
+      EXPECT_EQ(one[i], many[i]) << "prompt " << i << " (" << format << ", " << g_transport->size() << " ranks)";
+    } else {
+      EXPECT_GE(prefix, 6u) << "prompt " << i << " (" << format << ", " << g_transport->size() << " ranks)";
+    }
+  }
+  std::printf("[%s] %s, %d ranks: %d/%d tokens equal to one rank before the first divergence\n", tag, format.c_str(),
+              g_transport->size(), same, total);
+}
+
 void PrintTo(const GenCase& c, std::ostream* os) { *os << c.format; }
 
 class ShardedGenerationTest : public ::testing::TestWithParam<GenCase> {};
@@ -292,56 +343,12 @@ TEST_P(ShardedGenerationTest, SameTokensAsOneRank) {
       "Write a short poem about the sea, the wind and the sand, in four lines, and give it a title. "
       "Then explain in one sentence what it means.",
   };
-  auto run = [&]() {
-    std::vector<std::shared_ptr<Sink>> sinks;
-    for (size_t i = 0; i < texts.size(); ++i) {
-      auto chat = (*e)->tokenizer().ApplyChatTemplate({{"user", texts[i]}}, true);
-      engine::GenerateRequest r;
-      r.prompt = (*e)->tokenizer().Encode(*chat, true, true);
-      r.sampling.max_tokens = 6 + 3 * static_cast<int>(i);  // mixed lengths
-      r.sampling.ignore_eos = true;
-      r.sink = std::make_shared<Sink>();
-      sinks.push_back(std::static_pointer_cast<Sink>(r.sink));
-      auto id = (*e)->Enqueue(std::move(r));
-      EXPECT_TRUE(id.ok()) << id.status();
-    }
-    std::vector<std::vector<int32_t>> out;
-    for (auto& s : sinks) {
-      out.push_back(s->Wait());
-      EXPECT_TRUE(s->status_.ok()) << s->status_;
-    }
-    return out;
-  };
-  const auto one = run();
+  const auto max_tokens = [](int i) { return 6 + 3 * i; };  // mixed lengths
+  const auto one = GenerateAll(**e, texts, max_tokens);
   sharded = true;
-  const auto many = run();
-  ASSERT_EQ(one.size(), many.size());
-  // fp16 KV: the same tokens. A quantized cache amplifies the merge's reduction-order rounding
-  // (a key that moves by an ulp can cross a quantization threshold, and the code flips), so there
-  // the first tokens of every prompt must agree and later divergence is reported: seen on one CI
-  // machine with int4 at 2 ranks (prompt 2 equal for 9 of 12 tokens; 3 and 4 ranks equal) while
-  // another machine's BLAS kept all 12 equal.
-  const bool quantized = GetParam().format != "fp16";
-  int same = 0, total = 0;
-  for (size_t i = 0; i < one.size(); ++i) {
-    EXPECT_EQ(one[i].size(), static_cast<size_t>(6 + 3 * i));
-    ASSERT_EQ(one[i].size(), many[i].size());
-    size_t prefix = 0;
-    while (prefix < one[i].size() && one[i][prefix] == many[i][prefix]) ++prefix;
-    same += static_cast<int>(prefix);
-    total += static_cast<int>(one[i].size());
-    if (!quantized) {
-      EXPECT_EQ(one[i], many[i]) << "prompt " << i << " (" << GetParam().format << ", " << g_transport->size()
-                                 << " ranks)";
-    } else {
-      EXPECT_GE(prefix, 6u) << "prompt " << i << " (" << GetParam().format << ", " << g_transport->size()
-                            << " ranks)";
-    }
-  }
-  if (g_transport->rank() == 0) {
-    std::printf("[sharded-gen] %s, %d ranks: %d/%d tokens equal to one rank before the first divergence\n",
-                GetParam().format.c_str(), g_transport->size(), same, total);
-  }
+  const auto many = GenerateAll(**e, texts, max_tokens);
+  for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(one[i].size(), static_cast<size_t>(6 + 3 * i));
+  ExpectSameGreedy(one, many, GetParam().format, "sharded-gen");
   (*e)->Shutdown(false);
   e->reset();  // frees the sharded caches while the factory lives
   EXPECT_TRUE(g_transport->health().ok()) << g_transport->health();
@@ -436,43 +443,11 @@ TEST(ShardedGpuGenerationTest, SameTokensAsOneRank) {
         "What is the capital of France? Answer in one word.",
         "Write a short poem about the sea, the wind and the sand, in four lines, and give it a title.",
     };
-    auto run = [&]() {
-      std::vector<std::shared_ptr<Sink>> sinks;
-      for (size_t i = 0; i < texts.size(); ++i) {
-        auto chat = (*e)->tokenizer().ApplyChatTemplate({{"user", texts[i]}}, true);
-        engine::GenerateRequest r;
-        r.prompt = (*e)->tokenizer().Encode(*chat, true, true);
-        r.sampling.max_tokens = 8 + 4 * static_cast<int>(i);
-        r.sampling.ignore_eos = true;
-        r.sink = std::make_shared<Sink>();
-        sinks.push_back(std::static_pointer_cast<Sink>(r.sink));
-        EXPECT_TRUE((*e)->Enqueue(std::move(r)).ok());
-      }
-      std::vector<std::vector<int32_t>> out;
-      for (auto& sk : sinks) {
-        out.push_back(sk->Wait());
-        EXPECT_TRUE(sk->status_.ok()) << sk->status_;
-      }
-      return out;
-    };
-    const auto one = run();
+    const auto max_tokens = [](int i) { return 8 + 4 * i; };
+    const auto one = GenerateAll(**e, texts, max_tokens);
     sharded = true;
-    const auto many = run();
-    int same = 0, total = 0;
-    for (size_t i = 0; i < one.size(); ++i) {
-      ASSERT_EQ(one[i].size(), many[i].size());
-      size_t prefix = 0;
-      while (prefix < one[i].size() && one[i][prefix] == many[i][prefix]) ++prefix;
-      same += static_cast<int>(prefix);
-      total += static_cast<int>(one[i].size());
-      if (fmt == "fp16") {
-        EXPECT_EQ(one[i], many[i]) << fmt << " prompt " << i;
-      } else {
-        EXPECT_GE(prefix, 6u) << fmt << " prompt " << i;
-      }
-    }
-    std::printf("[sharded-gpu] %s, %d ranks: %d/%d tokens equal to one rank before the first divergence\n",
-                fmt.c_str(), g_transport->size(), same, total);
+    const auto many = GenerateAll(**e, texts, max_tokens);
+    ExpectSameGreedy(one, many, fmt, "sharded-gpu");
     (*e)->Shutdown(false);
     e->reset();
   }
