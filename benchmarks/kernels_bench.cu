@@ -268,8 +268,8 @@ PrefillRow RunPrefill(const kvq::kernels::PagedKvCache& kv, const Shape& sh, con
                       int64_t ctx, int rows, int sm_count, int iters, int key_cap) {
   PrefillRow r{sh.name, fmt, ctx, rows, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0};
   const int hd = sh.head_dim, nh = sh.n_heads, nkv = sh.n_kv_heads;
-  const auto plan = kvq::kernels::PlanPrefillPast(rows, nh, nkv, hd, ctx, sm_count, size_t{128} << 20,
-                                                  size_t{256} << 20);
+  const auto plan = kvq::kernels::PlanPrefillPast(rows, nh, nkv, hd, ctx, sm_count, kvq::kernels::kPrefillExpandBudgetBytes,
+                                                  kvq::kernels::kPrefillPartialBudgetBytes);
   r.splits = plan.splits;
   r.seg_tokens = plan.seg_tokens;
   float *dq, *dout, *dlse, *po = nullptr, *pl = nullptr;
@@ -314,20 +314,27 @@ PrefillRow RunPrefill(const kvq::kernels::PagedKvCache& kv, const Shape& sh, con
       CKS(kvq::kernels::LaunchExpandKv(ep, nullptr));
     }
   });
+  // The `rows` queries over token-major fp16 K/V ([n_keys][nkv][hd]), every key visible.
+  auto over = [&](const uint16_t* k, const uint16_t* v, int n_keys) {
+    kvq::kernels::PrefillAttentionParams a;
+    a.rows = rows;
+    a.n_heads = nh;
+    a.n_kv_heads = nkv;
+    a.head_dim = hd;
+    a.q = dq;
+    a.k = k;
+    a.v = v;
+    a.kv_token_stride = static_cast<int64_t>(nkv) * hd;
+    a.kv_head_stride = hd;
+    a.n_keys = n_keys;
+    a.limit_base = n_keys;
+    a.o = dout;
+    a.lse = dlse;
+    return a;
+  };
   // The tensor-core kernel alone over one contiguous fp16 K/V of min(ctx, seg) keys, scaled to ctx.
   {
-    kvq::kernels::PrefillAttentionParams fp;
-    fp.rows = rows;
-    fp.n_heads = nh;
-    fp.n_kv_heads = nkv;
-    fp.head_dim = hd;
-    fp.q = dq;
-    fp.k = xk;
-    fp.v = xv;
-    fp.kv_token_stride = static_cast<int64_t>(nkv) * hd;
-    fp.kv_head_stride = hd;
-    fp.n_keys = static_cast<int>(std::min<int64_t>(ctx, plan.seg_tokens));
-    fp.limit_base = fp.n_keys;
+    kvq::kernels::PrefillAttentionParams fp = over(xk, xv, static_cast<int>(std::min<int64_t>(ctx, plan.seg_tokens)));
     fp.splits = plan.splits;
     fp.o = po != nullptr ? po : dout;
     fp.lse = pl != nullptr ? pl : dlse;
@@ -343,21 +350,9 @@ PrefillRow RunPrefill(const kvq::kernels::PagedKvCache& kv, const Shape& sh, con
     CK(cudaMalloc(&cv, static_cast<size_t>(rows) * nkv * hd * 2));
     CK(cudaMemcpy(ck, xk, std::min(plan.expand_bytes, static_cast<size_t>(rows) * nkv * hd * 2), cudaMemcpyDeviceToDevice));
     CK(cudaMemcpy(cv, xv, std::min(plan.expand_bytes, static_cast<size_t>(rows) * nkv * hd * 2), cudaMemcpyDeviceToDevice));
-    kvq::kernels::PrefillAttentionParams cp;
-    cp.rows = rows;
-    cp.n_heads = nh;
-    cp.n_kv_heads = nkv;
-    cp.head_dim = hd;
-    cp.q = dq;
-    cp.k = ck;
-    cp.v = cv;
-    cp.kv_token_stride = static_cast<int64_t>(nkv) * hd;
-    cp.kv_head_stride = hd;
-    cp.n_keys = rows;
+    kvq::kernels::PrefillAttentionParams cp = over(ck, cv, rows);
     cp.limit_base = 1;
     cp.causal = true;
-    cp.o = dout;
-    cp.lse = dlse;
     r.chunk_us = MedianUs(iters, [&] { CKS(kvq::kernels::LaunchPrefillAttention(cp, nullptr)); });
   }
   r.append_us = AppendUs(kv, rows, key_cap, iters);

@@ -32,6 +32,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -93,6 +94,12 @@ int PrefillRowsPerCta(int head_dim);
 // plan.seg_tokens tokens, ExpandKv into (xk, xv) and PrefillAttention with plan.splits splits;
 // with several segments or splits the partials go to (part_o, part_lse) (plan.partial_bytes) and
 // are merged into a running result there, the last merge writing (o, lse).
+// Device memory the engine lets one prefill launch take (what kernels_bench measures with): the
+// expanded K (and as much V) of one segment, and the split partials of one segment plus the
+// running result.
+inline constexpr size_t kPrefillExpandBudgetBytes = size_t{128} << 20;
+inline constexpr size_t kPrefillPartialBudgetBytes = size_t{256} << 20;
+
 struct PrefillPastPlan {
   int64_t seg_tokens = 0;
   int splits = 1;

@@ -98,10 +98,6 @@ struct Launch {
   kernels::PrefillPastPlan fa_plan;
 };
 
-// Device memory the prefill path may take per step: expanded K (and as much V) of one segment, and
-// the split partials of one segment (plus the running result).
-constexpr size_t kExpandBudgetBytes = size_t{128} << 20;
-constexpr size_t kPrefillPartialBudgetBytes = size_t{256} << 20;
 
 }  // namespace
 
@@ -131,6 +127,14 @@ struct GpuForward::Impl {
     if (cublas != nullptr) kernels::cublas::Destroy(cublas);
   }
 
+  // Rows [row0, row0 + n) of a [rows][dim] f32 device array into `out`, queued on the stream (the
+  // caller synchronizes before reading).
+  absl::Status RowsToHost(const float* dev, int row0, int n, int dim, std::vector<float>* out) const {
+    out->resize(static_cast<size_t>(n) * dim);
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(out->data(), dev + static_cast<int64_t>(row0) * dim, out->size() * 4,
+                                             cudaMemcpyDeviceToHost, stream));
+    return absl::OkStatus();
+  }
   // Serving through a host cache (e.g. a ShardedKvCache): the item's rotated queries go to
   // KvCache::Attend over its committed tokens (every rank holding some attends its shard; rank 0
   // merges), and the result lands in partial slot 1 like the GPU caches' past.
@@ -138,9 +142,8 @@ struct GpuForward::Impl {
                                  int64_t committed, int T, const float* q, float* parts_o, float* parts_lse) const {
     const int qd = c.q_dim(), nh = c.n_heads;
     if (committed == 0) return absl::OkStatus();  // slot 1 stays empty (filled with -inf)
-    std::vector<float> hq(static_cast<size_t>(n) * qd), ho(hq.size()), hl(static_cast<size_t>(n) * nh);
-    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hq.data(), q + static_cast<int64_t>(row0) * qd, hq.size() * 4,
-                                             cudaMemcpyDeviceToHost, stream));
+    std::vector<float> hq, ho(static_cast<size_t>(n) * qd), hl(static_cast<size_t>(n) * nh);
+    KVQ_RETURN_IF_ERROR(RowsToHost(q, row0, n, qd, &hq));
     KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
     const std::vector<int64_t> key_end(static_cast<size_t>(n), committed);
     cache->Attend(layer, hq.data(), n, key_end.data(), ho.data(), hl.data());
@@ -155,12 +158,9 @@ struct GpuForward::Impl {
   // (a sharded cache sends them to the rank that owns their positions).
   absl::Status HostAppend(const model::ModelConfig& c, model::KvCache* cache, int layer, int row0, int n,
                           const float* k, const float* v) const {
-    const int kvd = c.kv_dim();
-    std::vector<float> hk(static_cast<size_t>(n) * kvd), hv(hk.size());
-    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hk.data(), k + static_cast<int64_t>(row0) * kvd, hk.size() * 4,
-                                             cudaMemcpyDeviceToHost, stream));
-    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hv.data(), v + static_cast<int64_t>(row0) * kvd, hv.size() * 4,
-                                             cudaMemcpyDeviceToHost, stream));
+    std::vector<float> hk, hv;
+    KVQ_RETURN_IF_ERROR(RowsToHost(k, row0, n, c.kv_dim(), &hk));
+    KVQ_RETURN_IF_ERROR(RowsToHost(v, row0, n, c.kv_dim(), &hv));
     KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
     return cache->Append(layer, hk.data(), hv.data(), n);
   }
@@ -171,11 +171,9 @@ struct GpuForward::Impl {
   absl::Status HostAttention(const model::ModelConfig& c, model::KvCache* cache, int layer, int row0, int n,
                              int64_t committed, int T, float* q, const float* k, const float* v) const {
     const int kvd = c.kv_dim(), qd = c.q_dim();
-    std::vector<float> hk(static_cast<size_t>(n) * kvd), hv(hk.size());
-    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hk.data(), k + static_cast<int64_t>(row0) * kvd, hk.size() * 4,
-                                             cudaMemcpyDeviceToHost, stream));
-    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(hv.data(), v + static_cast<int64_t>(row0) * kvd, hv.size() * 4,
-                                             cudaMemcpyDeviceToHost, stream));
+    std::vector<float> hk, hv;
+    KVQ_RETURN_IF_ERROR(RowsToHost(k, row0, n, kvd, &hk));
+    KVQ_RETURN_IF_ERROR(RowsToHost(v, row0, n, kvd, &hv));
     KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
     KVQ_RETURN_IF_ERROR(cache->Append(layer, hk.data(), hv.data(), n));
     const int64_t len = committed + n;
@@ -631,8 +629,8 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   for (Launch& a : attn) {
     if (a.max_len == 0) continue;
     if (a.fa) {
-      a.fa_plan = kernels::PlanPrefillPast(a.rows, nh, nkv, hd, a.fa_keys, m.sm_count, kExpandBudgetBytes,
-                                           kPrefillPartialBudgetBytes);
+      a.fa_plan = kernels::PlanPrefillPast(a.rows, nh, nkv, hd, a.fa_keys, m.sm_count,
+                                           kernels::kPrefillExpandBudgetBytes, kernels::kPrefillPartialBudgetBytes);
       xkv_bytes = std::max(xkv_bytes, a.fa_plan.expand_bytes);
       pf_parts_bytes = std::max(pf_parts_bytes, a.fa_plan.partial_bytes);
       continue;
