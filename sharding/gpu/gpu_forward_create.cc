@@ -1,0 +1,135 @@
+// GpuForward's construction: cuBLAS and the stream set up, the weights uploaded (converted to the
+// GEMM dtype) from a checkpoint or generated on the device.
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "sharding/gpu/gpu_forward.h"
+#include "sharding/gpu/gpu_forward_impl.h"
+
+namespace kvq::sharding {
+
+using gpu_forward_internal::DevLayer;
+using kernels::DType;
+
+absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Create(const model::LlamaWeights& w,
+                                                               DType dtype, cudaStream_t stream) {
+  const model::ModelConfig& c = w.config;
+  KVQ_ASSIGN_OR_RETURN(std::unique_ptr<GpuForward> f, Empty(c, dtype, stream));
+  Impl& m = *f->impl_;
+  size_t free0 = 0, total = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free0, &total));
+  auto up = [&](const std::vector<float>& v, DType t) { return m.Upload(v, t); };
+  KVQ_ASSIGN_OR_RETURN(m.embed, up(w.tok_embd, dtype));
+  if (w.output.empty()) {
+    m.lm_head = m.embed;
+  } else {
+    KVQ_ASSIGN_OR_RETURN(m.lm_head, up(w.output, dtype));
+  }
+  KVQ_ASSIGN_OR_RETURN(void* on, up(w.output_norm, DType::kF32));
+  m.out_norm = static_cast<float*>(on);
+  for (const model::LayerWeights& L : w.layers) {
+    DevLayer d;
+    KVQ_ASSIGN_OR_RETURN(void* an, up(L.attn_norm, DType::kF32));
+    KVQ_ASSIGN_OR_RETURN(void* fn, up(L.ffn_norm, DType::kF32));
+    d.attn_norm = static_cast<float*>(an);
+    d.ffn_norm = static_cast<float*>(fn);
+    if (c.attention_bias) {
+      KVQ_ASSIGN_OR_RETURN(void* bq, up(L.bq, DType::kF32));
+      KVQ_ASSIGN_OR_RETURN(void* bk, up(L.bk, DType::kF32));
+      KVQ_ASSIGN_OR_RETURN(void* bv, up(L.bv, DType::kF32));
+      d.bq = static_cast<float*>(bq);
+      d.bk = static_cast<float*>(bk);
+      d.bv = static_cast<float*>(bv);
+    }
+    KVQ_ASSIGN_OR_RETURN(d.wq, up(L.wq, dtype));
+    KVQ_ASSIGN_OR_RETURN(d.wk, up(L.wk, dtype));
+    KVQ_ASSIGN_OR_RETURN(d.wv, up(L.wv, dtype));
+    KVQ_ASSIGN_OR_RETURN(d.wo, up(L.wo, dtype));
+    std::vector<float> gu(L.w_gate);
+    gu.insert(gu.end(), L.w_up.begin(), L.w_up.end());
+    KVQ_ASSIGN_OR_RETURN(d.w_gu, up(gu, dtype));
+    KVQ_ASSIGN_OR_RETURN(d.w_down, up(L.w_down, dtype));
+    m.layers.push_back(d);
+  }
+  KVQ_RETURN_IF_ERROR(m.UploadRope(c));
+  size_t free1 = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free1, &total));
+  f->weight_bytes_ = static_cast<int64_t>(free0) - static_cast<int64_t>(free1);
+  return f;
+}
+
+absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::CreateSynthetic(const model::ModelConfig& c,
+                                                                        DType dtype, uint64_t seed,
+                                                                        cudaStream_t stream) {
+  KVQ_ASSIGN_OR_RETURN(std::unique_ptr<GpuForward> f, Empty(c, dtype, stream));
+  Impl& m = *f->impl_;
+  size_t free0 = 0, total = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free0, &total));
+  uint64_t tensor = 0;
+  auto alloc = [&](int64_t n, DType t, bool ones) -> absl::StatusOr<void*> {
+    void* d = nullptr;
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&d, static_cast<size_t>(n) * kernels::DTypeBytes(t)));
+    m.allocations.push_back(d);
+    if (ones) {
+      KVQ_RETURN_IF_ERROR(kernels::LaunchFillF32(n, 1.0f, static_cast<float*>(d), stream));
+    } else {
+      KVQ_RETURN_IF_ERROR(kernels::LaunchFillNormal(n, seed * 1000003 + (++tensor), 0.0f, 0.02f, d, t, stream));
+    }
+    return d;
+  };
+  const int64_t h = c.hidden, q = c.q_dim(), kv = c.kv_dim(), ff = c.intermediate;
+  KVQ_ASSIGN_OR_RETURN(m.embed, alloc(c.vocab_size * h, dtype, false));
+  if (c.tie_word_embeddings) {
+    m.lm_head = m.embed;
+  } else {
+    KVQ_ASSIGN_OR_RETURN(m.lm_head, alloc(c.vocab_size * h, dtype, false));
+  }
+  KVQ_ASSIGN_OR_RETURN(void* on, alloc(h, DType::kF32, true));
+  m.out_norm = static_cast<float*>(on);
+  for (int l = 0; l < c.n_layers; ++l) {
+    DevLayer d;
+    KVQ_ASSIGN_OR_RETURN(void* an, alloc(h, DType::kF32, true));
+    KVQ_ASSIGN_OR_RETURN(void* fn, alloc(h, DType::kF32, true));
+    d.attn_norm = static_cast<float*>(an);
+    d.ffn_norm = static_cast<float*>(fn);
+    if (c.attention_bias) {
+      KVQ_ASSIGN_OR_RETURN(void* bq, alloc(q, DType::kF32, false));
+      KVQ_ASSIGN_OR_RETURN(void* bk, alloc(kv, DType::kF32, false));
+      KVQ_ASSIGN_OR_RETURN(void* bv, alloc(kv, DType::kF32, false));
+      d.bq = static_cast<float*>(bq);
+      d.bk = static_cast<float*>(bk);
+      d.bv = static_cast<float*>(bv);
+    }
+    KVQ_ASSIGN_OR_RETURN(d.wq, alloc(q * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.wk, alloc(kv * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.wv, alloc(kv * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.wo, alloc(h * q, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.w_gu, alloc(2 * ff * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.w_down, alloc(h * ff, dtype, false));
+    m.layers.push_back(d);
+  }
+  KVQ_RETURN_IF_ERROR(m.UploadRope(c));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+  size_t free1 = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free1, &total));
+  f->weight_bytes_ = static_cast<int64_t>(free0) - static_cast<int64_t>(free1);
+  return f;
+}
+
+absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Empty(const model::ModelConfig& c, DType dtype,
+                                                               cudaStream_t stream) {
+  KVQ_RETURN_IF_ERROR(c.Validate());
+  if (c.head_dim % 32 != 0 || c.head_dim > 256) {
+    return absl::UnimplementedError(absl::StrCat("GPU engine: head_dim ", c.head_dim, " (32, 64, 128 or 256)"));
+  }
+  std::unique_ptr<GpuForward> f(new GpuForward());
+  f->config_ = c;
+  f->dtype_ = dtype;
+  f->impl_ = std::make_unique<Impl>();
+  KVQ_RETURN_IF_ERROR(f->impl_->Init(stream));
+  return f;
+}
+
+GpuForward::~GpuForward() = default;
+
+}  // namespace kvq::sharding
