@@ -32,8 +32,11 @@
 // their own positions with a cos/sin group anchored at first_position (always rotated, also for
 // post-RoPE formats). Sink buffers must be 16-byte aligned (read in uint4).
 //
-// Precision: l, cos/sin, their products and P are fp16 (relative 2^-11), all sums fp32 — the same
-// roundings as decode_attention_mma.cuh, which rounds the dequantized key and value instead. An
+// Precision: l, cos/sin and their products are fp16 (relative 2^-11), all sums fp32. P (= p r) goes
+// in as two fp16 parts, hi = fp16(P) and lo = fp16(P - hi), one mma each (the tensor cores are idle
+// here): relative 2^-22, so o no longer depends on where splits and rank shards cut the keys (each
+// rounds p against its own running max; with P in one fp16, sharded and single-rank o differed by
+// 3.5e-4 on SmolLM2, enough to flip a code of the next layer's keys and with it a greedy token). An
 // outlier whose (x - zero point) / range exceeds the fp16 range (range clamped to 2^-14 by the
 // quantizer and a huge outlier) is clamped to +-65504.
 #pragma once
@@ -81,12 +84,12 @@ struct LutMmaCfg {
   static constexpr int kCsWords = kHC * 8;
   static constexpr int kCsStride = kCsWords + 4;      // conflict-free 16-byte reads
   static constexpr int kStageBytes = kTile * kHeadDim * 2;
-  static constexpr int kPBytes = kTile * 8 * 2;
+  static constexpr int kPBytes = 2 * kTile * 8 * 2;  // P as fp16 hi parts, then lo parts
   static constexpr int kZrBytes = kHeadDim * 8;       // float2 {zero point, 1 / range}
   static constexpr int kZBytes = 2 * kHC * 32 * 16;   // Q2 and zero-point B fragments [jj][lane]
   static constexpr int kWarpBytes = (kStageBytes + kPBytes + kZrBytes + kZBytes + 15) / 16 * 16;
   static constexpr int kCsBytes = kGroupTiles * 32 * kCsStride * 4;
-  static constexpr int kRotBytes = kHalf * 11 * 8;    // anchor, e1, st8[8], e64 (float2)
+  static constexpr int kRotBytes = decode_attention_mma::RopeGroupAnchors<kHalf>::kBytes;
   static constexpr int kPairBytes = 2 * kPairs * 4;   // key and value pair tables
   static constexpr int kCtaBytes = kCsBytes + kRotBytes + kPairBytes;
   static size_t SmemBytes(int warps) { return kCtaBytes + static_cast<size_t>(warps) * kWarpBytes; }
@@ -126,15 +129,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   constexpr int kChunks = Cfg::kChunks;
   constexpr int kHC = Cfg::kHC;
   constexpr int kW = Cfg::kHalfWords;
-  constexpr int kReanchor = 64;
   using RawT = LutRaw<kW>;
 
   extern __shared__ __align__(16) uint8_t smem[];
   uint32_t* cs_s = reinterpret_cast<uint32_t*>(smem);
-  float2* anc_s = reinterpret_cast<float2*>(smem + Cfg::kCsBytes);
-  float2* e1_s = anc_s + kHalf;
-  float2* st8_s = e1_s + kHalf;  // [kHalf][8]
-  float2* e64_s = st8_s + kHalf * 8;
+  decode_attention_mma::RopeGroupAnchors<kHalf> rot_tab(smem + Cfg::kCsBytes);
   uint32_t* kpair_s = reinterpret_cast<uint32_t*>(smem + Cfg::kCsBytes + Cfg::kRotBytes);
   uint32_t* vpair_s = kpair_s + kPairs;
 
@@ -174,12 +173,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const int hk_c = active ? hk : 0;
 
   // ---- Per-CTA constants: rotation steps, pair tables; per warp: key scaling. ----
-  for (int f = tid; f < kHalf; f += blockDim.x) {
-    const double inv = kv.rope_inv_freq[f];
-    e1_s[f] = SinCosD(inv);
-    for (int r = 0; r < 8; ++r) st8_s[f * 8 + r] = SinCosD(inv * (8.0 * r));
-    e64_s[f] = SinCosD(inv * static_cast<double>(kTile * kGroupTiles));
-  }
+  if (rope || n_stiles > 0) rot_tab.Init(kv.rope_inv_freq, tid, blockDim.x);
   {
     const float* kl = kv.key_lut + p.layer * kC;
     const float* vl = kv.value_lut + p.layer * kC;
@@ -318,30 +312,31 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     if (sink_tile ? T == -n_stiles : (T % kGroupTiles) == 0) {
       __syncthreads();
       const bool rot = sink_tile || rope;
-      if (rot) {
-        const int64_t gpos = sink_tile ? first_pos : blk_pos0 + j;
-        const bool exact = sink_tile || (T / kGroupTiles) % kReanchor == 0;
-        for (int f = tid; f < kHalf; f += blockDim.x) {
-          anc_s[f] = exact ? SinCosD(static_cast<double>(gpos) * kv.rope_inv_freq[f])
-                           : CMul(anc_s[f], e64_s[f]);
-        }
-      }
+      // Entries at absolute positions (rot_tab: the same bits whichever split or shard computes
+      // them); rows of 8 positions from the absolute group of gpos, 9 rows when gpos is not a
+      // multiple of 8.
+      const int64_t gpos = sink_tile ? first_pos : blk_pos0 + j;
+      if (rot) rot_tab.Anchor(gpos, /*restart=*/sink_tile || T == 0, kv.rope_inv_freq, tid, blockDim.x);
       __syncthreads();
+      const int off = static_cast<int>(gpos & 63);
+      const int n_rows = (off & 7) != 0 ? 9 : 8;
       constexpr int kFPairs = kHalf / 2;
-      for (int u = tid; u < 8 * kFPairs; u += blockDim.x) {
-        const int r = u / kFPairs, f = 2 * (u % kFPairs);
+      for (int u = tid; u < n_rows * kFPairs; u += blockDim.x) {
+        const int row = (off >> 3) + u / kFPairs, f = 2 * (u % kFPairs);
         const float2 one = make_float2(1.0f, 0.0f);
-        float2 c0 = rot ? CMul(anc_s[f], st8_s[f * 8 + r]) : one;
-        float2 c1 = rot ? CMul(anc_s[f + 1], st8_s[(f + 1) * 8 + r]) : one;
-        const float2 s0 = rot ? e1_s[f] : one, s1 = rot ? e1_s[f + 1] : one;
+        float2 c0 = rot ? rot_tab.RowStart(f, row) : one;
+        float2 c1 = rot ? rot_tab.RowStart(f + 1, row) : one;
+        const float2 s0 = rot ? rot_tab.e1[f] : one, s1 = rot ? rot_tab.e1[f + 1] : one;
         const int jj = f / 16, col = f % 16, hi8 = col / 8, qq = (col % 8) / 2;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-          const int tau = 8 * r + k;  // token in the group
-          const int tile = tau / 16, th = (tau % 16) / 8, gg = tau % 8;
-          uint32_t* dst = cs_s + (tile * 32 + gg * 4 + qq) * Cfg::kCsStride + jj * 8 + th + 2 * hi8;
-          dst[0] = PackF2(c0.x, c1.x);
-          dst[4] = PackF2(c0.y, c1.y);
+          const int tau = 8 * row + k - off;  // token in the group
+          if (tau >= 0 && tau < kTile * kGroupTiles) {
+            const int tile = tau / 16, th = (tau % 16) / 8, gg = tau % 8;
+            uint32_t* dst = cs_s + (tile * 32 + gg * 4 + qq) * Cfg::kCsStride + jj * 8 + th + 2 * hi8;
+            dst[0] = PackF2(c0.x, c1.x);
+            dst[4] = PackF2(c0.y, c1.y);
+          }
           c0 = CMul(c0, s0);
           c1 = CMul(c1, s1);
         }
@@ -568,14 +563,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         acc[i][3] *= corr1;
       }
     }
-    *reinterpret_cast<uint32_t*>(pbuf + g * 16 + q4 * 4) = PackF2(p0 * rg, p1 * rg);
-    *reinterpret_cast<uint32_t*>(pbuf + (g + 8) * 16 + q4 * 4) = PackF2(p2 * rg8, p3 * rg8);
+    {
+      const float a0 = p0 * rg, a1 = p1 * rg, a2 = p2 * rg8, a3 = p3 * rg8;
+      const uint32_t h01 = PackF2(a0, a1), h23 = PackF2(a2, a3);
+      *reinterpret_cast<uint32_t*>(pbuf + g * 16 + q4 * 4) = h01;
+      *reinterpret_cast<uint32_t*>(pbuf + (g + 8) * 16 + q4 * 4) = h23;
+      *reinterpret_cast<uint32_t*>(pbuf + kTile * 16 + g * 16 + q4 * 4) =
+          PackF2(a0 - HalfLo(h01), a1 - HalfHi(h01));
+      *reinterpret_cast<uint32_t*>(pbuf + kTile * 16 + (g + 8) * 16 + q4 * 4) =
+          PackF2(a2 - HalfLo(h23), a3 - HalfHi(h23));
+    }
     __syncwarp();
 
     // ---- 5. O^T += L_V^T . (P r) ----
     {
-      uint32_t pb[2];
+      uint32_t pb[2], pl[2];
       Ldsm2T(SmemAddr(pbuf) + (lane & 15) * 16, pb);
+      Ldsm2T(SmemAddr(pbuf) + kTile * 16 + (lane & 15) * 16, pl);
       const int mi = lane >> 3, r = lane & 7;
       const int row = r + 8 * (mi >> 1), csel = mi & 1;
       const uint32_t sbase = SmemAddr(stage);
@@ -584,6 +588,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         uint32_t a[4];
         Ldsm4T(sbase + StageOff<kHeadDim>(row, 2 * i + csel), a);
         Mma(acc[i], a, pb[0], pb[1]);
+        Mma(acc[i], a, pl[0], pl[1]);
       }
     }
   }

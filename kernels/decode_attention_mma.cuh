@@ -24,11 +24,12 @@
 //      P rounded to fp16 (l sums the rounded values, so o is exactly normalized);
 //   5. values: X is reused; O^T[hd][8 heads] += V^T . P with ldmatrix.trans A fragments and P
 //      transposed through a 256-byte per-warp buffer.
-// RoPE table: per 64-token group, the anchor exp(i (pos0 + g0) theta) is formed in double
-// (positions up to 1e7) every 64 groups and advanced by exp(i 64 theta) in fp32 in between (a
-// double sincos of a large angle takes thousands of cycles on the CTA's critical path); tokens
-// of the group then step by exp(i 8r theta) and exp(i theta) (at most 8 steps): relative error
-// ~1e-5, far below the fp16 rounding of the rotated keys.
+// RoPE table: per 64-token group, entries that are pure functions of the absolute position
+// (RopeGroupAnchors below): an exact double anchor per 4096-token block of positions (a double
+// sincos of a large angle takes thousands of cycles on the CTA's critical path, so only when a
+// split starts and every 64 groups), fp32 steps of 512 and 64 positions from fixed tables to the
+// position's 64-token group, then of 8 and 1: relative error ~1e-6, far below the fp16 rounding
+// of the rotated keys, and the same bits whichever split or rank shard holds the key.
 // Precision: keys, values and P are rounded to fp16 once (|k|, |v| < 4: <= 1e-3 absolute); all
 // sums are fp32.
 #pragma once
@@ -49,6 +50,80 @@ inline constexpr int kMaxWarps = 8;
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
 
+__device__ __forceinline__ float2 CMul(float2 a, float2 b) {
+  return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
+}
+static __device__ __noinline__ float2 SinCosD(double angle) {
+  double s, c;
+  sincos(angle, &s, &c);
+  return make_float2(static_cast<float>(c), static_cast<float>(s));
+}
+
+// RoPE (cos, sin) of a 64-token group, every entry a pure function of the absolute position, so
+// that whatever split or rank shard computes a key's score rounds it the same way (with anchors
+// at the split start, shards of one sequence differed in the last bits of cos/sin, which fp16
+// rounding turned into 1e-5 score differences). For position P, with P0 = P & ~63 (its absolute
+// 64-token group) and Pa = P0 & ~4095:
+//   z(P) = A(P0) * st8[((P - P0) >> 3)] * e1^((P - P0) & 7),
+//   A(P0) = X(Pa) * s8[(P0 >> 9) & 7] * s1[(P0 >> 6) & 7],   X(Pa) = exp(i Pa w) in double,
+// st8[r] = exp(i 8 r w), s8[m] = exp(i 512 m w), s1[m] = exp(i 64 m w) (double, rounded to fp32),
+// products in fp32: at most 12 roundings, ~1e-6 relative. A group of the kernel (64 tokens from
+// gpos) spans at most two absolute groups, whose anchors A live in a[0], a[1]; X(Pa) is computed
+// in double only at a restart (the first group of a split, sinks) and when a group enters a new
+// 4096-token block (groups advance by exactly 64 positions otherwise).
+template <int kHalf>
+struct RopeGroupAnchors {
+  static constexpr int kSlots = 2 + 2 + 8 + 8 + 8 + 1;  // x[2], a[2], s8[8], s1[8], st8[8], e1
+  static constexpr int kBytes = kHalf * kSlots * 8;
+  float2* x;    // [2][kHalf]
+  float2* a;    // [2][kHalf]
+  float2* s8;   // [kHalf][8]
+  float2* s1;   // [kHalf][8]
+  float2* st8;  // [kHalf][8]
+  float2* e1;   // [kHalf]
+
+  __device__ explicit RopeGroupAnchors(uint8_t* base) {
+    x = reinterpret_cast<float2*>(base);
+    a = x + 2 * kHalf;
+    s8 = a + 2 * kHalf;
+    s1 = s8 + 8 * kHalf;
+    st8 = s1 + 8 * kHalf;
+    e1 = st8 + 8 * kHalf;
+  }
+  // Once per CTA (a __syncthreads before the first Anchor's readers).
+  __device__ void Init(const double* inv_freq, int tid, int nthreads) {
+    for (int f = tid; f < kHalf; f += nthreads) {
+      const double inv = inv_freq[f];
+      e1[f] = SinCosD(inv);
+      for (int m = 0; m < 8; ++m) {
+        st8[f * 8 + m] = SinCosD(inv * (8.0 * m));
+        s1[f * 8 + m] = SinCosD(inv * (64.0 * m));
+        s8[f * 8 + m] = SinCosD(inv * (512.0 * m));
+      }
+    }
+  }
+  // At a group that starts at gpos (CTA-uniform; __syncthreads before, and before the rows);
+  // restart unless the previous call's gpos was gpos - 64.
+  __device__ void Anchor(int64_t gpos, bool restart, const double* inv_freq, int tid, int nthreads) {
+    const int64_t p0 = gpos & ~int64_t{63};
+    for (int k = 0; k < 2; ++k) {
+      const int64_t q = p0 + 64 * k, qa = q & ~int64_t{4095};
+      const bool fresh = restart || (q & 4095) < 64;
+      for (int f = tid; f < kHalf; f += nthreads) {
+        if (fresh) x[k * kHalf + f] = SinCosD(static_cast<double>(qa) * inv_freq[f]);
+        a[k * kHalf + f] = CMul(x[k * kHalf + f], CMul(s8[f * 8 + ((q >> 9) & 7)], s1[f * 8 + ((q >> 6) & 7)]));
+      }
+    }
+  }
+  // z at absolute position (gpos & ~63) + 8 * row (row in [0, 16): two absolute groups); the caller steps
+  // it by e1[f] for the next 7 positions.
+  __device__ float2 RowStart(int f, int row) const {
+    return CMul(a[(row >> 3) * kHalf + f], st8[f * 8 + (row & 7)]);
+  }
+};
+
+// Byte offset of 16-byte chunk `chunk` of staging row `row` (XOR swizzle: conflict-free row
+// writes by 8 lanes of consecutive rows and ldmatrix reads of 8 rows).
 template <int kHeadDim, KvCodec kCodec>
 struct MmaCfg {
   static constexpr bool kQuant = kCodec != KvCodec::kFp16;
@@ -68,7 +143,7 @@ struct MmaCfg {
   static constexpr int kWarpBytes = (kStageBytes + kPBytes + kKtabBytes + 15) / 16 * 16;
   // Per-CTA: cos/sin table, group anchors, 8-step and 1-step rotations, value pair table.
   static constexpr int kCsBytes = kGroupTiles * 32 * kCsStride * 4;
-  static constexpr int kRotBytes = kHalf * 11 * 8;    // anchor, e1, st8[8], e64 (float2)
+  static constexpr int kRotBytes = RopeGroupAnchors<kHalf>::kBytes;
   static constexpr int kVpairBytes = kQuant ? kC * kC * 8 : 0;
   static constexpr int kCtaBytes = kCsBytes + kRotBytes + kVpairBytes;
   static size_t SmemBytes(int warps) { return kCtaBytes + static_cast<size_t>(warps) * kWarpBytes; }
@@ -108,17 +183,6 @@ __device__ __forceinline__ __half2 BitsH2(uint32_t u) { return *reinterpret_cast
 __device__ __forceinline__ uint32_t PackF2(float lo, float hi) {
   return H2Bits(__floats2half2_rn(lo, hi));
 }
-__device__ __forceinline__ float2 CMul(float2 a, float2 b) {
-  return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
-}
-static __device__ __noinline__ float2 SinCosD(double angle) {
-  double s, c;
-  sincos(angle, &s, &c);
-  return make_float2(static_cast<float>(c), static_cast<float>(s));
-}
-
-// Byte offset of 16-byte chunk `chunk` of staging row `row` (XOR swizzle: conflict-free row
-// writes by 8 lanes of consecutive rows and ldmatrix reads of 8 rows).
 template <int kHeadDim>
 __device__ __forceinline__ int StageOff(int row, int chunk) {
   return row * (kHeadDim * 2) + ((chunk ^ (row & 7)) << 4);
@@ -181,11 +245,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
 
   extern __shared__ __align__(16) uint8_t smem[];
   uint32_t* cs_s = reinterpret_cast<uint32_t*>(smem);
-  float2* anc_s = reinterpret_cast<float2*>(smem + Cfg::kCsBytes);
-  float2* e1_s = anc_s + kHalf;
-  float2* st8_s = e1_s + kHalf;  // [kHalf][8]
-  float2* e64_s = st8_s + kHalf * 8;
-  constexpr int kReanchor = 64;
+  RopeGroupAnchors<kHalf> rot_tab(smem + Cfg::kCsBytes);
   float2* vpair_s = reinterpret_cast<float2*>(smem + Cfg::kCsBytes + Cfg::kRotBytes);
 
   const PagedKvCache& kv = p.kv;
@@ -215,14 +275,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const int hk_c = active ? hk : 0;
 
   // ---- Per-CTA constants. ----
-  if (rope) {
-    for (int f = tid; f < kHalf; f += blockDim.x) {
-      const double inv = kv.rope_inv_freq[f];
-      e1_s[f] = SinCosD(inv);
-      for (int r = 0; r < 8; ++r) st8_s[f * 8 + r] = SinCosD(inv * (8.0 * r));
-      e64_s[f] = SinCosD(inv * static_cast<double>(kTile * kGroupTiles));
-    }
-  }
+  if (rope) rot_tab.Init(kv.rope_inv_freq, tid, blockDim.x);
   if constexpr (kQuant) {
     const float* vl = kv.value_lut + p.layer * kC;
     for (int i = tid; i < kC * kC; i += blockDim.x) vpair_s[i] = make_float2(vl[i % kC], vl[i / kC]);
@@ -310,29 +363,30 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     // ---- cos/sin table of the 64-token group (CTA-wide). ----
     if (rope && (T % kGroupTiles) == 0) {
       __syncthreads();
-      // Group anchor: exact (double) every kReanchor groups, else advanced by exp(i 64 theta)
-      // in fp32 (each thread owns the same f every time): <= 64 products, ~1e-5 relative.
+      // Entries at absolute positions (RopeGroupAnchors: the same bits whichever split or shard
+      // computes them); rows of 8 positions from the absolute group of gpos, 9 rows when gpos is
+      // not a multiple of 8.
       const int64_t gpos = first_pos + j;
-      const bool exact = (T / kGroupTiles) % kReanchor == 0;
-      for (int f = tid; f < kHalf; f += blockDim.x) {
-        anc_s[f] = exact ? SinCosD(static_cast<double>(gpos) * kv.rope_inv_freq[f])
-                         : CMul(anc_s[f], e64_s[f]);
-      }
+      rot_tab.Anchor(gpos, /*restart=*/T == 0, kv.rope_inv_freq, tid, blockDim.x);
       __syncthreads();
+      const int off = static_cast<int>(gpos & 63);
+      const int n_rows = (off & 7) != 0 ? 9 : 8;
       constexpr int kPairs = kHalf / 2;
-      for (int u = tid; u < 8 * kPairs; u += blockDim.x) {
-        const int r = u / kPairs, fp = u % kPairs, f = 2 * fp;
-        float2 z0 = CMul(anc_s[f], st8_s[f * 8 + r]), z1 = CMul(anc_s[f + 1], st8_s[(f + 1) * 8 + r]);
-        const float2 s0 = e1_s[f], s1 = e1_s[f + 1];
+      for (int u = tid; u < n_rows * kPairs; u += blockDim.x) {
+        const int row = (off >> 3) + u / kPairs, fp = u % kPairs, f = 2 * fp;
+        float2 z0 = rot_tab.RowStart(f, row), z1 = rot_tab.RowStart(f + 1, row);
+        const float2 s0 = rot_tab.e1[f], s1 = rot_tab.e1[f + 1];
         const int jj = f / 16, hi8 = (f % 16) / 8, qq = (f % 8) / 2;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-          const int tau = 8 * r + k;  // token in the group
-          const int tile = tau / 16, th = (tau % 16) / 8, gg = tau % 8;
-          const int ln = gg * 4 + qq;
-          uint32_t* dst = cs_s + (tile * 32 + ln) * Cfg::kCsStride + ((jj * 2 + th) * 2 + hi8) * 2;
-          dst[0] = PackF2(z0.x, z1.x);
-          dst[1] = PackF2(z0.y, z1.y);
+          const int tau = 8 * row + k - off;  // token in the group
+          if (tau >= 0 && tau < kTile * kGroupTiles) {
+            const int tile = tau / 16, th = (tau % 16) / 8, gg = tau % 8;
+            const int ln = gg * 4 + qq;
+            uint32_t* dst = cs_s + (tile * 32 + ln) * Cfg::kCsStride + ((jj * 2 + th) * 2 + hi8) * 2;
+            dst[0] = PackF2(z0.x, z1.x);
+            dst[1] = PackF2(z0.y, z1.y);
+          }
           z0 = CMul(z0, s0);
           z1 = CMul(z1, s1);
         }

@@ -67,12 +67,15 @@ __device__ __forceinline__ uint8_t* TokenBlock(const KvAppendParams& p, int b, i
   return p.pool + static_cast<int64_t>(blk) * p.kv.block_stride_bytes;
 }
 
-// Takes `want` words from the block's bump area (header word 0), or `need` if `want` no longer
-// fits; returns the first word or ~0u when not even `need` fits.
+// Takes `want` words from the block's bump area (header word 0); when that no longer fits, a
+// quarter of the room beyond `need` that want asked for (at least 4 words, so that the next token
+// does not move the list again), then `need` alone. Returns the first word or ~0u when not even
+// `need` fits.
 __device__ __forceinline__ uint32_t TakeKeyWords(uint32_t* var, uint32_t end_words, uint32_t need, uint32_t* want) {
   uint32_t old = *reinterpret_cast<volatile uint32_t*>(var);
+  const uint32_t some = need + max(4u, (*want - need) / 4u);
   while (true) {
-    uint32_t take = old + *want <= end_words ? *want : need;
+    uint32_t take = old + *want <= end_words ? *want : (old + some <= end_words ? some : need);
     if (old + take > end_words) return ~0u;
     const uint32_t seen = atomicCAS(var, old, old + take);
     if (seen == old) {

@@ -71,11 +71,17 @@ struct PagedKvCache {
   // dropped (the overflow flag). Readers use {first, count} from the directory as always.
   int key_outlier_header_words = 0;
   // The capacity a growable list takes when it holds `need` entries after `filled` tokens of its
-  // block, with `remaining` tokens still to come (nominal = key_outlier_capacity).
+  // block, with `remaining` tokens still to come (nominal = key_outlier_capacity). The rate it
+  // extrapolates is the list's own, smoothed as if kPriorTokens more tokens at the nominal rate
+  // had been seen (and never below nominal): a prompt's first chunk often starts with a few
+  // outlier-heavy tokens (chat-template markers), and extrapolating those over the whole block
+  // made every list of a short prompt ask for many times what it would use, which used up the
+  // block's area after a few steps (measured on SmolLM2 chat prompts, 2026-12-01).
+  static constexpr int kPriorTokens = 64;
   KVQ_HOST_DEVICE static uint32_t KeyOutlierListWant(uint32_t need, int filled, int remaining, int nominal) {
     if (remaining <= 0) return need;
     const float r0 = static_cast<float>(nominal) / kKvBlockTokens;
-    const float r1 = filled > 0 ? static_cast<float>(need) / static_cast<float>(filled) : 0.0f;
+    const float r1 = (static_cast<float>(need) + r0 * kPriorTokens) / static_cast<float>(filled + kPriorTokens);
     const float rate = r0 > r1 ? r0 : r1;
     const float extra = 1.25f * rate * static_cast<float>(remaining);
     uint32_t e = static_cast<uint32_t>(extra);

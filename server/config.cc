@@ -18,6 +18,9 @@ ABSL_FLAG(std::string, device, "cpu", "cpu (reference backend) or cuda (the GPU 
 ABSL_FLAG(std::string, weights_dtype, "f16", "cuda: weight dtype f16 | bf16 | f32");
 ABSL_FLAG(double, gpu_memory_fraction, 0.90,
           "cuda, --kv_capacity_bytes=0: fraction of the GPU memory left after the weights for the KV pool");
+ABSL_FLAG(double, key_outlier_reserve, 0,
+          "cuda, formats with key outliers: room per block for this many times the nominal count of key "
+          "outliers (0: the measured default); raise it when the log warns that an area was used up");
 ABSL_FLAG(std::string, session_dir, "", "Directory for SaveSession/RestoreSession; empty: disabled");
 ABSL_FLAG(int64_t, session_ttl_seconds, 0, "Default session TTL; 0: sessions live until deleted or evicted");
 ABSL_FLAG(int, threads, 0, "CPU (BLAS) threads for the forward pass; 0: half the hardware threads, at most 8");
@@ -36,6 +39,7 @@ absl::StatusOr<DaemonConfig> DaemonConfigFromFlags() {
   e.device = absl::GetFlag(FLAGS_device);
   e.weights_dtype = absl::GetFlag(FLAGS_weights_dtype);
   e.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
+  e.key_outlier_reserve = absl::GetFlag(FLAGS_key_outlier_reserve);
   e.quantizer = absl::GetFlag(FLAGS_quantizer);
   e.kv_capacity_bytes = absl::GetFlag(FLAGS_kv_capacity_bytes);
   e.max_batch = absl::GetFlag(FLAGS_max_batch);
@@ -62,6 +66,9 @@ absl::StatusOr<DaemonConfig> DaemonConfigFromFlags() {
   if (e.prefill_chunk < 1) return absl::InvalidArgumentError("--prefill_chunk must be >= 1");
   if (e.kv_capacity_bytes < 0) return absl::InvalidArgumentError("--kv_capacity_bytes must be >= 0");
   if (e.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
+  if (!(e.key_outlier_reserve == 0 || (e.key_outlier_reserve >= 1 && e.key_outlier_reserve <= 64))) {
+    return absl::InvalidArgumentError("--key_outlier_reserve must be 0 (the default) or in [1, 64]");
+  }
   if (e.session_ttl_seconds < 0) return absl::InvalidArgumentError("--session_ttl_seconds must be >= 0");
   if (s.max_receive_message_bytes < 1024 || s.max_receive_message_bytes > (int64_t{1} << 30)) {
     return absl::InvalidArgumentError("--max_message_bytes must be in [1 KiB, 1 GiB]");

@@ -107,6 +107,9 @@ int main(int argc, char** argv) {
         kvq::sharding::GpuKvOptions po;
         po.capacity_bytes = config->server.engine.kv_capacity_bytes;
         po.memory_fraction = config->server.engine.gpu_memory_fraction;
+        if (config->server.engine.key_outlier_reserve > 0) {
+          po.key_outlier_reserve = config->server.engine.key_outlier_reserve;
+        }
         maker = [po](const kvq::model::ModelConfig& c, const std::string& f, const std::string& q,
                      const std::string& fp) { return kvq::sharding::MakeGpuWorkerKvFactory(c, f, q, fp, po); };
       }

@@ -183,6 +183,7 @@ class Engine::Impl {
     sharding::GpuKvOptions po;
     po.capacity_bytes = o.kv_capacity_bytes;
     po.memory_fraction = o.gpu_memory_fraction;
+    if (o.key_outlier_reserve > 0) po.key_outlier_reserve = o.key_outlier_reserve;
     po.max_sink_slots = 2 * o.max_batch + 1024;
     KVQ_ASSIGN_OR_RETURN(gpu_, sharding::GpuBackend::Create(weights_, o.kv_format, o.quantizer, dt, po));
     // The engine owns the pass and the factory like the CPU ones; gpu_ keeps the pool and stream.

@@ -116,6 +116,10 @@ struct EngineOptions {
   std::string device = "cpu";
   std::string weights_dtype = "f16"; // cuda: f16 | bf16 | f32 (f32: matches the CPU to rounding)
   double gpu_memory_fraction = 0.90;
+  // cuda, formats with key outliers: every block's key-outlier area holds this many times the
+  // nominal count (sharding/gpu_block_geometry.h measures the default); entries beyond it are
+  // dropped with a warning. <= 0: the default.
+  double key_outlier_reserve = 0;
   std::string quantizer;             // quantizer file for quantized formats
   int64_t kv_capacity_bytes = 0;     // 0: a default from available memory
   int max_batch = 16;                // sequences decoded together

@@ -13,10 +13,15 @@
 
 namespace kvq::sharding {
 
-// Measured with `kvq outlier-census` on SmolLM2 (2048-token windows, 32 full blocks per test split
-// and format, calibrated nuq4/3/2-1% thresholds): block totals average 0.94-1.02x nominal, at most
-// 1.56x (Austen, nuq4-1%); single lists up to 2.37x. 2.25 leaves 44% above that block.
-inline constexpr double kDefaultKeyOutlierReserve = 2.25;
+// Measured with `kvq outlier-census` on SmolLM2 (calibrated nuq4/3/2-1% thresholds). Prose (2048-
+// token windows, 32 full blocks per test split and format): block totals average 0.94-1.02x
+// nominal, at most 1.56x (Austen, nuq4-1%); single lists up to 2.37x. Chat-template text (the
+// model's template around short questions and answers, 512-token windows, 8 full blocks): block
+// totals average 2.49x, at most 2.78x; single lists up to 8.4x (the template markers carry large
+// activations). The old 2.25 ran out on SmolLM2 chat prompts within a few decode steps (the GPU
+// sharding test, 2026-12-01); 3.5 leaves 26% above the chat maximum for the regions that lists
+// leave behind when they grow (packed again every 64 tokens). The area is ~15% of a nuq3 block.
+inline constexpr double kDefaultKeyOutlierReserve = 3.5;
 
 struct GpuBlockGeometry {
   int key_outlier_capacity = 0;   // nominal entries per (layer, head) list and full block

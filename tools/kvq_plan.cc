@@ -32,6 +32,9 @@ ABSL_FLAG(int, gpus, 1, "plan: number of GPUs (ranks)");
 ABSL_FLAG(std::string, gpu_memory, "141GB", "plan: memory per GPU (e.g. 141GB, 80GiB, bytes)");
 ABSL_FLAG(std::string, rank0_reserve, "",
           "plan: bytes rank 0 keeps for weights and workspace (empty: fp16 weights + workspace)");
+ABSL_FLAG(double, key_outlier_reserve, 0,
+          "plan: room per block for this many times the nominal count of key outliers (0: the default; "
+          "as kvqd's flag of the same name)");
 ABSL_FLAG(std::string, workspace, "2GiB", "plan: workspace bytes reserved on every rank");
 ABSL_FLAG(double, kv_memory_fraction, 0.90,
           "plan: share of what is left after the reserve that the KV pool takes (the engine's "
@@ -98,7 +101,10 @@ int Plan() {
     if (!fmt.ok()) return FailStatus(fmt.status());
     const kvstore::KvShape shape{config->n_layers, config->n_kv_heads, config->head_dim};
     canonical = kvstore::ExpectedBytesPerToken(*fmt, shape);
-    bpt = absl::GetFlag(FLAGS_canonical_bytes) ? canonical : sharding::ComputeGpuBlockGeometry(shape, *fmt).bytes_per_token();
+    bpt = absl::GetFlag(FLAGS_canonical_bytes) ? canonical : sharding::ComputeGpuBlockGeometry(
+                         shape, *fmt, absl::GetFlag(FLAGS_key_outlier_reserve) > 0
+                                          ? absl::GetFlag(FLAGS_key_outlier_reserve)
+                                          : sharding::kDefaultKeyOutlierReserve).bytes_per_token();
   }
   const double fraction = absl::GetFlag(FLAGS_kv_memory_fraction);
   if (!(fraction > 0.0 && fraction <= 1.0)) {

@@ -684,7 +684,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     const int64_t overflows = pool->CountOverflow();
     std::fprintf(stderr,
                  "[kvq] warning: a block's key-outlier area was used up (%lld steps so far); the extra "
-                 "outliers were clamped. Raise GpuKvOptions::key_outlier_reserve.\n",
+                 "outliers were clamped. Raise --key_outlier_reserve.\n",
                  static_cast<long long>(overflows));
   }
   return absl::OkStatus();

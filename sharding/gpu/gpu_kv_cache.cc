@@ -430,7 +430,18 @@ absl::Status GpuKvCache::Append(int layer, const float* k, const float* v, int n
   KVQ_RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * L, s));
   KVQ_RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * L, s));
   KVQ_RETURN_IF_ERROR(AppendDevice(layer, dk.get(), dv.get(), n));
+  // Callers of this host API (worker ranks' shards, rank 0's shards of sharded sequences) have no
+  // GPU step that reads the append kernels' overflow flag: read it here.
+  int overflowed = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(&overflowed, pool_->overflow_flag(), sizeof(int), cudaMemcpyDeviceToHost, s));
   KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
+  if (overflowed != 0) {
+    const int64_t steps = pool_->CountOverflow();
+    std::fprintf(stderr,
+                 "[kvq] warning: a block's key-outlier area was used up (%lld appends so far, shard at position "
+                 "%lld, layer %d); the extra outliers were clamped. Raise --key_outlier_reserve.\n",
+                 static_cast<long long>(steps), static_cast<long long>(first_position_), layer);
+  }
   return absl::OkStatus();
 }
 
