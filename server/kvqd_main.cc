@@ -9,10 +9,12 @@
 
 #include <pthread.h>
 
+#include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "server/config.h"
+#include "sharding/capacity_plan.h"
 #include "server/server.h"
 #include "sharding/kv_cache_factory.h"
 #include "sharding/mpi_transport.h"
@@ -25,10 +27,23 @@
 
 ABSL_FLAG(bool, experimental_gpu_shards, false,
           "--device=cuda under mpirun: spread sequences over the ranks' GPUs with q, new k/v and "
-          "attention partials over MPI through the host (not yet verified on GPUs; the NCCL data plane "
-          "is the next step). Off: kvqd refuses --device=cuda with several ranks.");
+          "attention partials over MPI through the host (verified with 2-4 ranks sharing one H200; the "
+          "NCCL data plane is the next step). Off: kvqd refuses --device=cuda with several ranks.");
 ABSL_FLAG(int64_t, min_tokens_per_rank, 65536,
           "under mpirun: a sequence spans another rank only past this many tokens per rank");
+ABSL_FLAG(bool, plan, false,
+          "print the capacity plan (bytes per token, each rank's capacity, the largest context, the "
+          "ranges of --plan_context) for --model, --kv_format and the GPUs, then exit; nothing is "
+          "allocated and the weights are not read");
+ABSL_FLAG(int, plan_gpus, 0, "--plan: number of GPUs (ranks); 0: the mpirun world size, or 1");
+ABSL_FLAG(std::string, plan_gpu_memory, "",
+          "--plan: memory per GPU (e.g. 141GB, 80GiB); empty: the visible GPU's total memory");
+ABSL_FLAG(int64_t, plan_context, 0, "--plan: also print the ranges of a sequence of this many tokens");
+ABSL_FLAG(std::string, plan_workspace, "2GiB", "--plan: bytes every rank keeps for its workspace");
+ABSL_DECLARE_FLAG(std::string, model);
+ABSL_DECLARE_FLAG(std::string, kv_format);
+ABSL_DECLARE_FLAG(double, gpu_memory_fraction);
+ABSL_DECLARE_FLAG(double, key_outlier_reserve);
 
 namespace {
 
@@ -44,11 +59,68 @@ bool WritePortFile(const std::string& path, int port) {
   return std::rename(tmp.c_str(), path.c_str()) == 0;
 }
 
+// kvqd --plan: the report of sharding/capacity_plan.h; exit 0, 1 when --plan_context does not
+// fit, 2 on bad flags. Under mpirun only rank 0 prints.
+int RunPlan() {
+  if (const char* r = std::getenv("OMPI_COMM_WORLD_RANK"); r != nullptr && std::atoi(r) != 0) return 0;
+  kvq::sharding::CapacityPlanRequest req;
+  req.model = absl::GetFlag(FLAGS_model);
+  req.kv_format = absl::GetFlag(FLAGS_kv_format);
+  req.gpus = absl::GetFlag(FLAGS_plan_gpus);
+  if (req.gpus <= 0) {
+    const char* n = std::getenv("OMPI_COMM_WORLD_SIZE");
+    req.gpus = n != nullptr && std::atoi(n) > 0 ? std::atoi(n) : 1;
+  }
+  const std::string mem = absl::GetFlag(FLAGS_plan_gpu_memory);
+  if (!mem.empty()) {
+    auto b = kvq::sharding::ParseByteSize(mem);
+    if (!b.ok()) {
+      std::fprintf(stderr, "kvqd: --plan_gpu_memory: %s\n", std::string(b.status().message()).c_str());
+      return 2;
+    }
+    req.gpu_memory_bytes = *b;
+  } else {
+#if KVQ_HAVE_CUDA
+    cudaDeviceProp prop{};
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) == cudaSuccess && n_dev > 0 && cudaGetDeviceProperties(&prop, 0) == cudaSuccess) {
+      req.gpu_memory_bytes = static_cast<int64_t>(prop.totalGlobalMem);
+    }
+#endif
+    if (req.gpu_memory_bytes <= 0) {
+      std::fprintf(stderr, "kvqd: --plan: no GPU visible here; pass --plan_gpu_memory (e.g. 141GB)\n");
+      return 2;
+    }
+  }
+  auto ws = kvq::sharding::ParseByteSize(absl::GetFlag(FLAGS_plan_workspace));
+  if (!ws.ok()) {
+    std::fprintf(stderr, "kvqd: --plan_workspace: %s\n", std::string(ws.status().message()).c_str());
+    return 2;
+  }
+  req.workspace_bytes = *ws;
+  req.kv_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction);
+  req.key_outlier_reserve = absl::GetFlag(FLAGS_key_outlier_reserve);
+  req.min_tokens_per_rank = absl::GetFlag(FLAGS_min_tokens_per_rank);
+  req.context = absl::GetFlag(FLAGS_plan_context);
+  auto plan = kvq::sharding::MakeCapacityPlan(req);
+  if (!plan.ok()) {
+    std::fprintf(stderr, "kvqd: --plan: %s\n", std::string(plan.status().message()).c_str());
+    return 2;
+  }
+  std::fputs(plan->report.c_str(), stdout);
+  if (!plan->context_status.ok()) {
+    std::fprintf(stderr, "kvqd: --plan: %s\n", std::string(plan->context_status.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("kvqd --model=MODEL.gguf [--listen=127.0.0.1:50051] [--metrics_listen=...]");
   absl::ParseCommandLine(argc, argv);
+  if (absl::GetFlag(FLAGS_plan)) return RunPlan();
   absl::StatusOr<kvq::server::DaemonConfig> config = kvq::server::DaemonConfigFromFlags();
   if (!config.ok()) {
     std::fprintf(stderr, "kvqd: %s\n", std::string(config.status().message()).c_str());

@@ -102,6 +102,41 @@ int FreeLoopbackPort() {
   return ntohs(addr.sin_port);
 }
 
+// `kvqd --plan`: the capacity plan without a model file or a GPU (synthetic shape, memory given),
+// exit 0; a context that does not fit exits 1; bad flags exit 2 with a message.
+TEST(KvqdPlanTest, PrintsThePlanAndExits) {
+  const std::string bin = std::string(KVQ_BINARY_DIR) + "/server/kvqd";
+  ASSERT_TRUE(std::filesystem::exists(bin)) << bin;
+  const std::vector<std::string> base = {bin, "--plan", "--model=synthetic:llama-3-8b", "--kv_format=nuq3-1%",
+                                         "--plan_gpus=4", "--plan_gpu_memory=143771MiB"};
+  {
+    auto argv = base;
+    argv.push_back("--plan_context=10000000");
+    Child c(argv, /*capture_stdout=*/true);
+    std::string all, line;
+    while (!(line = c.ReadLine()).empty()) all += line;
+    EXPECT_EQ(c.Wait(std::chrono::seconds(30)), 0) << all;
+    // sharding/capacity_plan_test.cc has the arithmetic; here, that kvqd prints it.
+    EXPECT_NE(all.find("max context  17019392 tokens"), std::string::npos) << all;
+    EXPECT_NE(all.find("context      10000000 tokens on 4 rank(s)"), std::string::npos) << all;
+  }
+  {
+    auto argv = base;
+    argv.push_back("--plan_context=99000000");
+    Child c(argv, /*capture_stdout=*/true);
+    while (!c.ReadLine().empty()) {
+    }
+    EXPECT_EQ(c.Wait(std::chrono::seconds(30)), 1);
+  }
+  {
+    Child c({bin, "--plan", "--model=synthetic:llama-3-8b", "--kv_format=nuq9", "--plan_gpu_memory=80GB"},
+            /*capture_stdout=*/true);
+    while (!c.ReadLine().empty()) {
+    }
+    EXPECT_EQ(c.Wait(std::chrono::seconds(30)), 2);
+  }
+}
+
 class KvqdProcessTest : public ::testing::Test {
  protected:
   void SetUp() override {
