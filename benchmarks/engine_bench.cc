@@ -12,12 +12,23 @@
 //
 //   engine_bench --model synthetic:llama-3-8b --formats fp16,nuq3-1% --contexts 1024,131072,1048576
 //                --batches 1,8 [--prefill 1024,4096] [--capacity] [--quantizers DIR]
+//
+// --sharded, under mpirun (one rank per GPU; the same command on 1, 2, 4 or 8 GPUs): rank 0 holds
+// the model and a shard, the other ranks KV shards; every sequence of a row spreads over the ranks
+// by the shard planner (each rank's shard a synthetic fill of its range), and decode steps run
+// through the sharded cache (q, new k/v and partials over MPI through the host). Each row adds the
+// ranks' largest shard, the floor max(weights + rank 0's KV, a worker's KV) over the copy bandwidth,
+// and per layer where ShardedKvCache::Attend spent its time.
+//   mpirun -np 4 engine_bench --sharded --model synthetic:llama-3-8b --formats nuq3-1% \
+//          --contexts 1048576,4194304 --batches 1
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -36,8 +47,14 @@
 #include "kvstore/quantized_kv_cache.h"
 #include "sharding/gpu/gpu_forward.h"
 #include "sharding/gpu/gpu_kv_cache.h"
+#include "sharding/gpu/gpu_backend.h"
 #include "sharding/kv_cache_factory.h"
 #include "sharding/shard_planner.h"
+#include "sharding/sharded_kv_cache.h"
+#include "sharding/worker.h"
+#if KVQ_HAVE_MPI
+#include "sharding/mpi_transport.h"
+#endif
 #endif
 
 ABSL_FLAG(std::string, model, "synthetic:llama-3-8b", "*.gguf or synthetic:<builtin>");
@@ -55,6 +72,9 @@ ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
 ABSL_FLAG(std::string, label, "", "free text printed with every row (e.g. the GPU)");
+ABSL_FLAG(bool, sharded, false,
+          "under mpirun: sequences spread over the ranks' GPUs through the sharded cache (see the header)");
+ABSL_FLAG(int64_t, min_tokens_per_rank, 65536, "--sharded: fewest tokens a rank holds before a sequence spreads");
 
 #if KVQ_HAVE_CUDA
 namespace kvq {
@@ -358,6 +378,167 @@ int Main() {
   return 0;
 }
 
+#if KVQ_HAVE_MPI
+// --sharded (see the header). Worker ranks serve KV shards until rank 0 shuts them down.
+int ShardedMain(int* argc, char*** argv) {
+  CHECK_OK(sharding::SelectDeviceForLocalRank());
+  auto tr = sharding::MpiTransport::Init(argc, argv, {/*reply_timeout_seconds=*/600.0});
+  CHECK_OK(tr.status());
+  sharding::MpiTransport* t = tr->get();
+  const double fraction = absl::GetFlag(FLAGS_pool_fraction);
+  const int64_t workspace = int64_t{3} << 30;  // step buffers, cuBLAS, decode workspace
+  if (t->rank() > 0) {
+    sharding::GpuKvOptions po;
+    po.memory_fraction = fraction;
+    po.max_sink_slots = 64;
+    const absl::Status s = sharding::ServeWorker(
+        t, [po](const model::ModelConfig& c, const std::string& f, const std::string& q, const std::string& fp) {
+          return sharding::MakeGpuWorkerKvFactory(c, f, q, fp, po);
+        });
+    if (!s.ok()) {
+      std::fprintf(stderr, "engine_bench: rank %d: %s\n", t->rank(), s.ToString().c_str());
+      t->Abort(1);
+    }
+    (void)t->Finalize();
+    return 0;
+  }
+  const std::string spec = absl::GetFlag(FLAGS_model);
+  const bool synthetic = spec.rfind("synthetic:", 0) == 0;
+  kernels::DType dt = kernels::DType::kF16;
+  if (absl::GetFlag(FLAGS_weights_dtype) == "bf16") dt = kernels::DType::kBF16;
+  if (absl::GetFlag(FLAGS_weights_dtype) == "f32") dt = kernels::DType::kF32;
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  const double bw = CopyBandwidth();
+  const int ranks = t->size();
+  std::printf("# engine_bench --sharded: %d ranks, rank 0 on %s, %s, D2D copy %.0f GB/s %s\n", ranks, prop.name,
+              spec.c_str(), bw / 1e9, absl::GetFlag(FLAGS_label).c_str());
+  Setup st;
+  cudaStreamCreateWithFlags(&st.stream, cudaStreamNonBlocking);
+  model::LlamaWeights host;
+  model::ModelConfig c;
+  if (synthetic) {
+    std::vector<std::string> parts = absl::StrSplit(spec, ':');
+    CHECK_OK(model::BuiltinConfig(parts[1], &c));
+    auto f = sharding::GpuForward::CreateSynthetic(c, dt, 1, st.stream);
+    CHECK_OK(f.status());
+    st.fwd = std::move(*f);
+  } else {
+    auto w = model::LoadWeights(spec);
+    CHECK_OK(w.status());
+    host = std::move(*w);
+    c = host.config;
+    auto f = sharding::GpuForward::Create(host, dt, st.stream);
+    CHECK_OK(f.status());
+    st.fwd = std::move(*f);
+  }
+  st.sigma = synthetic ? 0.02f * std::sqrt(static_cast<float>(c.hidden)) : 1.0f;
+  const double weight_bytes = static_cast<double>(st.fwd->weight_bytes());
+  for (absl::string_view fmt_sv : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',', absl::SkipEmpty())) {
+    const std::string fmt(fmt_sv);
+    st.factory.reset();
+    st.pool.reset();
+    auto parsed = kvstore::KvFormat::Parse(fmt);
+    CHECK_OK(parsed.status());
+    st.format = *parsed;
+    const kvstore::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim};
+    // Workers load the quantizer from a file: the synthetic one is written where rank 0 runs (one
+    // node; on several nodes pass --quantizers on a shared file system).
+    std::shared_ptr<const kvstore::Quantizer> q;
+    std::string qpath;
+    if (st.format.quantized()) {
+      if (synthetic || absl::GetFlag(FLAGS_quantizers).empty()) {
+        q = SyntheticQuantizer(c, st.format, st.sigma);
+        qpath = absl::StrCat("/tmp/engine_bench_", getpid(), "_", fmt, ".kvqq");
+        CHECK_OK(q->Save(qpath));
+      } else {
+        qpath = absl::GetFlag(FLAGS_quantizers) + "/" + fmt + ".kvqq";
+        CHECK_OK(sharding::ResolveKvFormat(c, fmt, qpath, model::ModelFingerprint(host), &st.format, &q));
+      }
+    }
+    st.expected_bytes_per_token = kvstore::ExpectedBytesPerToken(st.format, shape);
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    sharding::GpuKvOptions po;
+    po.capacity_bytes = static_cast<int64_t>((static_cast<double>(free_b) - workspace) * fraction);
+    po.max_sink_slots = 64;
+    auto pool = sharding::GpuKvPool::Create(shape, st.format, q, model::RopeParamsFor(c), po, st.stream);
+    CHECK_OK(pool.status());
+    st.pool = *pool;
+    st.factory = sharding::MakeGpuKvCacheFactory(st.pool, c.n_heads);
+    // Capacities: rank 0's pool as made; a worker's as it makes its own (a fraction of its free
+    // memory, no weights), estimated from this GPU's total.
+    sharding::ShardPlannerOptions pl;
+    pl.bytes_per_token = static_cast<double>(st.pool->block_bytes()) / 256.0;
+    pl.min_tokens_per_rank = absl::GetFlag(FLAGS_min_tokens_per_rank);
+    pl.ranks.push_back({st.pool->capacity_bytes(), 0});
+    for (int r = 1; r < ranks; ++r) {
+      pl.ranks.push_back({static_cast<int64_t>((static_cast<double>(total_b) - workspace) * fraction), 0});
+    }
+    auto planner = sharding::ShardPlanner::Create(pl);
+    CHECK_OK(planner.status());
+    std::shared_ptr<const sharding::KvCacheFactory> rank0(st.factory.get(), [](const sharding::KvCacheFactory*) {});
+    auto sf = sharding::ShardedKvCacheFactory::Create(t, c, fmt, qpath, "", std::move(*planner), rank0);
+    CHECK_OK(sf.status());
+    std::printf("\n## %s over %d ranks: %.1f KV bytes/token (canonical), %.1f in the pools; rank 0's pool %.1f GiB; "
+                "largest context %lld tokens (planner)\n",
+                fmt.c_str(), ranks, st.expected_bytes_per_token, pl.bytes_per_token,
+                st.pool->capacity_bytes() / 1073741824.0, static_cast<long long>((*sf)->planner().MaxContextTokens()));
+    std::printf("| model | KV | context (synthetic fill) | batch | ranks spanned | largest shard | ms/token | floor ms | "
+                "achieved/floor | per layer: attend us | q send us | rank 0 shard us | wait for workers us | merge us |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (int64_t ctx : Ints(absl::GetFlag(FLAGS_contexts))) {
+      for (int64_t batch : Ints(absl::GetFlag(FLAGS_batches))) {
+        std::vector<std::unique_ptr<model::KvCache>> caches;
+        absl::Status made;
+        for (int64_t b = 0; b < batch && made.ok(); ++b) {
+          auto m = (*sf)->Make(ctx + 64);
+          if (!m.ok()) {
+            made = m.status();
+            break;
+          }
+          made = (*m)->FillSynthetic(c.n_layers, static_cast<int>(c.kv_dim()), ctx, 100 + b, st.sigma);
+          caches.push_back(std::move(*m));
+        }
+        if (!made.ok()) {
+          std::printf("| %s | %s | %lld | %lld | does not fit: %s | | | | | | | | | |\n", c.name.c_str(), fmt.c_str(),
+                      static_cast<long long>(ctx), static_cast<long long>(batch), std::string(made.message()).c_str());
+          continue;
+        }
+        auto* s0 = static_cast<sharding::ShardedKvCache*>(caches[0].get());
+        const std::vector<int64_t> lens = s0->shard_lengths();
+        int64_t largest = 0, spanned = 0;
+        for (int64_t x : lens) {
+          largest = std::max(largest, x);
+          spanned += x > 0;
+        }
+        const double rank0_bytes = static_cast<double>(batch) * lens[0] * st.expected_bytes_per_token;
+        const double worker_bytes = static_cast<double>(batch) * largest * st.expected_bytes_per_token;
+        const double floor = std::max(weight_bytes + rank0_bytes, worker_bytes) / bw;
+        DecodeSeconds(st, caches, 1);  // warm-up
+        sharding::ResetShardedAttendTiming();
+        const double secs = DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps));
+        const sharding::ShardedAttendTiming tm = sharding::GetShardedAttendTiming();
+        const double per = tm.calls > 0 ? 1e6 / static_cast<double>(tm.calls) : 0.0;
+        std::printf("| %s | %s | %lld | %lld | %lld | %lld | %.3f | %.3f | %.2f | %.0f | %.0f | %.0f | %.0f | %.0f |\n",
+                    c.name.c_str(), fmt.c_str(), static_cast<long long>(ctx), static_cast<long long>(batch),
+                    static_cast<long long>(spanned), static_cast<long long>(largest), secs * 1e3, floor * 1e3,
+                    floor / secs, (tm.send_s + tm.local_s + tm.wait_s + tm.merge_s) * per, tm.send_s * per,
+                    tm.local_s * per, tm.wait_s * per, tm.merge_s * per);
+        std::fflush(stdout);
+      }
+    }
+    if (!qpath.empty() && (synthetic || absl::GetFlag(FLAGS_quantizers).empty())) std::remove(qpath.c_str());
+  }
+  st.factory.reset();
+  st.pool.reset();
+  st.fwd.reset();
+  CHECK_OK(sharding::ShutdownWorkers(t));
+  (void)t->Finalize();
+  return 0;
+}
+#endif
+
 }  // namespace
 }  // namespace kvq
 
@@ -367,6 +548,14 @@ int main(int argc, char** argv) {
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     std::fprintf(stderr, "engine_bench: no CUDA device\n");
     return 1;
+  }
+  if (absl::GetFlag(FLAGS_sharded)) {
+#if KVQ_HAVE_MPI
+    return kvq::ShardedMain(&argc, &argv);
+#else
+    std::fprintf(stderr, "engine_bench: --sharded needs a build with MPI\n");
+    return 1;
+#endif
   }
   return kvq::Main();
 }

@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
@@ -228,6 +230,30 @@ void DenseKvCache::Read(int layer, int64_t begin, int64_t end, std::vector<float
       (*v)[i] = HalfBitsToFloat(v16_[layer][begin * row + i]);
     }
   }
+}
+
+absl::Status KvCache::FillSynthetic(int n_layers, int kv_dim, int64_t tokens, uint64_t seed, float key_sigma) {
+  if (length() != 0) return absl::FailedPreconditionError("a synthetic fill needs an empty cache");
+  if (tokens < 0) return absl::InvalidArgumentError(absl::StrCat("cannot fill ", tokens, " tokens"));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  constexpr int64_t kChunk = 256;
+  std::vector<float> k, v;
+  for (int64_t at = 0; at < tokens; at += kChunk) {
+    const int n = static_cast<int>(std::min(kChunk, tokens - at));
+    for (int l = 0; l < n_layers; ++l) {
+      k.resize(static_cast<size_t>(n) * kv_dim);
+      v.resize(k.size());
+      for (float& x : k) x = key_sigma * nd(rng);
+      for (float& x : v) x = nd(rng);
+      if (absl::Status s = Append(l, k.data(), v.data(), n); !s.ok()) {
+        DiscardStaged();
+        return s;
+      }
+    }
+    Commit(n);
+  }
+  return absl::OkStatus();
 }
 
 void DenseKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,

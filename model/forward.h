@@ -52,6 +52,12 @@ class KvCache {
   }
   // RoPE position of local token 0.
   virtual int64_t first_position() const { return 0; }
+  // Benchmarks only — a synthetic fill, to be labelled as such wherever its results are reported:
+  // an empty cache comes to hold exactly `tokens` committed tokens of random pre-RoPE keys
+  // (N(0, key_sigma^2)) and values (N(0, 1)) of a model with n_layers layers of kv_dim. The
+  // default appends them chunk by chunk through Append (real quantization); the GPU cache appends
+  // one block and replicates it (prefilling millions of tokens takes hours).
+  virtual absl::Status FillSynthetic(int n_layers, int kv_dim, int64_t tokens, uint64_t seed, float key_sigma);
   // A copy that shares nothing mutable with this one (sessions fork from it).
   virtual std::unique_ptr<KvCache> Clone() const = 0;
   // The committed tokens in the cache's own compressed form (session save/restore).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 
@@ -19,6 +20,13 @@ std::atomic<uint64_t> next_cache_id{1};
 constexpr char kBlobMagic[8] = {'K', 'V', 'Q', 'S', 'H', 'R', 'D', '1'};
 
 // The next reply from `rank`: its status, and the reader left at the payload.
+// ShardedAttendTiming accumulators (nanoseconds).
+std::atomic<int64_t> g_attend_calls{0}, g_send_ns{0}, g_local_ns{0}, g_wait_ns{0}, g_merge_ns{0};
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 absl::Status ReceiveReply(Transport* t, int rank, std::string* msg, wire::Reader* r) {
   KVQ_ASSIGN_OR_RETURN(*msg, t->Receive(rank));
   *r = wire::Reader(*msg);
@@ -217,6 +225,61 @@ void ShardedKvCache::Commit(int n) {
   length_ += n;
 }
 
+absl::Status ShardedKvCache::FillSynthetic(int n_layers, int kv_dim, int64_t tokens, uint64_t seed,
+                                           float key_sigma) {
+  KVQ_RETURN_IF_ERROR(error_);
+  if (length_ != 0) return absl::FailedPreconditionError("a synthetic fill needs an empty cache");
+  if (tokens < 0) return absl::InvalidArgumentError(absl::StrCat("cannot fill ", tokens, " tokens"));
+  auto part = [&](const Shard& s) {
+    return std::clamp<int64_t>(tokens - s.range.begin, 0, s.range.end - s.range.begin);
+  };
+  std::vector<Shard*> sent;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    Shard& s = shards_[i];
+    if (s.local || part(s) == 0) continue;
+    wire::Writer w;
+    w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kFillSynthetic)).Put<uint64_t>(s.id);
+    w.Put<int64_t>(part(s)).Put<uint64_t>(seed + i).Put<float>(key_sigma);
+    absl::Status st = t_->Send(s.range.rank, w.str());
+    if (!st.ok()) {
+      Fail(st);
+      return st;
+    }
+    sent.push_back(&s);
+  }
+  absl::Status result;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    Shard& s = shards_[i];
+    if (!s.local || part(s) == 0) continue;
+    absl::Status st = s.local->FillSynthetic(n_layers, kv_dim, part(s), seed + i, key_sigma);
+    if (st.ok() && s.local->length() != part(s)) {
+      st = absl::InternalError(absl::StrCat("rank 0's shard holds ", s.local->length(), " tokens after the fill; expected ",
+                                            part(s)));
+    }
+    if (result.ok()) result = st;
+    s.length = s.local->length();
+  }
+  for (Shard* s : sent) {
+    std::string msg;
+    wire::Reader r{std::string_view()};
+    absl::Status st = ReceiveReply(t_, s->range.rank, &msg, &r);
+    const int64_t len = r.Get<int64_t>(), bytes = r.Get<int64_t>();
+    if (st.ok() && len != part(*s)) {
+      st = absl::InternalError(absl::StrCat("rank ", s->range.rank, " holds ", len, " tokens after the fill; expected ",
+                                            part(*s)));
+    }
+    if (result.ok()) result = st;
+    s->length = len;
+    s->bytes = bytes;
+  }
+  if (!result.ok()) {
+    Fail(result);
+    return result;
+  }
+  length_ = tokens;
+  return absl::OkStatus();
+}
+
 void ShardedKvCache::DiscardStaged() {
   std::vector<int> sent;
   for (Shard& s : shards_) {
@@ -258,6 +321,7 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
       if (local_end[i][j] > 0) active[i] = true;
     }
   }
+  const int64_t t0 = NowNs();
   std::vector<size_t> sent;
   for (size_t i = 0; i < shards_.size(); ++i) {
     const Shard& s = shards_[i];
@@ -270,6 +334,7 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
     if (!st.ok()) return Fail(st);
     sent.push_back(i);
   }
+  const int64_t t1 = NowNs();
   // Partials in rank order; rank 0's computed while the workers compute theirs.
   std::vector<std::vector<float>> part_o(shards_.size()), part_lse(shards_.size());
   for (size_t i = 0; i < shards_.size(); ++i) {
@@ -279,6 +344,7 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
     part_lse[i].resize(lse_size);
     s.local->Attend(layer, q, n_q, local_end[i].data(), part_o[i].data(), part_lse[i].data());
   }
+  const int64_t t2 = NowNs();
   for (size_t i : sent) {
     std::string msg;
     wire::Reader r{std::string_view()};
@@ -291,6 +357,7 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
     Fail(st);
   }
   if (!error_.ok()) return;
+  const int64_t t3 = NowNs();
   bool first = true;
   for (size_t i = 0; i < shards_.size(); ++i) {
     if (!active[i]) continue;
@@ -302,6 +369,26 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
       model::MergeAttentionPartial(o, lse, part_o[i].data(), part_lse[i].data(), n_q * nh, hd);
     }
   }
+  const int64_t t4 = NowNs();
+  g_attend_calls.fetch_add(1, std::memory_order_relaxed);
+  g_send_ns.fetch_add(t1 - t0, std::memory_order_relaxed);
+  g_local_ns.fetch_add(t2 - t1, std::memory_order_relaxed);
+  g_wait_ns.fetch_add(t3 - t2, std::memory_order_relaxed);
+  g_merge_ns.fetch_add(t4 - t3, std::memory_order_relaxed);
+}
+
+ShardedAttendTiming GetShardedAttendTiming() {
+  ShardedAttendTiming t;
+  t.calls = g_attend_calls.load(std::memory_order_relaxed);
+  t.send_s = g_send_ns.load(std::memory_order_relaxed) * 1e-9;
+  t.local_s = g_local_ns.load(std::memory_order_relaxed) * 1e-9;
+  t.wait_s = g_wait_ns.load(std::memory_order_relaxed) * 1e-9;
+  t.merge_s = g_merge_ns.load(std::memory_order_relaxed) * 1e-9;
+  return t;
+}
+
+void ResetShardedAttendTiming() {
+  for (auto* a : {&g_attend_calls, &g_send_ns, &g_local_ns, &g_wait_ns, &g_merge_ns}) a->store(0, std::memory_order_relaxed);
 }
 
 int64_t ShardedKvCache::bytes() const {

@@ -84,6 +84,9 @@ class ShardedKvCache : public model::KvCache {
   int64_t bytes() const override;
   std::unique_ptr<model::KvCache> Clone() const override;
   absl::StatusOr<std::string> Serialize() const override;
+  // Benchmarks: every shard fills its part of [0, tokens) (KvCache::FillSynthetic; shard i's
+  // random stream is seeded with seed + i), the workers in parallel with rank 0.
+  absl::Status FillSynthetic(int n_layers, int kv_dim, int64_t tokens, uint64_t seed, float key_sigma) override;
 
   // OK, or the first failure of an operation that could not return it.
   absl::Status status() const { return error_; }
@@ -118,6 +121,16 @@ class ShardedKvCache : public model::KvCache {
   int64_t length_ = 0;
   mutable absl::Status error_;
 };
+
+// Where ShardedKvCache::Attend spends its time, summed over calls (process-wide, relaxed atomics;
+// benchmarks report the per-layer averages): the send of q, rank 0's own shard, the wait for the
+// workers' partials after that, and the merge.
+struct ShardedAttendTiming {
+  int64_t calls = 0;
+  double send_s = 0, local_s = 0, wait_s = 0, merge_s = 0;
+};
+ShardedAttendTiming GetShardedAttendTiming();
+void ResetShardedAttendTiming();
 
 // The shard blobs inside a ShardedKvCache::Serialize result, in range order.
 struct ShardBlob {

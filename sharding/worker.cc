@@ -176,6 +176,19 @@ class Worker {
         *payload = std::move(w.str());
         return absl::OkStatus();
       }
+      case wire::Op::kFillSynthetic: {
+        KVQ_ASSIGN_OR_RETURN(Cache * c, Find(r.Get<uint64_t>()));
+        const int64_t tokens = r.Get<int64_t>();
+        const uint64_t seed = r.Get<uint64_t>();
+        const float sigma = r.Get<float>();
+        if (!r.ok()) return absl::DataLossError("malformed kFillSynthetic");
+        const model::ModelConfig& mc = c->factory->config;
+        KVQ_RETURN_IF_ERROR(c->kv->FillSynthetic(mc.n_layers, static_cast<int>(mc.kv_dim()), tokens, seed, sigma));
+        wire::Writer w;
+        w.Put<int64_t>(c->kv->length()).Put<int64_t>(c->kv->bytes());
+        *payload = std::move(w.str());
+        return absl::OkStatus();
+      }
       case wire::Op::kClone: {
         KVQ_ASSIGN_OR_RETURN(Cache * c, Find(r.Get<uint64_t>()));
         const uint64_t id = r.Get<uint64_t>();

@@ -48,6 +48,8 @@ enum class Op : uint8_t {
   kClone = 8,          // u64 source cache, u64 new cache
   kSerialize = 9,      // u64 cache -> str bytes
   kShutdown = 10,      // (no reply)
+  kFillSynthetic = 11, // u64 cache, i64 tokens, u64 seed, f32 key_sigma -> i64 length, i64 bytes
+                       //   (benchmarks: KvCache::FillSynthetic)
 };
 
 class Writer {

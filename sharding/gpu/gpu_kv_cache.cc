@@ -27,15 +27,53 @@ uint32_t Load32(const uint8_t* p) {
 }
 void Store32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
 
-// Temporary device buffer for the host-API paths (tests, session files): not on a hot path.
+}  // namespace
+
+class GpuKvPool::ScratchLease {
+ public:
+  explicit ScratchLease(const GpuKvPool& pool) : pool_(pool), lock_(pool.scratch_mu_) {
+    for (ScratchChunk& c : pool_.scratch_) c.used = 0;
+  }
+  absl::StatusOr<void*> Get(size_t bytes) {
+    bytes = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+    for (ScratchChunk& c : pool_.scratch_) {
+      if (c.size - c.used >= bytes) {
+        void* p = c.p + c.used;
+        c.used += bytes;
+        return p;
+      }
+    }
+    ScratchChunk c;
+    c.size = std::max<size_t>(bytes, size_t{4} << 20);
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&c.p, c.size));
+    c.used = bytes;
+    pool_.scratch_.push_back(c);
+    return static_cast<void*>(c.p);
+  }
+
+ private:
+  const GpuKvPool& pool_;
+  std::lock_guard<std::mutex> lock_;
+};
+
+namespace {
+
+// Temporary device buffer of the host-API paths: from the pool's scratch when given a lease (the
+// per-step calls: Append, Attend), else its own cudaMalloc (session files, synthetic fills).
 template <typename T>
 class DeviceTemp {
  public:
   DeviceTemp() = default;
+  explicit DeviceTemp(GpuKvPool::ScratchLease* lease) : lease_(lease) {}
   ~DeviceTemp() {
-    if (p_ != nullptr) cudaFree(p_);
+    if (p_ != nullptr && lease_ == nullptr) cudaFree(p_);
   }
   absl::Status Init(size_t n) {
+    if (lease_ != nullptr) {
+      KVQ_ASSIGN_OR_RETURN(void* p, lease_->Get(std::max<size_t>(n, 1) * sizeof(T)));
+      p_ = static_cast<T*>(p);
+      return absl::OkStatus();
+    }
     KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T)));
     return absl::OkStatus();
   }
@@ -47,6 +85,7 @@ class DeviceTemp {
   T* get() const { return p_; }
 
  private:
+  GpuKvPool::ScratchLease* lease_ = nullptr;
   T* p_ = nullptr;
 };
 
@@ -162,6 +201,7 @@ GpuKvPool::~GpuKvPool() {
                     static_cast<void*>(compact_scratch_)}) {
     if (ptr != nullptr) cudaFree(ptr);
   }
+  for (const ScratchChunk& c : scratch_) cudaFree(c.p);
 }
 
 int64_t GpuKvPool::free_blocks() const {
@@ -426,10 +466,11 @@ absl::Status GpuKvCache::Reserve(int n) {
 absl::Status GpuKvCache::Append(int layer, const float* k, const float* v, int n) {
   cudaStream_t s = pool_->stream();
   const int64_t L = pool_->shape().ElementsPerTokenPerLayer();
-  DeviceTemp<float> dk, dv;
+  GpuKvPool::ScratchLease lease(*pool_);
+  DeviceTemp<float> dk(&lease), dv(&lease);
   KVQ_RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * L, s));
   KVQ_RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * L, s));
-  KVQ_RETURN_IF_ERROR(AppendDevice(layer, dk.get(), dv.get(), n));
+  KVQ_RETURN_IF_ERROR(AppendDeviceLeased(&lease, layer, dk.get(), dv.get(), n));
   // Callers of this host API (worker ranks' shards, rank 0's shards of sharded sequences) have no
   // GPU step that reads the append kernels' overflow flag: read it here.
   int overflowed = 0;
@@ -446,11 +487,17 @@ absl::Status GpuKvCache::Append(int layer, const float* k, const float* v, int n
 }
 
 absl::Status GpuKvCache::AppendDevice(int layer, const float* k_dev, const float* v_dev, int n) {
+  GpuKvPool::ScratchLease lease(*pool_);
+  return AppendDeviceLeased(&lease, layer, k_dev, v_dev, n);
+}
+
+absl::Status GpuKvCache::AppendDeviceLeased(GpuKvPool::ScratchLease* lease, int layer, const float* k_dev,
+                                            const float* v_dev, int n) {
   if (layer == 0) KVQ_RETURN_IF_ERROR(Reserve(n));
   cudaStream_t s = pool_->stream();
-  DeviceTemp<int32_t> table, lens;
-  DeviceTemp<int64_t> first;
-  DeviceTemp<uint16_t*> sinks;
+  DeviceTemp<int32_t> table(lease), lens(lease);
+  DeviceTemp<int64_t> first(lease);
+  DeviceTemp<uint16_t*> sinks(lease);
   KVQ_RETURN_IF_ERROR(table.Upload(blocks_.data(), blocks_.size(), s));
   const int32_t len = static_cast<int32_t>(length_);
   KVQ_RETURN_IF_ERROR(lens.Upload(&len, 1, s));
@@ -477,6 +524,36 @@ absl::Status GpuKvCache::AppendDevice(int layer, const float* k_dev, const float
   KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
   staged_ = n;
   return absl::OkStatus();
+}
+
+absl::Status GpuKvCache::FillSynthetic(int n_layers, int kv_dim, int64_t tokens, uint64_t seed, float key_sigma) {
+  if (length_ != 0 || staged_ != 0) return absl::FailedPreconditionError("a synthetic fill needs an empty cache");
+  if (tokens < 0) return absl::InvalidArgumentError(absl::StrCat("cannot fill ", tokens, " tokens"));
+  cudaStream_t s = pool_->stream();
+  auto append_random = [&](int64_t n, uint64_t stream_id) -> absl::Status {
+    if (n <= 0) return absl::OkStatus();
+    DeviceTemp<float> k, v;
+    KVQ_RETURN_IF_ERROR(k.Init(static_cast<size_t>(n) * kv_dim));
+    KVQ_RETURN_IF_ERROR(v.Init(static_cast<size_t>(n) * kv_dim));
+    for (int l = 0; l < n_layers; ++l) {
+      const uint64_t base = (seed * 7919 + stream_id) * 4099 + static_cast<uint64_t>(l) * 2;
+      KVQ_RETURN_IF_ERROR(kernels::LaunchFillNormal(n * kv_dim, base, 0.0f, key_sigma, k.get(), kernels::DType::kF32, s));
+      KVQ_RETURN_IF_ERROR(kernels::LaunchFillNormal(n * kv_dim, base + 1, 0.0f, 1.0f, v.get(), kernels::DType::kF32, s));
+      absl::Status st = AppendDevice(l, k.get(), v.get(), static_cast<int>(n));
+      if (!st.ok()) {
+        DiscardStaged();
+        return st;
+      }
+    }
+    Commit(static_cast<int>(n));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
+    return absl::OkStatus();
+  };
+  const int64_t first = sink_cap_ + kBlockTokens;
+  if (tokens < first) return append_random(tokens, 0);
+  KVQ_RETURN_IF_ERROR(append_random(first, 0));
+  KVQ_RETURN_IF_ERROR(ReplicateFirstBlock(tokens));  // whole blocks
+  return append_random(tokens - length_, 1);
 }
 
 absl::Status GpuKvCache::ReplicateFirstBlock(int64_t tokens) {
@@ -547,11 +624,12 @@ void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_e
   }
   std::vector<int64_t> firsts(n_q, first_position_);
   std::vector<const uint16_t*> sinks(n_q, sink());
-  DeviceTemp<float> dq, dout, dlse;
-  DeviceTemp<int32_t> table, dlens;
-  DeviceTemp<int64_t> dfirst;
-  DeviceTemp<const uint16_t*> dsinks;
-  DeviceTemp<uint8_t> ws;
+  GpuKvPool::ScratchLease lease(*pool_);
+  DeviceTemp<float> dq(&lease), dout(&lease), dlse(&lease);
+  DeviceTemp<int32_t> table(&lease), dlens(&lease);
+  DeviceTemp<int64_t> dfirst(&lease);
+  DeviceTemp<const uint16_t*> dsinks(&lease);
+  DeviceTemp<uint8_t> ws(&lease);
   absl::Status st = dq.Upload(q, qn, s);
   if (st.ok()) st = dout.Init(qn);
   if (st.ok()) st = dlse.Init(static_cast<size_t>(n_q) * n_heads_);

@@ -111,9 +111,21 @@ class GpuKvPool {
   // overflowed so far.
   int64_t CountOverflow();
   int64_t overflow_steps() const { return overflow_count_.load(); }
+  // Device scratch for the host-API calls of this pool's caches (GpuKvCache::Append, Attend):
+  // chunks kept for the pool's life and handed out again on every call, one call at a time (a
+  // lease holds the lock until its call has synchronized). A cudaMalloc and cudaFree per array
+  // and call synchronized the device and cost ~0.5 ms per layer on the GPU workers' path.
+  class ScratchLease;
 
  private:
   GpuKvPool() = default;
+  struct ScratchChunk {
+    uint8_t* p = nullptr;
+    size_t size = 0;
+    size_t used = 0;
+  };
+  mutable std::mutex scratch_mu_;
+  mutable std::vector<ScratchChunk> scratch_;
   kvstore::KvShape shape_;
   kvstore::KvFormat format_;
   kvstore::BlockLayout layout_;
@@ -159,6 +171,10 @@ class GpuKvCache : public model::KvCache {
   int64_t exact_bytes() const override;  // the canonical form's bytes (kvstore::KvBytes)
   std::unique_ptr<model::KvCache> Clone() const override;
   absl::StatusOr<std::string> Serialize() const override;
+  // SYNTHETIC FILL (benchmarks): random k/v generated on the device for the first sink + 256
+  // tokens (real quantization and outliers through the append kernel), ReplicateFirstBlock for
+  // the whole blocks after them, random tokens again for the rest: exactly `tokens` tokens.
+  absl::Status FillSynthetic(int n_layers, int kv_dim, int64_t tokens, uint64_t seed, float key_sigma) override;
   // Restores what Serialize (of a GPU or a CPU cache of the same format) wrote.
   static absl::StatusOr<std::unique_ptr<GpuKvCache>> Deserialize(std::shared_ptr<GpuKvPool> pool,
                                                                  int n_heads,
@@ -187,6 +203,9 @@ class GpuKvCache : public model::KvCache {
   void MarkStaged(int n) { staged_ = n; }
 
  private:
+  // AppendDevice with its small arrays from `lease` (Append's lease covers its upload too).
+  absl::Status AppendDeviceLeased(GpuKvPool::ScratchLease* lease, int layer, const float* k_dev, const float* v_dev,
+                                  int n);
   std::shared_ptr<GpuKvPool> pool_;
   int n_heads_;
   int64_t first_position_;

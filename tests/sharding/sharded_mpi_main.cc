@@ -171,6 +171,34 @@ TEST_P(ShardedAttentionTest, MergedEqualsSingleRank) {
   EXPECT_GT(p.sharded->bytes(), 0);
 }
 
+// Benchmarks' synthetic fill: every shard fills its own part of the range (rank 0 and the workers
+// at once), the sequence then decodes on as usual.
+TEST_P(ShardedAttentionTest, SyntheticFillFillsEveryShard) {
+  Pair p = MakePair();
+  const int64_t tokens = 300;  // past every odd boundary (37, 98, 159)
+  ASSERT_TRUE(p.sharded->FillSynthetic(config_.n_layers, static_cast<int>(config_.kv_dim()), tokens, 5, 1.0f).ok())
+      << p.sharded->status();
+  EXPECT_EQ(p.sharded->length(), tokens);
+  const auto ranges = OddRanges(g_transport->size());
+  const auto lengths = p.sharded->shard_lengths();
+  ASSERT_EQ(lengths.size(), ranges.size());
+  for (size_t i = 0; i + 1 < ranges.size(); ++i) EXPECT_EQ(lengths[i], ranges[i].end - ranges[i].begin) << i;
+  EXPECT_EQ(lengths.back(), tokens - ranges.back().begin);
+  EXPECT_EQ(p.sharded->FillSynthetic(config_.n_layers, static_cast<int>(config_.kv_dim()), 10, 5, 1.0f).code(),
+            absl::StatusCode::kFailedPrecondition);
+  // Decoding goes on at the tail; attention over the filled past is finite everywhere.
+  std::vector<float> k(config_.kv_dim(), 0.5f), v(config_.kv_dim(), 0.25f);
+  for (int l = 0; l < config_.n_layers; ++l) ASSERT_TRUE(p.sharded->Append(l, k.data(), v.data(), 1).ok());
+  p.sharded->Commit(1);
+  ASSERT_TRUE(p.sharded->status().ok()) << p.sharded->status();
+  EXPECT_EQ(p.sharded->length(), tokens + 1);
+  const std::vector<int64_t> ends = {1, 37, 150, tokens + 1};
+  std::vector<float> q(ends.size() * config_.q_dim(), 0.1f), o(q.size()), lse(ends.size() * config_.n_heads);
+  p.sharded->Attend(0, q.data(), static_cast<int>(ends.size()), ends.data(), o.data(), lse.data());
+  ASSERT_TRUE(p.sharded->status().ok()) << p.sharded->status();
+  for (float x : lse) EXPECT_TRUE(std::isfinite(x));
+}
+
 TEST_P(ShardedAttentionTest, StagedTokensAreVisibleAndDiscardable) {
   Pair p = MakePair();
   Append(p, 30);
