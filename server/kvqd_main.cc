@@ -1,6 +1,7 @@
 // kvqd: the kvq serving daemon. Listens first (health NOT_SERVING while the model loads), serves,
 // and on SIGTERM/SIGINT drains: health NOT_SERVING, new streams refused, in-flight ones finish
 // within --drain_grace_seconds, exit 0.
+#include <atomic>
 #include <csignal>
 #include <cstdlib>
 #include <cstdio>
@@ -138,6 +139,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<kvq::sharding::MpiTransport> transport;
   std::unique_ptr<kvq::sharding::ShardedKvCacheFactory> sharded;
   kvq::server::KvqServer* server_ptr = nullptr;  // set once started; read by the cache hook
+  std::atomic<int64_t> rank0_pool_bytes{0};      // the engine's KV pool, once loaded (GPU shards)
 #ifdef KVQ_HAVE_MPI
   if (const char* n = std::getenv("OMPI_COMM_WORLD_SIZE"); n != nullptr && std::atoi(n) > 1) {
     const bool gpu = config->server.engine.device == "cuda";
@@ -200,8 +202,10 @@ int main(int argc, char** argv) {
     const int ranks = transport->size();
     const std::string format = eo.kv_format, quantizer = eo.quantizer;
     const int64_t per_rank = eo.kv_capacity_bytes > 0 ? eo.kv_capacity_bytes : (int64_t{4} << 30);
-    eo.make_generation_cache = [&transport, &sharded, &server_ptr, ranks, format, quantizer, per_rank, gpu](
-                                   int64_t max_tokens) -> absl::StatusOr<std::unique_ptr<kvq::model::KvCache>> {
+    const double fraction = eo.gpu_memory_fraction;
+    const bool capacity_given = eo.kv_capacity_bytes > 0;
+    eo.make_generation_cache = [&transport, &sharded, &server_ptr, &rank0_pool_bytes, ranks, format, quantizer,
+                                per_rank, fraction, capacity_given, gpu](int64_t max_tokens) -> absl::StatusOr<std::unique_ptr<kvq::model::KvCache>> {
       if (!sharded) {
         const kvq::model::ModelConfig& mc = server_ptr->engine()->config();
         auto local = kvq::sharding::KvCacheFactory::Create(mc, format, quantizer, "");
@@ -215,6 +219,24 @@ int main(int argc, char** argv) {
         po.bytes_per_token = (*local)->BytesPerToken();
         po.min_tokens_per_rank = absl::GetFlag(FLAGS_min_tokens_per_rank);
         for (int r = 0; r < ranks; ++r) po.ranks.push_back({per_rank, 0});
+        if (gpu) {
+          // GPU pools: their blocks' bytes per token (key-outlier area included); rank 0's
+          // capacity is the engine's pool; a worker's is --kv_capacity_bytes, or its share
+          // (--gpu_memory_fraction) of a GPU like this one less a 2 GiB workspace (workers hold
+          // no weights), the pool it makes from its free memory.
+          po.bytes_per_token = server_ptr->engine()->kv_factory().BytesPerToken();
+          // (Read by main once the engine has loaded: Stats() takes the scheduler's lock, which is
+          // held while this hook runs.)
+          if (rank0_pool_bytes.load() > 0) po.ranks[0].total_bytes = rank0_pool_bytes.load();
+          int64_t worker = per_rank;
+#if KVQ_HAVE_CUDA
+          size_t free_b = 0, total_b = 0;
+          if (!capacity_given && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+            worker = static_cast<int64_t>((static_cast<double>(total_b) - 2.0 * 1073741824.0) * fraction);
+          }
+#endif
+          for (int r = 1; r < ranks; ++r) po.ranks[r].total_bytes = worker;
+        }
         auto planner = kvq::sharding::ShardPlanner::Create(po);
         if (!planner.ok()) return planner.status();
         auto f = kvq::sharding::ShardedKvCacheFactory::Create(transport.get(), mc, format, quantizer,
@@ -245,6 +267,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvqd: cannot load the model: %s\n", std::string(s.message()).c_str());
     return 1;
   }
+  rank0_pool_bytes.store((*server)->engine()->Stats().kv_bytes_capacity);
   std::printf("kvqd: serving %s (%s KV)\n", (*server)->engine()->config().name.c_str(),
               (*server)->engine()->kv_format().c_str());
   std::fflush(stdout);
