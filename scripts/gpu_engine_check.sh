@@ -6,6 +6,8 @@
 #   scripts/gpu_engine_check.sh table DIR CONTEXT JOBS  KVQuant accuracy table (GPU forward, CPU-reference KV)
 #   scripts/gpu_engine_check.sh passkey DIR TRIALS      passkey retrieval counts, fp16 / nuq4-1% / nuq3-1% / nuq2-1%
 #   scripts/gpu_engine_check.sh bench DIR ARGS...       benchmarks/engine_bench
+#   scripts/gpu_engine_check.sh sharded DIR NP...       GPU shards over MPI (sharded_mpi_test), NP ranks
+#                                                       each (ranks share the GPUs when NP > GPUs)
 # DIR holds model.gguf, bundle/, corpora/ afterwards. Output goes to stdout.
 set -uo pipefail
 cmd=$1; dir=$2; shift 2
@@ -49,4 +51,13 @@ case "$cmd" in
   bench)
     env_setup
     "$dir/bundle/bin/engine_bench" "$@" ;;
+  sharded)
+    env_setup
+    root=(); [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
+    for np in "$@"; do
+      echo "== $np ranks"
+      KVQ_SHARDED_GPU=1 mpirun "${root[@]}" -np "$np" --oversubscribe -x KVQ_SHARDED_GPU -x KVQ_CACHE \
+        -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$dir/bundle/bin/sharded_mpi_test" 2>&1 |
+        grep -v '^\[ RUN\|^\[       OK'
+    done ;;
 esac
