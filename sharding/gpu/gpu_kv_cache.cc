@@ -12,6 +12,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/engine_ops.h"
 #include "kernels/kv_append.h"
+#include "kernels/prefill_attention.h"
 #include "kvstore/kernel_geometry.h"
 #include "kvstore/quantized_kv_cache.h"
 
@@ -629,7 +630,6 @@ void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_e
   DeviceTemp<int32_t> table(&lease), dlens(&lease);
   DeviceTemp<int64_t> dfirst(&lease);
   DeviceTemp<const uint16_t*> dsinks(&lease);
-  DeviceTemp<uint8_t> ws(&lease);
   absl::Status st = dq.Upload(q, qn, s);
   if (st.ok()) st = dout.Init(qn);
   if (st.ok()) st = dlse.Init(static_cast<size_t>(n_q) * n_heads_);
@@ -638,30 +638,58 @@ void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_e
   if (st.ok()) st = dfirst.Upload(firsts.data(), firsts.size(), s);
   if (st.ok()) st = dsinks.Upload(sinks.data(), sinks.size(), s);
   if (!st.ok()) return fail(st);
-  kernels::DecodeAttentionParams p;
-  p.kv = pool_->view();
-  p.kv.block_table = table.get();
-  p.kv.max_blocks_per_seq = std::max<int>(1, static_cast<int>(blocks_.size()));
-  p.kv.block_table_stride = 0;  // every query row reads this sequence's table
-  p.kv.seq_lens = dlens.get();
-  p.kv.first_positions = dfirst.get();
-  p.kv.sink = dsinks.get();
-  p.layer = layer;
-  p.batch = n_q;
-  p.n_heads = n_heads_;
-  p.q = dq.get();
-  p.o = dout.get();
-  p.lse = dlse.get();
-  p.max_seq_len = max_len;
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  p.num_splits = kernels::ChooseDecodeSplits(n_q, pool_->shape().n_kv_heads, max_len, pool_->format().sink_tokens, sms);
-  p.workspace_bytes = kernels::DecodeAttentionWorkspaceBytes(n_q, n_heads_, hd, p.num_splits);
-  st = ws.Init(p.workspace_bytes);
-  if (st.ok()) {
-    p.workspace = ws.get();
-    st = kernels::LaunchDecodeAttention(p, s);
+  // The rows of a prefill chunk (consecutive causal ends, or one end for all: a shard before the
+  // chunk) go through the prefill kernels, which read the past once per 64-128 rows instead of
+  // once per row (kernels/prefill_attention.h; what the engine's own prefill does, fp16 P
+  // included). Other patterns (a chunk that starts inside this shard's range) take the decode
+  // kernel per row.
+  bool causal = n_q >= kPrefillMinRows && (hd == 64 || hd == 128), flat = causal;
+  for (int i = 1; i < n_q && (causal || flat); ++i) {
+    causal = causal && lens[i] == lens[0] + i;
+    flat = flat && lens[i] == lens[0];
+  }
+  if (causal || flat) {
+    const int nkv = pool_->shape().n_kv_heads;
+    kernels::PrefillPastParams pp;
+    pp.plan = kernels::PlanPrefillPast(n_q, n_heads_, nkv, hd, max_len, sms, kernels::kPrefillExpandBudgetBytes,
+                                       kernels::kPrefillPartialBudgetBytes);
+    DeviceTemp<int32_t> seq_len(&lease);
+    DeviceTemp<uint16_t> xk(&lease), xv(&lease);
+    DeviceTemp<float> part_o(&lease), part_lse(&lease);
+    const int32_t one_len = max_len;
+    st = seq_len.Upload(&one_len, 1, s);
+    if (st.ok()) st = xk.Init(pp.plan.expand_bytes / 2);
+    if (st.ok()) st = xv.Init(pp.plan.expand_bytes / 2);
+    if (st.ok() && pp.plan.partial_bytes > 0) st = part_o.Init(pp.plan.partial_bytes / 4);
+    if (st.ok() && pp.plan.partial_bytes > 0) st = part_lse.Init(pp.plan.partial_bytes / 4 / hd + 1);
+    if (!st.ok()) return fail(st);
+    pp.kv = pool_->view();
+    pp.kv.block_table = table.get();
+    pp.kv.max_blocks_per_seq = std::max<int>(1, static_cast<int>(blocks_.size()));
+    pp.kv.seq_lens = seq_len.get();
+    pp.kv.first_positions = dfirst.get();
+    pp.kv.sink = dsinks.get();
+    pp.layer = layer;
+    pp.seq = 0;
+    pp.n_keys = max_len;
+    pp.rows = n_q;
+    pp.n_heads = n_heads_;
+    pp.q = dq.get();
+    pp.limit_base = lens[0];
+    pp.causal = causal && n_q > 1;
+    pp.o = dout.get();
+    pp.lse = dlse.get();
+    pp.xk = xk.get();
+    pp.xv = xv.get();
+    pp.part_o = pp.plan.partial_bytes > 0 ? part_o.get() : nullptr;
+    pp.part_lse = pp.plan.partial_bytes > 0 ? part_lse.get() : nullptr;
+    st = kernels::LaunchPrefillPast(pp, s);
+  } else {
+    st = AttendRows(layer, n_q, max_len, sms, table.get(), dlens.get(), dfirst.get(), dsinks.get(), dq.get(),
+                    dout.get(), dlse.get(), &lease);
   }
   if (st.ok() && cudaMemcpyAsync(o, dout.get(), qn * 4, cudaMemcpyDeviceToHost, s) != cudaSuccess) {
     st = absl::InternalError("copy of o");
@@ -672,6 +700,33 @@ void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_e
   }
   if (st.ok() && cudaStreamSynchronize(s) != cudaSuccess) st = absl::InternalError("attention failed");
   if (!st.ok()) fail(st);
+}
+
+absl::Status GpuKvCache::AttendRows(int layer, int n_q, int max_len, int sms, const int32_t* table,
+                                    const int32_t* lens, const int64_t* firsts, const uint16_t* const* sinks,
+                                    const float* q, float* o, float* lse, GpuKvPool::ScratchLease* lease) const {
+  const int hd = pool_->shape().head_dim;
+  kernels::DecodeAttentionParams p;
+  p.kv = pool_->view();
+  p.kv.block_table = table;
+  p.kv.max_blocks_per_seq = std::max<int>(1, static_cast<int>(blocks_.size()));
+  p.kv.block_table_stride = 0;  // every query row reads this sequence's table
+  p.kv.seq_lens = lens;
+  p.kv.first_positions = firsts;
+  p.kv.sink = sinks;
+  p.layer = layer;
+  p.batch = n_q;
+  p.n_heads = n_heads_;
+  p.q = q;
+  p.o = o;
+  p.lse = lse;
+  p.max_seq_len = max_len;
+  p.num_splits = kernels::ChooseDecodeSplits(n_q, pool_->shape().n_kv_heads, max_len, pool_->format().sink_tokens, sms);
+  p.workspace_bytes = kernels::DecodeAttentionWorkspaceBytes(n_q, n_heads_, hd, p.num_splits);
+  DeviceTemp<uint8_t> ws(lease);
+  KVQ_RETURN_IF_ERROR(ws.Init(p.workspace_bytes));
+  p.workspace = ws.get();
+  return kernels::LaunchDecodeAttention(p, pool_->stream());
 }
 
 int64_t GpuKvCache::bytes() const {

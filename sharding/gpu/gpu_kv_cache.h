@@ -203,6 +203,12 @@ class GpuKvCache : public model::KvCache {
   void MarkStaged(int n) { staged_ = n; }
 
  private:
+  // Attend's rows through the decode kernel, one row per batch entry (device arrays).
+  absl::Status AttendRows(int layer, int n_q, int max_len, int sms, const int32_t* table, const int32_t* lens,
+                          const int64_t* firsts, const uint16_t* const* sinks, const float* q, float* o,
+                          float* lse, GpuKvPool::ScratchLease* lease) const;
+  // Attend takes the prefill kernels from this many rows of one chunk.
+  static constexpr int kPrefillMinRows = 64;
   // AppendDevice with its small arrays from `lease` (Append's lease covers its upload too).
   absl::Status AppendDeviceLeased(GpuKvPool::ScratchLease* lease, int layer, const float* k_dev, const float* v_dev,
                                   int n);
