@@ -198,70 +198,92 @@ double DecodeSeconds(Setup& st, std::vector<std::unique_ptr<model::KvCache>>& ca
   return t[t.size() / 2];
 }
 
+kernels::DType WeightsDtype() {
+  if (absl::GetFlag(FLAGS_weights_dtype) == "bf16") return kernels::DType::kBF16;
+  if (absl::GetFlag(FLAGS_weights_dtype) == "f32") return kernels::DType::kF32;
+  return kernels::DType::kF16;
+}
+
+bool Synthetic(const std::string& spec) { return spec.rfind("synthetic:", 0) == 0; }
+
+// The model on the GPU (st.fwd, st.stream) and the key sigma of its synthetic fills; *host keeps a
+// real model's weights (its fingerprint selects the quantizers).
+void LoadModel(Setup& st, const std::string& spec, model::LlamaWeights* host, model::ModelConfig* c) {
+  cudaStreamCreateWithFlags(&st.stream, cudaStreamNonBlocking);
+  if (Synthetic(spec)) {
+    std::vector<std::string> parts = absl::StrSplit(spec, ':');
+    CHECK_OK(model::BuiltinConfig(parts[1], c));
+    auto f = sharding::GpuForward::CreateSynthetic(*c, WeightsDtype(), 1, st.stream);
+    CHECK_OK(f.status());
+    st.fwd = std::move(*f);
+  } else {
+    auto w = model::LoadWeights(spec);
+    CHECK_OK(w.status());
+    *host = std::move(*w);
+    *c = host->config;
+    auto f = sharding::GpuForward::Create(*host, WeightsDtype(), st.stream);
+    CHECK_OK(f.status());
+    st.fwd = std::move(*f);
+  }
+  // Synthetic weights: h = RMSNorm(x) has unit RMS, so k = h Wk has std sqrt(hidden) * 0.02.
+  st.sigma = Synthetic(spec) ? 0.02f * std::sqrt(static_cast<float>(c->hidden)) : 1.0f;
+}
+
+// KV format `fmt` on the GPU: st.format, st.expected_bytes_per_token, a block pool of
+// --pool_fraction of the free memory less `workspace`, its factory. Returns the quantizer (null for
+// fp16): synthetic for a synthetic model or without --quantizers, else --quantizers/<fmt>.kvqq.
+std::shared_ptr<const kvstore::Quantizer> MakePool(Setup& st, const model::ModelConfig& c, const std::string& fmt,
+                                                  const model::LlamaWeights& host, bool synthetic, int64_t workspace) {
+  st.factory.reset();
+  st.pool.reset();
+  std::shared_ptr<const kvstore::Quantizer> q;
+  auto parsed = kvstore::KvFormat::Parse(fmt);
+  CHECK_OK(parsed.status());
+  st.format = *parsed;
+  const kvstore::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim};
+  if (st.format.quantized()) {
+    if (synthetic || absl::GetFlag(FLAGS_quantizers).empty()) {
+      q = SyntheticQuantizer(c, st.format, st.sigma);
+    } else {
+      CHECK_OK(sharding::ResolveKvFormat(c, fmt, absl::GetFlag(FLAGS_quantizers) + "/" + fmt + ".kvqq",
+                                         model::ModelFingerprint(host), &st.format, &q));
+    }
+  }
+  st.expected_bytes_per_token = kvstore::ExpectedBytesPerToken(st.format, shape);
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  sharding::GpuKvOptions po;
+  po.capacity_bytes = static_cast<int64_t>((static_cast<double>(free_b) - workspace) * absl::GetFlag(FLAGS_pool_fraction));
+  po.max_sink_slots = 64;
+  auto pool = sharding::GpuKvPool::Create(shape, st.format, q, model::RopeParamsFor(c), po, st.stream);
+  CHECK_OK(pool.status());
+  st.pool = *pool;
+  st.factory = sharding::MakeGpuKvCacheFactory(st.pool, c.n_heads);
+  return q;
+}
+
 int Main() {
   const std::string spec = absl::GetFlag(FLAGS_model);
   const std::string label = absl::GetFlag(FLAGS_label);
-  kernels::DType dt = kernels::DType::kF16;
-  if (absl::GetFlag(FLAGS_weights_dtype) == "bf16") dt = kernels::DType::kBF16;
-  if (absl::GetFlag(FLAGS_weights_dtype) == "f32") dt = kernels::DType::kF32;
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   const double bw = CopyBandwidth();
   std::printf("# engine_bench: %s, %s, weights %s, D2D copy %.0f GB/s %s\n", prop.name, spec.c_str(),
               absl::GetFlag(FLAGS_weights_dtype).c_str(), bw / 1e9, label.c_str());
   Setup st;
-  cudaStreamCreateWithFlags(&st.stream, cudaStreamNonBlocking);
   model::LlamaWeights host;
   model::ModelConfig c;
-  const bool synthetic = spec.rfind("synthetic:", 0) == 0;
-  if (synthetic) {
-    std::vector<std::string> parts = absl::StrSplit(spec, ':');
-    CHECK_OK(model::BuiltinConfig(parts[1], &c));
-    auto f = sharding::GpuForward::CreateSynthetic(c, dt, 1, st.stream);
-    CHECK_OK(f.status());
-    st.fwd = std::move(*f);
-  } else {
-    auto w = model::LoadWeights(spec);
-    CHECK_OK(w.status());
-    host = std::move(*w);
-    c = host.config;
-    auto f = sharding::GpuForward::Create(host, dt, st.stream);
-    CHECK_OK(f.status());
-    st.fwd = std::move(*f);
-  }
-  // Synthetic weights: h = RMSNorm(x) has unit RMS, so k = h Wk has std sqrt(hidden) * 0.02.
-  st.sigma = synthetic ? 0.02f * std::sqrt(static_cast<float>(c.hidden)) : 1.0f;
+  const bool synthetic = Synthetic(spec);
+  LoadModel(st, spec, &host, &c);
   const double weight_bytes = static_cast<double>(st.fwd->weight_bytes());
   std::printf("# %s: %d layers, %d/%d heads x %d, weights %.2f GiB on the GPU\n", c.name.c_str(), c.n_layers,
               c.n_heads, c.n_kv_heads, c.head_dim, weight_bytes / 1073741824.0);
+  const int64_t workspace = int64_t{3} << 30;  // step buffers, cuBLAS, decode workspace
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
   for (absl::string_view fmt_sv : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',', absl::SkipEmpty())) {
     const std::string fmt(fmt_sv);
-    st.factory.reset();
-    st.pool.reset();
-    std::shared_ptr<const kvstore::Quantizer> q;
-    auto parsed = kvstore::KvFormat::Parse(fmt);
-    CHECK_OK(parsed.status());
-    st.format = *parsed;
-    const kvstore::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim};
-    if (st.format.quantized()) {
-      if (synthetic || absl::GetFlag(FLAGS_quantizers).empty()) {
-        q = SyntheticQuantizer(c, st.format, st.sigma);
-      } else {
-        CHECK_OK(sharding::ResolveKvFormat(c, fmt, absl::GetFlag(FLAGS_quantizers) + "/" + fmt + ".kvqq",
-                                           model::ModelFingerprint(host), &st.format, &q));
-      }
-    }
-    st.expected_bytes_per_token = kvstore::ExpectedBytesPerToken(st.format, shape);
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
-    sharding::GpuKvOptions po;
-    const int64_t workspace = int64_t{3} << 30;  // step buffers, cuBLAS, decode workspace
-    po.capacity_bytes = static_cast<int64_t>((static_cast<double>(free_b) - workspace) * absl::GetFlag(FLAGS_pool_fraction));
-    po.max_sink_slots = 64;
-    auto pool = sharding::GpuKvPool::Create(shape, st.format, q, model::RopeParamsFor(c), po, st.stream);
-    CHECK_OK(pool.status());
-    st.pool = *pool;
-    st.factory = sharding::MakeGpuKvCacheFactory(st.pool, c.n_heads);
+    MakePool(st, c, fmt, host, synthetic, workspace);
     const double pool_bytes_per_token = static_cast<double>(st.pool->block_bytes()) / 256.0;
     std::printf("\n## %s: %.1f KV bytes/token (canonical), %.1f in the pool (key-outlier reservation), pool %.1f GiB = "
                 "%lld tokens\n",
@@ -403,10 +425,7 @@ int ShardedMain(int* argc, char*** argv) {
     return 0;
   }
   const std::string spec = absl::GetFlag(FLAGS_model);
-  const bool synthetic = spec.rfind("synthetic:", 0) == 0;
-  kernels::DType dt = kernels::DType::kF16;
-  if (absl::GetFlag(FLAGS_weights_dtype) == "bf16") dt = kernels::DType::kBF16;
-  if (absl::GetFlag(FLAGS_weights_dtype) == "f32") dt = kernels::DType::kF32;
+  const bool synthetic = Synthetic(spec);
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   const double bw = CopyBandwidth();
@@ -414,58 +433,25 @@ int ShardedMain(int* argc, char*** argv) {
   std::printf("# engine_bench --sharded: %d ranks, rank 0 on %s, %s, D2D copy %.0f GB/s %s\n", ranks, prop.name,
               spec.c_str(), bw / 1e9, absl::GetFlag(FLAGS_label).c_str());
   Setup st;
-  cudaStreamCreateWithFlags(&st.stream, cudaStreamNonBlocking);
   model::LlamaWeights host;
   model::ModelConfig c;
-  if (synthetic) {
-    std::vector<std::string> parts = absl::StrSplit(spec, ':');
-    CHECK_OK(model::BuiltinConfig(parts[1], &c));
-    auto f = sharding::GpuForward::CreateSynthetic(c, dt, 1, st.stream);
-    CHECK_OK(f.status());
-    st.fwd = std::move(*f);
-  } else {
-    auto w = model::LoadWeights(spec);
-    CHECK_OK(w.status());
-    host = std::move(*w);
-    c = host.config;
-    auto f = sharding::GpuForward::Create(host, dt, st.stream);
-    CHECK_OK(f.status());
-    st.fwd = std::move(*f);
-  }
-  st.sigma = synthetic ? 0.02f * std::sqrt(static_cast<float>(c.hidden)) : 1.0f;
+  LoadModel(st, spec, &host, &c);
   const double weight_bytes = static_cast<double>(st.fwd->weight_bytes());
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
   for (absl::string_view fmt_sv : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',', absl::SkipEmpty())) {
     const std::string fmt(fmt_sv);
-    st.factory.reset();
-    st.pool.reset();
-    auto parsed = kvstore::KvFormat::Parse(fmt);
-    CHECK_OK(parsed.status());
-    st.format = *parsed;
-    const kvstore::KvShape shape{c.n_layers, c.n_kv_heads, c.head_dim};
+    auto q = MakePool(st, c, fmt, host, synthetic, workspace);
     // Workers load the quantizer from a file: the synthetic one is written where rank 0 runs (one
     // node; on several nodes pass --quantizers on a shared file system).
-    std::shared_ptr<const kvstore::Quantizer> q;
+    const bool own_file = q != nullptr && (synthetic || absl::GetFlag(FLAGS_quantizers).empty());
     std::string qpath;
-    if (st.format.quantized()) {
-      if (synthetic || absl::GetFlag(FLAGS_quantizers).empty()) {
-        q = SyntheticQuantizer(c, st.format, st.sigma);
-        qpath = absl::StrCat("/tmp/engine_bench_", getpid(), "_", fmt, ".kvqq");
-        CHECK_OK(q->Save(qpath));
-      } else {
-        qpath = absl::GetFlag(FLAGS_quantizers) + "/" + fmt + ".kvqq";
-        CHECK_OK(sharding::ResolveKvFormat(c, fmt, qpath, model::ModelFingerprint(host), &st.format, &q));
-      }
+    if (own_file) {
+      qpath = absl::StrCat("/tmp/engine_bench_", getpid(), "_", fmt, ".kvqq");
+      CHECK_OK(q->Save(qpath));
+    } else if (q != nullptr) {
+      qpath = absl::GetFlag(FLAGS_quantizers) + "/" + fmt + ".kvqq";
     }
-    st.expected_bytes_per_token = kvstore::ExpectedBytesPerToken(st.format, shape);
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
-    sharding::GpuKvOptions po;
-    po.capacity_bytes = static_cast<int64_t>((static_cast<double>(free_b) - workspace) * fraction);
-    po.max_sink_slots = 64;
-    auto pool = sharding::GpuKvPool::Create(shape, st.format, q, model::RopeParamsFor(c), po, st.stream);
-    CHECK_OK(pool.status());
-    st.pool = *pool;
-    st.factory = sharding::MakeGpuKvCacheFactory(st.pool, c.n_heads);
     // Capacities: rank 0's pool as made; a worker's as it makes its own (a fraction of its free
     // memory, no weights), estimated from this GPU's total.
     sharding::ShardPlannerOptions pl;
@@ -528,7 +514,7 @@ int ShardedMain(int* argc, char*** argv) {
         std::fflush(stdout);
       }
     }
-    if (!qpath.empty() && (synthetic || absl::GetFlag(FLAGS_quantizers).empty())) std::remove(qpath.c_str());
+    if (own_file) std::remove(qpath.c_str());
   }
   st.factory.reset();
   st.pool.reset();

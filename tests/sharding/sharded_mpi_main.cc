@@ -440,6 +440,28 @@ TEST(DISABLED_WorkerFailureTest, SilentWorkerFailsTheStepWithAStatus) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The GPU tests' engine: SmolLM2 with f32 weights on the GPU, a 256 MiB pool of `fmt` (its
+// calibrated quantizer for quantized formats).
+engine::EngineOptions GpuEngineOptions(const std::string& fmt) {
+  engine::EngineOptions o;
+  o.model = testing::ModelPath();
+  o.device = "cuda";
+  o.weights_dtype = "f32";
+  o.kv_format = fmt;
+  o.quantizer = fmt == "fp16" ? "" : std::string(KVQ_SOURCE_DIR) + "/tests/fixtures/quantizers/" + fmt + ".kvqq";
+  o.kv_capacity_bytes = int64_t{256} << 20;
+  o.key_outlier_reserve = g_key_outlier_reserve;
+  return o;
+}
+
+// Sequences spread over every rank, rank 0's shards in the engine's own pool.
+absl::StatusOr<std::unique_ptr<ShardedKvCacheFactory>> GpuShardedFactory(engine::Engine& e,
+                                                                        const engine::EngineOptions& o) {
+  std::shared_ptr<const KvCacheFactory> rank0(&e.kv_factory(), [](const KvCacheFactory*) {});
+  return ShardedKvCacheFactory::Create(g_transport, e.config(), o.kv_format, o.quantizer, "",
+                                       Planner(e.kv_factory(), g_transport->size(), 7, 16), rank0);
+}
+
 // The GPU engine with sequences spread over ranks whose shards are GPU caches (q, new k/v and
 // partials over MPI through the host): the same greedy tokens as one rank through the same path,
 // fp16 KV exactly, nuq3-1% for the first tokens (the quantization amplifies the merge's rounding,
@@ -449,16 +471,9 @@ TEST(ShardedGpuGenerationTest, SameTokensAsOneRank) {
   if (g_transport->size() < 2) GTEST_SKIP() << "needs mpirun -np >= 2";
   KVQ_REQUIRE_MODEL();
   for (const std::string fmt : {"fp16", "nuq3-1%"}) {
-    engine::EngineOptions o;
-    o.model = testing::ModelPath();
-    o.device = "cuda";
-    o.weights_dtype = "f32";
-    o.kv_format = fmt;
-    o.quantizer = fmt == "fp16" ? "" : std::string(KVQ_SOURCE_DIR) + "/tests/fixtures/quantizers/" + fmt + ".kvqq";
+    engine::EngineOptions o = GpuEngineOptions(fmt);
     o.max_batch = 8;
     o.prefill_chunk = 16;
-    o.kv_capacity_bytes = int64_t{256} << 20;
-    o.key_outlier_reserve = g_key_outlier_reserve;
     std::unique_ptr<ShardedKvCacheFactory> factory;
     // 0: the engine's own cache (its native GPU path); 1: one rank through the sharded cache (the
     // host path that sharded sequences take); 2: spread over the ranks.
@@ -476,9 +491,7 @@ TEST(ShardedGpuGenerationTest, SameTokensAsOneRank) {
     auto e = engine::Engine::Create(o);
     ASSERT_TRUE(e.ok()) << e.status();
     eng = e->get();
-    std::shared_ptr<const KvCacheFactory> rank0(&(*e)->kv_factory(), [](const KvCacheFactory*) {});
-    auto sf = ShardedKvCacheFactory::Create(g_transport, (*e)->config(), fmt, o.quantizer, "",
-                                            Planner((*e)->kv_factory(), g_transport->size(), 7, 16), rank0);
+    auto sf = GpuShardedFactory(**e, o);
     ASSERT_TRUE(sf.ok()) << sf.status();
     factory = std::move(*sf);
     const std::vector<std::string> texts = {
@@ -599,14 +612,7 @@ TEST(ShardedGpuAttentionTest, MergedEqualsSingleRank) {
   for (const std::string fmt : {"fp16", "nuq3-1%"}) {
     SCOPED_TRACE(fmt);
     const double tolerance = fmt == "fp16" ? 2e-3 : 2e-5;
-    engine::EngineOptions o;
-    o.model = testing::ModelPath();
-    o.device = "cuda";
-    o.weights_dtype = "f32";
-    o.kv_format = fmt;
-    o.quantizer = fmt == "fp16" ? "" : std::string(KVQ_SOURCE_DIR) + "/tests/fixtures/quantizers/" + fmt + ".kvqq";
-    o.kv_capacity_bytes = int64_t{256} << 20;
-    o.key_outlier_reserve = g_key_outlier_reserve;
+    const engine::EngineOptions o = GpuEngineOptions(fmt);
     auto e = engine::Engine::Create(o);
     ASSERT_TRUE(e.ok()) << e.status();
     const model::ModelConfig& c = (*e)->config();
@@ -631,9 +637,7 @@ TEST(ShardedGpuAttentionTest, MergedEqualsSingleRank) {
       EXPECT_LE(std::max(d.o, d.chunk_o), 2e-2) << "GPU cache at 37 vs CPU";
       EXPECT_LE(std::max(d.lse, d.chunk_lse), 2e-2) << "GPU cache at 37 vs CPU";
     }
-    std::shared_ptr<const KvCacheFactory> rank0(&(*e)->kv_factory(), [](const KvCacheFactory*) {});
-    auto sf = ShardedKvCacheFactory::Create(g_transport, c, fmt, o.quantizer, "",
-                                            Planner((*e)->kv_factory(), g_transport->size(), 7, 16), rank0);
+    auto sf = GpuShardedFactory(**e, o);
     ASSERT_TRUE(sf.ok()) << sf.status();
     // Odd cuts; everything on rank 0 (the others hold nothing); everything but token 0 remote.
     std::vector<std::pair<std::string, std::vector<ShardRange>>> layouts = {{"odd", OddRanges(g_transport->size())}};
