@@ -209,20 +209,27 @@ void ShardedKvCache::Commit(int n) {
     s.staged = 0;
   }
   for (Shard* s : sent) {
-    std::string msg;
-    wire::Reader r{std::string_view()};
-    absl::Status st = ReceiveReply(t_, s->range.rank, &msg, &r);
-    const int64_t len = r.Get<int64_t>(), bytes = r.Get<int64_t>();
-    if (st.ok() && len != s->length + s->staged) {
-      st = absl::InternalError(absl::StrCat("rank ", s->range.rank, " holds ", len,
-                                            " tokens after the commit; expected ", s->length + s->staged));
-    }
-    Fail(st);
+    int64_t len = 0, bytes = 0;
+    Fail(ReceiveLength(*s, s->length + s->staged, "commit", &len, &bytes));
     s->length += s->staged;
     s->staged = 0;
     s->bytes = bytes;
   }
   length_ += n;
+}
+
+absl::Status ShardedKvCache::ReceiveLength(const Shard& s, int64_t expected, const char* what, int64_t* length,
+                                           int64_t* bytes) const {
+  std::string msg;
+  wire::Reader r{std::string_view()};
+  absl::Status st = ReceiveReply(t_, s.range.rank, &msg, &r);
+  *length = r.Get<int64_t>();
+  *bytes = r.Get<int64_t>();
+  if (st.ok() && *length != expected) {
+    st = absl::InternalError(
+        absl::StrCat("rank ", s.range.rank, " holds ", *length, " tokens after the ", what, "; expected ", expected));
+  }
+  return st;
 }
 
 absl::Status ShardedKvCache::FillSynthetic(int n_layers, int kv_dim, int64_t tokens, uint64_t seed,
@@ -260,14 +267,8 @@ absl::Status ShardedKvCache::FillSynthetic(int n_layers, int kv_dim, int64_t tok
     s.length = s.local->length();
   }
   for (Shard* s : sent) {
-    std::string msg;
-    wire::Reader r{std::string_view()};
-    absl::Status st = ReceiveReply(t_, s->range.rank, &msg, &r);
-    const int64_t len = r.Get<int64_t>(), bytes = r.Get<int64_t>();
-    if (st.ok() && len != part(*s)) {
-      st = absl::InternalError(absl::StrCat("rank ", s->range.rank, " holds ", len, " tokens after the fill; expected ",
-                                            part(*s)));
-    }
+    int64_t len = 0, bytes = 0;
+    const absl::Status st = ReceiveLength(*s, part(*s), "fill", &len, &bytes);
     if (result.ok()) result = st;
     s->length = len;
     s->bytes = bytes;

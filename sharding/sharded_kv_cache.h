@@ -114,6 +114,10 @@ class ShardedKvCache : public model::KvCache {
   }
   // Waits for a reply from `rank` and checks its status; leaves `payload` at its data.
   absl::Status Reply(int rank, std::string* payload) const;
+  // A worker's {length, bytes} reply to a command (`what`) after which its shard should hold
+  // `expected` tokens; an error when it does not.
+  absl::Status ReceiveLength(const Shard& s, int64_t expected, const char* what, int64_t* length,
+                             int64_t* bytes) const;
 
   Transport* t_;
   model::ModelConfig config_;
