@@ -8,8 +8,11 @@
 //
 // GpuKvCache is a model::KvCache: the engine's GPU forward pass (gpu_forward.h) drives it through
 // its device view (blocks, sink slot, lengths), and the host methods (Append, Attend, Serialize)
-// work too, by copying through the same kernels, for tests and session files. A session saved from
-// a GPU cache is byte-identical to the CPU reference's (kvstore::QuantizedKvCache::Serialize).
+// work too, by copying through the same kernels, for the shards of sequences spread over ranks,
+// tests and session files (their small device arrays come from a per-pool scratch, allocated once
+// and reused). A session saved from a GPU cache is byte-identical to the CPU reference's
+// (kvstore::QuantizedKvCache::Serialize). The pool is implemented in gpu_kv_pool.cc, the cache
+// and its factory in gpu_kv_cache.cc.
 #pragma once
 
 #include <cuda_runtime.h>
