@@ -244,6 +244,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
 
   const int64_t kv_row = kv.TableRow(b);
   const int lt = lane & 15, lh = lane >> 4;  // staging mapping: token, channel half
+  // Staging row chunk lh * hd/16 of token lt; chunk + g8 is at srow ^ (g8 << 4) (the XOR swizzle
+  // keeps g8's bits apart from the row's).
+  const int srow = StageOff<kHeadDim>(lt, lh * (kHalf / 8));
 
   auto block_base = [&](int T) -> const uint8_t* {
     const int j = j_begin + T * kTile;
@@ -254,7 +257,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   // the current keys are staged, the values and scales right after the current ones are used (one
   // register copy of each, not two).
   auto tok_ok = [&](int T) { return active && T < n_tiles && j_begin + T * kTile + lt < j_end; };
-  // base: block_base(T) (looked up once per tile by the caller).
+  // base: the block base of tile T (carried by the caller).
   auto row_at = [&](int T, const uint8_t* base, int64_t offset) -> const uint32_t* {
     const int j = j_begin + T * kTile;
     const int64_t tok = static_cast<int64_t>(hk) * kKvBlockTokens + j % kKvBlockTokens + lt;
@@ -291,10 +294,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   }
 
   RawT cur;
+  // Base of the block holding the current block tile, carried from tile to tile (the block table
+  // is read once per block, one tile ahead: at the last tile of a block, for the next one).
+  const uint8_t* blk_base = nullptr;
   if (active && n_tiles > 0) {
-    const uint8_t* base0 = block_base(0);
-    load_k(0, base0, cur);
-    load_v(0, base0, cur);
+    blk_base = block_base(0);
+    load_k(0, blk_base, cur);
+    load_v(0, blk_base, cur);
   }
   int kcur = 0, kcount = 0;
   const uint32_t* kents = nullptr;
@@ -345,10 +351,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     }
     if (!active) continue;
 
-    const uint8_t* lb = sink_tile ? nullptr : block_base(T);
+    const uint8_t* lb = sink_tile ? nullptr : blk_base;
     // Next block tile's block (the current one unless this tile ends a block).
     const bool next_block = !sink_tile && tin + kTile == kKvBlockTokens;
     const uint8_t* nb = !sink_tile && next_block && T + 1 < n_tiles ? block_base(T + 1) : lb;
+    if (!sink_tile) blk_base = nb;
     // Key-outlier cursor: at each block start, and at a split that starts inside a block (splits
     // are multiples of 64 tokens) at the block's first entry of a token >= tin (entries are sorted
     // by token).
@@ -387,7 +394,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           const float2 za = zr_s[c], zb = zr_s[c + 1];
           w[e] = t < n_sink ? PackF2((HalfLo(xw[e]) - za.x) * za.y, (HalfHi(xw[e]) - zb.x) * zb.y) : 0u;
         }
-        *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =
+        *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) =
             make_uint4(w[0], w[1], w[2], w[3]);
       }
     } else {
@@ -397,7 +404,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         uint32_t w[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) w[e] = kpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
-        *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =
+        *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) =
             make_uint4(w[0], w[1], w[2], w[3]);
       }
       load_k(T + 1, nb, cur);
@@ -496,7 +503,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       const uint4* src = reinterpret_cast<const uint4*>(sink_v + static_cast<int64_t>(t) * sink_row + lh * kHalf);
 #pragma unroll
       for (int g8 = 0; g8 < kHalf / 8; ++g8) {
-        *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =
+        *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) =
             t < n_sink ? src[g8] : make_uint4(0, 0, 0, 0);
       }
     } else {
@@ -506,7 +513,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         uint32_t w[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) w[e] = vpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
-        *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =
+        *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) =
             make_uint4(w[0], w[1], w[2], w[3]);
       }
       if (k_v > 0) {
