@@ -75,6 +75,11 @@ ABSL_FLAG(std::string, label, "", "free text printed with every row (e.g. the GP
 ABSL_FLAG(bool, sharded, false,
           "under mpirun: sequences spread over the ranks' GPUs through the sharded cache (see the header)");
 ABSL_FLAG(int64_t, min_tokens_per_rank, 65536, "--sharded: fewest tokens a rank holds before a sequence spreads");
+ABSL_FLAG(int, mpi_max_nap_us, kvq::sharding::kGpuRankMaxNapUs,
+          "--sharded: longest nap of a rank's MPI waits (the CPU backend's default is 500)");
+ABSL_FLAG(bool, mpi_wait_sends, false,
+          "--sharded: each MPI send waits until the peer takes it (the transport before queued sends; "
+          "for comparisons)");
 
 #if KVQ_HAVE_CUDA
 namespace kvq {
@@ -404,7 +409,12 @@ int Main() {
 // --sharded (see the header). Worker ranks serve KV shards until rank 0 shuts them down.
 int ShardedMain(int* argc, char*** argv) {
   CHECK_OK(sharding::SelectDeviceForLocalRank());
-  auto tr = sharding::MpiTransport::Init(argc, argv, {/*reply_timeout_seconds=*/600.0});
+  // GPU ranks each have a core: waits poll every few microseconds instead of napping.
+  sharding::MpiTransportOptions mo;
+  mo.reply_timeout_seconds = 600.0;
+  mo.max_nap_us = absl::GetFlag(FLAGS_mpi_max_nap_us);
+  mo.wait_for_sends = absl::GetFlag(FLAGS_mpi_wait_sends);
+  auto tr = sharding::MpiTransport::Init(argc, argv, mo);
   CHECK_OK(tr.status());
   sharding::MpiTransport* t = tr->get();
   const double fraction = absl::GetFlag(FLAGS_pool_fraction);

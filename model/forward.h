@@ -17,6 +17,27 @@
 
 namespace kvq::model {
 
+// What a cache that works on device memory needs from the GPU forward pass that calls it (which
+// owns the CUDA stream): copies between the caller's device and the host, and the merge of
+// attention partials, so that caches built over other caches (sharding/sharded_kv_cache.h) need
+// no CUDA of their own. Every call is complete when it returns.
+class DeviceOps {
+ public:
+  virtual ~DeviceOps() = default;
+  virtual absl::Status ToHost(const float* device, size_t n, float* host) = 0;
+  virtual absl::Status ToDevice(const float* host, size_t n, float* device) = 0;
+  // Device scratch for `parts` attention partials of `rows` rows (rows = queries x heads):
+  // o of part i at o + i * rows * head_dim, lse at lse + i * rows. Valid until the next call.
+  struct Parts {
+    float* o = nullptr;
+    float* lse = nullptr;
+  };
+  virtual absl::StatusOr<Parts> PartsScratch(int parts, int64_t rows, int head_dim) = 0;
+  // o, lse (device) = the exact merge of the first `parts` partials of `p`, in order.
+  virtual absl::Status MergeParts(const Parts& p, int parts, int64_t rows, int head_dim, float* o,
+                                  float* lse) = 0;
+};
+
 // One sequence's stored keys (pre-RoPE) and values, per layer. Implementations: the dense
 // DenseKvCache below (fp16 or fp32 storage) and, in the engine, the KVQuant quantized cache.
 class KvCache {
@@ -38,6 +59,20 @@ class KvCache {
   // scores (-inf with o = 0 for an empty range), so that partials merge exactly.
   virtual void Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
                       float* lse) const = 0;
+  // Device-memory forms of Attend and Append, for caches on (or in front of) the GPU of the
+  // forward pass that calls them (GPU caches, and sharded caches whose local shards are GPU
+  // caches): q, o, lse, k, v are device pointers of the current CUDA device; the caller's work
+  // that produced the inputs is complete before the call, and the outputs are complete when it
+  // returns. AttendDevice leaves o and lse untouched when no key is in range (the caller fills
+  // them); otherwise as Attend. Unimplemented unless device_memory() says so.
+  virtual bool device_memory() const { return false; }
+  virtual absl::Status AttendDevice(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+                                    float* lse, DeviceOps& ops) const {
+    return absl::UnimplementedError("this KV cache does not work on device memory");
+  }
+  virtual absl::Status AppendDevice(int layer, const float* k, const float* v, int n, DeviceOps& ops) {
+    return absl::UnimplementedError("this KV cache does not work on device memory");
+  }
   // Bytes this cache holds (for accounting).
   virtual int64_t bytes() const = 0;
   // Bytes of the cache's canonical compressed form (what the table of effective bits reports):

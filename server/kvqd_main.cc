@@ -170,6 +170,9 @@ int main(int argc, char** argv) {
       return 1;
     }
     transport = std::move(*t);
+    // A GPU rank has a core to itself: its waits poll every few microseconds instead of napping
+    // (a worker napping between commands would add its nap to every layer's attention).
+    if (gpu) transport->set_max_nap_us(kvq::sharding::kGpuRankMaxNapUs);
     if (transport->rank() > 0) {
       kvq::sharding::WorkerFactoryMaker maker;
 #if KVQ_HAVE_CUDA

@@ -5,10 +5,12 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 #ifdef KVQ_HAVE_MPI
 #include <mpi.h>
@@ -45,6 +47,63 @@ struct MpiTransport::Impl {
   mutable std::mutex mu;
   absl::Status broken;  // the first failure
   bool finalized = false;
+  int max_nap_us = 500;
+  // Sends in flight, oldest first: MPI owns `bytes` until the request completes. A rendezvous
+  // send (Open MPI's shared-memory eager limit is 4 KiB; q of one Llama layer is 16 KiB) completes
+  // only once the peer has posted its receive, so waiting for it in Send made rank 0 wait out a
+  // worker's nap before it could start its own shard (~0.3 ms per layer, measured 2026-12-01).
+  struct PendingSend {
+    MPI_Request request = MPI_REQUEST_NULL;
+    std::string bytes;
+    int dest = 0;
+    std::chrono::steady_clock::time_point since;
+  };
+  std::deque<PendingSend> pending;
+  size_t pending_bytes = 0;
+  // Beyond these, Send waits for the oldest sends first (a peer that stopped taking messages must
+  // not grow memory without bound).
+  static constexpr size_t kMaxPendingSends = 256;
+  static constexpr size_t kMaxPendingBytes = size_t{1} << 30;
+
+  // Completes what has completed (in order; MPI keeps one peer's messages in order anyway) and
+  // fails on an error or on a send older than timeout_s (0: none). Caller holds mu.
+  absl::Status ProgressSends(double timeout_s) {
+    while (!pending.empty()) {
+      PendingSend& p = pending.front();
+      int done = 0;
+      KVQ_RETURN_IF_MPI_ERROR(MPI_Test(&p.request, &done, MPI_STATUS_IGNORE));
+      if (!done) {
+        if (timeout_s > 0) {
+          const double waited =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - p.since).count();
+          if (waited > timeout_s) {
+            return absl::DeadlineExceededError(absl::StrCat(
+                "sending to rank ", p.dest, ": not taken after ", timeout_s,
+                " s (the rank hung or died; the job must end)"));
+          }
+        }
+        return absl::OkStatus();
+      }
+      pending_bytes -= p.bytes.size();
+      pending.pop_front();
+    }
+    return absl::OkStatus();
+  }
+  // Waits until no send is in flight (all) or until the limits above hold again.
+  absl::Status DrainSends(bool all, double timeout_s) {
+    int nap_us = 0;
+    for (int spin = 0;; ++spin) {
+      KVQ_RETURN_IF_ERROR(ProgressSends(timeout_s));
+      if (pending.empty() ||
+          (!all && pending.size() < kMaxPendingSends && pending_bytes <= kMaxPendingBytes)) {
+        return absl::OkStatus();
+      }
+      if (spin > 200) {
+        nap_us = std::min(max_nap_us, nap_us + 10);
+        std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
+      }
+    }
+  }
 
   // Polls `request` until it completes. Tight at first (replies to small commands come back in
   // microseconds), then backs off to short naps so that waiting ranks leave the cores to the ones
@@ -83,7 +142,7 @@ struct MpiTransport::Impl {
         }
       }
       if (spin > 200) {
-        nap_us = std::min(500, nap_us + 10);
+        nap_us = std::min(max_nap_us, nap_us + 10);
         std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
       }
     }
@@ -114,6 +173,7 @@ absl::StatusOr<std::unique_ptr<MpiTransport>> MpiTransport::Init(int* argc, char
   KVQ_RETURN_IF_MPI_ERROR(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
   auto t = std::unique_ptr<MpiTransport>(new MpiTransport(std::move(impl)));
   t->options_ = options;
+  t->impl_->max_nap_us = std::max(options.max_nap_us, 1);
   KVQ_RETURN_IF_MPI_ERROR(MPI_Comm_rank(t->impl_->comm, &t->rank_));
   KVQ_RETURN_IF_MPI_ERROR(MPI_Comm_size(t->impl_->comm, &t->size_));
   return t;
@@ -121,7 +181,22 @@ absl::StatusOr<std::unique_ptr<MpiTransport>> MpiTransport::Init(int* argc, char
 
 MpiTransport::MpiTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-MpiTransport::~MpiTransport() = default;
+MpiTransport::~MpiTransport() {
+  // Sends still in flight own their bytes until MPI is done with them: give them a moment, and
+  // leave whatever is still pending to the process's end rather than free it under MPI.
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->pending.empty()) return;
+  int mpi_done = 0;
+  MPI_Finalized(&mpi_done);
+  if (!mpi_done && !impl_->finalized) (void)impl_->DrainSends(/*all=*/true, 5.0);
+  if (!impl_->pending.empty()) new std::deque<Impl::PendingSend>(std::move(impl_->pending));  // leaked on purpose
+}
+
+void MpiTransport::set_max_nap_us(int us) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  options_.max_nap_us = us;
+  impl_->max_nap_us = std::max(us, 1);
+}
 
 absl::Status MpiTransport::health() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
@@ -129,6 +204,10 @@ absl::Status MpiTransport::health() const {
 }
 
 absl::Status MpiTransport::Send(int dest, std::string_view message) {
+  return Send(dest, std::string(message));
+}
+
+absl::Status MpiTransport::Send(int dest, std::string&& message) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   if (!impl_->broken.ok()) return impl_->broken;
   if (dest < 0 || dest >= size_ || dest == rank_) {
@@ -138,12 +217,22 @@ absl::Status MpiTransport::Send(int dest, std::string_view message) {
     return impl_->Fail(absl::InvalidArgumentError(
         absl::StrCat("message of ", message.size(), " bytes to rank ", dest, " exceeds 2 GiB")));
   }
-  MPI_Request req;
-  int rc = MPI_Isend(message.data(), static_cast<int>(message.size()), MPI_BYTE, dest, kTagData,
-                     impl_->comm, &req);
-  if (rc != MPI_SUCCESS) return impl_->Fail(MpiError(rc, "MPI_Isend", __FILE__, __LINE__));
-  absl::Status s = impl_->Wait(&req, options_.reply_timeout_seconds, rank_ == 0 ? dest : -1,
-                                "sending to", dest);
+  absl::Status s = impl_->DrainSends(/*all=*/false, options_.reply_timeout_seconds);
+  if (!s.ok()) return impl_->Fail(s);
+  Impl::PendingSend& p = impl_->pending.emplace_back();
+  p.bytes = std::move(message);
+  p.dest = dest;
+  p.since = std::chrono::steady_clock::now();
+  impl_->pending_bytes += p.bytes.size();
+  const int rc = MPI_Isend(p.bytes.data(), static_cast<int>(p.bytes.size()), MPI_BYTE, dest, kTagData,
+                           impl_->comm, &p.request);
+  if (rc != MPI_SUCCESS) {
+    impl_->pending_bytes -= p.bytes.size();
+    impl_->pending.pop_back();
+    return impl_->Fail(MpiError(rc, "MPI_Isend", __FILE__, __LINE__));
+  }
+  s = options_.wait_for_sends ? impl_->DrainSends(/*all=*/true, options_.reply_timeout_seconds)
+                              : impl_->ProgressSends(options_.reply_timeout_seconds);
   if (!s.ok()) return impl_->Fail(s);
   return absl::OkStatus();
 }
@@ -157,6 +246,8 @@ absl::StatusOr<std::string> MpiTransport::Receive(int source, bool wait_forever)
   int nap_us = 0;
   MPI_Status st;
   for (int spin = 0;; ++spin) {
+    // Our own sends move on while we wait (and a peer that never takes them shows up here).
+    if (absl::Status ps = impl_->ProgressSends(options_.reply_timeout_seconds); !ps.ok()) return impl_->Fail(ps);
     int ready = 0;
     int rc = MPI_Iprobe(source, kTagData, impl_->comm, &ready, &st);
     if (rc != MPI_SUCCESS) return impl_->Fail(MpiError(rc, "MPI_Iprobe", __FILE__, __LINE__));
@@ -184,7 +275,7 @@ absl::StatusOr<std::string> MpiTransport::Receive(int source, bool wait_forever)
       }
     }
     if (spin > 200) {
-      nap_us = std::min(wait_forever ? 1000 : 500, nap_us + 10);
+      nap_us = std::min(wait_forever ? 2 * impl_->max_nap_us : impl_->max_nap_us, nap_us + 10);
       std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
     }
   }
@@ -200,6 +291,7 @@ absl::StatusOr<std::string> MpiTransport::Receive(int source, bool wait_forever)
 void MpiTransport::NotifyGone(const absl::Status& why) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   if (rank_ == 0) return;
+  (void)impl_->DrainSends(/*all=*/true, 5.0);
   const std::string text = why.ToString();
   // Eager for a short text: completes locally even if rank 0 never reads it.
   MPI_Request req;
@@ -217,6 +309,9 @@ void MpiTransport::ClearFailureForTesting() {
 absl::Status MpiTransport::Finalize() {
   std::lock_guard<std::mutex> lock(impl_->mu);
   if (impl_->finalized) return absl::OkStatus();
+  // Every send must be complete before MPI ends (ranks finalize together, so peers take them).
+  absl::Status drained = impl_->DrainSends(/*all=*/true, options_.reply_timeout_seconds);
+  if (!drained.ok()) return impl_->Fail(drained);
   impl_->finalized = true;
   MPI_Comm_free(&impl_->comm);
   KVQ_RETURN_IF_MPI_ERROR(MPI_Finalize());
@@ -241,6 +336,8 @@ absl::StatusOr<std::unique_ptr<MpiTransport>> MpiTransport::Init(int*, char***,
 MpiTransport::MpiTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 MpiTransport::~MpiTransport() = default;
 absl::Status MpiTransport::Send(int, std::string_view) { return absl::UnimplementedError("no MPI"); }
+absl::Status MpiTransport::Send(int, std::string&&) { return absl::UnimplementedError("no MPI"); }
+void MpiTransport::set_max_nap_us(int us) { options_.max_nap_us = us; }
 absl::StatusOr<std::string> MpiTransport::Receive(int, bool) { return absl::UnimplementedError("no MPI"); }
 void MpiTransport::NotifyGone(const absl::Status&) {}
 absl::Status MpiTransport::health() const { return absl::UnimplementedError("no MPI"); }

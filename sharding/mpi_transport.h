@@ -27,8 +27,12 @@ class Transport {
   virtual ~Transport() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  // Queues `message` for rank `dest`; completes (or fails) within the reply timeout.
+  // Queues `message` for rank `dest` and returns without waiting for `dest` to take it: messages
+  // to one rank arrive in order, and a send that fails or that `dest` does not take within the
+  // reply timeout breaks the transport (the next call returns that error). The string_view form
+  // copies the bytes; the rvalue form takes them over.
   virtual absl::Status Send(int dest, std::string_view message) = 0;
+  virtual absl::Status Send(int dest, std::string&& message) { return Send(dest, std::string_view(message)); }
   // The next message from `source`. wait_forever: no deadline (a worker waiting for commands);
   // otherwise DeadlineExceeded after the reply timeout. Unavailable when `source` said it is gone.
   virtual absl::StatusOr<std::string> Receive(int source, bool wait_forever = false) = 0;
@@ -38,10 +42,21 @@ class Transport {
   virtual absl::Status health() const = 0;
 };
 
+// max_nap_us for ranks that drive a GPU (one core each: latency matters, cores are not shared).
+inline constexpr int kGpuRankMaxNapUs = 10;
+
 struct MpiTransportOptions {
   // How long rank 0 waits for a worker's reply (or a send to complete). Attention over a long
   // shard on the CPU is slow; a hung or dead rank fails the step after this. 0: no deadline.
   double reply_timeout_seconds = 600.0;
+  // Longest nap between polls of a wait, in microseconds (waits spin first, then nap longer and
+  // longer up to this; a worker idle between commands naps up to twice it). Naps leave the cores
+  // to computing ranks when ranks outnumber cores (CI: 4 ranks on 2 cores); a rank with a core of
+  // its own (GPU ranks) wants a few microseconds, or every layer's command waits out a nap.
+  int max_nap_us = 500;
+  // Send waits until the peer has taken the message (the behaviour before sends were queued; kept
+  // for comparisons: engine_bench --mpi_wait_sends).
+  bool wait_for_sends = false;
 };
 
 class MpiTransport : public Transport {
@@ -54,10 +69,12 @@ class MpiTransport : public Transport {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   absl::Status Send(int dest, std::string_view message) override;
+  absl::Status Send(int dest, std::string&& message) override;
   absl::StatusOr<std::string> Receive(int source, bool wait_forever = false) override;
   void NotifyGone(const absl::Status& why) override;
   absl::Status health() const override;
   void set_reply_timeout_seconds(double s) { options_.reply_timeout_seconds = s; }
+  void set_max_nap_us(int us);
   // Tests that break the transport on purpose use this to shut the job down cleanly afterwards.
   void ClearFailureForTesting();
 

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -136,7 +137,7 @@ ShardedKvCache::~ShardedKvCache() {
     if (s.local) continue;
     wire::Writer w;
     w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kFree)).Put<uint64_t>(s.id);
-    (void)t_->Send(s.range.rank, w.str());
+    (void)t_->Send(s.range.rank, std::move(w.str()));
   }
 }
 
@@ -146,39 +147,54 @@ absl::Status ShardedKvCache::Reply(int rank, std::string* payload) const {
 }
 
 absl::Status ShardedKvCache::Append(int layer, const float* k, const float* v, int n) {
+  return AppendImpl(layer, k, v, n, nullptr);
+}
+
+absl::Status ShardedKvCache::AppendDevice(int layer, const float* k, const float* v, int n, model::DeviceOps& ops) {
+  return AppendImpl(layer, k, v, n, &ops);
+}
+
+absl::Status ShardedKvCache::AppendImpl(int layer, const float* k, const float* v, int n, model::DeviceOps* ops) {
   KVQ_RETURN_IF_ERROR(error_);
   if (n < 0) return absl::InvalidArgumentError(absl::StrCat("cannot append ", n, " tokens"));
   const int64_t kvd = config_.kv_dim();
   const int64_t first = length_, last = length_ + n;
-  // Remote slices first, so the workers append while rank 0 appends its own.
-  std::vector<int> sent;
+  // Remote slices first, so the workers append while rank 0 appends its own. A worker does not
+  // answer an append (a round trip per layer and step that rank 0 would only wait out): a failed
+  // one comes back as the error of that cache's next command with a reply (the next layer's
+  // attention, or the step's commit or discard), which this cache then keeps in status().
   absl::Status result;
+  std::vector<float> host;  // device k, v of one remote slice
   for (Shard& s : shards_) {
     const int64_t b = std::max(first, s.range.begin), e = std::min(last, s.range.end);
     s.staged = static_cast<int>(std::max<int64_t>(0, e - b));
     if (s.staged == 0 || s.local) continue;
     const int64_t j0 = b - first;
+    const size_t elems = static_cast<size_t>(s.staged) * kvd;
     wire::Writer w;
     w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAppend)).Put<uint64_t>(s.id);
     w.Put<int32_t>(layer).Put<int32_t>(s.staged);
-    w.PutArray(k + j0 * kvd, static_cast<size_t>(s.staged) * kvd);
-    w.PutArray(v + j0 * kvd, static_cast<size_t>(s.staged) * kvd);
-    absl::Status st = t_->Send(s.range.rank, w.str());
+    if (ops != nullptr) {
+      host.resize(2 * elems);
+      absl::Status st = ops->ToHost(k + j0 * kvd, elems, host.data());
+      if (st.ok()) st = ops->ToHost(v + j0 * kvd, elems, host.data() + elems);
+      if (!st.ok()) return st;
+      w.PutArray(host.data(), 2 * elems);
+    } else {
+      w.PutArray(k + j0 * kvd, elems);
+      w.PutArray(v + j0 * kvd, elems);
+    }
+    absl::Status st = t_->Send(s.range.rank, std::move(w.str()));
     if (!st.ok()) {
       Fail(st);
       return st;
     }
-    sent.push_back(s.range.rank);
   }
   for (Shard& s : shards_) {
     if (s.staged == 0 || !s.local) continue;
     const int64_t j0 = std::max(first, s.range.begin) - first;
-    absl::Status st = s.local->Append(layer, k + j0 * kvd, v + j0 * kvd, s.staged);
-    if (result.ok()) result = st;
-  }
-  for (int rank : sent) {
-    std::string msg;
-    absl::Status st = Reply(rank, &msg);
+    absl::Status st = ops != nullptr ? s.local->AppendDevice(layer, k + j0 * kvd, v + j0 * kvd, s.staged, *ops)
+                                     : s.local->Append(layer, k + j0 * kvd, v + j0 * kvd, s.staged);
     if (result.ok()) result = st;
   }
   if (!t_->health().ok()) Fail(result);
@@ -198,7 +214,7 @@ void ShardedKvCache::Commit(int n) {
     if (s.staged == 0 || s.local) continue;
     wire::Writer w;
     w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kCommit)).Put<uint64_t>(s.id).Put<int32_t>(s.staged);
-    absl::Status st = t_->Send(s.range.rank, w.str());
+    absl::Status st = t_->Send(s.range.rank, std::move(w.str()));
     if (!st.ok()) return Fail(st);
     sent.push_back(&s);
   }
@@ -247,7 +263,7 @@ absl::Status ShardedKvCache::FillSynthetic(int n_layers, int kv_dim, int64_t tok
     wire::Writer w;
     w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kFillSynthetic)).Put<uint64_t>(s.id);
     w.Put<int64_t>(part(s)).Put<uint64_t>(seed + i).Put<float>(key_sigma);
-    absl::Status st = t_->Send(s.range.rank, w.str());
+    absl::Status st = t_->Send(s.range.rank, std::move(w.str()));
     if (!st.ok()) {
       Fail(st);
       return st;
@@ -292,7 +308,7 @@ void ShardedKvCache::DiscardStaged() {
     }
     wire::Writer w;
     w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kDiscard)).Put<uint64_t>(s.id);
-    absl::Status st = t_->Send(s.range.rank, w.str());
+    absl::Status st = t_->Send(s.range.rank, std::move(w.str()));
     if (!st.ok()) {
       Fail(st);
       continue;
@@ -305,25 +321,22 @@ void ShardedKvCache::DiscardStaged() {
   }
 }
 
-void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
-                            float* lse) const {
-  const int nh = config_.n_heads, hd = config_.head_dim;
-  const size_t o_size = static_cast<size_t>(n_q) * nh * hd, lse_size = static_cast<size_t>(n_q) * nh;
-  std::fill(o, o + o_size, 0.0f);
-  std::fill(lse, lse + lse_size, -std::numeric_limits<float>::infinity());
-  if (!error_.ok() || n_q == 0) return;
-  // Per shard, each query's end inside the shard (staged tokens of this step included).
-  std::vector<std::vector<int64_t>> local_end(shards_.size(), std::vector<int64_t>(n_q));
-  std::vector<bool> active(shards_.size(), false);
+void ShardedKvCache::ShardEnds(int n_q, const int64_t* key_end, std::vector<std::vector<int64_t>>* local_end,
+                               std::vector<bool>* active) const {
+  local_end->assign(shards_.size(), std::vector<int64_t>(n_q));
+  active->assign(shards_.size(), false);
   for (size_t i = 0; i < shards_.size(); ++i) {
     const Shard& s = shards_[i];
     for (int j = 0; j < n_q; ++j) {
-      local_end[i][j] = std::clamp<int64_t>(key_end[j] - s.range.begin, 0, s.length + s.staged);
-      if (local_end[i][j] > 0) active[i] = true;
+      (*local_end)[i][j] = std::clamp<int64_t>(key_end[j] - s.range.begin, 0, s.length + s.staged);
+      if ((*local_end)[i][j] > 0) (*active)[i] = true;
     }
   }
-  const int64_t t0 = NowNs();
-  std::vector<size_t> sent;
+}
+
+absl::Status ShardedKvCache::SendAttend(int layer, const float* q, int n_q,
+                                        const std::vector<std::vector<int64_t>>& local_end,
+                                        const std::vector<bool>& active, std::vector<size_t>* sent) const {
   for (size_t i = 0; i < shards_.size(); ++i) {
     const Shard& s = shards_[i];
     if (!active[i] || s.local) continue;
@@ -331,10 +344,37 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
     w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAttend)).Put<uint64_t>(s.id);
     w.Put<int32_t>(layer).Put<int32_t>(n_q);
     w.PutArray(local_end[i].data(), n_q).PutArray(q, static_cast<size_t>(n_q) * config_.q_dim());
-    absl::Status st = t_->Send(s.range.rank, w.str());
-    if (!st.ok()) return Fail(st);
-    sent.push_back(i);
+    KVQ_RETURN_IF_ERROR(t_->Send(s.range.rank, std::move(w.str())));
+    sent->push_back(i);
   }
+  return absl::OkStatus();
+}
+
+absl::Status ShardedKvCache::ReceivePartial(size_t shard, size_t o_size, size_t lse_size, float* o,
+                                            float* lse) const {
+  const int rank = shards_[shard].range.rank;
+  std::string msg;
+  wire::Reader r{std::string_view()};
+  absl::Status st = ReceiveReply(t_, rank, &msg, &r);
+  r.GetArray(o, o_size);
+  r.GetArray(lse, lse_size);
+  if (st.ok() && !r.ok()) st = absl::DataLossError(absl::StrCat("rank ", rank, " sent a short attention reply"));
+  return st;
+}
+
+void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+                            float* lse) const {
+  const int nh = config_.n_heads, hd = config_.head_dim;
+  const size_t o_size = static_cast<size_t>(n_q) * nh * hd, lse_size = static_cast<size_t>(n_q) * nh;
+  std::fill(o, o + o_size, 0.0f);
+  std::fill(lse, lse + lse_size, -std::numeric_limits<float>::infinity());
+  if (!error_.ok() || n_q == 0) return;
+  std::vector<std::vector<int64_t>> local_end;
+  std::vector<bool> active;
+  ShardEnds(n_q, key_end, &local_end, &active);
+  const int64_t t0 = NowNs();
+  std::vector<size_t> sent;
+  if (absl::Status st = SendAttend(layer, q, n_q, local_end, active, &sent); !st.ok()) return Fail(st);
   const int64_t t1 = NowNs();
   // Partials in rank order; rank 0's computed while the workers compute theirs.
   std::vector<std::vector<float>> part_o(shards_.size()), part_lse(shards_.size());
@@ -347,15 +387,9 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
   }
   const int64_t t2 = NowNs();
   for (size_t i : sent) {
-    std::string msg;
-    wire::Reader r{std::string_view()};
-    absl::Status st = ReceiveReply(t_, shards_[i].range.rank, &msg, &r);
     part_o[i].resize(o_size);
     part_lse[i].resize(lse_size);
-    r.GetArray(part_o[i].data(), o_size);
-    r.GetArray(part_lse[i].data(), lse_size);
-    if (st.ok() && !r.ok()) st = absl::DataLossError(absl::StrCat("rank ", shards_[i].range.rank, " sent a short attention reply"));
-    Fail(st);
+    Fail(ReceivePartial(i, o_size, lse_size, part_o[i].data(), part_lse[i].data()));
   }
   if (!error_.ok()) return;
   const int64_t t3 = NowNs();
@@ -376,6 +410,82 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
   g_local_ns.fetch_add(t2 - t1, std::memory_order_relaxed);
   g_wait_ns.fetch_add(t3 - t2, std::memory_order_relaxed);
   g_merge_ns.fetch_add(t4 - t3, std::memory_order_relaxed);
+}
+
+bool ShardedKvCache::device_memory() const {
+  bool any = false;
+  for (const Shard& s : shards_) {
+    if (!s.local) continue;
+    if (!s.local->device_memory()) return false;
+    any = true;
+  }
+  return any;
+}
+
+absl::Status ShardedKvCache::AttendDevice(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+                                          float* lse, model::DeviceOps& ops) const {
+  KVQ_RETURN_IF_ERROR(error_);
+  if (n_q == 0) return absl::OkStatus();
+  const int nh = config_.n_heads, hd = config_.head_dim;
+  const int64_t rows = static_cast<int64_t>(n_q) * nh;
+  const size_t o_size = static_cast<size_t>(rows) * hd, lse_size = static_cast<size_t>(rows);
+  std::vector<std::vector<int64_t>> local_end;
+  std::vector<bool> active;
+  ShardEnds(n_q, key_end, &local_end, &active);
+  int n_active = 0, n_remote = 0;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    n_active += active[i] ? 1 : 0;
+    n_remote += active[i] && !shards_[i].local ? 1 : 0;
+  }
+  if (n_active == 0) return absl::OkStatus();  // no key in range: the caller's -inf stands
+  const int64_t t0 = NowNs();
+  std::vector<size_t> sent;
+  if (n_remote > 0) {
+    std::vector<float> hq(static_cast<size_t>(n_q) * config_.q_dim());
+    KVQ_RETURN_IF_ERROR(ops.ToHost(q, hq.size(), hq.data()));
+    absl::Status st = SendAttend(layer, hq.data(), n_q, local_end, active, &sent);
+    if (!st.ok()) {
+      Fail(st);
+      return st;
+    }
+  }
+  const int64_t t1 = NowNs();
+  // One active shard (rank 0's own, or one worker's): straight into o, lse. Otherwise every
+  // partial into its slot, in rank order, and one merge.
+  model::DeviceOps::Parts parts{o, lse};
+  if (n_active > 1) {
+    KVQ_ASSIGN_OR_RETURN(parts, ops.PartsScratch(n_active, rows, hd));
+  }
+  std::vector<int> slot(shards_.size(), -1);
+  for (size_t i = 0, k = 0; i < shards_.size(); ++i) {
+    if (active[i]) slot[i] = static_cast<int>(k++);
+  }
+  auto slot_o = [&](size_t i) { return parts.o + static_cast<int64_t>(slot[i]) * rows * hd; };
+  auto slot_lse = [&](size_t i) { return parts.lse + static_cast<int64_t>(slot[i]) * rows; };
+  absl::Status result;
+  for (size_t i = 0; i < shards_.size() && result.ok(); ++i) {
+    if (!active[i] || !shards_[i].local) continue;
+    result = shards_[i].local->AttendDevice(layer, q, n_q, local_end[i].data(), slot_o(i), slot_lse(i), ops);
+  }
+  const int64_t t2 = NowNs();
+  std::vector<float> ho(o_size), hl(lse_size);
+  for (size_t i : sent) {
+    absl::Status st = ReceivePartial(i, o_size, lse_size, ho.data(), hl.data());
+    if (st.ok() && result.ok()) st = ops.ToDevice(ho.data(), o_size, slot_o(i));
+    if (st.ok() && result.ok()) st = ops.ToDevice(hl.data(), lse_size, slot_lse(i));
+    Fail(st);
+    if (result.ok()) result = st;
+  }
+  KVQ_RETURN_IF_ERROR(result);
+  const int64_t t3 = NowNs();
+  if (n_active > 1) KVQ_RETURN_IF_ERROR(ops.MergeParts(parts, n_active, rows, hd, o, lse));
+  const int64_t t4 = NowNs();
+  g_attend_calls.fetch_add(1, std::memory_order_relaxed);
+  g_send_ns.fetch_add(t1 - t0, std::memory_order_relaxed);
+  g_local_ns.fetch_add(t2 - t1, std::memory_order_relaxed);
+  g_wait_ns.fetch_add(t3 - t2, std::memory_order_relaxed);
+  g_merge_ns.fetch_add(t4 - t3, std::memory_order_relaxed);
+  return absl::OkStatus();
 }
 
 ShardedAttendTiming GetShardedAttendTiming() {

@@ -17,7 +17,9 @@
 //
 // Errors: KvCache::Attend, Commit and DiscardStaged return nothing, so a failure there (a worker
 // that answers with an error, a transport that times out or sees a rank gone) is kept in status()
-// and returned by the next Append of any layer. In serving mode Forward attends each layer before
+// and returned by the next Append of any layer. Workers do not answer appends: a worker's failed
+// append is the error of that cache's next command with a reply (attention, commit, discard), so
+// it too ends the step in status(). In serving mode Forward attends each layer before
 // appending it, so a failed step always ends with that Status (and Forward discards the staged
 // tokens). After a transport failure every call fails at once: the job must end (MpiTransport::
 // Abort). The last range is open-ended: decode appends go to its rank.
@@ -80,6 +82,13 @@ class ShardedKvCache : public model::KvCache {
   void DiscardStaged() override;
   void Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
               float* lse) const override;
+  // The same with device memory when rank 0's shards work on it (GPU shards): q, k and v reach the
+  // host only for the slices and queries the workers need, rank 0's own shard attends and appends
+  // on its GPU, and the workers' partials are merged there with its own (DeviceOps::MergeParts).
+  bool device_memory() const override;
+  absl::Status AttendDevice(int layer, const float* q, int n_q, const int64_t* key_end, float* o, float* lse,
+                            model::DeviceOps& ops) const override;
+  absl::Status AppendDevice(int layer, const float* k, const float* v, int n, model::DeviceOps& ops) override;
   // Rank 0's shard exactly; the workers' as of their last commit.
   int64_t bytes() const override;
   std::unique_ptr<model::KvCache> Clone() const override;
@@ -118,6 +127,17 @@ class ShardedKvCache : public model::KvCache {
   // `expected` tokens; an error when it does not.
   absl::Status ReceiveLength(const Shard& s, int64_t expected, const char* what, int64_t* length,
                              int64_t* bytes) const;
+  // Append's routing, for host (`ops` null) or device k and v.
+  absl::Status AppendImpl(int layer, const float* k, const float* v, int n, model::DeviceOps* ops);
+  // Each query's end inside every shard (staged tokens of this step included); active[i]: shard i
+  // holds keys for some query.
+  void ShardEnds(int n_q, const int64_t* key_end, std::vector<std::vector<int64_t>>* local_end,
+                 std::vector<bool>* active) const;
+  // Sends kAttend with q (host) to the active worker shards; returns their indices.
+  absl::Status SendAttend(int layer, const float* q, int n_q, const std::vector<std::vector<int64_t>>& local_end,
+                          const std::vector<bool>& active, std::vector<size_t>* sent) const;
+  // A worker's (o, lse) reply into o, lse (host arrays of o_size and lse_size floats).
+  absl::Status ReceivePartial(size_t shard, size_t o_size, size_t lse_size, float* o, float* lse) const;
 
   Transport* t_;
   model::ModelConfig config_;

@@ -73,11 +73,33 @@ class Worker {
       const auto op = static_cast<wire::Op>(r.Get<uint8_t>());
       if (op == wire::Op::kShutdown) return absl::OkStatus();
       if (op == wire::Op::kFree) {
-        caches_.erase(r.Get<uint64_t>());
+        const uint64_t id = r.Get<uint64_t>();
+        caches_.erase(id);
+        append_errors_.erase(id);
+        continue;
+      }
+      // The cache this command is about (every op but kDefineFactory and kCreate starts with it).
+      const uint64_t id = wire::Reader(r).Get<uint64_t>();
+      if (op == wire::Op::kAppend) {
+        absl::Status s = Handle(op, r, nullptr);
+        if (s.ok() && !r.ok()) s = absl::DataLossError("malformed command");
+        if (!s.ok() && !append_errors_.count(id)) {
+          append_errors_[id] = absl::Status(s.code(), absl::StrCat("append: ", s.message()));
+        }
         continue;
       }
       std::string payload;
-      absl::Status s = Handle(op, r, &payload);
+      absl::Status s;
+      auto failed = append_errors_.end();
+      if (op != wire::Op::kDefineFactory && op != wire::Op::kCreate) failed = append_errors_.find(id);
+      if (failed != append_errors_.end()) {
+        s = failed->second;
+        append_errors_.erase(failed);
+        if (op == wire::Op::kDiscard) (void)Handle(op, r, &payload);
+        payload.clear();
+      } else {
+        s = Handle(op, r, &payload);
+      }
       if (s.ok() && !r.ok()) s = absl::DataLossError("malformed command");
       absl::Status sent = t_->Send(0, wire::EncodeReply(s, payload));
       if (!sent.ok()) {
@@ -217,6 +239,8 @@ class Worker {
   WorkerFactoryMaker make_;
   std::map<uint32_t, Factory> factories_;
   std::map<uint64_t, Cache> caches_;
+  // Failed appends not yet reported (the first per cache), by cache id.
+  std::map<uint64_t, absl::Status> append_errors_;
   std::vector<float> k_, v_, q_;
 };
 

@@ -4,8 +4,10 @@
 // first position (so RoPE and the sink are those of the whole sequence).
 //
 // Also the command set and its encoding, shared with the coordinator (sharded_kv_cache.cc). Every
-// command is one message from rank 0; all but kFree and kShutdown get one reply, in order:
+// command is one message from rank 0; all but kAppend, kFree and kShutdown get one reply, in order:
 //   reply = u8 status code, string message, then the op's payload when OK.
+// A failed kAppend is kept with its cache and is the reply of the cache's next command that has
+// one (kDiscard still discards; the others do nothing else), so rank 0 never waits for appends.
 #pragma once
 
 #include <cstdint>
@@ -40,7 +42,7 @@ enum class Op : uint8_t {
   kDefineFactory = 1,  // u32 factory, config, str format, str quantizer path, str fingerprint
   kCreate = 2,         // u64 cache, u32 factory, i64 position_offset
   kFree = 3,           // u64 cache (no reply)
-  kAppend = 4,         // u64 cache, i32 layer, i32 n, f32 k[n*kv_dim], f32 v[n*kv_dim]
+  kAppend = 4,         // u64 cache, i32 layer, i32 n, f32 k[n*kv_dim], f32 v[n*kv_dim] (no reply)
   kCommit = 5,         // u64 cache, i32 n -> i64 length, i64 bytes
   kDiscard = 6,        // u64 cache
   kAttend = 7,         // u64 cache, i32 layer, i32 n_q, i64 key_end[n_q], f32 q[n_q*q_dim]

@@ -577,7 +577,11 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       if (eval) {
         KVQ_STEP(m.HostAttention(c, e.host, l, e.row0, e.n, e.committed, T, q, k, v));
       } else {
-        KVQ_STEP(m.HostPastAttention(c, e.host, l, e.row0, e.n, e.committed, T, q, parts_o, parts_lse));
+        if (e.host->device_memory()) {
+          KVQ_STEP(m.DevicePastAttention(c, e.host, l, e.row0, e.n, e.committed, T, q, parts_o, parts_lse));
+        } else {
+          KVQ_STEP(m.HostPastAttention(c, e.host, l, e.row0, e.n, e.committed, T, q, parts_o, parts_lse));
+        }
       }
     }
     if (!eval) {
@@ -605,7 +609,12 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       if (chunk_fa) KVQ_STEP(prefill_chunks(l));
       KVQ_STEP(append_all());
       for (const It& e : its) {
-        if (e.host != nullptr) KVQ_STEP(m.HostAppend(c, e.host, l, e.row0, e.n, k, v));
+        if (e.host == nullptr) continue;
+        if (e.host->device_memory()) {
+          KVQ_STEP(m.DeviceAppend(c, e.host, l, e.row0, e.n, k, v));
+        } else {
+          KVQ_STEP(m.HostAppend(c, e.host, l, e.row0, e.n, k, v));
+        }
       }
     }
     kernels::MergeAttentionParams mp;

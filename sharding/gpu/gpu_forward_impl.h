@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -21,6 +22,7 @@
 #include "model/forward.h"
 #include "sharding/gpu/decode_graphs.h"
 #include "sharding/gpu/gpu_forward.h"
+#include "sharding/gpu/stream_device_ops.h"
 
 namespace kvq::sharding {
 namespace gpu_forward_internal {
@@ -97,6 +99,9 @@ struct GpuForward::Impl {
   mutable Grow x, h, q, k, v, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
       tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos,
       xk, xv, pf_o, pf_lse, k16, v16;
+  // What caches that work on device memory (a sharded cache's GPU shards) need from this pass
+  // (made on first use, on the step's stream).
+  mutable std::unique_ptr<StreamDeviceOps> device_ops;
   mutable DecodeGraphs graphs;  // plain decode steps (Run)
   bool use_graphs = true;
   bool use_prefill_kernel = true;
@@ -134,6 +139,26 @@ struct GpuForward::Impl {
     KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(l_dst, hl.data(), hl.size() * 4, cudaMemcpyHostToDevice, stream));
     KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));  // the host vectors end here
     return absl::OkStatus();
+  }
+  // The same through a cache that works on device memory (KvCache::AttendDevice): q, o and lse
+  // stay on the GPU; only what other ranks need goes through the host.
+  absl::Status DevicePastAttention(const model::ModelConfig& c, model::KvCache* cache, int layer, int row0, int n,
+                                   int64_t committed, int T, const float* q, float* parts_o, float* parts_lse) const {
+    const int qd = c.q_dim(), nh = c.n_heads;
+    if (committed == 0) return absl::OkStatus();  // slot 1 stays empty (filled with -inf)
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));  // q is ready
+    if (!device_ops) device_ops = std::make_unique<StreamDeviceOps>(stream);
+    const std::vector<int64_t> key_end(static_cast<size_t>(n), committed);
+    return cache->AttendDevice(layer, q + static_cast<int64_t>(row0) * qd, n, key_end.data(),
+                               parts_o + (static_cast<int64_t>(T) + row0) * qd,
+                               parts_lse + static_cast<int64_t>(T) * nh + static_cast<int64_t>(row0) * nh, *device_ops);
+  }
+  absl::Status DeviceAppend(const model::ModelConfig& c, model::KvCache* cache, int layer, int row0, int n,
+                            const float* k, const float* v) const {
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));  // k, v are ready
+    if (!device_ops) device_ops = std::make_unique<StreamDeviceOps>(stream);
+    const int64_t at = static_cast<int64_t>(row0) * c.kv_dim();
+    return cache->AppendDevice(layer, k + at, v + at, n, *device_ops);
   }
   // Serving through a host cache: the item's new keys (pre-RoPE) and values go to KvCache::Append
   // (a sharded cache sends them to the rank that owns their positions).

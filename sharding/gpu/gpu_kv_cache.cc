@@ -219,9 +219,20 @@ absl::Status GpuKvCache::Append(int layer, const float* k, const float* v, int n
   DeviceTemp<float> dk(&lease), dv(&lease);
   KVQ_RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * L, s));
   KVQ_RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * L, s));
-  KVQ_RETURN_IF_ERROR(AppendDeviceLeased(&lease, layer, dk.get(), dv.get(), n));
-  // Callers of this host API (worker ranks' shards, rank 0's shards of sharded sequences) have no
-  // GPU step that reads the append kernels' overflow flag: read it here.
+  return AppendChecked(&lease, layer, dk.get(), dv.get(), n);
+}
+
+absl::Status GpuKvCache::AppendDevice(int layer, const float* k, const float* v, int n, model::DeviceOps&) {
+  GpuKvPool::ScratchLease lease(*pool_);
+  return AppendChecked(&lease, layer, k, v, n);
+}
+
+absl::Status GpuKvCache::AppendChecked(GpuKvPool::ScratchLease* lease, int layer, const float* k_dev,
+                                       const float* v_dev, int n) {
+  cudaStream_t s = pool_->stream();
+  KVQ_RETURN_IF_ERROR(AppendDeviceLeased(lease, layer, k_dev, v_dev, n));
+  // Callers of the host API and of AppendDevice (worker ranks' shards, rank 0's shards of sharded
+  // sequences) have no GPU step that reads the append kernels' overflow flag: read it here.
   int overflowed = 0;
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(&overflowed, pool_->overflow_flag(), sizeof(int), cudaMemcpyDeviceToHost, s));
   KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(s));
@@ -358,12 +369,44 @@ void GpuKvCache::DiscardStaged() {
 void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
                         float* lse) const {
   const int hd = pool_->shape().head_dim;
-  const size_t qn = static_cast<size_t>(n_q) * n_heads_ * hd;
-  auto fail = [&](const absl::Status& st) {
+  const size_t qn = static_cast<size_t>(n_q) * n_heads_ * hd, ln = static_cast<size_t>(n_q) * n_heads_;
+  std::fill(o, o + qn, 0.0f);
+  std::fill(lse, lse + ln, -INFINITY);
+  cudaStream_t s = pool_->stream();
+  GpuKvPool::ScratchLease lease(*pool_);
+  DeviceTemp<float> dq(&lease), dout(&lease), dlse(&lease);
+  absl::Status st = dq.Upload(q, qn, s);
+  if (st.ok()) st = dout.Init(qn);
+  if (st.ok()) st = dlse.Init(ln);
+  bool any = false;
+  if (st.ok()) st = AttendLeased(&lease, layer, dq.get(), n_q, key_end, dout.get(), dlse.get(), &any);
+  if (st.ok() && any && cudaMemcpyAsync(o, dout.get(), qn * 4, cudaMemcpyDeviceToHost, s) != cudaSuccess) {
+    st = absl::InternalError("copy of o");
+  }
+  if (st.ok() && any && cudaMemcpyAsync(lse, dlse.get(), ln * 4, cudaMemcpyDeviceToHost, s) != cudaSuccess) {
+    st = absl::InternalError("copy of lse");
+  }
+  if (st.ok() && cudaStreamSynchronize(s) != cudaSuccess) st = absl::InternalError("attention failed");
+  if (!st.ok()) {
     std::fprintf(stderr, "[kvq] GpuKvCache::Attend failed: %s\n", std::string(st.message()).c_str());
     std::fill(o, o + qn, 0.0f);
-    std::fill(lse, lse + static_cast<size_t>(n_q) * n_heads_, -INFINITY);
-  };
+    std::fill(lse, lse + ln, -INFINITY);
+  }
+}
+
+absl::Status GpuKvCache::AttendDevice(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
+                                      float* lse, model::DeviceOps&) const {
+  GpuKvPool::ScratchLease lease(*pool_);
+  bool any = false;
+  KVQ_RETURN_IF_ERROR(AttendLeased(&lease, layer, q, n_q, key_end, o, lse, &any));
+  KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(pool_->stream()));
+  return absl::OkStatus();
+}
+
+absl::Status GpuKvCache::AttendLeased(GpuKvPool::ScratchLease* lease_p, int layer, const float* q, int n_q,
+                                      const int64_t* key_end, float* o, float* lse, bool* any) const {
+  GpuKvPool::ScratchLease& lease = *lease_p;
+  const int hd = pool_->shape().head_dim;
   cudaStream_t s = pool_->stream();
   std::vector<int32_t> lens(n_q);
   int max_len = 0;
@@ -371,21 +414,17 @@ void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_e
     lens[i] = static_cast<int32_t>(std::clamp<int64_t>(key_end[i], 0, length_ + staged_));
     max_len = std::max(max_len, lens[i]);
   }
+  *any = max_len > 0;
+  if (max_len == 0) return absl::OkStatus();  // no key in range: the caller's -inf stands
   std::vector<int64_t> firsts(n_q, first_position_);
   std::vector<const uint16_t*> sinks(n_q, sink());
-  GpuKvPool::ScratchLease lease(*pool_);
-  DeviceTemp<float> dq(&lease), dout(&lease), dlse(&lease);
   DeviceTemp<int32_t> table(&lease), dlens(&lease);
   DeviceTemp<int64_t> dfirst(&lease);
   DeviceTemp<const uint16_t*> dsinks(&lease);
-  absl::Status st = dq.Upload(q, qn, s);
-  if (st.ok()) st = dout.Init(qn);
-  if (st.ok()) st = dlse.Init(static_cast<size_t>(n_q) * n_heads_);
-  if (st.ok()) st = table.Upload(blocks_.data(), blocks_.size(), s);
-  if (st.ok()) st = dlens.Upload(lens.data(), lens.size(), s);
-  if (st.ok()) st = dfirst.Upload(firsts.data(), firsts.size(), s);
-  if (st.ok()) st = dsinks.Upload(sinks.data(), sinks.size(), s);
-  if (!st.ok()) return fail(st);
+  KVQ_RETURN_IF_ERROR(table.Upload(blocks_.data(), blocks_.size(), s));
+  KVQ_RETURN_IF_ERROR(dlens.Upload(lens.data(), lens.size(), s));
+  KVQ_RETURN_IF_ERROR(dfirst.Upload(firsts.data(), firsts.size(), s));
+  KVQ_RETURN_IF_ERROR(dsinks.Upload(sinks.data(), sinks.size(), s));
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -408,12 +447,13 @@ void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_e
     DeviceTemp<uint16_t> xk(&lease), xv(&lease);
     DeviceTemp<float> part_o(&lease), part_lse(&lease);
     const int32_t one_len = max_len;
-    st = seq_len.Upload(&one_len, 1, s);
-    if (st.ok()) st = xk.Init(pp.plan.expand_bytes / 2);
-    if (st.ok()) st = xv.Init(pp.plan.expand_bytes / 2);
-    if (st.ok() && pp.plan.partial_bytes > 0) st = part_o.Init(pp.plan.partial_bytes / 4);
-    if (st.ok() && pp.plan.partial_bytes > 0) st = part_lse.Init(pp.plan.partial_bytes / 4 / hd + 1);
-    if (!st.ok()) return fail(st);
+    KVQ_RETURN_IF_ERROR(seq_len.Upload(&one_len, 1, s));
+    KVQ_RETURN_IF_ERROR(xk.Init(pp.plan.expand_bytes / 2));
+    KVQ_RETURN_IF_ERROR(xv.Init(pp.plan.expand_bytes / 2));
+    if (pp.plan.partial_bytes > 0) {
+      KVQ_RETURN_IF_ERROR(part_o.Init(pp.plan.partial_bytes / 4));
+      KVQ_RETURN_IF_ERROR(part_lse.Init(pp.plan.partial_bytes / 4 / hd + 1));
+    }
     pp.kv = pool_->view();
     pp.kv.block_table = table.get();
     pp.kv.max_blocks_per_seq = std::max<int>(1, static_cast<int>(blocks_.size()));
@@ -425,29 +465,19 @@ void GpuKvCache::Attend(int layer, const float* q, int n_q, const int64_t* key_e
     pp.n_keys = max_len;
     pp.rows = n_q;
     pp.n_heads = n_heads_;
-    pp.q = dq.get();
+    pp.q = q;
     pp.limit_base = lens[0];
     pp.causal = causal && n_q > 1;
-    pp.o = dout.get();
-    pp.lse = dlse.get();
+    pp.o = o;
+    pp.lse = lse;
     pp.xk = xk.get();
     pp.xv = xv.get();
     pp.part_o = pp.plan.partial_bytes > 0 ? part_o.get() : nullptr;
     pp.part_lse = pp.plan.partial_bytes > 0 ? part_lse.get() : nullptr;
-    st = kernels::LaunchPrefillPast(pp, s);
-  } else {
-    st = AttendRows(layer, n_q, max_len, sms, table.get(), dlens.get(), dfirst.get(), dsinks.get(), dq.get(),
-                    dout.get(), dlse.get(), &lease);
+    return kernels::LaunchPrefillPast(pp, s);
   }
-  if (st.ok() && cudaMemcpyAsync(o, dout.get(), qn * 4, cudaMemcpyDeviceToHost, s) != cudaSuccess) {
-    st = absl::InternalError("copy of o");
-  }
-  if (st.ok() && cudaMemcpyAsync(lse, dlse.get(), static_cast<size_t>(n_q) * n_heads_ * 4,
-                                 cudaMemcpyDeviceToHost, s) != cudaSuccess) {
-    st = absl::InternalError("copy of lse");
-  }
-  if (st.ok() && cudaStreamSynchronize(s) != cudaSuccess) st = absl::InternalError("attention failed");
-  if (!st.ok()) fail(st);
+  return AttendRows(layer, n_q, max_len, sms, table.get(), dlens.get(), dfirst.get(), dsinks.get(), q, o, lse,
+                    &lease);
 }
 
 absl::Status GpuKvCache::AttendRows(int layer, int n_q, int max_len, int sms, const int32_t* table,

@@ -170,6 +170,11 @@ class GpuKvCache : public model::KvCache {
   void DiscardStaged() override;
   void Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o,
               float* lse) const override;
+  // Device memory (on the pool's stream, synchronized before returning).
+  bool device_memory() const override { return true; }
+  absl::Status AttendDevice(int layer, const float* q, int n_q, const int64_t* key_end, float* o, float* lse,
+                            model::DeviceOps& ops) const override;
+  absl::Status AppendDevice(int layer, const float* k, const float* v, int n, model::DeviceOps& ops) override;
   int64_t bytes() const override;  // whole blocks (with the key-outlier reservation) + sink slot
   int64_t exact_bytes() const override;  // the canonical form's bytes (kvstore::KvBytes)
   std::unique_ptr<model::KvCache> Clone() const override;
@@ -215,6 +220,12 @@ class GpuKvCache : public model::KvCache {
   // AppendDevice with its small arrays from `lease` (Append's lease covers its upload too).
   absl::Status AppendDeviceLeased(GpuKvPool::ScratchLease* lease, int layer, const float* k_dev, const float* v_dev,
                                   int n);
+  // AppendDeviceLeased, then the overflow flag's check (synchronizes the pool's stream).
+  absl::Status AppendChecked(GpuKvPool::ScratchLease* lease, int layer, const float* k_dev, const float* v_dev, int n);
+  // Attention with device q, o, lse (queued on the pool's stream); *any: some key was in range
+  // (otherwise nothing was written).
+  absl::Status AttendLeased(GpuKvPool::ScratchLease* lease, int layer, const float* q, int n_q,
+                            const int64_t* key_end, float* o, float* lse, bool* any) const;
   std::shared_ptr<GpuKvPool> pool_;
   int n_heads_;
   int64_t first_position_;

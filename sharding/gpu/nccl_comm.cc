@@ -40,7 +40,7 @@ absl::StatusOr<std::unique_ptr<NcclComm>> NcclComm::Create(Transport* t, cudaStr
     for (int r = 1; r < c->size_; ++r) {
       for (int q = 0; q < r; ++q) {
         if (buses[q] == buses[r]) {
-          for (int w = 1; w < c->size_; ++w) (void)t->Send(w, "");  // the others fail at once too
+          for (int w = 1; w < c->size_; ++w) (void)t->Send(w, std::string_view());  // the others fail at once too
           return absl::FailedPreconditionError(absl::StrCat("NCCL needs one GPU per rank: ranks ", q, " and ", r,
                                                             " are both on GPU ", buses[r]));
         }
@@ -51,7 +51,7 @@ absl::StatusOr<std::unique_ptr<NcclComm>> NcclComm::Create(Transport* t, cudaStr
       KVQ_RETURN_IF_ERROR(t->Send(r, std::string_view(reinterpret_cast<const char*>(&id), sizeof id)));
     }
   } else {
-    KVQ_RETURN_IF_ERROR(t->Send(0, bus));
+    KVQ_RETURN_IF_ERROR(t->Send(0, std::string_view(bus)));
     KVQ_ASSIGN_OR_RETURN(std::string m, t->Receive(0));
     if (m.size() != sizeof id) {
       return absl::FailedPreconditionError("NCCL: rank 0 refused the communicator (see its log)");

@@ -9,9 +9,11 @@
 //   - DISABLED_WorkerFailure (its own ctest entry): a worker that stops answering fails the step on
 //     rank 0 with a Status within the reply timeout, and every later call fails fast.
 // Not a *_test.cc: it needs its own main and mpirun, so tests/CMakeLists.txt registers it.
+#include <algorithm>
 #include <cmath>
 #include <condition_variable>
 #include <functional>
+#include <limits>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -30,7 +32,10 @@
 #include "sharding/sharded_kv_cache.h"
 #include "sharding/worker.h"
 #if KVQ_HAVE_CUDA
+#include <cuda_runtime.h>
+
 #include "sharding/gpu/gpu_backend.h"
+#include "sharding/gpu/stream_device_ops.h"
 #endif
 #include "tests/test_util.h"
 
@@ -209,6 +214,28 @@ TEST_P(ShardedAttentionTest, StagedTokensAreVisibleAndDiscardable) {
   ASSERT_EQ(p.sharded->length(), 30);
   Append(p, 70);  // other tokens in the discarded slots
   ExpectSameAttention(*p.single, *p.sharded, {29, 60, 100});
+}
+
+TEST_P(ShardedAttentionTest, WorkerAppendFailureIsTheNextRepliesError) {
+  // Workers do not answer appends: one that fails on a worker comes back as the error of that
+  // cache's next command with a reply, and other caches on the same worker carry on.
+  Pair p = MakePair(), other = MakePair();
+  Append(p, 40);
+  Append(other, 40);
+  std::vector<float> k(config_.kv_dim(), 0.5f), v(config_.kv_dim(), 0.25f);
+  // Position 40 is on rank 1; the layer does not exist there.
+  EXPECT_TRUE(p.sharded->Append(config_.n_layers + 3, k.data(), v.data(), 1).ok());
+  const int64_t end = 40;
+  std::vector<float> q(config_.q_dim(), 0.1f), o(q.size()), lse(config_.n_heads);
+  p.sharded->Attend(0, q.data(), 1, &end, o.data(), lse.data());
+  const absl::Status s = p.sharded->status();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("rank 1"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("append"), std::string::npos) << s;
+  EXPECT_EQ(p.sharded->Append(0, k.data(), v.data(), 1), s);
+  // The other sequence on the same workers is untouched.
+  Append(other, 30);
+  ExpectSameAttention(*other.single, *other.sharded, {1, 37, 70});
 }
 
 TEST_P(ShardedAttentionTest, CloneForksEveryShard) {
@@ -462,8 +489,9 @@ absl::StatusOr<std::unique_ptr<ShardedKvCacheFactory>> GpuShardedFactory(engine:
                                        Planner(e.kv_factory(), g_transport->size(), 7, 16), rank0);
 }
 
-// The GPU engine with sequences spread over ranks whose shards are GPU caches (q, new k/v and
-// partials over MPI through the host): the same greedy tokens as one rank through the same path,
+// The GPU engine with sequences spread over ranks whose shards are GPU caches (rank 0's shard
+// through the cache's device-memory forms, the workers' q, new k/v and partials over MPI through
+// the host): the same greedy tokens as one rank through the same path,
 // fp16 KV exactly, nuq3-1% for the first tokens (the quantization amplifies the merge's rounding,
 // see above).
 TEST(ShardedGpuGenerationTest, SameTokensAsOneRank) {
@@ -476,7 +504,8 @@ TEST(ShardedGpuGenerationTest, SameTokensAsOneRank) {
     o.prefill_chunk = 16;
     std::unique_ptr<ShardedKvCacheFactory> factory;
     // 0: the engine's own cache (its native GPU path); 1: one rank through the sharded cache (the
-    // host path that sharded sequences take); 2: spread over the ranks.
+    // path that sharded sequences take: the forward pass's host-cache branch, KvCache::AttendDevice
+    // and AppendDevice); 2: spread over the ranks.
     int mode = 0;
     engine::Engine* eng = nullptr;
     o.make_generation_cache = [&](int64_t max_tokens) -> absl::StatusOr<std::unique_ptr<model::KvCache>> {
@@ -506,8 +535,8 @@ TEST(ShardedGpuGenerationTest, SameTokensAsOneRank) {
     mode = 2;
     const auto many = GenerateAll(**e, texts, max_tokens);
     ExpectSameGreedy(one, many, fmt, "sharded-gpu", /*min_prefix=*/4);
-    // The engine's native path against the host path, for the record: the native path attends a
-    // prefill chunk to itself in fp16 on tensor cores, the host path in fp32.
+    // The engine's native path against the sharded cache's, for the record: the native path
+    // attends a prefill chunk to itself in fp16 on tensor cores, the host-cache branch in fp32.
     int same = 0, total = 0;
     for (size_t i = 0; i < native.size(); ++i) {
       size_t k = 0;
@@ -515,7 +544,7 @@ TEST(ShardedGpuGenerationTest, SameTokensAsOneRank) {
       same += static_cast<int>(k);
       total += static_cast<int>(native[i].size());
     }
-    std::printf("[sharded-gpu] %s: native engine path vs one rank through the host path: %d/%d tokens equal before "
+    std::printf("[sharded-gpu] %s: native engine path vs one rank through the sharded cache: %d/%d tokens equal before "
                 "the first divergence\n", fmt.c_str(), same, total);
     (*e)->Shutdown(false);
     e->reset();
@@ -596,6 +625,59 @@ CacheDiff CompareCaches(const model::ModelConfig& c, model::KvCache& a, model::K
   return d;
 }
 
+#if KVQ_HAVE_CUDA
+// A cache driven through its device-memory forms (KvCache::AppendDevice, AttendDevice: what the
+// GPU forward pass uses for sharded caches with GPU shards), with host arrays in and out.
+class ThroughDevice : public model::KvCache {
+ public:
+  ThroughDevice(model::KvCache* inner, const model::ModelConfig& c) : inner_(inner), c_(c), ops_(nullptr) {}
+  int64_t length() const override { return inner_->length(); }
+  absl::Status Append(int layer, const float* k, const float* v, int n) override {
+    const size_t elems = static_cast<size_t>(n) * c_.kv_dim();
+    float *dk = nullptr, *dv = nullptr;
+    if (cudaMalloc(&dk, std::max<size_t>(elems, 1) * 4) != cudaSuccess ||
+        cudaMalloc(&dv, std::max<size_t>(elems, 1) * 4) != cudaSuccess) {
+      return absl::InternalError("cudaMalloc");
+    }
+    absl::Status st = ops_.ToDevice(k, elems, dk);
+    if (st.ok()) st = ops_.ToDevice(v, elems, dv);
+    if (st.ok()) st = inner_->AppendDevice(layer, dk, dv, n, ops_);
+    cudaFree(dk);
+    cudaFree(dv);
+    return st;
+  }
+  void Commit(int n) override { inner_->Commit(n); }
+  void DiscardStaged() override { inner_->DiscardStaged(); }
+  void Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o, float* lse) const override {
+    const size_t qn = static_cast<size_t>(n_q) * c_.q_dim(), ln = static_cast<size_t>(n_q) * c_.n_heads;
+    std::fill(o, o + qn, 0.0f);
+    std::fill(lse, lse + ln, -std::numeric_limits<float>::infinity());
+    float *dq = nullptr, *dl = nullptr, *dout = nullptr;
+    ASSERT_EQ(cudaMalloc(&dq, std::max<size_t>(qn, 1) * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&dout, std::max<size_t>(qn, 1) * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&dl, std::max<size_t>(ln, 1) * 4), cudaSuccess);
+    absl::Status st = ops_.ToDevice(q, qn, dq);
+    if (st.ok()) st = ops_.ToDevice(o, qn, dout);
+    if (st.ok()) st = ops_.ToDevice(lse, ln, dl);
+    if (st.ok()) st = inner_->AttendDevice(layer, dq, n_q, key_end, dout, dl, ops_);
+    if (st.ok()) st = ops_.ToHost(dout, qn, o);
+    if (st.ok()) st = ops_.ToHost(dl, ln, lse);
+    EXPECT_TRUE(st.ok()) << st;
+    cudaFree(dq);
+    cudaFree(dout);
+    cudaFree(dl);
+  }
+  int64_t bytes() const override { return inner_->bytes(); }
+  std::unique_ptr<model::KvCache> Clone() const override { return nullptr; }
+  absl::StatusOr<std::string> Serialize() const override { return inner_->Serialize(); }
+
+ private:
+  model::KvCache* inner_;
+  model::ModelConfig c_;
+  mutable StreamDeviceOps ops_;
+};
+#endif
+
 // The attention itself, GPU shards against one GPU cache of the same pool: random keys and values
 // (the same bits on both sides). Quantized KV sees identical codes on both sides, so it must meet
 // a reduction-order tolerance — unlike greedy generation, where a rounding difference in one layer
@@ -661,10 +743,31 @@ TEST(ShardedGpuAttentionTest, MergedEqualsSingleRank) {
                   fmt.c_str(), g_transport->size(), name.c_str(), d.o, d.lse, d.chunk_o, d.chunk_lse);
       EXPECT_LE(d.o, tolerance) << name;
       EXPECT_LE(d.lse, tolerance) << name;
-      // Chunk rows: one side may take the prefill kernels (fp16 P) where the other, whose shard
-      // sees a mixed pattern, takes the decode kernel.
-      EXPECT_LE(d.chunk_o, 2e-3) << name;
-      EXPECT_LE(d.chunk_lse, 2e-3) << name;
+      // Chunk rows: one side may take the prefill kernels where the other, whose shard sees a
+      // mixed pattern, takes the decode kernel (at 3 ranks the odd cuts put two of the three
+      // shards of the 77-row chunk on the decode kernel). The two kernels round differently (the
+      // prefill path expands keys to fp16 after RoPE and rounds P to fp16; the decode kernel keeps
+      // LUT values, rotates in fp16 and splits P): each is within 5e-3 of the CPU reference (the
+      // check at position 37 above), so they may differ by up to twice that. Measured at 3 ranks
+      // (2026-12-01): fp16 2.6e-3 / 2.1e-3, nuq3-1% 5.2e-3 / 1.1e-2 (o / lse); at 2 ranks, where
+      // both sides take the prefill kernels, <= 4.8e-4.
+      EXPECT_LE(d.chunk_o, 2e-2) << name;
+      EXPECT_LE(d.chunk_lse, 2e-2) << name;
+#if KVQ_HAVE_CUDA
+      // The same sharded layout through the device-memory forms against the host forms: the same
+      // kernels on every shard; only the merge differs (on the GPU instead of the host).
+      auto host_side = (*sf)->MakeWithRanges(ranges);
+      auto dev_side = (*sf)->MakeWithRanges(ranges);
+      ASSERT_TRUE(host_side.ok() && dev_side.ok());
+      ASSERT_TRUE((*dev_side)->device_memory()) << name;
+      ThroughDevice td(dev_side->get(), c);
+      const CacheDiff dd = CompareCaches(c, **host_side, td, dev_side->get(), qp);
+      std::printf("[sharded-gpu-attention] %s, %d ranks, %s ranges, device forms vs host forms: worst |o| %.3g, "
+                  "|lse| %.3g; chunk rows |o| %.3g, |lse| %.3g\n",
+                  fmt.c_str(), g_transport->size(), name.c_str(), dd.o, dd.lse, dd.chunk_o, dd.chunk_lse);
+      EXPECT_LE(std::max(dd.o, dd.chunk_o), 1e-5) << name;
+      EXPECT_LE(std::max(dd.lse, dd.chunk_lse), 1e-5) << name;
+#endif
     }
     (*e)->Shutdown(false);
   }
