@@ -16,7 +16,8 @@
 // --sharded, under mpirun (one rank per GPU; the same command on 1, 2, 4 or 8 GPUs): rank 0 holds
 // the model and a shard, the other ranks KV shards; every sequence of a row spreads over the ranks
 // by the shard planner (each rank's shard a synthetic fill of its range), and decode steps run
-// through the sharded cache (q, new k/v and partials over MPI through the host). Each row adds the
+// through the sharded cache (rank 0's shard on device memory; q, new k/v and partials over the
+// device data plane: NCCL with one GPU per rank, else staged through MPI; --data_plane). Each row adds the
 // ranks' largest shard, the floor max(weights + rank 0's KV, a worker's KV) over the copy bandwidth,
 // and per layer where ShardedKvCache::Attend spent its time.
 //   mpirun -np 4 engine_bench --sharded --model synthetic:llama-3-8b --formats nuq3-1% \
@@ -48,6 +49,7 @@
 #include "sharding/gpu/gpu_forward.h"
 #include "sharding/gpu/gpu_kv_cache.h"
 #include "sharding/gpu/gpu_backend.h"
+#include "sharding/gpu/device_data_plane.h"
 #include "sharding/kv_cache_factory.h"
 #include "sharding/shard_planner.h"
 #include "sharding/sharded_kv_cache.h"
@@ -77,6 +79,10 @@ ABSL_FLAG(bool, sharded, false,
 ABSL_FLAG(int64_t, min_tokens_per_rank, 65536, "--sharded: fewest tokens a rank holds before a sequence spreads");
 ABSL_FLAG(int, mpi_max_nap_us, kvq::sharding::kGpuRankMaxNapUs,
           "--sharded: longest nap of a rank's MPI waits (the CPU backend's default is 500)");
+ABSL_FLAG(std::string, data_plane, "auto",
+          "--sharded: how q, new k/v and partials move between the ranks' GPUs: auto (NCCL when every rank has "
+          "its own GPU, else host staging), host-staged, or host (the caches' host forms: MPI through the host "
+          "inside the commands)");
 ABSL_FLAG(bool, mpi_wait_sends, false,
           "--sharded: each MPI send waits until the peer takes it (the transport before queued sends; "
           "for comparisons)");
@@ -419,6 +425,21 @@ int ShardedMain(int* argc, char*** argv) {
   sharding::MpiTransport* t = tr->get();
   const double fraction = absl::GetFlag(FLAGS_pool_fraction);
   const int64_t workspace = int64_t{3} << 30;  // step buffers, cuBLAS, decode workspace
+  // The data plane, made by every rank together (it may bootstrap NCCL).
+  const std::string plane_flag = absl::GetFlag(FLAGS_data_plane);
+  if (plane_flag != "auto" && plane_flag != "host-staged" && plane_flag != "host") {
+    std::fprintf(stderr, "engine_bench: --data_plane=%s: expected auto, host-staged or host\n", plane_flag.c_str());
+    t->Abort(2);
+  }
+  std::unique_ptr<sharding::GpuPlaneEndpoint> endpoint;
+  std::string why_not_nccl;
+  if (plane_flag != "host") {
+    sharding::DataPlaneOptions dpo;
+    dpo.try_nccl = plane_flag == "auto";
+    auto ep = sharding::GpuPlaneEndpoint::Create(t, dpo, &why_not_nccl);
+    CHECK_OK(ep.status());
+    endpoint = std::move(*ep);
+  }
   if (t->rank() > 0) {
     sharding::GpuKvOptions po;
     po.memory_fraction = fraction;
@@ -426,7 +447,8 @@ int ShardedMain(int* argc, char*** argv) {
     const absl::Status s = sharding::ServeWorker(
         t, [po](const model::ModelConfig& c, const std::string& f, const std::string& q, const std::string& fp) {
           return sharding::MakeGpuWorkerKvFactory(c, f, q, fp, po);
-        });
+        },
+        endpoint ? endpoint->get() : nullptr);
     if (!s.ok()) {
       std::fprintf(stderr, "engine_bench: rank %d: %s\n", t->rank(), s.ToString().c_str());
       t->Abort(1);
@@ -440,8 +462,10 @@ int ShardedMain(int* argc, char*** argv) {
   cudaGetDeviceProperties(&prop, 0);
   const double bw = CopyBandwidth();
   const int ranks = t->size();
-  std::printf("# engine_bench --sharded: %d ranks, rank 0 on %s, %s, D2D copy %.0f GB/s %s\n", ranks, prop.name,
-              spec.c_str(), bw / 1e9, absl::GetFlag(FLAGS_label).c_str());
+  std::printf("# engine_bench --sharded: %d ranks, rank 0 on %s, %s, D2D copy %.0f GB/s, data plane %s%s %s\n", ranks,
+              prop.name, spec.c_str(), bw / 1e9, endpoint ? endpoint->plane_name() : "host (in the commands)",
+              why_not_nccl.empty() || !endpoint ? "" : absl::StrCat(" (not NCCL: ", why_not_nccl, ")").c_str(),
+              absl::GetFlag(FLAGS_label).c_str());
   Setup st;
   model::LlamaWeights host;
   model::ModelConfig c;
@@ -476,6 +500,7 @@ int ShardedMain(int* argc, char*** argv) {
     std::shared_ptr<const sharding::KvCacheFactory> rank0(st.factory.get(), [](const sharding::KvCacheFactory*) {});
     auto sf = sharding::ShardedKvCacheFactory::Create(t, c, fmt, qpath, "", std::move(*planner), rank0);
     CHECK_OK(sf.status());
+    if (endpoint) (*sf)->set_data_plane(endpoint->plane());
     std::printf("\n## %s over %d ranks: %.1f KV bytes/token (canonical), %.1f in the pools; rank 0's pool %.1f GiB; "
                 "largest context %lld tokens (planner)\n",
                 fmt.c_str(), ranks, st.expected_bytes_per_token, pl.bytes_per_token,

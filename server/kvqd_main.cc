@@ -23,13 +23,15 @@
 #include "sharding/shard_planner.h"
 #include "sharding/worker.h"
 #if KVQ_HAVE_CUDA
+#include "sharding/gpu/device_data_plane.h"
 #include "sharding/gpu/gpu_backend.h"
 #endif
 
 ABSL_FLAG(bool, experimental_gpu_shards, false,
-          "--device=cuda under mpirun: spread sequences over the ranks' GPUs with q, new k/v and "
-          "attention partials over MPI through the host (verified with 2-4 ranks sharing one H200; the "
-          "NCCL data plane is the next step). Off: kvqd refuses --device=cuda with several ranks.");
+          "--device=cuda under mpirun: spread sequences over the ranks' GPUs, q, new k/v and attention "
+          "partials over the device data plane (NCCL with one GPU per rank, else staged through MPI; "
+          "verified with 2-4 ranks sharing one H200, where NCCL cannot run). Off: kvqd refuses "
+          "--device=cuda with several ranks.");
 ABSL_FLAG(int64_t, min_tokens_per_rank, 65536,
           "under mpirun: a sequence spans another rank only past this many tokens per rank");
 ABSL_FLAG(bool, plan, false,
@@ -140,14 +142,18 @@ int main(int argc, char** argv) {
   std::unique_ptr<kvq::sharding::ShardedKvCacheFactory> sharded;
   kvq::server::KvqServer* server_ptr = nullptr;  // set once started; read by the cache hook
   std::atomic<int64_t> rank0_pool_bytes{0};      // the engine's KV pool, once loaded (GPU shards)
+  kvq::sharding::DeviceDataPlane* plane = nullptr;  // GPU shards: q, new k/v and partials
+#if KVQ_HAVE_CUDA
+  std::unique_ptr<kvq::sharding::GpuPlaneEndpoint> endpoint;
+#endif
 #ifdef KVQ_HAVE_MPI
   if (const char* n = std::getenv("OMPI_COMM_WORLD_SIZE"); n != nullptr && std::atoi(n) > 1) {
     const bool gpu = config->server.engine.device == "cuda";
     if (gpu && !absl::GetFlag(FLAGS_experimental_gpu_shards)) {
       // Refused up front, on every rank, rather than failing requests later.
       std::fprintf(stderr,
-                   "kvqd: --device=cuda with %s ranks: spreading a sequence over GPUs is experimental (MPI "
-                   "through the host; the NCCL data plane is not built yet): pass "
+                   "kvqd: --device=cuda with %s ranks: spreading a sequence over GPUs is experimental (its NCCL "
+                   "data plane has not yet run on a machine with one GPU per rank): pass "
                    "--experimental_gpu_shards, run one rank, or --device=cpu to shard over MPI on the CPU\n",
                    n);
       return 2;
@@ -173,14 +179,36 @@ int main(int argc, char** argv) {
     // A GPU rank has a core to itself: its waits poll every few microseconds instead of napping
     // (a worker napping between commands would add its nap to every layer's attention).
     if (gpu) transport->set_max_nap_us(kvq::sharding::kGpuRankMaxNapUs);
+#if KVQ_HAVE_CUDA
+    kvq::sharding::WorkerDevice* worker_device = nullptr;
+    if (gpu) {
+      // The data plane, made by every rank together: NCCL when each rank has a GPU of its own,
+      // host staging through MPI otherwise (ranks sharing a GPU).
+      std::string why;
+      auto ep = kvq::sharding::GpuPlaneEndpoint::Create(transport.get(), {}, &why);
+      if (!ep.ok()) {
+        std::fprintf(stderr, "kvqd: rank %d: data plane: %s\n", transport->rank(),
+                     std::string(ep.status().message()).c_str());
+        transport->Abort(1);
+      }
+      endpoint = std::move(*ep);
+      plane = endpoint->plane();
+      worker_device = endpoint->get();
+      if (transport->rank() == 0) {
+        std::fprintf(stderr, "kvqd: data plane between the ranks' GPUs: %s%s\n", endpoint->plane_name(),
+                     why.empty() ? "" : (" (not NCCL: " + why + ")").c_str());
+      }
+    }
+#else
+    kvq::sharding::WorkerDevice* worker_device = nullptr;
+#endif
     if (transport->rank() > 0) {
       kvq::sharding::WorkerFactoryMaker maker;
 #if KVQ_HAVE_CUDA
       if (gpu) {
         // GPU workers: each KV format's shards live in a block pool on this rank's GPU
-        // (--kv_capacity_bytes per rank, or --gpu_memory_fraction of its free memory). Rank 0 and
-        // the workers exchange q, new k/v and partials over MPI through the host for now; NCCL is
-        // the next step (DESIGN.md).
+        // (--kv_capacity_bytes per rank, or --gpu_memory_fraction of its free memory); q, new k/v
+        // and partials come and go over the data plane above.
         kvq::sharding::GpuKvOptions po;
         po.capacity_bytes = config->server.engine.kv_capacity_bytes;
         po.memory_fraction = config->server.engine.gpu_memory_fraction;
@@ -191,7 +219,7 @@ int main(int argc, char** argv) {
                      const std::string& fp) { return kvq::sharding::MakeGpuWorkerKvFactory(c, f, q, fp, po); };
       }
 #endif
-      const absl::Status s = kvq::sharding::ServeWorker(transport.get(), maker);
+      const absl::Status s = kvq::sharding::ServeWorker(transport.get(), maker, worker_device);
       if (!s.ok()) {
         std::fprintf(stderr, "kvqd: rank %d: %s\n", transport->rank(), std::string(s.message()).c_str());
         transport->Abort(1);
@@ -207,7 +235,7 @@ int main(int argc, char** argv) {
     const int64_t per_rank = eo.kv_capacity_bytes > 0 ? eo.kv_capacity_bytes : (int64_t{4} << 30);
     const double fraction = eo.gpu_memory_fraction;
     const bool capacity_given = eo.kv_capacity_bytes > 0;
-    eo.make_generation_cache = [&transport, &sharded, &server_ptr, &rank0_pool_bytes, ranks, format, quantizer,
+    eo.make_generation_cache = [&transport, &sharded, &server_ptr, &rank0_pool_bytes, plane, ranks, format, quantizer,
                                 per_rank, fraction, capacity_given, gpu](int64_t max_tokens) -> absl::StatusOr<std::unique_ptr<kvq::model::KvCache>> {
       if (!sharded) {
         const kvq::model::ModelConfig& mc = server_ptr->engine()->config();
@@ -246,6 +274,7 @@ int main(int argc, char** argv) {
                                                               "", std::move(*planner), rank0);
         if (!f.ok()) return f.status();
         sharded = std::move(*f);
+        sharded->set_data_plane(plane);
       }
       return sharded->Make(max_tokens);
     };

@@ -20,14 +20,24 @@ std::atomic<uint64_t> next_cache_id{1};
 
 constexpr char kBlobMagic[8] = {'K', 'V', 'Q', 'S', 'H', 'R', 'D', '1'};
 
-// The next reply from `rank`: its status, and the reader left at the payload.
 // ShardedAttendTiming accumulators (nanoseconds).
 std::atomic<int64_t> g_attend_calls{0}, g_send_ns{0}, g_local_ns{0}, g_wait_ns{0}, g_merge_ns{0};
+
+// One Attend's phases: q sent (t0..t1), rank 0's shard (..t2), the workers' partials (..t3), merge (..t4).
+void RecordAttendTiming(int64_t t0, int64_t t1, int64_t t2, int64_t t3, int64_t t4) {
+  g_attend_calls.fetch_add(1, std::memory_order_relaxed);
+  g_send_ns.fetch_add(t1 - t0, std::memory_order_relaxed);
+  g_local_ns.fetch_add(t2 - t1, std::memory_order_relaxed);
+  g_wait_ns.fetch_add(t3 - t2, std::memory_order_relaxed);
+  g_merge_ns.fetch_add(t4 - t3, std::memory_order_relaxed);
+}
+
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
+// The next reply from `rank`: its status, and the reader left at the payload.
 absl::Status ReceiveReply(Transport* t, int rank, std::string* msg, wire::Reader* r) {
   KVQ_ASSIGN_OR_RETURN(*msg, t->Receive(rank));
   *r = wire::Reader(*msg);
@@ -110,6 +120,7 @@ absl::StatusOr<std::unique_ptr<ShardedKvCache>> ShardedKvCacheFactory::MakeWithR
     }
   }
   auto cache = std::unique_ptr<ShardedKvCache>(new ShardedKvCache(transport_, config_));
+  cache->plane_ = plane_;
   for (size_t i = 0; i < ranges.size(); ++i) {
     ShardedKvCache::Shard s;
     s.range = ranges[i];
@@ -165,6 +176,7 @@ absl::Status ShardedKvCache::AppendImpl(int layer, const float* k, const float* 
   // attention, or the step's commit or discard), which this cache then keeps in status().
   absl::Status result;
   std::vector<float> host;  // device k, v of one remote slice
+  bool sent_device = false;  // slices queued on the data plane
   for (Shard& s : shards_) {
     const int64_t b = std::max(first, s.range.begin), e = std::min(last, s.range.end);
     s.staged = static_cast<int>(std::max<int64_t>(0, e - b));
@@ -172,6 +184,20 @@ absl::Status ShardedKvCache::AppendImpl(int layer, const float* k, const float* 
     const int64_t j0 = b - first;
     const size_t elems = static_cast<size_t>(s.staged) * kvd;
     wire::Writer w;
+    if (ops != nullptr && plane_ != nullptr) {
+      // Device k and v over the data plane, after the command that tells the worker to take them.
+      w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAppendDevice)).Put<uint64_t>(s.id);
+      w.Put<int32_t>(layer).Put<int32_t>(s.staged).Put<int64_t>(static_cast<int64_t>(elems));
+      absl::Status st = t_->Send(s.range.rank, std::move(w.str()));
+      if (st.ok()) st = plane_->Send(s.range.rank, k + j0 * kvd, elems);
+      if (st.ok()) st = plane_->Send(s.range.rank, v + j0 * kvd, elems);
+      if (!st.ok()) {
+        Fail(st);
+        return st;
+      }
+      sent_device = true;
+      continue;
+    }
     w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAppend)).Put<uint64_t>(s.id);
     w.Put<int32_t>(layer).Put<int32_t>(s.staged);
     if (ops != nullptr) {
@@ -196,6 +222,15 @@ absl::Status ShardedKvCache::AppendImpl(int layer, const float* k, const float* 
     absl::Status st = ops != nullptr ? s.local->AppendDevice(layer, k + j0 * kvd, v + j0 * kvd, s.staged, *ops)
                                      : s.local->Append(layer, k + j0 * kvd, v + j0 * kvd, s.staged);
     if (result.ok()) result = st;
+  }
+  if (sent_device) {
+    // The slices leave while rank 0 appends its own; k and v must stay until they have left.
+    absl::Status st = plane_->Start();
+    if (st.ok()) st = plane_->Wait();
+    if (!st.ok()) {
+      Fail(st);
+      return st;
+    }
   }
   if (!t_->health().ok()) Fail(result);
   return result;
@@ -405,11 +440,7 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
     }
   }
   const int64_t t4 = NowNs();
-  g_attend_calls.fetch_add(1, std::memory_order_relaxed);
-  g_send_ns.fetch_add(t1 - t0, std::memory_order_relaxed);
-  g_local_ns.fetch_add(t2 - t1, std::memory_order_relaxed);
-  g_wait_ns.fetch_add(t3 - t2, std::memory_order_relaxed);
-  g_merge_ns.fetch_add(t4 - t3, std::memory_order_relaxed);
+  RecordAttendTiming(t0, t1, t2, t3, t4);
 }
 
 bool ShardedKvCache::device_memory() const {
@@ -440,8 +471,29 @@ absl::Status ShardedKvCache::AttendDevice(int layer, const float* q, int n_q, co
   if (n_active == 0) return absl::OkStatus();  // no key in range: the caller's -inf stands
   const int64_t t0 = NowNs();
   std::vector<size_t> sent;
-  if (n_remote > 0) {
-    std::vector<float> hq(static_cast<size_t>(n_q) * config_.q_dim());
+  const size_t q_floats = static_cast<size_t>(n_q) * config_.q_dim();
+  if (n_remote > 0 && plane_ != nullptr) {
+    // The commands, then q to every active worker over the data plane (issued now, so the workers
+    // start while rank 0 attends its own shard).
+    absl::Status st;
+    for (size_t i = 0; i < shards_.size() && st.ok(); ++i) {
+      const Shard& s = shards_[i];
+      if (!active[i] || s.local) continue;
+      wire::Writer w;
+      w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAttendDevice)).Put<uint64_t>(s.id);
+      w.Put<int32_t>(layer).Put<int32_t>(n_q).Put<int64_t>(static_cast<int64_t>(q_floats));
+      w.PutArray(local_end[i].data(), n_q);
+      st = t_->Send(s.range.rank, std::move(w.str()));
+      if (st.ok()) st = plane_->Send(s.range.rank, q, q_floats);
+      if (st.ok()) sent.push_back(i);
+    }
+    if (st.ok()) st = plane_->Start();
+    if (!st.ok()) {
+      Fail(st);
+      return st;
+    }
+  } else if (n_remote > 0) {
+    std::vector<float> hq(q_floats);
     KVQ_RETURN_IF_ERROR(ops.ToHost(q, hq.size(), hq.data()));
     absl::Status st = SendAttend(layer, hq.data(), n_q, local_end, active, &sent);
     if (!st.ok()) {
@@ -468,23 +520,43 @@ absl::Status ShardedKvCache::AttendDevice(int layer, const float* q, int n_q, co
     result = shards_[i].local->AttendDevice(layer, q, n_q, local_end[i].data(), slot_o(i), slot_lse(i), ops);
   }
   const int64_t t2 = NowNs();
-  std::vector<float> ho(o_size), hl(lse_size);
-  for (size_t i : sent) {
-    absl::Status st = ReceivePartial(i, o_size, lse_size, ho.data(), hl.data());
-    if (st.ok() && result.ok()) st = ops.ToDevice(ho.data(), o_size, slot_o(i));
-    if (st.ok() && result.ok()) st = ops.ToDevice(hl.data(), lse_size, slot_lse(i));
+  if (plane_ != nullptr && !sent.empty()) {
+    // Each worker's status (the command's reply), then the partials of those that succeeded, into
+    // their slots over the data plane; one wait for everything (q's sends included).
+    absl::Status st;
+    for (size_t i : sent) {
+      std::string msg;
+      wire::Reader r{std::string_view()};
+      absl::Status reply = ReceiveReply(t_, shards_[i].range.rank, &msg, &r);
+      if (!reply.ok()) {
+        if (st.ok()) st = reply;
+        if (!t_->health().ok()) break;  // a broken transport: nothing more to read
+        continue;
+      }
+      absl::Status qs = plane_->Recv(shards_[i].range.rank, slot_o(i), o_size);
+      if (qs.ok()) qs = plane_->Recv(shards_[i].range.rank, slot_lse(i), lse_size);
+      if (!qs.ok() && st.ok()) st = qs;
+    }
+    absl::Status ws = t_->health().ok() ? plane_->Start() : t_->health();
+    if (ws.ok()) ws = plane_->Wait();
+    if (st.ok()) st = ws;
     Fail(st);
     if (result.ok()) result = st;
+  } else {
+    std::vector<float> ho(o_size), hl(lse_size);
+    for (size_t i : sent) {
+      absl::Status st = ReceivePartial(i, o_size, lse_size, ho.data(), hl.data());
+      if (st.ok() && result.ok()) st = ops.ToDevice(ho.data(), o_size, slot_o(i));
+      if (st.ok() && result.ok()) st = ops.ToDevice(hl.data(), lse_size, slot_lse(i));
+      Fail(st);
+      if (result.ok()) result = st;
+    }
   }
   KVQ_RETURN_IF_ERROR(result);
   const int64_t t3 = NowNs();
   if (n_active > 1) KVQ_RETURN_IF_ERROR(ops.MergeParts(parts, n_active, rows, hd, o, lse));
   const int64_t t4 = NowNs();
-  g_attend_calls.fetch_add(1, std::memory_order_relaxed);
-  g_send_ns.fetch_add(t1 - t0, std::memory_order_relaxed);
-  g_local_ns.fetch_add(t2 - t1, std::memory_order_relaxed);
-  g_wait_ns.fetch_add(t3 - t2, std::memory_order_relaxed);
-  g_merge_ns.fetch_add(t4 - t3, std::memory_order_relaxed);
+  RecordAttendTiming(t0, t1, t2, t3, t4);
   return absl::OkStatus();
 }
 
@@ -510,6 +582,7 @@ int64_t ShardedKvCache::bytes() const {
 
 std::unique_ptr<model::KvCache> ShardedKvCache::Clone() const {
   auto c = std::unique_ptr<ShardedKvCache>(new ShardedKvCache(t_, config_));
+  c->plane_ = plane_;
   c->length_ = length_;
   c->error_ = error_;
   for (const Shard& s : shards_) {

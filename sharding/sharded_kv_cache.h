@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "model/config.h"
 #include "model/forward.h"
+#include "sharding/device_data_plane.h"
 #include "sharding/kv_cache_factory.h"
 #include "sharding/mpi_transport.h"
 #include "sharding/shard_planner.h"
@@ -59,6 +60,11 @@ class ShardedKvCacheFactory {
   // A cache with explicit ranges: contiguous from 0, one per rank; the last one is open-ended.
   absl::StatusOr<std::unique_ptr<ShardedKvCache>> MakeWithRanges(std::vector<ShardRange> ranges) const;
 
+  // Caches made from now on move q, new k/v and partials between device buffers over `plane` when
+  // driven through their device-memory forms (null: through the host, in the commands). Every
+  // worker must serve the plane's commands (ServeWorker with a WorkerDevice); outlives the caches.
+  void set_data_plane(DeviceDataPlane* plane) { plane_ = plane; }
+  DeviceDataPlane* data_plane() const { return plane_; }
   const KvCacheFactory& local() const { return *local_; }
   const ShardPlanner& planner() const { return planner_; }
   Transport* transport() const { return transport_; }
@@ -71,6 +77,7 @@ class ShardedKvCacheFactory {
   uint32_t id_;
   std::shared_ptr<const KvCacheFactory> local_;
   ShardPlanner planner_;
+  DeviceDataPlane* plane_ = nullptr;
 };
 
 class ShardedKvCache : public model::KvCache {
@@ -141,6 +148,7 @@ class ShardedKvCache : public model::KvCache {
 
   Transport* t_;
   model::ModelConfig config_;
+  DeviceDataPlane* plane_ = nullptr;  // the factory's, when set
   std::vector<Shard> shards_;
   int64_t length_ = 0;
   mutable absl::Status error_;

@@ -1,5 +1,7 @@
 #include "sharding/worker.h"
 
+#include <algorithm>
+#include <limits>
 #include <map>
 #include <memory>
 
@@ -56,7 +58,8 @@ namespace {
 
 class Worker {
  public:
-  Worker(Transport* t, WorkerFactoryMaker make) : t_(t), make_(std::move(make)) {
+  Worker(Transport* t, WorkerFactoryMaker make, WorkerDevice* device)
+      : t_(t), make_(std::move(make)), device_(device) {
     if (!make_) make_ = [](const model::ModelConfig& c, const std::string& f, const std::string& q, const std::string& fp) {
       return KvCacheFactory::Create(c, f, q, fp);
     };
@@ -80,6 +83,13 @@ class Worker {
       }
       // The cache this command is about (every op but kDefineFactory and kCreate starts with it).
       const uint64_t id = wire::Reader(r).Get<uint64_t>();
+      if (op == wire::Op::kAttendDevice || op == wire::Op::kAppendDevice) {
+        if (absl::Status s = ServeDevice(op, id, r); !s.ok()) {
+          t_->NotifyGone(s);
+          return s;
+        }
+        continue;
+      }
       if (op == wire::Op::kAppend) {
         absl::Status s = Handle(op, r, nullptr);
         if (s.ok() && !r.ok()) s = absl::DataLossError("malformed command");
@@ -118,6 +128,89 @@ class Worker {
     const Factory* factory = nullptr;
     std::unique_ptr<model::KvCache> kv;
   };
+
+  // kAttendDevice and kAppendDevice. The inputs are always taken off the data plane (the peer has
+  // sent them whatever happens here); the result of the command is the reply (attention) or kept
+  // for the cache's next reply (append). Returns an error only when the data plane or the
+  // transport failed (the loop ends: the job must).
+  absl::Status ServeDevice(wire::Op op, uint64_t id, wire::Reader& r) {
+    (void)r.Get<uint64_t>();
+    const int layer = r.Get<int32_t>(), n = r.Get<int32_t>();
+    const int64_t floats = r.Get<int64_t>();
+    std::vector<int64_t> key_end;
+    if (op == wire::Op::kAttendDevice) {
+      key_end.resize(static_cast<size_t>(std::max(n, 0)));
+      r.GetArray(key_end.data(), key_end.size());
+    }
+    if (!r.ok() || n < 0 || floats < 0 || device_ == nullptr || device_->plane == nullptr) {
+      // Nothing can be taken off the plane in step with rank 0: the job must end.
+      return absl::DataLossError(device_ == nullptr ? "a device command reached a worker without a data plane"
+                                                    : "malformed device command");
+    }
+    const bool attend = op == wire::Op::kAttendDevice;
+    DeviceDataPlane& plane = *device_->plane;
+    KVQ_ASSIGN_OR_RETURN(float* in0, device_->scratch(0, static_cast<size_t>(floats)));
+    KVQ_RETURN_IF_ERROR(plane.Recv(0, in0, static_cast<size_t>(floats)));
+    float* in1 = nullptr;
+    if (!attend) {
+      KVQ_ASSIGN_OR_RETURN(in1, device_->scratch(1, static_cast<size_t>(floats)));
+      KVQ_RETURN_IF_ERROR(plane.Recv(0, in1, static_cast<size_t>(floats)));
+    }
+    KVQ_RETURN_IF_ERROR(plane.Start());
+    KVQ_RETURN_IF_ERROR(plane.Wait());
+    absl::Status s;
+    Cache* c = nullptr;
+    if (auto failed = append_errors_.find(id); failed != append_errors_.end()) {
+      s = failed->second;
+      if (attend) append_errors_.erase(failed);
+    } else {
+      absl::StatusOr<Cache*> found = Find(id);
+      s = found.status();
+      if (s.ok()) c = *found;
+    }
+    if (s.ok() && !c->kv->device_memory()) s = absl::FailedPreconditionError("this worker's caches are not on a GPU");
+    const model::ModelConfig* mc = c != nullptr ? &c->factory->config : nullptr;
+    if (s.ok() && (layer < 0 || layer >= mc->n_layers)) s = absl::InvalidArgumentError(absl::StrCat("layer ", layer));
+    if (s.ok() && floats != static_cast<int64_t>(n) * (attend ? mc->q_dim() : mc->kv_dim())) {
+      s = absl::InvalidArgumentError(absl::StrCat(floats, " floats for ", n, attend ? " queries" : " tokens"));
+    }
+    if (!attend) {
+      if (s.ok()) s = c->kv->AppendDevice(layer, in0, in1, n, *device_->ops);
+      if (!s.ok() && !append_errors_.count(id)) {
+        append_errors_[id] = absl::Status(s.code(), absl::StrCat("append: ", s.message()));
+      }
+      return absl::OkStatus();
+    }
+    for (int64_t e : key_end) {
+      if (s.ok() && (e < 0 || e > c->kv->length() + kMaxStaged)) {
+        s = absl::OutOfRangeError(absl::StrCat("key_end ", e, " outside the shard"));
+      }
+    }
+    float* o = nullptr;
+    float* lse = nullptr;
+    const size_t o_n = s.ok() ? static_cast<size_t>(n) * mc->q_dim() : 0;
+    const size_t l_n = s.ok() ? static_cast<size_t>(n) * mc->n_heads : 0;
+    if (s.ok()) {
+      absl::StatusOr<float*> so = device_->scratch(2, o_n), sl = device_->scratch(3, l_n);
+      s = !so.ok() ? so.status() : sl.status();
+      if (s.ok()) {
+        o = *so;
+        lse = *sl;
+        // Rows without keys keep o = 0 and lse = -inf (AttendDevice leaves them when no row has any).
+        std::vector<float> init(std::max(o_n, l_n), 0.0f);
+        s = device_->ops->ToDevice(init.data(), o_n, o);
+        std::fill(init.begin(), init.begin() + l_n, -std::numeric_limits<float>::infinity());
+        if (s.ok()) s = device_->ops->ToDevice(init.data(), l_n, lse);
+      }
+    }
+    if (s.ok()) s = c->kv->AttendDevice(layer, in0, n, key_end.data(), o, lse, *device_->ops);
+    KVQ_RETURN_IF_ERROR(t_->Send(0, wire::EncodeReply(s, "")));
+    if (!s.ok()) return absl::OkStatus();
+    KVQ_RETURN_IF_ERROR(plane.Send(0, o, o_n));
+    KVQ_RETURN_IF_ERROR(plane.Send(0, lse, l_n));
+    KVQ_RETURN_IF_ERROR(plane.Start());
+    return plane.Wait();
+  }
 
   absl::StatusOr<Cache*> Find(uint64_t id) {
     auto it = caches_.find(id);
@@ -237,6 +330,7 @@ class Worker {
 
   Transport* t_;
   WorkerFactoryMaker make_;
+  WorkerDevice* device_;
   std::map<uint32_t, Factory> factories_;
   std::map<uint64_t, Cache> caches_;
   // Failed appends not yet reported (the first per cache), by cache id.
@@ -246,8 +340,8 @@ class Worker {
 
 }  // namespace
 
-absl::Status ServeWorker(Transport* transport, const WorkerFactoryMaker& make_factory) {
-  Worker w(transport, make_factory);
+absl::Status ServeWorker(Transport* transport, const WorkerFactoryMaker& make_factory, WorkerDevice* device) {
+  Worker w(transport, make_factory, device);
   return w.Serve();
 }
 

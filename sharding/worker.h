@@ -4,7 +4,8 @@
 // first position (so RoPE and the sink are those of the whole sequence).
 //
 // Also the command set and its encoding, shared with the coordinator (sharded_kv_cache.cc). Every
-// command is one message from rank 0; all but kAppend, kFree and kShutdown get one reply, in order:
+// command is one message from rank 0; all but kAppend, kAppendDevice, kFree and kShutdown get one
+// reply, in order:
 //   reply = u8 status code, string message, then the op's payload when OK.
 // A failed kAppend is kept with its cache and is the reply of the cache's next command that has
 // one (kDiscard still discards; the others do nothing else), so rank 0 never waits for appends.
@@ -20,6 +21,8 @@
 
 #include "absl/status/status.h"
 #include "model/config.h"
+#include "model/forward.h"
+#include "sharding/device_data_plane.h"
 #include "sharding/kv_cache_factory.h"
 #include "sharding/mpi_transport.h"
 
@@ -34,7 +37,17 @@ namespace kvq::sharding {
 using WorkerFactoryMaker = std::function<absl::StatusOr<std::unique_ptr<KvCacheFactory>>(
     const model::ModelConfig& config, const std::string& format, const std::string& quantizer_path,
     const std::string& fingerprint)>;
-absl::Status ServeWorker(Transport* transport, const WorkerFactoryMaker& make_factory = nullptr);
+// A GPU worker's side of the device data plane (sharding/device_data_plane.h), for kAttendDevice
+// and kAppendDevice: the plane (made collectively with rank 0's), the copies and merges of its
+// stream, and device scratch by slot (0: q or k, 1: v, 2: o, 3: lse; valid until the next call
+// for that slot).
+struct WorkerDevice {
+  DeviceDataPlane* plane = nullptr;
+  model::DeviceOps* ops = nullptr;
+  std::function<absl::StatusOr<float*>(int slot, size_t n)> scratch;
+};
+absl::Status ServeWorker(Transport* transport, const WorkerFactoryMaker& make_factory = nullptr,
+                         WorkerDevice* device = nullptr);
 
 namespace wire {
 
@@ -52,6 +65,12 @@ enum class Op : uint8_t {
   kShutdown = 10,      // (no reply)
   kFillSynthetic = 11, // u64 cache, i64 tokens, u64 seed, f32 key_sigma -> i64 length, i64 bytes
                        //   (benchmarks: KvCache::FillSynthetic)
+  // The device data plane's forms (a worker with WorkerDevice; rank 0's caches on device memory):
+  kAttendDevice = 12,  // u64 cache, i32 layer, i32 n_q, i64 q floats, i64 key_end[n_q]; then q over
+                       //   the data plane (always taken) -> the reply (no payload), then when OK
+                       //   f32 o[n_q*q_dim] and lse[n_q*n_heads] over the data plane
+  kAppendDevice = 13,  // u64 cache, i32 layer, i32 n, i64 floats; then k and v over the data plane
+                       //   (always taken); no reply, as kAppend
 };
 
 class Writer {

@@ -83,6 +83,19 @@ absl::Status NcclComm::Gather(const void* send, void* recv, size_t bytes, int ro
   return NcclStatus(ncclGroupEnd(), "group end");
 }
 
+absl::Status NcclComm::GroupStart() { return NcclStatus(ncclGroupStart(), "group start"); }
+absl::Status NcclComm::GroupEnd() { return NcclStatus(ncclGroupEnd(), "group end"); }
+
+absl::Status NcclComm::Send(const void* buf, size_t bytes, int peer) {
+  if (comm_ == nullptr) return absl::FailedPreconditionError("NCCL communicator was aborted");
+  return NcclStatus(ncclSend(buf, bytes, ncclChar, peer, comm_, stream_), "send");
+}
+
+absl::Status NcclComm::Recv(void* buf, size_t bytes, int peer) {
+  if (comm_ == nullptr) return absl::FailedPreconditionError("NCCL communicator was aborted");
+  return NcclStatus(ncclRecv(buf, bytes, ncclChar, peer, comm_, stream_), "recv");
+}
+
 absl::Status NcclComm::Synchronize(double timeout_seconds) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_seconds);
   while (true) {

@@ -3,9 +3,10 @@
 // plane's Transport (rank 0's ncclUniqueId sent to every rank). DESIGN.md: "MPI bootstraps NCCL and
 // carries the control plane; NCCL carries the data plane".
 //
-// Status: measured only by benchmarks/nccl_merge_bench so far (the per-layer cost of q's broadcast,
-// the partials' gather and their merge); the sharded cache still moves q, k/v and partials over
-// MPI through the host. NCCL refuses two ranks on one GPU, so Create checks that first and says so.
+// Used by benchmarks/nccl_merge_bench (the per-layer cost of q's broadcast, the partials' gather and
+// their merge) and by the sharded caches' data plane (sharding/gpu/device_data_plane.h). Neither
+// has run yet: only one GPU has been lent so far, and NCCL refuses two ranks on one GPU (Create
+// checks that first and says so; the data plane then stages through the host).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,6 +36,12 @@ class NcclComm {
   // Every rank's `bytes` of `send` into `recv` on `root` (rank-major; recv holds size() * bytes
   // there and is unused elsewhere).
   absl::Status Gather(const void* send, void* recv, size_t bytes, int root);
+  // Point-to-point between device buffers, grouped: every Send and Recv between GroupStart and
+  // GroupEnd is issued together at GroupEnd (on the stream).
+  absl::Status GroupStart();
+  absl::Status GroupEnd();
+  absl::Status Send(const void* buf, size_t bytes, int peer);
+  absl::Status Recv(void* buf, size_t bytes, int peer);
   // Waits for the stream; a failed or stuck peer shows up here as an error, not a hang (the
   // communicator is created blocking, and ncclCommGetAsyncError is polled).
   absl::Status Synchronize(double timeout_seconds = 60.0);

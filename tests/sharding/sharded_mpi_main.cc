@@ -35,6 +35,7 @@
 #include <cuda_runtime.h>
 
 #include "sharding/gpu/gpu_backend.h"
+#include "sharding/gpu/device_data_plane.h"
 #include "sharding/gpu/stream_device_ops.h"
 #endif
 #include "tests/test_util.h"
@@ -46,6 +47,8 @@ MpiTransport* g_transport = nullptr;
 // KVQ_SHARDED_GPU=1: every rank's shards live in a GPU block pool (workers through
 // MakeGpuWorkerKvFactory, rank 0 in its engine's pool) and only the GPU tests run.
 bool g_gpu_mode = false;
+// GPU mode: the sharded caches' device data plane (rank 0's end), made by every rank at start-up.
+DeviceDataPlane* g_plane = nullptr;
 double g_key_outlier_reserve = 0;  // KVQ_KEY_OUTLIER_RESERVE (GPU mode)
 
 // Tolerances (absolute, worst element). Sharded and single-rank attention see bit-identical keys
@@ -485,8 +488,10 @@ engine::EngineOptions GpuEngineOptions(const std::string& fmt) {
 absl::StatusOr<std::unique_ptr<ShardedKvCacheFactory>> GpuShardedFactory(engine::Engine& e,
                                                                         const engine::EngineOptions& o) {
   std::shared_ptr<const KvCacheFactory> rank0(&e.kv_factory(), [](const KvCacheFactory*) {});
-  return ShardedKvCacheFactory::Create(g_transport, e.config(), o.kv_format, o.quantizer, "",
-                                       Planner(e.kv_factory(), g_transport->size(), 7, 16), rank0);
+  auto f = ShardedKvCacheFactory::Create(g_transport, e.config(), o.kv_format, o.quantizer, "",
+                                         Planner(e.kv_factory(), g_transport->size(), 7, 16), rank0);
+  if (f.ok()) (*f)->set_data_plane(g_plane);
+  return f;
 }
 
 // The GPU engine with sequences spread over ranks whose shards are GPU caches (rank 0's shard
@@ -790,6 +795,10 @@ int main(int argc, char** argv) {
   // KVQ_KEY_OUTLIER_RESERVE=X: the GPU pools' key-outlier reserve (rank 0 and workers; 0: default).
   if (const char* r = std::getenv("KVQ_KEY_OUTLIER_RESERVE")) kvq::sharding::g_key_outlier_reserve = std::atof(r);
   kvq::sharding::WorkerFactoryMaker maker;
+  kvq::sharding::WorkerDevice* worker_device = nullptr;
+#if KVQ_HAVE_CUDA
+  std::unique_ptr<kvq::sharding::GpuPlaneEndpoint> endpoint;
+#endif
 #if KVQ_HAVE_CUDA
   if (kvq::sharding::g_gpu_mode) {
     if (absl::Status s = kvq::sharding::SelectDeviceForLocalRank(); !s.ok()) {
@@ -802,10 +811,29 @@ int main(int argc, char** argv) {
     maker = [po](const kvq::model::ModelConfig& c, const std::string& f, const std::string& q, const std::string& fp) {
       return kvq::sharding::MakeGpuWorkerKvFactory(c, f, q, fp, po);
     };
+    // The device data plane: NCCL when every rank has its own GPU, host staging otherwise
+    // (KVQ_DATA_PLANE=host-staged forces it).
+    kvq::sharding::DataPlaneOptions dpo;
+    const char* dp = std::getenv("KVQ_DATA_PLANE");
+    dpo.try_nccl = dp == nullptr || std::string(dp) != "host-staged";
+    dpo.timeout_seconds = 120.0;
+    std::string why;
+    auto ep = kvq::sharding::GpuPlaneEndpoint::Create(t->get(), dpo, &why);
+    if (!ep.ok()) {
+      std::fprintf(stderr, "rank %d: data plane: %s\n", (*t)->rank(), std::string(ep.status().ToString()).c_str());
+      (*t)->Abort(1);
+    }
+    endpoint = std::move(*ep);
+    kvq::sharding::g_plane = endpoint->plane();
+    worker_device = endpoint->get();
+    if ((*t)->rank() == 0) {
+      std::printf("[sharded-gpu] data plane: %s%s\n", endpoint->plane_name(),
+                  why.empty() ? "" : (" (not NCCL: " + why + ")").c_str());
+    }
   }
 #endif
   if ((*t)->rank() != 0) {
-    absl::Status s = kvq::sharding::ServeWorker(t->get(), maker);
+    absl::Status s = kvq::sharding::ServeWorker(t->get(), maker, worker_device);
     if (!s.ok()) {
       std::fprintf(stderr, "worker %d: %s\n", (*t)->rank(), std::string(s.ToString()).c_str());
       (*t)->Abort(1);

@@ -1,0 +1,133 @@
+#include "sharding/gpu/device_data_plane.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cuda_check.h"
+
+namespace kvq::sharding {
+namespace {
+
+class HostStagedDataPlane : public DeviceDataPlane {
+ public:
+  HostStagedDataPlane(Transport* t, model::DeviceOps* ops) : t_(t), ops_(ops) {}
+  const char* name() const override { return "host-staged"; }
+  absl::Status Send(int peer, const float* device, size_t n) override {
+    std::string bytes(n * sizeof(float), '\0');
+    KVQ_RETURN_IF_ERROR(ops_->ToHost(device, n, reinterpret_cast<float*>(bytes.data())));
+    return t_->Send(peer, std::move(bytes));
+  }
+  absl::Status Recv(int peer, float* device, size_t n) override {
+    KVQ_ASSIGN_OR_RETURN(std::string bytes, t_->Receive(peer));
+    if (bytes.size() != n * sizeof(float)) {
+      return absl::DataLossError(absl::StrCat("data plane: rank ", peer, " sent ", bytes.size(), " bytes; expected ",
+                                              n * sizeof(float)));
+    }
+    return ops_->ToDevice(reinterpret_cast<const float*>(bytes.data()), n, device);
+  }
+  absl::Status Start() override { return absl::OkStatus(); }
+  absl::Status Wait() override { return absl::OkStatus(); }
+
+ private:
+  Transport* t_;
+  model::DeviceOps* ops_;
+};
+
+class NcclDataPlane : public DeviceDataPlane {
+ public:
+  NcclDataPlane(std::unique_ptr<NcclComm> comm, double timeout) : comm_(std::move(comm)), timeout_(timeout) {}
+  ~NcclDataPlane() override {
+    if (open_) (void)comm_->GroupEnd();
+  }
+  const char* name() const override { return "nccl"; }
+  absl::Status Send(int peer, const float* device, size_t n) override {
+    KVQ_RETURN_IF_ERROR(Open());
+    return comm_->Send(device, n * sizeof(float), peer);
+  }
+  absl::Status Recv(int peer, float* device, size_t n) override {
+    KVQ_RETURN_IF_ERROR(Open());
+    return comm_->Recv(device, n * sizeof(float), peer);
+  }
+  absl::Status Start() override {
+    if (!open_) return absl::OkStatus();
+    open_ = false;
+    return comm_->GroupEnd();
+  }
+  absl::Status Wait() override {
+    KVQ_RETURN_IF_ERROR(Start());
+    return comm_->Synchronize(timeout_);
+  }
+
+ private:
+  absl::Status Open() {
+    if (open_) return absl::OkStatus();
+    KVQ_RETURN_IF_ERROR(comm_->GroupStart());
+    open_ = true;
+    return absl::OkStatus();
+  }
+  std::unique_ptr<NcclComm> comm_;
+  double timeout_;
+  bool open_ = false;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DeviceDataPlane>> MakeDeviceDataPlane(Transport* t, cudaStream_t stream,
+                                                                     model::DeviceOps* ops,
+                                                                     const DataPlaneOptions& options,
+                                                                     std::string* why) {
+  why->clear();
+  if (options.try_nccl && t->size() > 1) {
+    absl::StatusOr<std::unique_ptr<NcclComm>> comm = NcclComm::Create(t, stream);
+    if (comm.ok()) return std::unique_ptr<DeviceDataPlane>(new NcclDataPlane(std::move(*comm), options.timeout_seconds));
+    // Every rank fails together (NcclComm::Create tells the others when rank 0 refuses).
+    *why = std::string(comm.status().message());
+  } else {
+    *why = options.try_nccl ? "one rank" : "host staging requested";
+  }
+  return std::unique_ptr<DeviceDataPlane>(new HostStagedDataPlane(t, ops));
+}
+
+absl::StatusOr<std::unique_ptr<GpuPlaneEndpoint>> GpuPlaneEndpoint::Create(Transport* t, const DataPlaneOptions& options,
+                                                                         std::string* why) {
+  auto d = std::unique_ptr<GpuPlaneEndpoint>(new GpuPlaneEndpoint());
+  KVQ_RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&d->stream_, cudaStreamNonBlocking));
+  d->ops_ = std::make_unique<StreamDeviceOps>(d->stream_);
+  KVQ_ASSIGN_OR_RETURN(d->plane_, MakeDeviceDataPlane(t, d->stream_, d->ops_.get(), options, why));
+  d->device_.plane = d->plane_.get();
+  d->device_.ops = d->ops_.get();
+  GpuPlaneEndpoint* self = d.get();
+  d->device_.scratch = [self](int slot, size_t n) -> absl::StatusOr<float*> {
+    if (slot < 0 || slot >= static_cast<int>(self->scratch_.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("scratch slot ", slot));
+    }
+    if (n > self->scratch_n_[slot]) {
+      if (self->scratch_[slot] != nullptr) {
+        KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(self->stream_));
+        KVQ_RETURN_IF_CUDA_ERROR(cudaFree(self->scratch_[slot]));
+        self->scratch_[slot] = nullptr;
+        self->scratch_n_[slot] = 0;
+      }
+      const size_t want = std::max(n, self->scratch_n_[slot] + self->scratch_n_[slot] / 2);
+      KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&self->scratch_[slot], std::max<size_t>(want, 1) * sizeof(float)));
+      self->scratch_n_[slot] = want;
+    }
+    return self->scratch_[slot];
+  };
+  return d;
+}
+
+GpuPlaneEndpoint::~GpuPlaneEndpoint() {
+  plane_.reset();
+  ops_.reset();
+  for (float* p : scratch_) {
+    if (p != nullptr) cudaFree(p);
+  }
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+}  // namespace kvq::sharding
