@@ -8,6 +8,11 @@
 #   scripts/gpu_engine_check.sh bench DIR ARGS...       benchmarks/engine_bench
 #   scripts/gpu_engine_check.sh sharded DIR NP...       GPU shards over MPI (sharded_mpi_test), NP ranks
 #                                                       each (ranks share the GPUs when NP > GPUs)
+#   scripts/gpu_engine_check.sh multi DIR               the first run on a machine with several GPUs,
+#                                                       one rank per GPU: NCCL per layer
+#                                                       (nccl_merge_bench), the sharded tests over the
+#                                                       NCCL data plane, then the scaling rows on 1, 2,
+#                                                       4, ... GPUs (scripts/sharded_run.sh)
 # DIR holds model.gguf, bundle/, corpora/ afterwards. Output goes to stdout.
 set -uo pipefail
 cmd=$1; dir=$2; shift 2
@@ -59,5 +64,23 @@ case "$cmd" in
       KVQ_SHARDED_GPU=1 mpirun "${root[@]}" -np "$np" --oversubscribe -x KVQ_SHARDED_GPU -x KVQ_CACHE \
         -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$dir/bundle/bin/sharded_mpi_test" 2>&1 |
         grep -v '^\[ RUN\|^\[       OK'
+    done ;;
+  multi)
+    env_setup
+    root=(); [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
+    gpus=$(nvidia-smi -L | wc -l)
+    [ "$gpus" -ge 2 ] || { echo "multi: $gpus GPU(s) listed; this run needs two or more"; exit 2; }
+    nvidia-smi topo -m || true
+    echo "== nccl_merge_bench, $gpus ranks"
+    mpirun "${root[@]}" -np "$gpus" --bind-to none -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE \
+      "$dir/bundle/bin/nccl_merge_bench" || echo "nccl_merge_bench failed"
+    echo "== sharded_mpi_test over the NCCL data plane, $gpus ranks (expect 'data plane: nccl')"
+    KVQ_SHARDED_GPU=1 mpirun "${root[@]}" -np "$gpus" --bind-to none -x KVQ_SHARDED_GPU -x KVQ_CACHE \
+      -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$dir/bundle/bin/sharded_mpi_test" 2>&1 |
+      grep -v '^\[ RUN\|^\[       OK'
+    for n in 1 2 4 8; do
+      [ "$n" -le "$gpus" ] || break
+      ENGINE_BENCH="$dir/bundle/bin/engine_bench" KVQD="$dir/bundle/bin/kvqd" \
+        bash "$here/scripts/sharded_run.sh" synthetic:llama-3-8b nuq3-1% 1048576,4194304 "$n"
     done ;;
 esac
