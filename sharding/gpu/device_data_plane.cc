@@ -8,34 +8,10 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/cuda_check.h"
+#include "sharding/host_staged_data_plane.h"
 
 namespace kvq::sharding {
 namespace {
-
-class HostStagedDataPlane : public DeviceDataPlane {
- public:
-  HostStagedDataPlane(Transport* t, model::DeviceOps* ops) : t_(t), ops_(ops) {}
-  const char* name() const override { return "host-staged"; }
-  absl::Status Send(int peer, const float* device, size_t n) override {
-    std::string bytes(n * sizeof(float), '\0');
-    KVQ_RETURN_IF_ERROR(ops_->ToHost(device, n, reinterpret_cast<float*>(bytes.data())));
-    return t_->Send(peer, std::move(bytes));
-  }
-  absl::Status Recv(int peer, float* device, size_t n) override {
-    KVQ_ASSIGN_OR_RETURN(std::string bytes, t_->Receive(peer));
-    if (bytes.size() != n * sizeof(float)) {
-      return absl::DataLossError(absl::StrCat("data plane: rank ", peer, " sent ", bytes.size(), " bytes; expected ",
-                                              n * sizeof(float)));
-    }
-    return ops_->ToDevice(reinterpret_cast<const float*>(bytes.data()), n, device);
-  }
-  absl::Status Start() override { return absl::OkStatus(); }
-  absl::Status Wait() override { return absl::OkStatus(); }
-
- private:
-  Transport* t_;
-  model::DeviceOps* ops_;
-};
 
 class NcclDataPlane : public DeviceDataPlane {
  public:

@@ -3,7 +3,8 @@
 //   NCCL point-to-point (NcclComm) when every rank drives its own GPU: q, new k/v and partials
 //     move between device buffers, grouped per command (one group out, one back);
 //   host staging over the Transport otherwise (ranks sharing a GPU: NCCL refuses them): the same
-//     protocol, each array copied to the host and sent as one message.
+//     protocol, each array copied to the host and sent as one message
+//     (sharding/host_staged_data_plane.h).
 // MakeDeviceDataPlane is collective: every rank of the job calls it at start-up, in the same order
 // relative to other messages (it may bootstrap NCCL through the Transport).
 #pragma once

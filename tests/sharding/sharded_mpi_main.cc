@@ -21,11 +21,13 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "gtest/gtest.h"
 #include "model/config.h"
 #include "model/forward.h"
 #include "kvstore/quantizer.h"
 #include "sharding/engine.h"
+#include "sharding/host_staged_data_plane.h"
 #include "sharding/kv_cache_factory.h"
 #include "sharding/mpi_transport.h"
 #include "sharding/shard_planner.h"
@@ -49,6 +51,97 @@ MpiTransport* g_transport = nullptr;
 bool g_gpu_mode = false;
 // GPU mode: the sharded caches' device data plane (rank 0's end), made by every rank at start-up.
 DeviceDataPlane* g_plane = nullptr;
+
+// Host memory standing in for a GPU's, so that CI runs the device commands (kAttendDevice,
+// kAppendDevice) and the host-staged data plane over real MPI ranks with the CPU caches: copies are
+// memcpy, the merge is the host's (in order, as the host forms merge).
+class HostMemoryOps : public model::DeviceOps {
+ public:
+  absl::Status ToHost(const float* device, size_t n, float* host) override {
+    std::copy(device, device + n, host);
+    return absl::OkStatus();
+  }
+  absl::Status ToDevice(const float* host, size_t n, float* device) override {
+    std::copy(host, host + n, device);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<Parts> PartsScratch(int parts, int64_t rows, int head_dim) override {
+    buf_.assign(static_cast<size_t>(parts) * rows * (head_dim + 1), 0.0f);
+    return Parts{buf_.data(), buf_.data() + static_cast<size_t>(parts) * rows * head_dim};
+  }
+  absl::Status MergeParts(const Parts& p, int parts, int64_t rows, int head_dim, float* o, float* lse) override {
+    std::copy(p.o, p.o + rows * head_dim, o);
+    std::copy(p.lse, p.lse + rows, lse);
+    for (int i = 1; i < parts; ++i) {
+      model::MergeAttentionPartial(o, lse, p.o + i * rows * head_dim, p.lse + i * rows, static_cast<int>(rows),
+                                   head_dim);
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::vector<float> buf_;
+};
+
+// A CPU cache that takes its device forms on host memory (see HostMemoryOps).
+class HostAsDevice : public model::KvCache {
+ public:
+  explicit HostAsDevice(std::unique_ptr<model::KvCache> inner) : inner_(std::move(inner)) {}
+  int64_t length() const override { return inner_->length(); }
+  absl::Status Append(int layer, const float* k, const float* v, int n) override { return inner_->Append(layer, k, v, n); }
+  void Commit(int n) override { inner_->Commit(n); }
+  void DiscardStaged() override { inner_->DiscardStaged(); }
+  void Attend(int layer, const float* q, int n_q, const int64_t* key_end, float* o, float* lse) const override {
+    inner_->Attend(layer, q, n_q, key_end, o, lse);
+  }
+  bool device_memory() const override { return true; }
+  absl::Status AttendDevice(int layer, const float* q, int n_q, const int64_t* key_end, float* o, float* lse,
+                            model::DeviceOps&) const override {
+    inner_->Attend(layer, q, n_q, key_end, o, lse);
+    return absl::OkStatus();
+  }
+  absl::Status AppendDevice(int layer, const float* k, const float* v, int n, model::DeviceOps&) override {
+    return inner_->Append(layer, k, v, n);
+  }
+  int64_t bytes() const override { return inner_->bytes(); }
+  int64_t exact_bytes() const override { return inner_->exact_bytes(); }
+  int64_t first_position() const override { return inner_->first_position(); }
+  absl::Status ReadDequantized(int layer, int64_t end, std::vector<float>* k, std::vector<float>* v) const override {
+    return inner_->ReadDequantized(layer, end, k, v);
+  }
+  absl::Status FillSynthetic(int n_layers, int kv_dim, int64_t tokens, uint64_t seed, float key_sigma) override {
+    return inner_->FillSynthetic(n_layers, kv_dim, tokens, seed, key_sigma);
+  }
+  std::unique_ptr<model::KvCache> Clone() const override { return std::make_unique<HostAsDevice>(inner_->Clone()); }
+  absl::StatusOr<std::string> Serialize() const override { return inner_->Serialize(); }
+
+ private:
+  std::unique_ptr<model::KvCache> inner_;
+};
+
+class HostAsDeviceFactory : public KvCacheFactory {
+ public:
+  explicit HostAsDeviceFactory(std::unique_ptr<KvCacheFactory> inner) : inner_(std::move(inner)) {}
+  absl::StatusOr<std::unique_ptr<model::KvCache>> Make(int64_t position_offset) const override {
+    KVQ_ASSIGN_OR_RETURN(auto c, inner_->Make(position_offset));
+    return std::unique_ptr<model::KvCache>(new HostAsDevice(std::move(c)));
+  }
+  absl::StatusOr<std::unique_ptr<model::KvCache>> Deserialize(const std::string& bytes) const override {
+    KVQ_ASSIGN_OR_RETURN(auto c, inner_->Deserialize(bytes));
+    return std::unique_ptr<model::KvCache>(new HostAsDevice(std::move(c)));
+  }
+  double BytesPerToken() const override { return inner_->BytesPerToken(); }
+  double EffectiveBitsPerElement() const override { return inner_->EffectiveBitsPerElement(); }
+  const std::string& format() const override { return inner_->format(); }
+
+ private:
+  std::unique_ptr<KvCacheFactory> inner_;
+};
+
+// CPU mode: every rank's host-memory ops and host-staged plane (workers serve the device commands
+// with them; the test below hands rank 0's plane to its factory).
+HostMemoryOps g_host_ops;
+std::unique_ptr<DeviceDataPlane> g_host_plane;
 double g_key_outlier_reserve = 0;  // KVQ_KEY_OUTLIER_RESERVE (GPU mode)
 
 // Tolerances (absolute, worst element). Sharded and single-rank attention see bit-identical keys
@@ -181,6 +274,67 @@ TEST_P(ShardedAttentionTest, MergedEqualsSingleRank) {
 
 // Benchmarks' synthetic fill: every shard fills its own part of the range (rank 0 and the workers
 // at once), the sequence then decodes on as usual.
+// The device forms over the data plane (CPU backend: host memory and the host-staged plane): the
+// same commands and transfers as GPU ranks over NCCL, against the host forms of the same layout.
+// The merge runs in the same order on the same host code, so the results are identical.
+TEST_P(ShardedAttentionTest, DeviceFormsOverTheDataPlaneMatchTheHostForms) {
+  auto inner = KvCacheFactory::Create(config_, GetParam(), "", "");
+  ASSERT_TRUE(inner.ok()) << inner.status();
+  std::shared_ptr<const KvCacheFactory> local(new HostAsDeviceFactory(std::move(*inner)));
+  auto f = ShardedKvCacheFactory::Create(g_transport, config_, GetParam(), "", "",
+                                         Planner(*local, g_transport->size(), 7, 16), local);
+  ASSERT_TRUE(f.ok()) << f.status();
+  (*f)->set_data_plane(g_host_plane.get());
+  auto host_side = factory_->MakeWithRanges(OddRanges(g_transport->size()));
+  auto dev_side = (*f)->MakeWithRanges(OddRanges(g_transport->size()));
+  ASSERT_TRUE(host_side.ok() && dev_side.ok());
+  ASSERT_TRUE((*dev_side)->device_memory());
+  ShardedKvCache& h = **host_side;
+  ShardedKvCache& d = **dev_side;
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  int64_t length = 0;
+  for (int n : {1, 13, 50, 77, 1, 1}) {  // chunks across the boundaries at 37, 98, 159
+    const size_t elems = static_cast<size_t>(n) * config_.kv_dim();
+    for (int l = 0; l < config_.n_layers; ++l) {
+      std::vector<float> k(elems), v(elems);
+      for (auto& x : k) x = 2.0f * u(rng_);
+      for (auto& x : v) x = u(rng_);
+      ASSERT_TRUE(h.Append(l, k.data(), v.data(), n).ok());
+      ASSERT_TRUE(d.AppendDevice(l, k.data(), v.data(), n, g_host_ops).ok());
+    }
+    // The chunk's rows (causal ends, staged tokens included) and ends inside earlier shards.
+    std::vector<int64_t> ends;
+    for (int i = 0; i < n; ++i) ends.push_back(length + i + 1);
+    for (int64_t e : {int64_t{0}, int64_t{36}, int64_t{37}, int64_t{98}}) {
+      if (e <= length) ends.push_back(e);
+    }
+    const int n_q = static_cast<int>(ends.size());
+    std::vector<float> q(static_cast<size_t>(n_q) * config_.q_dim());
+    for (auto& x : q) x = u(rng_);
+    for (int l = 0; l < config_.n_layers; ++l) {
+      std::vector<float> o1(q.size()), l1(static_cast<size_t>(n_q) * config_.n_heads);
+      std::vector<float> o2(q.size(), 0.0f), l2(l1.size(), -std::numeric_limits<float>::infinity());
+      h.Attend(l, q.data(), n_q, ends.data(), o1.data(), l1.data());
+      ASSERT_TRUE(d.AttendDevice(l, q.data(), n_q, ends.data(), o2.data(), l2.data(), g_host_ops).ok()) << d.status();
+      ASSERT_TRUE(h.status().ok() && d.status().ok()) << h.status() << " / " << d.status();
+      EXPECT_EQ(o1, o2) << "layer " << l;
+      EXPECT_EQ(l1, l2) << "layer " << l;
+    }
+    h.Commit(n);
+    d.Commit(n);
+    ASSERT_TRUE(h.status().ok() && d.status().ok()) << h.status() << " / " << d.status();
+    length += n;
+  }
+  EXPECT_EQ(h.shard_lengths(), d.shard_lengths());
+  // A worker's failed append over the plane comes back with that cache's next attention.
+  std::vector<float> k(config_.kv_dim(), 0.5f);
+  ASSERT_TRUE(d.AppendDevice(config_.n_layers + 3, k.data(), k.data(), 1, g_host_ops).ok());
+  const int64_t end = length + 1;  // every shard, the tail's worker (whose append failed) included
+  std::vector<float> q(config_.q_dim(), 0.1f), o(q.size()), lse(config_.n_heads);
+  EXPECT_FALSE(d.AttendDevice(0, q.data(), 1, &end, o.data(), lse.data(), g_host_ops).ok());
+  EXPECT_NE(d.status().message().find("append"), std::string::npos) << d.status();
+}
+
 TEST_P(ShardedAttentionTest, SyntheticFillFillsEveryShard) {
   Pair p = MakePair();
   const int64_t tokens = 300;  // past every odd boundary (37, 98, 159)
@@ -832,6 +986,27 @@ int main(int argc, char** argv) {
     }
   }
 #endif
+  // CPU mode: host memory as the device, over the host-staged plane (every rank; workers serve
+  // the device commands with it).
+  kvq::sharding::WorkerDevice host_device;
+  std::vector<std::vector<float>> host_scratch(4);
+  if (!kvq::sharding::g_gpu_mode) {
+    kvq::sharding::g_host_plane =
+        std::make_unique<kvq::sharding::HostStagedDataPlane>(t->get(), &kvq::sharding::g_host_ops);
+    host_device.plane = kvq::sharding::g_host_plane.get();
+    host_device.ops = &kvq::sharding::g_host_ops;
+    host_device.scratch = [&host_scratch](int slot, size_t n) -> absl::StatusOr<float*> {
+      host_scratch[slot].resize(std::max<size_t>(n, 1));
+      return host_scratch[slot].data();
+    };
+    worker_device = &host_device;
+    maker = [](const kvq::model::ModelConfig& c, const std::string& f, const std::string& q, const std::string& fp)
+        -> absl::StatusOr<std::unique_ptr<kvq::sharding::KvCacheFactory>> {
+      auto inner = kvq::sharding::KvCacheFactory::Create(c, f, q, fp);
+      if (!inner.ok()) return inner.status();
+      return std::unique_ptr<kvq::sharding::KvCacheFactory>(new kvq::sharding::HostAsDeviceFactory(std::move(*inner)));
+    };
+  }
   if ((*t)->rank() != 0) {
     absl::Status s = kvq::sharding::ServeWorker(t->get(), maker, worker_device);
     if (!s.ok()) {
