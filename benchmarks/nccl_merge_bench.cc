@@ -5,6 +5,10 @@
 //   mpirun -np 4 nccl_merge_bench [--shapes llama3-8b,llama2-7b,smollm2-135m] [--batches 1,8,32]
 // Prints per shape and batch: bytes moved, mean microseconds of each phase (CUDA events on rank 0)
 // and of the whole layer (host clock, with the stream synchronized as a decode step would).
+// A second table times the pattern the sharded caches use (sharding/device_data_plane.h, the
+// plane GpuPlaneEndpoint makes): q to each worker point-to-point, the workers' o and lse back
+// point-to-point (one group each way), the merge on rank 0 — the per-layer cost of
+// ShardedKvCache::AttendDevice's data movement (without the MPI command, a few microseconds).
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -26,6 +30,7 @@ ABSL_FLAG(int, iters, 200, "timed layers per row");
 #include "kernels/dtype.h"
 #include "kernels/engine_ops.h"
 #include "kernels/merge_attention.h"
+#include "sharding/gpu/device_data_plane.h"
 #include "sharding/gpu/gpu_backend.h"
 #include "sharding/gpu/nccl_comm.h"
 #include "sharding/mpi_transport.h"
@@ -145,6 +150,92 @@ int main(int argc, char** argv) {
       if (gathered != nullptr) cudaFree(gathered);
     }
   }
+  // The data plane's pattern, through the plane itself.
+  std::string why;
+  auto ep = sharding::GpuPlaneEndpoint::Create(t, {}, &why);
+  if (!ep.ok()) {
+    const int rc = Fail(t, ep.status());
+    t->Abort(rc);
+    return rc;
+  }
+  sharding::DeviceDataPlane* plane = (*ep)->plane();
+  if (rank == 0) {
+    std::printf("\n# the sharded caches' data plane (%s%s): q out and partials back point-to-point, merge\n",
+                plane->name(), why.empty() ? "" : (" — not NCCL: " + why).c_str());
+    std::printf("| shape | batch | ranks | per layer us (wall) |\n|---|---|---|---|\n");
+  }
+  for (absl::string_view sn : absl::StrSplit(absl::GetFlag(FLAGS_shapes), ',', absl::SkipEmpty())) {
+    const Shape* shape = nullptr;
+    for (const Shape& s : kShapes) {
+      if (sn == s.name) shape = &s;
+    }
+    if (shape == nullptr) continue;
+    for (absl::string_view bs : absl::StrSplit(absl::GetFlag(FLAGS_batches), ',', absl::SkipEmpty())) {
+      int batch = 0;
+      if (!absl::SimpleAtoi(bs, &batch) || batch < 1) continue;
+      const int rows = batch * shape->n_heads, hd = shape->head_dim;
+      const size_t q_n = static_cast<size_t>(rows) * hd;
+      float *q, *parts, *o, *lse;
+      cudaMalloc(&q, q_n * 4);
+      cudaMalloc(&parts, static_cast<size_t>(ranks) * rows * (hd + 1) * 4);  // [ranks] o, then [ranks] lse
+      cudaMalloc(&o, q_n * 4);
+      cudaMalloc(&lse, static_cast<size_t>(rows) * 4);
+      (void)kernels::LaunchFillNormal(static_cast<int64_t>(ranks) * rows * (hd + 1), 11 + rank, 0.0f, 1.0f, parts,
+                                      kernels::DType::kF32, stream);
+      cudaStreamSynchronize(stream);
+      float* part_lse = parts + static_cast<size_t>(ranks) * q_n;
+      kernels::MergeAttentionParams mp;
+      mp.rows = rows;
+      mp.n_parts = ranks;
+      mp.head_dim = hd;
+      mp.o_parts = parts;
+      mp.o_row_stride = hd;
+      mp.o_part_stride = static_cast<int64_t>(q_n);
+      mp.lse_parts = part_lse;
+      mp.lse_row_stride = 1;
+      mp.lse_part_stride = rows;
+      mp.o = o;
+      mp.lse = lse;
+      double wall = 0;
+      absl::Status st;
+      for (int it = 0; it < iters + 10 && st.ok(); ++it) {
+        const auto w0 = std::chrono::steady_clock::now();
+        if (rank == 0) {
+          for (int r = 1; r < ranks && st.ok(); ++r) st = plane->Send(r, q, q_n);
+          if (st.ok()) st = plane->Start();
+          for (int r = 1; r < ranks && st.ok(); ++r) {
+            st = plane->Recv(r, parts + static_cast<size_t>(r) * q_n, q_n);
+            if (st.ok()) st = plane->Recv(r, part_lse + static_cast<size_t>(r) * rows, rows);
+          }
+          if (st.ok()) st = plane->Wait();
+          if (st.ok()) st = kernels::LaunchMergeAttention(mp, stream);
+          if (st.ok() && cudaStreamSynchronize(stream) != cudaSuccess) st = absl::InternalError("merge");
+        } else {
+          st = plane->Recv(0, q, q_n);
+          if (st.ok()) st = plane->Wait();
+          if (st.ok()) st = plane->Send(0, parts, q_n);
+          if (st.ok()) st = plane->Send(0, part_lse, rows);
+          if (st.ok()) st = plane->Wait();
+        }
+        const auto w1 = std::chrono::steady_clock::now();
+        if (it >= 10) wall += std::chrono::duration<double, std::micro>(w1 - w0).count();
+      }
+      if (!st.ok()) {
+        const int rc = Fail(t, st);
+        t->Abort(rc);
+        return rc;
+      }
+      if (rank == 0) {
+        std::printf("| %s | %d | %d | %.1f |\n", shape->name, batch, ranks, wall / iters);
+        std::fflush(stdout);
+      }
+      cudaFree(q);
+      cudaFree(parts);
+      cudaFree(o);
+      cudaFree(lse);
+    }
+  }
+  ep->reset();
   comm->reset();
   (void)t->Finalize();
   return 0;
