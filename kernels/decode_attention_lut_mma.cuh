@@ -456,12 +456,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     __syncwarp();
 
     // ---- 2. S = (l o cos) Q1 + (l o sin) Q2 + cos Zc + sin Zs ----
-    // Four independent accumulators: 24 dependent mma in one chain would put ~24 mma latencies
-    // on the tile's critical path.
+    // Two independent accumulators (cos and sin terms): one chain of 24 dependent mma would put
+    // ~24 mma latencies on the tile's critical path; four chains cost 8 more registers, which the
+    // kernel at its 128-register cap pays in spills: two are ~3% faster than four (H200, 1M,
+    // nuq2/3/4-1%, 2026-12-01), and one CTA per SM with no register cap is 37% slower (the
+    // kernel is bound by latency and needs the 16 warps per SM that 128 registers allow).
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     {
-      float sb[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      float sd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const int row = (lane & 7) + ((lane >> 3) & 1) * 8, csel = lane >> 4;
       const uint32_t sbase = SmemAddr(stage);
       const uint32_t* cs = cs_s + (tig * 32 + lane) * Cfg::kCsStride;
@@ -484,16 +486,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         Mma(sb, a, q2v.x, q2v.y);
 #pragma unroll
         for (int r = 0; r < 4; ++r) a[r] = HMul2(hi[r], cw[r]);
-        Mma(sc, a, q1[jj + kHC][0], q1[jj + kHC][1]);
+        Mma(s, a, q1[jj + kHC][0], q1[jj + kHC][1]);
 #pragma unroll
         for (int r = 0; r < 4; ++r) a[r] = HMul2(hi[r], sw[r]);
-        Mma(sd, a, q2v.z, q2v.w);
+        Mma(sb, a, q2v.z, q2v.w);
         const uint4 z4 = zb_s[jj * 32 + lane];
-        Mma(jj % 2 ? sb : s, cw, z4.x, z4.y);
-        Mma(jj % 2 ? sd : sc, sw, z4.z, z4.w);
+        Mma(s, cw, z4.x, z4.y);
+        Mma(sb, sw, z4.z, z4.w);
       }
 #pragma unroll
-      for (int r = 0; r < 4; ++r) s[r] = (s[r] + sb[r]) + (sc[r] + sd[r]);
+      for (int r = 0; r < 4; ++r) s[r] += sb[r];
     }
     __syncwarp();
 
