@@ -432,11 +432,10 @@ int ShardedMain(int* argc, char*** argv) {
     t->Abort(2);
   }
   std::unique_ptr<sharding::GpuPlaneEndpoint> endpoint;
-  std::string why_not_nccl;
   if (plane_flag != "host") {
     sharding::DataPlaneOptions dpo;
     dpo.try_nccl = plane_flag == "auto";
-    auto ep = sharding::GpuPlaneEndpoint::Create(t, dpo, &why_not_nccl);
+    auto ep = sharding::GpuPlaneEndpoint::Create(t, dpo);
     CHECK_OK(ep.status());
     endpoint = std::move(*ep);
   }
@@ -462,9 +461,9 @@ int ShardedMain(int* argc, char*** argv) {
   cudaGetDeviceProperties(&prop, 0);
   const double bw = CopyBandwidth();
   const int ranks = t->size();
-  std::printf("# engine_bench --sharded: %d ranks, rank 0 on %s, %s, D2D copy %.0f GB/s, data plane %s%s %s\n", ranks,
-              prop.name, spec.c_str(), bw / 1e9, endpoint ? endpoint->plane_name() : "host (in the commands)",
-              why_not_nccl.empty() || !endpoint ? "" : absl::StrCat(" (not NCCL: ", why_not_nccl, ")").c_str(),
+  std::printf("# engine_bench --sharded: %d ranks, rank 0 on %s, %s, D2D copy %.0f GB/s, data plane %s %s\n", ranks,
+              prop.name, spec.c_str(), bw / 1e9,
+              endpoint ? endpoint->description().c_str() : "host (in the commands)",
               absl::GetFlag(FLAGS_label).c_str());
   Setup st;
   model::LlamaWeights host;

@@ -184,8 +184,7 @@ int main(int argc, char** argv) {
     if (gpu) {
       // The data plane, made by every rank together: NCCL when each rank has a GPU of its own,
       // host staging through MPI otherwise (ranks sharing a GPU).
-      std::string why;
-      auto ep = kvq::sharding::GpuPlaneEndpoint::Create(transport.get(), {}, &why);
+      auto ep = kvq::sharding::GpuPlaneEndpoint::Create(transport.get(), {});
       if (!ep.ok()) {
         std::fprintf(stderr, "kvqd: rank %d: data plane: %s\n", transport->rank(),
                      std::string(ep.status().message()).c_str());
@@ -195,8 +194,7 @@ int main(int argc, char** argv) {
       plane = endpoint->plane();
       worker_device = endpoint->get();
       if (transport->rank() == 0) {
-        std::fprintf(stderr, "kvqd: data plane between the ranks' GPUs: %s%s\n", endpoint->plane_name(),
-                     why.empty() ? "" : (" (not NCCL: " + why + ")").c_str());
+        std::fprintf(stderr, "kvqd: data plane between the ranks' GPUs: %s\n", endpoint->description().c_str());
       }
     }
 #else

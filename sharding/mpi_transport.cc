@@ -33,6 +33,15 @@ absl::Status MpiError(int rc, const char* call, const char* file, int line) {
                                           std::string(text, len), " (MPI error ", rc, ")"));
 }
 
+// The polling of every wait: tight at first (replies to small commands come back in microseconds),
+// then naps longer and longer, up to cap_us, so that waiting ranks leave the cores to the ones
+// computing (CI runs 4 ranks on 2 cores).
+void Backoff(int spin, int cap_us, int* nap_us) {
+  if (spin <= 200) return;
+  *nap_us = std::min(cap_us, *nap_us + 10);
+  std::this_thread::sleep_for(std::chrono::microseconds(*nap_us));
+}
+
 }  // namespace
 
 // Turns a failed MPI call into a Status with file:line (the communicator returns errors).
@@ -98,39 +107,18 @@ struct MpiTransport::Impl {
           (!all && pending.size() < kMaxPendingSends && pending_bytes <= kMaxPendingBytes)) {
         return absl::OkStatus();
       }
-      if (spin > 200) {
-        nap_us = std::min(max_nap_us, nap_us + 10);
-        std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
-      }
+      Backoff(spin, max_nap_us, &nap_us);
     }
   }
 
-  // Polls `request` until it completes. Tight at first (replies to small commands come back in
-  // microseconds), then backs off to short naps so that waiting ranks leave the cores to the ones
-  // computing (CI runs 4 ranks on 2 cores). `gone_from` >= 0: also watch for that rank's notice.
-  absl::Status Wait(MPI_Request* request, double timeout_s, int gone_from, const char* what,
-                    int peer) {
+  // Polls `request` until it completes (Backoff), or cancels it after timeout_s (0: never).
+  absl::Status Wait(MPI_Request* request, double timeout_s, const char* what, int peer) {
     const auto start = std::chrono::steady_clock::now();
     int nap_us = 0;
     for (int spin = 0;; ++spin) {
       int done = 0;
-      MPI_Status st;
-      KVQ_RETURN_IF_MPI_ERROR(MPI_Test(request, &done, &st));
+      KVQ_RETURN_IF_MPI_ERROR(MPI_Test(request, &done, MPI_STATUS_IGNORE));
       if (done) return absl::OkStatus();
-      if (gone_from >= 0) {
-        int gone = 0;
-        MPI_Status gs;
-        KVQ_RETURN_IF_MPI_ERROR(MPI_Iprobe(gone_from, kTagGone, comm, &gone, &gs));
-        if (gone) {
-          int n = 0;
-          MPI_Get_count(&gs, MPI_CHAR, &n);
-          std::string why(static_cast<size_t>(n), '\0');
-          KVQ_RETURN_IF_MPI_ERROR(
-              MPI_Recv(why.data(), n, MPI_CHAR, gone_from, kTagGone, comm, MPI_STATUS_IGNORE));
-          MPI_Cancel(request);
-          return absl::UnavailableError(absl::StrCat("rank ", gone_from, " has exited: ", why));
-        }
-      }
       if (timeout_s > 0 && spin % 64 == 0) {
         const double waited =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -141,10 +129,7 @@ struct MpiTransport::Impl {
               " s (the rank hung or died; the job must end)"));
         }
       }
-      if (spin > 200) {
-        nap_us = std::min(max_nap_us, nap_us + 10);
-        std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
-      }
+      Backoff(spin, max_nap_us, &nap_us);
     }
   }
 
@@ -274,10 +259,7 @@ absl::StatusOr<std::string> MpiTransport::Receive(int source, bool wait_forever)
             " s (the rank hung or died; the job must end)")));
       }
     }
-    if (spin > 200) {
-      nap_us = std::min(wait_forever ? 2 * impl_->max_nap_us : impl_->max_nap_us, nap_us + 10);
-      std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
-    }
+    Backoff(spin, wait_forever ? 2 * impl_->max_nap_us : impl_->max_nap_us, &nap_us);
   }
   int n = 0;
   int rc = MPI_Get_count(&st, MPI_BYTE, &n);
@@ -297,7 +279,7 @@ void MpiTransport::NotifyGone(const absl::Status& why) {
   MPI_Request req;
   if (MPI_Isend(text.data(), static_cast<int>(text.size()), MPI_CHAR, 0, kTagGone, impl_->comm,
                 &req) == MPI_SUCCESS) {
-    (void)impl_->Wait(&req, 5.0, -1, "notifying", 0);
+    (void)impl_->Wait(&req, 5.0, "notifying", 0);
   }
 }
 

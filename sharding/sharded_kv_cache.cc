@@ -369,20 +369,25 @@ void ShardedKvCache::ShardEnds(int n_q, const int64_t* key_end, std::vector<std:
   }
 }
 
-absl::Status ShardedKvCache::SendAttend(int layer, const float* q, int n_q,
+absl::Status ShardedKvCache::SendAttend(int layer, const float* q, bool q_on_plane, int n_q,
                                         const std::vector<std::vector<int64_t>>& local_end,
                                         const std::vector<bool>& active, std::vector<size_t>* sent) const {
+  const size_t q_floats = static_cast<size_t>(n_q) * config_.q_dim();
   for (size_t i = 0; i < shards_.size(); ++i) {
     const Shard& s = shards_[i];
     if (!active[i] || s.local) continue;
     wire::Writer w;
-    w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAttend)).Put<uint64_t>(s.id);
+    w.Put<uint8_t>(static_cast<uint8_t>(q_on_plane ? wire::Op::kAttendDevice : wire::Op::kAttend)).Put<uint64_t>(s.id);
     w.Put<int32_t>(layer).Put<int32_t>(n_q);
-    w.PutArray(local_end[i].data(), n_q).PutArray(q, static_cast<size_t>(n_q) * config_.q_dim());
+    if (q_on_plane) w.Put<int64_t>(static_cast<int64_t>(q_floats));
+    w.PutArray(local_end[i].data(), n_q);
+    if (!q_on_plane) w.PutArray(q, q_floats);
     KVQ_RETURN_IF_ERROR(t_->Send(s.range.rank, std::move(w.str())));
+    if (q_on_plane) KVQ_RETURN_IF_ERROR(plane_->Send(s.range.rank, q, q_floats));
     sent->push_back(i);
   }
-  return absl::OkStatus();
+  // Issued now, so the workers start while rank 0 attends its own shard.
+  return q_on_plane ? plane_->Start() : absl::OkStatus();
 }
 
 absl::Status ShardedKvCache::ReceivePartial(size_t shard, size_t o_size, size_t lse_size, float* o,
@@ -409,7 +414,9 @@ void ShardedKvCache::Attend(int layer, const float* q, int n_q, const int64_t* k
   ShardEnds(n_q, key_end, &local_end, &active);
   const int64_t t0 = NowNs();
   std::vector<size_t> sent;
-  if (absl::Status st = SendAttend(layer, q, n_q, local_end, active, &sent); !st.ok()) return Fail(st);
+  if (absl::Status st = SendAttend(layer, q, /*q_on_plane=*/false, n_q, local_end, active, &sent); !st.ok()) {
+    return Fail(st);
+  }
   const int64_t t1 = NowNs();
   // Partials in rank order; rank 0's computed while the workers compute theirs.
   std::vector<std::vector<float>> part_o(shards_.size()), part_lse(shards_.size());
@@ -472,30 +479,15 @@ absl::Status ShardedKvCache::AttendDevice(int layer, const float* q, int n_q, co
   const int64_t t0 = NowNs();
   std::vector<size_t> sent;
   const size_t q_floats = static_cast<size_t>(n_q) * config_.q_dim();
-  if (n_remote > 0 && plane_ != nullptr) {
-    // The commands, then q to every active worker over the data plane (issued now, so the workers
-    // start while rank 0 attends its own shard).
-    absl::Status st;
-    for (size_t i = 0; i < shards_.size() && st.ok(); ++i) {
-      const Shard& s = shards_[i];
-      if (!active[i] || s.local) continue;
-      wire::Writer w;
-      w.Put<uint8_t>(static_cast<uint8_t>(wire::Op::kAttendDevice)).Put<uint64_t>(s.id);
-      w.Put<int32_t>(layer).Put<int32_t>(n_q).Put<int64_t>(static_cast<int64_t>(q_floats));
-      w.PutArray(local_end[i].data(), n_q);
-      st = t_->Send(s.range.rank, std::move(w.str()));
-      if (st.ok()) st = plane_->Send(s.range.rank, q, q_floats);
-      if (st.ok()) sent.push_back(i);
+  if (n_remote > 0) {
+    // q to the active workers: over the data plane, or in their commands through the host.
+    std::vector<float> hq;
+    if (plane_ == nullptr) {
+      hq.resize(q_floats);
+      KVQ_RETURN_IF_ERROR(ops.ToHost(q, hq.size(), hq.data()));
     }
-    if (st.ok()) st = plane_->Start();
-    if (!st.ok()) {
-      Fail(st);
-      return st;
-    }
-  } else if (n_remote > 0) {
-    std::vector<float> hq(q_floats);
-    KVQ_RETURN_IF_ERROR(ops.ToHost(q, hq.size(), hq.data()));
-    absl::Status st = SendAttend(layer, hq.data(), n_q, local_end, active, &sent);
+    absl::Status st = SendAttend(layer, plane_ != nullptr ? q : hq.data(), plane_ != nullptr, n_q, local_end, active,
+                                 &sent);
     if (!st.ok()) {
       Fail(st);
       return st;

@@ -140,9 +140,12 @@ class ShardedKvCache : public model::KvCache {
   // holds keys for some query.
   void ShardEnds(int n_q, const int64_t* key_end, std::vector<std::vector<int64_t>>* local_end,
                  std::vector<bool>* active) const;
-  // Sends kAttend with q (host) to the active worker shards; returns their indices.
-  absl::Status SendAttend(int layer, const float* q, int n_q, const std::vector<std::vector<int64_t>>& local_end,
-                          const std::vector<bool>& active, std::vector<size_t>* sent) const;
+  // The attention command to the active worker shards, appending their indices to `sent`: kAttend
+  // with q (host) inside, or (q_on_plane) kAttendDevice with q (device) sent over the data plane
+  // and issued.
+  absl::Status SendAttend(int layer, const float* q, bool q_on_plane, int n_q,
+                          const std::vector<std::vector<int64_t>>& local_end, const std::vector<bool>& active,
+                          std::vector<size_t>* sent) const;
   // A worker's (o, lse) reply into o, lse (host arrays of o_size and lse_size floats).
   absl::Status ReceivePartial(size_t shard, size_t o_size, size_t lse_size, float* o, float* lse) const;
 

@@ -93,18 +93,13 @@ class Worker {
       if (op == wire::Op::kAppend) {
         absl::Status s = Handle(op, r, nullptr);
         if (s.ok() && !r.ok()) s = absl::DataLossError("malformed command");
-        if (!s.ok() && !append_errors_.count(id)) {
-          append_errors_[id] = absl::Status(s.code(), absl::StrCat("append: ", s.message()));
-        }
+        KeepAppendError(id, s);
         continue;
       }
       std::string payload;
       absl::Status s;
-      auto failed = append_errors_.end();
-      if (op != wire::Op::kDefineFactory && op != wire::Op::kCreate) failed = append_errors_.find(id);
-      if (failed != append_errors_.end()) {
-        s = failed->second;
-        append_errors_.erase(failed);
+      if (op != wire::Op::kDefineFactory && op != wire::Op::kCreate) s = TakeAppendError(id, /*clear=*/true);
+      if (!s.ok()) {
         if (op == wire::Op::kDiscard) (void)Handle(op, r, &payload);
         payload.clear();
       } else {
@@ -158,12 +153,10 @@ class Worker {
     }
     KVQ_RETURN_IF_ERROR(plane.Start());
     KVQ_RETURN_IF_ERROR(plane.Wait());
-    absl::Status s;
+    // A pending append error answers the attention (and stays for an append).
+    absl::Status s = TakeAppendError(id, /*clear=*/attend);
     Cache* c = nullptr;
-    if (auto failed = append_errors_.find(id); failed != append_errors_.end()) {
-      s = failed->second;
-      if (attend) append_errors_.erase(failed);
-    } else {
+    if (s.ok()) {
       absl::StatusOr<Cache*> found = Find(id);
       s = found.status();
       if (s.ok()) c = *found;
@@ -176,16 +169,10 @@ class Worker {
     }
     if (!attend) {
       if (s.ok()) s = c->kv->AppendDevice(layer, in0, in1, n, *device_->ops);
-      if (!s.ok() && !append_errors_.count(id)) {
-        append_errors_[id] = absl::Status(s.code(), absl::StrCat("append: ", s.message()));
-      }
+      KeepAppendError(id, s);
       return absl::OkStatus();
     }
-    for (int64_t e : key_end) {
-      if (s.ok() && (e < 0 || e > c->kv->length() + kMaxStaged)) {
-        s = absl::OutOfRangeError(absl::StrCat("key_end ", e, " outside the shard"));
-      }
-    }
+    if (s.ok()) s = CheckKeyEnds(*c, key_end);
     float* o = nullptr;
     float* lse = nullptr;
     const size_t o_n = s.ok() ? static_cast<size_t>(n) * mc->q_dim() : 0;
@@ -210,6 +197,30 @@ class Worker {
     KVQ_RETURN_IF_ERROR(plane.Send(0, lse, l_n));
     KVQ_RETURN_IF_ERROR(plane.Start());
     return plane.Wait();
+  }
+
+  // A failed append (the first per cache) waits for the cache's next command with a reply.
+  void KeepAppendError(uint64_t id, const absl::Status& s) {
+    if (!s.ok() && !append_errors_.count(id)) {
+      append_errors_[id] = absl::Status(s.code(), absl::StrCat("append: ", s.message()));
+    }
+  }
+  // The cache's pending append error (OK when none), forgotten when `clear`.
+  absl::Status TakeAppendError(uint64_t id, bool clear) {
+    auto it = append_errors_.find(id);
+    if (it == append_errors_.end()) return absl::OkStatus();
+    absl::Status s = it->second;
+    if (clear) append_errors_.erase(it);
+    return s;
+  }
+  // The coordinator clamps key_end to the shard; this only guards against a corrupt message.
+  absl::Status CheckKeyEnds(const Cache& c, const std::vector<int64_t>& key_end) const {
+    for (int64_t e : key_end) {
+      if (e < 0 || e > c.kv->length() + kMaxStaged) {
+        return absl::OutOfRangeError(absl::StrCat("key_end ", e, " outside the shard"));
+      }
+    }
+    return absl::OkStatus();
   }
 
   absl::StatusOr<Cache*> Find(uint64_t id) {
@@ -279,11 +290,7 @@ class Worker {
         q_.resize(static_cast<size_t>(n_q) * mc.q_dim());
         r.GetArray(q_.data(), q_.size());
         if (!r.ok()) return absl::DataLossError("malformed kAttend");
-        for (int64_t e : key_end) {
-          if (e < 0 || e > c->kv->length() + kMaxStaged) {
-            return absl::OutOfRangeError(absl::StrCat("key_end ", e, " outside the shard"));
-          }
-        }
+        KVQ_RETURN_IF_ERROR(CheckKeyEnds(*c, key_end));
         std::vector<float> o(q_.size()), lse(static_cast<size_t>(n_q) * mc.n_heads);
         c->kv->Attend(layer, q_.data(), n_q, key_end.data(), o.data(), lse.data());
         wire::Writer w;
@@ -325,7 +332,6 @@ class Worker {
     }
   }
 
-  // The coordinator clamps key_end to the shard; this only guards against a corrupt message.
   static constexpr int64_t kMaxStaged = int64_t{1} << 20;
 
   Transport* t_;

@@ -68,12 +68,15 @@ absl::StatusOr<std::unique_ptr<DeviceDataPlane>> MakeDeviceDataPlane(Transport* 
   return std::unique_ptr<DeviceDataPlane>(new HostStagedDataPlane(t, ops));
 }
 
-absl::StatusOr<std::unique_ptr<GpuPlaneEndpoint>> GpuPlaneEndpoint::Create(Transport* t, const DataPlaneOptions& options,
-                                                                         std::string* why) {
+absl::StatusOr<std::unique_ptr<GpuPlaneEndpoint>> GpuPlaneEndpoint::Create(Transport* t,
+                                                                         const DataPlaneOptions& options) {
   auto d = std::unique_ptr<GpuPlaneEndpoint>(new GpuPlaneEndpoint());
   KVQ_RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&d->stream_, cudaStreamNonBlocking));
   d->ops_ = std::make_unique<StreamDeviceOps>(d->stream_);
-  KVQ_ASSIGN_OR_RETURN(d->plane_, MakeDeviceDataPlane(t, d->stream_, d->ops_.get(), options, why));
+  std::string why;
+  KVQ_ASSIGN_OR_RETURN(d->plane_, MakeDeviceDataPlane(t, d->stream_, d->ops_.get(), options, &why));
+  d->description_ = why.empty() ? std::string(d->plane_->name())
+                                : absl::StrCat(d->plane_->name(), " (not NCCL: ", why, ")");
   d->device_.plane = d->plane_.get();
   d->device_.ops = d->ops_.get();
   GpuPlaneEndpoint* self = d.get();
@@ -81,18 +84,7 @@ absl::StatusOr<std::unique_ptr<GpuPlaneEndpoint>> GpuPlaneEndpoint::Create(Trans
     if (slot < 0 || slot >= static_cast<int>(self->scratch_.size())) {
       return absl::InvalidArgumentError(absl::StrCat("scratch slot ", slot));
     }
-    if (n > self->scratch_n_[slot]) {
-      if (self->scratch_[slot] != nullptr) {
-        KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(self->stream_));
-        KVQ_RETURN_IF_CUDA_ERROR(cudaFree(self->scratch_[slot]));
-        self->scratch_[slot] = nullptr;
-        self->scratch_n_[slot] = 0;
-      }
-      const size_t want = std::max(n, self->scratch_n_[slot] + self->scratch_n_[slot] / 2);
-      KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&self->scratch_[slot], std::max<size_t>(want, 1) * sizeof(float)));
-      self->scratch_n_[slot] = want;
-    }
-    return self->scratch_[slot];
+    return self->scratch_[slot].Get(n, self->stream_);
   };
   return d;
 }
@@ -100,9 +92,6 @@ absl::StatusOr<std::unique_ptr<GpuPlaneEndpoint>> GpuPlaneEndpoint::Create(Trans
 GpuPlaneEndpoint::~GpuPlaneEndpoint() {
   plane_.reset();
   ops_.reset();
-  for (float* p : scratch_) {
-    if (p != nullptr) cudaFree(p);
-  }
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 

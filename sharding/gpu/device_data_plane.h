@@ -40,21 +40,21 @@ absl::StatusOr<std::unique_ptr<DeviceDataPlane>> MakeDeviceDataPlane(Transport* 
 // for a worker the WorkerDevice it serves with (device scratch it receives into).
 class GpuPlaneEndpoint {
  public:
-  static absl::StatusOr<std::unique_ptr<GpuPlaneEndpoint>> Create(Transport* t, const DataPlaneOptions& options,
-                                                                 std::string* why);
+  static absl::StatusOr<std::unique_ptr<GpuPlaneEndpoint>> Create(Transport* t, const DataPlaneOptions& options);
   ~GpuPlaneEndpoint();
   WorkerDevice* get() { return &device_; }
   DeviceDataPlane* plane() const { return plane_.get(); }
-  const char* plane_name() const { return plane_->name(); }
+  // "nccl", or "host-staged (not NCCL: why)".
+  const std::string& description() const { return description_; }
 
  private:
   GpuPlaneEndpoint() = default;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<StreamDeviceOps> ops_;
   std::unique_ptr<DeviceDataPlane> plane_;
-  std::array<float*, 4> scratch_{};
-  std::array<size_t, 4> scratch_n_{};
+  std::array<GrowingDeviceBuffer, 4> scratch_;
   WorkerDevice device_;
+  std::string description_;
 };
 
 }  // namespace kvq::sharding

@@ -9,11 +9,22 @@
 
 namespace kvq::sharding {
 
-StreamDeviceOps::~StreamDeviceOps() {
-  if (scratch_ != nullptr) {
-    cudaStreamSynchronize(stream_);
-    cudaFree(scratch_);
+GrowingDeviceBuffer::~GrowingDeviceBuffer() {
+  if (p_ != nullptr) cudaFree(p_);  // cudaFree waits for the device's work on it
+}
+
+absl::StatusOr<float*> GrowingDeviceBuffer::Get(size_t n, cudaStream_t stream) {
+  if (n <= n_ && p_ != nullptr) return p_;
+  if (p_ != nullptr) {
+    KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaFree(p_));
+    p_ = nullptr;
   }
+  const size_t want = std::max({n, n_ + n_ / 2, size_t{1}});
+  n_ = 0;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p_, want * sizeof(float)));
+  n_ = want;
+  return p_;
 }
 
 absl::Status StreamDeviceOps::ToHost(const float* device, size_t n, float* host) {
@@ -32,19 +43,8 @@ absl::StatusOr<model::DeviceOps::Parts> StreamDeviceOps::PartsScratch(int parts,
   if (parts < 1 || rows < 1 || head_dim < 1) {
     return absl::InvalidArgumentError(absl::StrCat("partials scratch of ", parts, " x ", rows, " x ", head_dim));
   }
-  const size_t floats = static_cast<size_t>(parts) * rows * (head_dim + 1);
-  if (floats > scratch_floats_) {
-    if (scratch_ != nullptr) {
-      KVQ_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
-      KVQ_RETURN_IF_CUDA_ERROR(cudaFree(scratch_));
-      scratch_ = nullptr;
-      scratch_floats_ = 0;
-    }
-    const size_t want = std::max(floats, scratch_floats_ + scratch_floats_ / 2);
-    KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&scratch_, want * sizeof(float)));
-    scratch_floats_ = want;
-  }
-  return Parts{scratch_, scratch_ + static_cast<size_t>(parts) * rows * head_dim};
+  KVQ_ASSIGN_OR_RETURN(float* base, scratch_.Get(static_cast<size_t>(parts) * rows * (head_dim + 1), stream_));
+  return Parts{base, base + static_cast<size_t>(parts) * rows * head_dim};
 }
 
 absl::Status StreamDeviceOps::MergeParts(const Parts& p, int parts, int64_t rows, int head_dim, float* o,

@@ -15,10 +15,24 @@
 
 namespace kvq::sharding {
 
+// Device floats that only grow (by half again, at least what is asked): a new size waits for the
+// stream, frees the old buffer and allocates; otherwise the buffer is handed out as it is.
+class GrowingDeviceBuffer {
+ public:
+  GrowingDeviceBuffer() = default;
+  ~GrowingDeviceBuffer();
+  GrowingDeviceBuffer(const GrowingDeviceBuffer&) = delete;
+  GrowingDeviceBuffer& operator=(const GrowingDeviceBuffer&) = delete;
+  absl::StatusOr<float*> Get(size_t n, cudaStream_t stream);
+
+ private:
+  float* p_ = nullptr;
+  size_t n_ = 0;
+};
+
 class StreamDeviceOps : public model::DeviceOps {
  public:
   explicit StreamDeviceOps(cudaStream_t stream) : stream_(stream) {}
-  ~StreamDeviceOps() override;
   StreamDeviceOps(const StreamDeviceOps&) = delete;
   StreamDeviceOps& operator=(const StreamDeviceOps&) = delete;
 
@@ -31,8 +45,7 @@ class StreamDeviceOps : public model::DeviceOps {
 
  private:
   cudaStream_t stream_;
-  float* scratch_ = nullptr;
-  size_t scratch_floats_ = 0;
+  GrowingDeviceBuffer scratch_;
 };
 
 }  // namespace kvq::sharding
