@@ -77,26 +77,8 @@ TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
 
   std::vector<std::unique_ptr<kvstore::QuantizedKvCache>> caches;
   std::vector<const kvstore::QuantizedKvCache*> ptrs;
-  const int64_t L = shape.ElementsPerTokenPerLayer();
-  for (int len : c.lens) {
-    auto cache = kvstore::QuantizedKvCache::Create(shape, *fmt, quant, rope, c.first_position);
-    ASSERT_TRUE(cache.ok()) << cache.status();
-    std::vector<float> k(static_cast<size_t>(len) * L), v(k.size());
-    for (float& x : k) x = nd(rng) * 1.2f;
-    for (float& x : v) x = nd(rng);
-    // A few large key values so that per-channel outliers exist even at 0.1%.
-    for (size_t i = 0; i < k.size(); i += 97) k[i] *= 4.0f;
-    // Appended in chunks of up to 300 tokens (several steps).
-    for (int at = 0; at < len; at += 300) {
-      const int n = std::min(300, len - at);
-      for (int l = 0; l < shape.n_layers; ++l) {
-        ASSERT_TRUE((*cache)->Append(l, k.data() + at * L, v.data() + at * L, n).ok());
-      }
-      ASSERT_TRUE((*cache)->Commit().ok());
-    }
-    ptrs.push_back(cache->get());
-    caches.push_back(std::move(cache).value());
-  }
+  testing::MakeRandomCaches(shape, *fmt, quant, rope, c.lens, c.first_position, rng, nd, &caches, &ptrs);
+  if (HasFatalFailure()) return;
   auto dev = testing::UploadCaches(ptrs, quant.get(), rope);
   const int batch = static_cast<int>(c.lens.size());
   std::vector<float> q(static_cast<size_t>(batch) * n_heads * c.head_dim);

@@ -137,6 +137,36 @@ inline std::unique_ptr<DevicePagedKv> UploadCaches(
   return d;
 }
 
+// One QuantizedKvCache per entry of `lens` (that many committed tokens, the first at
+// first_position) of random pre-RoPE keys (N(0, 1.2^2), every 97th element 4x so that per-channel
+// outliers exist even at 0.1%) and values (N(0, 1)), appended in steps of up to 300 tokens; the
+// numbers come from rng through nd, in order. Appends to *caches and *ptrs.
+inline void MakeRandomCaches(const kvstore::KvShape& shape, const kvstore::KvFormat& format,
+                             const std::shared_ptr<const kvstore::Quantizer>& quant, const kernels::RopeParams& rope,
+                             const std::vector<int>& lens, int64_t first_position, std::mt19937& rng,
+                             std::normal_distribution<float>& nd,
+                             std::vector<std::unique_ptr<kvstore::QuantizedKvCache>>* caches,
+                             std::vector<const kvstore::QuantizedKvCache*>* ptrs) {
+  const int64_t L = shape.ElementsPerTokenPerLayer();
+  for (int len : lens) {
+    auto cache = kvstore::QuantizedKvCache::Create(shape, format, quant, rope, first_position);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    std::vector<float> k(static_cast<size_t>(len) * L), v(k.size());
+    for (float& x : k) x = nd(rng) * 1.2f;
+    for (float& x : v) x = nd(rng);
+    for (size_t i = 0; i < k.size(); i += 97) k[i] *= 4.0f;
+    for (int at = 0; at < len; at += 300) {
+      const int n = std::min(300, len - at);
+      for (int l = 0; l < shape.n_layers; ++l) {
+        ASSERT_TRUE((*cache)->Append(l, k.data() + at * L, v.data() + at * L, n).ok());
+      }
+      ASSERT_TRUE((*cache)->Commit().ok());
+    }
+    ptrs->push_back(cache->get());
+    caches->push_back(std::move(cache).value());
+  }
+}
+
 // A calibrated quantizer with random (but plausible) thresholds and strictly ascending LUTs, for
 // the attention kernels' tests (decode and prefill).
 inline std::shared_ptr<const kvstore::Quantizer> MakeRandomQuantizer(const kvstore::KvShape& shape,

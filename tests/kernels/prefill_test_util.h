@@ -47,28 +47,9 @@ inline void BuildPast(const std::string& format, int head_dim, int n_kv_heads, c
   std::mt19937 rng(seed);
   past->quant = MakeRandomQuantizer(past->shape, *fmt, rng);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  const int64_t L = past->shape.ElementsPerTokenPerLayer();
   std::vector<const kvstore::QuantizedKvCache*> ptrs;
-  for (int len : lens) {
-    auto cache = kvstore::QuantizedKvCache::Create(past->shape, *fmt, past->quant, past->rope,
-                                                   first_position);
-    ASSERT_TRUE(cache.ok()) << cache.status();
-    std::vector<float> k(static_cast<size_t>(len) * L), v(k.size());
-    for (float& x : k) x = nd(rng) * 1.2f;
-    for (float& x : v) x = nd(rng);
-    // A few large key values so that per-channel outliers exist even at 0.1%.
-    for (size_t i = 0; i < k.size(); i += 97) k[i] *= 4.0f;
-    // Appended in steps of up to 300 tokens.
-    for (int at = 0; at < len; at += 300) {
-      const int n = std::min(300, len - at);
-      for (int l = 0; l < past->shape.n_layers; ++l) {
-        ASSERT_TRUE((*cache)->Append(l, k.data() + at * L, v.data() + at * L, n).ok());
-      }
-      ASSERT_TRUE((*cache)->Commit().ok());
-    }
-    ptrs.push_back(cache->get());
-    past->caches.push_back(std::move(cache).value());
-  }
+  MakeRandomCaches(past->shape, *fmt, past->quant, past->rope, lens, first_position, rng, nd, &past->caches, &ptrs);
+  if (::testing::Test::HasFatalFailure()) return;
   past->dev = UploadCaches(ptrs, past->quant.get(), past->rope);
 }
 
