@@ -7,7 +7,7 @@
 //
 //   kernels_bench [--quick] [--contexts=32768,1048576] [--batches=1,8] [--shapes=llama3-8b,...]
 //                 [--formats=fp16,nuq3-1%] [--iters=7] [--mem_gb=48] [--sink=0] [--json=out.json]
-//                 [--prefill_rows=4096]
+//                 [--prefill_rows=4096] [--prefill_kernels=auto,mma,wgmma,wgmma-overlap]
 //
 // --prefill_rows=N (batch-1 points only) also times N query rows of one prefill chunk over the
 // same past through kernels::LaunchPrefillPast (expand to fp16 in segments + tensor-core flash
@@ -15,6 +15,8 @@
 // chunk's causal self-attention (N x N): time, TFLOP/s (4 * N * n_heads * keys * head_dim for
 // the past, half that for the causal chunk), and the quantize-append of the N tokens into fresh
 // blocks, printed as a second table. PyTorch's SDPA on the same shapes: benchmarks/sdpa_bench.py.
+// --prefill_kernels runs those measurements once per named kernel (kernels::SetPrefillKernel; head
+// dim 64 always takes mma.sync), in the same process, for A/B tables.
 //
 // --sink=N gives quantized formats N fp16 sink tokens (the engine's default is 1; 0 keeps the
 // pool uniform and matches the earlier tables); context counts them.
@@ -162,7 +164,7 @@ double CopyBandwidthGBs(int iters) {
 }
 
 struct PrefillRow {
-  std::string shape, format;
+  std::string shape, format, kernel;
   int64_t context;
   int rows;
   double past_us, expand_us, fa_us, chunk_us, past_tflops, fa_tflops, chunk_tflops, append_us;
@@ -266,7 +268,7 @@ double AppendUs(const kvq::kernels::PagedKvCache& kv, int rows, int key_cap, int
 
 PrefillRow RunPrefill(const kvq::kernels::PagedKvCache& kv, const Shape& sh, const std::string& fmt,
                       int64_t ctx, int rows, int sm_count, int iters, int key_cap) {
-  PrefillRow r{sh.name, fmt, ctx, rows, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0};
+  PrefillRow r{sh.name, fmt, kvq::kernels::PrefillKernelName(kvq::kernels::GetPrefillKernel()), ctx, rows, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0};
   const int hd = sh.head_dim, nh = sh.n_heads, nkv = sh.n_kv_heads;
   const auto plan = kvq::kernels::PlanPrefillPast(rows, nh, nkv, hd, ctx, sm_count, kvq::kernels::kPrefillExpandBudgetBytes,
                                                   kvq::kernels::kPrefillPartialBudgetBytes);
@@ -391,6 +393,7 @@ int main(int argc, char** argv) {
   int sink = 0;
   std::string json;
   int prefill_rows = 0;
+  std::vector<kvq::kernels::PrefillKernel> prefill_kernels = {kvq::kernels::GetPrefillKernel()};
   std::vector<PrefillRow> prows;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -418,6 +421,19 @@ int main(int argc, char** argv) {
       sink = std::max(0, std::min(64, std::atoi(v)));
     } else if (const char* v = val("--prefill_rows=")) {
       prefill_rows = std::max(0, std::atoi(v));
+    } else if (const char* v = val("--prefill_kernels=")) {
+      prefill_kernels.clear();
+      for (const std::string& k : Split(v)) {
+        bool found = false;
+        for (auto c : {kvq::kernels::PrefillKernel::kAuto, kvq::kernels::PrefillKernel::kMmaSync,
+                       kvq::kernels::PrefillKernel::kWgmma, kvq::kernels::PrefillKernel::kWgmmaOverlap}) {
+          if (k == kvq::kernels::PrefillKernelName(c)) prefill_kernels.push_back(c), found = true;
+        }
+        if (!found) {
+          std::fprintf(stderr, "--prefill_kernels: unknown kernel %s (auto, mma, wgmma, wgmma-overlap)\n", k.c_str());
+          return 2;
+        }
+      }
     } else if (const char* v = val("--json=")) {
       json = v;
     } else {
@@ -594,13 +610,16 @@ int main(int argc, char** argv) {
             if (!f.quantized()) fp16_us[key] = r.us;
             r.vs_fp16 = fp16_us.count(key) ? fp16_us[key] / r.us : 0.0;
           }
-          if (prefill_rows > 0 && batch == 1 && st.ok()) {
+          for (const kvq::kernels::PrefillKernel pk : prefill_kernels) {
+            if (prefill_rows <= 0 || batch != 1 || !st.ok()) break;
+            kvq::kernels::SetPrefillKernel(pk);
             PrefillRow pr = RunPrefill(p.kv, *sh, fname, ctx, prefill_rows, prop.multiProcessorCount, iters, cap);
-            std::printf("%-13s ctx=%-8lld prefill rows=%d %-9s past %9.1f us (%.0f TFLOP/s; expand %.1f us, "
+            std::printf("%-13s ctx=%-8lld prefill rows=%d %-9s %-12s past %9.1f us (%.0f TFLOP/s; expand %.1f us, "
                         "kernel alone %.0f TFLOP/s, splits %d, segment %lld) chunk %.1f us (%.0f TFLOP/s)\n",
-                        sh->name.c_str(), static_cast<long long>(ctx), prefill_rows, fname.c_str(), pr.past_us,
-                        pr.past_tflops, pr.expand_us, pr.fa_tflops, pr.splits, static_cast<long long>(pr.seg_tokens),
-                        pr.chunk_us, pr.chunk_tflops);
+                        sh->name.c_str(), static_cast<long long>(ctx), prefill_rows, fname.c_str(), pr.kernel.c_str(),
+                        pr.past_us, pr.past_tflops, pr.expand_us, pr.fa_tflops, pr.splits,
+                        static_cast<long long>(pr.seg_tokens), pr.chunk_us, pr.chunk_tflops);
+            std::fflush(stdout);
             prows.push_back(pr);
           }
           std::printf("%-13s ctx=%-8lld batch=%-3d %-9s %10.1f us %9.1f MB %7.0f GB/s %5.1f%% copy  x%.2f vs fp16 %s\n",
@@ -631,14 +650,14 @@ int main(int argc, char** argv) {
   }
   if (!prows.empty()) {
     std::printf("\n## Prefill attention over a cached past, one layer (%s)\n\n", prop.name);
-    std::printf("| shape | past | query rows | format | past: expand + attend + merge (us) | TFLOP/s | of which expand (us) | "
+    std::printf("| shape | past | query rows | format | kernel | past: expand + attend + merge (us) | TFLOP/s | of which expand (us) | "
                 "tensor-core kernel alone, TFLOP/s | causal chunk %dx%d (us) | chunk TFLOP/s | append of the %d "
                 "tokens (us) | append / (past + chunk) |\n",
                 prefill_rows, prefill_rows, prefill_rows);
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const PrefillRow& r : prows) {
-      std::printf("| %s | %lld | %d | %s | %.1f | %.0f | %.1f | %.0f | %.1f | %.0f | %.1f | %.3f |\n", r.shape.c_str(),
-                  static_cast<long long>(r.context), r.rows, r.format.c_str(), r.past_us, r.past_tflops,
+      std::printf("| %s | %lld | %d | %s | %s | %.1f | %.0f | %.1f | %.0f | %.1f | %.0f | %.1f | %.3f |\n", r.shape.c_str(),
+                  static_cast<long long>(r.context), r.rows, r.format.c_str(), r.kernel.c_str(), r.past_us, r.past_tflops,
                   r.expand_us, r.fa_tflops, r.chunk_us, r.chunk_tflops, r.append_us,
                   r.append_us / (r.past_us + r.chunk_us));
     }

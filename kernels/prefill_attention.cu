@@ -25,12 +25,16 @@
 #include <math_constants.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/cuda_check.h"
 #include "kernels/decode_attention_mma.cuh"
 #include "kernels/merge_attention.h"
+#include "kernels/prefill_attention_sm90a.h"
 
 namespace kvq::kernels {
 namespace {
@@ -579,7 +583,49 @@ __global__ void ToHalfRowsKernel(int rows, int cols, const float* __restrict__ i
 
 bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+PrefillKernel KernelFromEnv() {
+  const char* e = std::getenv("KVQ_PREFILL_KERNEL");
+  if (e == nullptr) return PrefillKernel::kAuto;
+  if (std::strcmp(e, "mma") == 0) return PrefillKernel::kMmaSync;
+  if (std::strcmp(e, "wgmma") == 0) return PrefillKernel::kWgmma;
+  if (std::strcmp(e, "wgmma-overlap") == 0) return PrefillKernel::kWgmmaOverlap;
+  return PrefillKernel::kAuto;
+}
+std::atomic<PrefillKernel>& KernelChoice() {
+  static std::atomic<PrefillKernel> choice{KernelFromEnv()};
+  return choice;
+}
+
+// Whether the current device runs the wgmma kernel (cached per device).
+bool WgmmaOnCurrentDevice() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    return false;
+  }
+  int c = cache[dev].load(std::memory_order_relaxed);
+  if (c == 0) {
+    c = internal::PrefillWgmmaAvailable(dev) ? 1 : 2;
+    cache[dev].store(c, std::memory_order_relaxed);
+  }
+  return c == 1;
+}
+
 }  // namespace
+
+void SetPrefillKernel(PrefillKernel kernel) { KernelChoice().store(kernel); }
+PrefillKernel GetPrefillKernel() { return KernelChoice().load(); }
+const char* PrefillKernelName(PrefillKernel kernel) {
+  switch (kernel) {
+    case PrefillKernel::kAuto: return "auto";
+    case PrefillKernel::kMmaSync: return "mma";
+    case PrefillKernel::kWgmma: return "wgmma";
+    case PrefillKernel::kWgmmaOverlap: return "wgmma-overlap";
+  }
+  return "?";
+}
 
 absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {
   const KvBlockGeometry& geo = p.kv.geom;
@@ -664,6 +710,21 @@ absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_
   // faster than one (322 vs 282 TFLOP/s, Llama-3-8B shape, 4096 rows over 32K-131K keys); hd 64
   // with one block per warp at 3 CTAs/SM.
   if (p.head_dim == 64) return LaunchPa<64, 1, 3>(p, kps, stream);
+  const PrefillKernel choice = GetPrefillKernel();
+  if (choice != PrefillKernel::kMmaSync) {
+    const bool wgmma = WgmmaOnCurrentDevice();
+    if (!wgmma && choice != PrefillKernel::kAuto) {
+      return absl::FailedPreconditionError(absl::StrCat("LaunchPrefillAttention: the ", PrefillKernelName(choice),
+                                                        " kernel needs a compute capability 9.0 device (Hopper)"));
+    }
+    if (wgmma) {
+      // H200, 2026-12-01 (benchmarks/RESULTS.md, "Prefill attention on warpgroup MMA"): 458 against
+      // 324 TFLOP/s for mma.sync, Llama-3-8B shape, 4096 rows over 32K keys.
+      constexpr int64_t kw = internal::kPrefillWgmmaKeys;
+      const int64_t kps_w = (kps + kw - 1) / kw * kw;
+      return internal::LaunchPrefillAttentionWgmma(p, kps_w, choice == PrefillKernel::kWgmmaOverlap, stream);
+    }
+  }
   return LaunchPa<128, 2, 2>(p, kps, stream);
 }
 

@@ -588,6 +588,79 @@ TEST(PrefillAttentionDevices, LaunchesOnEveryDevice) {
   KVQ_ASSERT_CUDA(cudaSetDevice(0));
 }
 
+// Every head-dim-128 kernel (kernels::PrefillKernel) against the double reference and against each
+// other on one shape that exercises what differs between them: tiles of 64 vs 128 keys, 128-row
+// CTAs cut mid-group (group 3), causal limits that end inside a tile, a key split that is not a
+// multiple of either tile, rows past M. A wgmma kernel the device lacks must refuse with
+// FailedPrecondition (only compute capability 9.0 has it); on Hopper all three must run.
+TEST(PrefillAttentionKernels, EveryKernelMatchesTheReference) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const int H = 2, group = 3, D = 128, rows = 301, n_keys = 1000;
+  const int n_heads = H * group;
+  const int64_t limit_base = 650;  // row r sees min(650 + r, 1000) keys
+  std::mt19937 rng(5000);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> k16(static_cast<size_t>(n_keys) * H * D), v16(k16.size());
+  std::vector<uint16_t> kh(k16.size()), vh(k16.size());
+  for (size_t i = 0; i < k16.size(); ++i) {
+    kh[i] = FloatToHalfBits(nd(rng) * (i % 89 == 0 ? 5.0f : 1.0f));
+    vh[i] = FloatToHalfBits(nd(rng));
+    k16[i] = HalfBitsToFloat(kh[i]);
+    v16[i] = HalfBitsToFloat(vh[i]);
+  }
+  const std::vector<float> q = RandomQ(static_cast<size_t>(rows) * n_heads * D, 5001);
+  std::vector<float> want_o, want_lse;
+  AttentionReference(q, k16, v16, rows, n_heads, H, D, n_keys, limit_base, true, &want_o, &want_lse);
+  DeviceBuffer<uint16_t> dk(kh), dv(vh);
+  kernels::PrefillAttentionParams p;
+  p.rows = rows;
+  p.n_heads = n_heads;
+  p.n_kv_heads = H;
+  p.head_dim = D;
+  p.k = dk.get();
+  p.v = dv.get();
+  p.kv_token_stride = static_cast<int64_t>(H) * D;
+  p.kv_head_stride = D;
+  p.n_keys = n_keys;
+  p.limit_base = limit_base;
+  p.causal = true;
+  int dev = 0, major = 0, minor = 0;
+  KVQ_ASSERT_CUDA(cudaGetDevice(&dev));
+  KVQ_ASSERT_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  KVQ_ASSERT_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  const bool hopper = major == 9 && minor == 0;
+  const kernels::PrefillKernel before = kernels::GetPrefillKernel();
+  std::vector<std::vector<float>> outs;
+  for (const auto kernel : {kernels::PrefillKernel::kMmaSync, kernels::PrefillKernel::kWgmma,
+                            kernels::PrefillKernel::kWgmmaOverlap}) {
+    SCOPED_TRACE(kernels::PrefillKernelName(kernel));
+    kernels::SetPrefillKernel(kernel);
+    if (kernel != kernels::PrefillKernel::kMmaSync && !hopper) {
+      kernels::PrefillAttentionParams pr = p;
+      DeviceBuffer<float> dq(q), dout(q.size()), dlse(static_cast<size_t>(rows) * n_heads);
+      pr.q = dq.get();
+      pr.o = dout.get();
+      pr.lse = dlse.get();
+      const absl::Status st = kernels::LaunchPrefillAttention(pr, nullptr);
+      EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+      continue;
+    }
+    for (int splits : {1, 3}) {
+      SCOPED_TRACE(absl::StrCat("splits ", splits));
+      PrefillOut out;
+      ASSERT_NO_FATAL_FAILURE(RunPrefill(p, q, splits, &out));
+      ExpectPartialsWritten(out, static_cast<size_t>(rows) * n_heads, D);
+      ExpectClose(out.o, want_o, kSelfOutTol, n_heads, D, "o");
+      ExpectClose(out.lse, want_lse, kSelfLseTol, n_heads, 1, "lse");
+      if (splits == 1) outs.push_back(out.o);
+    }
+  }
+  kernels::SetPrefillKernel(before);
+  // The kernels round P to fp16 at different points of the softmax (64- vs 128-key tiles), so they
+  // agree to the reference's tolerance, not bit for bit.
+  for (size_t i = 1; i < outs.size(); ++i) ExpectClose(outs[i], outs[0], kSelfOutTol, n_heads, D, "o vs mma.sync");
+}
+
 // ---- Launch validation (before any CUDA call: these run without a device) ----
 
 
