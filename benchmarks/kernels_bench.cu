@@ -7,7 +7,7 @@
 //
 //   kernels_bench [--quick] [--contexts=32768,1048576] [--batches=1,8] [--shapes=llama3-8b,...]
 //                 [--formats=fp16,nuq3-1%] [--iters=7] [--mem_gb=48] [--sink=0] [--json=out.json]
-//                 [--prefill_rows=4096] [--prefill_kernels=auto,mma,wgmma,wgmma-overlap]
+//                 [--prefill_rows=4096] [--prefill_kernels=auto,mma,wgmma,wgmma-serial]
 //
 // --prefill_rows=N (batch-1 points only) also times N query rows of one prefill chunk over the
 // same past through kernels::LaunchPrefillPast (expand to fp16 in segments + tensor-core flash
@@ -426,11 +426,11 @@ int main(int argc, char** argv) {
       for (const std::string& k : Split(v)) {
         bool found = false;
         for (auto c : {kvq::kernels::PrefillKernel::kAuto, kvq::kernels::PrefillKernel::kMmaSync,
-                       kvq::kernels::PrefillKernel::kWgmma, kvq::kernels::PrefillKernel::kWgmmaOverlap}) {
+                       kvq::kernels::PrefillKernel::kWgmma, kvq::kernels::PrefillKernel::kWgmmaSerial}) {
           if (k == kvq::kernels::PrefillKernelName(c)) prefill_kernels.push_back(c), found = true;
         }
         if (!found) {
-          std::fprintf(stderr, "--prefill_kernels: unknown kernel %s (auto, mma, wgmma, wgmma-overlap)\n", k.c_str());
+          std::fprintf(stderr, "--prefill_kernels: unknown kernel %s (auto, mma, wgmma, wgmma-serial)\n", k.c_str());
           return 2;
         }
       }

@@ -588,7 +588,7 @@ PrefillKernel KernelFromEnv() {
   if (e == nullptr) return PrefillKernel::kAuto;
   if (std::strcmp(e, "mma") == 0) return PrefillKernel::kMmaSync;
   if (std::strcmp(e, "wgmma") == 0) return PrefillKernel::kWgmma;
-  if (std::strcmp(e, "wgmma-overlap") == 0) return PrefillKernel::kWgmmaOverlap;
+  if (std::strcmp(e, "wgmma-serial") == 0) return PrefillKernel::kWgmmaSerial;
   return PrefillKernel::kAuto;
 }
 std::atomic<PrefillKernel>& KernelChoice() {
@@ -622,7 +622,7 @@ const char* PrefillKernelName(PrefillKernel kernel) {
     case PrefillKernel::kAuto: return "auto";
     case PrefillKernel::kMmaSync: return "mma";
     case PrefillKernel::kWgmma: return "wgmma";
-    case PrefillKernel::kWgmmaOverlap: return "wgmma-overlap";
+    case PrefillKernel::kWgmmaSerial: return "wgmma-serial";
   }
   return "?";
 }
@@ -718,11 +718,13 @@ absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_
                                                         " kernel needs a compute capability 9.0 device (Hopper)"));
     }
     if (wgmma) {
-      // H200, 2026-12-01 (benchmarks/RESULTS.md, "Prefill attention on warpgroup MMA"): 458 against
-      // 324 TFLOP/s for mma.sync, Llama-3-8B shape, 4096 rows over 32K keys.
+      // H200, 2026-12-01 (benchmarks/RESULTS.md, "Prefill attention on warpgroup MMA"): 621 against
+      // 322 TFLOP/s for mma.sync, Llama-3-8B shape, 4096 rows over 32K keys.
       constexpr int64_t kw = internal::kPrefillWgmmaKeys;
       const int64_t kps_w = (kps + kw - 1) / kw * kw;
-      return internal::LaunchPrefillAttentionWgmma(p, kps_w, choice == PrefillKernel::kWgmmaOverlap, stream);
+      return internal::LaunchPrefillAttentionWgmma(
+          p, kps_w, choice == PrefillKernel::kWgmmaSerial ? internal::WgmmaSchedule::kSerial : internal::WgmmaSchedule::kPingPong,
+          stream);
     }
   }
   return LaunchPa<128, 2, 2>(p, kps, stream);

@@ -18,7 +18,7 @@
 //                     past, chunk and splits with kernels/merge_attention.h. On Hopper, head dim
 //                     128 runs on warpgroup MMA instead (kernels/prefill_attention_sm90a.cu:
 //                     wgmma with Q, K and V in 128-byte-swizzled shared memory, P from registers),
-//                     1.4x the mma.sync kernel's rate; see PrefillKernel below.
+//                     1.9x the mma.sync kernel's rate; see PrefillKernel below.
 //
 // The engine expands the past in segments of a bounded number of tokens (its workspace), runs
 // PrefillAttention per segment into partial slots and merges. The expansion moves ~2.4 bytes
@@ -88,12 +88,13 @@ absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_
 // The kernel LaunchPrefillAttention runs for head dim 128 (head dim 64 always takes mma.sync):
 //   kAuto         kWgmma on devices of compute capability 9.0 (Hopper), else kMmaSync;
 //   kMmaSync      FlashAttention-2 structure on mma.sync (any sm_90 device; the fallback);
-//   kWgmma        warpgroup MMA (sm_90a only), each tile's two products and softmax in sequence;
-//   kWgmmaOverlap the same kernel with the next tile's S = Q K^T issued before the previous tile's
-//                 O += P V, softmax running under it (measured 2-3% slower on the H200: A/B only).
-// Process-wide; the initial value comes from KVQ_PREFILL_KERNEL (auto, mma, wgmma, wgmma-overlap).
+//   kWgmma        warpgroup MMA (sm_90a only): TMA producer warp, two consumer warpgroups in
+//                 ping-pong (kernels/prefill_attention_sm90a.h);
+//   kWgmmaSerial  warpgroup MMA fed by cp.async, each tile's products and softmax in sequence
+//                 (what kWgmma falls back to where TMA cannot describe K/V; A/B otherwise).
+// Process-wide; the initial value comes from KVQ_PREFILL_KERNEL (auto, mma, wgmma, wgmma-serial).
 // Asking for a wgmma kernel on a device without it makes launches fail with FailedPrecondition.
-enum class PrefillKernel { kAuto, kMmaSync, kWgmma, kWgmmaOverlap };
+enum class PrefillKernel { kAuto, kMmaSync, kWgmma, kWgmmaSerial };
 void SetPrefillKernel(PrefillKernel kernel);
 PrefillKernel GetPrefillKernel();
 const char* PrefillKernelName(PrefillKernel kernel);

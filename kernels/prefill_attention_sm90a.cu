@@ -1,11 +1,10 @@
 // PrefillAttention for head dim 128 on Hopper warpgroup MMA (kernels/prefill_attention_sm90a.h).
 //
-// CTA = 2 warpgroups (256 threads) x 64 M rows each = 128 M rows (query row, head of the group) of
-// one kv head and one key split. Q (scaled by softmax scale * log2 e, fp16) sits in shared memory
-// for the whole CTA; K and V tiles of 128 keys stream through a 3-stage ring filled with cp.async
-// by all threads, one tile ahead. Every shared operand is in the 128-byte-swizzled layout wgmma
-// reads: each tile is two 64-channel halves of [rows][128 bytes], 16-byte chunk c of row t at
-// c ^ (t & 7), halves and stages 1024-byte aligned.
+// CTA = 2 consumer warpgroups x 64 M rows = 128 M rows (query row, head of the group) of one kv
+// head and one key split. Q (scaled by softmax scale * log2 e, fp16) sits in shared memory for the
+// whole CTA; K and V tiles of 128 keys stream through a 3-stage ring. Every shared operand is in the
+// 128-byte-swizzled layout wgmma reads: each tile is two 64-channel halves of [rows][128 bytes],
+// 16-byte chunk c of row t at c ^ (t & 7), halves and stages 1024-byte aligned.
 //   S = Q K^T   wgmma.m64n128k16, A = Q and B = K from shared memory (both K-major), 8 k-steps;
 //   softmax     on the fp32 accumulators in registers (the m64nN accumulator layout is the
 //               mma.m16n8 C layout per warp and 8 columns), masked per row limit, log2 domain;
@@ -16,21 +15,31 @@
 // rows), LBO unused, a k-step of 16 channels = +32 bytes of the start address inside the swizzle
 // row; N-major 128B swizzle: LBO = the next 64 channels (the other half), SBO = 1024 (the next 8
 // keys), 16 keys = +2048 bytes.
-// cp.async writes through the generic proxy and wgmma reads through the async proxy: every thread
-// fences (fence.proxy.async.shared::cta) its completed copies before the barrier that publishes a
-// tile.
-// Overlap (FlashAttention-3's intra-warpgroup pipelining): iteration j issues S_j = Q K_j^T and
-// O += P_{j-1} V_{j-1} back to back, runs tile j's softmax while the second product is in flight,
-// then waits for it, rescales O and packs P_j. Tile j - 1's V must then survive iteration j while
-// tile j + 1 is loading: hence 3 stages (32 KB Q + 3 x 64 KB = 224 KB of shared memory).
+//
+// Two schedules (WgmmaSchedule):
+//   ping-pong (the default): a producer warp streams tiles with TMA (a 3-D tensor map per K and V:
+//     channel, kv head, key; boxes of 64 channels x 128 keys, swizzled by the copy engine; keys
+//     past the end read as zeros) and full/empty mbarriers per stage, so no CTA barrier is left in
+//     the loop; the two consumer warpgroups take turns issuing S = Q K^T (named barriers 1 and 2),
+//     so one warpgroup's softmax runs while the other's products do (FlashAttention-3's schedule).
+//     288 threads, 1 CTA per SM.
+//   serial (fallback where TMA maps cannot be made): all 256 threads fill the ring with cp.async
+//     one tile ahead; per tile a CTA barrier, then S, softmax, P V in sequence. cp.async writes
+//     through the generic proxy and wgmma reads through the async proxy, so every thread fences
+//     (fence.proxy.async.shared::cta) its completed copies before the barrier.
+// H200, 2026-12-01 (RESULTS.md): 4096 rows over 32K-131K keys of the Llama-3-8B shape, ping-pong
+// 621-626 TFLOP/s, serial 430-458, mma.sync 322-326, cuDNN SDPA 585-662; FlashAttention-3's
+// intra-warpgroup overlap on top of the serial schedule measured 2-3% slower (not kept).
 #include "kernels/prefill_attention_sm90a.h"
 
+#include <cuda.h>
 #include <cuda_fp16.h>
 #include <math_constants.h>
 
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "kernels/cuda_check.h"
 
 // The kernel body exists only in the sm_90a image (wgmma is an arch-specific feature); the
@@ -52,7 +61,9 @@ constexpr uint32_t kQHalf = kBM * kRowBytes;        // 16 KB
 constexpr uint32_t kKvHalf = kBN * kRowBytes;       // 16 KB
 constexpr uint32_t kStageBytes = 4 * kKvHalf;       // K halves 0, 1, V halves 0, 1: 64 KB
 constexpr size_t kSmemBytes = 2 * kQHalf + kStages * kStageBytes + 1024;  // + alignment slack
-static_assert(kSmemBytes <= 232448, "over the 227 KB of shared memory a Hopper CTA can have");
+constexpr int kWsThreads = kThreads + 32;  // + the producer warp
+constexpr size_t kWsSmemBytes = kSmemBytes + 2 * kStages * 8;  // + full/empty mbarriers
+static_assert(kWsSmemBytes <= 232448, "over the 227 KB of shared memory a Hopper CTA can have");
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -95,13 +106,6 @@ __device__ __forceinline__ void FenceRegs(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-__device__ __forceinline__ void FenceRegs(uint32_t (&a)[8][4]) {
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
-  }
-}
 
 #define KVQ_WG_D64 \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
@@ -130,74 +134,224 @@ __device__ __forceinline__ void WgmmaRS(float (&d)[64], const uint32_t (&a)[4], 
 }
 #undef KVQ_WG_D64
 
+// ---- mbarriers, TMA and named barriers (the warp-specialized kernel) ----
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void FenceMbarInit() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+// One box of a 3-D tensor map (channel c0, kv head c1, key c2) into shared memory; completion is
+// counted in bytes on `bar`.
+__device__ __forceinline__ void TmaLoad3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void NamedSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- The parts every schedule shares ----
+
+// What one CTA computes: M rows [m0, m0 + kBM) of kv head hk over the keys of split `split`.
+struct CtaWork {
+  int64_t M, m0;
+  int group, hk, split, kb, kend, cta_min, n_tiles;
+};
+__device__ __forceinline__ int LimitOf(const PrefillAttentionParams& p, int64_t M, int group, int64_t m) {
+  if (m >= M) return 0;
+  const int64_t l = p.limit_base + (p.causal ? m / group : 0);
+  return static_cast<int>(min(max(l, int64_t{0}), static_cast<int64_t>(p.n_keys)));
+}
+__device__ __forceinline__ CtaWork MakeWork(const PrefillAttentionParams& p, int keys_per_split) {
+  CtaWork w;
+  w.group = p.n_heads / p.n_kv_heads;
+  w.hk = blockIdx.y;
+  w.split = blockIdx.z;
+  w.M = static_cast<int64_t>(p.rows) * w.group;
+  w.m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  w.kb = w.split * keys_per_split;
+  const int ke = min(w.kb + keys_per_split, p.n_keys);
+  const int cta_max = p.causal ? LimitOf(p, w.M, w.group, min(w.m0 + kBM, w.M) - 1) : LimitOf(p, w.M, w.group, w.m0);
+  w.cta_min = LimitOf(p, w.M, w.group, w.m0);  // limits grow with the row
+  w.kend = min(ke, cta_max);
+  w.n_tiles = w.kend > w.kb ? (w.kend - w.kb + kBN - 1) / kBN : 0;
+  return w;
+}
+// Q rows [m0, m0 + kBM): fp16, scaled into the log2 domain, in swizzled halves at sq (threads
+// [0, n) of the CTA take part).
+__device__ __forceinline__ void FillQ(const PrefillAttentionParams& p, const CtaWork& w, uint8_t* sq, int t, int n) {
+  const float qs = (p.scale > 0.0f ? p.scale : rsqrtf(static_cast<float>(kHd))) * kLog2e;
+  for (int u = t; u < kBM * 16; u += n) {
+    const int r = u >> 4, ch = u & 15;
+    const int64_t m = w.m0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (m < w.M) {
+      const float* src = p.q + ((m / w.group) * p.n_heads + w.hk * w.group + m % w.group) * kHd + ch * 8;
+      const float4 x0 = *reinterpret_cast<const float4*>(src);
+      const float4 x1 = *reinterpret_cast<const float4*>(src + 4);
+      v = make_uint4(PackF2(x0.x * qs, x0.y * qs), PackF2(x0.z * qs, x0.w * qs), PackF2(x1.x * qs, x1.y * qs),
+                     PackF2(x1.z * qs, x1.w * qs));
+    }
+    *reinterpret_cast<uint4*>(sq + (ch >> 3) * kQHalf + r * kRowBytes + (((ch & 7) ^ (r & 7)) << 4)) = v;
+  }
+}
+// A thread's two accumulator rows (g and g + 8 of its warp's 16) and their softmax state.
+struct Rows {
+  int64_t m[2];
+  int lim[2];
+  float rm[2], rl[2];
+};
+__device__ __forceinline__ Rows MakeRows(const PrefillAttentionParams& p, const CtaWork& w, int wg, int wq, int g) {
+  Rows r;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    r.m[h] = w.m0 + 64 * wg + 16 * wq + 8 * h + g;
+    r.lim[h] = LimitOf(p, w.M, w.group, r.m[h]);
+    r.rm[h] = -CUDART_INF_F;
+    r.rl[h] = 0.0f;
+  }
+  return r;
+}
+// S = Q K^T (issued and committed, not waited): qaddr = this warpgroup's 64 rows of Q half 0,
+// kaddr = the K tile's half 0.
+__device__ __forceinline__ void IssueS(float (&s)[64], uint32_t qaddr, uint32_t kaddr) {
+#pragma unroll
+  for (int kk = 0; kk < kHd / 16; ++kk) {
+    const uint64_t da = Desc(qaddr + (kk >> 2) * kQHalf + (kk & 3) * 32, 16, 1024);
+    const uint64_t db = Desc(kaddr + (kk >> 2) * kKvHalf + (kk & 3) * 32, 16, 1024);
+    WgmmaSS(s, da, db, kk > 0);
+  }
+  WgCommit();
+}
+// O += P V (issued and committed, not waited): vaddr = the V tile's half 0.
+__device__ __forceinline__ void IssuePV(float (&o)[64], const uint32_t (&pa)[8][4], uint32_t vaddr) {
+#pragma unroll
+  for (int j = 0; j < kBN / 16; ++j) WgmmaRS(o, pa[j], Desc(vaddr + j * 16 * kRowBytes, kKvHalf, 1024));
+  WgCommit();
+}
+// Mask (keys at or past a row's limit; only tiles that reach past the CTA's first limit need it)
+// and online softmax of one tile's scores in s; corr = the factor each row's O must be scaled by.
+__device__ __forceinline__ void Softmax(float (&s)[64], Rows& r, int key0, bool mask, int q4, float (&corr)[2]) {
+  if (mask) {
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+      const int key = key0 + 8 * j + 2 * q4;
+      if (key >= r.lim[0]) s[4 * j] = -CUDART_INF_F;
+      if (key + 1 >= r.lim[0]) s[4 * j + 1] = -CUDART_INF_F;
+      if (key >= r.lim[1]) s[4 * j + 2] = -CUDART_INF_F;
+      if (key + 1 >= r.lim[1]) s[4 * j + 3] = -CUDART_INF_F;
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = r.rm[h];
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float u = mx == -CUDART_INF_F ? 0.0f : mx;
+    corr[h] = Exp2(r.rm[h] - u);
+    r.rm[h] = mx;
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+      s[4 * j + 2 * h] = Exp2(s[4 * j + 2 * h] - u);
+      s[4 * j + 2 * h + 1] = Exp2(s[4 * j + 2 * h + 1] - u);
+      sum += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+    }
+    r.rl[h] = fmaf(r.rl[h], corr[h], sum);
+  }
+}
+__device__ __forceinline__ void Rescale(float (&o)[64], const float (&corr)[2]) {
+  if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+#pragma unroll
+    for (int j = 0; j < kHd / 8; ++j) {
+      o[4 * j] *= corr[0];
+      o[4 * j + 1] *= corr[0];
+      o[4 * j + 2] *= corr[1];
+      o[4 * j + 3] *= corr[1];
+    }
+  }
+}
+// P (fp16) as the A fragments of the 8 16-key k-steps of O += P V.
+__device__ __forceinline__ void PackP(const float (&s)[64], uint32_t (&pa)[8][4]) {
+#pragma unroll
+  for (int j = 0; j < kBN / 16; ++j) {
+    pa[j][0] = PackF2(s[8 * j], s[8 * j + 1]);
+    pa[j][1] = PackF2(s[8 * j + 2], s[8 * j + 3]);
+    pa[j][2] = PackF2(s[8 * j + 4], s[8 * j + 5]);
+    pa[j][3] = PackF2(s[8 * j + 6], s[8 * j + 7]);
+  }
+}
+// Row sums over the 4 lanes of a row, normalized o and lse.
+__device__ __forceinline__ void Epilogue(const PrefillAttentionParams& p, const CtaWork& w, const Rows& r,
+                                         const float (&o)[64], int q4) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = r.rl[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int64_t m = r.m[h];
+    if (m >= w.M) continue;
+    const int64_t out_row = (m / w.group) * p.n_heads + w.hk * w.group + m % w.group;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* orow = p.o + w.split * p.o_split_stride + out_row * kHd;
+#pragma unroll
+    for (int j = 0; j < kHd / 8; ++j) {
+      *reinterpret_cast<float2*>(orow + 8 * j + 2 * q4) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    }
+    if (q4 == 0) p.lse[w.split * p.lse_split_stride + out_row] = l > 0.0f ? (r.rm[h] + log2f(l)) * kLn2 : -CUDART_INF_F;
+  }
+}
+
 #endif  // KVQ_PREFILL_WGMMA_BODY
 
-template <bool kOverlap>
+// Serial schedule: all 256 threads load the ring with cp.async one tile ahead; per tile one CTA
+// barrier, then S = Q K^T, softmax, O += P V in sequence.
 __global__ void __launch_bounds__(kThreads, 1)
-    PrefillWgmmaKernel(const PrefillAttentionParams p, const int keys_per_split) {
+    PrefillWgmmaSerialKernel(const PrefillAttentionParams p, const int keys_per_split) {
 #if defined(KVQ_PREFILL_WGMMA_BODY)
   extern __shared__ __align__(16) uint8_t pw_smem[];
   const uint32_t raw = SmemAddr(pw_smem);
   const uint32_t sbase = (raw + 1023u) & ~1023u;
-  uint8_t* const sptr = pw_smem + (sbase - raw);
-  const uint32_t qbase = sbase;                // [2 halves][kBM rows][128 B]
-  const uint32_t tbase = sbase + 2 * kQHalf;   // [kStages][K half 0, K half 1, V half 0, V half 1][kBN][128 B]
-
+  const uint32_t tbase = sbase + 2 * kQHalf;  // [kStages][K half 0, K half 1, V half 0, V half 1][kBN][128 B]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = warp >> 2, wq = warp & 3;
-  const int g = lane >> 2, q4 = lane & 3;
-  const int group = p.n_heads / p.n_kv_heads;
-  const int hk = blockIdx.y, split = blockIdx.z;
-  const int64_t M = static_cast<int64_t>(p.rows) * group;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
-
-  auto limit_of = [&](int64_t m) -> int {
-    if (m >= M) return 0;
-    const int64_t r = m / group;
-    const int64_t l = p.limit_base + (p.causal ? r : 0);
-    return static_cast<int>(min(max(l, int64_t{0}), static_cast<int64_t>(p.n_keys)));
-  };
-  // This thread's two accumulator rows: row g and g + 8 of its warp's 16.
-  int64_t mrow[2];
-  int lim[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    mrow[h] = m0 + 64 * wg + 16 * wq + 8 * h + g;
-    lim[h] = limit_of(mrow[h]);
-  }
-  const int kb = split * keys_per_split;
-  const int ke = min(kb + keys_per_split, p.n_keys);
-  const int cta_max = p.causal ? limit_of(min(m0 + kBM, M) - 1) : limit_of(m0);
-  const int cta_min = limit_of(m0);
-  const int kend = min(ke, cta_max);
-  const int n_tiles = kend > kb ? (kend - kb + kBN - 1) / kBN : 0;
-
-  // ---- Q: fp16, scaled into the log2 domain, swizzled halves. ----
-  const float qs = (p.scale > 0.0f ? p.scale : rsqrtf(static_cast<float>(kHd))) * kLog2e;
-  for (int u = tid; u < kBM * 16; u += kThreads) {
-    const int r = u >> 4, ch = u & 15;
-    const int64_t m = m0 + r;
-    uint4 w = make_uint4(0, 0, 0, 0);
-    if (m < M) {
-      const float* src = p.q + ((m / group) * p.n_heads + hk * group + m % group) * kHd + ch * 8;
-      const float4 x0 = *reinterpret_cast<const float4*>(src);
-      const float4 x1 = *reinterpret_cast<const float4*>(src + 4);
-      w = make_uint4(PackF2(x0.x * qs, x0.y * qs), PackF2(x0.z * qs, x0.w * qs), PackF2(x1.x * qs, x1.y * qs),
-                     PackF2(x1.z * qs, x1.w * qs));
-    }
-    *reinterpret_cast<uint4*>(sptr + (ch >> 3) * kQHalf + r * kRowBytes + (((ch & 7) ^ (r & 7)) << 4)) = w;
-  }
+  const int wg = warp >> 2, q4 = lane & 3;
+  const CtaWork w = MakeWork(p, keys_per_split);
+  Rows r = MakeRows(p, w, wg, warp & 3, lane >> 2);
+  FillQ(p, w, pw_smem + (sbase - raw), tid, kThreads);
   FenceProxyAsync();  // (published by the first tile's barrier)
+  const uint32_t qaddr = sbase + wg * 64 * kRowBytes;
 
-  const uint16_t* kg = p.k + hk * p.kv_head_stride;
-  const uint16_t* vg = p.v + hk * p.kv_head_stride;
+  const uint16_t* kg = p.k + w.hk * p.kv_head_stride;
+  const uint16_t* vg = p.v + w.hk * p.kv_head_stride;
   auto load_tile = [&](int T) {
-    const int key0 = kb + T * kBN;
+    const int key0 = w.kb + T * kBN;
     const uint32_t dst = tbase + static_cast<uint32_t>(T % kStages) * kStageBytes;
     for (int idx = tid; idx < kBN * 16; idx += kThreads) {
       const int t = idx >> 4, ch = idx & 15;
       const int key = key0 + t;
-      const bool ok = key < kend;
+      const bool ok = key < w.kend;
       const int64_t off = static_cast<int64_t>(ok ? key : 0) * p.kv_token_stride + ch * 8;
       const uint32_t so = (ch >> 3) * kKvHalf + t * kRowBytes + (((ch & 7) ^ (t & 7)) << 4);
       CpAsync16(dst + so, kg + off, ok);
@@ -205,171 +359,188 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     CpAsyncCommit();
   };
-
-  float o[64], s[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.0f;
-  uint32_t pa[8][4];
-  float rm[2] = {-CUDART_INF_F, -CUDART_INF_F}, rl[2] = {0.0f, 0.0f};
-
-  // S = Q K^T of tile T (issued, not waited).
-  auto issue_s = [&](int T) {
-    const uint32_t kaddr = tbase + static_cast<uint32_t>(T % kStages) * kStageBytes;
-#pragma unroll
-    for (int kk = 0; kk < kHd / 16; ++kk) {
-      const uint64_t da = Desc(qbase + (kk >> 2) * kQHalf + wg * 64 * kRowBytes + (kk & 3) * 32, 16, 1024);
-      const uint64_t db = Desc(kaddr + (kk >> 2) * kKvHalf + (kk & 3) * 32, 16, 1024);
-      WgmmaSS(s, da, db, kk > 0);
-    }
-    WgCommit();
-  };
-  // O += P V of tile T (issued, not waited).
-  auto issue_pv = [&](int T) {
-    const uint32_t vaddr = tbase + static_cast<uint32_t>(T % kStages) * kStageBytes + 2 * kKvHalf;
-#pragma unroll
-    for (int j = 0; j < kBN / 16; ++j) WgmmaRS(o, pa[j], Desc(vaddr + j * 16 * kRowBytes, kKvHalf, 1024));
-    WgCommit();
-  };
-  // Mask and online softmax of tile T's scores (in s): rm, rl updated; returns the factor each of
-  // the two rows' O must be scaled by (1 where the maximum did not move).
-  auto softmax = [&](int T, float (&corr)[2]) {
-    const int key0 = kb + T * kBN;
-    if (key0 + kBN > cta_min) {
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
-        const int key = key0 + 8 * j + 2 * q4;
-        if (key >= lim[0]) s[4 * j] = -CUDART_INF_F;
-        if (key + 1 >= lim[0]) s[4 * j + 1] = -CUDART_INF_F;
-        if (key >= lim[1]) s[4 * j + 2] = -CUDART_INF_F;
-        if (key + 1 >= lim[1]) s[4 * j + 3] = -CUDART_INF_F;
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = rm[h];
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float u = mx == -CUDART_INF_F ? 0.0f : mx;
-      corr[h] = Exp2(rm[h] - u);
-      rm[h] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
-        s[4 * j + 2 * h] = Exp2(s[4 * j + 2 * h] - u);
-        s[4 * j + 2 * h + 1] = Exp2(s[4 * j + 2 * h + 1] - u);
-        sum += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
-      }
-      rl[h] = fmaf(rl[h], corr[h], sum);
-    }
-  };
-  auto rescale = [&](const float (&corr)[2]) {
-    if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
-#pragma unroll
-      for (int j = 0; j < kHd / 8; ++j) {
-        o[4 * j] *= corr[0];
-        o[4 * j + 1] *= corr[0];
-        o[4 * j + 2] *= corr[1];
-        o[4 * j + 3] *= corr[1];
-      }
-    }
-  };
-  auto pack_p = [&] {
-#pragma unroll
-    for (int j = 0; j < kBN / 16; ++j) {
-      pa[j][0] = PackF2(s[8 * j], s[8 * j + 1]);
-      pa[j][1] = PackF2(s[8 * j + 2], s[8 * j + 3]);
-      pa[j][2] = PackF2(s[8 * j + 4], s[8 * j + 5]);
-      pa[j][3] = PackF2(s[8 * j + 6], s[8 * j + 7]);
-    }
-  };
+  auto kaddr = [&](int T) { return tbase + static_cast<uint32_t>(T % kStages) * kStageBytes; };
   // Tile T's data is in shared memory and visible to wgmma; tile T + 1 starts loading.
   auto arrive = [&](int T) {
     CpAsyncWaitAll();
     FenceProxyAsync();
     __syncthreads();
-    if (T + 1 < n_tiles) load_tile(T + 1);
+    if (T + 1 < w.n_tiles) load_tile(T + 1);
   };
 
-  if (n_tiles > 0) load_tile(0);
-  if constexpr (kOverlap) {
-    if (n_tiles > 0) {
-      float corr[2];
-      arrive(0);
-      WgFence();
-      issue_s(0);
-      WgWait<0>();
-      FenceRegs(s);
-      softmax(0, corr);
-      pack_p();
-      for (int T = 1; T < n_tiles; ++T) {
-        arrive(T);
-        WgFence();
-        issue_s(T);
-        issue_pv(T - 1);
-        WgWait<1>();  // S_T done; P_{T-1} V_{T-1} may still run
-        FenceRegs(s);
-        softmax(T, corr);
-        WgWait<0>();
-        FenceRegs(o);
-        FenceRegs(pa);
-        rescale(corr);
-        pack_p();
-      }
-      WgFence();
-      issue_pv(n_tiles - 1);
-      WgWait<0>();
-      FenceRegs(o);
-    }
-  } else {
-    for (int T = 0; T < n_tiles; ++T) {
-      float corr[2];
-      arrive(T);
-      WgFence();
-      issue_s(T);
-      WgWait<0>();
-      FenceRegs(s);
-      softmax(T, corr);
-      rescale(corr);
-      pack_p();
-      WgFence();
-      issue_pv(T);
-      WgWait<0>();
-      FenceRegs(o);
-    }
-  }
+  float o[64], s[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.0f;
+  uint32_t pa[8][4];
+  float corr[2];
+  auto softmax = [&](int T) {
+    const int key0 = w.kb + T * kBN;
+    Softmax(s, r, key0, key0 + kBN > w.cta_min, q4, corr);
+  };
 
-  // ---- Epilogue: row sums over the 4 lanes of a row, normalized o and lse. ----
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float l = rl[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int64_t m = mrow[h];
-    if (m >= M) continue;
-    const int64_t out_row = (m / group) * p.n_heads + hk * group + m % group;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    float* orow = p.o + split * p.o_split_stride + out_row * kHd;
-#pragma unroll
-    for (int j = 0; j < kHd / 8; ++j) {
-      *reinterpret_cast<float2*>(orow + 8 * j + 2 * q4) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-    }
-    if (q4 == 0) p.lse[split * p.lse_split_stride + out_row] = l > 0.0f ? (rm[h] + log2f(l)) * kLn2 : -CUDART_INF_F;
+  if (w.n_tiles > 0) load_tile(0);
+  for (int T = 0; T < w.n_tiles; ++T) {
+    arrive(T);
+    WgFence();
+    IssueS(s, qaddr, kaddr(T));
+    WgWait<0>();
+    FenceRegs(s);
+    softmax(T);
+    Rescale(o, corr);
+    PackP(s, pa);
+    WgFence();
+    IssuePV(o, pa, kaddr(T) + 2 * kKvHalf);
+    WgWait<0>();
+    FenceRegs(o);
   }
+  Epilogue(p, w, r, o, q4);
 #else
   __trap();  // no sm_90a image: the launcher never gets here (PrefillWgmmaAvailable)
 #endif
 }
 
-template <bool kOverlap>
-absl::Status Launch(const PrefillAttentionParams& p, int64_t keys_per_split, cudaStream_t stream) {
-  KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaKernel<kOverlap>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+// Warp-specialized schedule: a producer warp streams K/V tiles with TMA into the 3-stage ring
+// (full/empty mbarriers per stage: the producer refills a stage once all 256 consumer threads have
+// released it), and the two consumer warpgroups take turns on the tensor cores ("ping-pong",
+// FlashAttention-3): warpgroup w issues its S = Q K^T only after the other one issued its own
+// (named barriers 1 and 2), so one warpgroup's softmax runs while the other's products do.
+__global__ void __launch_bounds__(kWsThreads, 1)
+    PrefillWgmmaWsKernel(const PrefillAttentionParams p, const int keys_per_split, const __grid_constant__ CUtensorMap tk,
+                         const __grid_constant__ CUtensorMap tv) {
+#if defined(KVQ_PREFILL_WGMMA_BODY)
+  extern __shared__ __align__(16) uint8_t pw_smem[];
+  const uint32_t raw = SmemAddr(pw_smem);
+  const uint32_t sbase = (raw + 1023u) & ~1023u;
+  const uint32_t tbase = sbase + 2 * kQHalf;
+  const uint32_t bars = tbase + kStages * kStageBytes;  // full[kStages], empty[kStages]
+  auto full = [&](int st) { return bars + 8u * st; };
+  auto empty = [&](int st) { return bars + 8u * (kStages + st); };
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const CtaWork w = MakeWork(p, keys_per_split);
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      MbarInit(full(st), 1);
+      MbarInit(empty(st), 2 * 128);
+    }
+    FenceMbarInit();
+  }
+  FillQ(p, w, pw_smem + (sbase - raw), tid, kWsThreads);
+  FenceProxyAsync();
+  __syncthreads();  // the last CTA-wide barrier: the producer warp leaves below
+
+  if (warp == 8) {  // producer
+    if (lane == 0) {
+      for (int T = 0; T < w.n_tiles; ++T) {
+        const int st = T % kStages;
+        if (T >= kStages) MbarWait(empty(st), ((T / kStages) - 1) & 1);
+        MbarArriveExpectTx(full(st), kStageBytes);
+        const uint32_t dst = tbase + static_cast<uint32_t>(st) * kStageBytes;
+        const int key0 = w.kb + T * kBN;
+        TmaLoad3d(dst, &tk, 0, w.hk, key0, full(st));
+        TmaLoad3d(dst + kKvHalf, &tk, 64, w.hk, key0, full(st));
+        TmaLoad3d(dst + 2 * kKvHalf, &tv, 0, w.hk, key0, full(st));
+        TmaLoad3d(dst + 3 * kKvHalf, &tv, 64, w.hk, key0, full(st));
+      }
+    }
+    return;
+  }
+
+  const int wg = warp >> 2, q4 = lane & 3;
+  Rows r = MakeRows(p, w, wg, warp & 3, lane >> 2);
+  const uint32_t qaddr = sbase + wg * 64 * kRowBytes;
+  float o[64], s[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.0f;
+  uint32_t pa[8][4];
+  float corr[2];
+  // Turn barriers: warpgroup 0 waits on 1, warpgroup 1 on 2; warpgroup 1 lets 0 start, and skips
+  // its last hand-over so that every arrival is matched.
+  if (wg == 1 && w.n_tiles > 0) NamedArrive(1, 256);
+  for (int T = 0; T < w.n_tiles; ++T) {
+    const int st = T % kStages;
+    const uint32_t ka = tbase + static_cast<uint32_t>(st) * kStageBytes;
+    MbarWait(full(st), (T / kStages) & 1);
+    NamedSync(1 + wg, 256);
+    WgFence();
+    IssueS(s, qaddr, ka);
+    if (wg == 0 || T + 1 < w.n_tiles) NamedArrive(2 - wg, 256);
+    WgWait<0>();
+    FenceRegs(s);
+    const int key0 = w.kb + T * kBN;
+    Softmax(s, r, key0, key0 + kBN > w.cta_min, q4, corr);
+    Rescale(o, corr);
+    PackP(s, pa);
+    WgFence();
+    IssuePV(o, pa, ka + 2 * kKvHalf);
+    WgWait<0>();
+    FenceRegs(o);
+    MbarArrive(empty(st));
+  }
+  Epilogue(p, w, r, o, q4);
+#else
+  __trap();
+#endif
+}
+
+absl::Status LaunchSerial(const PrefillAttentionParams& p, int64_t keys_per_split, cudaStream_t stream) {
+  KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaSerialKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(kSmemBytes)));
   const int64_t M = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
   const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(p.n_kv_heads),
                   static_cast<unsigned>(p.splits));
-  PrefillWgmmaKernel<kOverlap><<<grid, kThreads, kSmemBytes, stream>>>(p, static_cast<int>(keys_per_split));
+  PrefillWgmmaSerialKernel<<<grid, kThreads, kSmemBytes, stream>>>(p, static_cast<int>(keys_per_split));
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn EncodeTiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<EncodeTiledFn>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// K or V as a 3-D tensor (channel, kv head, key) read in boxes of 64 channels x 1 head x kBN keys,
+// 128-byte swizzled (the layout wgmma reads); keys past n_keys read as zeros.
+absl::Status MakeKvMap(const PrefillAttentionParams& p, const uint16_t* base, CUtensorMap* map) {
+  const EncodeTiledFn encode = EncodeTiled();
+  if (encode == nullptr) return absl::FailedPreconditionError("cuTensorMapEncodeTiled is not available from the driver");
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(kHd), static_cast<cuuint64_t>(p.n_kv_heads),
+                              static_cast<cuuint64_t>(p.n_keys)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.kv_head_stride) * 2,
+                                 static_cast<cuuint64_t>(p.kv_token_stride) * 2};
+  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(kBN)};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, const_cast<uint16_t*>(base), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return absl::InvalidArgumentError(absl::StrCat("cuTensorMapEncodeTiled failed (", static_cast<int>(r),
+                                                   ") for K/V strides ", p.kv_token_stride, " / ", p.kv_head_stride));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LaunchWs(const PrefillAttentionParams& p, int64_t keys_per_split, const CUtensorMap& tk,
+                      const CUtensorMap& tv, cudaStream_t stream) {
+  KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaWsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(kWsSmemBytes)));
+  const int64_t M = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
+  const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(p.n_kv_heads),
+                  static_cast<unsigned>(p.splits));
+  PrefillWgmmaWsKernel<<<grid, kWsThreads, kWsSmemBytes, stream>>>(p, static_cast<int>(keys_per_split), tk, tv);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -385,7 +556,7 @@ bool PrefillWgmmaAvailable(int device) {
   }
   if (major != 9 || minor != 0) return false;
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, PrefillWgmmaKernel<true>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, PrefillWgmmaWsKernel) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
@@ -393,8 +564,8 @@ bool PrefillWgmmaAvailable(int device) {
   return true;
 }
 
-absl::Status LaunchPrefillAttentionWgmma(const PrefillAttentionParams& p, int64_t keys_per_split, bool overlap,
-                                         cudaStream_t stream) {
+absl::Status LaunchPrefillAttentionWgmma(const PrefillAttentionParams& p, int64_t keys_per_split,
+                                         WgmmaSchedule schedule, cudaStream_t stream) {
   if (p.head_dim != kHd) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchPrefillAttentionWgmma: head_dim ", p.head_dim, " (only 128)"));
   }
@@ -402,7 +573,15 @@ absl::Status LaunchPrefillAttentionWgmma(const PrefillAttentionParams& p, int64_
     return absl::InvalidArgumentError(absl::StrCat("LaunchPrefillAttentionWgmma: keys per split ", keys_per_split,
                                                    " (need a positive multiple of ", kBN, ")"));
   }
-  return overlap ? Launch<true>(p, keys_per_split, stream) : Launch<false>(p, keys_per_split, stream);
+  if (schedule == WgmmaSchedule::kPingPong) {
+    // TMA needs tensor maps of K and V; where the driver or the layout does not allow them (a zero
+    // head stride, say), the cp.async schedule runs instead.
+    CUtensorMap tk{}, tv{};
+    if (p.n_keys == 0 || (MakeKvMap(p, p.k, &tk).ok() && MakeKvMap(p, p.v, &tv).ok())) {
+      return LaunchWs(p, keys_per_split, tk, tv, stream);
+    }
+  }
+  return LaunchSerial(p, keys_per_split, stream);
 }
 
 }  // namespace kvq::kernels::internal

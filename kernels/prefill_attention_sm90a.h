@@ -20,11 +20,17 @@ inline constexpr int kPrefillWgmmaRows = 128;
 // True when `device` is compute capability 9.0 and this build carries the sm_90a image.
 bool PrefillWgmmaAvailable(int device);
 
+// How the kernel orders a tile's work:
+//   kPingPong  a producer warp loads the K/V ring with TMA (mbarriers per stage, no CTA barrier in
+//              the loop) and the two warpgroups take turns on the tensor cores (FlashAttention-3's
+//              inter-warpgroup ping-pong); falls back to kSerial where the tensor maps cannot be made;
+//   kSerial    all threads load the ring with cp.async one tile ahead; per tile S = Q K^T,
+//              softmax, O += P V in sequence, one CTA barrier per tile.
+enum class WgmmaSchedule { kPingPong, kSerial };
+
 // p already validated by LaunchPrefillAttention (head_dim 128); keys_per_split a multiple of
-// kPrefillWgmmaKeys. overlap: the next tile's S = Q K^T is issued before the previous tile's
-// O += P V and the softmax runs while the tensor cores work (FlashAttention-3's intra-warpgroup
-// pipelining); false: each tile's two products and softmax in sequence.
-absl::Status LaunchPrefillAttentionWgmma(const PrefillAttentionParams& p, int64_t keys_per_split, bool overlap,
-                                         cudaStream_t stream);
+// kPrefillWgmmaKeys.
+absl::Status LaunchPrefillAttentionWgmma(const PrefillAttentionParams& p, int64_t keys_per_split,
+                                         WgmmaSchedule schedule, cudaStream_t stream);
 
 }  // namespace kvq::kernels::internal

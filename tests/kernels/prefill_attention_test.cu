@@ -632,7 +632,7 @@ TEST(PrefillAttentionKernels, EveryKernelMatchesTheReference) {
   const kernels::PrefillKernel before = kernels::GetPrefillKernel();
   std::vector<std::vector<float>> outs;
   for (const auto kernel : {kernels::PrefillKernel::kMmaSync, kernels::PrefillKernel::kWgmma,
-                            kernels::PrefillKernel::kWgmmaOverlap}) {
+                            kernels::PrefillKernel::kWgmmaSerial}) {
     SCOPED_TRACE(kernels::PrefillKernelName(kernel));
     kernels::SetPrefillKernel(kernel);
     if (kernel != kernels::PrefillKernel::kMmaSync && !hopper) {
