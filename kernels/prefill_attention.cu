@@ -666,7 +666,11 @@ absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {
   return absl::OkStatus();
 }
 
-int PrefillRowsPerCta(int head_dim) { return head_dim == 128 ? PaCfg<128, 2>::kBM : PaCfg<64, 1>::kBM; }
+int PrefillRowsPerCta(int head_dim) {
+  if (GetPrefillKernel() != PrefillKernel::kMmaSync && WgmmaOnCurrentDevice()) return internal::kPrefillWgmmaRows;
+  return head_dim == 128 ? PaCfg<128, 2>::kBM : PaCfg<64, 1>::kBM;
+}
+bool PrefillWgmmaOnCurrentDevice() { return WgmmaOnCurrentDevice(); }
 
 int ChoosePrefillSplits(int rows, int n_heads, int n_kv_heads, int n_keys, int sm_count, int max_splits,
                         int rows_per_cta) {
@@ -706,10 +710,6 @@ absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_
   if ((m + kBM - 1) / kBM > 2147483647) return absl::InvalidArgumentError("LaunchPrefillAttention: too many rows");
   int64_t kps = (static_cast<int64_t>(p.n_keys) + p.splits - 1) / p.splits;
   kps = std::max<int64_t>(kBN, (kps + kBN - 1) / kBN * kBN);
-  // H200, 2026-12-01: hd 128 with two m16 blocks per warp (255 registers, 2 CTAs/SM) runs 14%
-  // faster than one (322 vs 282 TFLOP/s, Llama-3-8B shape, 4096 rows over 32K-131K keys); hd 64
-  // with one block per warp at 3 CTAs/SM.
-  if (p.head_dim == 64) return LaunchPa<64, 1, 3>(p, kps, stream);
   const PrefillKernel choice = GetPrefillKernel();
   if (choice != PrefillKernel::kMmaSync) {
     const bool wgmma = WgmmaOnCurrentDevice();
@@ -727,6 +727,10 @@ absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_
           stream);
     }
   }
+  // H200, 2026-12-01: hd 128 with two m16 blocks per warp (255 registers, 2 CTAs/SM) runs 14%
+  // faster than one (322 vs 282 TFLOP/s, Llama-3-8B shape, 4096 rows over 32K-131K keys); hd 64
+  // with one block per warp at 3 CTAs/SM.
+  if (p.head_dim == 64) return LaunchPa<64, 1, 3>(p, kps, stream);
   return LaunchPa<128, 2, 2>(p, kps, stream);
 }
 

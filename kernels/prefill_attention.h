@@ -16,7 +16,7 @@
 //                     per-row visible length (causal or not), split over key ranges, writing the
 //                     same normalized (o, lse) partials as the decode kernel, so the engine merges
 //                     past, chunk and splits with kernels/merge_attention.h. On Hopper, head dim
-//                     128 runs on warpgroup MMA instead (kernels/prefill_attention_sm90a.cu:
+//                     64 and 128 run on warpgroup MMA instead (kernels/prefill_attention_sm90a.cu:
 //                     wgmma with Q, K and V in 128-byte-swizzled shared memory, P from registers),
 //                     1.9x the mma.sync kernel's rate; see PrefillKernel below.
 //
@@ -85,7 +85,7 @@ struct PrefillAttentionParams {
 };
 absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_t stream);
 
-// The kernel LaunchPrefillAttention runs for head dim 128 (head dim 64 always takes mma.sync):
+// The kernel LaunchPrefillAttention runs (head dims 64 and 128):
 //   kAuto         kWgmma on devices of compute capability 9.0 (Hopper), else kMmaSync;
 //   kMmaSync      FlashAttention-2 structure on mma.sync (any sm_90 device; the fallback);
 //   kWgmma        warpgroup MMA (sm_90a only): TMA producer warp, two consumer warpgroups in
@@ -95,6 +95,9 @@ absl::Status LaunchPrefillAttention(const PrefillAttentionParams& p, cudaStream_
 // Process-wide; the initial value comes from KVQ_PREFILL_KERNEL (auto, mma, wgmma, wgmma-serial).
 // Asking for a wgmma kernel on a device without it makes launches fail with FailedPrecondition.
 enum class PrefillKernel { kAuto, kMmaSync, kWgmma, kWgmmaSerial };
+// Whether the current device runs the wgmma kernels (compute capability 9.0 and this build's
+// sm_90a image).
+bool PrefillWgmmaOnCurrentDevice();
 void SetPrefillKernel(PrefillKernel kernel);
 PrefillKernel GetPrefillKernel();
 const char* PrefillKernelName(PrefillKernel kernel);
@@ -102,7 +105,8 @@ const char* PrefillKernelName(PrefillKernel kernel);
 // Splits that fill the device for this launch shape: >= 1, <= max_splits, at least 4 key tiles
 // (256 keys) per split; 1 when the rows alone give two CTAs per SM.
 // rows_per_cta: M rows (query row x head of the group) per CTA of the kernel the launch will take
-// (PrefillRowsPerCta).
+// (PrefillRowsPerCta: 128 for the wgmma kernels, else 128 at head dim 128 and 64 at 64; it asks the
+// current device).
 int ChoosePrefillSplits(int rows, int n_heads, int n_kv_heads, int n_keys, int sm_count, int max_splits,
                         int rows_per_cta = 64);
 int PrefillRowsPerCta(int head_dim);

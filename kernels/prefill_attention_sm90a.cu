@@ -1,14 +1,14 @@
-// PrefillAttention for head dim 128 on Hopper warpgroup MMA (kernels/prefill_attention_sm90a.h).
+// PrefillAttention for head dims 64 and 128 on Hopper warpgroup MMA (kernels/prefill_attention_sm90a.h).
 //
 // CTA = 2 consumer warpgroups x 64 M rows = 128 M rows (query row, head of the group) of one kv
 // head and one key split. Q (scaled by softmax scale * log2 e, fp16) sits in shared memory for the
 // whole CTA; K and V tiles of 128 keys stream through a 3-stage ring. Every shared operand is in the
-// 128-byte-swizzled layout wgmma reads: each tile is two 64-channel halves of [rows][128 bytes],
+// 128-byte-swizzled layout wgmma reads: each tile is head dim / 64 64-channel halves of [rows][128 bytes],
 // 16-byte chunk c of row t at c ^ (t & 7), halves and stages 1024-byte aligned.
 //   S = Q K^T   wgmma.m64n128k16, A = Q and B = K from shared memory (both K-major), 8 k-steps;
 //   softmax     on the fp32 accumulators in registers (the m64nN accumulator layout is the
 //               mma.m16n8 C layout per warp and 8 columns), masked per row limit, log2 domain;
-//   O += P V    wgmma.m64n128k16 with A = P from registers (fp16; the A fragment of the 16 keys
+//   O += P V    wgmma.m64n{head dim}k16 with A = P from registers (fp16; the A fragment of the 16 keys
 //               2j, 2j + 1 is the C fragment of those two 8-key column blocks) and B = V from
 //               shared memory, N-major (transposed: the 64 channels of a half are contiguous).
 // Descriptors (PTX ISA, "Matrix Descriptor Format"): K-major 128B swizzle: SBO = 1024 (the next 8
@@ -51,19 +51,28 @@
 namespace kvq::kernels::internal {
 namespace {
 
-constexpr int kHd = 128;
 constexpr int kBM = kPrefillWgmmaRows;
 constexpr int kBN = kPrefillWgmmaKeys;
 constexpr int kThreads = 256;
+constexpr int kWsThreads = kThreads + 32;  // + the producer warp
 constexpr int kStages = 3;
 constexpr uint32_t kRowBytes = 128;                 // one swizzle row: 64 fp16 channels
-constexpr uint32_t kQHalf = kBM * kRowBytes;        // 16 KB
-constexpr uint32_t kKvHalf = kBN * kRowBytes;       // 16 KB
-constexpr uint32_t kStageBytes = 4 * kKvHalf;       // K halves 0, 1, V halves 0, 1: 64 KB
-constexpr size_t kSmemBytes = 2 * kQHalf + kStages * kStageBytes + 1024;  // + alignment slack
-constexpr int kWsThreads = kThreads + 32;  // + the producer warp
-constexpr size_t kWsSmemBytes = kSmemBytes + 2 * kStages * 8;  // + full/empty mbarriers
-static_assert(kWsSmemBytes <= 232448, "over the 227 KB of shared memory a Hopper CTA can have");
+constexpr uint32_t kQHalf = kBM * kRowBytes;        // 16 KB: 64 channels of the CTA's Q rows
+constexpr uint32_t kKvHalf = kBN * kRowBytes;       // 16 KB: 64 channels of a K or V tile
+
+// Shared memory of head dim kHd (64 or 128): Q, then kStages x (K halves, V halves), then the
+// mbarriers of the warp-specialized schedule.
+template <int kHd>
+struct Geo {
+  static_assert(kHd == 64 || kHd == 128, "head dim 64 or 128");
+  static constexpr int kHalves = kHd / 64;
+  static constexpr uint32_t kQBytes = kHalves * kQHalf;
+  static constexpr uint32_t kVOff = kHalves * kKvHalf;            // V's halves within a stage
+  static constexpr uint32_t kStageBytes = 2 * kHalves * kKvHalf;  // 64 KB at head dim 128
+  static constexpr size_t kSmemBytes = kQBytes + kStages * kStageBytes + 1024;  // + alignment slack
+  static constexpr size_t kWsSmemBytes = kSmemBytes + 2 * kStages * 8;          // + full/empty mbarriers
+  static_assert(kWsSmemBytes <= 232448, "over the 227 KB of shared memory a Hopper CTA can have");
+};
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -102,9 +111,10 @@ __device__ __forceinline__ void WgWait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kN) : "memory");
 }
 // Keeps the compiler from moving accesses of accumulator registers across wgmma waits.
-__device__ __forceinline__ void FenceRegs(float (&d)[64]) {
+template <int kN>
+__device__ __forceinline__ void FenceRegs(float (&d)[kN]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 #define KVQ_WG_D64 \
@@ -132,6 +142,19 @@ __device__ __forceinline__ void WgmmaRS(float (&d)[64], const uint32_t (&a)[4], 
       : KVQ_WG_D64
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
+// d += A B, A (64 x 16, fp16) from registers, B (16 x 64) from shared memory, N-major (head dim 64).
+#define KVQ_WG_D32 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+__device__ __forceinline__ void WgmmaRS(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+      : KVQ_WG_D32
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+#undef KVQ_WG_D32
 #undef KVQ_WG_D64
 
 // ---- mbarriers, TMA and named barriers (the warp-specialized kernel) ----
@@ -199,10 +222,12 @@ __device__ __forceinline__ CtaWork MakeWork(const PrefillAttentionParams& p, int
 }
 // Q rows [m0, m0 + kBM): fp16, scaled into the log2 domain, in swizzled halves at sq (threads
 // [0, n) of the CTA take part).
+template <int kHd>
 __device__ __forceinline__ void FillQ(const PrefillAttentionParams& p, const CtaWork& w, uint8_t* sq, int t, int n) {
+  constexpr int kChunks = kHd / 8;  // 16-byte chunks per row
   const float qs = (p.scale > 0.0f ? p.scale : rsqrtf(static_cast<float>(kHd))) * kLog2e;
-  for (int u = t; u < kBM * 16; u += n) {
-    const int r = u >> 4, ch = u & 15;
+  for (int u = t; u < kBM * kChunks; u += n) {
+    const int r = u / kChunks, ch = u % kChunks;
     const int64_t m = w.m0 + r;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (m < w.M) {
@@ -234,6 +259,7 @@ __device__ __forceinline__ Rows MakeRows(const PrefillAttentionParams& p, const 
 }
 // S = Q K^T (issued and committed, not waited): qaddr = this warpgroup's 64 rows of Q half 0,
 // kaddr = the K tile's half 0.
+template <int kHd>
 __device__ __forceinline__ void IssueS(float (&s)[64], uint32_t qaddr, uint32_t kaddr) {
 #pragma unroll
   for (int kk = 0; kk < kHd / 16; ++kk) {
@@ -243,8 +269,10 @@ __device__ __forceinline__ void IssueS(float (&s)[64], uint32_t qaddr, uint32_t 
   }
   WgCommit();
 }
-// O += P V (issued and committed, not waited): vaddr = the V tile's half 0.
-__device__ __forceinline__ void IssuePV(float (&o)[64], const uint32_t (&pa)[8][4], uint32_t vaddr) {
+// O += P V (issued and committed, not waited): vaddr = the V tile's half 0 (the next half is
+// kKvHalf on: the descriptor's leading byte offset; unused at head dim 64).
+template <int kHd>
+__device__ __forceinline__ void IssuePV(float (&o)[kHd / 2], const uint32_t (&pa)[8][4], uint32_t vaddr) {
 #pragma unroll
   for (int j = 0; j < kBN / 16; ++j) WgmmaRS(o, pa[j], Desc(vaddr + j * 16 * kRowBytes, kKvHalf, 1024));
   WgCommit();
@@ -282,7 +310,8 @@ __device__ __forceinline__ void Softmax(float (&s)[64], Rows& r, int key0, bool 
     r.rl[h] = fmaf(r.rl[h], corr[h], sum);
   }
 }
-__device__ __forceinline__ void Rescale(float (&o)[64], const float (&corr)[2]) {
+template <int kHd>
+__device__ __forceinline__ void Rescale(float (&o)[kHd / 2], const float (&corr)[2]) {
   if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
     for (int j = 0; j < kHd / 8; ++j) {
@@ -304,8 +333,9 @@ __device__ __forceinline__ void PackP(const float (&s)[64], uint32_t (&pa)[8][4]
   }
 }
 // Row sums over the 4 lanes of a row, normalized o and lse.
+template <int kHd>
 __device__ __forceinline__ void Epilogue(const PrefillAttentionParams& p, const CtaWork& w, const Rows& r,
-                                         const float (&o)[64], int q4) {
+                                         const float (&o)[kHd / 2], int q4) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float l = r.rl[h];
@@ -328,18 +358,20 @@ __device__ __forceinline__ void Epilogue(const PrefillAttentionParams& p, const 
 
 // Serial schedule: all 256 threads load the ring with cp.async one tile ahead; per tile one CTA
 // barrier, then S = Q K^T, softmax, O += P V in sequence.
+template <int kHd>
 __global__ void __launch_bounds__(kThreads, 1)
     PrefillWgmmaSerialKernel(const PrefillAttentionParams p, const int keys_per_split) {
 #if defined(KVQ_PREFILL_WGMMA_BODY)
+  using G = Geo<kHd>;
   extern __shared__ __align__(16) uint8_t pw_smem[];
   const uint32_t raw = SmemAddr(pw_smem);
   const uint32_t sbase = (raw + 1023u) & ~1023u;
-  const uint32_t tbase = sbase + 2 * kQHalf;  // [kStages][K half 0, K half 1, V half 0, V half 1][kBN][128 B]
+  const uint32_t tbase = sbase + G::kQBytes;  // [kStages][K halves, V halves][kBN][128 B]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, q4 = lane & 3;
   const CtaWork w = MakeWork(p, keys_per_split);
   Rows r = MakeRows(p, w, wg, warp & 3, lane >> 2);
-  FillQ(p, w, pw_smem + (sbase - raw), tid, kThreads);
+  FillQ<kHd>(p, w, pw_smem + (sbase - raw), tid, kThreads);
   FenceProxyAsync();  // (published by the first tile's barrier)
   const uint32_t qaddr = sbase + wg * 64 * kRowBytes;
 
@@ -347,19 +379,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint16_t* vg = p.v + w.hk * p.kv_head_stride;
   auto load_tile = [&](int T) {
     const int key0 = w.kb + T * kBN;
-    const uint32_t dst = tbase + static_cast<uint32_t>(T % kStages) * kStageBytes;
-    for (int idx = tid; idx < kBN * 16; idx += kThreads) {
-      const int t = idx >> 4, ch = idx & 15;
+    const uint32_t dst = tbase + static_cast<uint32_t>(T % kStages) * G::kStageBytes;
+    constexpr int kChunks = kHd / 8;
+    for (int idx = tid; idx < kBN * kChunks; idx += kThreads) {
+      const int t = idx / kChunks, ch = idx % kChunks;
       const int key = key0 + t;
       const bool ok = key < w.kend;
       const int64_t off = static_cast<int64_t>(ok ? key : 0) * p.kv_token_stride + ch * 8;
       const uint32_t so = (ch >> 3) * kKvHalf + t * kRowBytes + (((ch & 7) ^ (t & 7)) << 4);
       CpAsync16(dst + so, kg + off, ok);
-      CpAsync16(dst + 2 * kKvHalf + so, vg + off, ok);
+      CpAsync16(dst + G::kVOff + so, vg + off, ok);
     }
     CpAsyncCommit();
   };
-  auto kaddr = [&](int T) { return tbase + static_cast<uint32_t>(T % kStages) * kStageBytes; };
+  auto kaddr = [&](int T) { return tbase + static_cast<uint32_t>(T % kStages) * G::kStageBytes; };
   // Tile T's data is in shared memory and visible to wgmma; tile T + 1 starts loading.
   auto arrive = [&](int T) {
     CpAsyncWaitAll();
@@ -368,9 +401,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (T + 1 < w.n_tiles) load_tile(T + 1);
   };
 
-  float o[64], s[64];
+  float o[kHd / 2], s[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.0f;
+  for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kHd / 2; ++i) o[i] = 0.0f;
   uint32_t pa[8][4];
   float corr[2];
   auto softmax = [&](int T) {
@@ -382,18 +417,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int T = 0; T < w.n_tiles; ++T) {
     arrive(T);
     WgFence();
-    IssueS(s, qaddr, kaddr(T));
+    IssueS<kHd>(s, qaddr, kaddr(T));
     WgWait<0>();
     FenceRegs(s);
     softmax(T);
-    Rescale(o, corr);
+    Rescale<kHd>(o, corr);
     PackP(s, pa);
     WgFence();
-    IssuePV(o, pa, kaddr(T) + 2 * kKvHalf);
+    IssuePV<kHd>(o, pa, kaddr(T) + G::kVOff);
     WgWait<0>();
     FenceRegs(o);
   }
-  Epilogue(p, w, r, o, q4);
+  Epilogue<kHd>(p, w, r, o, q4);
 #else
   __trap();  // no sm_90a image: the launcher never gets here (PrefillWgmmaAvailable)
 #endif
@@ -404,15 +439,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 // released it), and the two consumer warpgroups take turns on the tensor cores ("ping-pong",
 // FlashAttention-3): warpgroup w issues its S = Q K^T only after the other one issued its own
 // (named barriers 1 and 2), so one warpgroup's softmax runs while the other's products do.
+template <int kHd>
 __global__ void __launch_bounds__(kWsThreads, 1)
     PrefillWgmmaWsKernel(const PrefillAttentionParams p, const int keys_per_split, const __grid_constant__ CUtensorMap tk,
                          const __grid_constant__ CUtensorMap tv) {
 #if defined(KVQ_PREFILL_WGMMA_BODY)
+  using G = Geo<kHd>;
   extern __shared__ __align__(16) uint8_t pw_smem[];
   const uint32_t raw = SmemAddr(pw_smem);
   const uint32_t sbase = (raw + 1023u) & ~1023u;
-  const uint32_t tbase = sbase + 2 * kQHalf;
-  const uint32_t bars = tbase + kStages * kStageBytes;  // full[kStages], empty[kStages]
+  const uint32_t tbase = sbase + G::kQBytes;
+  const uint32_t bars = tbase + kStages * G::kStageBytes;  // full[kStages], empty[kStages]
   auto full = [&](int st) { return bars + 8u * st; };
   auto empty = [&](int st) { return bars + 8u * (kStages + st); };
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -424,7 +461,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     FenceMbarInit();
   }
-  FillQ(p, w, pw_smem + (sbase - raw), tid, kWsThreads);
+  FillQ<kHd>(p, w, pw_smem + (sbase - raw), tid, kWsThreads);
   FenceProxyAsync();
   __syncthreads();  // the last CTA-wide barrier: the producer warp leaves below
 
@@ -433,13 +470,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       for (int T = 0; T < w.n_tiles; ++T) {
         const int st = T % kStages;
         if (T >= kStages) MbarWait(empty(st), ((T / kStages) - 1) & 1);
-        MbarArriveExpectTx(full(st), kStageBytes);
-        const uint32_t dst = tbase + static_cast<uint32_t>(st) * kStageBytes;
+        MbarArriveExpectTx(full(st), G::kStageBytes);
+        const uint32_t dst = tbase + static_cast<uint32_t>(st) * G::kStageBytes;
         const int key0 = w.kb + T * kBN;
-        TmaLoad3d(dst, &tk, 0, w.hk, key0, full(st));
-        TmaLoad3d(dst + kKvHalf, &tk, 64, w.hk, key0, full(st));
-        TmaLoad3d(dst + 2 * kKvHalf, &tv, 0, w.hk, key0, full(st));
-        TmaLoad3d(dst + 3 * kKvHalf, &tv, 64, w.hk, key0, full(st));
+#pragma unroll
+        for (int h = 0; h < G::kHalves; ++h) {
+          TmaLoad3d(dst + h * kKvHalf, &tk, 64 * h, w.hk, key0, full(st));
+          TmaLoad3d(dst + G::kVOff + h * kKvHalf, &tv, 64 * h, w.hk, key0, full(st));
+        }
       }
     }
     return;
@@ -448,9 +486,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int wg = warp >> 2, q4 = lane & 3;
   Rows r = MakeRows(p, w, wg, warp & 3, lane >> 2);
   const uint32_t qaddr = sbase + wg * 64 * kRowBytes;
-  float o[64], s[64];
+  float o[kHd / 2], s[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.0f;
+  for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kHd / 2; ++i) o[i] = 0.0f;
   uint32_t pa[8][4];
   float corr[2];
   // Turn barriers: warpgroup 0 waits on 1, warpgroup 1 on 2; warpgroup 1 lets 0 start, and skips
@@ -458,37 +498,39 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (wg == 1 && w.n_tiles > 0) NamedArrive(1, 256);
   for (int T = 0; T < w.n_tiles; ++T) {
     const int st = T % kStages;
-    const uint32_t ka = tbase + static_cast<uint32_t>(st) * kStageBytes;
+    const uint32_t ka = tbase + static_cast<uint32_t>(st) * G::kStageBytes;
     MbarWait(full(st), (T / kStages) & 1);
     NamedSync(1 + wg, 256);
     WgFence();
-    IssueS(s, qaddr, ka);
+    IssueS<kHd>(s, qaddr, ka);
     if (wg == 0 || T + 1 < w.n_tiles) NamedArrive(2 - wg, 256);
     WgWait<0>();
     FenceRegs(s);
     const int key0 = w.kb + T * kBN;
     Softmax(s, r, key0, key0 + kBN > w.cta_min, q4, corr);
-    Rescale(o, corr);
+    Rescale<kHd>(o, corr);
     PackP(s, pa);
     WgFence();
-    IssuePV(o, pa, ka + 2 * kKvHalf);
+    IssuePV<kHd>(o, pa, ka + G::kVOff);
     WgWait<0>();
     FenceRegs(o);
     MbarArrive(empty(st));
   }
-  Epilogue(p, w, r, o, q4);
+  Epilogue<kHd>(p, w, r, o, q4);
 #else
   __trap();
 #endif
 }
 
+template <int kHd>
 absl::Status LaunchSerial(const PrefillAttentionParams& p, int64_t keys_per_split, cudaStream_t stream) {
-  KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaSerialKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  constexpr size_t kSmemBytes = Geo<kHd>::kSmemBytes;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaSerialKernel<kHd>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(kSmemBytes)));
   const int64_t M = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
   const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(p.n_kv_heads),
                   static_cast<unsigned>(p.splits));
-  PrefillWgmmaSerialKernel<<<grid, kThreads, kSmemBytes, stream>>>(p, static_cast<int>(keys_per_split));
+  PrefillWgmmaSerialKernel<kHd><<<grid, kThreads, kSmemBytes, stream>>>(p, static_cast<int>(keys_per_split));
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -512,12 +554,13 @@ EncodeTiledFn EncodeTiled() {
   return fn;
 }
 
-// K or V as a 3-D tensor (channel, kv head, key) read in boxes of 64 channels x 1 head x kBN keys,
+// K or V as a 3-D tensor (channel, kv head, key) read in boxes of 64 channels x 1 head x kBN keys
+// (head dim 128: two boxes per tile row),
 // 128-byte swizzled (the layout wgmma reads); keys past n_keys read as zeros.
 absl::Status MakeKvMap(const PrefillAttentionParams& p, const uint16_t* base, CUtensorMap* map) {
   const EncodeTiledFn encode = EncodeTiled();
   if (encode == nullptr) return absl::FailedPreconditionError("cuTensorMapEncodeTiled is not available from the driver");
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(kHd), static_cast<cuuint64_t>(p.n_kv_heads),
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.n_kv_heads),
                               static_cast<cuuint64_t>(p.n_keys)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.kv_head_stride) * 2,
                                  static_cast<cuuint64_t>(p.kv_token_stride) * 2};
@@ -533,14 +576,16 @@ absl::Status MakeKvMap(const PrefillAttentionParams& p, const uint16_t* base, CU
   return absl::OkStatus();
 }
 
+template <int kHd>
 absl::Status LaunchWs(const PrefillAttentionParams& p, int64_t keys_per_split, const CUtensorMap& tk,
                       const CUtensorMap& tv, cudaStream_t stream) {
-  KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaWsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  constexpr size_t kWsSmemBytes = Geo<kHd>::kWsSmemBytes;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaWsKernel<kHd>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(kWsSmemBytes)));
   const int64_t M = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
   const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(p.n_kv_heads),
                   static_cast<unsigned>(p.splits));
-  PrefillWgmmaWsKernel<<<grid, kWsThreads, kWsSmemBytes, stream>>>(p, static_cast<int>(keys_per_split), tk, tv);
+  PrefillWgmmaWsKernel<kHd><<<grid, kWsThreads, kWsSmemBytes, stream>>>(p, static_cast<int>(keys_per_split), tk, tv);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -556,7 +601,7 @@ bool PrefillWgmmaAvailable(int device) {
   }
   if (major != 9 || minor != 0) return false;
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, PrefillWgmmaWsKernel) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, PrefillWgmmaWsKernel<128>) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
@@ -566,8 +611,8 @@ bool PrefillWgmmaAvailable(int device) {
 
 absl::Status LaunchPrefillAttentionWgmma(const PrefillAttentionParams& p, int64_t keys_per_split,
                                          WgmmaSchedule schedule, cudaStream_t stream) {
-  if (p.head_dim != kHd) {
-    return absl::InvalidArgumentError(absl::StrCat("LaunchPrefillAttentionWgmma: head_dim ", p.head_dim, " (only 128)"));
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchPrefillAttentionWgmma: head_dim ", p.head_dim, " (64 or 128)"));
   }
   if (keys_per_split <= 0 || keys_per_split % kBN != 0 || keys_per_split > 2147483647 - kBN) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchPrefillAttentionWgmma: keys per split ", keys_per_split,
@@ -578,10 +623,11 @@ absl::Status LaunchPrefillAttentionWgmma(const PrefillAttentionParams& p, int64_
     // head stride, say), the cp.async schedule runs instead.
     CUtensorMap tk{}, tv{};
     if (p.n_keys == 0 || (MakeKvMap(p, p.k, &tk).ok() && MakeKvMap(p, p.v, &tv).ok())) {
-      return LaunchWs(p, keys_per_split, tk, tv, stream);
+      return p.head_dim == 64 ? LaunchWs<64>(p, keys_per_split, tk, tv, stream)
+                              : LaunchWs<128>(p, keys_per_split, tk, tv, stream);
     }
   }
-  return LaunchSerial(p, keys_per_split, stream);
+  return p.head_dim == 64 ? LaunchSerial<64>(p, keys_per_split, stream) : LaunchSerial<128>(p, keys_per_split, stream);
 }
 
 }  // namespace kvq::kernels::internal

@@ -1,5 +1,5 @@
 // Hopper prefill attention (kernels/prefill_attention_sm90a.cu): the PrefillAttention contract of
-// kernels/prefill_attention.h for head dim 128 on warpgroup MMA (wgmma, sm_90a). Internal to
+// kernels/prefill_attention.h for head dims 64 and 128 on warpgroup MMA (wgmma, sm_90a). Internal to
 // kernels/: LaunchPrefillAttention validates the parameters and picks this kernel where it runs.
 #pragma once
 
@@ -28,7 +28,7 @@ bool PrefillWgmmaAvailable(int device);
 //              softmax, O += P V in sequence, one CTA barrier per tile.
 enum class WgmmaSchedule { kPingPong, kSerial };
 
-// p already validated by LaunchPrefillAttention (head_dim 128); keys_per_split a multiple of
+// p already validated by LaunchPrefillAttention (head_dim 64 or 128); keys_per_split a multiple of
 // kPrefillWgmmaKeys.
 absl::Status LaunchPrefillAttentionWgmma(const PrefillAttentionParams& p, int64_t keys_per_split,
                                          WgmmaSchedule schedule, cudaStream_t stream);

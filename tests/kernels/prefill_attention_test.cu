@@ -588,14 +588,16 @@ TEST(PrefillAttentionDevices, LaunchesOnEveryDevice) {
   KVQ_ASSERT_CUDA(cudaSetDevice(0));
 }
 
-// Every head-dim-128 kernel (kernels::PrefillKernel) against the double reference and against each
+// Every kernel (kernels::PrefillKernel) at head dims 64 and 128 against the double reference and against each
 // other on one shape that exercises what differs between them: tiles of 64 vs 128 keys, 128-row
 // CTAs cut mid-group (group 3), causal limits that end inside a tile, a key split that is not a
 // multiple of either tile, rows past M. A wgmma kernel the device lacks must refuse with
 // FailedPrecondition (only compute capability 9.0 has it); on Hopper all three must run.
-TEST(PrefillAttentionKernels, EveryKernelMatchesTheReference) {
+class PrefillAttentionKernels : public ::testing::TestWithParam<int> {};
+
+TEST_P(PrefillAttentionKernels, EveryKernelMatchesTheReference) {
   KVQ_REQUIRE_CUDA_DEVICE();
-  const int H = 2, group = 3, D = 128, rows = 301, n_keys = 1000;
+  const int H = 2, group = 3, D = GetParam(), rows = 301, n_keys = 1000;
   const int n_heads = H * group;
   const int64_t limit_base = 650;  // row r sees min(650 + r, 1000) keys
   std::mt19937 rng(5000);
@@ -660,6 +662,9 @@ TEST(PrefillAttentionKernels, EveryKernelMatchesTheReference) {
   // agree to the reference's tolerance, not bit for bit.
   for (size_t i = 1; i < outs.size(); ++i) ExpectClose(outs[i], outs[0], kSelfOutTol, n_heads, D, "o vs mma.sync");
 }
+
+INSTANTIATE_TEST_SUITE_P(HeadDims, PrefillAttentionKernels, ::testing::Values(64, 128),
+                         [](const ::testing::TestParamInfo<int>& info) { return absl::StrCat("hd", info.param); });
 
 // ---- Launch validation (before any CUDA call: these run without a device) ----
 
@@ -766,7 +771,9 @@ TEST(ChoosePrefillSplits, CountsTheCtasOfTheKernelTaken) {
   // 512 rows x group 4 over 8 kv heads: 256 CTAs of 64 rows (nearly two waves on 132 SMs: 2
   // splits) but 128 CTAs of 128 rows (the head-dim-128 kernel: 3 splits).
   EXPECT_EQ(kernels::PrefillRowsPerCta(128), 128);
-  EXPECT_EQ(kernels::PrefillRowsPerCta(64), 64);
+  // The wgmma kernels take 128 rows at every head dim; mma.sync 64 at head dim 64.
+  const bool wgmma = kernels::GetPrefillKernel() != kernels::PrefillKernel::kMmaSync && kernels::PrefillWgmmaOnCurrentDevice();
+  EXPECT_EQ(kernels::PrefillRowsPerCta(64), wgmma ? 128 : 64);
   EXPECT_EQ(kernels::ChoosePrefillSplits(512, 32, 8, 100000, 132, 64, 64), 2);
   EXPECT_EQ(kernels::ChoosePrefillSplits(512, 32, 8, 100000, 132, 64, kernels::PrefillRowsPerCta(128)), 3);
 }
