@@ -211,7 +211,10 @@ __device__ __forceinline__ CtaWork MakeWork(const PrefillAttentionParams& p, int
   w.hk = blockIdx.y;
   w.split = blockIdx.z;
   w.M = static_cast<int64_t>(p.rows) * w.group;
-  w.m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  // Causal: the last row blocks see the most keys; the grid runs them first, so the short ones
+  // fill the tail of the last wave instead of the long ones stretching it.
+  const unsigned bx = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  w.m0 = static_cast<int64_t>(bx) * kBM;
   w.kb = w.split * keys_per_split;
   const int ke = min(w.kb + keys_per_split, p.n_keys);
   const int cta_max = p.causal ? LimitOf(p, w.M, w.group, min(w.m0 + kBM, w.M) - 1) : LimitOf(p, w.M, w.group, w.m0);
