@@ -1,13 +1,13 @@
 // ExpandKv and PrefillAttention (kernels/prefill_attention.h).
 //
-// ExpandKvKernel. CTA = 32 local tokens, looping over the kv heads (the tokens' cos/sin are formed
-// once: the angle reduced to [-pi, pi] in double, then sincosf, and serve every head). Per head, in
-// units of 8 channels (16-byte loads and stores): dense keys decoded into a shared fp32 tile,
-// __syncthreads, the key outliers of the (at most two) blocks the tile touches replace their
-// elements, __syncthreads, RoPE in rotate-half pairs and one fp16 rounding on the way out. Values
-// are written dense first; their outliers (indexed over all heads of the layer) overwrite them once
-// every head is out, after a __syncthreads (a CTA's global writes are visible to it after the
-// barrier).
+// ExpandKvKernel. CTA = 32 local tokens x a group of kv heads (grid.y groups), looping over its
+// heads (the tokens' cos/sin are formed once per CTA: the angle reduced to [-pi, pi] in double,
+// then sincosf, and serve its heads). Per head, in units of 8 channels (16-byte loads and stores):
+// dense keys decoded into a shared fp32 tile, __syncthreads, the key outliers of the (at most two)
+// blocks the tile touches replace their elements, __syncthreads, RoPE in rotate-half pairs and one
+// fp16 rounding on the way out. Values are written dense first; their outliers (indexed over all
+// heads of the layer; each CTA applies those of its own heads) overwrite them once its heads are
+// out, after a __syncthreads (a CTA's global writes are visible to it after the barrier).
 //
 // PrefillAttentionKernel (FlashAttention-2 structure). CTA = 64 * kAtoms M rows (query row, head
 // of the group) of one kv head and one key split, 4 warps of 16 * kAtoms rows. Q is scaled by
@@ -52,6 +52,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 // ExpandKv
 
 constexpr int kExpTokens = 32;
+// CTAs a launch should have (grid.y = groups of kv heads): about 4 waves of 4 CTAs on 132 SMs. One
+// CTA used to walk every head of its 32 tokens, so short segments had few CTAs, each a long chain
+// of per-head barriers (ncu, H200, LLaMA-2-7B: 18 cycles per issued instruction); more groups form
+// the tile's cos/sin more often, which costs where the tiles alone fill the GPU (measured: 4-head
+// groups took a 4,096-token past from 145 to 80 us but a 131,072-token one from 2,208 to 2,302).
+constexpr int kExpTargetCtas = 2048;
 constexpr int kExpThreads = 256;
 constexpr int kExpMaxHd = 128;
 
@@ -156,7 +162,9 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
     }
   }
 
-  for (int h = 0; h < n_kv; ++h) {
+  const int per_cta = (n_kv + static_cast<int>(gridDim.y) - 1) / static_cast<int>(gridDim.y);
+  const int h0 = static_cast<int>(blockIdx.y) * per_cta, h1 = min(h0 + per_cta, n_kv);
+  for (int h = h0; h < h1; ++h) {
     const int64_t zr_at = (static_cast<int64_t>(p.layer) * n_kv + h) * hd;
     __syncthreads();  // LUTs, cos/sin and token data in; ks and kr_s of the previous head read
     if (quant) {
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
       *reinterpret_cast<uint4*>(out + f0 + half) = Pack8(hi);
     }
   }
-  // ---- Value outliers (indexed over every head of the layer): once, after every head's dense
+  // ---- Value outliers (indexed over every head of the layer): once, after this CTA's heads' dense
   // values are out, instead of a scan of all of them per head.
   if (quant && k_v > 0 && je > jb) {
     __syncthreads();
@@ -246,7 +254,7 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
       const uint8_t* lb = lb_s[j + nsc - i0];
       const uint8_t* idx = lb + geo.value_outlier_index_offset + static_cast<int64_t>(slot) * k_v * ib;
       const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
-      if (e >= n_kv * hd) continue;
+      if (e < h0 * hd || e >= h1 * hd) continue;  // this CTA's heads only (the others write theirs)
       const uint16_t x = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset)[static_cast<int64_t>(slot) * k_v + o];
       vout(j + nsc, e / hd)[e % hd] = x;
     }
@@ -661,7 +669,11 @@ absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {
   }
   const int64_t tiles = (static_cast<int64_t>(p.n) + kExpTokens - 1) / kExpTokens;
   if (tiles > 2147483647) return absl::InvalidArgumentError("LaunchExpandKv: too many tokens");
-  ExpandKvKernel<<<static_cast<unsigned>(tiles), kExpThreads, 0, stream>>>(p);
+  const int64_t want = (kExpTargetCtas + tiles - 1) / tiles;
+  const int groups = static_cast<int>(std::clamp<int64_t>(want, 1, geo.n_kv_heads));
+  const int per_cta = (geo.n_kv_heads + groups - 1) / groups;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((geo.n_kv_heads + per_cta - 1) / per_cta));
+  ExpandKvKernel<<<grid, kExpThreads, 0, stream>>>(p);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
