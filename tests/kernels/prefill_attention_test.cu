@@ -701,6 +701,44 @@ TEST(PrefillAttentionLauncher, RejectsBadShapes) {
   EXPECT_TRUE(kernels::LaunchPrefillAttention(p, nullptr).ok());
 }
 
+// The kernel selector: names, and a wgmma kernel asked for where it cannot run (no Hopper device:
+// CI, or another GPU) is refused with FailedPrecondition before anything is launched; auto falls
+// back. Skips on a device that has the kernels (the pointers here are not device memory).
+TEST(PrefillAttentionLauncher, RefusesAWgmmaKernelWithoutHopper) {
+  for (auto k : {kernels::PrefillKernel::kAuto, kernels::PrefillKernel::kMmaSync, kernels::PrefillKernel::kWgmma,
+                 kernels::PrefillKernel::kWgmmaSerial}) {
+    EXPECT_NE(std::string(kernels::PrefillKernelName(k)), "?");
+  }
+  if (kernels::PrefillWgmmaOnCurrentDevice()) GTEST_SKIP() << "this device runs the wgmma kernels";
+  float host[8] = {};
+  uint16_t halves[16] = {};
+  kernels::PrefillAttentionParams p;
+  p.rows = 1;
+  p.n_heads = 2;
+  p.n_kv_heads = 1;
+  p.head_dim = 128;
+  p.n_keys = 1;
+  p.limit_base = 1;
+  p.q = host;
+  p.o = host;
+  p.lse = host;
+  p.k = halves;
+  p.v = halves;
+  p.kv_token_stride = 128;
+  p.kv_head_stride = 128;
+  const kernels::PrefillKernel before = kernels::GetPrefillKernel();
+  for (auto k : {kernels::PrefillKernel::kWgmma, kernels::PrefillKernel::kWgmmaSerial}) {
+    kernels::SetPrefillKernel(k);
+    EXPECT_EQ(kernels::GetPrefillKernel(), k);
+    const absl::Status st = kernels::LaunchPrefillAttention(p, nullptr);
+    EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+    EXPECT_NE(std::string(st.message()).find("compute capability 9.0"), std::string::npos) << st;
+  }
+  kernels::SetPrefillKernel(before);
+  // PrefillRowsPerCta follows the kernel that runs: mma.sync here.
+  EXPECT_EQ(kernels::PrefillRowsPerCta(64), 64);
+}
+
 TEST(PrefillAttentionLauncher, RejectsMisalignedKv) {
   // Real buffers so that a launcher that failed to validate would read valid memory.
   KVQ_REQUIRE_CUDA_DEVICE();
