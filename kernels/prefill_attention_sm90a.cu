@@ -5,7 +5,8 @@
 // whole CTA; K and V tiles of 128 keys stream through a 3-stage ring. Every shared operand is in the
 // 128-byte-swizzled layout wgmma reads: each tile is head dim / 64 64-channel halves of [rows][128 bytes],
 // 16-byte chunk c of row t at c ^ (t & 7), halves and stages 1024-byte aligned.
-//   S = Q K^T   wgmma.m64n128k16, A = Q and B = K from shared memory (both K-major), 8 k-steps;
+//   S = Q K^T   wgmma.m64n128k16, A = Q and B = K from shared memory (both K-major), head dim / 16
+//               k-steps;
 //   softmax     on the fp32 accumulators in registers (the m64nN accumulator layout is the
 //               mma.m16n8 C layout per warp and 8 columns), masked per row limit, log2 domain;
 //   O += P V    wgmma.m64n{head dim}k16 with A = P from registers (fp16; the A fragment of the 16 keys
@@ -28,8 +29,9 @@
 //     through the generic proxy and wgmma reads through the async proxy, so every thread fences
 //     (fence.proxy.async.shared::cta) its completed copies before the barrier.
 // H200, 2026-12-01 (RESULTS.md): 4096 rows over 32K-131K keys of the Llama-3-8B shape, ping-pong
-// 621-626 TFLOP/s, serial 430-458, mma.sync 322-326, cuDNN SDPA 585-662; FlashAttention-3's
-// intra-warpgroup overlap on top of the serial schedule measured 2-3% slower (not kept).
+// 612-628 TFLOP/s, serial 416-462, mma.sync 322-326, cuDNN SDPA 585-669; head dim 64 (SmolLM2)
+// 249-294. FlashAttention-3's intra-warpgroup overlap measured slower on both schedules (on the
+// ping-pong one also with a producer warpgroup and setmaxnreg: 485 against 617); not kept.
 #include "kernels/prefill_attention_sm90a.h"
 
 #include <cuda.h>
