@@ -15,8 +15,8 @@
 // chunk's causal self-attention (N x N): time, TFLOP/s (4 * N * n_heads * keys * head_dim for
 // the past, half that for the causal chunk), and the quantize-append of the N tokens into fresh
 // blocks, printed as a second table. PyTorch's SDPA on the same shapes: benchmarks/sdpa_bench.py.
-// --prefill_kernels runs those measurements once per named kernel (kernels::SetPrefillKernel; head
-// dim 64 always takes mma.sync), in the same process, for A/B tables.
+// --prefill_kernels runs those measurements once per named kernel (kernels::SetPrefillKernel), in
+// the same process, for A/B tables.
 //
 // --sink=N gives quantized formats N fp16 sink tokens (the engine's default is 1; 0 keeps the
 // pool uniform and matches the earlier tables); context counts them.
@@ -424,15 +424,12 @@ int main(int argc, char** argv) {
     } else if (const char* v = val("--prefill_kernels=")) {
       prefill_kernels.clear();
       for (const std::string& k : Split(v)) {
-        bool found = false;
-        for (auto c : {kvq::kernels::PrefillKernel::kAuto, kvq::kernels::PrefillKernel::kMmaSync,
-                       kvq::kernels::PrefillKernel::kWgmma, kvq::kernels::PrefillKernel::kWgmmaSerial}) {
-          if (k == kvq::kernels::PrefillKernelName(c)) prefill_kernels.push_back(c), found = true;
-        }
-        if (!found) {
+        const auto kernel = kvq::kernels::ParsePrefillKernel(k);
+        if (!kernel) {
           std::fprintf(stderr, "--prefill_kernels: unknown kernel %s (auto, mma, wgmma, wgmma-serial)\n", k.c_str());
           return 2;
         }
+        prefill_kernels.push_back(*kernel);
       }
     } else if (const char* v = val("--json=")) {
       json = v;

@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -593,11 +592,7 @@ bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 
 PrefillKernel KernelFromEnv() {
   const char* e = std::getenv("KVQ_PREFILL_KERNEL");
-  if (e == nullptr) return PrefillKernel::kAuto;
-  if (std::strcmp(e, "mma") == 0) return PrefillKernel::kMmaSync;
-  if (std::strcmp(e, "wgmma") == 0) return PrefillKernel::kWgmma;
-  if (std::strcmp(e, "wgmma-serial") == 0) return PrefillKernel::kWgmmaSerial;
-  return PrefillKernel::kAuto;
+  return e == nullptr ? PrefillKernel::kAuto : ParsePrefillKernel(e).value_or(PrefillKernel::kAuto);
 }
 std::atomic<PrefillKernel>& KernelChoice() {
   static std::atomic<PrefillKernel> choice{KernelFromEnv()};
@@ -633,6 +628,12 @@ const char* PrefillKernelName(PrefillKernel kernel) {
     case PrefillKernel::kWgmmaSerial: return "wgmma-serial";
   }
   return "?";
+}
+std::optional<PrefillKernel> ParsePrefillKernel(std::string_view name) {
+  for (auto k : {PrefillKernel::kAuto, PrefillKernel::kMmaSync, PrefillKernel::kWgmma, PrefillKernel::kWgmmaSerial}) {
+    if (name == PrefillKernelName(k)) return k;
+  }
+  return std::nullopt;
 }
 
 absl::Status LaunchExpandKv(const ExpandKvParams& p, cudaStream_t stream) {

@@ -37,6 +37,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "kernels/paged_kv.h"
@@ -101,6 +103,8 @@ bool PrefillWgmmaOnCurrentDevice();
 void SetPrefillKernel(PrefillKernel kernel);
 PrefillKernel GetPrefillKernel();
 const char* PrefillKernelName(PrefillKernel kernel);
+// The kernel of that name (PrefillKernelName), or nullopt.
+std::optional<PrefillKernel> ParsePrefillKernel(std::string_view name);
 
 // Splits that fill the device for this launch shape: >= 1, <= max_splits, at least 4 key tiles
 // (256 keys) per split; 1 when the rows alone give two CTAs per SM.

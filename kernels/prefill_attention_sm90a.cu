@@ -359,7 +359,37 @@ __device__ __forceinline__ void Epilogue(const PrefillAttentionParams& p, const 
   }
 }
 
+// One consumer warpgroup's accumulators: scores S of the current tile, output O, P as A fragments.
+template <int kHd>
+struct Acc {
+  float o[kHd / 2] = {};
+  float s[64] = {};
+  uint32_t pa[8][4];
+};
+// The rest of tile T once its S = Q K^T is issued: wait for it, mask and softmax, rescale O, pack
+// P, O += P V from the tile's V (vaddr), wait.
+template <int kHd>
+__device__ __forceinline__ void FinishTile(Acc<kHd>& a, Rows& r, const CtaWork& w, int T, int q4, uint32_t vaddr) {
+  WgWait<0>();
+  FenceRegs(a.s);
+  float corr[2];
+  const int key0 = w.kb + T * kBN;
+  Softmax(a.s, r, key0, key0 + kBN > w.cta_min, q4, corr);
+  Rescale<kHd>(a.o, corr);
+  PackP(a.s, a.pa);
+  WgFence();
+  IssuePV<kHd>(a.o, a.pa, vaddr);
+  WgWait<0>();
+  FenceRegs(a.o);
+}
 #endif  // KVQ_PREFILL_WGMMA_BODY
+
+// The grid of both schedules: (row blocks, kv heads, key splits).
+inline dim3 WgmmaGrid(const PrefillAttentionParams& p) {
+  const int64_t M = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
+  return dim3(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(p.n_kv_heads),
+              static_cast<unsigned>(p.splits));
+}
 
 // Serial schedule: all 256 threads load the ring with cp.async one tile ahead; per tile one CTA
 // barrier, then S = Q K^T, softmax, O += P V in sequence.
@@ -406,34 +436,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (T + 1 < w.n_tiles) load_tile(T + 1);
   };
 
-  float o[kHd / 2], s[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) s[i] = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kHd / 2; ++i) o[i] = 0.0f;
-  uint32_t pa[8][4];
-  float corr[2];
-  auto softmax = [&](int T) {
-    const int key0 = w.kb + T * kBN;
-    Softmax(s, r, key0, key0 + kBN > w.cta_min, q4, corr);
-  };
-
+  Acc<kHd> a;
   if (w.n_tiles > 0) load_tile(0);
   for (int T = 0; T < w.n_tiles; ++T) {
     arrive(T);
     WgFence();
-    IssueS<kHd>(s, qaddr, kaddr(T));
-    WgWait<0>();
-    FenceRegs(s);
-    softmax(T);
-    Rescale<kHd>(o, corr);
-    PackP(s, pa);
-    WgFence();
-    IssuePV<kHd>(o, pa, kaddr(T) + G::kVOff);
-    WgWait<0>();
-    FenceRegs(o);
+    IssueS<kHd>(a.s, qaddr, kaddr(T));
+    FinishTile(a, r, w, T, q4, kaddr(T) + G::kVOff);
   }
-  Epilogue<kHd>(p, w, r, o, q4);
+  Epilogue<kHd>(p, w, r, a.o, q4);
 #else
   __trap();  // no sm_90a image: the launcher never gets here (PrefillWgmmaAvailable)
 #endif
@@ -491,13 +502,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int wg = warp >> 2, q4 = lane & 3;
   Rows r = MakeRows(p, w, wg, warp & 3, lane >> 2);
   const uint32_t qaddr = sbase + wg * 64 * kRowBytes;
-  float o[kHd / 2], s[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) s[i] = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kHd / 2; ++i) o[i] = 0.0f;
-  uint32_t pa[8][4];
-  float corr[2];
+  Acc<kHd> a;
   // Turn barriers: warpgroup 0 waits on 1, warpgroup 1 on 2; warpgroup 1 lets 0 start, and skips
   // its last hand-over so that every arrival is matched.
   if (wg == 1 && w.n_tiles > 0) NamedArrive(1, 256);
@@ -507,21 +512,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     MbarWait(full(st), (T / kStages) & 1);
     NamedSync(1 + wg, 256);
     WgFence();
-    IssueS<kHd>(s, qaddr, ka);
+    IssueS<kHd>(a.s, qaddr, ka);
     if (wg == 0 || T + 1 < w.n_tiles) NamedArrive(2 - wg, 256);
-    WgWait<0>();
-    FenceRegs(s);
-    const int key0 = w.kb + T * kBN;
-    Softmax(s, r, key0, key0 + kBN > w.cta_min, q4, corr);
-    Rescale<kHd>(o, corr);
-    PackP(s, pa);
-    WgFence();
-    IssuePV<kHd>(o, pa, ka + G::kVOff);
-    WgWait<0>();
-    FenceRegs(o);
+    FinishTile(a, r, w, T, q4, ka + G::kVOff);
     MbarArrive(empty(st));
   }
-  Epilogue<kHd>(p, w, r, o, q4);
+  Epilogue<kHd>(p, w, r, a.o, q4);
 #else
   __trap();
 #endif
@@ -532,10 +528,7 @@ absl::Status LaunchSerial(const PrefillAttentionParams& p, int64_t keys_per_spli
   constexpr size_t kSmemBytes = Geo<kHd>::kSmemBytes;
   KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaSerialKernel<kHd>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(kSmemBytes)));
-  const int64_t M = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
-  const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(p.n_kv_heads),
-                  static_cast<unsigned>(p.splits));
-  PrefillWgmmaSerialKernel<kHd><<<grid, kThreads, kSmemBytes, stream>>>(p, static_cast<int>(keys_per_split));
+  PrefillWgmmaSerialKernel<kHd><<<WgmmaGrid(p), kThreads, kSmemBytes, stream>>>(p, static_cast<int>(keys_per_split));
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -587,10 +580,7 @@ absl::Status LaunchWs(const PrefillAttentionParams& p, int64_t keys_per_split, c
   constexpr size_t kWsSmemBytes = Geo<kHd>::kWsSmemBytes;
   KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(PrefillWgmmaWsKernel<kHd>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(kWsSmemBytes)));
-  const int64_t M = static_cast<int64_t>(p.rows) * (p.n_heads / p.n_kv_heads);
-  const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(p.n_kv_heads),
-                  static_cast<unsigned>(p.splits));
-  PrefillWgmmaWsKernel<kHd><<<grid, kWsThreads, kWsSmemBytes, stream>>>(p, static_cast<int>(keys_per_split), tk, tv);
+  PrefillWgmmaWsKernel<kHd><<<WgmmaGrid(p), kWsThreads, kWsSmemBytes, stream>>>(p, static_cast<int>(keys_per_split), tk, tv);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

@@ -544,6 +544,43 @@ INSTANTIATE_TEST_SUITE_P(Grid, PrefillSelfTest,
                                            SelfCase{128, 1, 1, 1000, true, 4}),
                          SelfName);
 
+// Random fp16 K/V of `elems` elements (normal; every spike_every-th key element x 5, 0: none): the
+// bits for the device and their values for the reference.
+struct HalfKv {
+  std::vector<uint16_t> kh, vh;
+  std::vector<float> k, v;
+};
+HalfKv RandomHalfKv(size_t elems, uint32_t seed, size_t spike_every) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  HalfKv kv{std::vector<uint16_t>(elems), std::vector<uint16_t>(elems), std::vector<float>(elems),
+            std::vector<float>(elems)};
+  for (size_t i = 0; i < elems; ++i) {
+    kv.kh[i] = FloatToHalfBits(nd(rng) * (spike_every > 0 && i % spike_every == 0 ? 5.0f : 1.0f));
+    kv.vh[i] = FloatToHalfBits(nd(rng));
+    kv.k[i] = HalfBitsToFloat(kv.kh[i]);
+    kv.v[i] = HalfBitsToFloat(kv.vh[i]);
+  }
+  return kv;
+}
+
+// PrefillAttention over contiguous token-major K/V ([n_keys][n_kv][hd]), not causal.
+kernels::PrefillAttentionParams TokenMajorParams(int rows, int n_heads, int n_kv, int hd, int n_keys,
+                                                 int64_t limit_base, const uint16_t* k, const uint16_t* v) {
+  kernels::PrefillAttentionParams p;
+  p.rows = rows;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv;
+  p.head_dim = hd;
+  p.k = k;
+  p.v = v;
+  p.kv_token_stride = static_cast<int64_t>(n_kv) * hd;
+  p.kv_head_stride = hd;
+  p.n_keys = n_keys;
+  p.limit_base = limit_base;
+  return p;
+}
+
 // The hd128 kernel needs more than 48 KiB of dynamic shared memory, an attribute that is set per
 // device: every device of the process must launch it. Skips with fewer than two devices.
 TEST(PrefillAttentionDevices, LaunchesOnEveryDevice) {
@@ -552,36 +589,16 @@ TEST(PrefillAttentionDevices, LaunchesOnEveryDevice) {
   KVQ_ASSERT_CUDA(cudaGetDeviceCount(&n_dev));
   if (n_dev < 2) GTEST_SKIP() << "one CUDA device";
   const int n = 70, H = 1, D = 128, n_heads = 2;
-  std::mt19937 rng(4000);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> k16(static_cast<size_t>(n) * H * D), v16(k16.size());
-  std::vector<uint16_t> kh(k16.size()), vh(k16.size());
-  for (size_t i = 0; i < k16.size(); ++i) {
-    kh[i] = FloatToHalfBits(nd(rng));
-    vh[i] = FloatToHalfBits(nd(rng));
-    k16[i] = HalfBitsToFloat(kh[i]);
-    v16[i] = HalfBitsToFloat(vh[i]);
-  }
+  const HalfKv kv = RandomHalfKv(static_cast<size_t>(n) * H * D, 4000, 0);
   const std::vector<float> q = RandomQ(static_cast<size_t>(n) * n_heads * D, 4001);
   std::vector<float> want_o, want_lse;
-  AttentionReference(q, k16, v16, n, n_heads, H, D, n, n, false, &want_o, &want_lse);
+  AttentionReference(q, kv.k, kv.v, n, n_heads, H, D, n, n, false, &want_o, &want_lse);
   for (int dev = 0; dev < n_dev; ++dev) {
     SCOPED_TRACE(absl::StrCat("device ", dev));
     KVQ_ASSERT_CUDA(cudaSetDevice(dev));
-    DeviceBuffer<uint16_t> dk(kh), dv(vh);
-    kernels::PrefillAttentionParams p;
-    p.rows = n;
-    p.n_heads = n_heads;
-    p.n_kv_heads = H;
-    p.head_dim = D;
-    p.k = dk.get();
-    p.v = dv.get();
-    p.kv_token_stride = D;
-    p.kv_head_stride = D;
-    p.n_keys = n;
-    p.limit_base = n;
+    DeviceBuffer<uint16_t> dk(kv.kh), dv(kv.vh);
     PrefillOut out;
-    ASSERT_NO_FATAL_FAILURE(RunPrefill(p, q, 1, &out));
+    ASSERT_NO_FATAL_FAILURE(RunPrefill(TokenMajorParams(n, n_heads, H, D, n, n, dk.get(), dv.get()), q, 1, &out));
     ExpectClose(out.o, want_o, kSelfOutTol, n_heads, D, "o");
     ExpectClose(out.lse, want_lse, kSelfLseTol, n_heads, 1, "lse");
   }
@@ -600,37 +617,14 @@ TEST_P(PrefillAttentionKernels, EveryKernelMatchesTheReference) {
   const int H = 2, group = 3, D = GetParam(), rows = 301, n_keys = 1000;
   const int n_heads = H * group;
   const int64_t limit_base = 650;  // row r sees min(650 + r, 1000) keys
-  std::mt19937 rng(5000);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> k16(static_cast<size_t>(n_keys) * H * D), v16(k16.size());
-  std::vector<uint16_t> kh(k16.size()), vh(k16.size());
-  for (size_t i = 0; i < k16.size(); ++i) {
-    kh[i] = FloatToHalfBits(nd(rng) * (i % 89 == 0 ? 5.0f : 1.0f));
-    vh[i] = FloatToHalfBits(nd(rng));
-    k16[i] = HalfBitsToFloat(kh[i]);
-    v16[i] = HalfBitsToFloat(vh[i]);
-  }
+  const HalfKv kv = RandomHalfKv(static_cast<size_t>(n_keys) * H * D, 5000, 89);
   const std::vector<float> q = RandomQ(static_cast<size_t>(rows) * n_heads * D, 5001);
   std::vector<float> want_o, want_lse;
-  AttentionReference(q, k16, v16, rows, n_heads, H, D, n_keys, limit_base, true, &want_o, &want_lse);
-  DeviceBuffer<uint16_t> dk(kh), dv(vh);
-  kernels::PrefillAttentionParams p;
-  p.rows = rows;
-  p.n_heads = n_heads;
-  p.n_kv_heads = H;
-  p.head_dim = D;
-  p.k = dk.get();
-  p.v = dv.get();
-  p.kv_token_stride = static_cast<int64_t>(H) * D;
-  p.kv_head_stride = D;
-  p.n_keys = n_keys;
-  p.limit_base = limit_base;
+  AttentionReference(q, kv.k, kv.v, rows, n_heads, H, D, n_keys, limit_base, true, &want_o, &want_lse);
+  DeviceBuffer<uint16_t> dk(kv.kh), dv(kv.vh);
+  kernels::PrefillAttentionParams p = TokenMajorParams(rows, n_heads, H, D, n_keys, limit_base, dk.get(), dv.get());
   p.causal = true;
-  int dev = 0, major = 0, minor = 0;
-  KVQ_ASSERT_CUDA(cudaGetDevice(&dev));
-  KVQ_ASSERT_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  KVQ_ASSERT_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  const bool hopper = major == 9 && minor == 0;
+  const bool hopper = kernels::PrefillWgmmaOnCurrentDevice();
   const kernels::PrefillKernel before = kernels::GetPrefillKernel();
   std::vector<std::vector<float>> outs;
   for (const auto kernel : {kernels::PrefillKernel::kMmaSync, kernels::PrefillKernel::kWgmma,
@@ -712,20 +706,10 @@ TEST(PrefillAttentionLauncher, RefusesAWgmmaKernelWithoutHopper) {
   if (kernels::PrefillWgmmaOnCurrentDevice()) GTEST_SKIP() << "this device runs the wgmma kernels";
   float host[8] = {};
   uint16_t halves[16] = {};
-  kernels::PrefillAttentionParams p;
-  p.rows = 1;
-  p.n_heads = 2;
-  p.n_kv_heads = 1;
-  p.head_dim = 128;
-  p.n_keys = 1;
-  p.limit_base = 1;
+  kernels::PrefillAttentionParams p = TokenMajorParams(1, 2, 1, 128, 1, 1, halves, halves);
   p.q = host;
   p.o = host;
   p.lse = host;
-  p.k = halves;
-  p.v = halves;
-  p.kv_token_stride = 128;
-  p.kv_head_stride = 128;
   const kernels::PrefillKernel before = kernels::GetPrefillKernel();
   for (auto k : {kernels::PrefillKernel::kWgmma, kernels::PrefillKernel::kWgmmaSerial}) {
     kernels::SetPrefillKernel(k);
