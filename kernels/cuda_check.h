@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cublas_v2.h>
+#include <cstdint>
 #include <cuda_runtime.h>
 
 #include "absl/status/status.h"
@@ -9,6 +10,8 @@
 #include "kernels/cublas_api.h"
 
 namespace kvq::kernels::internal {
+// Launchers' alignment check for pointers read or written 16 bytes at a time.
+inline bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 inline absl::Status CudaErrorToStatus(cudaError_t e, const char* expr, const char* file, int line) {
   return absl::InternalError(absl::StrCat(file, ":", line, ": ", expr, " failed: ",
                                           cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
