@@ -1,6 +1,7 @@
-// Shared by the prefill kernels' GPU tests (expand_kv_test.cu, prefill_attention_test.cu): a
-// batch of quantized caches with random K/V uploaded as a paged device view, random queries, and
-// the launchers' InvalidArgument check.
+// Shared by the prefill kernels' tests (expand_kv_test.cu, prefill_attention_test.cu,
+// prefill_launch_test.cu): a batch of quantized caches with random K/V uploaded as a paged device
+// view, random queries, PrefillAttention parameters over token-major K/V, and the launchers'
+// InvalidArgument check.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -14,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_replace.h"
+#include "kernels/prefill_attention.h"
 #include "kernels/reference/rope.h"
 #include "kvstore/kv_format.h"
 #include "kvstore/quantized_kv_cache.h"
@@ -22,6 +24,7 @@
 namespace kvq::testing {
 
 inline constexpr int kPrefillTestLayer = 1;          // of 2: per-layer offsets are exercised
+inline constexpr int kMinSplitKeys = 64;  // every key split is a multiple of 64 keys (prefill_attention.h)
 inline constexpr uint16_t kUnwritten = 0x7d55;  // an fp16 NaN payload no float conversion produces
 
 inline std::string FormatTag(const std::string& f) {
@@ -51,6 +54,23 @@ inline void BuildPast(const std::string& format, int head_dim, int n_kv_heads, c
   MakeRandomCaches(past->shape, *fmt, past->quant, past->rope, lens, first_position, rng, nd, &past->caches, &ptrs);
   if (::testing::Test::HasFatalFailure()) return;
   past->dev = UploadCaches(ptrs, past->quant.get(), past->rope);
+}
+
+// PrefillAttention over contiguous token-major K/V ([n_keys][n_kv][hd]), not causal.
+inline kernels::PrefillAttentionParams TokenMajorParams(int rows, int n_heads, int n_kv, int hd, int n_keys,
+                                                 int64_t limit_base, const uint16_t* k, const uint16_t* v) {
+  kernels::PrefillAttentionParams p;
+  p.rows = rows;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv;
+  p.head_dim = hd;
+  p.k = k;
+  p.v = v;
+  p.kv_token_stride = static_cast<int64_t>(n_kv) * hd;
+  p.kv_head_stride = hd;
+  p.n_keys = n_keys;
+  p.limit_base = limit_base;
+  return p;
 }
 
 inline std::vector<float> RandomQ(size_t n, uint32_t seed) {
