@@ -1,5 +1,6 @@
 // Prefill attention on tensor cores: many query rows against one sequence's keys, for chunked
-// prefill (kernels/prefill_attention.cu).
+// prefill (kernels/prefill_attention.cu; ExpandKv in kernels/expand_kv.cu, the Hopper kernels in
+// kernels/prefill_attention_sm90a.cu).
 //
 // A prefill chunk of n tokens attends (a) the sequence's cached past and (b) the chunk itself.
 // Running the decode kernel once per query row (what the engine did first) reads the whole past n
