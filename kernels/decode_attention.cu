@@ -115,21 +115,43 @@ std::string DecodeAttentionDesc::ToString() const {
                       ", group<=", max_group, "}");
 }
 
+int DecodeCtasPerSm(int n_kv_heads) {
+  // 128 registers per thread: 16 warps per SM. Shared memory of the largest instance (head dim
+  // 128, 4-bit LUT): 35,328 B per CTA + 9,728 B per warp, plus 1 KB reserved per CTA, of 228 KB.
+  const int warps = std::clamp(n_kv_heads, 1, kMmaMaxWarps);
+  const int by_regs = 16 / warps;
+  const int by_smem = 233472 / (35328 + 9728 * warps + 1024);
+  return std::max(1, std::min(by_regs, by_smem));
+}
+
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
                        int sm_count) {
   (void)sink_tokens;  // every instantiated format takes a tensor-core kernel (sinks included)
   const int max_units = std::max(1, (max_seq_len + kMmaSplitUnit - 1) / kMmaSplitUnit);
-  // Tensor-core kernels: a CTA holds up to 8 KV heads and two CTAs fit on an SM.
+  // Tensor-core kernels: a CTA holds up to 8 KV heads (one warp each).
   const int64_t heads_ctas = (n_kv_heads + kMmaMaxWarps - 1) / kMmaMaxWarps;
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * heads_ctas);
-  // One wave of resident CTAs; never split below 64 tokens per CTA. (Whole blocks per split, as
-  // before, left a 1K-token context on 5 CTAs: a warp walks its tiles one memory round trip at a
-  // time, ~3 us each, so Llama-3-8B fp16 spent 50 us per layer there; measured on the H200.)
-  const int64_t target = 2LL * std::max(sm_count, 1);
-  int splits = static_cast<int>(std::clamp<int64_t>((target + ctas - 1) / ctas, 1, max_units));
-  splits = std::min(splits, 65535);
-  const int units_per_split = (max_units + splits - 1) / splits;
-  return (max_units + units_per_split - 1) / units_per_split;
+  // Whole waves of resident CTAs (two per SM); never below 64 tokens per CTA. (Whole blocks per
+  // split, as before, left a 1K-token context on 5 CTAs: a warp walks its tiles one memory round
+  // trip at a time, ~3 us each, so Llama-3-8B fp16 spent 50 us per layer there.) The split count
+  // minimises waves x (units per CTA + two units of fixed cost per CTA) over 1..8 waves: filling
+  // one wave as closely as possible could overshoot it (batch 32 x 9 splits = 288 CTAs on 264
+  // slots ran a second wave of 24 CTAs: Llama-3-8B fp16 at 128K, 72% of the bandwidth floor;
+  // 8 splits fit one wave). Both measured on the H200, 2026-12-01.
+  const int64_t slots = static_cast<int64_t>(DecodeCtasPerSm(n_kv_heads)) * std::max(sm_count, 1);
+  int best_splits = 1;
+  int64_t best_cost = -1;
+  for (int64_t waves = 1; waves <= 8; ++waves) {
+    const int64_t fit = std::clamp<int64_t>(waves * slots / ctas, 1, std::min(max_units, 65535));
+    const int64_t units_per_split = (max_units + fit - 1) / fit;
+    const int64_t splits = (max_units + units_per_split - 1) / units_per_split;
+    const int64_t cost = ((ctas * splits + slots - 1) / slots) * (units_per_split + 2);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best_splits = static_cast<int>(splits);
+    }
+  }
+  return best_splits;
 }
 
 size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits) {

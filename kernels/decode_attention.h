@@ -42,6 +42,10 @@ struct DecodeAttentionDesc {
 // changes the choice (every instantiated format takes a tensor-core kernel, sinks included).
 // Sink buffers (PagedKvCache::sink) must be 16-byte aligned: the LUT kernel reads them in uint4.
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens, int sm_count);
+// Resident tensor-core decode CTAs per SM for a cache with n_kv_heads (one warp per KV head, up
+// to 8 per CTA), as the split choice counts them: the register and shared-memory limits of the
+// largest instance.
+int DecodeCtasPerSm(int n_kv_heads);
 size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits);
 
 absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t stream);

@@ -146,7 +146,8 @@ inline void MakeRandomCaches(const kvstore::KvShape& shape, const kvstore::KvFor
                              const std::vector<int>& lens, int64_t first_position, std::mt19937& rng,
                              std::normal_distribution<float>& nd,
                              std::vector<std::unique_ptr<kvstore::QuantizedKvCache>>* caches,
-                             std::vector<const kvstore::QuantizedKvCache*>* ptrs) {
+                             std::vector<const kvstore::QuantizedKvCache*>* ptrs,
+                             int value_skew_head = -1) {
   const int64_t L = shape.ElementsPerTokenPerLayer();
   for (int len : lens) {
     auto cache = kvstore::QuantizedKvCache::Create(shape, format, quant, rope, first_position);
@@ -155,6 +156,13 @@ inline void MakeRandomCaches(const kvstore::KvShape& shape, const kvstore::KvFor
     for (float& x : k) x = nd(rng) * 1.2f;
     for (float& x : v) x = nd(rng);
     for (size_t i = 0; i < k.size(); i += 97) k[i] *= 4.0f;
+    // Values of one head 8x larger: every token's value outliers (the extremes of its layer
+    // vector) fall in that head.
+    if (value_skew_head >= 0) {
+      for (size_t i = 0; i < v.size(); ++i) {
+        if ((static_cast<int64_t>(i) % L) / shape.head_dim == value_skew_head) v[i] *= 8.0f;
+      }
+    }
     for (int at = 0; at < len; at += 300) {
       const int n = std::min(300, len - at);
       for (int l = 0; l < shape.n_layers; ++l) {

@@ -323,7 +323,12 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
                     fmt.c_str(), p, prompts[p].size(), tg == tc ? "identical" : "DIFFER", MaxAbsDiff(lg, lc),
                     SamePrefix(t16, tc));
         EXPECT_EQ(tg, tc) << fmt << " prompt " << p;
-        EXPECT_LT(MaxAbsDiff(lg, lc), 5e-3) << fmt;
+        // The GPU rounds softmax weights to fp16 in the tensor-core attention kernels (~5e-4
+        // relative in every layer's attention output) and sums split partials in its own order;
+        // over 30 layers that moves logits of magnitude ~20 by a few 1e-3: measured 3e-5 to
+        // 5.4e-3 (the 300-token prompt; H200, 2026-12-01, after the merge kernel began summing
+        // partials in groups), so 1e-2.
+        EXPECT_LT(MaxAbsDiff(lg, lc), 1e-2) << fmt;
         continue;
       }
       std::printf("[gpu-fwd] %-8s prompt %zu (%zu tokens): GPU vs CPU greedy tokens agree on the first %d/20, "
