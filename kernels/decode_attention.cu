@@ -115,17 +115,19 @@ std::string DecodeAttentionDesc::ToString() const {
                       ", group<=", max_group, "}");
 }
 
-int DecodeCtasPerSm(int n_kv_heads) {
-  // 128 registers per thread: 16 warps per SM. Shared memory of the largest instance (head dim
-  // 128, 4-bit LUT): 35,328 B per CTA + 9,728 B per warp, plus 1 KB reserved per CTA, of 228 KB.
+int DecodeCtasPerSm(int n_kv_heads, int head_dim) {
+  // 128 registers per thread: 16 warps per SM. Shared memory of the 4-bit LUT instance (the
+  // largest; decode_attention_lut_mma.cuh): head dim 128: 35,328 B per CTA + 9,728 B per warp;
+  // head dim 64: 19,712 + 5,120; plus 1 KB reserved per CTA, of 228 KB per SM.
   const int warps = std::clamp(n_kv_heads, 1, kMmaMaxWarps);
+  const bool small = head_dim <= 64;
   const int by_regs = 16 / warps;
-  const int by_smem = 233472 / (35328 + 9728 * warps + 1024);
+  const int by_smem = 233472 / ((small ? 19712 : 35328) + (small ? 5120 : 9728) * warps + 1024);
   return std::max(1, std::min(by_regs, by_smem));
 }
 
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
-                       int sm_count) {
+                       int sm_count, int head_dim) {
   (void)sink_tokens;  // every instantiated format takes a tensor-core kernel (sinks included)
   const int max_units = std::max(1, (max_seq_len + kMmaSplitUnit - 1) / kMmaSplitUnit);
   // Tensor-core kernels: a CTA holds up to 8 KV heads (one warp each).
@@ -138,7 +140,7 @@ int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_toke
   // one wave as closely as possible could overshoot it (batch 32 x 9 splits = 288 CTAs on 264
   // slots ran a second wave of 24 CTAs: Llama-3-8B fp16 at 128K, 72% of the bandwidth floor;
   // 8 splits fit one wave). Both measured on the H200, 2026-12-01.
-  const int64_t slots = static_cast<int64_t>(DecodeCtasPerSm(n_kv_heads)) * std::max(sm_count, 1);
+  const int64_t slots = static_cast<int64_t>(DecodeCtasPerSm(n_kv_heads, head_dim)) * std::max(sm_count, 1);
   int best_splits = 1;
   int64_t best_cost = -1;
   for (int64_t waves = 1; waves <= 8; ++waves) {
@@ -182,7 +184,7 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
     int dev = 0, sms = 0;
     KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
     KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    splits = ChooseDecodeSplits(p.batch, g.n_kv_heads, p.max_seq_len, p.kv.sink_tokens, sms);
+    splits = ChooseDecodeSplits(p.batch, g.n_kv_heads, p.max_seq_len, p.kv.sink_tokens, sms, g.head_dim);
   }
   // Splits are whole 64-token units for the tensor-core kernels (whole cos/sin groups; the LUT
   // kernel finds its key-outlier cursor inside a block) and whole blocks for the CUDA-core kernel.

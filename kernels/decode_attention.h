@@ -41,11 +41,12 @@ struct DecodeAttentionDesc {
 // Splits the launcher uses for these sizes when num_splits == 0 (>= 1). sink_tokens no longer
 // changes the choice (every instantiated format takes a tensor-core kernel, sinks included).
 // Sink buffers (PagedKvCache::sink) must be 16-byte aligned: the LUT kernel reads them in uint4.
-int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens, int sm_count);
+int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens, int sm_count,
+                       int head_dim = 128);
 // Resident tensor-core decode CTAs per SM for a cache with n_kv_heads (one warp per KV head, up
-// to 8 per CTA), as the split choice counts them: the register and shared-memory limits of the
-// largest instance.
-int DecodeCtasPerSm(int n_kv_heads);
+// to 8 per CTA), as the split choice counts them: the register limit, and the shared memory of
+// the largest instance of that head dim (4-bit LUT).
+int DecodeCtasPerSm(int n_kv_heads, int head_dim = 128);
 size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits);
 
 absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t stream);

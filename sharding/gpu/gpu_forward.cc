@@ -314,7 +314,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       pf_parts_bytes = std::max(pf_parts_bytes, a.fa_plan.partial_bytes);
       continue;
     }
-    a.splits = kernels::ChooseDecodeSplits(a.rows, nkv, a.max_len, pool->format().sink_tokens, m.sm_count);
+    a.splits = kernels::ChooseDecodeSplits(a.rows, nkv, a.max_len, pool->format().sink_tokens, m.sm_count, hd);
     ws_bytes = std::max(ws_bytes, kernels::DecodeAttentionWorkspaceBytes(a.rows, nh, hd, a.splits));
   }
   // The chunk's own part through the prefill kernel needs its k/v in fp16.

@@ -102,7 +102,7 @@ TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   const int splits = c.splits > 0 ? c.splits
                                   : kernels::ChooseDecodeSplits(batch, c.n_kv_heads,
-                                                                p.max_seq_len, 0, sms);
+                                                                p.max_seq_len, 0, sms, c.head_dim);
   DeviceBuffer<uint8_t> ws(kernels::DecodeAttentionWorkspaceBytes(batch, n_heads, c.head_dim,
                                                                    std::max(splits, 64)) + 16);
   p.workspace = ws.get();
@@ -342,8 +342,14 @@ TEST(ChooseDecodeSplits, FillsWholeWaves) {
   // LLaMA-2-7B (32 KV heads: 4 CTAs per sequence and split), batch 32: one split per sequence
   // already makes 128 CTAs; two fill one wave.
   EXPECT_EQ(kernels::ChooseDecodeSplits(32, 32, 131072, 0, sms), 2);
-  // SmolLM2 (3 KV heads: 3-warp CTAs, three per SM): batch 32 at 128K fills 396 slots.
+  // 3 KV heads of head dim 128: 3-warp CTAs, three per SM (shared memory): batch 32 at 128K
+  // fills 396 slots. SmolLM2 (head dim 64): five per SM (registers), 660 slots.
+  EXPECT_EQ(kernels::DecodeCtasPerSm(3, 128), 3);
+  EXPECT_EQ(kernels::DecodeCtasPerSm(3, 64), 5);
+  EXPECT_EQ(kernels::DecodeCtasPerSm(8, 128), 2);
   EXPECT_EQ(kernels::ChooseDecodeSplits(32, 3, 131072, 0, sms), 12);
+  // 20 splits fill one wave (640 CTAs); 41 fill two (1,312 of 1,320) with half the tokens per CTA.
+  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 3, 131072, 0, sms, 64), 41);
   // Short contexts: never below one 64-token unit per split.
   EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1024, 0, sms), 16);
   EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1, 0, sms), 1);
