@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
 #include "kernels/decode_attention_instances.h"
+#include "kernels/decode_attention_lut_mma.cuh"
 #include "kernels/merge_attention.h"
 
 namespace kvq::kernels {
@@ -16,8 +17,9 @@ namespace {
 using decode_attention_internal::DecodeAttentionEntry;
 
 constexpr int kThreads = 128;
-constexpr int kMmaMaxWarps = 8;
-constexpr int kMmaSplitUnit = 64;  // tokens: kTile * kGroupTiles of the tensor-core kernels
+constexpr int kMmaMaxWarps = decode_attention_mma::kMaxWarps;
+// Tokens per split unit: one cos/sin group of the tensor-core kernels.
+constexpr int kMmaSplitUnit = decode_attention_mma::kTile * decode_attention_mma::kGroupTiles;
 
 const decode_attention_internal::DecodeAttentionMmaEntry* FindMmaEntry(int head_dim, KvCodec codec) {
   for (const auto& e : decode_attention_internal::MmaDecodeAttentionEntries()) {
@@ -116,13 +118,15 @@ std::string DecodeAttentionDesc::ToString() const {
 }
 
 int DecodeCtasPerSm(int n_kv_heads, int head_dim) {
-  // 128 registers per thread: 16 warps per SM. Shared memory of the 4-bit LUT instance (the
-  // largest; decode_attention_lut_mma.cuh): head dim 128: 35,328 B per CTA + 9,728 B per warp;
-  // head dim 64: 19,712 + 5,120; plus 1 KB reserved per CTA, of 228 KB per SM.
+  // Registers: the kernels' launch bounds fit two CTAs of kMaxWarps warps (128 registers per
+  // thread). Shared memory: the 4-bit LUT instance (the largest) of that head dim, plus 1 KB
+  // reserved per CTA, of the 228 KB of a Hopper SM.
+  constexpr size_t kSmemPerSm = 233472, kReservedPerCta = 1024;
   const int warps = std::clamp(n_kv_heads, 1, kMmaMaxWarps);
-  const bool small = head_dim <= 64;
-  const int by_regs = 16 / warps;
-  const int by_smem = 233472 / ((small ? 19712 : 35328) + (small ? 5120 : 9728) * warps + 1024);
+  const size_t smem = head_dim <= 64 ? decode_attention_lut_mma::LutMmaCfg<64, 4>::SmemBytes(warps)
+                                     : decode_attention_lut_mma::LutMmaCfg<128, 4>::SmemBytes(warps);
+  const int by_regs = 2 * kMmaMaxWarps / warps;
+  const int by_smem = static_cast<int>(kSmemPerSm / (smem + kReservedPerCta));
   return std::max(1, std::min(by_regs, by_smem));
 }
 
