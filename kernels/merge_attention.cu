@@ -1,8 +1,8 @@
 // Two kernels, both one CTA per row:
 //  - MergePartsKernel (the usual case): the CTA computes the row's weights w_r = exp(lse_r - max)
 //    / sum once into shared memory, then `groups` groups of threads each sum a strided subset of
-//    the partials over all channels (16-byte loads where the layout allows), and the group sums
-//    are added in group order. A row with hundreds of split partials (batch 1 at long contexts:
+//    the partials over all channels (16-byte loads where the layout allows; up to 64 groups, so
+//    that a group reads one batch of 8 partials), and the group sums are added in group order. A row with hundreds of split partials (batch 1 at long contexts:
 //    256 splits) is read by up to 256 threads with independent loads instead of by head_dim / 4
 //    threads each walking every partial with an exp per element (51 us for 32 rows x 256
 //    partials on the H200; 2026-12-01).
@@ -48,8 +48,10 @@ __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
   if (threadIdx.x == 0) p.lse[row] = mx + logf(sum);
 }
 
-constexpr int kMergeMaxGroups = 8;
+constexpr int kMergeMaxGroups = 64;
 constexpr int kMergeMaxSmemParts = 8192;
+constexpr int kMergeBatch = 8;         // partials loaded per thread before any is used
+constexpr int kMergeSmemFloats = 12288;  // 48 KB of dynamic shared memory
 
 __device__ __forceinline__ float BlockReduce(float v, bool is_max, float* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
@@ -106,7 +108,7 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
     // kBatch partials per round, all loads issued before any is used (a loop that waited for each
     // load in turn spent ~0.6 us of DRAM latency per partial). Partials of weight 0 (empty
     // splits) are loaded but not added: their o may be anything.
-    constexpr int kBatch = 8;
+    constexpr int kBatch = kMergeBatch;
     for (int r0 = grp; r0 < p.n_parts; r0 += groups * kBatch) {
       float x[kBatch][kVec];
 #pragma unroll
@@ -163,7 +165,15 @@ absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t st
     const bool vec4 = p.head_dim % 4 == 0 && p.o_row_stride % 4 == 0 && p.o_part_stride % 4 == 0 &&
                       reinterpret_cast<uintptr_t>(p.o_parts) % 16 == 0;
     const int ct = vec4 ? p.head_dim / 4 : p.head_dim;
-    const int groups = std::max(1, std::min({kMergeMaxGroups, 256 / ct, p.n_parts}));
+    // Enough groups that each reads at most one batch of kMergeBatch partials (a row's loads all
+    // in flight at once), within 1024 threads and 48 KB of shared memory. Few rows with many
+    // partials is the case that matters: batch 1 at long contexts leaves one CTA per row on a
+    // handful of SMs (at most 8 groups, 32 rows x 256 partials of head dim 128 took 12.3 us and
+    // 9 rows x 512 partials of head dim 64 took 18.6 us next to 143 / 41 us of attention; H200,
+    // 2026-12-01).
+    const int smem_groups = static_cast<int>((kMergeSmemFloats - 32 - p.n_parts) / p.head_dim);
+    const int groups = std::clamp((p.n_parts + kMergeBatch - 1) / kMergeBatch, 1,
+                                  std::max(1, std::min({kMergeMaxGroups, 1024 / ct, smem_groups})));
     const int threads = std::min(1024, (groups * ct + 31) / 32 * 32);
     const size_t smem = (static_cast<size_t>(p.n_parts) + 32 + static_cast<size_t>(groups) * p.head_dim) * sizeof(float);
     if (vec4) {
