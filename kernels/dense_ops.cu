@@ -59,10 +59,11 @@ __global__ void RopeQueryKernel(const RopeQueryParams p) {
     const int64_t row = rh / p.n_heads;
     double s, c;
     sincos(static_cast<double>(p.positions[row]) * p.inv_freq[i], &s, &c);
-    float* v = p.q + rh * p.head_dim;
+    const float* v = p.q + rh * p.head_dim;
+    float* w = (p.out != nullptr ? p.out : p.q) + rh * p.head_dim;
     const double a = v[i], b = v[i + half];
-    v[i] = static_cast<float>(a * c - b * s);
-    v[i + half] = static_cast<float>(b * c + a * s);
+    w[i] = static_cast<float>(a * c - b * s);
+    w[i + half] = static_cast<float>(b * c + a * s);
   }
 }
 

@@ -24,15 +24,17 @@ struct RmsNormParams {
 };
 absl::Status LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream);
 
-// Rotates each head of q in place (f32), rotate-half convention, at positions[row]: the angle
+// Rotates each head of q (f32), rotate-half convention, at positions[row]: the angle
 // positions[row] * inv_freq[i] is formed and reduced in double (exact for positions up to 1e7+).
+// In place, or into `out` (same layout) leaving q as it is.
 struct RopeQueryParams {
   int rows = 0;                     // tokens
   int n_heads = 0;
   int head_dim = 0;                 // even, <= 512
-  float* q = nullptr;               // [rows][n_heads][head_dim] f32, in place
+  float* q = nullptr;               // [rows][n_heads][head_dim] f32
   const int64_t* positions = nullptr;  // [rows]
   const double* inv_freq = nullptr;    // [head_dim / 2], kernels::RopeInvFreq()
+  float* out = nullptr;             // null: rotate q in place
 };
 absl::Status LaunchRopeQuery(const RopeQueryParams& p, cudaStream_t stream);
 

@@ -17,9 +17,23 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
+#include "kernels/dtype.h"
 
 namespace kvq::kernels {
 namespace {
+
+// o[i] = v, and its conversion into p.o_cast when set.
+__device__ __forceinline__ void StoreO(const MergeAttentionParams& p, int64_t i, float v) {
+  p.o[i] = v;
+  if (p.o_cast == nullptr) return;
+  switch (p.o_cast_dtype) {
+    case DType::kF32: static_cast<float*>(p.o_cast)[i] = v; break;
+    case DType::kF16: static_cast<__half*>(p.o_cast)[i] = internal::FromFloat<__half>(v); break;
+    case DType::kBF16:
+      static_cast<__nv_bfloat16*>(p.o_cast)[i] = internal::FromFloat<__nv_bfloat16>(v);
+      break;
+  }
+}
 
 __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
   const int64_t row = blockIdx.x;
@@ -27,7 +41,7 @@ __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
   float mx = -CUDART_INF_F;
   for (int r = 0; r < p.n_parts; ++r) mx = fmaxf(mx, lse_row[r * p.lse_part_stride]);
   if (mx == -CUDART_INF_F) {  // uniform over the CTA
-    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) p.o[row * p.head_dim + d] = 0.0f;
+    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) StoreO(p, row * p.head_dim + d, 0.0f);
     __syncthreads();
     if (threadIdx.x == 0) p.lse[row] = -CUDART_INF_F;
     return;
@@ -42,7 +56,7 @@ __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
       const float w = expf(lse_row[r * p.lse_part_stride] - mx) * inv;
       if (w != 0.0f) acc = fmaf(w, o_row[r * p.o_part_stride + d], acc);
     }
-    p.o[row * p.head_dim + d] = acc;
+    StoreO(p, row * p.head_dim + d, acc);
   }
   __syncthreads();  // every thread has read the lse partials: the output may alias partial 0
   if (threadIdx.x == 0) p.lse[row] = mx + logf(sum);
@@ -86,7 +100,7 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
   }
   mx = BlockReduce(mx, true, red);  // every lse has been read after this
   if (mx == -CUDART_INF_F) {        // uniform over the CTA
-    for (int d = tid; d < p.head_dim; d += nt) p.o[row * p.head_dim + d] = 0.0f;
+    for (int d = tid; d < p.head_dim; d += nt) StoreO(p, row * p.head_dim + d, 0.0f);
     if (tid == 0) p.lse[row] = -CUDART_INF_F;
     return;
   }
@@ -142,7 +156,7 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
   for (int d = tid; d < p.head_dim; d += nt) {
     float v = sums[d];
     for (int g = 1; g < groups; ++g) v += sums[g * p.head_dim + d];
-    p.o[row * p.head_dim + d] = v;
+    StoreO(p, row * p.head_dim + d, v);
   }
   if (tid == 0) p.lse[row] = mx + logf(sum);
 }

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "kernels/dtype.h"
 
 namespace kvq::kernels {
 
@@ -30,6 +31,10 @@ struct MergeAttentionParams {
   // read by the thread that writes it; the lse after a barrier): a running merge in place.
   float* o = nullptr;    // [rows][head_dim]
   float* lse = nullptr;  // [rows]
+  // Optional: o also written converted to o_cast_dtype, [rows][head_dim] (the GEMM input of the
+  // output projection, so that no separate conversion kernel runs between the two).
+  void* o_cast = nullptr;
+  DType o_cast_dtype = DType::kF16;
 };
 
 absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t stream);

@@ -585,13 +585,12 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       }
     }
     if (!eval) {
+      // Rotated keys for the chunk's own attention, out of place (the cache appends k pre-RoPE).
       float* krot = m.krot.as<float>();
-      KVQ_STEP(cudaMemcpyAsync(krot, k, Ts * kvd * 4, cudaMemcpyDeviceToDevice, s) == cudaSuccess
-                   ? absl::OkStatus()
-                   : absl::InternalError("copy of k"));
       kernels::RopeQueryParams rk = rq;
       rk.n_heads = nkv;
-      rk.q = krot;
+      rk.q = k;
+      rk.out = krot;
       KVQ_STEP(kernels::LaunchRopeQuery(rk, s));
       kernels::ChunkAttentionParams cp;
       cp.rows = chunk_fa ? first_prefill_row : T;
@@ -630,8 +629,11 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     mp.o = o;
     // The merged lse is not needed: krot (T * kvd >= T * nh floats, free here) takes it.
     mp.lse = m.krot.as<float>();
+    if (dtype_ != DType::kF32) {  // the output projection's input, converted by the merge
+      mp.o_cast = o_act;
+      mp.o_cast_dtype = dtype_;
+    }
     KVQ_STEP(kernels::LaunchMergeAttention(mp, s));
-    if (dtype_ != DType::kF32) KVQ_STEP(kernels::LaunchConvertF32(Ts * qd, o, o_act, dtype_, s));
     KVQ_STEP(gemm(T, hidden, qd, o_act, L.wo, x, DType::kF32, 1.0f));
     KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.ffn_norm, m.h.p, dtype_, s));
     KVQ_STEP(gemm(T, 2 * inter, hidden, m.h.p, L.w_gu, m.gu.p, dtype_, 0.0f));

@@ -3,9 +3,12 @@
 //    over the same dequantized cache: the oracle of the fused dequant + RoPE + softmax);
 //  - fp16 is also compared with kernels::DecodeAttentionReference on plain arrays;
 //  - the merge kernel is compared with MergeAttentionReference, and exactly on integer inputs.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
@@ -239,10 +242,12 @@ TEST(DecodeAttentionLauncher, UnknownInstanceNamesTheKey) {
 
 // ---- Merge ----
 
+// cast (optional): o_cast in cast_dtype, downloaded as raw 32-bit words (2-byte types packed).
 void RunMerge(int rows, int parts, int hd, const std::vector<float>& o_parts,
-              const std::vector<float>& lse_parts, std::vector<float>* o, std::vector<float>* lse) {
+              const std::vector<float>& lse_parts, std::vector<float>* o, std::vector<float>* lse,
+              kernels::DType cast_dtype = kernels::DType::kF32, std::vector<float>* cast = nullptr) {
   DeviceBuffer<float> dop(o_parts), dlp(lse_parts), dout(static_cast<size_t>(rows) * hd),
-      dlse(rows);
+      dlse(rows), dcast(static_cast<size_t>(rows) * hd);
   kernels::MergeAttentionParams p;
   p.rows = rows;
   p.n_parts = parts;
@@ -255,10 +260,15 @@ void RunMerge(int rows, int parts, int hd, const std::vector<float>& o_parts,
   p.lse_part_stride = 1;
   p.o = dout.get();
   p.lse = dlse.get();
+  if (cast != nullptr) {
+    p.o_cast = dcast.get();
+    p.o_cast_dtype = cast_dtype;
+  }
   ASSERT_TRUE(kernels::LaunchMergeAttention(p, nullptr).ok());
   KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
   *o = dout.Download();
   *lse = dlse.Download();
+  if (cast != nullptr) *cast = dcast.Download();
 }
 
 class MergeTest : public ::testing::TestWithParam<std::tuple<int, int>> {};
@@ -330,6 +340,48 @@ TEST(MergeInPlace, PartsMajorLayoutIntoPartialZero) {
   const std::vector<float> lse(all_l.begin(), all_l.begin() + rows);
   EXPECT_LE(MaxAbsError(o, ro).err, 1e-5);
   EXPECT_LE(MaxAbsError(lse, rl).err, 1e-5);
+}
+
+// o_cast: the merge also writes o converted to the GEMM input type (f16, bf16, f32), exactly
+// the conversion of the f32 o it writes, for both merge kernels (<= 8192 partials and more) and
+// for rows whose partials are all empty.
+TEST(MergeCast, WritesConvertedOutput) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  for (const int parts : {3, 9000}) {
+    for (const kernels::DType dt : {kernels::DType::kF16, kernels::DType::kBF16, kernels::DType::kF32}) {
+      const int rows = 6, hd = 64;
+      std::mt19937 rng(parts);
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      std::vector<float> op(static_cast<size_t>(rows) * parts * hd), lp(static_cast<size_t>(rows) * parts);
+      for (float& x : op) x = nd(rng);
+      for (size_t i = 0; i < lp.size(); ++i) lp[i] = i / parts == 2 ? -INFINITY : 2.0f * nd(rng);
+      std::vector<float> o, lse, cast;
+      RunMerge(rows, parts, hd, op, lp, &o, &lse, dt, &cast);
+      const auto* h = reinterpret_cast<const uint16_t*>(cast.data());
+      int bad = 0;
+      for (size_t i = 0; i < o.size(); ++i) {
+        uint32_t want = 0, got = 0;
+        if (dt == kernels::DType::kF32) {
+          std::memcpy(&want, &o[i], 4);
+          std::memcpy(&got, &cast[i], 4);
+        } else {
+          uint16_t w16 = 0;
+          if (dt == kernels::DType::kF16) {
+            const __half x = __float2half_rn(o[i]);
+            std::memcpy(&w16, &x, 2);
+          } else {
+            const __nv_bfloat16 x = __float2bfloat16_rn(o[i]);
+            std::memcpy(&w16, &x, 2);
+          }
+          want = w16;
+          got = h[i];
+        }
+        bad += want != got;
+      }
+      EXPECT_EQ(bad, 0) << parts << " partials, " << kernels::DTypeName(dt);
+      for (int d = 0; d < hd; ++d) EXPECT_EQ(o[2 * hd + d], 0.0f);  // row 2: all partials empty
+    }
+  }
 }
 
 // Split choice (host only): whole waves of two CTAs per SM, no second wave of a few CTAs.

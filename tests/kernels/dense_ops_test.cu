@@ -109,6 +109,16 @@ TEST(RopeQuery, MatchesReferenceAtLargePositions) {
     KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
     // Both sides compute the angle and the rotation in double and round once: a few ulp of f32.
     EXPECT_LE(MaxAbsError(dq.Download(), want).err, 1e-6) << "head_dim " << hd;
+    // Out of place (the engine's rotated copy of k for the chunk's own attention): the same bits
+    // as in place, and the input left as it was.
+    DeviceBuffer<float> src(q), dst(q.size());
+    kernels::RopeQueryParams po = p;
+    po.q = src.get();
+    po.out = dst.get();
+    ASSERT_TRUE(kernels::LaunchRopeQuery(po, nullptr).ok());
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(dst.Download(), dq.Download()) << "head_dim " << hd;
+    EXPECT_EQ(src.Download(), q) << "head_dim " << hd;
   }
 }
 
