@@ -41,9 +41,12 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Create(const model::Llam
       d.bk = static_cast<float*>(bk);
       d.bv = static_cast<float*>(bv);
     }
-    KVQ_ASSIGN_OR_RETURN(d.wq, up(L.wq, dtype));
-    KVQ_ASSIGN_OR_RETURN(d.wk, up(L.wk, dtype));
-    KVQ_ASSIGN_OR_RETURN(d.wv, up(L.wv, dtype));
+    std::vector<float> qkv(L.wq);
+    qkv.insert(qkv.end(), L.wk.begin(), L.wk.end());
+    qkv.insert(qkv.end(), L.wv.begin(), L.wv.end());
+    KVQ_ASSIGN_OR_RETURN(d.wq, up(qkv, dtype));
+    d.wk = static_cast<uint8_t*>(d.wq) + L.wq.size() * kernels::DTypeBytes(dtype);
+    d.wv = static_cast<uint8_t*>(d.wk) + L.wk.size() * kernels::DTypeBytes(dtype);
     KVQ_ASSIGN_OR_RETURN(d.wo, up(L.wo, dtype));
     std::vector<float> gu(L.w_gate);
     gu.insert(gu.end(), L.w_up.begin(), L.w_up.end());
@@ -66,15 +69,21 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::CreateSynthetic(const mo
   size_t free0 = 0, total = 0;
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free0, &total));
   uint64_t tensor = 0;
-  auto alloc = [&](int64_t n, DType t, bool ones) -> absl::StatusOr<void*> {
+  // Each tensor filled from its own seed (in creation order), also where tensors share one
+  // allocation (the q/k/v projection).
+  auto fill = [&](void* d, int64_t n, DType t, bool ones) -> absl::Status {
+    if (ones) return kernels::LaunchFillF32(n, 1.0f, static_cast<float*>(d), stream);
+    return kernels::LaunchFillNormal(n, seed * 1000003 + (++tensor), 0.0f, 0.02f, d, t, stream);
+  };
+  auto alloc_n = [&](int64_t n, DType t) -> absl::StatusOr<void*> {
     void* d = nullptr;
     KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&d, static_cast<size_t>(n) * kernels::DTypeBytes(t)));
     m.allocations.push_back(d);
-    if (ones) {
-      KVQ_RETURN_IF_ERROR(kernels::LaunchFillF32(n, 1.0f, static_cast<float*>(d), stream));
-    } else {
-      KVQ_RETURN_IF_ERROR(kernels::LaunchFillNormal(n, seed * 1000003 + (++tensor), 0.0f, 0.02f, d, t, stream));
-    }
+    return d;
+  };
+  auto alloc = [&](int64_t n, DType t, bool ones) -> absl::StatusOr<void*> {
+    KVQ_ASSIGN_OR_RETURN(void* d, alloc_n(n, t));
+    KVQ_RETURN_IF_ERROR(fill(d, n, t, ones));
     return d;
   };
   const int64_t h = c.hidden, q = c.q_dim(), kv = c.kv_dim(), ff = c.intermediate;
@@ -100,9 +109,12 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::CreateSynthetic(const mo
       d.bk = static_cast<float*>(bk);
       d.bv = static_cast<float*>(bv);
     }
-    KVQ_ASSIGN_OR_RETURN(d.wq, alloc(q * h, dtype, false));
-    KVQ_ASSIGN_OR_RETURN(d.wk, alloc(kv * h, dtype, false));
-    KVQ_ASSIGN_OR_RETURN(d.wv, alloc(kv * h, dtype, false));
+    KVQ_ASSIGN_OR_RETURN(d.wq, alloc_n((q + 2 * kv) * h, dtype));
+    d.wk = static_cast<uint8_t*>(d.wq) + q * h * kernels::DTypeBytes(dtype);
+    d.wv = static_cast<uint8_t*>(d.wk) + kv * h * kernels::DTypeBytes(dtype);
+    KVQ_RETURN_IF_ERROR(fill(d.wq, q * h, dtype, false));
+    KVQ_RETURN_IF_ERROR(fill(d.wk, kv * h, dtype, false));
+    KVQ_RETURN_IF_ERROR(fill(d.wv, kv * h, dtype, false));
     KVQ_ASSIGN_OR_RETURN(d.wo, alloc(h * q, dtype, false));
     KVQ_ASSIGN_OR_RETURN(d.w_gu, alloc(2 * ff * h, dtype, false));
     KVQ_ASSIGN_OR_RETURN(d.w_down, alloc(h * ff, dtype, false));

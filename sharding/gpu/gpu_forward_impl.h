@@ -70,6 +70,8 @@ struct DevLayer {
   float* bq = nullptr;
   float* bk = nullptr;
   float* bv = nullptr;
+  // wq, wk, wv are consecutive rows of one [q_dim + 2 * kv_dim][hidden] matrix (wk = wq + q_dim
+  // rows, wv = wk + kv_dim rows): a single-token step projects q, k and v with one GEMM.
   void* wq = nullptr;
   void* wk = nullptr;
   void* wv = nullptr;
@@ -96,7 +98,8 @@ struct GpuForward::Impl {
   double* inv_freq = nullptr;
   mutable std::mutex mu;
   // Step buffers.
-  mutable Grow x, h, q, k, v, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
+  // q holds the step's q, k and v: [T][q_dim], then [T][kv_dim] twice.
+  mutable Grow x, h, q, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
       tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos,
       xk, xv, pf_o, pf_lse, k16, v16;
   // What caches that work on device memory (a sharded cache's GPU shards) need from this pass
