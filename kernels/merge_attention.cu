@@ -2,10 +2,11 @@
 //  - MergePartsKernel (the usual case): the CTA computes the row's weights w_r = exp(lse_r - max)
 //    / sum once into shared memory, then `groups` groups of threads each sum a strided subset of
 //    the partials over all channels (16-byte loads where the layout allows; up to 64 groups, so
-//    that a group reads one batch of 8 partials), and the group sums are added in group order. A row with hundreds of split partials (batch 1 at long contexts:
-//    256 splits) is read by up to 256 threads with independent loads instead of by head_dim / 4
-//    threads each walking every partial with an exp per element (51 us for 32 rows x 256
-//    partials on the H200; 2026-12-01).
+//    that a group reads one batch of 8 partials), and the group sums are added in group order.
+//    A row with hundreds of split partials (batch 1 at long contexts: 256 splits) is read by up
+//    to 1,024 threads with independent loads instead of by head_dim / 4 threads each walking
+//    every partial with an exp per element (51 us for 32 rows x 256 partials on the H200;
+//    2026-12-01).
 //  - MergeAttentionKernel: every thread recomputes the row maximum and weight sum, then owns
 //    head_dim / blockDim channels; only for more partials than fit in shared memory.
 #include "kernels/merge_attention.h"
@@ -119,14 +120,13 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
     const float* o_row = p.o_parts + row * p.o_row_stride + c;
-    // kBatch partials per round, all loads issued before any is used (a loop that waited for each
+    // kMergeBatch partials per round, all loads issued before any is used (a loop that waited for each
     // load in turn spent ~0.6 us of DRAM latency per partial). Partials of weight 0 (empty
     // splits) are loaded but not added: their o may be anything.
-    constexpr int kBatch = kMergeBatch;
-    for (int r0 = grp; r0 < p.n_parts; r0 += groups * kBatch) {
-      float x[kBatch][kVec];
+    for (int r0 = grp; r0 < p.n_parts; r0 += groups * kMergeBatch) {
+      float x[kMergeBatch][kVec];
 #pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
+      for (int k = 0; k < kMergeBatch; ++k) {
         const int r = r0 + k * groups;
         const float* src = o_row + static_cast<int64_t>(r < p.n_parts ? r : r0) * p.o_part_stride;
         if constexpr (kVec == 4) {
@@ -140,7 +140,7 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
         }
       }
 #pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
+      for (int k = 0; k < kMergeBatch; ++k) {
         const int r = r0 + k * groups;
         const float w = r < p.n_parts ? w_s[r] * inv : 0.0f;
         if (w != 0.0f) {

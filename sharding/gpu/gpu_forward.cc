@@ -421,8 +421,10 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   };
   // Prefill rows over a cached past (Launch::fa): kernels::LaunchPrefillPast with this step's
   // buffers (sized from the launches' plans above).
-  float* const q_all = m.q.as<float>();  // then the step's k and v (Impl::q)
-  float* const v_all = q_all + Ts * (qd + kvd);
+  // The step's q, k and v in one buffer (Impl::q): [T][q_dim], [T][kv_dim], [T][kv_dim].
+  float* const q_all = m.q.as<float>();
+  float* const k_all = q_all + Ts * qd;
+  float* const v_all = k_all + Ts * kvd;
   auto prefill_past = [&](const Launch& a, int l) -> absl::Status {
     kernels::PrefillPastParams pp;
     pp.kv = view_for(a);
@@ -511,7 +513,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     KVQ_STEP(kernels::LaunchEmbedding(ep, s));
   }
   float* q = q_all;
-  float* k = q_all + Ts * qd;
+  float* k = k_all;
   float* v = v_all;
   float* o = m.o.as<float>();
   void* o_act = dtype_ == DType::kF32 ? static_cast<void*>(o) : m.o_act.p;
