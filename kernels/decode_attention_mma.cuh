@@ -94,16 +94,19 @@ struct RopeGroupAnchors {
     st8 = s1 + 8 * kHalf;
     e1 = st8 + 8 * kHalf;
   }
-  // Once per CTA (a __syncthreads before the first Anchor's readers).
+  // Once per CTA, with a __syncthreads before the first Anchor (entries are written by other
+  // threads than the ones that read them there). The 25 double-precision sincos per frequency
+  // are spread over all threads (entry i: frequency i % kHalf, slot i / kHalf) instead of 25 in
+  // a row on one thread per frequency: each is a chain of dependent FP64 operations on every
+  // CTA's path before its first tile. Same values (each entry is the same expression).
   __device__ void Init(const double* inv_freq, int tid, int nthreads) {
-    for (int f = tid; f < kHalf; f += nthreads) {
-      const double inv = inv_freq[f];
-      e1[f] = SinCosD(inv);
-      for (int m = 0; m < 8; ++m) {
-        st8[f * 8 + m] = SinCosD(inv * (8.0 * m));
-        s1[f * 8 + m] = SinCosD(inv * (64.0 * m));
-        s8[f * 8 + m] = SinCosD(inv * (512.0 * m));
-      }
+#pragma unroll 1
+    for (int i = tid; i < 25 * kHalf; i += nthreads) {
+      const int f = i % kHalf, slot = i / kHalf;  // slot 0: e1; 1 + 8t + m: table t, step m
+      const int m = (slot - 1) & 7, t = (slot - 1) >> 3;
+      float2* dst = slot == 0 ? e1 + f : (t == 0 ? st8 : t == 1 ? s1 : s8) + f * 8 + m;
+      const double step = slot == 0 ? 1.0 : (t == 0 ? 8.0 : t == 1 ? 64.0 : 512.0) * m;
+      *dst = SinCosD(inv_freq[f] * step);
     }
   }
   // At a group that starts at gpos (CTA-uniform; __syncthreads before, and before the rows);
