@@ -3,6 +3,7 @@
 #include "kernels/decode_attention.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -87,6 +88,12 @@ absl::Status Validate(const DecodeAttentionParams& p) {
                g.fixed_bytes);
   }
   if (p.max_seq_len < 0) return bad("max_seq_len ", p.max_seq_len);
+  if (p.self.q != nullptr &&
+      (p.self.k == nullptr || p.self.v == nullptr || p.self.n_heads != p.n_heads ||
+       p.self.n_kv_heads != g.n_kv_heads)) {
+    return bad("own-key partial needs k and v with n_heads ", p.n_heads, " and n_kv_heads ",
+               g.n_kv_heads, " (got ", p.self.n_heads, ", ", p.self.n_kv_heads, ")");
+  }
   if (p.batch > 0 && (p.q == nullptr || p.o == nullptr || p.lse == nullptr ||
                       p.kv.seq_lens == nullptr || p.kv.first_positions == nullptr ||
                       (p.max_seq_len > 0 && (p.kv.pool == nullptr || p.kv.block_table == nullptr)))) {
@@ -224,19 +231,35 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
     entry->fn<<<grid, kThreads, 0, stream>>>(p, tokens_per_split, part_o, part_lse);
   }
   KVQ_RETURN_IF_LAUNCH_ERROR();
-  if (splits > 1) {
+  const bool fold = p.self.q != nullptr || p.o_cast != nullptr;
+  if (splits > 1 || fold) {
     MergeAttentionParams mp;
     mp.rows = static_cast<int>(rows);
     mp.n_parts = splits;
     mp.head_dim = g.head_dim;
-    mp.o_parts = part_o;
-    mp.o_row_stride = static_cast<int64_t>(splits) * g.head_dim;
-    mp.o_part_stride = g.head_dim;
-    mp.lse_parts = part_lse;
-    mp.lse_row_stride = splits;
-    mp.lse_part_stride = 1;
+    if (splits > 1) {
+      mp.o_parts = part_o;
+      mp.o_row_stride = static_cast<int64_t>(splits) * g.head_dim;
+      mp.o_part_stride = g.head_dim;
+      mp.lse_parts = part_lse;
+      mp.lse_row_stride = splits;
+      mp.lse_part_stride = 1;
+    } else {  // the kernel wrote o and lse: merged in place (each row's one partial)
+      mp.o_parts = p.o;
+      mp.o_row_stride = g.head_dim;
+      mp.o_part_stride = g.head_dim;
+      mp.lse_parts = p.lse;
+      mp.lse_row_stride = 1;
+      mp.lse_part_stride = 1;
+    }
     mp.o = p.o;
     mp.lse = p.lse;
+    mp.o_cast = p.o_cast;
+    mp.o_cast_dtype = p.o_cast_dtype;
+    mp.self = p.self;
+    if (mp.self.q != nullptr && !(mp.self.scale > 0.0f)) {
+      mp.self.scale = p.scale > 0.0f ? p.scale : 1.0f / std::sqrt(static_cast<float>(g.head_dim));
+    }
     return LaunchMergeAttention(mp, stream);
   }
   return absl::OkStatus();

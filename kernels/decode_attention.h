@@ -10,6 +10,8 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "kernels/dtype.h"
+#include "kernels/merge_attention.h"
 #include "kernels/paged_kv.h"
 
 namespace kvq::kernels {
@@ -27,6 +29,15 @@ struct DecodeAttentionParams {
   int num_splits = 0;         // 0: choose from the device's SM count
   void* workspace = nullptr;  // DecodeAttentionWorkspaceBytes(...) bytes when num_splits > 1
   size_t workspace_bytes = 0;
+  // Optional, for a decode step whose new token is not in the cache yet: that token's own
+  // partial (o = its v, lse = scale * q . k) merged into o and lse with the split partials, in
+  // the same merge kernel (SelfKeyPartial; self.q is normally q, self.scale <= 0 takes scale).
+  // With one split the kernel's o and lse are merged with it in place.
+  SelfKeyPartial self;
+  // Optional: o also written converted to o_cast_dtype (MergeAttentionParams::o_cast); forces
+  // the merge launch with one split too.
+  void* o_cast = nullptr;
+  DType o_cast_dtype = DType::kF16;
 };
 
 // The dispatch key: one template instance per descriptor.

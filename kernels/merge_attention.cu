@@ -36,11 +36,39 @@ __device__ __forceinline__ void StoreO(const MergeAttentionParams& p, int64_t i,
   }
 }
 
+// Offset of row's own key or value (MergeAttentionParams::self) in a [seq][kv head][hd] layout.
+__device__ __forceinline__ int64_t SelfKvOffset(const SelfKeyPartial& s, int64_t row, int hd,
+                                                int64_t seq_stride) {
+  const int64_t seq = row / s.n_heads;
+  const int h = static_cast<int>(row - seq * s.n_heads);
+  return seq * seq_stride + static_cast<int64_t>(h / (s.n_heads / s.n_kv_heads)) * hd;
+}
+
+// One thread's share of row's own-key score: sum of q_c k_c over c = c0, c0 + step, ... (the
+// caller reduces the shares and multiplies by the scale); *v: the row's own value row.
+__device__ __forceinline__ float SelfDotShare(const MergeAttentionParams& p, int64_t row, int c0,
+                                              int step, const float** v) {
+  const float* qr = p.self.q + row * p.head_dim;
+  const float* kr = p.self.k + SelfKvOffset(p.self, row, p.head_dim, p.self.k_seq_stride);
+  float d = 0.0f;
+  for (int c = c0; c < p.head_dim; c += step) d = fmaf(qr[c], kr[c], d);
+  *v = p.self.v + SelfKvOffset(p.self, row, p.head_dim, p.self.v_seq_stride);
+  return d;
+}
+
 __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
   const int64_t row = blockIdx.x;
   const float* lse_row = p.lse_parts + row * p.lse_row_stride;
   float mx = -CUDART_INF_F;
   for (int r = 0; r < p.n_parts; ++r) mx = fmaxf(mx, lse_row[r * p.lse_part_stride]);
+  // The row's own-key partial: every thread sums q . k in the same order (this kernel only runs
+  // for more partials than fit in shared memory; one extra dot product per thread is noise).
+  float self_lse = -CUDART_INF_F;
+  const float* self_v = nullptr;
+  if (p.self.q != nullptr) {
+    self_lse = SelfDotShare(p, row, 0, 1, &self_v) * p.self.scale;
+    mx = fmaxf(mx, self_lse);
+  }
   if (mx == -CUDART_INF_F) {  // uniform over the CTA
     for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) StoreO(p, row * p.head_dim + d, 0.0f);
     __syncthreads();
@@ -49,6 +77,8 @@ __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
   }
   float sum = 0.0f;
   for (int r = 0; r < p.n_parts; ++r) sum += expf(lse_row[r * p.lse_part_stride] - mx);
+  const float w_self = self_v != nullptr ? expf(self_lse - mx) : 0.0f;
+  sum += w_self;
   const float inv = 1.0f / sum;
   const float* o_row = p.o_parts + row * p.o_row_stride;
   for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
@@ -57,6 +87,7 @@ __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
       const float w = expf(lse_row[r * p.lse_part_stride] - mx) * inv;
       if (w != 0.0f) acc = fmaf(w, o_row[r * p.o_part_stride + d], acc);
     }
+    if (self_v != nullptr) acc = fmaf(w_self * inv, self_v[d], acc);
     StoreO(p, row * p.head_dim + d, acc);
   }
   __syncthreads();  // every thread has read the lse partials: the output may alias partial 0
@@ -93,7 +124,11 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
   const float* lse_row = p.lse_parts + row * p.lse_row_stride;
-  float mx = -CUDART_INF_F;
+  // The row's own-key partial (uniform over the CTA): its score q . k, reduced over the CTA.
+  float self_lse = -CUDART_INF_F;
+  const float* self_v = nullptr;
+  if (p.self.q != nullptr) self_lse = BlockReduce(SelfDotShare(p, row, tid, nt, &self_v), false, red) * p.self.scale;
+  float mx = self_lse;
   for (int r = tid; r < p.n_parts; r += nt) {
     const float l = lse_row[r * p.lse_part_stride];
     w_s[r] = l;
@@ -112,6 +147,8 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
     sum += e;
   }
   sum = BlockReduce(sum, false, red);  // also publishes w_s
+  const float w_self = self_v != nullptr ? expf(self_lse - mx) : 0.0f;
+  sum += w_self;
   const float inv = 1.0f / sum;
   const int ct = p.head_dim / kVec;  // channel threads per group
   const int grp = tid / ct, c = (tid % ct) * kVec;
@@ -156,6 +193,7 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
   for (int d = tid; d < p.head_dim; d += nt) {
     float v = sums[d];
     for (int g = 1; g < groups; ++g) v += sums[g * p.head_dim + d];
+    if (self_v != nullptr) v = fmaf(w_self * inv, self_v[d], v);
     StoreO(p, row * p.head_dim + d, v);
   }
   if (tid == 0) p.lse[row] = mx + logf(sum);
@@ -175,6 +213,16 @@ absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t st
     return absl::InvalidArgumentError("LaunchMergeAttention: null pointer");
   }
   if (p.rows > 2147483647) return absl::InvalidArgumentError("LaunchMergeAttention: too many rows");
+  if (p.self.q != nullptr) {
+    const SelfKeyPartial& sk = p.self;
+    if (sk.k == nullptr || sk.v == nullptr || sk.n_heads < 1 || sk.n_kv_heads < 1 ||
+        sk.n_heads % sk.n_kv_heads != 0 || p.rows % sk.n_heads != 0 || !(sk.scale > 0.0f)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "LaunchMergeAttention: own-key partial needs k and v, n_heads (", sk.n_heads,
+          ") a multiple of n_kv_heads (", sk.n_kv_heads, ") dividing rows (", p.rows,
+          "), and a positive scale (", sk.scale, ")"));
+    }
+  }
   if (p.n_parts <= kMergeMaxSmemParts) {
     const bool vec4 = p.head_dim % 4 == 0 && p.o_row_stride % 4 == 0 && p.o_part_stride % 4 == 0 &&
                       reinterpret_cast<uintptr_t>(p.o_parts) % 16 == 0;

@@ -14,6 +14,21 @@
 
 namespace kvq::kernels {
 
+// A partial that is not in memory: each row's score against one key of its own, outside the
+// cache the other partials came from (a decode step's new token): lse = scale * q . k, o = v.
+// Row i is (sequence i / n_heads, query head i % n_heads); its k and v are those of KV head
+// (i % n_heads) / (n_heads / n_kv_heads) of that sequence. q, k: RoPE already applied.
+struct SelfKeyPartial {
+  const float* q = nullptr;  // [rows][head_dim]; null: no such partial
+  const float* k = nullptr;  // sequence s, KV head h: k[s * k_seq_stride + h * head_dim + d]
+  const float* v = nullptr;  // v[s * v_seq_stride + h * head_dim + d]
+  int64_t k_seq_stride = 0;
+  int64_t v_seq_stride = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  float scale = 0.0f;  // softmax scale (> 0)
+};
+
 struct MergeAttentionParams {
   int rows = 0;       // (sequence, head) rows
   int n_parts = 0;    // partials per row, >= 1
@@ -35,6 +50,9 @@ struct MergeAttentionParams {
   // output projection, so that no separate conversion kernel runs between the two).
   void* o_cast = nullptr;
   DType o_cast_dtype = DType::kF16;
+  // Optional: one more partial per row, computed here (SelfKeyPartial). Merged like the others;
+  // rows keep their own k and v, so this costs no memory traffic beyond q, k, v.
+  SelfKeyPartial self;
 };
 
 absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t stream);

@@ -73,6 +73,14 @@ void GpuForward::set_prefill_kernel(bool on) {
 
 bool GpuForward::prefill_kernel() const { return impl_->use_prefill_kernel; }
 
+void GpuForward::set_fold_decode_self(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->fold_decode_self != on) impl_->graphs.Drop();  // the captured steps have the other shape
+  impl_->fold_decode_self = on;
+}
+
+bool GpuForward::fold_decode_self() const { return impl_->fold_decode_self; }
+
 void GpuForward::ReleaseIdleResources() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->graphs.Drop();
@@ -151,6 +159,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   // and the splits (chosen for that width's capacity); per-step values live in device buffers
   // copied before the launch.
   const bool graph = m.use_graphs && !eval && nd == T && nd1 == 0 && T > 0;
+  // The same steps (graph or not) may fold each row's own new token into the decode merge
+  // (set_fold_decode_self): then the decode launch writes o (and o_act) itself.
+  const bool fold = m.fold_decode_self && !eval && nd == T && nd1 == 0 && T > 0;
   // ---- Room for every new token before anything is written.
   for (It& e : its) {
     if (e.host == nullptr) KVQ_RETURN_IF_ERROR(e.w->Reserve(e.n));
@@ -496,8 +507,10 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     absl::Status st_ = (expr);           \
     if (!st_.ok()) return st_;           \
   } while (0)
-  KVQ_STEP(kernels::LaunchFillF32(3 * Ts * nh, -INFINITY, parts_lse, s));
-  KVQ_STEP(kernels::LaunchFillF32(3 * Ts * qd, 0.0f, parts_o, s));
+  if (!fold) {  // partial slots a step may leave empty (no prefix, no chunk) read as -inf
+    KVQ_STEP(kernels::LaunchFillF32(3 * Ts * nh, -INFINITY, parts_lse, s));
+    KVQ_STEP(kernels::LaunchFillF32(3 * Ts * qd, 0.0f, parts_o, s));
+  }
 
   float* x = m.x.as<float>();
   {
@@ -559,8 +572,18 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       return absl::OkStatus();
     };
     if (eval) KVQ_STEP(append_all());
+    // Rotated keys for the step's own attention, out of place (the cache appends k pre-RoPE).
+    float* krot = m.krot.as<float>();
+    auto rope_keys = [&]() {
+      kernels::RopeQueryParams rk = rq;
+      rk.n_heads = nkv;
+      rk.q = k;
+      rk.out = krot;
+      return kernels::LaunchRopeQuery(rk, s);
+    };
+    if (fold) KVQ_STEP(rope_keys());
     for (const Launch& a : attn) {
-      if (a.max_len == 0) continue;
+      if (a.max_len == 0 && !fold) continue;  // folded: the launch also merges the row's own token
       if (a.fa) {
         KVQ_STEP(prefill_past(a, l));
         continue;
@@ -577,6 +600,21 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       dp.num_splits = a.splits;
       dp.workspace = m.ws.p;
       dp.workspace_bytes = m.ws.bytes;
+      if (fold) {  // the only launch: every row, its own token merged in, o final
+        dp.o = o;
+        dp.lse = parts_lse;
+        dp.self.q = q;
+        dp.self.k = krot;
+        dp.self.v = v;
+        dp.self.k_seq_stride = kvd;
+        dp.self.v_seq_stride = kvd;
+        dp.self.n_heads = nh;
+        dp.self.n_kv_heads = nkv;
+        if (dtype_ != DType::kF32) {
+          dp.o_cast = o_act;
+          dp.o_cast_dtype = dtype_;
+        }
+      }
       KVQ_STEP(kernels::LaunchDecodeAttention(dp, s));
     }
     for (const It& e : its) {
@@ -591,14 +629,10 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
         }
       }
     }
-    if (!eval) {
-      // Rotated keys for the chunk's own attention, out of place (the cache appends k pre-RoPE).
-      float* krot = m.krot.as<float>();
-      kernels::RopeQueryParams rk = rq;
-      rk.n_heads = nkv;
-      rk.q = k;
-      rk.out = krot;
-      KVQ_STEP(kernels::LaunchRopeQuery(rk, s));
+    if (fold) {
+      KVQ_STEP(append_all());
+    } else if (!eval) {
+      KVQ_STEP(rope_keys());
       kernels::ChunkAttentionParams cp;
       cp.rows = chunk_fa ? first_prefill_row : T;
       cp.n_heads = nh;
@@ -640,7 +674,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       mp.o_cast = o_act;
       mp.o_cast_dtype = dtype_;
     }
-    KVQ_STEP(kernels::LaunchMergeAttention(mp, s));
+    if (!fold) KVQ_STEP(kernels::LaunchMergeAttention(mp, s));  // folded: the decode launch wrote o
     KVQ_STEP(gemm(T, hidden, qd, o_act, L.wo, x, DType::kF32, 1.0f));
     KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.ffn_norm, m.h.p, dtype_, s));
     KVQ_STEP(gemm(T, 2 * inter, hidden, m.h.p, L.w_gu, m.gu.p, dtype_, 0.0f));

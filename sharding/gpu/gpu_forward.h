@@ -56,6 +56,13 @@ class GpuForward : public model::ForwardPass {
   // kernel (the first implementation; kept for A/B runs).
   void set_prefill_kernel(bool on);
   bool prefill_kernel() const;
+  // Steps of single-token decode rows only (no session prefix, not evaluation) fold each row's
+  // attention to its own new token (o = v, lse = scale * q . k) into the decode kernel's split
+  // merge, which also writes the output projection's input: no chunk-attention kernel and no
+  // 3-part merge per layer. Off by default until measured on a GPU (KVQ_DECODE_FOLD_SELF=1 sets
+  // it on at creation); toggling drops the captured graphs.
+  void set_fold_decode_self(bool on);
+  bool fold_decode_self() const;
   kernels::DType dtype() const { return dtype_; }
 
  private:

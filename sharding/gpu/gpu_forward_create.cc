@@ -1,6 +1,8 @@
 // GpuForward's construction: cuBLAS and the stream set up, the weights uploaded (converted to the
 // GEMM dtype) from a checkpoint or generated on the device.
+#include <cstdlib>
 #include <memory>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "sharding/gpu/gpu_forward.h"
@@ -138,6 +140,7 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Empty(const model::Model
   f->config_ = c;
   f->dtype_ = dtype;
   f->impl_ = std::make_unique<Impl>();
+  if (const char* e = std::getenv("KVQ_DECODE_FOLD_SELF"); e != nullptr) f->impl_->fold_decode_self = std::string(e) == "1";
   KVQ_RETURN_IF_ERROR(f->impl_->Init(stream));
   return f;
 }

@@ -108,6 +108,7 @@ struct GpuForward::Impl {
   mutable DecodeGraphs graphs;  // plain decode steps (Run)
   bool use_graphs = true;
   bool use_prefill_kernel = true;
+  bool fold_decode_self = false;  // GpuForward::set_fold_decode_self
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);

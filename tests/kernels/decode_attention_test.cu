@@ -33,6 +33,13 @@ namespace {
 using testing::DeviceBuffer;
 using testing::MaxAbsError;
 
+uint16_t HalfBits(float x) {
+  const __half h = __float2half_rn(x);
+  uint16_t u = 0;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+
 // Tolerances (worst element). The GPU accumulates in fp32 where the oracle uses double, over the
 // same decoded values; scores are O(10), so fp32 rounding of the logits (~1e-6 relative) and of
 // the RoPE recurrence (a few 1e-7 relative per angle, kernels/decode_attention.cuh) move
@@ -129,6 +136,56 @@ TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
                              << want_o[eo.index];
   EXPECT_LE(el.err, kLseTol) << "lse[" << el.index << "] = " << lse[el.index] << ", want "
                              << want_lse[el.index];
+
+  // The step's own new token folded into the merge (DecodeAttentionParams::self, with the f16
+  // copy of o): the oracle merged on the host with that token's partial (lse = scale q . k in
+  // double, o = v), whatever the split count (one split: merged in place).
+  {
+    const int nkv = c.n_kv_heads, hd = c.head_dim;
+    std::vector<float> kn(static_cast<size_t>(batch) * nkv * hd), vn(kn.size());
+    for (float& x : kn) x = nd(rng);
+    for (float& x : vn) x = nd(rng);
+    DeviceBuffer<float> dk(kn), dv(vn), dout2(q.size()), dlse2(static_cast<size_t>(batch) * n_heads);
+    DeviceBuffer<uint16_t> dcast(q.size());
+    kernels::DecodeAttentionParams ps = p;
+    ps.o = dout2.get();
+    ps.lse = dlse2.get();
+    ps.self.q = dq.get();
+    ps.self.k = dk.get();
+    ps.self.v = dv.get();
+    ps.self.k_seq_stride = ps.self.v_seq_stride = static_cast<int64_t>(nkv) * hd;
+    ps.self.n_heads = n_heads;
+    ps.self.n_kv_heads = nkv;
+    ps.o_cast = dcast.get();
+    ps.o_cast_dtype = kernels::DType::kF16;
+    const absl::Status st2 = kernels::LaunchDecodeAttention(ps, nullptr);
+    ASSERT_TRUE(st2.ok()) << st2;
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    const std::vector<float> o2 = dout2.Download(), lse2 = dlse2.Download();
+    const std::vector<uint16_t> cast = dcast.Download();
+    std::vector<float> ref_o(o2.size()), ref_l(lse2.size());
+    for (int s = 0; s < batch; ++s) {
+      for (int h = 0; h < n_heads; ++h) {
+        const size_t row = static_cast<size_t>(s) * n_heads + h;
+        const float* kr = kn.data() + (static_cast<size_t>(s) * nkv + h / c.group) * hd;
+        const float* vr = vn.data() + (static_cast<size_t>(s) * nkv + h / c.group) * hd;
+        double dot = 0.0;
+        for (int d = 0; d < hd; ++d) dot += static_cast<double>(q[row * hd + d]) * kr[d];
+        const double sc = dot / std::sqrt(static_cast<double>(hd)), l0 = want_lse[row];
+        const double mx = std::max(sc, l0);
+        const double w0 = std::isinf(l0) ? 0.0 : std::exp(l0 - mx), w1 = std::exp(sc - mx);
+        for (int d = 0; d < hd; ++d) {
+          ref_o[row * hd + d] = static_cast<float>((w0 * want_o[row * hd + d] + w1 * vr[d]) / (w0 + w1));
+        }
+        ref_l[row] = static_cast<float>(mx + std::log(w0 + w1));
+      }
+    }
+    EXPECT_LE(MaxAbsError(o2, ref_o).err, kOutTol) << "own token folded";
+    EXPECT_LE(MaxAbsError(lse2, ref_l).err, kLseTol) << "own token folded";
+    int bad_cast = 0;
+    for (size_t i = 0; i < o2.size(); ++i) bad_cast += cast[i] != HalfBits(o2[i]);
+    EXPECT_EQ(bad_cast, 0) << "f16 copy of o";
+  }
 
   // fp16: the same inputs through the plain-array reference.
   if (!fmt->quantized()) {
@@ -243,9 +300,11 @@ TEST(DecodeAttentionLauncher, UnknownInstanceNamesTheKey) {
 // ---- Merge ----
 
 // cast (optional): o_cast in cast_dtype, downloaded as raw 32-bit words (2-byte types packed).
+// self (optional): the own-key partial (device pointers).
 void RunMerge(int rows, int parts, int hd, const std::vector<float>& o_parts,
               const std::vector<float>& lse_parts, std::vector<float>* o, std::vector<float>* lse,
-              kernels::DType cast_dtype = kernels::DType::kF32, std::vector<float>* cast = nullptr) {
+              kernels::DType cast_dtype = kernels::DType::kF32, std::vector<float>* cast = nullptr,
+              const kernels::SelfKeyPartial* self = nullptr) {
   DeviceBuffer<float> dop(o_parts), dlp(lse_parts), dout(static_cast<size_t>(rows) * hd),
       dlse(rows), dcast(static_cast<size_t>(rows) * hd);
   kernels::MergeAttentionParams p;
@@ -264,6 +323,7 @@ void RunMerge(int rows, int parts, int hd, const std::vector<float>& o_parts,
     p.o_cast = dcast.get();
     p.o_cast_dtype = cast_dtype;
   }
+  if (self != nullptr) p.self = *self;
   ASSERT_TRUE(kernels::LaunchMergeAttention(p, nullptr).ok());
   KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
   *o = dout.Download();
@@ -380,6 +440,74 @@ TEST(MergeCast, WritesConvertedOutput) {
       }
       EXPECT_EQ(bad, 0) << parts << " partials, " << kernels::DTypeName(dt);
       for (int d = 0; d < hd; ++d) EXPECT_EQ(o[2 * hd + d], 0.0f);  // row 2: all partials empty
+    }
+  }
+}
+
+// MergeAttentionParams::self: each row's own-key partial (lse = scale q . k, o = v of its KV
+// head) merged with the stored partials, for both merge kernels (<= 8192 partials and more),
+// GQA rows, and a row whose stored partials are all empty (o = v, lse = the score).
+TEST(MergeSelf, OwnKeyPartialMatchesExplicitPartial) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  for (const int parts : {1, 5, 9000}) {
+    for (const int hd : {64, 128}) {
+      const int seqs = 3, n_heads = 6, nkv = 2, group = n_heads / nkv, rows = seqs * n_heads;
+      std::mt19937 rng(parts + hd);
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      std::vector<float> op(static_cast<size_t>(rows) * parts * hd), lp(static_cast<size_t>(rows) * parts);
+      for (float& x : op) x = nd(rng);
+      for (size_t i = 0; i < lp.size(); ++i) lp[i] = i / parts == 4 ? -INFINITY : 3.0f * nd(rng);
+      std::vector<float> q(static_cast<size_t>(rows) * hd), k(static_cast<size_t>(seqs) * nkv * hd), v(k.size());
+      for (float& x : q) x = nd(rng);
+      for (float& x : k) x = nd(rng);
+      for (float& x : v) x = nd(rng);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      // Reference: the explicit partial appended to each row's partials.
+      std::vector<float> rop(static_cast<size_t>(rows) * (parts + 1) * hd), rlp(static_cast<size_t>(rows) * (parts + 1));
+      for (int i = 0; i < rows; ++i) {
+        const int kvh = (i % n_heads) / group, sq = i / n_heads;
+        const float* kr = k.data() + (static_cast<size_t>(sq) * nkv + kvh) * hd;
+        const float* vr = v.data() + (static_cast<size_t>(sq) * nkv + kvh) * hd;
+        double dot = 0.0;
+        for (int d = 0; d < hd; ++d) dot += static_cast<double>(q[static_cast<size_t>(i) * hd + d]) * kr[d];
+        for (int r = 0; r <= parts; ++r) {
+          const size_t at = static_cast<size_t>(i) * (parts + 1) + r;
+          rlp[at] = r < parts ? lp[static_cast<size_t>(i) * parts + r] : static_cast<float>(dot * scale);
+          for (int d = 0; d < hd; ++d) {
+            rop[at * hd + d] = r < parts ? op[(static_cast<size_t>(i) * parts + r) * hd + d] : vr[d];
+          }
+        }
+      }
+      std::vector<float> ro(static_cast<size_t>(rows) * hd), rl(rows);
+      kernels::MergeAttentionReference(rows, parts + 1, hd, rop.data(), rlp.data(), ro.data(), rl.data());
+      DeviceBuffer<float> dq(q), dk(k), dv(v);
+      kernels::SelfKeyPartial self;
+      self.q = dq.get();
+      self.k = dk.get();
+      self.v = dv.get();
+      self.k_seq_stride = self.v_seq_stride = static_cast<int64_t>(nkv) * hd;
+      self.n_heads = n_heads;
+      self.n_kv_heads = nkv;
+      self.scale = scale;
+      std::vector<float> o, lse;
+      RunMerge(rows, parts, hd, op, lp, &o, &lse, kernels::DType::kF32, nullptr, &self);
+      if (HasFatalFailure()) return;
+      const double tol = std::max(1e-5, parts * 4.0 * std::ldexp(1.0, -24));
+      EXPECT_LE(MaxAbsError(o, ro).err, tol) << parts << " partials, hd " << hd;
+      EXPECT_LE(MaxAbsError(lse, rl).err, tol) << parts << " partials, hd " << hd;
+      // Row 4: every stored partial empty, so o is its own value row.
+      const float* v4 = v.data() + (static_cast<size_t>(4 / n_heads) * nkv + (4 % n_heads) / group) * hd;
+      for (int d = 0; d < hd; ++d) EXPECT_NEAR(o[4 * hd + d], v4[d], 1e-6);
+      kernels::MergeAttentionParams p;  // n_kv_heads 4 does not divide n_heads 6: refused
+      p.rows = rows;
+      p.n_parts = parts;
+      p.head_dim = hd;
+      p.o_parts = p.lse_parts = p.o = p.lse = dq.get();
+      p.self = self;
+      p.self.n_kv_heads = 4;
+      const absl::Status bad = kernels::LaunchMergeAttention(p, nullptr);
+      EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+      EXPECT_NE(std::string(bad.message()).find("n_kv_heads (4)"), std::string::npos) << bad;
     }
   }
 }
