@@ -51,16 +51,22 @@ __global__ void __launch_bounds__(kNormThreads) RmsNormKernel(const RmsNormParam
 
 __global__ void RopeQueryKernel(const RopeQueryParams p) {
   const int half = p.head_dim / 2;
-  const int64_t total = static_cast<int64_t>(p.rows) * p.n_heads * half;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t total_q = static_cast<int64_t>(p.rows) * p.n_heads * half;
+  const int64_t total = total_q + (p.k != nullptr ? static_cast<int64_t>(p.rows) * p.k_heads * half : 0);
+  for (int64_t at = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; at < total;
+       at += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool is_q = at < total_q;  // else an element of the second set (k)
+    const int64_t idx = is_q ? at : at - total_q;
+    const int heads = is_q ? p.n_heads : p.k_heads;
     const int i = static_cast<int>(idx % half);
-    const int64_t rh = idx / half;  // row * n_heads + head
-    const int64_t row = rh / p.n_heads;
+    const int64_t rh = idx / half;  // row * heads + head
+    const int64_t row = rh / heads;
     double s, c;
     sincos(static_cast<double>(p.positions[row]) * p.inv_freq[i], &s, &c);
-    const float* v = p.q + rh * p.head_dim;
-    float* w = (p.out != nullptr ? p.out : p.q) + rh * p.head_dim;
+    const float* src = is_q ? p.q : p.k;
+    float* dst = is_q ? (p.out != nullptr ? p.out : p.q) : (p.k_out != nullptr ? p.k_out : const_cast<float*>(p.k));
+    const float* v = src + rh * p.head_dim;
+    float* w = dst + rh * p.head_dim;
     const double a = v[i], b = v[i + half];
     w[i] = static_cast<float>(a * c - b * s);
     w[i + half] = static_cast<float>(b * c + a * s);
@@ -145,7 +151,10 @@ absl::Status LaunchRopeQuery(const RopeQueryParams& p, cudaStream_t stream) {
   if (p.q == nullptr || p.positions == nullptr || p.inv_freq == nullptr) {
     return absl::InvalidArgumentError("LaunchRopeQuery: null pointer");
   }
-  const int64_t n = static_cast<int64_t>(p.rows) * p.n_heads * (p.head_dim / 2);
+  if (p.k != nullptr && p.k_heads <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchRopeQuery: k_heads ", p.k_heads, " with k set"));
+  }
+  const int64_t n = static_cast<int64_t>(p.rows) * (p.n_heads + (p.k != nullptr ? p.k_heads : 0)) * (p.head_dim / 2);
   RopeQueryKernel<<<GridFor(n, 256), 256, 0, stream>>>(p);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();

@@ -35,6 +35,12 @@ struct RopeQueryParams {
   const int64_t* positions = nullptr;  // [rows]
   const double* inv_freq = nullptr;    // [head_dim / 2], kernels::RopeInvFreq()
   float* out = nullptr;             // null: rotate q in place
+  // Optional: a second set of rows rotated in the same launch at the same positions (a step's
+  // keys next to its queries): k [rows][k_heads][head_dim], written to k_out (null: in place).
+  // Each element is computed exactly as by a launch of its own.
+  const float* k = nullptr;
+  int k_heads = 0;
+  float* k_out = nullptr;
 };
 absl::Status LaunchRopeQuery(const RopeQueryParams& p, cudaStream_t stream);
 

@@ -547,6 +547,10 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       KVQ_STEP(kernels::LaunchAddBias(T, kvd, kvd, k, L.bk, s));
       KVQ_STEP(kernels::LaunchAddBias(T, kvd, kvd, v, L.bv, s));
     }
+    // Queries rotated in place and, in the same launch, a rotated copy of the keys for the step's
+    // own attention (out of place: the cache appends k pre-RoPE; evaluation attends through the
+    // cache and needs no copy).
+    float* krot = m.krot.as<float>();
     kernels::RopeQueryParams rq;
     rq.rows = T;
     rq.n_heads = nh;
@@ -554,6 +558,11 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     rq.q = q;
     rq.positions = m.positions.as<int64_t>();
     rq.inv_freq = m.inv_freq;
+    if (!eval) {
+      rq.k = k;
+      rq.k_heads = nkv;
+      rq.k_out = krot;
+    }
     KVQ_STEP(kernels::LaunchRopeQuery(rq, s));
     auto append_all = [&]() -> absl::Status {
       for (const Launch& a : app) {
@@ -572,16 +581,6 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       return absl::OkStatus();
     };
     if (eval) KVQ_STEP(append_all());
-    // Rotated keys for the step's own attention, out of place (the cache appends k pre-RoPE).
-    float* krot = m.krot.as<float>();
-    auto rope_keys = [&]() {
-      kernels::RopeQueryParams rk = rq;
-      rk.n_heads = nkv;
-      rk.q = k;
-      rk.out = krot;
-      return kernels::LaunchRopeQuery(rk, s);
-    };
-    if (fold) KVQ_STEP(rope_keys());
     for (const Launch& a : attn) {
       if (a.max_len == 0 && !fold) continue;  // folded: the launch also merges the row's own token
       if (a.fa) {
@@ -632,7 +631,6 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     if (fold) {
       KVQ_STEP(append_all());
     } else if (!eval) {
-      KVQ_STEP(rope_keys());
       kernels::ChunkAttentionParams cp;
       cp.rows = chunk_fa ? first_prefill_row : T;
       cp.n_heads = nh;

@@ -119,6 +119,25 @@ TEST(RopeQuery, MatchesReferenceAtLargePositions) {
     KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
     EXPECT_EQ(dst.Download(), dq.Download()) << "head_dim " << hd;
     EXPECT_EQ(src.Download(), q) << "head_dim " << hd;
+    // Queries in place and keys (2 heads) out of place in one launch: the same bits as launches
+    // of their own.
+    auto k = Randn(static_cast<size_t>(rows) * 2 * hd, 5);
+    DeviceBuffer<float> q1(q), k_src(k), k_dst(k.size()), k_alone(k), k_alone_dst(k.size());
+    kernels::RopeQueryParams pk = p;
+    pk.q = q1.get();
+    pk.k = k_src.get();
+    pk.k_heads = 2;
+    pk.k_out = k_dst.get();
+    ASSERT_TRUE(kernels::LaunchRopeQuery(pk, nullptr).ok());
+    kernels::RopeQueryParams ka = p;
+    ka.n_heads = 2;
+    ka.q = k_alone.get();
+    ka.out = k_alone_dst.get();
+    ASSERT_TRUE(kernels::LaunchRopeQuery(ka, nullptr).ok());
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(q1.Download(), dq.Download()) << "head_dim " << hd;
+    EXPECT_EQ(k_dst.Download(), k_alone_dst.Download()) << "head_dim " << hd;
+    EXPECT_EQ(k_src.Download(), k) << "head_dim " << hd;
   }
 }
 
