@@ -70,9 +70,10 @@ ABSL_FLAG(int64_t, prefill_baseline_max, 16384,
           "prompts up to this length are also prefilled with the first implementation (decode kernel "
           "once per query row, scalar chunk kernel) for the speed-up column");
 ABSL_FLAG(int, steps, 10, "timed decode steps per row");
-ABSL_FLAG(bool, fold_ab, true,
-          "decode: also time each row with the other GpuForward::set_fold_decode_self setting (the "
-          "step's own token folded into the decode merge), same caches, same process");
+ABSL_FLAG(std::string, ab, "fold,gemv",
+          "decode: also time each row with the other setting of each listed GpuForward switch, same caches, "
+          "same process: fold (set_fold_decode_self: the step's own token folded into the decode merge), gemv "
+          "(set_decode_gemv: decode GEMV kernels with the RMSNorm / SwiGLU input stages)");
 ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
@@ -303,19 +304,34 @@ int Main() {
                 "%lld tokens\n",
                 fmt.c_str(), st.expected_bytes_per_token, pool_bytes_per_token,
                 st.pool->capacity_bytes() / 1073741824.0, static_cast<long long>(st.pool->total_blocks() * 256));
-    const bool fold = st.fwd->fold_decode_self(), fold_ab = absl::GetFlag(FLAGS_fold_ab);
+    // A/B switches: name, getter, setter.
+    struct Switch {
+      std::string name;
+      bool (sharding::GpuForward::*get)() const;
+      void (sharding::GpuForward::*set)(bool);
+    };
+    std::vector<Switch> ab;
+    for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_ab), ',', absl::SkipEmpty())) {
+      if (a == "fold") ab.push_back({"fold", &sharding::GpuForward::fold_decode_self, &sharding::GpuForward::set_fold_decode_self});
+      else if (a == "gemv") ab.push_back({"gemv", &sharding::GpuForward::decode_gemv, &sharding::GpuForward::set_decode_gemv});
+      else CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (fold, gemv)")));
+    }
+    std::string ab_head, ab_rule, ab_empty;
+    for (const Switch& w : ab) {
+      ab_head += absl::StrCat(" ms/token, ", w.name, " ", ((*st.fwd).*w.get)() ? "off" : "on", " |");
+      ab_rule += "---|";
+      ab_empty += " |";
+    }
     std::printf("| model | KV | context | batch | ms/token (step) | floor ms | achieved/floor | tokens/s | ms/token without "
-                "CUDA graphs |%s\n",
-                fold_ab ? (fold ? " ms/token, own token not folded |" : " ms/token, own token folded into the merge |")
-                        : "");
-    std::printf("|---|---|---|---|---|---|---|---|---|%s\n", fold_ab ? "---|" : "");
+                "CUDA graphs |%s\n", ab_head.c_str());
+    std::printf("|---|---|---|---|---|---|---|---|---|%s\n", ab_rule.c_str());
     for (int64_t ctx : Ints(absl::GetFlag(FLAGS_contexts))) {
       for (int64_t batch : Ints(absl::GetFlag(FLAGS_batches))) {
         const int64_t need = batch * st.pool->BytesForTokens(ctx + 64);
         if (need > st.pool->capacity_bytes()) {
           std::printf("| %s | %s | %lld | %lld | does not fit (%.1f GiB of KV) | | | | |%s\n", c.name.c_str(), fmt.c_str(),
                       static_cast<long long>(ctx), static_cast<long long>(batch), need / 1073741824.0,
-                      fold_ab ? " |" : "");
+                      ab_empty.c_str());
           continue;
         }
         std::vector<std::unique_ptr<model::KvCache>> caches;
@@ -333,10 +349,11 @@ int Main() {
         const double plain = DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps));
         st.fwd->set_cuda_graphs(true);
         std::string other;
-        if (fold_ab) {  // the same caches again, a few tokens longer, with the other fold setting
-          st.fwd->set_fold_decode_self(!fold);
-          other = absl::StrFormat(" %.3f |", DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps)) * 1e3);
-          st.fwd->set_fold_decode_self(fold);
+        for (const Switch& w : ab) {  // the same caches again, a few tokens longer, the switch flipped
+          const bool was = ((*st.fwd).*w.get)();
+          ((*st.fwd).*w.set)(!was);
+          other += absl::StrFormat(" %.3f |", DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps)) * 1e3);
+          ((*st.fwd).*w.set)(was);
         }
         const double bytes = weight_bytes + static_cast<double>(batch) * ctx * st.expected_bytes_per_token;
         const double floor = bytes / bw;

@@ -13,6 +13,7 @@
 #include "kernels/cublas_api.h"
 #include "kernels/cuda_check.h"
 #include "kernels/decode_attention.h"
+#include "kernels/decode_gemv.h"
 #include "kernels/dense_ops.h"
 #include "kernels/engine_ops.h"
 #include "kernels/gemm.h"
@@ -80,6 +81,14 @@ void GpuForward::set_fold_decode_self(bool on) {
 }
 
 bool GpuForward::fold_decode_self() const { return impl_->fold_decode_self; }
+
+void GpuForward::set_decode_gemv(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->decode_gemv != on) impl_->graphs.Drop();  // the captured steps have the other shape
+  impl_->decode_gemv = on;
+}
+
+bool GpuForward::decode_gemv() const { return impl_->decode_gemv; }
 
 void GpuForward::ReleaseIdleResources() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
@@ -162,6 +171,18 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   // The same steps (graph or not) may fold each row's own new token into the decode merge
   // (set_fold_decode_self): then the decode launch writes o (and o_act) itself.
   const bool fold = m.fold_decode_self && !eval && nd == T && nd1 == 0 && T > 0;
+  // Steps of a few rows may run the linear layers through kernels::LaunchDecodeGemv with the
+  // RMSNorms and the SwiGLU as its input stage (set_decode_gemv; f16/bf16 weights).
+  const bool gemv = [&] {
+    if (!m.decode_gemv || T < 1 || T > kernels::kDecodeGemvMaxRows || dtype_ == DType::kF32) return false;
+    if (hidden % 8 != 0 || c.intermediate % 8 != 0 || c.q_dim() % 8 != 0) return false;
+    for (const DevLayer& L : m.layers) {
+      for (const void* w : {L.wq, L.wo, L.w_gu, L.w_down}) {
+        if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
+      }
+    }
+    return true;
+  }();
   // ---- Room for every new token before anything is written.
   for (It& e : its) {
     if (e.host == nullptr) KVQ_RETURN_IF_ERROR(e.w->Reserve(e.n));
@@ -532,15 +553,42 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   void* o_act = dtype_ == DType::kF32 ? static_cast<void*>(o) : m.o_act.p;
   for (int l = 0; l < c.n_layers; ++l) {
     const DevLayer& L = m.layers[l];
-    KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.attn_norm, m.h.p, dtype_, s));
-    if (T == 1) {
-      // One token: [q | k | v] is one output row of the stacked weights (DevLayer), so one GEMM
-      // (three cuBLAS calls of ~4.5 us each at M = 1 on an H200 were 14% of a SmolLM2 step).
-      KVQ_STEP(gemm(1, qd + 2 * kvd, hidden, m.h.p, L.wq, q, DType::kF32, 0.0f));
+    // A decode GEMV with its input stage (LaunchDecodeGemv): y = in(a) . W^T into up to three
+    // output segments.
+    auto dgemv = [&](kernels::GemvInput in, const void* a, int64_t lda, const float* norm, const void* w, int n,
+                     int k, DType out_t, float beta, std::initializer_list<kernels::GemvSegment> segs) {
+      kernels::DecodeGemvParams g;
+      g.m = T;
+      g.n = n;
+      g.k = k;
+      g.w_dtype = dtype_;
+      g.w = w;
+      g.input = in;
+      g.a = a;
+      g.lda = lda;
+      g.norm_weight = norm;
+      g.eps = c.rms_norm_eps;
+      g.c_dtype = out_t;
+      g.beta = beta;
+      g.n_segs = static_cast<int>(segs.size());
+      int i = 0;
+      for (const kernels::GemvSegment& sg : segs) g.seg[i++] = sg;
+      return kernels::LaunchDecodeGemv(g, s);
+    };
+    if (gemv) {  // attention RMSNorm + q/k/v in one kernel, into the step's q, k, v rows
+      KVQ_STEP(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, L.attn_norm, L.wq, qd + 2 * kvd, hidden, DType::kF32,
+                     0.0f, {{qd, q, qd}, {qd + kvd, k, kvd}, {qd + 2 * kvd, v, kvd}}));
     } else {
-      KVQ_STEP(gemm(T, qd, hidden, m.h.p, L.wq, q, DType::kF32, 0.0f));
-      KVQ_STEP(gemm(T, kvd, hidden, m.h.p, L.wk, k, DType::kF32, 0.0f));
-      KVQ_STEP(gemm(T, kvd, hidden, m.h.p, L.wv, v, DType::kF32, 0.0f));
+      KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.attn_norm, m.h.p, dtype_, s));
+      if (T == 1) {
+        // One token: [q | k | v] is one output row of the stacked weights (DevLayer), so one GEMM
+        // (three cuBLAS calls of ~4.5 us each at M = 1 on an H200 were 14% of a SmolLM2 step).
+        KVQ_STEP(gemm(1, qd + 2 * kvd, hidden, m.h.p, L.wq, q, DType::kF32, 0.0f));
+      } else {
+        KVQ_STEP(gemm(T, qd, hidden, m.h.p, L.wq, q, DType::kF32, 0.0f));
+        KVQ_STEP(gemm(T, kvd, hidden, m.h.p, L.wk, k, DType::kF32, 0.0f));
+        KVQ_STEP(gemm(T, kvd, hidden, m.h.p, L.wv, v, DType::kF32, 0.0f));
+      }
     }
     if (L.bq != nullptr) {
       KVQ_STEP(kernels::LaunchAddBias(T, qd, qd, q, L.bq, s));
@@ -673,19 +721,28 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       mp.o_cast_dtype = dtype_;
     }
     if (!fold) KVQ_STEP(kernels::LaunchMergeAttention(mp, s));  // folded: the decode launch wrote o
-    KVQ_STEP(gemm(T, hidden, qd, o_act, L.wo, x, DType::kF32, 1.0f));
-    KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.ffn_norm, m.h.p, dtype_, s));
-    KVQ_STEP(gemm(T, 2 * inter, hidden, m.h.p, L.w_gu, m.gu.p, dtype_, 0.0f));
-    kernels::SwiGluParams sp;
-    sp.rows = T;
-    sp.dim = inter;
-    sp.dtype = dtype_;
-    sp.gate = m.gu.p;
-    sp.up = static_cast<const uint8_t*>(m.gu.p) + static_cast<size_t>(inter) * act;
-    sp.in_row_stride = 2 * inter;
-    sp.out = m.mid.p;
-    KVQ_STEP(kernels::LaunchSwiGlu(sp, s));
-    KVQ_STEP(gemm(T, hidden, inter, m.mid.p, L.w_down, x, DType::kF32, 1.0f));
+    if (gemv) {  // o projection + residual; FFN RMSNorm + gate/up; SwiGLU + down + residual
+      KVQ_STEP(dgemv(kernels::GemvInput::kPlain, o_act, qd, nullptr, L.wo, hidden, qd, DType::kF32, 1.0f,
+                     {{hidden, x, hidden}}));
+      KVQ_STEP(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, L.ffn_norm, L.w_gu, 2 * inter, hidden, dtype_, 0.0f,
+                     {{2 * inter, m.gu.p, 2 * inter}}));
+      KVQ_STEP(dgemv(kernels::GemvInput::kSwiGlu, m.gu.p, 2 * inter, nullptr, L.w_down, hidden, inter, DType::kF32,
+                     1.0f, {{hidden, x, hidden}}));
+    } else {
+      KVQ_STEP(gemm(T, hidden, qd, o_act, L.wo, x, DType::kF32, 1.0f));
+      KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.ffn_norm, m.h.p, dtype_, s));
+      KVQ_STEP(gemm(T, 2 * inter, hidden, m.h.p, L.w_gu, m.gu.p, dtype_, 0.0f));
+      kernels::SwiGluParams sp;
+      sp.rows = T;
+      sp.dim = inter;
+      sp.dtype = dtype_;
+      sp.gate = m.gu.p;
+      sp.up = static_cast<const uint8_t*>(m.gu.p) + static_cast<size_t>(inter) * act;
+      sp.in_row_stride = 2 * inter;
+      sp.out = m.mid.p;
+      KVQ_STEP(kernels::LaunchSwiGlu(sp, s));
+      KVQ_STEP(gemm(T, hidden, inter, m.mid.p, L.w_down, x, DType::kF32, 1.0f));
+    }
   }
   KVQ_STEP(kernels::LaunchGatherRows(R, hidden, x, m.gather_idx.as<int32_t>(), m.sel.as<float>(), s));
   KVQ_STEP(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype_, s));

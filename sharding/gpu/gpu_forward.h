@@ -63,6 +63,13 @@ class GpuForward : public model::ForwardPass {
   // it on at creation); toggling drops the captured graphs.
   void set_fold_decode_self(bool on);
   bool fold_decode_self() const;
+  // Steps of up to kernels::kDecodeGemvMaxRows rows with f16/bf16 weights run the linear layers
+  // through kernels::LaunchDecodeGemv, whose input stage is the RMSNorm (q/k/v, gate/up) or the
+  // SwiGLU (down): two RMSNorm kernels and the SwiGLU kernel leave each layer, and the q/k/v of a
+  // batch is one launch. Off by default until measured on a GPU (KVQ_DECODE_GEMV=1 sets it on at
+  // creation); toggling drops the captured graphs.
+  void set_decode_gemv(bool on);
+  bool decode_gemv() const;
   kernels::DType dtype() const { return dtype_; }
 
  private:

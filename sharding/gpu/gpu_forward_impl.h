@@ -109,6 +109,7 @@ struct GpuForward::Impl {
   bool use_graphs = true;
   bool use_prefill_kernel = true;
   bool fold_decode_self = false;  // GpuForward::set_fold_decode_self
+  bool decode_gemv = false;       // GpuForward::set_decode_gemv
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);

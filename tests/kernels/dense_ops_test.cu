@@ -8,11 +8,18 @@
 #include <cuda_fp16.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+#include "kernels/decode_gemv.h"
 #include "kernels/dense_ops.h"
+#include "kernels/engine_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/philox.h"
 #include "kernels/reference/dense_ops.h"
@@ -246,6 +253,162 @@ INSTANTIATE_TEST_SUITE_P(Grid, GemmTest,
                                            std::make_tuple(DType::kF16, DType::kF16),
                                            std::make_tuple(DType::kBF16, DType::kF32),
                                            std::make_tuple(DType::kBF16, DType::kBF16)));
+
+// The decode GEMV: plain inputs against a double reference (three output segments, beta 1, an
+// output in the weight dtype), and its RMSNorm / SwiGLU input stages against the kernels they
+// replace followed by the plain GEMV: the same bits (same staged inputs, same summation order).
+TEST(DecodeGemv, MatchesReferenceAndReplacedKernels) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  struct Shape {
+    int n, k;
+  };
+  for (const DType dt : {DType::kF16, DType::kBF16}) {
+    auto to16 = [&](const std::vector<float>& x) { return dt == DType::kF16 ? ToHalf(x) : ToBf16(x); };
+    auto from16 = [&](const std::vector<uint16_t>& h) { return dt == DType::kF16 ? FromHalf(h) : FromBf16(h); };
+    for (const int rows : {1, 3, 8}) {
+      for (const Shape sh : {Shape{960, 576}, Shape{37, 64}, Shape{200, 14336}}) {
+        const int n = sh.n, k = sh.k;
+        const std::string what = absl::StrCat(DTypeName(dt), " m=", rows, " n=", n, " k=", k);
+        const std::vector<uint16_t> w16 = to16(Randn(static_cast<size_t>(n) * k, 11, 0.05f));
+        const std::vector<uint16_t> a16 = to16(Randn(static_cast<size_t>(rows) * k, 12));
+        const std::vector<float> wf = from16(w16), af = from16(a16);
+        DeviceBuffer<uint16_t> dw(w16), da(a16);
+        // Three segments of widths n0, n1, n2 with row strides wider than the segment.
+        const int n0 = n / 3, n1 = n / 3, n2 = n - n0 - n1;
+        std::vector<float> init = Randn(static_cast<size_t>(rows) * (n + 3), 13);
+        DeviceBuffer<float> c0(std::vector<float>(init.begin(), init.begin() + rows * (n0 + 1))),
+            c1(std::vector<float>(init.begin(), init.begin() + rows * (n1 + 1))),
+            c2(std::vector<float>(init.begin(), init.begin() + rows * (n2 + 1)));
+        kernels::DecodeGemvParams g;
+        g.m = rows;
+        g.n = n;
+        g.k = k;
+        g.w_dtype = dt;
+        g.w = dw.get();
+        g.a = da.get();
+        g.beta = 1.0f;
+        g.n_segs = 3;
+        g.seg[0] = {n0, c0.get(), n0 + 1};
+        g.seg[1] = {n0 + n1, c1.get(), n1 + 1};
+        g.seg[2] = {n, c2.get(), n2 + 1};
+        ASSERT_TRUE(kernels::LaunchDecodeGemv(g, nullptr).ok()) << what;
+        KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+        const std::vector<float> got0 = c0.Download(), got1 = c1.Download(), got2 = c2.Download();
+        double worst = 0.0;
+        for (int m = 0; m < rows; ++m) {
+          for (int j = 0; j < n; ++j) {
+            double ref = 0.0;
+            for (int t = 0; t < k; ++t) ref += static_cast<double>(af[static_cast<size_t>(m) * k + t]) * wf[static_cast<size_t>(j) * k + t];
+            const int s = j < n0 ? 0 : j < n0 + n1 ? 1 : 2;
+            const int col = j - (s == 0 ? 0 : s == 1 ? n0 : n0 + n1);
+            const int ldc = (s == 0 ? n0 : s == 1 ? n1 : n2) + 1;
+            const std::vector<float>& got = s == 0 ? got0 : s == 1 ? got1 : got2;
+            ref += init[static_cast<size_t>(m) * ldc + col];
+            worst = std::max(worst, std::abs(got[static_cast<size_t>(m) * ldc + col] - ref));
+          }
+        }
+        // fp32 sums of k products of magnitude <= ~0.2 (|dot| up to ~6 at k = 14336): 1e-3.
+        EXPECT_LE(worst, 1e-3) << what;
+        // Each row's column past its segment's width is untouched.
+        for (int m = 0; m < rows; ++m) EXPECT_EQ(got0[static_cast<size_t>(m) * (n0 + 1) + n0], init[static_cast<size_t>(m) * (n0 + 1) + n0]) << what;
+
+        // Plain, one segment, f32 (beta 0) and the weight dtype: the second is the first rounded.
+        DeviceBuffer<float> y32(static_cast<size_t>(rows) * n);
+        DeviceBuffer<uint16_t> y16(static_cast<size_t>(rows) * n);
+        auto run_plain = [&](const void* a, float* out32, uint16_t* out16) {
+          kernels::DecodeGemvParams q = g;
+          q.a = a;
+          q.beta = 0.0f;
+          q.n_segs = 1;
+          q.seg[0] = {n, out32 != nullptr ? static_cast<void*>(out32) : static_cast<void*>(out16), n};
+          q.c_dtype = out32 != nullptr ? DType::kF32 : dt;
+          return kernels::LaunchDecodeGemv(q, nullptr);
+        };
+        ASSERT_TRUE(run_plain(da.get(), y32.get(), nullptr).ok()) << what;
+        ASSERT_TRUE(run_plain(da.get(), nullptr, y16.get()).ok()) << what;
+        KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+        EXPECT_EQ(y16.Download(), to16(y32.Download())) << what;
+
+        // RMSNorm input stage == LaunchRmsNormF32 then the plain GEMV, bit for bit.
+        const std::vector<float> x = Randn(static_cast<size_t>(rows) * k, 14, 2.0f), gw = Randn(k, 15);
+        DeviceBuffer<float> dx(x), dg(gw), fused(static_cast<size_t>(rows) * n), split(static_cast<size_t>(rows) * n);
+        DeviceBuffer<uint16_t> h(static_cast<size_t>(rows) * k);
+        kernels::DecodeGemvParams r = g;
+        r.input = kernels::GemvInput::kRmsNorm;
+        r.a = dx.get();
+        r.lda = 0;
+        r.norm_weight = dg.get();
+        r.eps = 1e-5f;
+        r.beta = 0.0f;
+        r.n_segs = 1;
+        r.seg[0] = {n, fused.get(), n};
+        ASSERT_TRUE(kernels::LaunchDecodeGemv(r, nullptr).ok()) << what;
+        ASSERT_TRUE(kernels::LaunchRmsNormF32(rows, k, 1e-5f, dx.get(), dg.get(), h.get(), dt, nullptr).ok());
+        ASSERT_TRUE(run_plain(h.get(), split.get(), nullptr).ok()) << what;
+        KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+        EXPECT_EQ(fused.Download(), split.Download()) << what << " RMSNorm stage";
+
+        // SwiGLU input stage (gate | up rows of width 2k) == LaunchSwiGlu then the plain GEMV.
+        const std::vector<uint16_t> gu16 = to16(Randn(static_cast<size_t>(rows) * 2 * k, 16, 2.0f));
+        DeviceBuffer<uint16_t> dgu(gu16), mid(static_cast<size_t>(rows) * k);
+        kernels::DecodeGemvParams sg = r;
+        sg.input = kernels::GemvInput::kSwiGlu;
+        sg.a = dgu.get();
+        sg.norm_weight = nullptr;
+        ASSERT_TRUE(kernels::LaunchDecodeGemv(sg, nullptr).ok()) << what;
+        kernels::SwiGluParams sp;
+        sp.rows = rows;
+        sp.dim = k;
+        sp.dtype = dt;
+        sp.gate = dgu.get();
+        sp.up = dgu.get() + k;
+        sp.in_row_stride = 2 * k;
+        sp.out = mid.get();
+        ASSERT_TRUE(kernels::LaunchSwiGlu(sp, nullptr).ok());
+        ASSERT_TRUE(run_plain(mid.get(), split.get(), nullptr).ok()) << what;
+        KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+        EXPECT_EQ(fused.Download(), split.Download()) << what << " SwiGLU stage";
+      }
+    }
+  }
+}
+
+// Refusals name what to fix (no GPU needed: checked before any launch).
+TEST(DecodeGemv, RefusesBadShapes) {
+  std::vector<float> dummy(64);
+  alignas(16) static uint16_t w[64];
+  kernels::DecodeGemvParams g;
+  g.m = 1;
+  g.n = 4;
+  g.k = 16;
+  g.w = w;
+  g.a = dummy.data();
+  g.seg[0] = {4, dummy.data(), 4};
+  auto msg = [&](const kernels::DecodeGemvParams& p) {
+    const absl::Status st = kernels::LaunchDecodeGemv(p, nullptr);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+    return std::string(st.message());
+  };
+  kernels::DecodeGemvParams b = g;
+  b.m = 9;
+  EXPECT_NE(msg(b).find("rows 9"), std::string::npos);
+  b = g;
+  b.k = 12;
+  EXPECT_NE(msg(b).find("multiple of 8"), std::string::npos);
+  b = g;
+  b.beta = 1.0f;
+  b.c_dtype = DType::kF16;
+  EXPECT_NE(msg(b).find("beta"), std::string::npos);
+  b = g;
+  b.seg[0].n_end = 3;
+  EXPECT_NE(msg(b).find("segments end at column 3"), std::string::npos);
+  b = g;
+  b.w_dtype = DType::kF32;
+  EXPECT_NE(msg(b).find("f16 or bf16"), std::string::npos);
+  b = g;
+  b.input = kernels::GemvInput::kRmsNorm;
+  EXPECT_NE(msg(b).find("RMSNorm"), std::string::npos);
+}
 
 TEST(Philox, HostMatchesKnownAnswer) {
   // Random123 known-answer vector for philox4x32-10 with counter = key = 0.

@@ -207,9 +207,10 @@ TEST(GpuKvCacheTest, AppendIsByteIdenticalToTheCpuAndAttentionAgrees) {
 }
 
 // Greedy generation of one prompt through a forward pass and a cache factory: prefill in chunks,
-// then decode. Returns the tokens and the logits of the first decode step.
+// then decode. Returns the tokens and the logits of the first decode step (and of the last step).
 std::vector<int32_t> Greedy(const model::ForwardPass& fwd, KvCacheFactory& f, const std::vector<int32_t>& prompt,
-                            int chunk, int n, std::vector<float>* first_logits, bool through_cache = false) {
+                            int chunk, int n, std::vector<float>* first_logits, bool through_cache = false,
+                            std::vector<float>* last_logits = nullptr) {
   model::ForwardOptions fo;
   fo.chunk_through_cache = through_cache;
   auto cache = f.Make(0);
@@ -233,6 +234,7 @@ std::vector<int32_t> Greedy(const model::ForwardPass& fwd, KvCacheFactory& f, co
     EXPECT_TRUE(s.ok()) << s;
     if (!s.ok()) break;
   }
+  if (last_logits) *last_logits = logits;
   return out;
 }
 
@@ -308,6 +310,25 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
                       fmt.c_str(), p, g == &*g32 ? "f32" : "f16", SamePrefix(tf, tu), SamePrefix(tf, tc));
           if (fmt == "fp16" && g == &*g32) EXPECT_EQ(tf, tc) << "folded";
           EXPECT_GE(SamePrefix(tf, tu), 1) << fmt << " folded";
+        }
+        // f16 weights: decode steps through the GEMV kernels with the RMSNorm / SwiGLU input
+        // stages (set_decode_gemv), against cuBLAS: the same staged activations, fp32 sums in
+        // another order. Logits of the 8th decode step, and greedy tokens.
+        {
+          std::vector<float> lb, lv;
+          const auto tb = Greedy(**g16, *gpu->factory, prompts[p], 64, 8, nullptr, false, &lb);
+          (*g16)->set_decode_gemv(true);
+          const auto tv = Greedy(**g16, *gpu->factory, prompts[p], 64, 8, nullptr, false, &lv);
+          const auto tv20 = Greedy(**g16, *gpu->factory, prompts[p], 64, 20, nullptr);
+          (*g16)->set_decode_gemv(false);
+          std::printf("[gpu-fwd] %-8s prompt %zu, f16 weights: decode GEMV vs cuBLAS: 8th-step logits max |d| %.2e, "
+                      "greedy tokens agree on the first %d/20\n",
+                      fmt.c_str(), p, MaxAbsDiff(lb, lv), SamePrefix(tv20, t16));
+          if (fmt == "fp16") {
+            EXPECT_EQ(tv, tb) << "decode GEMV";
+            EXPECT_LT(MaxAbsDiff(lb, lv), 0.05) << "decode GEMV";
+          }
+          EXPECT_GE(SamePrefix(tv20, t16), 1) << fmt << " decode GEMV";
         }
       }
       if (p == 3 && (fmt == "fp16" || fmt == "nuq3-1%")) {

@@ -1,0 +1,234 @@
+// See decode_gemv.h.
+#include "kernels/decode_gemv.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda_check.h"
+
+namespace kvq::kernels {
+namespace {
+
+using internal::FromFloat;
+using internal::ToFloat;
+
+// 256 threads: also LaunchRmsNormF32's block, whose reduction order the kRmsNorm input repeats
+// (strided fmaf per thread, xor shuffles, warp sums added in warp order) for the same bits.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kCols = 4;                 // output columns per warp
+constexpr int kStageBytes = 48 * 1024;   // staged inputs per CTA (no opt-in needed)
+
+__device__ __forceinline__ void ToFloat8(const uint4& v, __half, float (&f)[8]) {
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __half22float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+__device__ __forceinline__ void ToFloat8(const uint4& v, __nv_bfloat16, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __bfloat1622float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void StoreOut(const DecodeGemvParams& p, int m, int n, float v) {
+  int s = 0, start = 0;
+  while (s + 1 < p.n_segs && n >= p.seg[s].n_end) {
+    start = p.seg[s].n_end;
+    ++s;
+  }
+  const int64_t at = m * p.seg[s].ldc + (n - start);
+  if (p.c_dtype == DType::kF32) {
+    float* c = static_cast<float*>(p.seg[s].c) + at;
+    *c = p.beta != 0.0f ? *c + v : v;
+  } else {
+    static_cast<T*>(p.seg[s].c)[at] = FromFloat<T>(v);
+  }
+}
+
+template <typename T, GemvInput kIn, int kM>
+__global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvParams p, const int kc) {
+  extern __shared__ __align__(16) uint8_t gemv_smem[];
+  T* a_s = reinterpret_cast<T*>(gemv_smem);  // [kM][kc]
+  __shared__ float red[kM][kWarps];
+  __shared__ float inv_rms[kM];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int K = p.k, N = p.n, rows = p.m;
+  const int64_t lda = p.lda > 0 ? p.lda : (kIn == GemvInput::kSwiGlu ? 2 * static_cast<int64_t>(K) : K);
+
+  if constexpr (kIn == GemvInput::kRmsNorm) {
+    const float* x = static_cast<const float*>(p.a);
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      float ss = 0.0f;
+      if (m < rows) {
+        for (int i = tid; i < K; i += kThreads) ss = fmaf(x[m * lda + i], x[m * lda + i], ss);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      if (lane == 0) red[m][warp] = ss;
+    }
+    __syncthreads();
+    if (tid < rows) {
+      float t = 0.0f;
+      for (int i = 0; i < kWarps; ++i) t += red[tid][i];
+      inv_rms[tid] = 1.0f / sqrtf(t / static_cast<float>(K) + p.eps);
+    }
+    __syncthreads();
+  }
+
+  const int col0 = (blockIdx.x * kWarps + warp) * kCols;
+  const T* W = static_cast<const T*>(p.w);
+  float acc[kM][kCols];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[m][c] = 0.0f;
+  }
+  for (int k0 = 0; k0 < K; k0 += kc) {
+    const int kn = min(kc, K - k0);
+    if (k0 > 0) __syncthreads();  // every warp is done with the previous chunk
+    // Stage a(m, k0 .. k0 + kn) (rows past p.m as zeros).
+    for (int i = tid; i < kM * kn; i += kThreads) {
+      const int m = i / kn, kk = i - m * kn;
+      T v = FromFloat<T>(0.0f);
+      if (m < rows) {
+        const int64_t k = k0 + kk;
+        if constexpr (kIn == GemvInput::kPlain) {
+          v = static_cast<const T*>(p.a)[m * lda + k];
+        } else if constexpr (kIn == GemvInput::kRmsNorm) {
+          v = FromFloat<T>(static_cast<const float*>(p.a)[m * lda + k] * inv_rms[m] * p.norm_weight[k]);
+        } else {
+          const T* g_row = static_cast<const T*>(p.a) + m * lda;
+          const float g = ToFloat(g_row[k]), u = ToFloat(g_row[K + k]);
+          v = FromFloat<T>(g / (1.0f + expf(-g)) * u);
+        }
+      }
+      a_s[m * kc + kk] = v;
+    }
+    __syncthreads();
+    // 16-byte pieces of the warp's weight rows, against every row's staged input.
+#pragma unroll 2
+    for (int kk = lane * 8; kk < kn; kk += 32 * 8) {
+      uint4 wv[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int n = col0 + c;
+        wv[c] = n < N ? __ldg(reinterpret_cast<const uint4*>(W + static_cast<int64_t>(n) * K + k0 + kk))
+                      : make_uint4(0u, 0u, 0u, 0u);
+      }
+      float wf[kCols][8];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) ToFloat8(wv[c], T{}, wf[c]);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        if (m < rows) {
+          float af[8];
+          ToFloat8(*reinterpret_cast<const uint4*>(a_s + m * kc + kk), T{}, af);
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[m][c] = fmaf(af[e], wf[c][e], acc[m][c]);
+          }
+        }
+      }
+    }
+  }
+  // Sums over the lanes; lane m * kCols + c writes (m, c).
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc[m][c] += __shfl_xor_sync(0xffffffffu, acc[m][c], off);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const int n = col0 + c;
+      if (lane == m * kCols + c && m < rows && n < N) StoreOut<T>(p, m, n, acc[m][c]);
+    }
+  }
+}
+
+template <typename T, GemvInput kIn>
+void LaunchRows(const DecodeGemvParams& p, cudaStream_t stream) {
+  const int blocks = (p.n + kWarps * kCols - 1) / (kWarps * kCols);
+  auto go = [&]<int kM>() {
+    const int kc = std::min(p.k, kStageBytes / (kM * static_cast<int>(sizeof(T))) / 8 * 8);
+    const size_t smem = static_cast<size_t>(kM) * kc * sizeof(T);
+    DecodeGemvKernel<T, kIn, kM><<<blocks, kThreads, smem, stream>>>(p, kc);
+  };
+  if (p.m <= 1) {
+    go.template operator()<1>();
+  } else if (p.m <= 4) {
+    go.template operator()<4>();
+  } else {
+    go.template operator()<8>();
+  }
+}
+
+template <typename T>
+void LaunchTyped(const DecodeGemvParams& p, cudaStream_t stream) {
+  switch (p.input) {
+    case GemvInput::kPlain: LaunchRows<T, GemvInput::kPlain>(p, stream); break;
+    case GemvInput::kRmsNorm: LaunchRows<T, GemvInput::kRmsNorm>(p, stream); break;
+    case GemvInput::kSwiGlu: LaunchRows<T, GemvInput::kSwiGlu>(p, stream); break;
+  }
+}
+
+}  // namespace
+
+absl::Status LaunchDecodeGemv(const DecodeGemvParams& p, cudaStream_t stream) {
+  auto bad = [](auto&&... args) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchDecodeGemv: ", args...));
+  };
+  if (p.m < 1 || p.m > kDecodeGemvMaxRows) return bad("rows ", p.m, " outside [1, ", kDecodeGemvMaxRows, "]");
+  if (p.n < 1 || p.k < 8 || p.k % 8 != 0) return bad("n ", p.n, ", k ", p.k, " (k a positive multiple of 8)");
+  if (p.w_dtype != DType::kF16 && p.w_dtype != DType::kBF16) {
+    return bad("weights in ", DTypeName(p.w_dtype), " (f16 or bf16)");
+  }
+  if (p.w == nullptr || p.a == nullptr || reinterpret_cast<uintptr_t>(p.w) % 16 != 0) {
+    return bad("null input or weight, or weight not 16-byte aligned");
+  }
+  const int64_t need_lda = p.input == GemvInput::kSwiGlu ? 2 * static_cast<int64_t>(p.k) : p.k;
+  if (p.lda != 0 && p.lda < need_lda) return bad("lda ", p.lda, " < ", need_lda);
+  if (p.input == GemvInput::kRmsNorm && (p.norm_weight == nullptr || !(p.eps >= 0.0f))) {
+    return bad("RMSNorm input needs its weight and eps >= 0");
+  }
+  if (p.c_dtype != DType::kF32 && p.c_dtype != p.w_dtype) {
+    return bad("output in ", DTypeName(p.c_dtype), " (f32 or the weight dtype)");
+  }
+  if ((p.beta != 0.0f && p.beta != 1.0f) || (p.beta != 0.0f && p.c_dtype != DType::kF32)) {
+    return bad("beta ", p.beta, " (0, or 1 with an f32 output)");
+  }
+  if (p.n_segs < 1 || p.n_segs > 3) return bad("n_segs ", p.n_segs);
+  int start = 0;
+  for (int s = 0; s < p.n_segs; ++s) {
+    const GemvSegment& g = p.seg[s];
+    if (g.c == nullptr || g.n_end <= start || g.ldc < g.n_end - start) {
+      return bad("segment ", s, ": columns [", start, ", ", g.n_end, "), ldc ", g.ldc);
+    }
+    start = g.n_end;
+  }
+  if (start != p.n) return bad("segments end at column ", start, ", n is ", p.n);
+  if (p.w_dtype == DType::kF16) {
+    LaunchTyped<__half>(p, stream);
+  } else {
+    LaunchTyped<__nv_bfloat16>(p, stream);
+  }
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+}  // namespace kvq::kernels
