@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
+#include "kernels/rope_device.cuh"
 
 namespace kvq::kernels {
 namespace {
@@ -38,19 +39,51 @@ __device__ __forceinline__ void ToFloat8(const uint4& v, __nv_bfloat16, float (&
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void StoreOut(const DecodeGemvParams& p, int m, int n, float v) {
-  int s = 0, start = 0;
+// The segment of column n, and its first column.
+__device__ __forceinline__ int SegmentOf(const DecodeGemvParams& p, int n, int* start) {
+  int s = 0;
+  *start = 0;
   while (s + 1 < p.n_segs && n >= p.seg[s].n_end) {
-    start = p.seg[s].n_end;
+    *start = p.seg[s].n_end;
     ++s;
   }
-  const int64_t at = m * p.seg[s].ldc + (n - start);
-  if (p.c_dtype == DType::kF32) {
-    float* c = static_cast<float*>(p.seg[s].c) + at;
-    *c = p.beta != 0.0f ? *c + v : v;
-  } else {
-    static_cast<T*>(p.seg[s].c)[at] = FromFloat<T>(v);
+  return s;
+}
+
+// Output column (and weight row) of slot u, the (u % 4)-th column of a warp: itself, or in a
+// rotated segment the pairs (2j, 2j + 1) and (half + 2j, half + 2j + 1) of one head for the
+// slots 4j .. 4j + 3 of that head, so that a warp holds both halves of its rotate-half pairs.
+__device__ __forceinline__ int SlotColumn(const DecodeGemvParams& p, int u) {
+  int start = 0;
+  const int s = SegmentOf(p, u, &start);
+  if (p.seg[s].rot == nullptr) return u;
+  const int hd = p.rope_head_dim, r = (u - start) % hd;
+  return u - r + ((r & 3) >> 1) * (hd / 2) + 2 * (r >> 2) + (r & 1);
+}
+
+// Column n of row m, v its sum; partner: the sum of the column it forms a rotate-half pair with
+// (rotated segments).
+template <typename T>
+__device__ __forceinline__ void StoreOut(const DecodeGemvParams& p, int m, int n, float v, float partner) {
+  int start = 0;
+  const GemvSegment& g = p.seg[SegmentOf(p, n, &start)];
+  const int64_t col = n - start;
+  if (g.c != nullptr) {
+    const int64_t at = m * g.ldc + col;
+    if (p.c_dtype == DType::kF32) {
+      float* c = static_cast<float*>(g.c) + at;
+      *c = p.beta != 0.0f ? *c + v : v;
+    } else {
+      static_cast<T*>(g.c)[at] = FromFloat<T>(v);
+    }
+  }
+  if (g.rot != nullptr) {
+    const int half = p.rope_head_dim / 2, r = static_cast<int>(col % p.rope_head_dim);
+    const bool hi = r >= half;
+    float lo_out, hi_out;
+    RopeRotatePair(hi ? partner : v, hi ? v : partner, p.rope_positions[m], p.rope_inv_freq[hi ? r - half : r],
+                   &lo_out, &hi_out);
+    g.rot[m * g.ld_rot + col] = hi ? hi_out : lo_out;
   }
 }
 
@@ -85,8 +118,11 @@ __global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvPar
     __syncthreads();
   }
 
-  const int col0 = (blockIdx.x * kWarps + warp) * kCols;
+  const int col0 = (blockIdx.x * kWarps + warp) * kCols;  // the warp's first slot
   const T* W = static_cast<const T*>(p.w);
+  int wrow[kCols];  // weight rows of the warp's slots (-1 past n)
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) wrow[c] = col0 + c < N ? SlotColumn(p, col0 + c) : -1;
   float acc[kM][kCols];
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
@@ -121,9 +157,8 @@ __global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvPar
       uint4 wv[kCols];
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
-        const int n = col0 + c;
-        wv[c] = n < N ? __ldg(reinterpret_cast<const uint4*>(W + static_cast<int64_t>(n) * K + k0 + kk))
-                      : make_uint4(0u, 0u, 0u, 0u);
+        wv[c] = wrow[c] >= 0 ? __ldg(reinterpret_cast<const uint4*>(W + static_cast<int64_t>(wrow[c]) * K + k0 + kk))
+                             : make_uint4(0u, 0u, 0u, 0u);
       }
       float wf[kCols][8];
 #pragma unroll
@@ -142,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvPar
       }
     }
   }
-  // Sums over the lanes; lane m * kCols + c writes (m, c).
+  // Sums over the lanes (every lane gets all); lane m * kCols + c writes (m, c).
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
 #pragma unroll
@@ -155,8 +190,7 @@ __global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvPar
   for (int m = 0; m < kM; ++m) {
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
-      const int n = col0 + c;
-      if (lane == m * kCols + c && m < rows && n < N) StoreOut<T>(p, m, n, acc[m][c]);
+      if (lane == m * kCols + c && m < rows && wrow[c] >= 0) StoreOut<T>(p, m, wrow[c], acc[m][c], acc[m][c ^ 2]);
     }
   }
 }
@@ -216,12 +250,26 @@ absl::Status LaunchDecodeGemv(const DecodeGemvParams& p, cudaStream_t stream) {
   int start = 0;
   for (int s = 0; s < p.n_segs; ++s) {
     const GemvSegment& g = p.seg[s];
-    if (g.c == nullptr || g.n_end <= start || g.ldc < g.n_end - start) {
+    if ((g.c == nullptr && g.rot == nullptr) || g.n_end <= start || (g.c != nullptr && g.ldc < g.n_end - start)) {
       return bad("segment ", s, ": columns [", start, ", ", g.n_end, "), ldc ", g.ldc);
     }
     start = g.n_end;
   }
   if (start != p.n) return bad("segments end at column ", start, ", n is ", p.n);
+  start = 0;
+  for (int s = 0; s < p.n_segs; ++s) {
+    const GemvSegment& g = p.seg[s];
+    const int width = g.n_end - start;
+    if (g.rot != nullptr) {
+      const int hd = p.rope_head_dim;
+      if (p.rope_positions == nullptr || p.rope_inv_freq == nullptr || hd < 4 || hd % 4 != 0 ||
+          start % hd != 0 || width % hd != 0 || g.ld_rot < width || p.c_dtype != DType::kF32 || p.beta != 0.0f) {
+        return bad("rotated segment ", s, ": columns [", start, ", ", g.n_end, "), head dim ", hd,
+                   " (a multiple of 4 dividing start and width; positions, inv_freq, f32 output, beta 0)");
+      }
+    }
+    start = g.n_end;
+  }
   if (p.w_dtype == DType::kF16) {
     LaunchTyped<__half>(p, stream);
   } else {

@@ -7,7 +7,8 @@
 //   kSwiGlu:  a(m, k) = T(silu(G[m][k]) * G[m][K + k])         (G in the weight dtype, lda >= 2K;
 //                                                              the same bits as LaunchSwiGlu)
 // Output columns go to up to three segments, so the stacked q/k/v weight writes the step's q, k
-// and v rows where the rest of the pass reads them.
+// and v rows where the rest of the pass reads them, q and k rotated by RoPE if asked (a warp's
+// four columns of such a segment are two rotate-half pairs of one head).
 //
 // Shape of the work: one CTA of 8 warps per 32 output columns, each warp 4 columns; the CTA
 // stages a(m, k) for a chunk of K in shared memory (in the weight dtype), each lane reads 16-byte
@@ -26,11 +27,16 @@ namespace kvq::kernels {
 
 enum class GemvInput : uint8_t { kPlain = 0, kRmsNorm = 1, kSwiGlu = 2 };
 
-// Columns [previous n_end, n_end) go to c + m * ldc + (n - previous n_end).
+// Columns [previous n_end, n_end) go to c + m * ldc + (n - previous n_end). A segment of heads
+// may also, or only, be written rotated by RoPE (rotate-half pairs of each rope_head_dim-wide
+// head, at row m's position, kernels/rope_device.cuh: the bits of LaunchRopeQuery) into
+// rot + m * ld_rot + (n - previous n_end); its start and width are multiples of rope_head_dim.
 struct GemvSegment {
   int n_end = 0;
-  void* c = nullptr;
-  int64_t ldc = 0;  // elements
+  void* c = nullptr;     // may be null when rot is set
+  int64_t ldc = 0;       // elements
+  float* rot = nullptr;  // optional; needs an f32 output and beta 0
+  int64_t ld_rot = 0;
 };
 
 inline constexpr int kDecodeGemvMaxRows = 8;
@@ -50,6 +56,10 @@ struct DecodeGemvParams {
   float beta = 0.0f;            // 0 or 1
   GemvSegment seg[3];
   int n_segs = 1;
+  // Segments with rot: the positions of the rows, RopeInvFreq, the head dim (a multiple of 4).
+  const int64_t* rope_positions = nullptr;
+  const double* rope_inv_freq = nullptr;
+  int rope_head_dim = 0;
 };
 
 absl::Status LaunchDecodeGemv(const DecodeGemvParams& p, cudaStream_t stream);

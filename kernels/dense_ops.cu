@@ -11,6 +11,7 @@
 #include "common/status.h"
 #include "kernels/cuda_check.h"
 #include "kernels/dtype.h"
+#include "kernels/rope_device.cuh"
 
 namespace kvq::kernels {
 namespace {
@@ -61,15 +62,14 @@ __global__ void RopeQueryKernel(const RopeQueryParams p) {
     const int i = static_cast<int>(idx % half);
     const int64_t rh = idx / half;  // row * heads + head
     const int64_t row = rh / heads;
-    double s, c;
-    sincos(static_cast<double>(p.positions[row]) * p.inv_freq[i], &s, &c);
     const float* src = is_q ? p.q : p.k;
     float* dst = is_q ? (p.out != nullptr ? p.out : p.q) : (p.k_out != nullptr ? p.k_out : const_cast<float*>(p.k));
     const float* v = src + rh * p.head_dim;
     float* w = dst + rh * p.head_dim;
-    const double a = v[i], b = v[i + half];
-    w[i] = static_cast<float>(a * c - b * s);
-    w[i + half] = static_cast<float>(b * c + a * s);
+    float lo, hi;
+    RopeRotatePair(v[i], v[i + half], p.positions[row], p.inv_freq[i], &lo, &hi);
+    w[i] = lo;
+    w[i + half] = hi;
   }
 }
 

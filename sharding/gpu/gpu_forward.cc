@@ -558,6 +558,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     auto dgemv = [&](kernels::GemvInput in, const void* a, int64_t lda, const float* norm, const void* w, int n,
                      int k, DType out_t, float beta, std::initializer_list<kernels::GemvSegment> segs) {
       kernels::DecodeGemvParams g;
+      g.rope_positions = m.positions.as<int64_t>();
+      g.rope_inv_freq = m.inv_freq;
+      g.rope_head_dim = hd;
       g.m = T;
       g.n = n;
       g.k = k;
@@ -575,9 +578,19 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       for (const kernels::GemvSegment& sg : segs) g.seg[i++] = sg;
       return kernels::LaunchDecodeGemv(g, s);
     };
+    // Queries rotated in place and a rotated copy of the keys for the step's own attention (the
+    // cache appends k pre-RoPE; evaluation attends through the cache and needs no copy).
+    float* krot = m.krot.as<float>();
+    // Without biases the q/k/v GEMV rotates them itself (a bias comes before RoPE).
+    const bool gemv_rope = gemv && L.bq == nullptr;
     if (gemv) {  // attention RMSNorm + q/k/v in one kernel, into the step's q, k, v rows
+      kernels::GemvSegment sq{qd, q, qd}, sk{qd + kvd, k, kvd};
+      if (gemv_rope) {
+        sq = {qd, nullptr, 0, q, qd};
+        sk = {qd + kvd, k, kvd, eval ? nullptr : krot, kvd};
+      }
       KVQ_STEP(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, L.attn_norm, L.wq, qd + 2 * kvd, hidden, DType::kF32,
-                     0.0f, {{qd, q, qd}, {qd + kvd, k, kvd}, {qd + 2 * kvd, v, kvd}}));
+                     0.0f, {sq, sk, {qd + 2 * kvd, v, kvd}}));
     } else {
       KVQ_STEP(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.attn_norm, m.h.p, dtype_, s));
       if (T == 1) {
@@ -595,10 +608,6 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       KVQ_STEP(kernels::LaunchAddBias(T, kvd, kvd, k, L.bk, s));
       KVQ_STEP(kernels::LaunchAddBias(T, kvd, kvd, v, L.bv, s));
     }
-    // Queries rotated in place and, in the same launch, a rotated copy of the keys for the step's
-    // own attention (out of place: the cache appends k pre-RoPE; evaluation attends through the
-    // cache and needs no copy).
-    float* krot = m.krot.as<float>();
     kernels::RopeQueryParams rq;
     rq.rows = T;
     rq.n_heads = nh;
@@ -611,7 +620,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       rq.k_heads = nkv;
       rq.k_out = krot;
     }
-    KVQ_STEP(kernels::LaunchRopeQuery(rq, s));
+    if (!gemv_rope) KVQ_STEP(kernels::LaunchRopeQuery(rq, s));
     auto append_all = [&]() -> absl::Status {
       for (const Launch& a : app) {
         kernels::KvAppendParams ap;

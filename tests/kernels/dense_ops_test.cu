@@ -329,6 +329,54 @@ TEST(DecodeGemv, MatchesReferenceAndReplacedKernels) {
         KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
         EXPECT_EQ(y16.Download(), to16(y32.Download())) << what;
 
+        // Rotated segments (the q/k/v projection of a 9-query / 3-KV-head model of head dim 64):
+        // q written rotated only, k unrotated and rotated, v plain == the plain output then
+        // LaunchRopeQuery (q in place, k out of place), bit for bit, at positions up to 1e7.
+        if (n == 960) {
+          const int hd = 64, qd = 576, kvd = 192;
+          std::vector<int64_t> pos = {0, 1, 4095, 1000003, 9999999, 17, 300, 77};
+          pos.resize(rows);
+          kernels::RopeParams rp;
+          rp.head_dim = hd;
+          rp.theta = 10000.0;
+          const auto inv = kernels::RopeInvFreq(rp);
+          DeviceBuffer<int64_t> dpos(pos);
+          DeviceBuffer<double> dinv(inv);
+          DeviceBuffer<float> q(static_cast<size_t>(rows) * qd), kk(static_cast<size_t>(rows) * kvd),
+              kr(static_cast<size_t>(rows) * kvd), vv(static_cast<size_t>(rows) * kvd), k_ref(kr.size());
+          kernels::DecodeGemvParams rg = g;
+          rg.beta = 0.0f;
+          rg.n_segs = 3;
+          rg.seg[0] = {qd, nullptr, 0, q.get(), qd};
+          rg.seg[1] = {qd + kvd, kk.get(), kvd, kr.get(), kvd};
+          rg.seg[2] = {n, vv.get(), kvd};
+          rg.rope_positions = dpos.get();
+          rg.rope_inv_freq = dinv.get();
+          rg.rope_head_dim = hd;
+          ASSERT_TRUE(kernels::LaunchDecodeGemv(rg, nullptr).ok()) << what;
+          ASSERT_TRUE(run_plain(da.get(), y32.get(), nullptr).ok()) << what;
+          KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+          const std::vector<float> plain = y32.Download();
+          std::vector<float> pq, pk, pv;
+          for (int m = 0; m < rows; ++m) {
+            const float* r0 = plain.data() + static_cast<size_t>(m) * n;
+            pq.insert(pq.end(), r0, r0 + qd);
+            pk.insert(pk.end(), r0 + qd, r0 + qd + kvd);
+            pv.insert(pv.end(), r0 + qd + kvd, r0 + n);
+          }
+          DeviceBuffer<float> rq_buf(pq), rk_buf(pk);
+          kernels::RopeQueryParams rope{rows, qd / hd, hd, rq_buf.get(), dpos.get(), dinv.get()};
+          rope.k = rk_buf.get();
+          rope.k_heads = kvd / hd;
+          rope.k_out = k_ref.get();
+          ASSERT_TRUE(kernels::LaunchRopeQuery(rope, nullptr).ok());
+          KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+          EXPECT_EQ(q.Download(), rq_buf.Download()) << what << " rotated q";
+          EXPECT_EQ(kr.Download(), k_ref.Download()) << what << " rotated k";
+          EXPECT_EQ(kk.Download(), pk) << what << " unrotated k";
+          EXPECT_EQ(vv.Download(), pv) << what << " v";
+        }
+
         // RMSNorm input stage == LaunchRmsNormF32 then the plain GEMV, bit for bit.
         const std::vector<float> x = Randn(static_cast<size_t>(rows) * k, 14, 2.0f), gw = Randn(k, 15);
         DeviceBuffer<float> dx(x), dg(gw), fused(static_cast<size_t>(rows) * n), split(static_cast<size_t>(rows) * n);
@@ -408,6 +456,9 @@ TEST(DecodeGemv, RefusesBadShapes) {
   b = g;
   b.input = kernels::GemvInput::kRmsNorm;
   EXPECT_NE(msg(b).find("RMSNorm"), std::string::npos);
+  b = g;
+  b.seg[0].rot = dummy.data();  // rotation without positions / head dim
+  EXPECT_NE(msg(b).find("rotated segment 0"), std::string::npos);
 }
 
 TEST(Philox, HostMatchesKnownAnswer) {
