@@ -1,14 +1,16 @@
-// Two kernels, both one CTA per row:
-//  - MergePartsKernel (the usual case): the CTA computes the row's weights w_r = exp(lse_r - max)
-//    / sum once into shared memory, then `groups` groups of threads each sum a strided subset of
-//    the partials over all channels (16-byte loads where the layout allows; up to 64 groups, so
-//    that a group reads one batch of 8 partials), and the group sums are added in group order.
-//    A row with hundreds of split partials (batch 1 at long contexts: 256 splits) is read by up
-//    to 1,024 threads with independent loads instead of by head_dim / 4 threads each walking
-//    every partial with an exp per element (51 us for 32 rows x 256 partials on the H200;
-//    2026-12-01).
-//  - MergeAttentionKernel: every thread recomputes the row maximum and weight sum, then owns
-//    head_dim / blockDim channels; only for more partials than fit in shared memory.
+// Two kernels:
+//  - MergePartsKernel (the usual case), one CTA per row and chunk of channels: the CTA computes
+//    the row's weights w_r = exp(lse_r - max) / sum once into shared memory, then `groups` groups
+//    of threads each sum a strided subset of the partials over the chunk's channels (16-byte
+//    loads where the layout allows; up to 64 groups, so that a group reads one batch of 8
+//    partials), and the group sums are added in group order. A row with hundreds of split
+//    partials (batch 1 at long contexts: 256 splits) is read by up to 1,024 threads with
+//    independent loads instead of by head_dim / 4 threads each walking every partial with an exp
+//    per element (51 us for 32 rows x 256 partials on the H200; 2026-12-01), and by several CTAs
+//    when there are few rows (channel chunks, not when merging in place).
+//  - MergeAttentionKernel: one CTA per row; every thread recomputes the row maximum and weight
+//    sum, then owns head_dim / blockDim channels; only for more partials than fit in shared
+//    memory.
 #include "kernels/merge_attention.h"
 
 #include <math_constants.h>
@@ -114,14 +116,18 @@ __device__ __forceinline__ float BlockReduce(float v, bool is_max, float* red) {
   return v;
 }
 
-// Dynamic shared memory: w[n_parts], red[32], sums[groups][head_dim].
+// Dynamic shared memory: w[n_parts], red[32], sums[groups][chunk_w]. The CTA (row, blockIdx.y)
+// writes channels [blockIdx.y * chunk_w, + chunk_w) of the row (every chunk's CTA computes the
+// row's weights; chunk 0's writes the lse).
 template <int kVec>
-__global__ void MergePartsKernel(const MergeAttentionParams p, const int groups) {
+__global__ void MergePartsKernel(const MergeAttentionParams p, const int groups, const int chunk_w) {
   extern __shared__ float msm[];
   float* w_s = msm;
   float* red = msm + p.n_parts;
   float* sums = red + 32;
   const int64_t row = blockIdx.x;
+  const int d0 = blockIdx.y * chunk_w;
+  const bool writes_lse = blockIdx.y == 0;
   const int tid = threadIdx.x, nt = blockDim.x;
   const float* lse_row = p.lse_parts + row * p.lse_row_stride;
   // The row's own-key partial (uniform over the CTA): its score q . k, reduced over the CTA.
@@ -136,8 +142,8 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
   }
   mx = BlockReduce(mx, true, red);  // every lse has been read after this
   if (mx == -CUDART_INF_F) {        // uniform over the CTA
-    for (int d = tid; d < p.head_dim; d += nt) StoreO(p, row * p.head_dim + d, 0.0f);
-    if (tid == 0) p.lse[row] = -CUDART_INF_F;
+    for (int d = tid; d < chunk_w; d += nt) StoreO(p, row * p.head_dim + d0 + d, 0.0f);
+    if (tid == 0 && writes_lse) p.lse[row] = -CUDART_INF_F;
     return;
   }
   float sum = 0.0f;
@@ -150,13 +156,13 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
   const float w_self = self_v != nullptr ? expf(self_lse - mx) : 0.0f;
   sum += w_self;
   const float inv = 1.0f / sum;
-  const int ct = p.head_dim / kVec;  // channel threads per group
-  const int grp = tid / ct, c = (tid % ct) * kVec;
+  const int ct = chunk_w / kVec;  // channel threads per group
+  const int grp = tid / ct, c = (tid % ct) * kVec;  // c: in the chunk
   if (grp < groups) {
     float acc[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
-    const float* o_row = p.o_parts + row * p.o_row_stride + c;
+    const float* o_row = p.o_parts + row * p.o_row_stride + d0 + c;
     // kMergeBatch partials per round, all loads issued before any is used (a loop that waited for each
     // load in turn spent ~0.6 us of DRAM latency per partial). Partials of weight 0 (empty
     // splits) are loaded but not added: their o may be anything.
@@ -187,16 +193,16 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups)
       }
     }
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) sums[grp * p.head_dim + c + i] = acc[i];
+    for (int i = 0; i < kVec; ++i) sums[grp * chunk_w + c + i] = acc[i];
   }
   __syncthreads();  // every partial has been read: the output may alias partial 0
-  for (int d = tid; d < p.head_dim; d += nt) {
+  for (int d = tid; d < chunk_w; d += nt) {
     float v = sums[d];
-    for (int g = 1; g < groups; ++g) v += sums[g * p.head_dim + d];
-    if (self_v != nullptr) v = fmaf(w_self * inv, self_v[d], v);
-    StoreO(p, row * p.head_dim + d, v);
+    for (int g = 1; g < groups; ++g) v += sums[g * chunk_w + d];
+    if (self_v != nullptr) v = fmaf(w_self * inv, self_v[d0 + d], v);
+    StoreO(p, row * p.head_dim + d0 + d, v);
   }
-  if (tid == 0) p.lse[row] = mx + logf(sum);
+  if (tid == 0 && writes_lse) p.lse[row] = mx + logf(sum);
 }
 
 }  // namespace
@@ -226,22 +232,34 @@ absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t st
   if (p.n_parts <= kMergeMaxSmemParts) {
     const bool vec4 = p.head_dim % 4 == 0 && p.o_row_stride % 4 == 0 && p.o_part_stride % 4 == 0 &&
                       reinterpret_cast<uintptr_t>(p.o_parts) % 16 == 0;
-    const int ct = vec4 ? p.head_dim / 4 : p.head_dim;
+    // Channel chunks: few rows with many partials (batch 1 at long contexts: 32 rows x 256 split
+    // partials of head dim 128) left one CTA per row on a quarter of the SMs, each reading its
+    // row's 128 KB of partials; the fewest chunks of at least 16 channels that make 128 CTAs. Not
+    // in place (output aliasing partial 0): a chunk's CTA could then overwrite partial 0's lse
+    // while another chunk of the row still reads it.
+    const bool in_place = p.o == p.o_parts || p.lse == p.lse_parts;
+    int chunks = 1;
+    while (vec4 && !in_place && static_cast<int64_t>(p.rows) * chunks < 128 && p.head_dim % (2 * chunks) == 0 &&
+           p.head_dim / (2 * chunks) >= 16 && (p.head_dim / (2 * chunks)) % 4 == 0) {
+      chunks *= 2;
+    }
+    const int chunk_w = p.head_dim / chunks;
+    const int ct = vec4 ? chunk_w / 4 : chunk_w;
     // Enough groups that each reads at most one batch of kMergeBatch partials (a row's loads all
     // in flight at once), within 1024 threads and 48 KB of shared memory. Few rows with many
-    // partials is the case that matters: batch 1 at long contexts leaves one CTA per row on a
-    // handful of SMs (at most 8 groups, 32 rows x 256 partials of head dim 128 took 12.3 us and
-    // 9 rows x 512 partials of head dim 64 took 18.6 us next to 143 / 41 us of attention; H200,
-    // 2026-12-01).
-    const int smem_groups = static_cast<int>((kMergeSmemFloats - 32 - p.n_parts) / p.head_dim);
+    // partials is the case that matters: batch 1 at long contexts leaves few CTAs (at most 8
+    // groups, 32 rows x 256 partials of head dim 128 took 12.3 us and 9 rows x 512 partials of
+    // head dim 64 took 18.6 us next to 143 / 41 us of attention; H200, 2026-12-01).
+    const int smem_groups = static_cast<int>((kMergeSmemFloats - 32 - p.n_parts) / chunk_w);
     const int groups = std::clamp((p.n_parts + kMergeBatch - 1) / kMergeBatch, 1,
                                   std::max(1, std::min({kMergeMaxGroups, 1024 / ct, smem_groups})));
     const int threads = std::min(1024, (groups * ct + 31) / 32 * 32);
-    const size_t smem = (static_cast<size_t>(p.n_parts) + 32 + static_cast<size_t>(groups) * p.head_dim) * sizeof(float);
+    const size_t smem = (static_cast<size_t>(p.n_parts) + 32 + static_cast<size_t>(groups) * chunk_w) * sizeof(float);
+    const dim3 grid(p.rows, chunks);
     if (vec4) {
-      MergePartsKernel<4><<<p.rows, threads, smem, stream>>>(p, groups);
+      MergePartsKernel<4><<<grid, threads, smem, stream>>>(p, groups, chunk_w);
     } else {
-      MergePartsKernel<1><<<p.rows, threads, smem, stream>>>(p, groups);
+      MergePartsKernel<1><<<grid, threads, smem, stream>>>(p, groups, chunk_w);
     }
   } else {
     const int threads = p.head_dim >= 128 ? 128 : 64;
