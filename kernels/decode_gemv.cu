@@ -87,13 +87,19 @@ __device__ __forceinline__ void StoreOut(const DecodeGemvParams& p, int m, int n
   }
 }
 
+// ksplit (1, 2, 4 or 8) warps share a column group, each summing every ksplit-th 256-element
+// slice of K; their sums are added in slice order (more CTAs for few columns, same bits for the
+// same shape and split).
 template <typename T, GemvInput kIn, int kM>
-__global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvParams p, const int kc) {
+__global__ void __launch_bounds__(kThreads)
+    DecodeGemvKernel(const DecodeGemvParams p, const int kc, const int ksplit) {
   extern __shared__ __align__(16) uint8_t gemv_smem[];
   T* a_s = reinterpret_cast<T*>(gemv_smem);  // [kM][kc]
   __shared__ float red[kM][kWarps];
   __shared__ float inv_rms[kM];
+  __shared__ float slice_sums[kWarps][kM][kCols];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = warp / ksplit, slice = warp % ksplit;
   const int K = p.k, N = p.n, rows = p.m;
   const int64_t lda = p.lda > 0 ? p.lda : (kIn == GemvInput::kSwiGlu ? 2 * static_cast<int64_t>(K) : K);
 
@@ -118,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvPar
     __syncthreads();
   }
 
-  const int col0 = (blockIdx.x * kWarps + warp) * kCols;  // the warp's first slot
+  const int col0 = (blockIdx.x * (kWarps / ksplit) + group) * kCols;  // the warp's first slot
   const T* W = static_cast<const T*>(p.w);
   int wrow[kCols];  // weight rows of the warp's slots (-1 past n)
 #pragma unroll
@@ -153,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvPar
     __syncthreads();
     // 16-byte pieces of the warp's weight rows, against every row's staged input.
 #pragma unroll 2
-    for (int kk = lane * 8; kk < kn; kk += 32 * 8) {
+    for (int kk = (slice * 32 + lane) * 8; kk < kn; kk += ksplit * 32 * 8) {
       uint4 wv[kCols];
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
@@ -177,13 +183,34 @@ __global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvPar
       }
     }
   }
-  // Sums over the lanes (every lane gets all); lane m * kCols + c writes (m, c).
+  // Sums over the lanes (every lane gets all), then over the group's slices in order; lane
+  // m * kCols + c of the group's first warp writes (m, c).
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) acc[m][c] += __shfl_xor_sync(0xffffffffu, acc[m][c], off);
+    }
+  }
+  if (ksplit > 1) {  // uniform
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) slice_sums[warp][m][c] = acc[m][c];
+      }
+    }
+    __syncthreads();
+    if (slice != 0) return;
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        float t = slice_sums[warp][m][c];
+        for (int j = 1; j < ksplit; ++j) t += slice_sums[warp + j][m][c];
+        acc[m][c] = t;
+      }
     }
   }
 #pragma unroll
@@ -196,12 +223,13 @@ __global__ void __launch_bounds__(kThreads) DecodeGemvKernel(const DecodeGemvPar
 }
 
 template <typename T, GemvInput kIn>
-void LaunchRows(const DecodeGemvParams& p, cudaStream_t stream) {
-  const int blocks = (p.n + kWarps * kCols - 1) / (kWarps * kCols);
+void LaunchRows(const DecodeGemvParams& p, int ksplit, cudaStream_t stream) {
+  const int cols = kWarps / ksplit * kCols;
+  const int blocks = (p.n + cols - 1) / cols;
   auto go = [&]<int kM>() {
     const int kc = std::min(p.k, kStageBytes / (kM * static_cast<int>(sizeof(T))) / 8 * 8);
     const size_t smem = static_cast<size_t>(kM) * kc * sizeof(T);
-    DecodeGemvKernel<T, kIn, kM><<<blocks, kThreads, smem, stream>>>(p, kc);
+    DecodeGemvKernel<T, kIn, kM><<<blocks, kThreads, smem, stream>>>(p, kc, ksplit);
   };
   if (p.m <= 1) {
     go.template operator()<1>();
@@ -213,11 +241,11 @@ void LaunchRows(const DecodeGemvParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-void LaunchTyped(const DecodeGemvParams& p, cudaStream_t stream) {
+void LaunchTyped(const DecodeGemvParams& p, int ksplit, cudaStream_t stream) {
   switch (p.input) {
-    case GemvInput::kPlain: LaunchRows<T, GemvInput::kPlain>(p, stream); break;
-    case GemvInput::kRmsNorm: LaunchRows<T, GemvInput::kRmsNorm>(p, stream); break;
-    case GemvInput::kSwiGlu: LaunchRows<T, GemvInput::kSwiGlu>(p, stream); break;
+    case GemvInput::kPlain: LaunchRows<T, GemvInput::kPlain>(p, ksplit, stream); break;
+    case GemvInput::kRmsNorm: LaunchRows<T, GemvInput::kRmsNorm>(p, ksplit, stream); break;
+    case GemvInput::kSwiGlu: LaunchRows<T, GemvInput::kSwiGlu>(p, ksplit, stream); break;
   }
 }
 
@@ -270,10 +298,22 @@ absl::Status LaunchDecodeGemv(const DecodeGemvParams& p, cudaStream_t stream) {
     }
     start = g.n_end;
   }
+  // K split over up to 8 warps per column group while the CTAs would not fill two waves of the
+  // GPU (one CTA per 32 columns reads a small matrix from a few SMs), each slice at least 256
+  // elements.
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    sms = 132;
+  }
+  int ksplit = 1;
+  while (ksplit < kWarps && (p.n + kWarps / ksplit * kCols - 1) / (kWarps / ksplit * kCols) < 2 * sms &&
+         256 * 2 * ksplit <= p.k) {
+    ksplit *= 2;
+  }
   if (p.w_dtype == DType::kF16) {
-    LaunchTyped<__half>(p, stream);
+    LaunchTyped<__half>(p, ksplit, stream);
   } else {
-    LaunchTyped<__nv_bfloat16>(p, stream);
+    LaunchTyped<__nv_bfloat16>(p, ksplit, stream);
   }
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
