@@ -8,6 +8,12 @@
 #   scripts/gpu_engine_check.sh bench DIR ARGS...       benchmarks/engine_bench
 #   scripts/gpu_engine_check.sh sharded DIR NP...       GPU shards over MPI (sharded_mpi_test), NP ranks
 #                                                       each (ranks share the GPUs when NP > GPUs)
+#   scripts/gpu_engine_check.sh decode-step DIR         the decode-step kernels and switches written
+#                                                       without a GPU (fold, decode GEMV, RoPE of q
+#                                                       and k in one launch, merge chunks, spread
+#                                                       RoPE tables): their kernel tests, the engine
+#                                                       against the CPU, then engine_bench with each
+#                                                       switch timed both ways (--ab=fold,gemv)
 #   scripts/gpu_engine_check.sh multi DIR               the first run on a machine with several GPUs,
 #                                                       one rank per GPU: NCCL per layer
 #                                                       (nccl_merge_bench), the sharded tests over the
@@ -65,6 +71,16 @@ case "$cmd" in
         -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$dir/bundle/bin/sharded_mpi_test" 2>&1 |
         grep -v '^\[ RUN\|^\[       OK'
     done ;;
+  decode-step)
+    env_setup
+    b="$dir/bundle/bin"
+    "$b/decode_attention_test_cu" --gtest_brief=1 2>&1 | tail -4
+    "$b/dense_ops_test_cu" --gtest_brief=1 2>&1 | tail -4
+    "$b/gpu_engine_test" --gtest_filter='-*MemoryStaysFlat*' 2>&1 | grep -v '^\[ RUN\|^\[       OK'
+    "$b/engine_bench" --model "$dir/model.gguf" --quantizers "$here/tests/fixtures/quantizers" \
+      --formats fp16,nuq3-1% --contexts 1024,131072 --batches 1,8 --steps 20 --ab=fold,gemv
+    "$b/engine_bench" --model synthetic:llama-3-8b --formats fp16,nuq3-1% --contexts 1024 --batches 1,8 \
+      --steps 10 --ab=fold,gemv ;;
   multi)
     env_setup
     root=(); [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
