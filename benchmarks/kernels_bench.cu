@@ -556,6 +556,10 @@ int main(int argc, char** argv) {
           CK(cudaMemcpy(dlens, lens.data(), batch * 4, cudaMemcpyHostToDevice));
           CK(cudaMemcpy(dfirst, firsts.data(), batch * 8, cudaMemcpyHostToDevice));
           CK(cudaMemcpy(dinv, inv.data(), inv.size() * 8, cudaMemcpyHostToDevice));
+          // The RoPE step tables once, as the engine's pool has them.
+          void* dsteps = nullptr;
+          CK(cudaMalloc(&dsteps, kvq::kernels::RopeStepTableBytes(sh->head_dim)));
+          CKS(kvq::kernels::LaunchRopeStepTable(dinv, sh->head_dim, dsteps, nullptr));
           CK(cudaMemcpy(dlut, lut.data(), lut.size() * 4, cudaMemcpyHostToDevice));
           CK(cudaMemcpy(dkzp, kzp.data(), kzp.size() * 4, cudaMemcpyHostToDevice));
           CK(cudaMemcpy(dkr, kr.data(), kr.size() * 4, cudaMemcpyHostToDevice));
@@ -585,6 +589,7 @@ int main(int argc, char** argv) {
           p.kv.key_zero_point = dkzp;
           p.kv.key_range = dkr;
           p.kv.rope_inv_freq = dinv;
+          p.kv.rope_steps = dsteps;
           p.kv.sink_tokens = f.sink_tokens;
           p.kv.sink = dsink_ptrs;
           p.layer = 0;
@@ -679,7 +684,7 @@ int main(int argc, char** argv) {
                             static_cast<void*>(dfirst), static_cast<void*>(dinv), static_cast<void*>(dlut),
                             static_cast<void*>(dkzp), static_cast<void*>(dkr), static_cast<void*>(dq),
                             static_cast<void*>(dout), static_cast<void*>(dlse), ws,
-                            static_cast<void*>(dsink), static_cast<void*>(dsink_ptrs)}) {
+                            static_cast<void*>(dsink), static_cast<void*>(dsink_ptrs), dsteps}) {
             if (ptr != nullptr) CK(cudaFree(ptr));
           }
         }

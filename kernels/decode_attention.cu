@@ -78,6 +78,7 @@ absl::Status Validate(const DecodeAttentionParams& p) {
   if (!quant && (g.value_outliers_per_token > 0 || g.has_key_outliers)) {
     return bad("fp16 codec with outliers");
   }
+  if (reinterpret_cast<uintptr_t>(p.kv.rope_steps) % 16 != 0) return bad("rope_steps not 16-byte aligned");
   if ((!p.kv.keys_rotated || p.kv.sink_tokens > 0) && p.kv.rope_inv_freq == nullptr) {
     return bad("rope_inv_freq is required (keys pre-RoPE or sink tokens)");
   }
@@ -171,6 +172,28 @@ size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int n
   if (num_splits <= 1) return 0;
   const size_t rows = static_cast<size_t>(batch) * n_heads;
   return rows * num_splits * (static_cast<size_t>(head_dim) + 1) * sizeof(float);
+}
+
+size_t RopeStepTableBytes(int head_dim) { return static_cast<size_t>(25) * (head_dim / 2) * 8; }
+
+namespace {
+__global__ void RopeStepTableKernel(const double* inv_freq, int half, float2* out) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < 25 * half; i += gridDim.x * blockDim.x) {
+    decode_attention_mma::RopeStepEntry(inv_freq, half, i, out);
+  }
+}
+}  // namespace
+
+absl::Status LaunchRopeStepTable(const double* inv_freq, int head_dim, void* out, cudaStream_t stream) {
+  if (head_dim < 2 || head_dim % 4 != 0 || inv_freq == nullptr || out == nullptr ||
+      reinterpret_cast<uintptr_t>(out) % 16 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchRopeStepTable: head_dim ", head_dim,
+                                                   " (a multiple of 4), inv_freq and a 16-byte aligned output"));
+  }
+  const int n = 25 * (head_dim / 2);
+  RopeStepTableKernel<<<(n + 255) / 256, 256, 0, stream>>>(inv_freq, head_dim / 2, static_cast<float2*>(out));
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
 }
 
 absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t stream) {

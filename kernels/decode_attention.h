@@ -60,6 +60,12 @@ int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_toke
 int DecodeCtasPerSm(int n_kv_heads, int head_dim = 128);
 size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits);
 
+// The RoPE step tables of the tensor-core decode kernels (PagedKvCache::rope_steps): computed
+// once from inv_freq [head_dim / 2] into `out` (RopeStepTableBytes(head_dim) bytes, 16-byte
+// aligned), the same values each CTA would otherwise compute.
+size_t RopeStepTableBytes(int head_dim);
+absl::Status LaunchRopeStepTable(const double* inv_freq, int head_dim, void* out, cudaStream_t stream);
+
 absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t stream);
 
 }  // namespace kvq::kernels

@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const int hk_c = active ? hk : 0;
 
   // ---- Per-CTA constants: rotation steps, pair tables; per warp: key scaling. ----
-  if (rope || n_stiles > 0) rot_tab.Init(kv.rope_inv_freq, tid, blockDim.x);
+  if (rope || n_stiles > 0) rot_tab.Init(kv.rope_inv_freq, kv.rope_steps, tid, blockDim.x);
   {
     const float* kl = kv.key_lut + p.layer * kC;
     const float* vl = kv.value_lut + p.layer * kC;

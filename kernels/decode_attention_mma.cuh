@@ -63,6 +63,18 @@ static __device__ __noinline__ float2 SinCosD(double angle) {
   return make_float2(static_cast<float>(c), static_cast<float>(s));
 }
 
+// Entry i of the RoPE step tables of a head with `half` frequencies, written into the layout
+// steps = [s8: half x 8][s1: half x 8][st8: half x 8][e1: half] (float2 (cos, sin)):
+// slot i / half of frequency f = i % half: 0 -> e1[f] = exp(i w), 1 + 8t + m -> table t (st8, s1,
+// s8) step m = exp(i (8, 64, 512)[t] m w), in double, rounded to f32.
+__device__ __forceinline__ void RopeStepEntry(const double* inv_freq, int half, int i, float2* steps) {
+  const int f = i % half, slot = i / half;
+  const int m = (slot - 1) & 7, t = (slot - 1) >> 3;
+  float2* dst = slot == 0 ? steps + 24 * half + f : steps + (t == 0 ? 16 : t == 1 ? 8 : 0) * half + f * 8 + m;
+  const double step = slot == 0 ? 1.0 : (t == 0 ? 8.0 : t == 1 ? 64.0 : 512.0) * m;
+  *dst = SinCosD(inv_freq[f] * step);
+}
+
 // RoPE (cos, sin) of a 64-token group, every entry a pure function of the absolute position, so
 // that whatever split or rank shard computes a key's score rounds it the same way (with anchors
 // at the split start, shards of one sequence differed in the last bits of cos/sin, which fp16
@@ -79,6 +91,7 @@ template <int kHalf>
 struct RopeGroupAnchors {
   static constexpr int kSlots = 2 + 2 + 8 + 8 + 8 + 1;  // x[2], a[2], s8[8], s1[8], st8[8], e1
   static constexpr int kBytes = kHalf * kSlots * 8;
+  static constexpr int kStepEntries = 25 * kHalf;  // s8, s1, st8, e1: contiguous from s8
   float2* x;    // [2][kHalf]
   float2* a;    // [2][kHalf]
   float2* s8;   // [kHalf][8]
@@ -95,19 +108,19 @@ struct RopeGroupAnchors {
     e1 = st8 + 8 * kHalf;
   }
   // Once per CTA, with a __syncthreads before the first Anchor (entries are written by other
-  // threads than the ones that read them there). The 25 double-precision sincos per frequency
-  // are spread over all threads (entry i: frequency i % kHalf, slot i / kHalf) instead of 25 in
-  // a row on one thread per frequency: each is a chain of dependent FP64 operations on every
-  // CTA's path before its first tile. Same values (each entry is the same expression).
-  __device__ void Init(const double* inv_freq, int tid, int nthreads) {
-#pragma unroll 1
-    for (int i = tid; i < 25 * kHalf; i += nthreads) {
-      const int f = i % kHalf, slot = i / kHalf;  // slot 0: e1; 1 + 8t + m: table t, step m
-      const int m = (slot - 1) & 7, t = (slot - 1) >> 3;
-      float2* dst = slot == 0 ? e1 + f : (t == 0 ? st8 : t == 1 ? s1 : s8) + f * 8 + m;
-      const double step = slot == 0 ? 1.0 : (t == 0 ? 8.0 : t == 1 ? 64.0 : 512.0) * m;
-      *dst = SinCosD(inv_freq[f] * step);
+  // threads than the ones that read them there). With `steps` (the table LaunchRopeStepTable
+  // writes once per pool, the same entries in this layout: s8, s1, st8, e1) a copy; otherwise the
+  // 25 double-precision sincos per frequency spread over all threads (RopeStepEntry; each a chain
+  // of dependent FP64 operations on every CTA's path before its first tile).
+  __device__ void Init(const double* inv_freq, const void* steps, int tid, int nthreads) {
+    if (steps != nullptr) {
+      const uint4* src = static_cast<const uint4*>(steps);
+      uint4* dst = reinterpret_cast<uint4*>(s8);
+      for (int i = tid; i < kStepEntries / 2; i += nthreads) dst[i] = __ldg(src + i);
+      return;
     }
+#pragma unroll 1
+    for (int i = tid; i < kStepEntries; i += nthreads) RopeStepEntry(inv_freq, kHalf, i, s8);
   }
   // At a group that starts at gpos (CTA-uniform; __syncthreads before, and before the rows);
   // restart unless the previous call's gpos was gpos - 64.
@@ -282,7 +295,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const int hk_c = active ? hk : 0;
 
   // ---- Per-CTA constants. ----
-  if (rope) rot_tab.Init(kv.rope_inv_freq, tid, blockDim.x);
+  if (rope) rot_tab.Init(kv.rope_inv_freq, kv.rope_steps, tid, blockDim.x);
   if constexpr (kQuant) {
     const float* vl = kv.value_lut + p.layer * kC;
     for (int i = tid; i < kC * kC; i += blockDim.x) vpair_s[i] = make_float2(vl[i % kC], vl[i / kC]);

@@ -114,6 +114,9 @@ struct PagedKvCache {
   // tokens are always stored pre-RoPE and always rotated.
   bool keys_rotated = false;
   const double* rope_inv_freq = nullptr;  // [head_dim / 2], kernels::RopeInvFreq()
+  // Optional: the RoPE step tables of rope_inv_freq (LaunchRopeStepTable, RopeStepTableBytes),
+  // which the tensor-core decode kernels then copy instead of computing per CTA. 16-byte aligned.
+  const void* rope_steps = nullptr;
 };
 
 }  // namespace kvq::kernels

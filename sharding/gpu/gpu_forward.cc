@@ -181,7 +181,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
         if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
       }
     }
-    return true;
+    return reinterpret_cast<uintptr_t>(m.lm_head) % 16 == 0;
   }();
   // ---- Room for every new token before anything is written.
   for (It& e : its) {
@@ -371,6 +371,8 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     }
   }
   const int R = static_cast<int>(gather.size());
+  bool gather_all = R == T;  // the logit rows are the step's rows in order (decode steps)
+  for (int i = 0; i < R && gather_all; ++i) gather_all = gather[i] == i;
 
   // ---- Buffers.
   const int act = kernels::DTypeBytes(dtype_);
@@ -551,33 +553,33 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   float* v = v_all;
   float* o = m.o.as<float>();
   void* o_act = dtype_ == DType::kF32 ? static_cast<void*>(o) : m.o_act.p;
+  // A decode GEMV with its input stage (LaunchDecodeGemv): y = in(a) . W^T into up to three
+  // output segments.
+  auto dgemv = [&](kernels::GemvInput in, const void* a, int64_t lda, const float* norm, const void* w, int n_out,
+                   int k_in, DType out_t, float beta, std::initializer_list<kernels::GemvSegment> segs) {
+    kernels::DecodeGemvParams g;
+    g.rope_positions = m.positions.as<int64_t>();
+    g.rope_inv_freq = m.inv_freq;
+    g.rope_head_dim = hd;
+    g.m = T;
+    g.n = n_out;
+    g.k = k_in;
+    g.w_dtype = dtype_;
+    g.w = w;
+    g.input = in;
+    g.a = a;
+    g.lda = lda;
+    g.norm_weight = norm;
+    g.eps = c.rms_norm_eps;
+    g.c_dtype = out_t;
+    g.beta = beta;
+    g.n_segs = static_cast<int>(segs.size());
+    int i = 0;
+    for (const kernels::GemvSegment& sg : segs) g.seg[i++] = sg;
+    return kernels::LaunchDecodeGemv(g, s);
+  };
   for (int l = 0; l < c.n_layers; ++l) {
     const DevLayer& L = m.layers[l];
-    // A decode GEMV with its input stage (LaunchDecodeGemv): y = in(a) . W^T into up to three
-    // output segments.
-    auto dgemv = [&](kernels::GemvInput in, const void* a, int64_t lda, const float* norm, const void* w, int n,
-                     int k, DType out_t, float beta, std::initializer_list<kernels::GemvSegment> segs) {
-      kernels::DecodeGemvParams g;
-      g.rope_positions = m.positions.as<int64_t>();
-      g.rope_inv_freq = m.inv_freq;
-      g.rope_head_dim = hd;
-      g.m = T;
-      g.n = n;
-      g.k = k;
-      g.w_dtype = dtype_;
-      g.w = w;
-      g.input = in;
-      g.a = a;
-      g.lda = lda;
-      g.norm_weight = norm;
-      g.eps = c.rms_norm_eps;
-      g.c_dtype = out_t;
-      g.beta = beta;
-      g.n_segs = static_cast<int>(segs.size());
-      int i = 0;
-      for (const kernels::GemvSegment& sg : segs) g.seg[i++] = sg;
-      return kernels::LaunchDecodeGemv(g, s);
-    };
     // Queries rotated in place and a rotated copy of the keys for the step's own attention (the
     // cache appends k pre-RoPE; evaluation attends through the cache and needs no copy).
     float* krot = m.krot.as<float>();
@@ -753,9 +755,14 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       KVQ_STEP(gemm(T, hidden, inter, m.mid.p, L.w_down, x, DType::kF32, 1.0f));
     }
   }
-  KVQ_STEP(kernels::LaunchGatherRows(R, hidden, x, m.gather_idx.as<int32_t>(), m.sel.as<float>(), s));
-  KVQ_STEP(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype_, s));
-  KVQ_STEP(gemm(R, vocab, hidden, m.sel_act.p, m.lm_head, m.logits.p, DType::kF32, 0.0f));
+  if (gemv && gather_all) {  // every row's logits: the final RMSNorm inside the vocabulary GEMV
+    KVQ_STEP(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, m.out_norm, m.lm_head, vocab, hidden, DType::kF32, 0.0f,
+                   {{vocab, m.logits.p, vocab}}));
+  } else {
+    KVQ_STEP(kernels::LaunchGatherRows(R, hidden, x, m.gather_idx.as<int32_t>(), m.sel.as<float>(), s));
+    KVQ_STEP(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype_, s));
+    KVQ_STEP(gemm(R, vocab, hidden, m.sel_act.p, m.lm_head, m.logits.p, DType::kF32, 0.0f));
+  }
     return absl::OkStatus();
   };
   {

@@ -140,6 +140,7 @@ class GpuKvPool {
   uint16_t* sink_arena_ = nullptr;
   float* tensors_ = nullptr;   // key zero-point, range, LUTs
   double* inv_freq_ = nullptr;
+  void* rope_steps_ = nullptr;  // kernels::LaunchRopeStepTable of inv_freq_
   int* overflow_ = nullptr;
   cudaEvent_t work_ = nullptr;
   uint64_t id_ = 0;

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/cuda_check.h"
+#include "kernels/decode_attention.h"
 #include "kernels/engine_ops.h"
 #include "kernels/kv_append.h"
 #include "kernels/reference/rope.h"
@@ -77,6 +78,9 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   const std::vector<double> inv = kernels::RopeInvFreq(rope);
   KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->inv_freq_, inv.size() * sizeof(double)));
   KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpy(p->inv_freq_, inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice));
+  // The decode kernels' RoPE step tables, once for the pool (not per CTA and layer).
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->rope_steps_, kernels::RopeStepTableBytes(shape.head_dim)));
+  KVQ_RETURN_IF_ERROR(kernels::LaunchRopeStepTable(p->inv_freq_, shape.head_dim, p->rope_steps_, stream));
 
   kernels::PagedKvCache& v = p->view_;
   v.geom = kvstore::ToKernelGeometry(lay);
@@ -88,6 +92,7 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   v.sink_tokens = format.sink_tokens;
   v.keys_rotated = false;
   v.rope_inv_freq = p->inv_freq_;
+  v.rope_steps = p->rope_steps_;
   if (format.quantized()) {
     const kvstore::Quantizer& q = *p->quantizer_;
     const int C = format.num_centroids();
@@ -123,7 +128,7 @@ GpuKvPool::~GpuKvPool() {
   if (work_ != nullptr) cudaEventDestroy(work_);
   for (void* ptr : {static_cast<void*>(arena_), static_cast<void*>(sink_arena_), static_cast<void*>(tensors_),
                     static_cast<void*>(inv_freq_), static_cast<void*>(overflow_), static_cast<void*>(init_ids_),
-                    static_cast<void*>(compact_scratch_)}) {
+                    static_cast<void*>(compact_scratch_), rope_steps_}) {
     if (ptr != nullptr) cudaFree(ptr);
   }
   for (const ScratchChunk& c : scratch_) cudaFree(c.p);

@@ -121,6 +121,18 @@ TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
   ASSERT_TRUE(st.ok()) << st;
   KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
   const std::vector<float> o = dout.Download(), lse = dlse.Download();
+  // The RoPE step tables computed per CTA instead of copied from the pool's table: the same bits.
+  {
+    kernels::DecodeAttentionParams pc = p;
+    pc.kv.rope_steps = nullptr;
+    DeviceBuffer<float> o2(q.size()), l2(static_cast<size_t>(batch) * n_heads);
+    pc.o = o2.get();
+    pc.lse = l2.get();
+    ASSERT_TRUE(kernels::LaunchDecodeAttention(pc, nullptr).ok());
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(o2.Download(), o) << "RoPE step tables computed per CTA";
+    EXPECT_EQ(l2.Download(), lse) << "RoPE step tables computed per CTA";
+  }
 
   std::vector<float> want_o, want_lse;
   for (int s = 0; s < batch; ++s) {

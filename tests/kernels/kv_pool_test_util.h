@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "kernels/decode_attention.h"
 #include "kernels/paged_kv.h"
 #include "kernels/reference/rope.h"
 #include "kvstore/block_layout.h"
@@ -34,6 +35,7 @@ struct DevicePagedKv {
   DeviceBuffer<const uint16_t*> sink_ptrs;
   DeviceBuffer<float> key_zp, key_range, key_lut, value_lut;
   DeviceBuffer<double> inv_freq;
+  DeviceBuffer<uint8_t> rope_steps;  // kernels::LaunchRopeStepTable of inv_freq
   kernels::PagedKvCache view;
   int max_seq_len = 0;
 };
@@ -113,6 +115,10 @@ inline std::unique_ptr<DevicePagedKv> UploadCaches(
   v.sink = d->sink_ptrs.get();
   v.keys_rotated = format.keys_post_rope();
   v.rope_inv_freq = d->inv_freq.get();
+  d->rope_steps.Resize(kernels::RopeStepTableBytes(shape.head_dim));
+  if (kernels::LaunchRopeStepTable(d->inv_freq.get(), shape.head_dim, d->rope_steps.get(), nullptr).ok()) {
+    v.rope_steps = d->rope_steps.get();
+  }
   if (format.quantized()) {
     const int C = format.num_centroids();
     std::vector<float> klut, vlut;
