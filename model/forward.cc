@@ -19,11 +19,32 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// C[rows][n] = alpha * A[rows][k] . B[n][k]^T + beta * C (row-major with leading dimensions).
+// One row (a decode step) goes through cblas_sgemv: OpenBLAS's sgemm packs B, the whole weight
+// matrix, on every call, and at one row the packing cost more than the product (54% of a CPU
+// decode step sat in sgemm_incopy; perf, SmolLM2, 2026-12-01).
+void GemmNT(int rows, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float beta,
+            float* c, int ldc) {
+  if (rows == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, alpha, b, ldb, a, 1, beta, c, 1);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// C[rows][n] = A[rows][k] . B[k][n] (row-major with leading dimensions); one row through sgemv.
+void GemmNN(int rows, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  if (rows == 1) {
+    cblas_sgemv(CblasRowMajor, CblasTrans, k, n, 1.0f, b, ldb, a, 1, 0.0f, c, 1);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+}
+
 // Y[rows, out] = X[rows, in] · W[out, in]^T (+ bias).
 void Linear(const float* x, int rows, int in, const std::vector<float>& w, int out,
             const std::vector<float>& bias, float* y) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, in, w.data(), in,
-              0.0f, y, out);
+  GemmNT(rows, out, in, 1.0f, x, in, w.data(), in, 0.0f, y, out);
   if (!bias.empty()) {
     for (int r = 0; r < rows; ++r) {
       for (int c = 0; c < out; ++c) y[static_cast<int64_t>(r) * out + c] += bias[c];
@@ -118,10 +139,8 @@ void AttendDense(const float* q, int n_q, int n_heads, const float* k_rot, const
     for (int h = 0; h < n_heads; ++h) {
       const int g = h / group;
       // scores[i, t] = scale * q_i,h . k_t,g
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nt, static_cast<int>(max_end), head_dim,
-                  scale, qt + static_cast<int64_t>(h) * head_dim, q_stride,
-                  k_rot + static_cast<int64_t>(g) * head_dim, kv_stride, 0.0f, scores.data(),
-                  static_cast<int>(max_end));
+      GemmNT(nt, static_cast<int>(max_end), head_dim, scale, qt + static_cast<int64_t>(h) * head_dim, q_stride,
+             k_rot + static_cast<int64_t>(g) * head_dim, kv_stride, 0.0f, scores.data(), static_cast<int>(max_end));
       for (int i = 0; i < nt; ++i) {
         float* s = scores.data() + static_cast<int64_t>(i) * max_end;
         const int64_t end = std::min(key_end[i0 + i], max_end);
@@ -144,10 +163,8 @@ void AttendDense(const float* q, int n_q, int n_heads, const float* k_rot, const
         *lse_ih = m + static_cast<float>(std::log(sum));
       }
       // o_i,h = sum_t p[i, t] v_t,g
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nt, head_dim, static_cast<int>(max_end),
-                  1.0f, scores.data(), static_cast<int>(max_end),
-                  v + static_cast<int64_t>(g) * head_dim, kv_stride, 0.0f,
-                  ot + static_cast<int64_t>(h) * head_dim, q_stride);
+      GemmNN(nt, head_dim, static_cast<int>(max_end), scores.data(), static_cast<int>(max_end),
+             v + static_cast<int64_t>(g) * head_dim, kv_stride, ot + static_cast<int64_t>(h) * head_dim, q_stride);
     }
   }
 }
@@ -467,8 +484,7 @@ absl::Status Forward::Run(absl::Span<ForwardItem> items, const ForwardOptions& o
       r0 += n;
     }
     // x += o · Wo^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, hidden, qd, 1.0f, o.data(), qd,
-                L.wo.data(), qd, 1.0f, x.data(), hidden);
+    GemmNT(T, hidden, qd, 1.0f, o.data(), qd, L.wo.data(), qd, 1.0f, x.data(), hidden);
     RmsNorm(x.data(), T, hidden, L.ffn_norm, c.rms_norm_eps, h.data());
     Linear(h.data(), T, hidden, L.w_gate, inter, {}, gate.data());
     Linear(h.data(), T, hidden, L.w_up, inter, {}, up.data());
@@ -476,8 +492,7 @@ absl::Status Forward::Run(absl::Span<ForwardItem> items, const ForwardOptions& o
       const float g = gate[i];
       gate[i] = g / (1.0f + std::exp(-g)) * up[i];
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, hidden, inter, 1.0f, gate.data(),
-                inter, L.w_down.data(), inter, 1.0f, x.data(), hidden);
+    GemmNT(T, hidden, inter, 1.0f, gate.data(), inter, L.w_down.data(), inter, 1.0f, x.data(), hidden);
   }
   // Rows that need logits.
   std::vector<int64_t> rows;
