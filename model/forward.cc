@@ -19,23 +19,33 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Rows up to this many go through cblas_sgemv, one call per row: OpenBLAS's sgemm packs B (the
+// whole weight matrix) on every call, and for a few rows the packing costs more than the product
+// (54% of a CPU decode step sat in sgemm_incopy; perf, SmolLM2, 2026-12-01; 1536 x 576, one
+// thread, this 2-core machine: sgemm 341 / 296 / 359 / 411 us at 1 / 2 / 3 / 4 rows, sgemv per
+// row 73 / 150 / 226 / 418 us).
+constexpr int kGemvMaxRows = 3;
+
 // C[rows][n] = alpha * A[rows][k] . B[n][k]^T + beta * C (row-major with leading dimensions).
-// One row (a decode step) goes through cblas_sgemv: OpenBLAS's sgemm packs B, the whole weight
-// matrix, on every call, and at one row the packing cost more than the product (54% of a CPU
-// decode step sat in sgemm_incopy; perf, SmolLM2, 2026-12-01).
 void GemmNT(int rows, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb, float beta,
             float* c, int ldc) {
-  if (rows == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, alpha, b, ldb, a, 1, beta, c, 1);
+  if (rows <= kGemvMaxRows) {
+    for (int r = 0; r < rows; ++r) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, alpha, b, ldb, a + static_cast<int64_t>(r) * lda, 1, beta,
+                  c + static_cast<int64_t>(r) * ldc, 1);
+    }
     return;
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// C[rows][n] = A[rows][k] . B[k][n] (row-major with leading dimensions); one row through sgemv.
+// C[rows][n] = A[rows][k] . B[k][n] (row-major with leading dimensions).
 void GemmNN(int rows, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
-  if (rows == 1) {
-    cblas_sgemv(CblasRowMajor, CblasTrans, k, n, 1.0f, b, ldb, a, 1, 0.0f, c, 1);
+  if (rows <= kGemvMaxRows) {
+    for (int r = 0; r < rows; ++r) {
+      cblas_sgemv(CblasRowMajor, CblasTrans, k, n, 1.0f, b, ldb, a + static_cast<int64_t>(r) * lda, 1, 0.0f,
+                  c + static_cast<int64_t>(r) * ldc, 1);
+    }
     return;
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
