@@ -413,11 +413,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       // every tile's critical path.
       if (T + 1 < n_tiles) {
         if (geo.has_key_outliers) {
-          if (next_block) {
-            if (lane == 0) PrefetchL1(nb + geo.key_outlier_dir_offset + 8 * hk);
-          } else if (lane < 2 && kcur + 32 * lane < kcount) {
-            PrefetchL1(kents + kcur + 32 * lane);
-          }
+          if (next_block && lane == 0) PrefetchL1(nb + geo.key_outlier_dir_offset + 8 * hk);
         }
         if (k_v > 0) {
           const int ib = geo.value_outlier_index_bytes;
@@ -450,6 +446,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           const int n = __popc(__ballot_sync(0xffffffffu, in));
           kcur += n;
           if (n < 32) break;
+        }
+        // The next tile's entries (same block: the cursor carries over) into L1 now, from the
+        // cursor it starts at. (Before, the prefetch was issued just ahead of this scan from
+        // this tile's own first entry. The entry load above was 5.6% of the kernel's stall
+        // samples, 94% long scoreboard: ncu, Llama-3-8B nuq3-1% 1M, 2026-12-01; whether timing
+        // or L1 evictions (most of L1 is shared memory here) is to be measured.)
+        if (!next_block && T + 1 < n_tiles && lane < 2 && kcur + 32 * lane < kcount) {
+          PrefetchL1(kents + kcur + 32 * lane);
         }
       }
     }
@@ -527,13 +531,25 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           const uint8_t* idx = lb + geo.value_outlier_index_offset + static_cast<int64_t>(t) * k_v * ib;
           const uint16_t* val = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset) +
                                 static_cast<int64_t>(t) * k_v;
-          for (int o = lh; o < k_v; o += 2) {
-            const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
-            if (e / kHeadDim != hk) continue;
-            const int c = e % kHeadDim;
-            const float x = __half2float(__ushort_as_half(val[o]));
-            *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
-                ClampedHalf((x - vzp) / vr);
+          // Four of this lane's entries per round, every index load issued before any is used:
+          // one dependent L1 round trip per entry made this scan 14% of the kernel's stall
+          // samples (40% of them long scoreboard; ncu, Llama-3-8B nuq3-1% 1M, 2026-12-01).
+          const uint16_t* idx16 = reinterpret_cast<const uint16_t*>(idx);
+          for (int o0 = lh; o0 < k_v; o0 += 8) {
+            int e[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int o = o0 + 2 * u;
+              e[u] = o >= k_v ? -1 : ib == 1 ? static_cast<int>(__ldg(idx + o)) : static_cast<int>(__ldg(idx16 + o));
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              if (e[u] < 0 || e[u] / kHeadDim != hk) continue;
+              const int c = e[u] % kHeadDim;
+              const float x = __half2float(__ushort_as_half(__ldg(val + o0 + 2 * u)));
+              *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
+                  ClampedHalf((x - vzp) / vr);
+            }
           }
         }
       }
