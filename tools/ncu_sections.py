@@ -92,16 +92,9 @@ def uleb(b, i):
 
 
 def sleb(b, i):
-    r = s = 0
-    while True:
-        c = b[i]
-        i += 1
-        r |= (c & 0x7F) << s
-        s += 7
-        if c < 0x80:
-            if c & 0x40:
-                r -= 1 << s
-            return r, i
+    r, j = varint(b, i)
+    bits = 7 * (j - i)
+    return (r - (1 << bits) if r & (1 << (bits - 1)) else r), j
 
 
 def line_table(elf, function):
