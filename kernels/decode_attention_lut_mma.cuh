@@ -95,6 +95,16 @@ struct LutMmaCfg {
   static size_t SmemBytes(int warps) { return kCtaBytes + static_cast<size_t>(warps) * kWarpBytes; }
 };
 
+// Timing ablations (wrong results; never in a normal build): KVQ_LUT_ABLATE is a bit mask that
+// removes 1 the value-outlier patching, 2 the key-outlier scan, 4 every cos/sin group table after
+// the first, to time what each costs on the kernel's critical path (kernels_bench binaries built
+// with -DKVQ_LUT_ABLATE=N next to the normal one).
+#ifdef KVQ_LUT_ABLATE
+inline constexpr int kLutAblate = KVQ_LUT_ABLATE;
+#else
+inline constexpr int kLutAblate = 0;
+#endif
+
 template <int kW>
 struct LutRaw {
   uint32_t k[kW], v[kW], vscale;
@@ -169,7 +179,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const int64_t blk_pos0 = first_pos + n_sink_cap;  // position of block token 0
   const float scale = p.scale > 0.0f ? p.scale : 1.0f / sqrtf(static_cast<float>(kHeadDim));
   const float qscale = scale * kLog2e;
-  const int k_v = geo.value_outliers_per_token;
+  const int k_v = (kLutAblate & 1) ? 0 : geo.value_outliers_per_token;
+  const bool key_outliers = !(kLutAblate & 2) && geo.has_key_outliers;
   const int hk_c = active ? hk : 0;
 
   // ---- Per-CTA constants: rotation steps, pair tables; per warp: key scaling. ----
@@ -315,7 +326,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     const int tig = sink_tile ? ts : T % kGroupTiles;  // tile in its cos/sin group
 
     // ---- cos/sin table of the group (CTA-wide): sinks form one group of <= 4 tiles. ----
-    if (sink_tile ? T == -n_stiles : (T % kGroupTiles) == 0) {
+    if ((sink_tile ? T == -n_stiles : (T % kGroupTiles) == 0) && (!(kLutAblate & 4) || T == -n_stiles || T == 0)) {
       __syncthreads();
       const bool rot = sink_tile || rope;
       // Entries at absolute positions (rot_tab: the same bits whichever split or shard computes
@@ -359,7 +370,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     // Key-outlier cursor: at each block start, and at a split that starts inside a block (splits
     // are multiples of 64 tokens) at the block's first entry of a token >= tin (entries are sorted
     // by token).
-    if (!sink_tile && geo.has_key_outliers && (tin == 0 || T == 0)) {
+    if (!sink_tile && key_outliers && (tin == 0 || T == 0)) {
       const uint32_t* dir = reinterpret_cast<const uint32_t*>(lb + geo.key_outlier_dir_offset) + 2 * hk;
       const int first = static_cast<int>(dir[0]);
       kcount = static_cast<int>(dir[1]);
@@ -412,7 +423,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       // entries, index -> value) that would otherwise put two or three memory round trips on
       // every tile's critical path.
       if (T + 1 < n_tiles) {
-        if (geo.has_key_outliers) {
+        if (key_outliers) {
           if (next_block && lane == 0) PrefetchL1(nb + geo.key_outlier_dir_offset + 8 * hk);
         }
         if (k_v > 0) {
@@ -427,7 +438,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         }
       }
       // Key outliers of this tile replace their element by (x - z) / r.
-      if (geo.has_key_outliers) {
+      if (key_outliers) {
         __syncwarp();
         while (true) {
           const int e = kcur + lane;

@@ -90,7 +90,17 @@ case "$cmd" in
         "$b/$kb" --shapes=llama3-8b,smollm2-135m --formats=fp16,nuq3-1% --contexts=1024,131072,1048576 \
           --batches=1,8 --iters=5 --sink=1 --mem_gb=60
       done
-    fi ;;
+    fi
+    # The LUT kernel with sections removed (-DKVQ_LUT_ABLATE=1 value outliers, 2 key outliers,
+    # 4 group tables after the first, 7 all three; wrong results, timing only) next to the
+    # normal build: what each section costs on the critical path.
+    for n in "" 1 2 4 7; do
+      kb=kernels_bench${n:+_ablate$n}
+      [ -x "$b/$kb" ] || continue
+      echo "== $kb"
+      "$b/$kb" --shapes=llama3-8b,smollm2-135m --formats=nuq3-1%,nuq4-1% --contexts=1048576 --batches=1,8 \
+        --iters=5 --sink=1 --mem_gb=60
+    done ;;
   multi)
     env_setup
     root=(); [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
