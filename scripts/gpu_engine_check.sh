@@ -8,12 +8,15 @@
 #   scripts/gpu_engine_check.sh bench DIR ARGS...       benchmarks/engine_bench
 #   scripts/gpu_engine_check.sh sharded DIR NP...       GPU shards over MPI (sharded_mpi_test), NP ranks
 #                                                       each (ranks share the GPUs when NP > GPUs)
-#   scripts/gpu_engine_check.sh decode-step DIR         the decode-step kernels and switches written
+#   scripts/gpu_engine_check.sh decode-step DIR [PARTS] the decode-step kernels and switches written
 #                                                       without a GPU (fold, decode GEMV, RoPE of q
 #                                                       and k in one launch, merge chunks, spread
 #                                                       RoPE tables): their kernel tests, the engine
 #                                                       against the CPU, then engine_bench with each
-#                                                       switch timed both ways (--ab=fold,gemv)
+#                                                       switch timed both ways (--ab=fold,gemv),
+#                                                       kernels_bench against the build before them
+#                                                       and the LUT kernel's timing ablations; PARTS:
+#                                                       any of tests,engine,kernels,ablate
 #   scripts/gpu_engine_check.sh multi DIR               the first run on a machine with several GPUs,
 #                                                       one rank per GPU: NCCL per layer
 #                                                       (nccl_merge_bench), the sharded tests over the
@@ -72,19 +75,25 @@ case "$cmd" in
         grep -v '^\[ RUN\|^\[       OK'
     done ;;
   decode-step)
+    # Parts (each fits one device call): tests, engine, kernels, ablate; all by default.
     env_setup
     b="$dir/bundle/bin"
-    "$b/decode_attention_test_cu" --gtest_brief=1 2>&1 | tail -4
-    "$b/dense_ops_test_cu" --gtest_brief=1 2>&1 | tail -4
-    "$b/gpu_engine_test" --gtest_filter='-*MemoryStaysFlat*' 2>&1 | grep -v '^\[ RUN\|^\[       OK'
-    "$b/engine_bench" --model "$dir/model.gguf" --quantizers "$here/tests/fixtures/quantizers" \
-      --formats fp16,nuq3-1% --contexts 1024,131072 --batches 1,8 --steps 20 --ab=fold,gemv
-    "$b/engine_bench" --model synthetic:llama-3-8b --formats fp16,nuq3-1% --contexts 1024 --batches 1,8 \
-      --steps 10 --ab=fold,gemv
+    parts=${1:-tests,engine,kernels,ablate}
+    if [[ ",$parts," == *,tests,* ]]; then
+      "$b/decode_attention_test_cu" --gtest_brief=1 2>&1 | tail -4
+      "$b/dense_ops_test_cu" --gtest_brief=1 2>&1 | tail -4
+      "$b/gpu_engine_test" --gtest_filter='-*MemoryStaysFlat*' 2>&1 | grep -v '^\[ RUN\|^\[       OK'
+    fi
+    if [[ ",$parts," == *,engine,* ]]; then
+      "$b/engine_bench" --model "$dir/model.gguf" --quantizers "$here/tests/fixtures/quantizers" \
+        --formats fp16,nuq3-1% --contexts 1024,131072 --batches 1,8 --steps 20 --ab=fold,gemv
+      "$b/engine_bench" --model synthetic:llama-3-8b --formats fp16,nuq3-1% --contexts 1024 --batches 1,8 \
+        --steps 10 --ab=fold,gemv
+    fi
     # Kernel changes on the default path (RoPE step tables, merge channel chunks, outlier scans)
     # against the build before them when the bundle carries it (kernels_bench_old); repeat the
     # pair where rows differ by less than the run-to-run noise.
-    if [ -x "$b/kernels_bench_old" ]; then
+    if [[ ",$parts," == *,kernels,* && -x "$b/kernels_bench_old" ]]; then
       for kb in kernels_bench_old kernels_bench; do
         echo "== $kb"
         "$b/$kb" --shapes=llama3-8b,smollm2-135m --formats=fp16,nuq3-1% --contexts=1024,131072,1048576 \
@@ -94,13 +103,15 @@ case "$cmd" in
     # The LUT kernel with sections removed (-DKVQ_LUT_ABLATE=1 value outliers, 2 key outliers,
     # 4 group tables after the first, 7 all three; wrong results, timing only) next to the
     # normal build: what each section costs on the critical path.
-    for n in "" 1 2 4 7; do
-      kb=kernels_bench${n:+_ablate$n}
-      [ -x "$b/$kb" ] || continue
-      echo "== $kb"
-      "$b/$kb" --shapes=llama3-8b,smollm2-135m --formats=nuq3-1%,nuq4-1% --contexts=1048576 --batches=1,8 \
-        --iters=5 --sink=1 --mem_gb=60
-    done ;;
+    if [[ ",$parts," == *,ablate,* ]]; then
+      for n in "" 1 2 4 7; do
+        kb=kernels_bench${n:+_ablate$n}
+        [ -x "$b/$kb" ] || continue
+        echo "== $kb"
+        "$b/$kb" --shapes=llama3-8b,smollm2-135m --formats=nuq3-1%,nuq4-1% --contexts=1048576 --batches=1,8 \
+          --iters=5 --sink=1 --mem_gb=60
+      done
+    fi ;;
   multi)
     env_setup
     root=(); [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
