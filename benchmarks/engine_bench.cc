@@ -70,7 +70,7 @@ ABSL_FLAG(int64_t, prefill_baseline_max, 16384,
           "prompts up to this length are also prefilled with the first implementation (decode kernel "
           "once per query row, scalar chunk kernel) for the speed-up column");
 ABSL_FLAG(int, steps, 10, "timed decode steps per row");
-ABSL_FLAG(std::string, ab, "fold,gemv",
+ABSL_FLAG(std::string, ab, "",
           "decode: also time each row with the other setting of each listed GpuForward switch, same caches, "
           "same process: fold (set_fold_decode_self: the step's own token folded into the decode merge), gemv "
           "(set_decode_gemv: decode GEMV kernels with the RMSNorm / SwiGLU input stages)");
