@@ -80,16 +80,6 @@ inline constexpr int kLutAblate = KVQ_LUT_ABLATE;
 #else
 inline constexpr int kLutAblate = 0;
 #endif
-// Experiment (-DKVQ_LUT_VOUT_STAGE, absent from normal builds): each 64-token group's value-outlier
-// index and value rows copied into shared memory by the whole CTA at the group's start, so that the
-// per-tile scan reads shared memory instead of making global round trips; groups whose rows exceed
-// kVoutBudget bytes keep the global path.
-#ifdef KVQ_LUT_VOUT_STAGE
-inline constexpr bool kVoutStage = true;
-#else
-inline constexpr bool kVoutStage = false;
-#endif
-inline constexpr int kVoutBudget = 2560;
 
 template <int kHeadDim, int kBits>
 struct LutMmaCfg {
@@ -111,8 +101,7 @@ struct LutMmaCfg {
   static constexpr int kCsBytes = kGroupTiles * 32 * kCsStride * 4;
   static constexpr int kRotBytes = decode_attention_mma::RopeGroupAnchors<kHalf>::kBytes;
   static constexpr int kPairBytes = 2 * kPairs * 4;   // key and value pair tables
-  static constexpr int kVoutBytes = kVoutStage ? kVoutBudget : 0;  // staged value-outlier rows
-  static constexpr int kCtaBytes = kCsBytes + kRotBytes + kPairBytes + kVoutBytes;
+  static constexpr int kCtaBytes = kCsBytes + kRotBytes + kPairBytes;
   static size_t SmemBytes(int warps) { return kCtaBytes + static_cast<size_t>(warps) * kWarpBytes; }
 };
 
@@ -157,7 +146,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   decode_attention_mma::RopeGroupAnchors<kHalf> rot_tab(smem + Cfg::kCsBytes);
   uint32_t* kpair_s = reinterpret_cast<uint32_t*>(smem + Cfg::kCsBytes + Cfg::kRotBytes);
   uint32_t* vpair_s = kpair_s + kPairs;
-  uint8_t* vout_s = smem + Cfg::kCsBytes + Cfg::kRotBytes + Cfg::kPairBytes;  // kVoutStage builds
 
   const PagedKvCache& kv = p.kv;
   const KvBlockGeometry& geo = kv.geom;
@@ -193,8 +181,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const float qscale = scale * kLog2e;
   const int k_v = (kLutAblate & 1) ? 0 : geo.value_outliers_per_token;
   const bool key_outliers = !(kLutAblate & 2) && geo.has_key_outliers;
-  const int ib_v = geo.value_outlier_index_bytes;
-  const bool vstage = kVoutStage && k_v > 0 && kTile * kGroupTiles * k_v * (ib_v + 2) <= kVoutBudget;
   const int hk_c = active ? hk : 0;
 
   // ---- Per-CTA constants: rotation steps, pair tables; per warp: key scaling. ----
@@ -348,17 +334,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       // multiple of 8.
       const int64_t gpos = sink_tile ? first_pos : blk_pos0 + j;
       if (rot) rot_tab.Anchor(gpos, /*restart=*/sink_tile || T == 0, kv.rope_inv_freq, tid, blockDim.x);
-      if (vstage && !sink_tile) {  // the group's value-outlier rows (one block: groups are 64-aligned)
-        const uint8_t* gbase = block_base(T);
-        const int tin0 = j % kKvBlockTokens;
-        const int n_idx = kTile * kGroupTiles * k_v * ib_v / 16, n_val = kTile * kGroupTiles * k_v * 2 / 16;
-        const uint4* si = reinterpret_cast<const uint4*>(gbase + geo.value_outlier_index_offset +
-                                                         static_cast<int64_t>(tin0) * k_v * ib_v);
-        const uint4* sv = reinterpret_cast<const uint4*>(gbase + geo.value_outlier_value_offset +
-                                                         static_cast<int64_t>(tin0) * k_v * 2);
-        uint4* d = reinterpret_cast<uint4*>(vout_s);
-        for (int w = tid; w < n_idx + n_val; w += blockDim.x) d[w] = __ldg(w < n_idx ? si + w : sv + (w - n_idx));
-      }
       __syncthreads();
       const int off = static_cast<int>(gpos & 63);
       const int n_rows = (off & 7) != 0 ? 9 : 8;
@@ -449,9 +424,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       // every tile's critical path.
       if (T + 1 < n_tiles) {
         if (key_outliers) {
-          if (next_block && lane == 0) PrefetchL1(nb + geo.key_outlier_dir_offset + 8 * hk);
+          if (next_block) {
+            if (lane == 0) PrefetchL1(nb + geo.key_outlier_dir_offset + 8 * hk);
+          } else if (lane < 2 && kcur + 32 * lane < kcount) {
+            PrefetchL1(kents + kcur + 32 * lane);
+          }
         }
-        if (k_v > 0 && !vstage) {
+        if (k_v > 0) {
           const int ib = geo.value_outlier_index_bytes;
           const int t0 = (tin + kTile) % kKvBlockTokens;
           if (lane * 128 < kTile * k_v * ib) {
@@ -482,14 +461,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           const int n = __popc(__ballot_sync(0xffffffffu, in));
           kcur += n;
           if (n < 32) break;
-        }
-        // The next tile's entries (same block: the cursor carries over) into L1 now, from the
-        // cursor it starts at. (Before, the prefetch was issued just ahead of this scan from
-        // this tile's own first entry. The entry load above was 5.6% of the kernel's stall
-        // samples, 94% long scoreboard: ncu, Llama-3-8B nuq3-1% 1M, 2026-12-01; whether timing
-        // or L1 evictions (most of L1 is shared memory here) is to be measured.)
-        if (!next_block && T + 1 < n_tiles && lane < 2 && kcur + 32 * lane < kcount) {
-          PrefetchL1(kents + kcur + 32 * lane);
         }
       }
     }
@@ -564,37 +535,22 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         const int t = tin + lt;
         if (lt < n_valid) {
           const float vzp = HalfLo(vscale), vr = HalfHi(vscale);
-          // Staged builds read the group's rows from shared memory (token tig * 16 + lt of it).
-          const int tg = tig * kTile + lt;
-          const uint8_t* idx = vstage ? vout_s + tg * k_v * ib
-                                      : lb + geo.value_outlier_index_offset + static_cast<int64_t>(t) * k_v * ib;
-          const uint16_t* val =
-              vstage ? reinterpret_cast<const uint16_t*>(vout_s + kTile * kGroupTiles * k_v * ib) + tg * k_v
-                     : reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset) + static_cast<int64_t>(t) * k_v;
-
-          // Four of this lane's entries per round, every index load issued before any is used:
-          // one dependent L1 round trip per entry made this scan 14% of the kernel's stall
-          // samples (40% of them long scoreboard; ncu, Llama-3-8B nuq3-1% 1M, 2026-12-01).
-          const uint16_t* idx16 = reinterpret_cast<const uint16_t*>(idx);
-          for (int o0 = lh; o0 < k_v; o0 += 8) {
-            int e[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              const int o = o0 + 2 * u;
-              if constexpr (kVoutStage) {  // staged rows: generic loads (shared or global)
-                e[u] = o >= k_v ? -1 : ib == 1 ? static_cast<int>(idx[o]) : static_cast<int>(idx16[o]);
-              } else {
-                e[u] = o >= k_v ? -1 : ib == 1 ? static_cast<int>(__ldg(idx + o)) : static_cast<int>(__ldg(idx16 + o));
-              }
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              if (e[u] < 0 || e[u] / kHeadDim != hk) continue;
-              const int c = e[u] % kHeadDim;
-              const float x = __half2float(__ushort_as_half(kVoutStage ? val[o0 + 2 * u] : __ldg(val + o0 + 2 * u)));
-              *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
-                  ClampedHalf((x - vzp) / vr);
-            }
+          const uint8_t* idx = lb + geo.value_outlier_index_offset + static_cast<int64_t>(t) * k_v * ib;
+          const uint16_t* val = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset) +
+                                static_cast<int64_t>(t) * k_v;
+          // One entry at a time, each load waiting for the previous: 14% of the kernel's stall
+          // samples (ncu, 2026-12-01) and 15% of its time (without this patching: Llama-3-8B
+          // nuq3-1% 1M batch 1 1,277 -> 1,110-1,121 us). Tried and slower (H200, same call):
+          // four index loads issued before any is used, together with the key-outlier prefetch
+          // moved after its scan, 1,311-1,314 us; each 64-token group's rows copied into shared
+          // memory by the CTA on top of that (more spills), 1,341-1,351 us.
+          for (int o = lh; o < k_v; o += 2) {
+            const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
+            if (e / kHeadDim != hk) continue;
+            const int c = e % kHeadDim;
+            const float x = __half2float(__ushort_as_half(val[o]));
+            *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
+                ClampedHalf((x - vzp) / vr);
           }
         }
       }

@@ -108,7 +108,7 @@ struct GpuForward::Impl {
   mutable DecodeGraphs graphs;  // plain decode steps (Run)
   bool use_graphs = true;
   bool use_prefill_kernel = true;
-  bool fold_decode_self = false;  // GpuForward::set_fold_decode_self
+  bool fold_decode_self = true;   // GpuForward::set_fold_decode_self
   bool decode_gemv = false;       // GpuForward::set_decode_gemv
 
   ~Impl() {
