@@ -15,7 +15,8 @@
 #                                                       against the CPU, then engine_bench with each
 #                                                       switch timed both ways (--ab=fold,gemv),
 #                                                       kernels_bench against the build before them
-#                                                       and the LUT kernel's timing ablations; PARTS:
+#                                                       and the LUT kernel's timing ablations
+#                                                       (scripts/build_variant.sh builds them); PARTS:
 #                                                       any of tests,engine,kernels,ablate
 #   scripts/gpu_engine_check.sh multi DIR               the first run on a machine with several GPUs,
 #                                                       one rank per GPU: NCCL per layer
@@ -104,13 +105,8 @@ case "$cmd" in
     # 4 group tables after the first, 7 all three; wrong results, timing only) next to the
     # normal build: what each section costs on the critical path.
     if [[ ",$parts," == *,ablate,* ]]; then
-      # The staged value-outlier experiment (-DKVQ_LUT_VOUT_STAGE): correct results first.
-      if [ -x "$b/decode_attention_test_cu_voutstage" ]; then
-        "$b/decode_attention_test_cu_voutstage" --gtest_brief=1 2>&1 | tail -3
-      fi
-      for n in "" 1 2 4 7 voutstage; do
+      for n in "" 1 2 4 7; do
         kb=kernels_bench${n:+_ablate$n}
-        [ "$n" = voutstage ] && kb=kernels_bench_voutstage
         [ -x "$b/$kb" ] || continue
         echo "== $kb"
         "$b/$kb" --shapes=llama3-8b,smollm2-135m --formats=nuq3-1%,nuq4-1% --contexts=1048576 --batches=1,8 \
