@@ -174,11 +174,14 @@ size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int n
   return rows * num_splits * (static_cast<size_t>(head_dim) + 1) * sizeof(float);
 }
 
-size_t RopeStepTableBytes(int head_dim) { return static_cast<size_t>(25) * (head_dim / 2) * 8; }
+size_t RopeStepTableBytes(int head_dim) {
+  return static_cast<size_t>(decode_attention_mma::kRopeStepSlots) * (head_dim / 2) * sizeof(float2);
+}
 
 namespace {
 __global__ void RopeStepTableKernel(const double* inv_freq, int half, float2* out) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < 25 * half; i += gridDim.x * blockDim.x) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < decode_attention_mma::kRopeStepSlots * half;
+       i += gridDim.x * blockDim.x) {
     decode_attention_mma::RopeStepEntry(inv_freq, half, i, out);
   }
 }
@@ -190,7 +193,7 @@ absl::Status LaunchRopeStepTable(const double* inv_freq, int head_dim, void* out
     return absl::InvalidArgumentError(absl::StrCat("LaunchRopeStepTable: head_dim ", head_dim,
                                                    " (a multiple of 4), inv_freq and a 16-byte aligned output"));
   }
-  const int n = 25 * (head_dim / 2);
+  const int n = decode_attention_mma::kRopeStepSlots * (head_dim / 2);
   RopeStepTableKernel<<<(n + 255) / 256, 256, 0, stream>>>(inv_freq, head_dim / 2, static_cast<float2*>(out));
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();

@@ -63,6 +63,9 @@ static __device__ __noinline__ float2 SinCosD(double angle) {
   return make_float2(static_cast<float>(c), static_cast<float>(s));
 }
 
+// Entries per frequency of the RoPE step tables: e1, and 8 steps of each of st8, s1, s8.
+inline constexpr int kRopeStepSlots = 25;
+
 // Entry i of the RoPE step tables of a head with `half` frequencies, written into the layout
 // steps = [s8: half x 8][s1: half x 8][st8: half x 8][e1: half] (float2 (cos, sin)):
 // slot i / half of frequency f = i % half: 0 -> e1[f] = exp(i w), 1 + 8t + m -> table t (st8, s1,
@@ -91,7 +94,7 @@ template <int kHalf>
 struct RopeGroupAnchors {
   static constexpr int kSlots = 2 + 2 + 8 + 8 + 8 + 1;  // x[2], a[2], s8[8], s1[8], st8[8], e1
   static constexpr int kBytes = kHalf * kSlots * 8;
-  static constexpr int kStepEntries = 25 * kHalf;  // s8, s1, st8, e1: contiguous from s8
+  static constexpr int kStepEntries = kRopeStepSlots * kHalf;  // s8, s1, st8, e1: contiguous from s8
   float2* x;    // [2][kHalf]
   float2* a;    // [2][kHalf]
   float2* s8;   // [kHalf][8]

@@ -2,6 +2,7 @@
 #include "kernels/decode_gemv.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
@@ -22,20 +23,17 @@ constexpr int kCols = 4;                 // output columns per warp
 // a launch may use without opting in (48 KB of staging failed to launch at 4 and 8 rows; H200).
 constexpr int kStageBytes = 40 * 1024;
 
-__device__ __forceinline__ void ToFloat8(const uint4& v, __half, float (&f)[8]) {
-  const __half2* h = reinterpret_cast<const __half2*>(&v);
+__device__ __forceinline__ float2 ToFloat2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 ToFloat2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+
+// Eight elements of T (a 16-byte load) as floats.
+template <typename T>
+__device__ __forceinline__ void ToFloat8(const uint4& v, float (&f)[8]) {
+  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  const T2* h = reinterpret_cast<const T2*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 x = __half22float2(h[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-__device__ __forceinline__ void ToFloat8(const uint4& v, __nv_bfloat16, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 x = __bfloat1622float2(h[i]);
+    const float2 x = ToFloat2(h[i]);
     f[2 * i] = x.x;
     f[2 * i + 1] = x.y;
   }
@@ -170,12 +168,12 @@ __global__ void __launch_bounds__(kThreads)
       }
       float wf[kCols][8];
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) ToFloat8(wv[c], T{}, wf[c]);
+      for (int c = 0; c < kCols; ++c) ToFloat8<T>(wv[c], wf[c]);
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
         if (m < rows) {
           float af[8];
-          ToFloat8(*reinterpret_cast<const uint4*>(a_s + m * kc + kk), T{}, af);
+          ToFloat8<T>(*reinterpret_cast<const uint4*>(a_s + m * kc + kk), af);
 #pragma unroll
           for (int c = 0; c < kCols; ++c) {
 #pragma unroll

@@ -1,7 +1,7 @@
 // Device RoPE of one rotate-half pair (x_lo, x_hi) = (x[i], x[i + head_dim / 2]) at an absolute
 // position: angle and rotation in double, each output rounded once to f32 (positions up to 10M+
-// keep full precision). The one definition for every kernel that rotates queries or keys, so
-// that they agree to the bit.
+// keep full precision). The one definition for the kernels that rotate a step's queries and keys
+// (LaunchRopeQuery and the decode GEMV's epilogue), so that they agree to the bit.
 #pragma once
 
 #include <cstdint>

@@ -167,10 +167,11 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   // the rows, the block-table width (rounded up by at most 1/16, to a multiple of a power of two)
   // and the splits (chosen for that width's capacity); per-step values live in device buffers
   // copied before the launch.
-  const bool graph = m.use_graphs && !eval && nd == T && nd1 == 0 && T > 0;
+  const bool plain_decode = !eval && nd == T && nd1 == 0 && T > 0;
+  const bool graph = m.use_graphs && plain_decode;
   // The same steps (graph or not) may fold each row's own new token into the decode merge
   // (set_fold_decode_self): then the decode launch writes o (and o_act) itself.
-  const bool fold = m.fold_decode_self && !eval && nd == T && nd1 == 0 && T > 0;
+  const bool fold = m.fold_decode_self && plain_decode;
   // Steps of a few rows may run the linear layers through kernels::LaunchDecodeGemv with the
   // RMSNorms and the SwiGLU as its input stage (set_decode_gemv; f16/bf16 weights).
   const bool gemv = [&] {
@@ -456,9 +457,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   // Prefill rows over a cached past (Launch::fa): kernels::LaunchPrefillPast with this step's
   // buffers (sized from the launches' plans above).
   // The step's q, k and v in one buffer (Impl::q): [T][q_dim], [T][kv_dim], [T][kv_dim].
-  float* const q_all = m.q.as<float>();
-  float* const k_all = q_all + Ts * qd;
-  float* const v_all = k_all + Ts * kvd;
+  float* const q = m.q.as<float>();
+  float* const k = q + Ts * qd;
+  float* const v = k + Ts * kvd;
   auto prefill_past = [&](const Launch& a, int l) -> absl::Status {
     kernels::PrefillPastParams pp;
     pp.kv = view_for(a);
@@ -466,7 +467,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     pp.n_keys = a.fa_keys;
     pp.rows = a.rows;
     pp.n_heads = nh;
-    pp.q = q_all + static_cast<int64_t>(a.row0) * qd;
+    pp.q = q + static_cast<int64_t>(a.row0) * qd;
     pp.limit_base = a.fa_limit_base;
     pp.causal = a.fa_causal;
     pp.o = parts_o + (static_cast<int64_t>(a.part) * T + a.row0) * qd;
@@ -485,7 +486,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     const int n = T - first_prefill_row;
     const int64_t at = static_cast<int64_t>(first_prefill_row) * kvd;
     KVQ_RETURN_IF_ERROR(kernels::LaunchToHalfRows(n, kvd, m.krot.as<float>() + at, kvd, m.k16.as<uint16_t>() + at, kvd, s));
-    KVQ_RETURN_IF_ERROR(kernels::LaunchToHalfRows(n, kvd, v_all + at, kvd, m.v16.as<uint16_t>() + at, kvd, s));
+    KVQ_RETURN_IF_ERROR(kernels::LaunchToHalfRows(n, kvd, v + at, kvd, m.v16.as<uint16_t>() + at, kvd, s));
     for (size_t i = nd; i < its.size(); ++i) {
       const It& e = its[i];
       if (e.host != nullptr) continue;
@@ -494,7 +495,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       pp.n_heads = nh;
       pp.n_kv_heads = nkv;
       pp.head_dim = hd;
-      pp.q = q_all + static_cast<int64_t>(e.row0) * qd;
+      pp.q = q + static_cast<int64_t>(e.row0) * qd;
       pp.k = m.k16.as<uint16_t>() + static_cast<int64_t>(e.row0) * kvd;
       pp.v = m.v16.as<uint16_t>() + static_cast<int64_t>(e.row0) * kvd;
       pp.kv_token_stride = kvd;
@@ -548,9 +549,6 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     ep.out = x;
     KVQ_STEP(kernels::LaunchEmbedding(ep, s));
   }
-  float* q = q_all;
-  float* k = k_all;
-  float* v = v_all;
   float* o = m.o.as<float>();
   void* o_act = dtype_ == DType::kF32 ? static_cast<void*>(o) : m.o_act.p;
   // A decode GEMV with its input stage (LaunchDecodeGemv): y = in(a) . W^T into up to three
