@@ -73,7 +73,8 @@ ABSL_FLAG(int, steps, 10, "timed decode steps per row");
 ABSL_FLAG(std::string, ab, "",
           "decode: also time each row with the other setting of each listed GpuForward switch, same caches, "
           "same process: fold (set_fold_decode_self: the step's own token folded into the decode merge), gemv "
-          "(set_decode_gemv: decode GEMV kernels with the RMSNorm / SwiGLU input stages)");
+          "(set_decode_gemv: decode GEMV kernels with the RMSNorm / SwiGLU input stages), pdl "
+          "(set_programmatic_launch: programmatic dependent launch of kvq's kernels)");
 ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
@@ -314,7 +315,8 @@ int Main() {
     for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_ab), ',', absl::SkipEmpty())) {
       if (a == "fold") ab.push_back({"fold", &sharding::GpuForward::fold_decode_self, &sharding::GpuForward::set_fold_decode_self});
       else if (a == "gemv") ab.push_back({"gemv", &sharding::GpuForward::decode_gemv, &sharding::GpuForward::set_decode_gemv});
-      else CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (fold, gemv)")));
+      else if (a == "pdl") ab.push_back({"pdl", &sharding::GpuForward::programmatic_launch, &sharding::GpuForward::set_programmatic_launch});
+      else CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (fold, gemv, pdl)")));
     }
     std::string ab_head, ab_rule, ab_empty;
     for (const Switch& w : ab) {

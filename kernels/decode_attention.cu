@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
+#include "kernels/launch.cuh"
 #include "kernels/decode_attention_instances.h"
 #include "kernels/decode_attention_lut_mma.cuh"
 #include "kernels/merge_attention.h"
@@ -251,10 +252,10 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
     KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
         mma_entry->fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const dim3 grid((g.n_kv_heads + warps - 1) / warps, splits, p.batch);
-    mma_entry->fn<<<grid, warps * 32, smem, stream>>>(p, tokens_per_split, part_o, part_lse);
+    KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(mma_entry->fn, grid, warps * 32, smem, stream, p, tokens_per_split, part_o, part_lse));
   } else {
     const dim3 grid(g.n_kv_heads, splits, p.batch);
-    entry->fn<<<grid, kThreads, 0, stream>>>(p, tokens_per_split, part_o, part_lse);
+    KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(entry->fn, grid, kThreads, 0, stream, p, tokens_per_split, part_o, part_lse));
   }
   KVQ_RETURN_IF_LAUNCH_ERROR();
   const bool fold = p.self.q != nullptr || p.o_cast != nullptr;

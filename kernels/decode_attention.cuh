@@ -60,6 +60,7 @@
 #include <cstdint>
 
 #include "kernels/decode_attention.h"
+#include "kernels/launch.cuh"
 #include "kernels/paged_kv.h"
 
 namespace kvq::kernels::decode_attention_internal {
@@ -148,6 +149,8 @@ template <int kHeadDim, KvCodec kCodec, int kMaxGroup>
 __global__ void __launch_bounds__(kThreads)
     DecodeAttentionKernel(const DecodeAttentionParams p, const int tokens_per_split,
                           float* __restrict__ part_o, float* __restrict__ part_lse) {
+  GridDependencyWait();  // first: see kernels/launch.cuh
+  GridDependencyTrigger();
   using Cfg = Config<kHeadDim, kCodec, kMaxGroup>;
   constexpr bool kQuant = Cfg::kQuant;
   constexpr int kBits = Cfg::kBits;

@@ -48,6 +48,7 @@
 
 #include "kernels/decode_attention.h"
 #include "kernels/decode_attention_mma.cuh"
+#include "kernels/launch.cuh"
 #include "kernels/paged_kv.h"
 
 namespace kvq::kernels::decode_attention_lut_mma {
@@ -130,6 +131,8 @@ template <int kHeadDim, KvCodec kCodec>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     DecodeAttentionLutMmaKernel(const DecodeAttentionParams p, const int tokens_per_split,
                                 float* __restrict__ part_o, float* __restrict__ part_lse) {
+  GridDependencyWait();  // first: see kernels/launch.cuh
+  GridDependencyTrigger();
   static_assert(kCodec != KvCodec::kFp16);
   constexpr int kBits = static_cast<int>(kCodec);
   using Cfg = LutMmaCfg<kHeadDim, kBits>;

@@ -40,6 +40,7 @@
 #include <cstdint>
 
 #include "kernels/decode_attention.h"
+#include "kernels/launch.cuh"
 #include "kernels/paged_kv.h"
 
 #ifndef KVQ_FP16_PREFETCH_MAX_HD
@@ -257,6 +258,8 @@ template <int kHeadDim, KvCodec kCodec>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     DecodeAttentionMmaKernel(const DecodeAttentionParams p, const int tokens_per_split,
                              float* __restrict__ part_o, float* __restrict__ part_lse) {
+  GridDependencyWait();  // first: see kernels/launch.cuh
+  GridDependencyTrigger();
   using Cfg = MmaCfg<kHeadDim, kCodec>;
   constexpr bool kQuant = Cfg::kQuant;
   constexpr int kBits = Cfg::kBits;

@@ -11,6 +11,7 @@
 #include "common/status.h"
 #include "kernels/cuda_check.h"
 #include "kernels/dtype.h"
+#include "kernels/launch.cuh"
 #include "kernels/rope_device.cuh"
 
 namespace kvq::kernels {
@@ -24,6 +25,8 @@ constexpr int kNormThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads) RmsNormKernel(const RmsNormParams p) {
+  GridDependencyWait();
+  GridDependencyTrigger();
   const int64_t r = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + r * p.dim;
   const T* w = static_cast<const T*>(p.weight);
@@ -51,6 +54,8 @@ __global__ void __launch_bounds__(kNormThreads) RmsNormKernel(const RmsNormParam
 }
 
 __global__ void RopeQueryKernel(const RopeQueryParams p) {
+  GridDependencyWait();
+  GridDependencyTrigger();
   const int half = p.head_dim / 2;
   const int64_t total_q = static_cast<int64_t>(p.rows) * p.n_heads * half;
   const int64_t total = total_q + (p.k != nullptr ? static_cast<int64_t>(p.rows) * p.k_heads * half : 0);
@@ -75,6 +80,8 @@ __global__ void RopeQueryKernel(const RopeQueryParams p) {
 
 template <typename T>
 __global__ void SwiGluKernel(const SwiGluParams p) {
+  GridDependencyWait();
+  GridDependencyTrigger();
   const int64_t total = static_cast<int64_t>(p.rows) * p.dim;
   const int64_t stride = p.in_row_stride > 0 ? p.in_row_stride : p.dim;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -88,6 +95,8 @@ __global__ void SwiGluKernel(const SwiGluParams p) {
 
 template <typename TT, typename TO>
 __global__ void EmbeddingKernel(const EmbeddingParams p) {
+  GridDependencyWait();
+  GridDependencyTrigger();
   const int64_t r = blockIdx.x;
   const int id = p.ids[r];
   TO* out = static_cast<TO*>(p.out) + r * p.dim;
@@ -100,6 +109,8 @@ __global__ void EmbeddingKernel(const EmbeddingParams p) {
 
 template <typename TX, typename TY>
 __global__ void ResidualAddKernel(const ResidualAddParams p) {
+  GridDependencyWait();
+  GridDependencyTrigger();
   TX* x = static_cast<TX*>(p.x);
   const TY* y = static_cast<const TY*>(p.y);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
@@ -135,9 +146,11 @@ absl::Status LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream) {
   if (p.x == nullptr || p.weight == nullptr || p.y == nullptr) {
     return absl::InvalidArgumentError("LaunchRmsNorm: null pointer");
   }
+  cudaError_t err = cudaSuccess;
   KVQ_RETURN_IF_ERROR(WithType(p.dtype, [&]<typename T>() {
-    RmsNormKernel<T><<<p.rows, kNormThreads, 0, stream>>>(p);
+    err = internal::Launch(RmsNormKernel<T>, p.rows, kNormThreads, 0, stream, p);
   }));
+  KVQ_RETURN_IF_CUDA_ERROR(err);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -155,7 +168,7 @@ absl::Status LaunchRopeQuery(const RopeQueryParams& p, cudaStream_t stream) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchRopeQuery: k_heads ", p.k_heads, " with k set"));
   }
   const int64_t n = static_cast<int64_t>(p.rows) * (p.n_heads + (p.k != nullptr ? p.k_heads : 0)) * (p.head_dim / 2);
-  RopeQueryKernel<<<GridFor(n, 256), 256, 0, stream>>>(p);
+  KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(RopeQueryKernel, GridFor(n, 256), 256, 0, stream, p));
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -170,9 +183,11 @@ absl::Status LaunchSwiGlu(const SwiGluParams& p, cudaStream_t stream) {
     return absl::InvalidArgumentError("LaunchSwiGlu: null pointer");
   }
   const int grid = GridFor(static_cast<int64_t>(p.rows) * p.dim, 256);
+  cudaError_t err = cudaSuccess;
   KVQ_RETURN_IF_ERROR(WithType(p.dtype, [&]<typename T>() {
-    SwiGluKernel<T><<<grid, 256, 0, stream>>>(p);
+    err = internal::Launch(SwiGluKernel<T>, grid, 256, 0, stream, p);
   }));
+  KVQ_RETURN_IF_CUDA_ERROR(err);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -187,12 +202,14 @@ absl::Status LaunchEmbedding(const EmbeddingParams& p, cudaStream_t stream) {
     return absl::InvalidArgumentError("LaunchEmbedding: null pointer");
   }
   absl::Status inner = absl::OkStatus();
+  cudaError_t err = cudaSuccess;
   KVQ_RETURN_IF_ERROR(WithType(p.table_dtype, [&]<typename TT>() {
     inner = WithType(p.out_dtype, [&]<typename TO>() {
-      EmbeddingKernel<TT, TO><<<p.rows, 256, 0, stream>>>(p);
+      err = internal::Launch(EmbeddingKernel<TT, TO>, p.rows, 256, 0, stream, p);
     });
   }));
   KVQ_RETURN_IF_ERROR(inner);
+  KVQ_RETURN_IF_CUDA_ERROR(err);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -205,12 +222,14 @@ absl::Status LaunchResidualAdd(const ResidualAddParams& p, cudaStream_t stream) 
   }
   const int grid = GridFor(p.n, 256);
   absl::Status inner = absl::OkStatus();
+  cudaError_t err = cudaSuccess;
   KVQ_RETURN_IF_ERROR(WithType(p.x_dtype, [&]<typename TX>() {
     inner = WithType(p.y_dtype, [&]<typename TY>() {
-      ResidualAddKernel<TX, TY><<<grid, 256, 0, stream>>>(p);
+      err = internal::Launch(ResidualAddKernel<TX, TY>, grid, 256, 0, stream, p);
     });
   }));
   KVQ_RETURN_IF_ERROR(inner);
+  KVQ_RETURN_IF_CUDA_ERROR(err);
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

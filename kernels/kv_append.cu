@@ -23,6 +23,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
+#include "kernels/launch.cuh"
 
 namespace kvq::kernels {
 namespace {
@@ -94,6 +95,8 @@ __device__ __forceinline__ uint32_t TakeKeyWords(uint32_t* var, uint32_t end_wor
 // block's area); pass 2 writes the entries, one thread per token in channel order, so the list
 // stays sorted by (token, channel).
 __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendParams p) {
+  GridDependencyWait();
+  GridDependencyTrigger();
   const KvBlockGeometry& g = p.kv.geom;
   const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z, tid = threadIdx.x;
   const int D = g.head_dim, H = g.n_kv_heads;
@@ -332,6 +335,8 @@ __device__ __forceinline__ uint32_t OrderedBits(float x) {
 }
 
 __global__ void __launch_bounds__(kValueThreads) ValueAppendKernel(const KvAppendParams p) {
+  GridDependencyWait();
+  GridDependencyTrigger();
   const KvBlockGeometry& g = p.kv.geom;
   const int j = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int H = g.n_kv_heads, D = g.head_dim;
@@ -509,9 +514,10 @@ absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
   }
   // Block segments: the new tokens of one sequence span at most this many blocks.
   const int segments = (p.n_new + kKvBlockTokens - 1) / kKvBlockTokens + 1;
-  KeyAppendKernel<<<dim3(g.n_kv_heads, p.batch, segments), kKeyThreads, 0, stream>>>(p);
+  KVQ_RETURN_IF_CUDA_ERROR(
+      internal::Launch(KeyAppendKernel, dim3(g.n_kv_heads, p.batch, segments), kKeyThreads, 0, stream, p));
   KVQ_RETURN_IF_LAUNCH_ERROR();
-  ValueAppendKernel<<<dim3(p.n_new, p.batch), kValueThreads, 0, stream>>>(p);
+  KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(ValueAppendKernel, dim3(p.n_new, p.batch), kValueThreads, 0, stream, p));
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

@@ -20,6 +20,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
+#include "kernels/launch.cuh"
 #include "kernels/dtype.h"
 
 namespace kvq::kernels {
@@ -59,6 +60,8 @@ __device__ __forceinline__ float SelfDotShare(const MergeAttentionParams& p, int
 }
 
 __global__ void MergeAttentionKernel(const MergeAttentionParams p) {
+  GridDependencyWait();  // first: see kernels/launch.cuh
+  GridDependencyTrigger();
   const int64_t row = blockIdx.x;
   const float* lse_row = p.lse_parts + row * p.lse_row_stride;
   float mx = -CUDART_INF_F;
@@ -121,6 +124,8 @@ __device__ __forceinline__ float BlockReduce(float v, bool is_max, float* red) {
 // row's weights; chunk 0's writes the lse).
 template <int kVec>
 __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups, const int chunk_w) {
+  GridDependencyWait();  // first: see kernels/launch.cuh
+  GridDependencyTrigger();
   extern __shared__ float msm[];
   float* w_s = msm;
   float* red = msm + p.n_parts;
@@ -257,13 +262,13 @@ absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t st
     const size_t smem = (static_cast<size_t>(p.n_parts) + 32 + static_cast<size_t>(groups) * chunk_w) * sizeof(float);
     const dim3 grid(p.rows, chunks);
     if (vec4) {
-      MergePartsKernel<4><<<grid, threads, smem, stream>>>(p, groups, chunk_w);
+      KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(MergePartsKernel<4>, grid, threads, smem, stream, p, groups, chunk_w));
     } else {
-      MergePartsKernel<1><<<grid, threads, smem, stream>>>(p, groups, chunk_w);
+      KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(MergePartsKernel<1>, grid, threads, smem, stream, p, groups, chunk_w));
     }
   } else {
     const int threads = p.head_dim >= 128 ? 128 : 64;
-    MergeAttentionKernel<<<p.rows, threads, 0, stream>>>(p);
+    KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(MergeAttentionKernel, p.rows, threads, 0, stream, p));
   }
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();

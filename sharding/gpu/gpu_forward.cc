@@ -18,6 +18,7 @@
 #include "kernels/engine_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/kv_append.h"
+#include "kernels/launch.h"
 #include "kernels/merge_attention.h"
 #include "kernels/prefill_attention.h"
 #include "kernels/reference/rope.h"
@@ -89,6 +90,14 @@ void GpuForward::set_decode_gemv(bool on) {
 }
 
 bool GpuForward::decode_gemv() const { return impl_->decode_gemv; }
+
+void GpuForward::set_programmatic_launch(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (kernels::ProgrammaticLaunch() != on) impl_->graphs.Drop();  // captured with the other edges
+  kernels::SetProgrammaticLaunch(on);
+}
+
+bool GpuForward::programmatic_launch() const { return kernels::ProgrammaticLaunch(); }
 
 void GpuForward::ReleaseIdleResources() const {
   std::lock_guard<std::mutex> lock(impl_->mu);

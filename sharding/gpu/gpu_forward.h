@@ -73,6 +73,12 @@ class GpuForward : public model::ForwardPass {
   // KVQ_DECODE_GEMV=1 sets it on at creation; toggling drops the captured graphs.
   void set_decode_gemv(bool on);
   bool decode_gemv() const;
+  // Programmatic dependent launch for kvq's own kernels (kernels/launch.cuh): each may start
+  // while the kernel before it finishes. A process-wide setting (kernels::SetProgrammaticLaunch,
+  // off by default, measured slower; KVQ_PDL=1 on at start-up); toggling it here also drops this
+  // pass's captured graphs.
+  void set_programmatic_launch(bool on);
+  bool programmatic_launch() const;
   kernels::DType dtype() const { return dtype_; }
 
  private:

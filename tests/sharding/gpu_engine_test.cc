@@ -297,6 +297,32 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
         EXPECT_EQ(tp, tg) << fmt;
         std::printf("[gpu-fwd] %-8s prompt %zu: CUDA graphs on/off give the same tokens: %s (%lld graph steps so far)\n",
                     fmt.c_str(), p, tp == tg ? "yes" : "NO", static_cast<long long>(launches));
+        // Programmatic dependent launch (kernels/launch.cuh, on by default) moves when kernels
+        // start, not what they compute: toggled, the same tokens and the same logits of the
+        // last decode step to the bit, with graphs and kernel by kernel. A kernel that touched
+        // memory before its grid-dependency wait would read the previous kernel's output early
+        // and show up here.
+        {
+          const bool was = (*g32)->programmatic_launch();
+          std::vector<float> l_on, l_off, lp_on, lp_off;
+          const auto t_on = Greedy(**g32, *gpu->factory, prompts[p], 64, 20, nullptr, false, &l_on);
+          (*g32)->set_cuda_graphs(false);
+          const auto tp_on = Greedy(**g32, *gpu->factory, prompts[p], 64, 20, nullptr, false, &lp_on);
+          (*g32)->set_programmatic_launch(!was);
+          const auto tp_off = Greedy(**g32, *gpu->factory, prompts[p], 64, 20, nullptr, false, &lp_off);
+          (*g32)->set_cuda_graphs(true);
+          const auto t_off = Greedy(**g32, *gpu->factory, prompts[p], 64, 20, nullptr, false, &l_off);
+          (*g32)->set_programmatic_launch(was);
+          const bool same = t_on == t_off && tp_on == tp_off && l_on == l_off && lp_on == lp_off;
+          EXPECT_EQ(t_off, t_on) << fmt << " programmatic launch toggled";
+          EXPECT_TRUE(l_off == l_on) << fmt << " last-step logits differ with programmatic launch toggled";
+          EXPECT_EQ(tp_off, tp_on) << fmt << " programmatic launch toggled, no graphs";
+          EXPECT_TRUE(lp_off == lp_on) << fmt << " last-step logits differ with programmatic launch toggled, no graphs";
+          EXPECT_EQ(t_on, tg) << fmt;
+          std::printf("[gpu-fwd] %-8s prompt %zu: programmatic launch %s vs %s (graphs and kernel by kernel): same "
+                      "tokens and last-step logits to the bit: %s\n",
+                      fmt.c_str(), p, was ? "on" : "off", was ? "off" : "on", same ? "yes" : "NO");
+        }
         // Each decode row's own new token folded into the decode kernel's merge (no chunk kernel,
         // no 3-part merge): the same greedy tokens as the CPU with fp16 KV. Quantized KV: the
         // merge order moves o by fp32 rounding, which can flip a later key's code; reported.
