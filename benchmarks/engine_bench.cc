@@ -74,7 +74,8 @@ ABSL_FLAG(std::string, ab, "",
           "decode: also time each row with the other setting of each listed GpuForward switch, same caches, "
           "same process: fold (set_fold_decode_self: the step's own token folded into the decode merge), gemv "
           "(set_decode_gemv: decode GEMV kernels with the RMSNorm / SwiGLU input stages), pdl "
-          "(set_programmatic_launch: programmatic dependent launch of kvq's kernels)");
+          "(set_programmatic_launch: programmatic dependent launch of kvq's kernels), append (set_parallel_append: the "
+          "key and value appends on side streams beside the RoPE)");
 ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
@@ -316,7 +317,8 @@ int Main() {
       if (a == "fold") ab.push_back({"fold", &sharding::GpuForward::fold_decode_self, &sharding::GpuForward::set_fold_decode_self});
       else if (a == "gemv") ab.push_back({"gemv", &sharding::GpuForward::decode_gemv, &sharding::GpuForward::set_decode_gemv});
       else if (a == "pdl") ab.push_back({"pdl", &sharding::GpuForward::programmatic_launch, &sharding::GpuForward::set_programmatic_launch});
-      else CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (fold, gemv, pdl)")));
+      else if (a == "append") ab.push_back({"append", &sharding::GpuForward::parallel_append, &sharding::GpuForward::set_parallel_append});
+      else CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (fold, gemv, pdl, append)")));
     }
     std::string ab_head, ab_rule, ab_empty;
     for (const Switch& w : ab) {

@@ -473,7 +473,9 @@ __global__ void __launch_bounds__(kValueThreads) ValueAppendKernel(const KvAppen
 
 }  // namespace
 
-absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
+absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) { return LaunchKvAppend(p, stream, stream); }
+
+absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t key_stream, cudaStream_t value_stream) {
   const KvBlockGeometry& g = p.kv.geom;
   auto bad = [](auto&&... args) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchKvAppend: ", args...));
@@ -515,9 +517,10 @@ absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
   // Block segments: the new tokens of one sequence span at most this many blocks.
   const int segments = (p.n_new + kKvBlockTokens - 1) / kKvBlockTokens + 1;
   KVQ_RETURN_IF_CUDA_ERROR(
-      internal::Launch(KeyAppendKernel, dim3(g.n_kv_heads, p.batch, segments), kKeyThreads, 0, stream, p));
+      internal::Launch(KeyAppendKernel, dim3(g.n_kv_heads, p.batch, segments), kKeyThreads, 0, key_stream, p));
   KVQ_RETURN_IF_LAUNCH_ERROR();
-  KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(ValueAppendKernel, dim3(p.n_new, p.batch), kValueThreads, 0, stream, p));
+  KVQ_RETURN_IF_CUDA_ERROR(
+      internal::Launch(ValueAppendKernel, dim3(p.n_new, p.batch), kValueThreads, 0, value_stream, p));
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

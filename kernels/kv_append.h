@@ -34,6 +34,10 @@ struct KvAppendParams {
 };
 
 absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream);
+// The same with the key append on one stream and the value append on another (they touch
+// disjoint parts of the blocks and only read p.k / p.v): the caller orders both after the
+// producer of k and v, and whatever reads the cache after both.
+absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t key_stream, cudaStream_t value_stream);
 
 // Compaction of growable key-outlier lists (paged_kv.h): for each block, its lists are rewritten
 // contiguously in list order, each with room for what the rest of the block may add (a full block

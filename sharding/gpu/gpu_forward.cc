@@ -99,6 +99,14 @@ void GpuForward::set_programmatic_launch(bool on) {
 
 bool GpuForward::programmatic_launch() const { return kernels::ProgrammaticLaunch(); }
 
+void GpuForward::set_parallel_append(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->parallel_append != on) impl_->graphs.Drop();  // the captured steps have the other shape
+  impl_->parallel_append = on;
+}
+
+bool GpuForward::parallel_append() const { return impl_->parallel_append; }
+
 void GpuForward::ReleaseIdleResources() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->graphs.Drop();
@@ -540,6 +548,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     absl::Status st_ = (expr);           \
     if (!st_.ok()) return st_;           \
   } while (0)
+#define KVQ_STEP_CUDA(expr) KVQ_RETURN_IF_CUDA_ERROR(expr)
   if (!fold) {  // partial slots a step may leave empty (no prefix, no chunk) read as -inf
     KVQ_STEP(kernels::LaunchFillF32(3 * Ts * nh, -INFINITY, parts_lse, s));
     KVQ_STEP(kernels::LaunchFillF32(3 * Ts * qd, 0.0f, parts_o, s));
@@ -629,6 +638,13 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       rq.k_heads = nkv;
       rq.k_out = krot;
     }
+    // Folded decode steps may append beside the RoPE (set_parallel_append): fork here, join
+    // before the attention.
+    const bool side_append = fold && m.parallel_append;
+    if (side_append) {
+      KVQ_STEP_CUDA(cudaEventRecord(m.fork_ev, s));
+      for (cudaStream_t t : m.side) KVQ_STEP_CUDA(cudaStreamWaitEvent(t, m.fork_ev, 0));
+    }
     if (!gemv_rope) KVQ_STEP(kernels::LaunchRopeQuery(rq, s));
     auto append_all = [&]() -> absl::Status {
       for (const Launch& a : app) {
@@ -642,11 +658,19 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
         ap.k = k + static_cast<int64_t>(a.row0) * kvd;
         ap.v = v + static_cast<int64_t>(a.row0) * kvd;
         ap.overflow = pool->overflow_flag();
-        KVQ_RETURN_IF_ERROR(kernels::LaunchKvAppend(ap, s));
+        KVQ_RETURN_IF_ERROR(side_append ? kernels::LaunchKvAppend(ap, m.side[0], m.side[1])
+                                        : kernels::LaunchKvAppend(ap, s));
       }
       return absl::OkStatus();
     };
     if (eval) KVQ_STEP(append_all());
+    if (side_append) {
+      KVQ_STEP(append_all());
+      for (int i = 0; i < 2; ++i) {
+        KVQ_STEP_CUDA(cudaEventRecord(m.join_ev[i], m.side[i]));
+        KVQ_STEP_CUDA(cudaStreamWaitEvent(s, m.join_ev[i], 0));
+      }
+    }
     for (const Launch& a : attn) {
       if (a.max_len == 0 && !fold) continue;  // folded: the launch also merges the row's own token
       if (a.fa) {
@@ -695,7 +719,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
       }
     }
     if (fold) {
-      KVQ_STEP(append_all());
+      if (!side_append) KVQ_STEP(append_all());
     } else if (!eval) {
       kernels::ChunkAttentionParams cp;
       cp.rows = chunk_fa ? first_prefill_row : T;
@@ -779,6 +803,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     if (!st.ok()) return fail(st);
   }
 #undef KVQ_STEP
+#undef KVQ_STEP_CUDA
 #define KVQ_STEP(expr)                   \
   do {                                   \
     absl::Status st_ = (expr);           \

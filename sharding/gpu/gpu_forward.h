@@ -79,6 +79,13 @@ class GpuForward : public model::ForwardPass {
   // pass's captured graphs.
   void set_programmatic_launch(bool on);
   bool programmatic_launch() const;
+  // Folded decode steps (set_fold_decode_self) run each layer's key and value appends on two side
+  // streams beside the query/key RoPE (captured as parallel branches of the step's graph): they
+  // only read the step's k and v, and the attention, which joins them, reads the committed
+  // tokens alone. On by default; KVQ_DECODE_PARALLEL_APPEND=0 sets it off at creation (the
+  // appends then follow the attention on the step's stream); toggling drops the captured graphs.
+  void set_parallel_append(bool on);
+  bool parallel_append() const;
   kernels::DType dtype() const { return dtype_; }
 
  private:

@@ -142,6 +142,9 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Empty(const model::Model
   f->impl_ = std::make_unique<Impl>();
   if (const char* e = std::getenv("KVQ_DECODE_FOLD_SELF"); e != nullptr) f->impl_->fold_decode_self = std::string(e) == "1";
   if (const char* e = std::getenv("KVQ_DECODE_GEMV"); e != nullptr) f->impl_->decode_gemv = std::string(e) == "1";
+  if (const char* e = std::getenv("KVQ_DECODE_PARALLEL_APPEND"); e != nullptr) {
+    f->impl_->parallel_append = std::string(e) == "1";
+  }
   KVQ_RETURN_IF_ERROR(f->impl_->Init(stream));
   return f;
 }

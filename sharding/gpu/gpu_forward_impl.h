@@ -110,10 +110,21 @@ struct GpuForward::Impl {
   bool use_prefill_kernel = true;
   bool fold_decode_self = true;   // GpuForward::set_fold_decode_self
   bool decode_gemv = false;       // GpuForward::set_decode_gemv
+  bool parallel_append = true;    // GpuForward::set_parallel_append
+  // Side streams of folded decode steps: the key and the value appends run there, beside the
+  // query/key RoPE on `stream` (fork after the q/k/v projection, join before the attention).
+  cudaStream_t side[2] = {nullptr, nullptr};
+  cudaEvent_t fork_ev = nullptr, join_ev[2] = {nullptr, nullptr};
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
     graphs.Drop();
+    for (cudaStream_t t : side) {
+      if (t != nullptr) cudaStreamDestroy(t);
+    }
+    for (cudaEvent_t e : {fork_ev, join_ev[0], join_ev[1]}) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
     for (void* p : allocations) cudaFree(p);
     if (cublas != nullptr) kernels::cublas::Destroy(cublas);
   }
@@ -235,6 +246,10 @@ struct GpuForward::Impl {
     int dev = 0;
     KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
     KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev));
+    for (cudaStream_t& t : side) KVQ_RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&t, cudaStreamNonBlocking));
+    for (cudaEvent_t* e : {&fork_ev, &join_ev[0], &join_ev[1]}) {
+      KVQ_RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    }
     return absl::OkStatus();
   }
 

@@ -323,6 +323,26 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
                       "tokens and last-step logits to the bit: %s\n",
                       fmt.c_str(), p, was ? "on" : "off", was ? "off" : "on", same ? "yes" : "NO");
         }
+        // Folded steps append keys and values on side streams beside the RoPE (on by default):
+        // the attention reads the committed tokens only, so off (appends after the attention,
+        // one stream) gives the same tokens and last-step logits to the bit, with graphs and
+        // kernel by kernel.
+        for (const bool graphs : {true, false}) {
+          (*g32)->set_cuda_graphs(graphs);
+          const bool was = (*g32)->parallel_append();
+          std::vector<float> l_a, l_b;
+          const auto t_a = Greedy(**g32, *gpu->factory, prompts[p], 64, 20, nullptr, false, &l_a);
+          (*g32)->set_parallel_append(!was);
+          const auto t_b = Greedy(**g32, *gpu->factory, prompts[p], 64, 20, nullptr, false, &l_b);
+          (*g32)->set_parallel_append(was);
+          EXPECT_EQ(t_b, t_a) << fmt << " parallel append toggled, graphs " << graphs;
+          EXPECT_TRUE(l_b == l_a) << fmt << " last-step logits differ with parallel append toggled, graphs " << graphs;
+          std::printf("[gpu-fwd] %-8s prompt %zu: appends beside the RoPE %s vs %s (%s): same tokens and last-step "
+                      "logits to the bit: %s\n",
+                      fmt.c_str(), p, was ? "on" : "off", was ? "off" : "on", graphs ? "graphs" : "kernel by kernel",
+                      t_a == t_b && l_a == l_b ? "yes" : "NO");
+        }
+        (*g32)->set_cuda_graphs(true);
         // Each decode row's own new token folded into the decode kernel's merge (no chunk kernel,
         // no 3-part merge): the same greedy tokens as the CPU with fp16 KV. Quantized KV: the
         // merge order moves o by fp32 rounding, which can flip a later key's code; reported.
