@@ -14,28 +14,54 @@ using internal::FromFloat;
 
 constexpr int kThreads = 256;
 
+// Rows of up to kNormCached * kThreads elements keep x and the weight in registers from the one
+// pass that loads both (a second pass re-read them after the reduction: two dependent DRAM round
+// trips in a 4.3 us kernel, twice per layer of a decode step; H200, 2026-12-01). The sum of
+// squares is formed in the same order either way (thread-strided partial sums, warp shuffles,
+// warp sums in warp order), which the decode GEMV's RMSNorm input stage repeats bit for bit.
+constexpr int kNormCached = 16;
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     RmsNormF32Kernel(int dim, float eps, const float* __restrict__ x, const float* __restrict__ w,
                      T* __restrict__ y) {
   const int64_t r = blockIdx.x;
   const float* xr = x + r * dim;
+  T* yr = y + r * dim;
+  const bool cached = dim <= kNormCached * kThreads;
+  float xc[kNormCached], wc[kNormCached];
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += kThreads) ss = fmaf(xr[i], xr[i], ss);
+  if (cached) {
+#pragma unroll
+    for (int e = 0; e < kNormCached; ++e) {
+      const int i = threadIdx.x + e * kThreads;
+      xc[e] = i < dim ? xr[i] : 0.0f;
+      wc[e] = i < dim ? w[i] : 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < kNormCached; ++e) {
+      if (threadIdx.x + e * kThreads < dim) ss = fmaf(xc[e], xc[e], ss);
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += kThreads) ss = fmaf(xr[i], xr[i], ss);
+  }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
   __shared__ float warp_sums[kThreads / 32];
-  __shared__ float inv_rms;
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = ss;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    float t = 0.0f;
-    for (int i = 0; i < kThreads / 32; ++i) t += warp_sums[i];
-    inv_rms = 1.0f / sqrtf(t / static_cast<float>(dim) + eps);
+  float t = 0.0f;
+  for (int i = 0; i < kThreads / 32; ++i) t += warp_sums[i];
+  const float inv_rms = 1.0f / sqrtf(t / static_cast<float>(dim) + eps);
+  if (cached) {
+#pragma unroll
+    for (int e = 0; e < kNormCached; ++e) {
+      const int i = threadIdx.x + e * kThreads;
+      if (i < dim) yr[i] = FromFloat<T>(xc[e] * inv_rms * wc[e]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += kThreads) yr[i] = FromFloat<T>(xr[i] * inv_rms * w[i]);
   }
-  __syncthreads();
-  T* yr = y + r * dim;
-  for (int i = threadIdx.x; i < dim; i += kThreads) yr[i] = FromFloat<T>(xr[i] * inv_rms * w[i]);
 }
 
 __global__ void AddBiasKernel(int rows, int dim, int64_t stride, float* x, const float* bias) {

@@ -121,7 +121,10 @@ __device__ __forceinline__ float BlockReduce(float v, bool is_max, float* red) {
 
 // Dynamic shared memory: w[n_parts], red[32], sums[groups][chunk_w]. The CTA (row, blockIdx.y)
 // writes channels [blockIdx.y * chunk_w, + chunk_w) of the row (every chunk's CTA computes the
-// row's weights; chunk 0's writes the lse).
+// row's weights; chunk 0's writes the lse). Every load the weights do not decide is issued
+// before the first reduction: the first round of partials, the lse, the own key's q and k, and
+// the own value (a decode step's merge of 9-32 rows x ~20 partials was four dependent DRAM round
+// trips, 8 us on the H200, the largest glue kernel of a short-context step; 2026-12-01).
 template <int kVec>
 __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups, const int chunk_w) {
   GridDependencyWait();  // first: see kernels/launch.cuh
@@ -135,17 +138,43 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups,
   const bool writes_lse = blockIdx.y == 0;
   const int tid = threadIdx.x, nt = blockDim.x;
   const float* lse_row = p.lse_parts + row * p.lse_row_stride;
-  // The row's own-key partial (uniform over the CTA): its score q . k, reduced over the CTA.
-  float self_lse = -CUDART_INF_F;
+  const int ct = chunk_w / kVec;  // channel threads per group
+  const int grp = tid / ct, c = (tid % ct) * kVec;  // c: in the chunk
+  const float* o_row = p.o_parts + row * p.o_row_stride + d0 + c;
+  // kMergeBatch partials per round, all loads issued before any is used (a loop that waited for
+  // each load in turn spent ~0.6 us of DRAM latency per partial). Partials of weight 0 (empty
+  // splits) are loaded but not added: their o may be anything.
+  float x[kMergeBatch][kVec];
+  auto load_round = [&](int r0) {
+#pragma unroll
+    for (int k = 0; k < kMergeBatch; ++k) {
+      const int r = r0 + k * groups;
+      const float* src = o_row + static_cast<int64_t>(r < p.n_parts ? r : r0) * p.o_part_stride;
+      if constexpr (kVec == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        x[k][0] = v.x;
+        x[k][1] = v.y;
+        x[k][2] = v.z;
+        x[k][3] = v.w;
+      } else {
+        x[k][0] = src[0];
+      }
+    }
+  };
+  if (grp < groups) load_round(grp);
+  // The row's own-key partial (uniform over the CTA): its score q . k, reduced over the CTA, and
+  // this thread's first output channel of its value.
   const float* self_v = nullptr;
-  if (p.self.q != nullptr) self_lse = BlockReduce(SelfDotShare(p, row, tid, nt, &self_v), false, red) * p.self.scale;
-  float mx = self_lse;
+  const float self_share = p.self.q != nullptr ? SelfDotShare(p, row, tid, nt, &self_v) : 0.0f;
+  const float sv0 = self_v != nullptr && tid < chunk_w ? self_v[d0 + tid] : 0.0f;
+  float mx = -CUDART_INF_F;
   for (int r = tid; r < p.n_parts; r += nt) {
     const float l = lse_row[r * p.lse_part_stride];
     w_s[r] = l;
     mx = fmaxf(mx, l);
   }
-  mx = BlockReduce(mx, true, red);  // every lse has been read after this
+  const float self_lse = self_v != nullptr ? BlockReduce(self_share, false, red) * p.self.scale : -CUDART_INF_F;
+  mx = BlockReduce(fmaxf(mx, self_lse), true, red);  // every lse has been read after this
   if (mx == -CUDART_INF_F) {        // uniform over the CTA
     for (int d = tid; d < chunk_w; d += nt) StoreO(p, row * p.head_dim + d0 + d, 0.0f);
     if (tid == 0 && writes_lse) p.lse[row] = -CUDART_INF_F;
@@ -161,32 +190,12 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups,
   const float w_self = self_v != nullptr ? expf(self_lse - mx) : 0.0f;
   sum += w_self;
   const float inv = 1.0f / sum;
-  const int ct = chunk_w / kVec;  // channel threads per group
-  const int grp = tid / ct, c = (tid % ct) * kVec;  // c: in the chunk
   if (grp < groups) {
     float acc[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
-    const float* o_row = p.o_parts + row * p.o_row_stride + d0 + c;
-    // kMergeBatch partials per round, all loads issued before any is used (a loop that waited for each
-    // load in turn spent ~0.6 us of DRAM latency per partial). Partials of weight 0 (empty
-    // splits) are loaded but not added: their o may be anything.
     for (int r0 = grp; r0 < p.n_parts; r0 += groups * kMergeBatch) {
-      float x[kMergeBatch][kVec];
-#pragma unroll
-      for (int k = 0; k < kMergeBatch; ++k) {
-        const int r = r0 + k * groups;
-        const float* src = o_row + static_cast<int64_t>(r < p.n_parts ? r : r0) * p.o_part_stride;
-        if constexpr (kVec == 4) {
-          const float4 v = *reinterpret_cast<const float4*>(src);
-          x[k][0] = v.x;
-          x[k][1] = v.y;
-          x[k][2] = v.z;
-          x[k][3] = v.w;
-        } else {
-          x[k][0] = src[0];
-        }
-      }
+      if (r0 != grp) load_round(r0);
 #pragma unroll
       for (int k = 0; k < kMergeBatch; ++k) {
         const int r = r0 + k * groups;
@@ -204,7 +213,7 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups,
   for (int d = tid; d < chunk_w; d += nt) {
     float v = sums[d];
     for (int g = 1; g < groups; ++g) v += sums[g * chunk_w + d];
-    if (self_v != nullptr) v = fmaf(w_self * inv, self_v[d0 + d], v);
+    if (self_v != nullptr) v = fmaf(w_self * inv, d == tid ? sv0 : self_v[d0 + d], v);
     StoreO(p, row * p.head_dim + d0 + d, v);
   }
   if (tid == 0 && writes_lse) p.lse[row] = mx + logf(sum);
