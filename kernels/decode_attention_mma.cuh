@@ -118,9 +118,24 @@ struct RopeGroupAnchors {
   // of dependent FP64 operations on every CTA's path before its first tile).
   __device__ void Init(const double* inv_freq, const void* steps, int tid, int nthreads) {
     if (steps != nullptr) {
+      // Four loads of a thread in flight before its stores (one load-store pair per round trip
+      // put several DRAM latencies before every CTA's first tile).
       const uint4* src = static_cast<const uint4*>(steps);
       uint4* dst = reinterpret_cast<uint4*>(s8);
-      for (int i = tid; i < kStepEntries / 2; i += nthreads) dst[i] = __ldg(src + i);
+      constexpr int kN = kStepEntries / 2, kPer = 4;
+      for (int i0 = tid; i0 < kN; i0 += kPer * nthreads) {
+        uint4 v[kPer];
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const int i = i0 + k * nthreads;
+          if (i < kN) v[k] = __ldg(src + i);
+        }
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const int i = i0 + k * nthreads;
+          if (i < kN) dst[i] = v[k];
+        }
+      }
       return;
     }
 #pragma unroll 1
