@@ -75,7 +75,8 @@ ABSL_FLAG(std::string, ab, "",
           "same process: fold (set_fold_decode_self: the step's own token folded into the decode merge), gemv "
           "(set_decode_gemv: decode GEMV kernels with the RMSNorm / SwiGLU input stages), pdl "
           "(set_programmatic_launch: programmatic dependent launch of kvq's kernels), append (set_parallel_append: the "
-          "key and value appends on side streams beside the RoPE)");
+          "key and value appends on side streams beside the RoPE), stacked (set_stacked_qkv: one q/k/v GEMM for batched "
+          "decode steps)");
 ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
@@ -318,7 +319,8 @@ int Main() {
       else if (a == "gemv") ab.push_back({"gemv", &sharding::GpuForward::decode_gemv, &sharding::GpuForward::set_decode_gemv});
       else if (a == "pdl") ab.push_back({"pdl", &sharding::GpuForward::programmatic_launch, &sharding::GpuForward::set_programmatic_launch});
       else if (a == "append") ab.push_back({"append", &sharding::GpuForward::parallel_append, &sharding::GpuForward::set_parallel_append});
-      else CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (fold, gemv, pdl, append)")));
+      else if (a == "stacked") ab.push_back({"stacked", &sharding::GpuForward::stacked_qkv, &sharding::GpuForward::set_stacked_qkv});
+      else CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (fold, gemv, pdl, append, stacked)")));
     }
     std::string ab_head, ab_rule, ab_empty;
     for (const Switch& w : ab) {

@@ -7,6 +7,8 @@
 // Variants: the dtype of activations (f32, f16, bf16) through explicit switches.
 #include "kernels/dense_ops.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/cuda_check.h"
@@ -69,7 +71,8 @@ __global__ void RopeQueryKernel(const RopeQueryParams p) {
     const int64_t row = rh / heads;
     const float* src = is_q ? p.q : p.k;
     float* dst = is_q ? (p.out != nullptr ? p.out : p.q) : (p.k_out != nullptr ? p.k_out : const_cast<float*>(p.k));
-    const float* v = src + rh * p.head_dim;
+    const float* v = src + (p.in_row_stride > 0 ? row * p.in_row_stride + (rh - row * heads) * p.head_dim
+                                                : rh * p.head_dim);
     float* w = dst + rh * p.head_dim;
     float lo, hi;
     RopeRotatePair(v[i], v[i + half], p.positions[row], p.inv_freq[i], &lo, &hi);
@@ -166,6 +169,14 @@ absl::Status LaunchRopeQuery(const RopeQueryParams& p, cudaStream_t stream) {
   }
   if (p.k != nullptr && p.k_heads <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchRopeQuery: k_heads ", p.k_heads, " with k set"));
+  }
+  if (p.in_row_stride != 0) {
+    const int64_t widest = static_cast<int64_t>(std::max(p.n_heads, p.k != nullptr ? p.k_heads : 0)) * p.head_dim;
+    if (p.in_row_stride < widest || p.out == nullptr || (p.k != nullptr && p.k_out == nullptr)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "LaunchRopeQuery: in_row_stride ", p.in_row_stride, " needs to be >= ", widest,
+          " and the rotated rows to go to out (and k_out)"));
+    }
   }
   const int64_t n = static_cast<int64_t>(p.rows) * (p.n_heads + (p.k != nullptr ? p.k_heads : 0)) * (p.head_dim / 2);
   KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(RopeQueryKernel, GridFor(n, 256), 256, 0, stream, p));

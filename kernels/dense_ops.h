@@ -41,6 +41,10 @@ struct RopeQueryParams {
   const float* k = nullptr;
   int k_heads = 0;
   float* k_out = nullptr;
+  // Floats from one row of q (and of k) to the next in the input; 0: n_heads (k_heads) *
+  // head_dim. A stride reads q and k where a stacked q/k/v projection wrote them; the rotated
+  // rows are then written packed to out (and k_out), which must be set.
+  int64_t in_row_stride = 0;
 };
 absl::Status LaunchRopeQuery(const RopeQueryParams& p, cudaStream_t stream);
 

@@ -28,6 +28,11 @@
 namespace kvq::kernels {
 namespace {
 
+// Floats between consecutive tokens' rows of p.k / p.v (KvAppendParams::kv_row_stride).
+__device__ __forceinline__ int64_t RowStride(const KvAppendParams& p) {
+  return p.kv_row_stride > 0 ? p.kv_row_stride : static_cast<int64_t>(p.kv.geom.n_kv_heads) * p.kv.geom.head_dim;
+}
+
 constexpr int kValueThreads = 256;
 constexpr int kKeyThreads = 256;  // >= kKvBlockTokens: a block segment's tokens fit one scan
 constexpr int kKeyTile = 16;      // tokens staged in shared memory at a time
@@ -118,7 +123,7 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
   if (seg == 0) {  // sink tokens (fp16, pre-RoPE)
     const int64_t L = static_cast<int64_t>(H) * D;
     for (int j = 0; j < j_sink; ++j) {
-      const float* x = p.k + ((static_cast<int64_t>(b) * p.n_new + j) * H + h) * D;
+      const float* x = p.k + (static_cast<int64_t>(b) * p.n_new + j) * RowStride(p) + static_cast<int64_t>(h) * D;
       for (int c = tid; c < D; c += blockDim.x) {
         p.sink[b][(static_cast<int64_t>(p.layer) * n_sink_cap + base + j) * L + h * D + c] = HalfBitsOf(x[c]);
       }
@@ -148,8 +153,8 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
   }
   cnt_s[tid] = 0;
   __syncthreads();
-  const float* kseg = p.k + ((static_cast<int64_t>(b) * p.n_new + j_lo) * H + h) * D;
-  const int64_t krow = static_cast<int64_t>(H) * D;  // floats between consecutive tokens
+  const float* kseg = p.k + (static_cast<int64_t>(b) * p.n_new + j_lo) * RowStride(p) + static_cast<int64_t>(h) * D;
+  const int64_t krow = RowStride(p);  // floats between consecutive tokens
   // Stages tile [tt0, tt0 + nt) of the segment and marks codes / outliers; returns nt.
   auto stage = [&](int tt0) {
     const int nt = min(kKeyTile, n_tok - tt0);
@@ -351,7 +356,7 @@ __global__ void __launch_bounds__(kValueThreads) ValueAppendKernel(const KvAppen
   __shared__ int cnt_s[kValueThreads];
   const int n_sink_cap = SinkCapacity(p.kv, b);
   const int64_t i = p.kv.seq_lens[b] + j;
-  const float* v = p.v + (static_cast<int64_t>(b) * p.n_new + j) * L;
+  const float* v = p.v + (static_cast<int64_t>(b) * p.n_new + j) * RowStride(p);
   if (i < n_sink_cap) {
     const int64_t off = static_cast<int64_t>(g.n_layers) * n_sink_cap * L +
                         (static_cast<int64_t>(p.layer) * n_sink_cap + i) * L;
@@ -507,6 +512,10 @@ absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t key_stream, cu
     return bad("LUT codec needs LUTs and per-channel key scaling");
   }
   if (p.kv.sink_tokens > 0 && p.sink == nullptr) return bad("sink buffers missing");
+  if (p.kv_row_stride != 0 && p.kv_row_stride < static_cast<int64_t>(g.n_kv_heads) * g.head_dim) {
+    return bad("kv_row_stride ", p.kv_row_stride, " is below n_kv_heads * head_dim = ",
+               static_cast<int64_t>(g.n_kv_heads) * g.head_dim, " (0 for packed rows)");
+  }
   if (p.pool == nullptr || p.k == nullptr || p.v == nullptr || p.kv.block_table == nullptr ||
       p.kv.seq_lens == nullptr || p.kv.first_positions == nullptr) {
     return bad("null pool/k/v/block_table/seq_lens/first_positions");

@@ -27,6 +27,9 @@ struct KvAppendParams {
   int n_new = 0;
   const float* k = nullptr;  // [batch][n_new][n_kv_heads][head_dim], pre-RoPE
   const float* v = nullptr;  // [batch][n_new][n_kv_heads][head_dim]
+  // Floats from one token's row of k (and of v) to the next; 0: n_kv_heads * head_dim (rows
+  // packed). A stride lets k and v be read where a stacked q/k/v projection wrote them.
+  int64_t kv_row_stride = 0;
   // Set to 1 when a (block, layer, head) list cannot grow (fixed reservations: beyond
   // key_outlier_capacity; growable lists: the block's area is used up). That step's new entries
   // of the list are dropped (the dense codes still hold the clamped values). May be null.

@@ -107,6 +107,14 @@ void GpuForward::set_parallel_append(bool on) {
 
 bool GpuForward::parallel_append() const { return impl_->parallel_append; }
 
+void GpuForward::set_stacked_qkv(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->stacked_qkv != on) impl_->graphs.Drop();  // the captured steps have the other shape
+  impl_->stacked_qkv = on;
+}
+
+bool GpuForward::stacked_qkv() const { return impl_->stacked_qkv; }
+
 void GpuForward::ReleaseIdleResources() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->graphs.Drop();
@@ -201,6 +209,11 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     }
     return reinterpret_cast<uintptr_t>(m.lm_head) % 16 == 0;
   }();
+  // A folded step of several rows computes q, k and v with one GEMM over the stacked weights
+  // (DevLayer) into rows [q | k | v] of m.qkv: the RoPE reads q and k from there with a row
+  // stride and writes them packed, the appends and the own-token value read k and v in place
+  // (one cuBLAS call instead of three; a single row needs no stride: its output row is q, k, v).
+  const bool stacked_qkv = m.stacked_qkv && fold && !gemv && T > 1;
   // ---- Room for every new token before anything is written.
   for (It& e : its) {
     if (e.host == nullptr) KVQ_RETURN_IF_ERROR(e.w->Reserve(e.n));
@@ -399,6 +412,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(m.h.Ensure(Ts * hidden * act, s));
   KVQ_RETURN_IF_ERROR(m.q.Ensure(Ts * (qd + 2 * kvd) * 4, s));
   KVQ_RETURN_IF_ERROR(m.krot.Ensure(Ts * kvd * 4, s));
+  if (stacked_qkv) KVQ_RETURN_IF_ERROR(m.qkv.Ensure(Ts * (qd + 2 * kvd) * 4, s));
   KVQ_RETURN_IF_ERROR(m.o.Ensure(Ts * qd * 4, s));
   KVQ_RETURN_IF_ERROR(m.o_act.Ensure(Ts * qd * act, s));
   KVQ_RETURN_IF_ERROR(m.gu.Ensure(Ts * 2 * inter * act, s));
@@ -615,26 +629,38 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
         // One token: [q | k | v] is one output row of the stacked weights (DevLayer), so one GEMM
         // (three cuBLAS calls of ~4.5 us each at M = 1 on an H200 were 14% of a SmolLM2 step).
         KVQ_STEP(gemm(1, qd + 2 * kvd, hidden, m.h.p, L.wq, q, DType::kF32, 0.0f));
+      } else if (stacked_qkv) {
+        KVQ_STEP(gemm(T, qd + 2 * kvd, hidden, m.h.p, L.wq, m.qkv.as<float>(), DType::kF32, 0.0f));
       } else {
         KVQ_STEP(gemm(T, qd, hidden, m.h.p, L.wq, q, DType::kF32, 0.0f));
         KVQ_STEP(gemm(T, kvd, hidden, m.h.p, L.wk, k, DType::kF32, 0.0f));
         KVQ_STEP(gemm(T, kvd, hidden, m.h.p, L.wv, v, DType::kF32, 0.0f));
       }
     }
+    // Where the projection left q, k and v, and the distance between rows.
+    const int64_t qkv_stride = stacked_qkv ? qd + 2 * kvd : 0;
+    float* const q_in = stacked_qkv ? m.qkv.as<float>() : q;
+    float* const k_in = stacked_qkv ? q_in + qd : k;
+    float* const v_in = stacked_qkv ? q_in + qd + kvd : v;
+    const int64_t q_stride = stacked_qkv ? qkv_stride : qd, kv_stride = stacked_qkv ? qkv_stride : kvd;
     if (L.bq != nullptr) {
-      KVQ_STEP(kernels::LaunchAddBias(T, qd, qd, q, L.bq, s));
-      KVQ_STEP(kernels::LaunchAddBias(T, kvd, kvd, k, L.bk, s));
-      KVQ_STEP(kernels::LaunchAddBias(T, kvd, kvd, v, L.bv, s));
+      KVQ_STEP(kernels::LaunchAddBias(T, qd, q_stride, q_in, L.bq, s));
+      KVQ_STEP(kernels::LaunchAddBias(T, kvd, kv_stride, k_in, L.bk, s));
+      KVQ_STEP(kernels::LaunchAddBias(T, kvd, kv_stride, v_in, L.bv, s));
     }
     kernels::RopeQueryParams rq;
     rq.rows = T;
     rq.n_heads = nh;
     rq.head_dim = hd;
-    rq.q = q;
+    rq.q = q_in;
     rq.positions = m.positions.as<int64_t>();
     rq.inv_freq = m.inv_freq;
+    if (stacked_qkv) {  // rotated rows packed into q and krot
+      rq.in_row_stride = qkv_stride;
+      rq.out = q;
+    }
     if (!eval) {
-      rq.k = k;
+      rq.k = k_in;
       rq.k_heads = nkv;
       rq.k_out = krot;
     }
@@ -655,8 +681,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
         ap.layer = l;
         ap.batch = a.rows;
         ap.n_new = a.n_new;
-        ap.k = k + static_cast<int64_t>(a.row0) * kvd;
-        ap.v = v + static_cast<int64_t>(a.row0) * kvd;
+        ap.k = k_in + static_cast<int64_t>(a.row0) * kv_stride;
+        ap.v = v_in + static_cast<int64_t>(a.row0) * kv_stride;
+        ap.kv_row_stride = kv_stride;
         ap.overflow = pool->overflow_flag();
         KVQ_RETURN_IF_ERROR(side_append ? kernels::LaunchKvAppend(ap, m.side[0], m.side[1])
                                         : kernels::LaunchKvAppend(ap, s));
@@ -694,9 +721,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
         dp.lse = parts_lse;
         dp.self.q = q;
         dp.self.k = krot;
-        dp.self.v = v;
+        dp.self.v = v_in;
         dp.self.k_seq_stride = kvd;
-        dp.self.v_seq_stride = kvd;
+        dp.self.v_seq_stride = kv_stride;
         dp.self.n_heads = nh;
         dp.self.n_kv_heads = nkv;
         if (dtype_ != DType::kF32) {

@@ -86,6 +86,12 @@ class GpuForward : public model::ForwardPass {
   // appends then follow the attention on the step's stream); toggling drops the captured graphs.
   void set_parallel_append(bool on);
   bool parallel_append() const;
+  // Folded decode steps of several rows compute q, k and v with one GEMM over the stacked
+  // weights into [q | k | v] rows; the RoPE, the appends and the merge read them there with a row
+  // stride (three GEMMs otherwise). On by default; KVQ_DECODE_STACKED_QKV=0 sets it off at
+  // creation; toggling drops the captured graphs.
+  void set_stacked_qkv(bool on);
+  bool stacked_qkv() const;
   kernels::DType dtype() const { return dtype_; }
 
  private:

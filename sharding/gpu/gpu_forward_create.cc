@@ -145,6 +145,7 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Empty(const model::Model
   if (const char* e = std::getenv("KVQ_DECODE_PARALLEL_APPEND"); e != nullptr) {
     f->impl_->parallel_append = std::string(e) == "1";
   }
+  if (const char* e = std::getenv("KVQ_DECODE_STACKED_QKV"); e != nullptr) f->impl_->stacked_qkv = std::string(e) == "1";
   KVQ_RETURN_IF_ERROR(f->impl_->Init(stream));
   return f;
 }

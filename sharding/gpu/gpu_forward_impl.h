@@ -98,10 +98,11 @@ struct GpuForward::Impl {
   double* inv_freq = nullptr;
   mutable std::mutex mu;
   // Step buffers.
-  // q holds the step's q, k and v: [T][q_dim], then [T][kv_dim] twice.
+  // q holds the step's q, k and v: [T][q_dim], then [T][kv_dim] twice. qkv: a batched decode
+  // step's stacked projection, [T][q_dim + 2 kv_dim] (GpuForward::Run).
   mutable Grow x, h, q, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
       tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos,
-      xk, xv, pf_o, pf_lse, k16, v16;
+      xk, xv, pf_o, pf_lse, k16, v16, qkv;
   // What caches that work on device memory (a sharded cache's GPU shards) need from this pass
   // (made on first use, on the step's stream).
   mutable std::unique_ptr<StreamDeviceOps> device_ops;
@@ -111,6 +112,7 @@ struct GpuForward::Impl {
   bool fold_decode_self = true;   // GpuForward::set_fold_decode_self
   bool decode_gemv = false;       // GpuForward::set_decode_gemv
   bool parallel_append = true;    // GpuForward::set_parallel_append
+  bool stacked_qkv = true;        // GpuForward::set_stacked_qkv
   // Side streams of folded decode steps: the key and the value appends run there, beside the
   // query/key RoPE on `stream` (fork after the q/k/v projection, join before the attention).
   cudaStream_t side[2] = {nullptr, nullptr};

@@ -145,6 +145,34 @@ TEST(RopeQuery, MatchesReferenceAtLargePositions) {
     EXPECT_EQ(q1.Download(), dq.Download()) << "head_dim " << hd;
     EXPECT_EQ(k_dst.Download(), k_alone_dst.Download()) << "head_dim " << hd;
     EXPECT_EQ(k_src.Download(), k) << "head_dim " << hd;
+    // Rows of a stacked q/k/v projection ([q | k | v] per token, in_row_stride): the same bits
+    // as the packed launch above, written packed to out and k_out; the stacked rows untouched.
+    const int64_t stride = static_cast<int64_t>(heads) * hd + 2 * 2 * hd;
+    std::vector<float> st(static_cast<size_t>(rows) * stride, -7.0f);
+    for (int r = 0; r < rows; ++r) {
+      std::copy(q.begin() + r * heads * hd, q.begin() + (r + 1) * heads * hd, st.begin() + r * stride);
+      std::copy(k.begin() + r * 2 * hd, k.begin() + (r + 1) * 2 * hd, st.begin() + r * stride + heads * hd);
+    }
+    DeviceBuffer<float> d_st(st), q_out(q.size()), k_out(k.size());
+    kernels::RopeQueryParams ps = pk;
+    ps.q = d_st.get();
+    ps.out = q_out.get();
+    ps.k = d_st.get() + heads * hd;
+    ps.k_out = k_out.get();
+    ps.in_row_stride = stride;
+    ASSERT_TRUE(kernels::LaunchRopeQuery(ps, nullptr).ok());
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(q_out.Download(), dq.Download()) << "head_dim " << hd;
+    EXPECT_EQ(k_out.Download(), k_alone_dst.Download()) << "head_dim " << hd;
+    EXPECT_EQ(d_st.Download(), st) << "head_dim " << hd;
+    // A stride shorter than a row, or no packed output: refused with the reason.
+    kernels::RopeQueryParams bad = ps;
+    bad.in_row_stride = heads * hd - 1;
+    EXPECT_FALSE(kernels::LaunchRopeQuery(bad, nullptr).ok());
+    bad = ps;
+    bad.out = nullptr;
+    const absl::Status st_bad = kernels::LaunchRopeQuery(bad, nullptr);
+    EXPECT_TRUE(absl::IsInvalidArgument(st_bad)) << st_bad;
   }
 }
 

@@ -170,15 +170,33 @@ TEST_P(KvAppendTest, BitExactWithKvstore) {
     for (size_t i = 0; i < v.size(); i += 53) v[i] *= 6.0f;  // value outliers
     if (n > 3) v[3] = v[4];  // a tie in the value order
     DeviceBuffer<float> dk(k), dv(v);
+    // Odd layers read k and v from rows of a stacked q/k/v projection ([q | k | v] per token,
+    // kv_row_stride): the same bytes in the pool as packed rows.
+    const int64_t S = 3 * static_cast<int64_t>(L) + 4;
+    std::vector<float> stacked(static_cast<size_t>(n) * S, 1e30f);
+    for (int t = 0; t < n; ++t) {
+      std::copy(k.begin() + t * L, k.begin() + (t + 1) * L, stacked.begin() + t * S + L);
+      std::copy(v.begin() + t * L, v.begin() + (t + 1) * L, stacked.begin() + t * S + 2 * L);
+    }
+    DeviceBuffer<float> dstacked(stacked);
     dlen.Upload(std::vector<int32_t>{have});
     for (int l = 0; l < NL; ++l) {
       ASSERT_TRUE(cpu->Append(l, k.data(), v.data(), n).ok());
       ap.layer = l;
       ap.n_new = n;
-      ap.k = dk.get();
-      ap.v = dv.get();
+      const bool strided = l % 2 == 1;
+      ap.k = strided ? dstacked.get() + L : dk.get();
+      ap.v = strided ? dstacked.get() + 2 * L : dv.get();
+      ap.kv_row_stride = strided ? S : 0;
       const absl::Status st = kernels::LaunchKvAppend(ap, nullptr);
       ASSERT_TRUE(st.ok()) << st;
+    }
+    ap.kv_row_stride = 0;
+    {  // a row stride shorter than a row is refused, saying so
+      kernels::KvAppendParams bad = ap;
+      bad.kv_row_stride = L - 1;
+      const absl::Status st = kernels::LaunchKvAppend(bad, nullptr);
+      EXPECT_TRUE(absl::IsInvalidArgument(st)) << st;
     }
     ASSERT_TRUE(cpu->Commit().ok());
     if (c.growable && lay.has_key_outliers) {
