@@ -54,45 +54,69 @@ int32_t Sampler::Sample(float* logits, int vocab, const std::vector<int32_t>& hi
     }
   }
   if (config_.temperature <= 0.0f) return Argmax(logits, vocab);
-  // Candidates sorted by logit, then filtered by top-k, min-p, top-p.
+  // Candidates in the order of a stable sort by logit (logit descending, index ascending), sorted
+  // only as far as the filters and the draw look at them: a whole-vocabulary sort per token took
+  // 4.8 ms at 49,152 tokens and 13.9 ms at 128,256 on one core (2026-12-01), several GPU decode
+  // steps, and the draw almost always ends within the first few hundred candidates. Every filter
+  // and the draw see the same candidates, probabilities and sums as with the whole sort, except
+  // the sum over the whole vocabulary (no top-k, no min-p), which is taken in index order.
+  const auto before = [logits](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
   std::vector<int32_t> idx(vocab);
   std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  size_t sorted = 0;
+  auto sorted_to = [&](size_t n) {  // idx[0, n) in candidate order
+    if (n <= sorted) return;
+    const size_t want = std::min<size_t>(vocab, std::max<size_t>({n, 2 * sorted, 256}));
+    std::partial_sort(idx.begin() + sorted, idx.begin() + want, idx.end(), before);
+    sorted = want;
+  };
   size_t keep = idx.size();
   if (config_.top_k > 0) keep = std::min<size_t>(keep, config_.top_k);
   const double inv_t = 1.0 / config_.temperature;
-  const double m = logits[idx[0]] * inv_t;
-  std::vector<double> p(keep);
-  double sum = 0.0;
-  for (size_t i = 0; i < keep; ++i) {
-    p[i] = std::exp(logits[idx[i]] * inv_t - m);
-    sum += p[i];
-  }
+  const double m = logits[Argmax(logits, vocab)] * inv_t;  // the first candidate's
+  auto prob = [&](int32_t t) { return std::exp(logits[t] * inv_t - m); };
   if (config_.min_p > 0.0f) {
-    const double floor = config_.min_p * p[0];  // relative to the most likely token
-    size_t k = 1;
-    while (k < keep && p[k] >= floor) ++k;
-    keep = k;
+    // p falls along the candidate order: the candidates kept are those with p >= floor (at least
+    // the first). Logits clearly below the floor are skipped without an exp.
+    const double floor = config_.min_p * 1.0;  // relative to the most likely token (p = 1)
+    const double cut = std::log(floor) - 1e-9;
+    size_t n = 0;
+    for (int t = 0; t < vocab; ++t) {
+      if (logits[t] * inv_t - m >= cut && prob(t) >= floor) ++n;
+    }
+    keep = std::max<size_t>(1, std::min(keep, n));
   }
-  sum = std::accumulate(p.begin(), p.begin() + keep, 0.0);
+  double sum = 0.0;
+  if (keep < idx.size()) {
+    sorted_to(keep);
+    for (size_t i = 0; i < keep; ++i) sum += prob(idx[i]);
+  } else {
+    for (int t = 0; t < vocab; ++t) sum += prob(t);
+  }
   if (config_.top_p < 1.0f) {
     double acc = 0.0;
     size_t k = 0;
     while (k < keep) {
-      acc += p[k] / sum;
+      sorted_to(k + 1);
+      acc += prob(idx[k]) / sum;
       ++k;
       if (acc >= config_.top_p) break;
     }
     keep = k;
-    sum = std::accumulate(p.begin(), p.begin() + keep, 0.0);
+    sum = 0.0;
+    for (size_t i = 0; i < keep; ++i) sum += prob(idx[i]);
   }
   // Inverse-CDF draw with a 53-bit uniform from the seeded generator (portable, deterministic).
   const double u = static_cast<double>(rng_() >> 11) * (1.0 / 9007199254740992.0) * sum;
   double acc = 0.0;
   for (size_t i = 0; i < keep; ++i) {
-    acc += p[i];
+    sorted_to(i + 1);
+    acc += prob(idx[i]);
     if (u < acc) return idx[i];
   }
+  sorted_to(keep);
   return idx[keep - 1];
 }
 

@@ -1,0 +1,129 @@
+// model::Sampler against the whole-vocabulary-sort rule it replaced (kept here as the reference):
+// the same tokens for the same seed and logits over random configurations, and the filters'
+// edge cases (ties, top-k, min-p, top-p, a flat distribution that the draw walks to its end).
+#include "model/sampling.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+namespace kvq::model {
+namespace {
+
+// The rule before 2026-12-01: candidates by a stable sort of the whole vocabulary.
+int32_t WholeSortSample(const SamplerConfig& c, std::mt19937_64& rng, float* logits, int vocab) {
+  if (c.temperature <= 0.0f) return Argmax(logits, vocab);
+  std::vector<int32_t> idx(vocab);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  size_t keep = idx.size();
+  if (c.top_k > 0) keep = std::min<size_t>(keep, c.top_k);
+  const double inv_t = 1.0 / c.temperature;
+  const double m = logits[idx[0]] * inv_t;
+  std::vector<double> p(keep);
+  for (size_t i = 0; i < keep; ++i) p[i] = std::exp(logits[idx[i]] * inv_t - m);
+  if (c.min_p > 0.0f) {
+    const double floor = c.min_p * p[0];
+    size_t k = 1;
+    while (k < keep && p[k] >= floor) ++k;
+    keep = k;
+  }
+  double sum = std::accumulate(p.begin(), p.begin() + keep, 0.0);
+  if (c.top_p < 1.0f) {
+    double acc = 0.0;
+    size_t k = 0;
+    while (k < keep) {
+      acc += p[k] / sum;
+      ++k;
+      if (acc >= c.top_p) break;
+    }
+    keep = k;
+    sum = std::accumulate(p.begin(), p.begin() + keep, 0.0);
+  }
+  const double u = static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0) * sum;
+  double acc = 0.0;
+  for (size_t i = 0; i < keep; ++i) {
+    acc += p[i];
+    if (u < acc) return idx[i];
+  }
+  return idx[keep - 1];
+}
+
+TEST(Sampler, SameTokensAsTheWholeVocabularySort) {
+  std::mt19937 gen(7);
+  int same = 0, total = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    const int vocab = trial % 4 == 0 ? 49152 : 1 + static_cast<int>(gen() % 3000);
+    SamplerConfig c;
+    c.temperature = std::array<float, 5>{0.3f, 0.7f, 1.0f, 1.5f, 4.0f}[trial % 5];
+    c.top_p = std::array<float, 4>{1.0f, 0.9f, 0.5f, 0.999f}[(trial / 5) % 4];
+    c.top_k = std::array<int, 4>{0, 0, 40, 1}[(trial / 20) % 4];
+    c.min_p = std::array<float, 3>{0.0f, 0.0f, 0.05f}[(trial / 80) % 3];
+    c.seed = trial;
+    std::normal_distribution<float> nd(0.0f, 1.0f + (trial % 7));
+    std::vector<float> logits(vocab);
+    for (float& x : logits) x = nd(gen);
+    if (trial % 3 == 0) {  // ties, quantized logits
+      for (float& x : logits) x = std::round(x * 2.0f) / 2.0f;
+    }
+    if (trial % 11 == 0) std::fill(logits.begin(), logits.end(), 0.5f);  // flat: the draw walks far
+    Sampler s(c);
+    std::mt19937_64 rng(c.seed);
+    for (int step = 0; step < 3; ++step) {
+      std::vector<float> a = logits, b = logits;
+      const int32_t got = s.Sample(a.data(), vocab, {});
+      const int32_t want = WholeSortSample(c, rng, b.data(), vocab);
+      ASSERT_GE(got, 0);
+      ASSERT_LT(got, vocab);
+      same += got == want;
+      ++total;
+      // Only the whole-vocabulary sum (no top-k, no min-p) is formed in another order: a draw
+      // may differ only when it lands within rounding of a boundary.
+      if (c.top_k > 0 || c.min_p > 0.0f) EXPECT_EQ(got, want) << "trial " << trial << " step " << step;
+    }
+  }
+  std::printf("[sampler] %d/%d draws equal to the whole-sort rule\n", same, total);
+  EXPECT_GE(same, total - 2);
+}
+
+TEST(Sampler, FiltersKeepWhatTheyPromise) {
+  const int vocab = 1000;
+  std::vector<float> logits(vocab, -5.0f);
+  logits[10] = 4.0f;
+  logits[20] = 4.0f;  // a tie with 10: 10 comes first
+  logits[30] = 3.0f;
+  SamplerConfig c;
+  c.temperature = 1.0f;
+  c.top_k = 1;
+  for (uint64_t seed = 0; seed < 20; ++seed) {
+    c.seed = seed;
+    Sampler s(c);
+    std::vector<float> l = logits;
+    EXPECT_EQ(s.Sample(l.data(), vocab, {}), 10);
+  }
+  c.top_k = 0;
+  c.top_p = 0.5f;  // 10 alone holds ~36% of the mass, 10 and 20 ~73%
+  for (uint64_t seed = 0; seed < 50; ++seed) {
+    c.seed = seed;
+    Sampler s(c);
+    std::vector<float> l = logits;
+    const int32_t t = s.Sample(l.data(), vocab, {});
+    EXPECT_TRUE(t == 10 || t == 20) << t;
+  }
+  c.top_p = 1.0f;
+  c.min_p = 0.3f;  // keeps 10, 20 (p = 1) and 30 (p = e^-1 = 0.37)
+  for (uint64_t seed = 0; seed < 50; ++seed) {
+    c.seed = seed;
+    Sampler s(c);
+    std::vector<float> l = logits;
+    const int32_t t = s.Sample(l.data(), vocab, {});
+    EXPECT_TRUE(t == 10 || t == 20 || t == 30) << t;
+  }
+}
+
+}  // namespace
+}  // namespace kvq::model
