@@ -18,7 +18,6 @@
 #include "kernels/engine_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/kv_append.h"
-#include "kernels/launch.h"
 #include "kernels/merge_attention.h"
 #include "kernels/prefill_attention.h"
 #include "kernels/reference/rope.h"
@@ -59,68 +58,6 @@ struct Launch {
 };
 
 }  // namespace
-
-void GpuForward::set_cuda_graphs(bool on) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  impl_->use_graphs = on;
-  if (!on) impl_->graphs.Drop();
-}
-
-bool GpuForward::cuda_graphs() const { return impl_->use_graphs; }
-
-void GpuForward::set_prefill_kernel(bool on) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  impl_->use_prefill_kernel = on;
-}
-
-bool GpuForward::prefill_kernel() const { return impl_->use_prefill_kernel; }
-
-void GpuForward::set_fold_decode_self(bool on) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  if (impl_->fold_decode_self != on) impl_->graphs.Drop();  // the captured steps have the other shape
-  impl_->fold_decode_self = on;
-}
-
-bool GpuForward::fold_decode_self() const { return impl_->fold_decode_self; }
-
-void GpuForward::set_decode_gemv(bool on) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  if (impl_->decode_gemv != on) impl_->graphs.Drop();  // the captured steps have the other shape
-  impl_->decode_gemv = on;
-}
-
-bool GpuForward::decode_gemv() const { return impl_->decode_gemv; }
-
-void GpuForward::set_programmatic_launch(bool on) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  if (kernels::ProgrammaticLaunch() != on) impl_->graphs.Drop();  // captured with the other edges
-  kernels::SetProgrammaticLaunch(on);
-}
-
-bool GpuForward::programmatic_launch() const { return kernels::ProgrammaticLaunch(); }
-
-void GpuForward::set_parallel_append(bool on) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  if (impl_->parallel_append != on) impl_->graphs.Drop();  // the captured steps have the other shape
-  impl_->parallel_append = on;
-}
-
-bool GpuForward::parallel_append() const { return impl_->parallel_append; }
-
-void GpuForward::set_stacked_qkv(bool on) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  if (impl_->stacked_qkv != on) impl_->graphs.Drop();  // the captured steps have the other shape
-  impl_->stacked_qkv = on;
-}
-
-bool GpuForward::stacked_qkv() const { return impl_->stacked_qkv; }
-
-void GpuForward::ReleaseIdleResources() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  impl_->graphs.Drop();
-}
-
-int64_t GpuForward::graph_launches() const { return impl_->graphs.launches(); }
 
 absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::ForwardOptions& options,
                              std::vector<float>* logits) const {

@@ -1,10 +1,12 @@
-// GpuForward's construction: cuBLAS and the stream set up, the weights uploaded (converted to the
-// GEMM dtype) from a checkpoint or generated on the device.
+// GpuForward's construction and settings: cuBLAS and the stream set up, the weights uploaded
+// (converted to the GEMM dtype) from a checkpoint or generated on the device; the step switches.
+// The step itself is gpu_forward.cc.
 #include <cstdlib>
 #include <memory>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/launch.h"
 #include "sharding/gpu/gpu_forward.h"
 #include "sharding/gpu/gpu_forward_impl.h"
 
@@ -140,15 +142,61 @@ absl::StatusOr<std::unique_ptr<GpuForward>> GpuForward::Empty(const model::Model
   f->config_ = c;
   f->dtype_ = dtype;
   f->impl_ = std::make_unique<Impl>();
-  if (const char* e = std::getenv("KVQ_DECODE_FOLD_SELF"); e != nullptr) f->impl_->fold_decode_self = std::string(e) == "1";
-  if (const char* e = std::getenv("KVQ_DECODE_GEMV"); e != nullptr) f->impl_->decode_gemv = std::string(e) == "1";
-  if (const char* e = std::getenv("KVQ_DECODE_PARALLEL_APPEND"); e != nullptr) {
-    f->impl_->parallel_append = std::string(e) == "1";
-  }
-  if (const char* e = std::getenv("KVQ_DECODE_STACKED_QKV"); e != nullptr) f->impl_->stacked_qkv = std::string(e) == "1";
+  // "1" on, anything else off; unset: the default.
+  auto env_switch = [](const char* name, bool& field) {
+    if (const char* e = std::getenv(name); e != nullptr) field = std::string(e) == "1";
+  };
+  env_switch("KVQ_DECODE_FOLD_SELF", f->impl_->fold_decode_self);
+  env_switch("KVQ_DECODE_GEMV", f->impl_->decode_gemv);
+  env_switch("KVQ_DECODE_PARALLEL_APPEND", f->impl_->parallel_append);
+  env_switch("KVQ_DECODE_STACKED_QKV", f->impl_->stacked_qkv);
   KVQ_RETURN_IF_ERROR(f->impl_->Init(stream));
   return f;
 }
+
+// ---- Settings (gpu_forward.h); each env variable sets its switch at creation. ----
+
+void GpuForward::set_cuda_graphs(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->use_graphs = on;
+  if (!on) impl_->graphs.Drop();
+}
+
+bool GpuForward::cuda_graphs() const { return impl_->use_graphs; }
+
+void GpuForward::set_prefill_kernel(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->use_prefill_kernel = on;
+}
+
+bool GpuForward::prefill_kernel() const { return impl_->use_prefill_kernel; }
+
+void GpuForward::set_fold_decode_self(bool on) { impl_->SetStepSwitch(impl_->fold_decode_self, on); }
+bool GpuForward::fold_decode_self() const { return impl_->fold_decode_self; }
+
+void GpuForward::set_decode_gemv(bool on) { impl_->SetStepSwitch(impl_->decode_gemv, on); }
+bool GpuForward::decode_gemv() const { return impl_->decode_gemv; }
+
+void GpuForward::set_parallel_append(bool on) { impl_->SetStepSwitch(impl_->parallel_append, on); }
+bool GpuForward::parallel_append() const { return impl_->parallel_append; }
+
+void GpuForward::set_stacked_qkv(bool on) { impl_->SetStepSwitch(impl_->stacked_qkv, on); }
+bool GpuForward::stacked_qkv() const { return impl_->stacked_qkv; }
+
+void GpuForward::set_programmatic_launch(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (kernels::ProgrammaticLaunch() != on) impl_->graphs.Drop();  // captured with the other edges
+  kernels::SetProgrammaticLaunch(on);
+}
+
+bool GpuForward::programmatic_launch() const { return kernels::ProgrammaticLaunch(); }
+
+void GpuForward::ReleaseIdleResources() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->graphs.Drop();
+}
+
+int64_t GpuForward::graph_launches() const { return impl_->graphs.launches(); }
 
 GpuForward::~GpuForward() = default;
 

@@ -118,6 +118,13 @@ struct GpuForward::Impl {
   cudaStream_t side[2] = {nullptr, nullptr};
   cudaEvent_t fork_ev = nullptr, join_ev[2] = {nullptr, nullptr};
 
+  // A switch that changes what a decode step enqueues: the captured graphs have the old shape.
+  void SetStepSwitch(bool& field, bool on) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (field != on) graphs.Drop();
+    field = on;
+  }
+
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
     graphs.Drop();
