@@ -63,20 +63,21 @@ int32_t Sampler::Sample(float* logits, int vocab, const std::vector<int32_t>& hi
   const auto before = [logits](int32_t a, int32_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   };
-  std::vector<int32_t> idx(vocab);
-  std::iota(idx.begin(), idx.end(), 0);
-  size_t sorted = 0;
-  auto sorted_to = [&](size_t n) {  // idx[0, n) in candidate order
-    if (n <= sorted) return;
-    const size_t want = std::min<size_t>(vocab, std::max<size_t>({n, 2 * sorted, 256}));
-    std::partial_sort(idx.begin() + sorted, idx.begin() + want, idx.end(), before);
-    sorted = want;
-  };
-  size_t keep = idx.size();
-  if (config_.top_k > 0) keep = std::min<size_t>(keep, config_.top_k);
   const double inv_t = 1.0 / config_.temperature;
   const double m = logits[Argmax(logits, vocab)] * inv_t;  // the first candidate's
   auto prob = [&](int32_t t) { return std::exp(logits[t] * inv_t - m); };
+  std::vector<int32_t> idx(vocab);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::vector<double> p;  // p[i] = prob(idx[i]) over the sorted prefix
+  auto sorted_to = [&](size_t n) {  // idx[0, n) in candidate order, their p
+    const size_t sorted = p.size();
+    if (n <= sorted) return;
+    const size_t want = std::min<size_t>(vocab, std::max<size_t>({n, 2 * sorted, 256}));
+    std::partial_sort(idx.begin() + sorted, idx.begin() + want, idx.end(), before);
+    for (size_t i = sorted; i < want; ++i) p.push_back(prob(idx[i]));
+  };
+  size_t keep = idx.size();
+  if (config_.top_k > 0) keep = std::min<size_t>(keep, config_.top_k);
   if (config_.min_p > 0.0f) {
     // p falls along the candidate order: the candidates kept are those with p >= floor (at least
     // the first). Logits clearly below the floor are skipped without an exp.
@@ -91,7 +92,7 @@ int32_t Sampler::Sample(float* logits, int vocab, const std::vector<int32_t>& hi
   double sum = 0.0;
   if (keep < idx.size()) {
     sorted_to(keep);
-    for (size_t i = 0; i < keep; ++i) sum += prob(idx[i]);
+    for (size_t i = 0; i < keep; ++i) sum += p[i];
   } else {
     for (int t = 0; t < vocab; ++t) sum += prob(t);
   }
@@ -100,24 +101,23 @@ int32_t Sampler::Sample(float* logits, int vocab, const std::vector<int32_t>& hi
     size_t k = 0;
     while (k < keep) {
       sorted_to(k + 1);
-      acc += prob(idx[k]) / sum;
+      acc += p[k] / sum;
       ++k;
       if (acc >= config_.top_p) break;
     }
     keep = k;
     sum = 0.0;
-    for (size_t i = 0; i < keep; ++i) sum += prob(idx[i]);
+    for (size_t i = 0; i < keep; ++i) sum += p[i];
   }
   // Inverse-CDF draw with a 53-bit uniform from the seeded generator (portable, deterministic).
   const double u = static_cast<double>(rng_() >> 11) * (1.0 / 9007199254740992.0) * sum;
   double acc = 0.0;
   for (size_t i = 0; i < keep; ++i) {
     sorted_to(i + 1);
-    acc += prob(idx[i]);
+    acc += p[i];
     if (u < acc) return idx[i];
   }
-  sorted_to(keep);
-  return idx[keep - 1];
+  return idx[keep - 1];  // sorted by the loop above
 }
 
 }  // namespace kvq::model
