@@ -299,6 +299,30 @@ int Main() {
   const int64_t workspace = int64_t{3} << 30;  // step buffers, cuBLAS, decode workspace
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
+  // A/B switches (--ab): name, getter, setter.
+  struct Switch {
+    std::string name;
+    bool (sharding::GpuForward::*get)() const;
+    void (sharding::GpuForward::*set)(bool);
+  };
+  using F = sharding::GpuForward;
+  const std::vector<Switch> switches = {
+      {"fold", &F::fold_decode_self, &F::set_fold_decode_self},
+      {"append", &F::parallel_append, &F::set_parallel_append},
+      {"stacked", &F::stacked_qkv, &F::set_stacked_qkv},
+      {"gemv", &F::decode_gemv, &F::set_decode_gemv},
+      {"pdl", &F::programmatic_launch, &F::set_programmatic_launch},
+  };
+  std::vector<Switch> ab;
+  for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_ab), ',', absl::SkipEmpty())) {
+    auto it = std::find_if(switches.begin(), switches.end(), [&](const Switch& w) { return w.name == a; });
+    if (it == switches.end()) {
+      std::string names;
+      for (const Switch& w : switches) absl::StrAppend(&names, names.empty() ? "" : ", ", w.name);
+      CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (", names, ")")));
+    }
+    ab.push_back(*it);
+  }
   for (absl::string_view fmt_sv : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',', absl::SkipEmpty())) {
     const std::string fmt(fmt_sv);
     MakePool(st, c, fmt, host, synthetic, workspace);
@@ -307,21 +331,6 @@ int Main() {
                 "%lld tokens\n",
                 fmt.c_str(), st.expected_bytes_per_token, pool_bytes_per_token,
                 st.pool->capacity_bytes() / 1073741824.0, static_cast<long long>(st.pool->total_blocks() * 256));
-    // A/B switches: name, getter, setter.
-    struct Switch {
-      std::string name;
-      bool (sharding::GpuForward::*get)() const;
-      void (sharding::GpuForward::*set)(bool);
-    };
-    std::vector<Switch> ab;
-    for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_ab), ',', absl::SkipEmpty())) {
-      if (a == "fold") ab.push_back({"fold", &sharding::GpuForward::fold_decode_self, &sharding::GpuForward::set_fold_decode_self});
-      else if (a == "gemv") ab.push_back({"gemv", &sharding::GpuForward::decode_gemv, &sharding::GpuForward::set_decode_gemv});
-      else if (a == "pdl") ab.push_back({"pdl", &sharding::GpuForward::programmatic_launch, &sharding::GpuForward::set_programmatic_launch});
-      else if (a == "append") ab.push_back({"append", &sharding::GpuForward::parallel_append, &sharding::GpuForward::set_parallel_append});
-      else if (a == "stacked") ab.push_back({"stacked", &sharding::GpuForward::stacked_qkv, &sharding::GpuForward::set_stacked_qkv});
-      else CHECK_OK(absl::InvalidArgumentError(absl::StrCat("--ab: unknown switch ", a, " (fold, gemv, pdl, append, stacked)")));
-    }
     std::string ab_head, ab_rule, ab_empty;
     for (const Switch& w : ab) {
       ab_head += absl::StrCat(" ms/token, ", w.name, " ", ((*st.fwd).*w.get)() ? "off" : "on", " |");
