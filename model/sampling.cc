@@ -120,4 +120,42 @@ int32_t Sampler::Sample(float* logits, int vocab, const std::vector<int32_t>& hi
   return idx[keep - 1];  // sorted by the loop above
 }
 
+int32_t SampleByWholeSort(const SamplerConfig& c, std::mt19937_64& rng, float* logits, int vocab) {
+  if (c.temperature <= 0.0f) return Argmax(logits, vocab);
+  std::vector<int32_t> idx(vocab);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  size_t keep = idx.size();
+  if (c.top_k > 0) keep = std::min<size_t>(keep, c.top_k);
+  const double inv_t = 1.0 / c.temperature;
+  const double m = logits[idx[0]] * inv_t;
+  std::vector<double> p(keep);
+  for (size_t i = 0; i < keep; ++i) p[i] = std::exp(logits[idx[i]] * inv_t - m);
+  if (c.min_p > 0.0f) {
+    const double floor = c.min_p * p[0];
+    size_t k = 1;
+    while (k < keep && p[k] >= floor) ++k;
+    keep = k;
+  }
+  double sum = std::accumulate(p.begin(), p.begin() + keep, 0.0);
+  if (c.top_p < 1.0f) {
+    double acc = 0.0;
+    size_t k = 0;
+    while (k < keep) {
+      acc += p[k] / sum;
+      ++k;
+      if (acc >= c.top_p) break;
+    }
+    keep = k;
+    sum = std::accumulate(p.begin(), p.begin() + keep, 0.0);
+  }
+  const double u = static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0) * sum;
+  double acc = 0.0;
+  for (size_t i = 0; i < keep; ++i) {
+    acc += p[i];
+    if (u < acc) return idx[i];
+  }
+  return idx[keep - 1];
+}
+
 }  // namespace kvq::model

@@ -29,6 +29,10 @@ class Sampler {
   std::mt19937_64 rng_;
 };
 
+// The rule Sampler replaced (2026-12-01), for tests and benchmarks: the same filters and draw
+// over a stable sort of the whole vocabulary, `rng` seeded like a Sampler's generator.
+int32_t SampleByWholeSort(const SamplerConfig& config, std::mt19937_64& rng, float* logits, int vocab);
+
 // Index of the largest logit (lowest index on ties).
 int32_t Argmax(const float* logits, int vocab);
 // log-softmax of the chosen token, and the top-n (token, logprob) pairs, best first.

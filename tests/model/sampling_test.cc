@@ -1,4 +1,4 @@
-// model::Sampler against the whole-vocabulary-sort rule it replaced (kept here as the reference):
+// model::Sampler against the whole-vocabulary-sort rule it replaced (model::SampleByWholeSort):
 // the same tokens for the same seed and logits over random configurations, and the filters'
 // edge cases (ties, top-k, min-p, top-p, a flat distribution that the draw walks to its end).
 #include "model/sampling.h"
@@ -13,45 +13,6 @@
 
 namespace kvq::model {
 namespace {
-
-// The rule before 2026-12-01: candidates by a stable sort of the whole vocabulary.
-int32_t WholeSortSample(const SamplerConfig& c, std::mt19937_64& rng, float* logits, int vocab) {
-  if (c.temperature <= 0.0f) return Argmax(logits, vocab);
-  std::vector<int32_t> idx(vocab);
-  std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-  size_t keep = idx.size();
-  if (c.top_k > 0) keep = std::min<size_t>(keep, c.top_k);
-  const double inv_t = 1.0 / c.temperature;
-  const double m = logits[idx[0]] * inv_t;
-  std::vector<double> p(keep);
-  for (size_t i = 0; i < keep; ++i) p[i] = std::exp(logits[idx[i]] * inv_t - m);
-  if (c.min_p > 0.0f) {
-    const double floor = c.min_p * p[0];
-    size_t k = 1;
-    while (k < keep && p[k] >= floor) ++k;
-    keep = k;
-  }
-  double sum = std::accumulate(p.begin(), p.begin() + keep, 0.0);
-  if (c.top_p < 1.0f) {
-    double acc = 0.0;
-    size_t k = 0;
-    while (k < keep) {
-      acc += p[k] / sum;
-      ++k;
-      if (acc >= c.top_p) break;
-    }
-    keep = k;
-    sum = std::accumulate(p.begin(), p.begin() + keep, 0.0);
-  }
-  const double u = static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0) * sum;
-  double acc = 0.0;
-  for (size_t i = 0; i < keep; ++i) {
-    acc += p[i];
-    if (u < acc) return idx[i];
-  }
-  return idx[keep - 1];
-}
 
 TEST(Sampler, SameTokensAsTheWholeVocabularySort) {
   std::mt19937 gen(7);
@@ -76,7 +37,7 @@ TEST(Sampler, SameTokensAsTheWholeVocabularySort) {
     for (int step = 0; step < 3; ++step) {
       std::vector<float> a = logits, b = logits;
       const int32_t got = s.Sample(a.data(), vocab, {});
-      const int32_t want = WholeSortSample(c, rng, b.data(), vocab);
+      const int32_t want = SampleByWholeSort(c, rng, b.data(), vocab);
       ASSERT_GE(got, 0);
       ASSERT_LT(got, vocab);
       same += got == want;
