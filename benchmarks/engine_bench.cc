@@ -26,6 +26,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,7 @@
 #include "absl/strings/str_split.h"
 #include "model/config.h"
 #include "model/fingerprint.h"
+#include "model/sampling.h"
 #include "model/weights.h"
 
 #if KVQ_HAVE_CUDA
@@ -76,7 +78,8 @@ ABSL_FLAG(std::string, ab, "",
           "(set_decode_gemv: decode GEMV kernels with the RMSNorm / SwiGLU input stages), pdl "
           "(set_programmatic_launch: programmatic dependent launch of kvq's kernels), append (set_parallel_append: the "
           "key and value appends on side streams beside the RoPE), stacked (set_stacked_qkv: one q/k/v GEMM for batched "
-          "decode steps)");
+          "decode steps), greedy (the step's tokens picked on the device, 4 bytes per row to the host, or from the "
+          "logits copied to the host and model::Argmax there)");
 ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
@@ -200,18 +203,34 @@ int64_t Fill(Setup& st, sharding::GpuKvCache* cache, int64_t n, uint64_t seed) {
   return cache->length();
 }
 
-// Median seconds of `steps` decode steps of `caches` (one token each), after 2 warm-up steps.
+// How a decode step's tokens are chosen (--ab=greedy flips it): on the device (the engine's path
+// for greedy requests: ForwardItem::Output::kGreedy, 4 bytes per row to the host), or from the
+// logits copied to the host and model::Argmax there (the path before 2026-12-02, and still that of
+// requests that sample, penalise repetition or return log-probabilities).
+bool g_greedy_on_device = true;
+
+// Median seconds of `steps` decode steps of `caches` (one token each, chosen greedily), after 2
+// warm-up steps.
 double DecodeSeconds(Setup& st, std::vector<std::unique_ptr<model::KvCache>>& caches, int steps) {
   std::vector<std::vector<int32_t>> tok(caches.size(), std::vector<int32_t>{17});
   std::vector<float> logits;
   std::vector<double> t;
+  const int vocab = st.fwd->config().vocab_size;
+  int64_t sum = 0;  // of the chosen tokens (keeps the host argmax from being optimised away)
   for (int i = 0; i < steps + 2; ++i) {
     std::vector<model::ForwardItem> items;
-    for (size_t b = 0; b < caches.size(); ++b) items.push_back({caches[b].get(), tok[b], false});
+    for (size_t b = 0; b < caches.size(); ++b) {
+      items.push_back({caches[b].get(), tok[b], false});
+      if (g_greedy_on_device) items.back().output = model::ForwardItem::Output::kGreedy;
+    }
     const double t0 = Now();
     CHECK_OK(st.fwd->Run(absl::MakeSpan(items), {}, &logits));
+    for (size_t b = 0; b < caches.size(); ++b) {
+      sum += g_greedy_on_device ? items[b].greedy_token : model::Argmax(logits.data() + b * vocab, vocab);
+    }
     if (i >= 2) t.push_back(Now() - t0);
   }
+  if (sum < 0) std::printf("# negative token sum\n");
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
 }
@@ -302,16 +321,21 @@ int Main() {
   // A/B switches (--ab): name, getter, setter.
   struct Switch {
     std::string name;
-    bool (sharding::GpuForward::*get)() const;
-    void (sharding::GpuForward::*set)(bool);
+    std::function<bool()> get;
+    std::function<void(bool)> set;
   };
   using F = sharding::GpuForward;
+  auto fwd_switch = [&](const char* name, bool (F::*get)() const, void (F::*set)(bool)) {
+    F* f = st.fwd.get();
+    return Switch{name, [f, get] { return (f->*get)(); }, [f, set](bool on) { (f->*set)(on); }};
+  };
   const std::vector<Switch> switches = {
-      {"fold", &F::fold_decode_self, &F::set_fold_decode_self},
-      {"append", &F::parallel_append, &F::set_parallel_append},
-      {"stacked", &F::stacked_qkv, &F::set_stacked_qkv},
-      {"gemv", &F::decode_gemv, &F::set_decode_gemv},
-      {"pdl", &F::programmatic_launch, &F::set_programmatic_launch},
+      fwd_switch("fold", &F::fold_decode_self, &F::set_fold_decode_self),
+      fwd_switch("append", &F::parallel_append, &F::set_parallel_append),
+      fwd_switch("stacked", &F::stacked_qkv, &F::set_stacked_qkv),
+      fwd_switch("gemv", &F::decode_gemv, &F::set_decode_gemv),
+      fwd_switch("pdl", &F::programmatic_launch, &F::set_programmatic_launch),
+      Switch{"greedy", [] { return g_greedy_on_device; }, [](bool on) { g_greedy_on_device = on; }},
   };
   std::vector<Switch> ab;
   for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_ab), ',', absl::SkipEmpty())) {
@@ -333,7 +357,7 @@ int Main() {
                 st.pool->capacity_bytes() / 1073741824.0, static_cast<long long>(st.pool->total_blocks() * 256));
     std::string ab_head, ab_rule, ab_empty;
     for (const Switch& w : ab) {
-      ab_head += absl::StrCat(" ms/token, ", w.name, " ", ((*st.fwd).*w.get)() ? "off" : "on", " |");
+      ab_head += absl::StrCat(" ms/token, ", w.name, " ", w.get() ? "off" : "on", " |");
       ab_rule += "---|";
       ab_empty += " |";
     }
@@ -365,10 +389,10 @@ int Main() {
         st.fwd->set_cuda_graphs(true);
         std::string other;
         for (const Switch& w : ab) {  // the same caches again, a few tokens longer, the switch flipped
-          const bool was = ((*st.fwd).*w.get)();
-          ((*st.fwd).*w.set)(!was);
+          const bool was = w.get();
+          w.set(!was);
           other += absl::StrFormat(" %.3f |", DecodeSeconds(st, caches, absl::GetFlag(FLAGS_steps)) * 1e3);
-          ((*st.fwd).*w.set)(was);
+          w.set(was);
         }
         const double bytes = weight_bytes + static_cast<double>(batch) * ctx * st.expected_bytes_per_token;
         const double floor = bytes / bw;

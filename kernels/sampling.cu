@@ -5,6 +5,8 @@
 
 #include <math_constants.h>
 
+#include <cstdint>
+
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
 #include "kernels/philox.h"
@@ -144,7 +146,89 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
   if (threadIdx.x == 0) p.tokens[b] = found < V ? found : max(last, 0);
 }
 
+// Argmax: per thread the best (value, id) of its loads, then the CTA's; "better" is a larger
+// value, or the same value at a lower id (NaN compares false both ways and is never taken).
+constexpr int kArgmaxThreads = 1024;
+constexpr int kArgmaxInFlight = 8;  // 16-byte loads per thread per round (latency, not bandwidth)
+
+__device__ __forceinline__ void ArgmaxTake(float v, int i, float& bv, int& bi) {
+  if (v > bv || (v == bv && i < bi)) {
+    bv = v;
+    bi = i;
+  }
+}
+
+__global__ void __launch_bounds__(kArgmaxThreads)
+    ArgmaxRowsKernel(int vocab, const float* __restrict__ logits, int64_t stride, bool wide, int32_t* tokens) {
+  __shared__ float sv[kArgmaxThreads / 32];
+  __shared__ int si[kArgmaxThreads / 32];
+  const float* row = logits + blockIdx.x * stride;
+  float bv = -CUDART_INF_F;
+  int bi = vocab;  // nothing taken yet
+  if (wide) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const int n4 = vocab / 4;
+    for (int base = threadIdx.x; base < n4; base += kArgmaxThreads * kArgmaxInFlight) {
+      float4 x[kArgmaxInFlight];
+#pragma unroll
+      for (int u = 0; u < kArgmaxInFlight; ++u) {
+        const int i = base + u * kArgmaxThreads;
+        x[u] = i < n4 ? __ldg(row4 + i) : make_float4(CUDART_NAN_F, CUDART_NAN_F, CUDART_NAN_F, CUDART_NAN_F);
+      }
+#pragma unroll
+      for (int u = 0; u < kArgmaxInFlight; ++u) {
+        const int i = 4 * (base + u * kArgmaxThreads);
+        ArgmaxTake(x[u].x, i, bv, bi);
+        ArgmaxTake(x[u].y, i + 1, bv, bi);
+        ArgmaxTake(x[u].z, i + 2, bv, bi);
+        ArgmaxTake(x[u].w, i + 3, bv, bi);
+      }
+    }
+    for (int i = 4 * n4 + static_cast<int>(threadIdx.x); i < vocab; i += kArgmaxThreads) ArgmaxTake(row[i], i, bv, bi);
+  } else {
+    for (int i = threadIdx.x; i < vocab; i += kArgmaxThreads) ArgmaxTake(__ldg(row + i), i, bv, bi);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+    ArgmaxTake(ov, oi, bv, bi);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    bv = sv[lane];
+    bi = si[lane];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+      ArgmaxTake(ov, oi, bv, bi);
+    }
+    if (lane == 0) tokens[blockIdx.x] = bi < vocab ? bi : 0;
+  }
+}
+
 }  // namespace
+
+absl::Status LaunchArgmaxRows(int rows, int vocab, const float* logits, int64_t row_stride, int32_t* tokens,
+                              cudaStream_t stream) {
+  const int64_t stride = row_stride > 0 ? row_stride : vocab;
+  if (rows < 0 || vocab <= 0 || stride < vocab) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LaunchArgmaxRows: rows ", rows, ", vocab ", vocab, ", row stride ", row_stride));
+  }
+  if (rows == 0) return absl::OkStatus();
+  if (logits == nullptr || tokens == nullptr) return absl::InvalidArgumentError("LaunchArgmaxRows: null logits/tokens");
+  const bool wide = stride % 4 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  ArgmaxRowsKernel<<<rows, kArgmaxThreads, 0, stream>>>(vocab, logits, stride, wide, tokens);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
 
 absl::Status LaunchSampling(const SamplingParams& p, cudaStream_t stream) {
   if (p.batch < 0 || p.vocab <= 0 || (p.logits_row_stride != 0 && p.logits_row_stride < p.vocab)) {

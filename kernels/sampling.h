@@ -36,4 +36,11 @@ struct SamplingParams {
 
 absl::Status LaunchSampling(const SamplingParams& p, cudaStream_t stream);
 
+// Greedy tokens of `rows` rows of f32 logits ([rows][row_stride], row_stride >= vocab; 0 means
+// vocab): tokens[r] = the lowest id among the row's largest values (model::Argmax's rule; NaN
+// never wins; a row of NaN gives 0). One CTA per row, loads 16 bytes wide when the rows allow.
+// The serving step's token choice when no logits need to reach the host.
+absl::Status LaunchArgmaxRows(int rows, int vocab, const float* logits, int64_t row_stride, int32_t* tokens,
+                              cudaStream_t stream);
+
 }  // namespace kvq::kernels

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "common/status.h"
+#include "model/sampling.h"
 
 namespace kvq::model {
 namespace {
@@ -528,6 +529,14 @@ absl::Status Forward::Run(absl::Span<ForwardItem> items, const ForwardOptions& o
   logits->resize(R * c.vocab_size);
   Linear(sel.data(), R, hidden, w_.lm_head(), c.vocab_size, {}, logits->data());
   for (ForwardItem& it : items) it.cache->Commit(static_cast<int>(it.tokens.size()));
+  for (size_t i = 0, r = 0; i < items.size(); ++i) {
+    ForwardItem& it = items[i];
+    const size_t n = it.all_logits ? it.tokens.size() : 1;
+    if (!it.all_logits && it.output == ForwardItem::Output::kGreedy) {
+      it.greedy_token = Argmax(logits->data() + r * c.vocab_size, c.vocab_size);
+    }
+    r += n;
+  }
   return absl::OkStatus();
 }
 

@@ -181,6 +181,15 @@ struct ForwardItem {
   KvCache* cache = nullptr;               // the sequence's cache; new tokens are appended
   absl::Span<const int32_t> tokens;       // new tokens, at positions cache->length() + i
   bool all_logits = false;                // logits for every new token, else the last only
+  // What the step returns for the item's last token when all_logits is false (serving):
+  //   kLogits: its row of logits (the default);
+  //   kGreedy: only its greedy token, model::Argmax of that row, in `greedy_token`; its row in
+  //            the logits is left unspecified (a GPU pass picks the token on the device and copies
+  //            4 bytes instead of the row);
+  //   kNone:   nothing (a prefill chunk before the prompt's last one); the row is unspecified.
+  enum class Output { kLogits, kGreedy, kNone };
+  Output output = Output::kLogits;
+  int32_t greedy_token = -1;  // out, with Output::kGreedy
 };
 
 struct ForwardOptions {

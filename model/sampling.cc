@@ -9,11 +9,11 @@ namespace kvq::model {
 Sampler::Sampler(const SamplerConfig& config) : config_(config), rng_(config.seed) {}
 
 int32_t Argmax(const float* logits, int vocab) {
-  int32_t best = 0;
-  for (int i = 1; i < vocab; ++i) {
-    if (logits[i] > logits[best]) best = i;
+  int32_t best = -1;
+  for (int i = 0; i < vocab; ++i) {
+    if (!std::isnan(logits[i]) && (best < 0 || logits[i] > logits[best])) best = i;
   }
-  return best;
+  return best < 0 ? 0 : best;
 }
 
 static double LogSumExp(const float* logits, int vocab) {

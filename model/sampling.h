@@ -33,7 +33,8 @@ class Sampler {
 // over a stable sort of the whole vocabulary, `rng` seeded like a Sampler's generator.
 int32_t SampleByWholeSort(const SamplerConfig& config, std::mt19937_64& rng, float* logits, int vocab);
 
-// Index of the largest logit (lowest index on ties).
+// Index of the largest logit (lowest index on ties; NaN is never taken; 0 when every logit is NaN).
+// kernels::LaunchArgmaxRows follows the same rule on the GPU.
 int32_t Argmax(const float* logits, int vocab);
 // log-softmax of the chosen token, and the top-n (token, logprob) pairs, best first.
 float LogProb(const float* logits, int vocab, int32_t token);

@@ -627,7 +627,19 @@ class Engine::Impl {
         ++decode_tokens;
       }
       model::KvCache* cache = j.is_extension ? j.session->cache.get() : j.cache.get();
-      items.push_back(model::ForwardItem{cache, inputs[i], false});
+      model::ForwardItem item{cache, inputs[i], false};
+      // What the step must return for the row: nothing before a prompt's last chunk (and for a
+      // session extension, which samples nothing); for a greedy request without a repetition
+      // penalty or log-probabilities, only its token (a GPU pass picks it on the device);
+      // otherwise the logits, for the Sampler.
+      const bool last_chunk = !j.prefilling() || j.prefilled + inputs[i].size() == j.prompt.size();
+      const SamplingParams& so = j.req.sampling;
+      if (j.is_extension || !last_chunk) {
+        item.output = model::ForwardItem::Output::kNone;
+      } else if (so.temperature <= 0.0f && so.repetition_penalty == 1.0f && !so.logprobs && so.top_logprobs == 0) {
+        item.output = model::ForwardItem::Output::kGreedy;
+      }
+      items.push_back(item);
       jobs.push_back(&j);
     }
     const auto t0 = Clock::now();
@@ -676,6 +688,8 @@ class Engine::Impl {
         for (auto [t, lp] : model::TopLogProbs(raw.data(), vocab, j.req.sampling.top_logprobs)) {
           ev.top_logprobs.push_back({t, lp});
         }
+      } else if (items[b].output == model::ForwardItem::Output::kGreedy) {
+        ev.token = items[b].greedy_token;  // what the Sampler picks at temperature 0, no penalty
       } else {
         ev.token = j.sampler->Sample(row, vocab, j.history);
       }

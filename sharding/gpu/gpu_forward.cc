@@ -20,6 +20,7 @@
 #include "kernels/kv_append.h"
 #include "kernels/merge_attention.h"
 #include "kernels/prefill_attention.h"
+#include "kernels/sampling.h"
 #include "kernels/reference/rope.h"
 #include "sharding/gpu/gpu_forward_impl.h"
 #include "sharding/gpu/gpu_kv_cache.h"
@@ -339,6 +340,26 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     }
   }
   const int R = static_cast<int>(gather.size());
+  // Logit rows that go to the host, as runs [first, end) of rows; the greedy tokens are picked on
+  // the device when any item wants only its token.
+  std::vector<std::pair<int, int>> copy_runs;
+  bool any_greedy = false;
+  {
+    int r = 0;
+    for (const model::ForwardItem& it : items) {
+      const int n = it.all_logits ? static_cast<int>(it.tokens.size()) : 1;
+      const bool want = it.all_logits || it.output == model::ForwardItem::Output::kLogits;
+      any_greedy |= !it.all_logits && it.output == model::ForwardItem::Output::kGreedy;
+      if (want) {
+        if (!copy_runs.empty() && copy_runs.back().second == r) {
+          copy_runs.back().second = r + n;
+        } else {
+          copy_runs.push_back({r, r + n});
+        }
+      }
+      r += n;
+    }
+  }
   bool gather_all = R == T;  // the logit rows are the step's rows in order (decode steps)
   for (int i = 0; i < R && gather_all; ++i) gather_all = gather[i] == i;
 
@@ -363,6 +384,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(m.sel.Ensure(static_cast<size_t>(R) * hidden * 4, s));
   KVQ_RETURN_IF_ERROR(m.sel_act.Ensure(static_cast<size_t>(R) * hidden * act, s));
   KVQ_RETURN_IF_ERROR(m.logits.Ensure(static_cast<size_t>(R) * vocab * 4, s));
+  if (any_greedy) KVQ_RETURN_IF_ERROR(m.greedy.Ensure(static_cast<size_t>(R) * 4, s));
   KVQ_RETURN_IF_ERROR(m.ws.Ensure(std::max<size_t>(ws_bytes, 16), s));
   if (xkv_bytes > 0) {
     KVQ_RETURN_IF_ERROR(m.xk.Ensure(xkv_bytes, s));
@@ -758,11 +780,13 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     KVQ_STEP(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype_, s));
     KVQ_STEP(gemm(R, vocab, hidden, m.sel_act.p, m.lm_head, m.logits.p, DType::kF32, 0.0f));
   }
+  if (any_greedy) KVQ_STEP(kernels::LaunchArgmaxRows(R, vocab, m.logits.as<float>(), vocab, m.greedy.as<int32_t>(), s));
     return absl::OkStatus();
   };
   {
     const absl::Status st =
-        graph ? m.graphs.Launch({T, attn[0].max_blocks, attn[0].splits, pool->id(), g_buffer_reallocs.load()}, s, enqueue)
+        graph ? m.graphs.Launch({T, attn[0].max_blocks, attn[0].splits, pool->id(), g_buffer_reallocs.load(), any_greedy},
+                                s, enqueue)
               : enqueue();
     if (!st.ok()) return fail(st);
   }
@@ -774,10 +798,20 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     if (!st_.ok()) return fail(st_);     \
   } while (0)
   logits->resize(static_cast<size_t>(R) * vocab);
-  KVQ_STEP(cudaMemcpyAsync(logits->data(), m.logits.p, static_cast<size_t>(R) * vocab * 4, cudaMemcpyDeviceToHost, s) ==
-                   cudaSuccess
-               ? absl::OkStatus()
-               : absl::InternalError("copy of logits"));
+  for (const auto& [r0, r1] : copy_runs) {
+    const size_t off = static_cast<size_t>(r0) * vocab, n = static_cast<size_t>(r1 - r0) * vocab * 4;
+    KVQ_STEP(cudaMemcpyAsync(logits->data() + off, m.logits.as<float>() + off, n, cudaMemcpyDeviceToHost, s) ==
+                     cudaSuccess
+                 ? absl::OkStatus()
+                 : absl::InternalError("copy of logits"));
+  }
+  std::vector<int32_t> greedy(any_greedy ? R : 0);
+  if (any_greedy) {
+    KVQ_STEP(cudaMemcpyAsync(greedy.data(), m.greedy.p, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, s) ==
+                     cudaSuccess
+                 ? absl::OkStatus()
+                 : absl::InternalError("copy of the greedy tokens"));
+  }
   int overflowed = 0;  // the append kernels' flag, read with the logits (no extra synchronize)
   if (pool != nullptr) {
     KVQ_STEP(cudaMemcpyAsync(&overflowed, pool->overflow_flag(), sizeof(int), cudaMemcpyDeviceToHost, s) ==
@@ -792,6 +826,11 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     }
   }
 #undef KVQ_STEP
+  for (size_t i = 0, r = 0; i < items.size(); ++i) {
+    model::ForwardItem& it = items[i];
+    if (!it.all_logits && it.output == model::ForwardItem::Output::kGreedy) it.greedy_token = greedy[r];
+    r += it.all_logits ? it.tokens.size() : 1;
+  }
   for (const It& e : its) {
     if (e.host != nullptr) {
       e.host->Commit(e.n);

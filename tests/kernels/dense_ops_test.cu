@@ -557,5 +557,49 @@ INSTANTIATE_TEST_SUITE_P(Grid, SamplingTest,
                                            SampleCase{1.3f, 0, 1.0f, 0.05f},  // min-p
                                            SampleCase{0.8f, 50, 0.8f, 0.02f}));
 
+// The serving step's greedy tokens: the lowest id among each row's largest values, NaN never
+// taken, over row strides wider than the vocabulary, vocabularies that are not whole 16-byte
+// loads (the scalar path) and the real models' sizes, with planted ties, NaNs and infinities.
+TEST(ArgmaxRows, LowestIdAmongTheMaxima) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  struct Case {
+    int rows, vocab;
+    int64_t stride;
+  };
+  for (const Case c : {Case{5, 49152, 0}, Case{3, 128256, 0}, Case{4, 32000, 32004}, Case{6, 1001, 1003},
+                       Case{2, 7, 0}, Case{33, 4096, 0}}) {
+    const int64_t stride = c.stride > 0 ? c.stride : c.vocab;
+    std::mt19937 rng(c.vocab + c.rows);
+    std::normal_distribution<float> nd(0.0f, 3.0f);
+    std::vector<float> logits(static_cast<size_t>(c.rows) * stride, 1e30f);  // padding is never read
+    for (int r = 0; r < c.rows; ++r) {
+      float* row = logits.data() + r * stride;
+      for (int i = 0; i < c.vocab; ++i) row[i] = nd(rng);
+      const int a = static_cast<int>(rng() % c.vocab), b = static_cast<int>(rng() % c.vocab);
+      switch (r % 4) {
+        case 0: row[a] = row[b] = 40.0f; break;                                 // a tie
+        case 1: row[a] = std::nanf(""); row[b] = 50.0f; break;                  // NaN beside the max
+        case 2: row[a] = INFINITY; row[b] = INFINITY; row[0] = std::nanf(""); break;
+        default: for (int i = 0; i < c.vocab; ++i) row[i] = -INFINITY; row[b] = std::nanf("");
+      }
+    }
+    DeviceBuffer<float> dl(logits);
+    DeviceBuffer<int32_t> dout(c.rows);
+    ASSERT_TRUE(kernels::LaunchArgmaxRows(c.rows, c.vocab, dl.get(), c.stride, dout.get(), nullptr).ok());
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    const auto got = dout.Download();
+    for (int r = 0; r < c.rows; ++r) {
+      const float* row = logits.data() + r * stride;
+      int want = -1;
+      for (int i = 0; i < c.vocab; ++i) {
+        if (!std::isnan(row[i]) && (want < 0 || row[i] > row[want])) want = i;
+      }
+      EXPECT_EQ(got[r], std::max(want, 0)) << "vocab " << c.vocab << " row " << r;
+    }
+  }
+  DeviceBuffer<int32_t> dout(1);
+  EXPECT_FALSE(kernels::LaunchArgmaxRows(1, 10, nullptr, 9, dout.get(), nullptr).ok());  // stride < vocab
+}
+
 }  // namespace
 }  // namespace kvq

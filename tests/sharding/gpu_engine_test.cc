@@ -21,6 +21,7 @@
 #include "model/fingerprint.h"
 #include "model/forward.h"
 #include "model/perplexity.h"
+#include "model/sampling.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 #include "sharding/engine.h"
@@ -441,6 +442,80 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
 // arithmetic noise gives a quantized cache on this model (see above; 1022 tokens: measured up to
 // 1.8%, the same size as CPU vs GPU forward over one quantizer), and within one block's key
 // outliers of the same bytes.
+// Serving steps that ask for only the greedy token of some rows (ForwardItem::Output::kGreedy,
+// picked on the device), nothing for others (kNone) and the logits for the rest: the tokens equal
+// model::Argmax of the logits that the same steps return with every row asking for logits, and
+// the rows still copied are those logits to the bit; with CUDA graphs and kernel by kernel.
+TEST(GpuForwardTest, GreedyTokensPickedOnTheDeviceEqualTheArgmaxOfTheLogits) {
+  KVQ_REQUIRE_GPU();
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  auto g16 = GpuForward::Create(Weights(), kernels::DType::kF16, stream);
+  ASSERT_TRUE(g16.ok()) << g16.status();
+  GpuForward& fwd = **g16;
+  const int vocab = Weights().config.vocab_size;
+  std::vector<std::vector<int32_t>> prompts;
+  for (const char* p : {"Name three colours.", "What is 2+2?", "Write a sentence about the moon."}) {
+    prompts.push_back(Tok().Encode(*Tok().ApplyChatTemplate({{"user", p}}, true), true, true));
+  }
+  using Out = model::ForwardItem::Output;
+  for (const std::string fmt : {"fp16", "nuq3-1%"}) {
+    for (const bool graphs : {true, false}) {
+      fwd.set_cuda_graphs(graphs);
+      auto gpu = MakeGpu(fmt);
+      std::vector<std::unique_ptr<model::KvCache>> ref, dev;
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        ref.push_back(std::move(*gpu->factory->Make(0)));
+        dev.push_back(std::move(*gpu->factory->Make(0)));
+      }
+      std::vector<int32_t> next(prompts.size());
+      // Prefill: the reference with logits; the other set picks its tokens on the device.
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        std::vector<float> lr, ld;
+        model::ForwardItem a{ref[i].get(), prompts[i], false};
+        model::ForwardItem d{dev[i].get(), prompts[i], false};
+        d.output = Out::kGreedy;
+        ASSERT_TRUE(fwd.Run(absl::MakeSpan(&a, 1), {}, &lr).ok());
+        ASSERT_TRUE(fwd.Run(absl::MakeSpan(&d, 1), {}, &ld).ok());
+        next[i] = model::Argmax(lr.data(), vocab);
+        EXPECT_EQ(d.greedy_token, next[i]) << fmt << " prompt " << i;
+      }
+      int checked = 0;
+      for (int step = 0; step < 12; ++step) {
+        std::vector<model::ForwardItem> ra, da;
+        for (size_t i = 0; i < prompts.size(); ++i) {
+          ra.push_back({ref[i].get(), absl::MakeConstSpan(&next[i], 1), false});
+          da.push_back({dev[i].get(), absl::MakeConstSpan(&next[i], 1), false});
+          // Rotating roles: row (step + i) % 3 == 0 wants logits, 1 its greedy token, 2 nothing
+          // (except every fourth step, when all rows want their token).
+          const int role = step % 4 == 3 ? 1 : static_cast<int>((step + i) % 3);
+          da.back().output = role == 0 ? Out::kLogits : role == 1 ? Out::kGreedy : Out::kNone;
+        }
+        std::vector<float> lr, ld;
+        ASSERT_TRUE(fwd.Run(absl::MakeSpan(ra), {}, &lr).ok());
+        ASSERT_TRUE(fwd.Run(absl::MakeSpan(da), {}, &ld).ok());
+        ASSERT_EQ(lr.size(), prompts.size() * vocab);
+        ASSERT_EQ(ld.size(), lr.size());
+        for (size_t i = 0; i < prompts.size(); ++i) {
+          const float* row = lr.data() + i * vocab;
+          const int32_t want = model::Argmax(row, vocab);
+          if (da[i].output == Out::kGreedy) {
+            EXPECT_EQ(da[i].greedy_token, want) << fmt << " step " << step << " row " << i;
+            ++checked;
+          } else if (da[i].output == Out::kLogits) {
+            EXPECT_TRUE(std::equal(row, row + vocab, ld.data() + i * vocab)) << fmt << " step " << step << " row " << i;
+          }
+          next[i] = want;
+        }
+      }
+      std::printf("[gpu-fwd] %-8s graphs %s: %d greedy tokens picked on the device, all equal to the argmax of "
+                  "the logits\n", fmt.c_str(), graphs ? "on" : "off", checked);
+    }
+  }
+  fwd.set_cuda_graphs(true);
+  cudaStreamDestroy(stream);
+}
+
 TEST(GpuForwardTest, EvaluationModePerplexityMatchesTheCpu) {
   KVQ_REQUIRE_GPU();
   cudaStream_t stream;
