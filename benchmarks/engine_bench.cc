@@ -78,8 +78,11 @@ ABSL_FLAG(std::string, ab, "",
           "(set_decode_gemv: decode GEMV kernels with the RMSNorm / SwiGLU input stages), pdl "
           "(set_programmatic_launch: programmatic dependent launch of kvq's kernels), append (set_parallel_append: the "
           "key and value appends on side streams beside the RoPE), stacked (set_stacked_qkv: one q/k/v GEMM for batched "
-          "decode steps), greedy (the step's tokens picked on the device, 4 bytes per row to the host, or from the "
-          "logits copied to the host and model::Argmax there)");
+          "decode steps), pick (the step's tokens picked on the device, 4 bytes per row to the host, or from the "
+          "logits copied to the host by model::Argmax / model::Sampler there)");
+ABSL_FLAG(float, temperature, 0.0f, "decode: > 0 samples each step's tokens (with --top_k, --top_p) instead of greedy");
+ABSL_FLAG(int, top_k, 0, "decode: top-k of the sampled steps (0 = off)");
+ABSL_FLAG(float, top_p, 1.0f, "decode: top-p of the sampled steps (1 = off)");
 ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
@@ -203,30 +206,37 @@ int64_t Fill(Setup& st, sharding::GpuKvCache* cache, int64_t n, uint64_t seed) {
   return cache->length();
 }
 
-// How a decode step's tokens are chosen (--ab=greedy flips it): on the device (the engine's path
-// for greedy requests: ForwardItem::Output::kGreedy, 4 bytes per row to the host), or from the
-// logits copied to the host and model::Argmax there (the path before 2026-12-02, and still that of
-// requests that sample, penalise repetition or return log-probabilities).
-bool g_greedy_on_device = true;
+// How a decode step's tokens are chosen (--ab=pick flips it): on the device (the engine's path
+// for requests without a repetition penalty: ForwardItem::Output::kGreedy or kSample, 4 bytes per
+// row to the host), or from the logits copied to the host, by model::Argmax or a model::Sampler
+// per row there (the path before 2026-12-02, and still that of requests with a penalty).
+bool g_pick_on_device = true;
 
-// Median seconds of `steps` decode steps of `caches` (one token each, chosen greedily), after 2
-// warm-up steps.
+// Median seconds of `steps` decode steps of `caches` (one token each, greedy or sampled as
+// --temperature/--top_k/--top_p say), after 2 warm-up steps.
 double DecodeSeconds(Setup& st, std::vector<std::unique_ptr<model::KvCache>>& caches, int steps) {
   std::vector<std::vector<int32_t>> tok(caches.size(), std::vector<int32_t>{17});
   std::vector<float> logits;
   std::vector<double> t;
   const int vocab = st.fwd->config().vocab_size;
-  int64_t sum = 0;  // of the chosen tokens (keeps the host argmax from being optimised away)
+  const float temperature = absl::GetFlag(FLAGS_temperature);
+  const model::SamplerConfig sc{temperature, absl::GetFlag(FLAGS_top_p), absl::GetFlag(FLAGS_top_k)};
+  std::vector<model::Sampler> samplers(caches.size(), model::Sampler(sc));
+  const std::vector<int32_t> history;
+  int64_t sum = 0;  // of the chosen tokens (keeps the host's choice from being optimised away)
   for (int i = 0; i < steps + 2; ++i) {
     std::vector<model::ForwardItem> items;
     for (size_t b = 0; b < caches.size(); ++b) {
       items.push_back({caches[b].get(), tok[b], false});
-      if (g_greedy_on_device) items.back().output = model::ForwardItem::Output::kGreedy;
+      if (g_pick_on_device) {
+        items.back().output = temperature > 0.0f ? model::ForwardItem::Output::kSample : model::ForwardItem::Output::kGreedy;
+        items.back().sample = {temperature, sc.top_k, sc.top_p, 0.0f, 1000 + b, static_cast<uint64_t>(i)};
+      }
     }
     const double t0 = Now();
     CHECK_OK(st.fwd->Run(absl::MakeSpan(items), {}, &logits));
     for (size_t b = 0; b < caches.size(); ++b) {
-      sum += g_greedy_on_device ? items[b].greedy_token : model::Argmax(logits.data() + b * vocab, vocab);
+      sum += g_pick_on_device ? items[b].token : samplers[b].Sample(logits.data() + b * vocab, vocab, history);
     }
     if (i >= 2) t.push_back(Now() - t0);
   }
@@ -335,7 +345,7 @@ int Main() {
       fwd_switch("stacked", &F::stacked_qkv, &F::set_stacked_qkv),
       fwd_switch("gemv", &F::decode_gemv, &F::set_decode_gemv),
       fwd_switch("pdl", &F::programmatic_launch, &F::set_programmatic_launch),
-      Switch{"greedy", [] { return g_greedy_on_device; }, [](bool on) { g_greedy_on_device = on; }},
+      Switch{"pick", [] { return g_pick_on_device; }, [](bool on) { g_pick_on_device = on; }},
   };
   std::vector<Switch> ab;
   for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_ab), ',', absl::SkipEmpty())) {

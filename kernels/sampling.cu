@@ -1,6 +1,10 @@
 // Sampling kernel (math in sampling.h). One CTA of kThreads per sequence; every pass over the
-// vocabulary recomputes e_i = exp((l_i - max) / T) (no scratch memory). Threads own contiguous
-// id ranges so that the final prefix walk is in id order and deterministic.
+// vocabulary recomputes e_i = exp2((l_i - max) * log2(e) / T) (no scratch memory). The thresholds
+// are radix selects over the fp32 bits of e (non-negative floats order like their bits), 8 bits
+// per pass: a count histogram for top-k, a mass histogram for top-p. Masses are fixed point
+// (units of 2^-32 of the largest, integer sums), so every sum is the same whatever the order of the adds: the
+// token depends only on the logits and (seed, step). Threads own contiguous id ranges for the
+// final walk, which is in id order.
 #include "kernels/sampling.h"
 
 #include <math_constants.h>
@@ -16,6 +20,8 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr float kMassScale = 4294967296.0f;  // 2^32
+constexpr int kMaxVocab = 1 << 20;              // keeps a warp's histogram halves within 32 bits
 
 template <typename T, typename Op>
 __device__ T BlockReduce(T v, Op op, T* scratch) {
@@ -42,104 +48,213 @@ struct MaxI {
   __device__ int operator()(int a, int b) const { return a > b ? a : b; }
 };
 
+__device__ __forceinline__ unsigned long long MassOf(float e) {
+  return static_cast<unsigned long long>(__float2ull_rn(e * kMassScale));
+}
+
+// Shared memory of the radix passes: per warp a 256-bin histogram in two 32-bit halves (amount
+// >> 16 and amount & 0xffff: native 32-bit shared atomics, no carries: a warp sees at most
+// kMaxVocab / kWarps elements of at most 2^16 per half), their sums, and the pass's answer.
+struct RadixSmem {
+  uint32_t warp_hist[kWarps][2][256];
+  unsigned long long hist[256];
+  int digit;
+  unsigned long long above;
+};
+
+// One radix pass: the digit (bits [shift, shift + 8) of e's bits) of the elements whose higher
+// bits equal `prefix` (under `mask`), whose e >= floor (and, for masses, whose mass is not 0), at
+// which the amount (count or mass) summed from the top digit down first reaches `need`; the
+// amount above that digit in *above.
+template <bool kMass>
+__device__ int RadixDigit(const float* lg, int V, float mx, float k2, uint32_t prefix, uint32_t mask, int shift,
+                          float floor, unsigned long long need, RadixSmem& sm, unsigned long long* above) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t* hi = sm.warp_hist[warp][0];
+  uint32_t* lo = sm.warp_hist[warp][1];
+  for (int i = lane; i < 256; i += 32) hi[i] = lo[i] = 0;
+  __syncwarp();
+  for (int base = 0; base < V; base += kThreads) {
+    const int i = base + static_cast<int>(threadIdx.x);
+    if (i >= V) break;
+    const float e = exp2f((lg[i] - mx) * k2);
+    const uint32_t bits = __float_as_uint(e);
+    const unsigned long long amount = kMass ? MassOf(e) : 1ull;
+    if (e >= floor && (bits & mask) == prefix && amount != 0) {
+      const int bucket = static_cast<int>((bits >> shift) & 0xffu);
+      if (kMass) {
+        atomicAdd(hi + bucket, static_cast<uint32_t>(amount >> 16));
+        atomicAdd(lo + bucket, static_cast<uint32_t>(amount & 0xffffu));
+      } else {
+        atomicAdd(lo + bucket, 1u);
+      }
+    }
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < 256; d += kThreads) {
+    unsigned long long t = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      t += (static_cast<unsigned long long>(sm.warp_hist[w][0][d]) << 16) + sm.warp_hist[w][1][d];
+    }
+    sm.hist[d] = t;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {  // warp 0: lane l holds bins 255 - 8l ... 248 - 8l (top first)
+    unsigned long long part[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      part[j] = sm.hist[255 - 8 * lane - j];
+      sum += part[j];
+    }
+    unsigned long long incl = sum;  // inclusive scan over lanes (from the top digit down)
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const unsigned long long t = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += t;
+    }
+    const unsigned long long excl = incl - sum;
+    const bool here = excl < need && incl >= need;  // exactly one lane when the total reaches need
+    const uint32_t who = __ballot_sync(0xffffffffu, here);
+    if (here) {
+      unsigned long long run = excl;
+      int d = 255 - 8 * lane;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (run + part[j] >= need) {
+          d = 255 - 8 * lane - j;
+          break;
+        }
+        run += part[j];
+      }
+      sm.digit = d;
+      sm.above = run;
+    }
+    if (who == 0 && lane == 0) {  // need exceeds the total (cannot happen for valid inputs)
+      sm.digit = 0;
+      sm.above = 0;
+    }
+  }
+  __syncthreads();
+  *above = sm.above;
+  return sm.digit;
+}
+
+// The largest value t among the e_i >= floor whose amount at or above t (count, or mass) reaches
+// need: the need-th largest e (counts), or the top-p threshold (masses).
+template <bool kMass>
+__device__ float RadixSelect(const float* lg, int V, float mx, float k2, float floor, unsigned long long need,
+                             RadixSmem& sm) {
+  uint32_t prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    unsigned long long above = 0;
+    const int d = RadixDigit<kMass>(lg, V, mx, k2, prefix, mask, shift, floor, need, sm, &above);
+    prefix |= static_cast<uint32_t>(d) << shift;
+    mask |= 0xffu << shift;
+    need -= above;
+  }
+  return __uint_as_float(prefix);
+}
+
 __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams p) {
   __shared__ float fscratch[kWarps];
   __shared__ int iscratch[kWarps];
-  __shared__ float scan_s[kWarps];
+  __shared__ unsigned long long uscratch[kWarps];
+  __shared__ unsigned long long scan_s[kWarps];
+  __shared__ RadixSmem radix;
   const int b = blockIdx.x;
   const int64_t stride = p.logits_row_stride > 0 ? p.logits_row_stride : p.vocab;
   const float* lg = p.logits + b * stride;
   const int V = p.vocab;
-  const int chunk = (V + kThreads - 1) / kThreads;
-  const int i0 = min(V, static_cast<int>(threadIdx.x) * chunk), i1 = min(V, i0 + chunk);
 
   float mx = -CUDART_INF_F;
-  for (int i = i0; i < i1; ++i) mx = fmaxf(mx, lg[i]);
+  for (int i = threadIdx.x; i < V; i += kThreads) mx = fmaxf(mx, lg[i]);
   mx = BlockReduce(mx, Max(), fscratch);
   const float temp = p.temperature[b];
   if (!(temp > 0.0f)) {  // greedy: lowest id among the maxima
     int best = V;
-    for (int i = i0; i < i1; ++i) {
-      if (lg[i] == mx) { best = i; break; }
+    for (int i = threadIdx.x; i < V; i += kThreads) {
+      if (lg[i] == mx) {
+        best = i;
+        break;
+      }
     }
     best = BlockReduce(best, MinI(), iscratch);
     if (threadIdx.x == 0) p.tokens[b] = best < V ? best : 0;
     return;
   }
-  const float inv_t = 1.0f / temp;
-  auto e_of = [&](int i) { return expf((lg[i] - mx) * inv_t); };
-  auto count_ge = [&](float tau) {
-    int c = 0;
-    for (int i = i0; i < i1; ++i) c += e_of(i) >= tau ? 1 : 0;
-    return BlockReduce(c, Sum(), iscratch);
-  };
-  auto mass_ge = [&](float tau) {
-    float s = 0.0f;
-    for (int i = i0; i < i1; ++i) {
-      const float e = e_of(i);
-      s += e >= tau ? e : 0.0f;
-    }
-    return BlockReduce(s, Sum(), fscratch);
-  };
+  const float k2 = CUDART_L2E_F / temp;  // e_i = exp2((l_i - max) * k2)
 
   float tau = 0.0f;
   const int k = p.top_k != nullptr ? p.top_k[b] : 0;
-  if (k > 0 && k < V) {
-    uint32_t lo = 0, hi = 0x3f800001u;  // count(e >= 0) = V >= k; count(e > 1) = 0 < k
-    while (hi - lo > 1) {
-      const uint32_t mid = lo + (hi - lo) / 2;
-      if (count_ge(__uint_as_float(mid)) >= k) lo = mid; else hi = mid;
-    }
-    tau = __uint_as_float(lo);
-  }
+  if (k > 0 && k < V) tau = RadixSelect<false>(lg, V, mx, k2, 0.0f, static_cast<unsigned long long>(k), radix);
   const float top_p = p.top_p != nullptr ? p.top_p[b] : 1.0f;
   if (top_p < 1.0f) {
-    const float target = top_p * mass_ge(tau);
-    uint32_t lo = __float_as_uint(tau), hi = 0x3f800001u;
-    while (hi - lo > 1) {
-      const uint32_t mid = lo + (hi - lo) / 2;
-      if (mass_ge(__uint_as_float(mid)) >= target) lo = mid; else hi = mid;
+    unsigned long long kept = 0;
+    for (int i = threadIdx.x; i < V; i += kThreads) {
+      const float e = exp2f((lg[i] - mx) * k2);
+      kept += e >= tau ? MassOf(e) : 0ull;
     }
-    tau = __uint_as_float(lo);
+    kept = BlockReduce(kept, Sum(), uscratch);
+    unsigned long long target = static_cast<unsigned long long>(static_cast<double>(top_p) * static_cast<double>(kept));
+    if (target == 0) target = 1;
+    // Every e below t0 = (1 - top_p) kept / (2 V) (in units of e) is below the threshold: those
+    // elements together weigh less than kept - target, so the threshold's mass is reached above
+    // them. The passes skip them (most of a peaked distribution). The factor 2 and the 4 V
+    // guard cover the rounding of each mass to an integer.
+    float floor_p = tau;
+    const double slack = (1.0 - static_cast<double>(top_p)) * static_cast<double>(kept);
+    if (slack > 4.0 * V) {
+      floor_p = fmaxf(tau, static_cast<float>(0.5 * slack / (static_cast<double>(V) * kMassScale)) * 0.999f);
+    }
+    tau = RadixSelect<true>(lg, V, mx, k2, floor_p, target, radix);
   }
   const float min_p = p.min_p != nullptr ? p.min_p[b] : 0.0f;
   tau = fmaxf(tau, min_p);
 
-  // Prefix walk in id order over the kept tokens.
-  float mine = 0.0f;
+  // Walk in id order over the kept tokens: thread t owns ids [t * chunk, (t + 1) * chunk).
+  const int chunk = (V + kThreads - 1) / kThreads;
+  const int i0 = min(V, static_cast<int>(threadIdx.x) * chunk), i1 = min(V, i0 + chunk);
+  unsigned long long mine = 0;
   int last_kept = -1;
   for (int i = i0; i < i1; ++i) {
-    const float e = e_of(i);
-    if (e >= tau) { mine += e; last_kept = i; }
+    const float e = exp2f((lg[i] - mx) * k2);
+    if (e >= tau) {
+      mine += MassOf(e);
+      last_kept = i;
+    }
   }
-  // Exclusive scan of the per-thread masses: warp scan, then warp totals.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float incl = mine;
+  unsigned long long incl = mine;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
-    const float t = __shfl_up_sync(0xffffffffu, incl, off);
+    const unsigned long long t = __shfl_up_sync(0xffffffffu, incl, off);
     if (lane >= off) incl += t;
   }
   if (lane == 31) scan_s[warp] = incl;
   __syncthreads();
-  float warp_base = 0.0f, total = 0.0f;
+  unsigned long long warp_base = 0, total = 0;
   for (int w = 0; w < kWarps; ++w) {
     if (w < warp) warp_base += scan_s[w];
     total += scan_s[w];
   }
-  const float excl = warp_base + incl - mine;
-  const float target = SamplingUniform(p.seed[b], p.step[b]) * total;
+  const unsigned long long excl = warp_base + incl - mine;
+  // u in [0, 1) with 24 bits: target = floor(u * total), exact in integers.
+  const float u = SamplingUniform(p.seed[b], p.step[b]);
+  const unsigned long long u24 = static_cast<unsigned long long>(u * 16777216.0f);
+  const unsigned long long target = __umul64hi(u24 << 40, total);  // (u24 * total) >> 24
   int found = V;
-  if (mine > 0.0f && excl <= target && target < excl + mine) {
-    float run = excl;
+  if (mine > 0 && excl <= target && target < excl + mine) {
+    unsigned long long run = excl;
     for (int i = i0; i < i1; ++i) {
-      const float e = e_of(i);
+      const float e = exp2f((lg[i] - mx) * k2);
       if (e >= tau) {
-        run += e;
-        if (run > target) { found = i; break; }
+        run += MassOf(e);
+        if (run > target) {
+          found = i;
+          break;
+        }
       }
     }
-    if (found == V) found = last_kept;  // rounding at the end of this thread's range
   }
   found = BlockReduce(found, MinI(), iscratch);
   const int last = BlockReduce(last_kept, MaxI(), iscratch);
@@ -231,7 +346,7 @@ absl::Status LaunchArgmaxRows(int rows, int vocab, const float* logits, int64_t 
 }
 
 absl::Status LaunchSampling(const SamplingParams& p, cudaStream_t stream) {
-  if (p.batch < 0 || p.vocab <= 0 || (p.logits_row_stride != 0 && p.logits_row_stride < p.vocab)) {
+  if (p.batch < 0 || p.vocab <= 0 || p.vocab > kMaxVocab || (p.logits_row_stride != 0 && p.logits_row_stride < p.vocab)) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchSampling: batch ", p.batch, ", vocab ",
                                                    p.vocab, ", row stride ", p.logits_row_stride));
   }

@@ -8,7 +8,9 @@
 //     min_p  (0 = off): keep e_i >= min_p (= min_p * p_max / p_max);
 //   then draw u = SamplingUniform(seed, step) (Philox4x32-10, kernels/philox.h) and return the
 //   first kept token id i (in id order) whose running kept mass exceeds u * (kept mass).
-// Thresholds are found by bisection on the fp32 bits of e (exact: they are values of e).
+// Thresholds are found by radix selection on the fp32 bits of e (exact: they are values of e);
+// masses (top_p and the draw) are sums of e in fixed point, units of 2^-32 (order-independent);
+// vocab <= 2^20.
 // Reference: kernels/reference/sampling.h.
 #pragma once
 

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "common/status.h"
+#include "kernels/reference/dense_ops.h"
 #include "model/sampling.h"
 
 namespace kvq::model {
@@ -532,8 +533,13 @@ absl::Status Forward::Run(absl::Span<ForwardItem> items, const ForwardOptions& o
   for (size_t i = 0, r = 0; i < items.size(); ++i) {
     ForwardItem& it = items[i];
     const size_t n = it.all_logits ? it.tokens.size() : 1;
-    if (!it.all_logits && it.output == ForwardItem::Output::kGreedy) {
-      it.greedy_token = Argmax(logits->data() + r * c.vocab_size, c.vocab_size);
+    const float* row = logits->data() + r * c.vocab_size;
+    if (it.wants_token() && it.output == ForwardItem::Output::kSample && it.sample.temperature > 0.0f) {
+      const ForwardItem::Sample& sp = it.sample;
+      it.token = kernels::SampleReference(
+          row, c.vocab_size, kernels::SamplingRefConfig{sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, sp.step});
+    } else if (it.wants_token()) {
+      it.token = Argmax(row, c.vocab_size);
     }
     r += n;
   }

@@ -183,13 +183,28 @@ struct ForwardItem {
   bool all_logits = false;                // logits for every new token, else the last only
   // What the step returns for the item's last token when all_logits is false (serving):
   //   kLogits: its row of logits (the default);
-  //   kGreedy: only its greedy token, model::Argmax of that row, in `greedy_token`; its row in
-  //            the logits is left unspecified (a GPU pass picks the token on the device and copies
-  //            4 bytes instead of the row);
-  //   kNone:   nothing (a prefill chunk before the prompt's last one); the row is unspecified.
-  enum class Output { kLogits, kGreedy, kNone };
+  //   kGreedy: its greedy token, model::Argmax of that row, in `token`;
+  //   kSample: a token drawn by the rule of kernels/sampling.h with `sample` (temperature, top-k,
+  //            top-p, min-p; the Philox uniform of (seed, step)) in `token`;
+  //   kNone:   nothing (a prefill chunk before the prompt's last one).
+  // With kGreedy and kSample the row in `logits` is left unspecified unless `also_logits` (e.g. for
+  // log-probabilities): a GPU pass picks the token on the device and copies 4 bytes, not the row.
+  enum class Output { kLogits, kGreedy, kSample, kNone };
+  struct Sample {
+    float temperature = 1.0f;  // > 0 (<= 0 picks the greedy token)
+    int top_k = 0;             // 0 = off
+    float top_p = 1.0f;        // 1 = off
+    float min_p = 0.0f;        // 0 = off
+    uint64_t seed = 0;
+    uint64_t step = 0;         // the draw's counter, e.g. the index of the token in its generation
+  };
   Output output = Output::kLogits;
-  int32_t greedy_token = -1;  // out, with Output::kGreedy
+  bool also_logits = false;
+  Sample sample;
+  int32_t token = -1;  // out, with kGreedy and kSample
+  // Whether the step returns the item's logits row(s) / picks a token for it.
+  bool wants_logits() const { return all_logits || output == Output::kLogits || also_logits; }
+  bool wants_token() const { return !all_logits && (output == Output::kGreedy || output == Output::kSample); }
 };
 
 struct ForwardOptions {

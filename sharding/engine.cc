@@ -629,15 +629,18 @@ class Engine::Impl {
       model::KvCache* cache = j.is_extension ? j.session->cache.get() : j.cache.get();
       model::ForwardItem item{cache, inputs[i], false};
       // What the step must return for the row: nothing before a prompt's last chunk (and for a
-      // session extension, which samples nothing); for a greedy request without a repetition
-      // penalty or log-probabilities, only its token (a GPU pass picks it on the device);
-      // otherwise the logits, for the Sampler.
+      // session extension, which samples nothing); without a repetition penalty, the token alone,
+      // greedy or drawn by the rule of kernels/sampling.h with the Philox uniform of (seed, index
+      // of the token) (a GPU pass picks it on the device; the row too when log-probabilities are
+      // asked for); with a penalty, the logits for the request's Sampler.
       const bool last_chunk = !j.prefilling() || j.prefilled + inputs[i].size() == j.prompt.size();
       const SamplingParams& so = j.req.sampling;
       if (j.is_extension || !last_chunk) {
         item.output = model::ForwardItem::Output::kNone;
-      } else if (so.temperature <= 0.0f && so.repetition_penalty == 1.0f && !so.logprobs && so.top_logprobs == 0) {
-        item.output = model::ForwardItem::Output::kGreedy;
+      } else if (so.repetition_penalty == 1.0f) {
+        item.output = so.temperature > 0.0f ? model::ForwardItem::Output::kSample : model::ForwardItem::Output::kGreedy;
+        item.sample = {so.temperature, so.top_k, so.top_p, so.min_p, so.seed, static_cast<uint64_t>(j.generated)};
+        item.also_logits = so.logprobs || so.top_logprobs > 0;
       }
       items.push_back(item);
       jobs.push_back(&j);
@@ -681,17 +684,14 @@ class Engine::Impl {
       j.usage.kv_bytes = std::max(j.usage.kv_bytes, j.cache->bytes());
       TokenEvent ev;
       ev.index = j.generated;
-      if (j.req.sampling.logprobs || j.req.sampling.top_logprobs > 0) {
-        std::vector<float> raw(row, row + vocab);
-        ev.token = j.sampler->Sample(row, vocab, j.history);
-        if (j.req.sampling.logprobs) ev.logprob = model::LogProb(raw.data(), vocab, ev.token);
-        for (auto [t, lp] : model::TopLogProbs(raw.data(), vocab, j.req.sampling.top_logprobs)) {
-          ev.top_logprobs.push_back({t, lp});
-        }
-      } else if (items[b].output == model::ForwardItem::Output::kGreedy) {
-        ev.token = items[b].greedy_token;  // what the Sampler picks at temperature 0, no penalty
-      } else {
-        ev.token = j.sampler->Sample(row, vocab, j.history);
+      const bool want_lp = j.req.sampling.logprobs || j.req.sampling.top_logprobs > 0;
+      std::vector<float> raw;  // the row before the Sampler's penalty
+      if (want_lp && !items[b].wants_token()) raw.assign(row, row + vocab);
+      ev.token = items[b].wants_token() ? items[b].token : j.sampler->Sample(row, vocab, j.history);
+      if (want_lp) {
+        const float* lr = raw.empty() ? row : raw.data();
+        if (j.req.sampling.logprobs) ev.logprob = model::LogProb(lr, vocab, ev.token);
+        for (auto [t, lp] : model::TopLogProbs(lr, vocab, j.req.sampling.top_logprobs)) ev.top_logprobs.push_back({t, lp});
       }
       const bool stop = std::find(j.stops.begin(), j.stops.end(), ev.token) != j.stops.end();
       if (stop) {

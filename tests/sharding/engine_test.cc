@@ -111,6 +111,41 @@ TEST_F(EngineTest, ConcurrentRequestsGiveTheSameTokensAsSequentialOnes) {
   EXPECT_EQ(engine_->Stats().kv_bytes_used, 0);
 }
 
+// Sampled requests (temperature > 0, no repetition penalty) draw with the Philox uniform of
+// (seed, token index): run again, the same tokens; beside a copy of itself that asks for
+// log-probabilities (the row is copied too, the draw must not change), the same tokens; another
+// seed, other tokens. (Short prompts: each is prefilled in one chunk of the same step, so the rows
+// of one batch see the same arithmetic.)
+TEST_F(EngineTest, SampledTokensDependOnTheSeedNotOnLogprobs) {
+  auto sampled = [&](const std::string& p, uint64_t seed, bool logprobs) {
+    auto sink = std::make_shared<CollectingSink>();
+    GenerateRequest r;
+    r.prompt = engine_->tokenizer().Encode(p, true, false);
+    r.sampling.max_tokens = 16;
+    r.sampling.temperature = 1.2f;
+    r.sampling.top_p = 0.95f;
+    r.sampling.seed = seed;
+    r.sampling.logprobs = logprobs;
+    r.sampling.ignore_eos = true;
+    r.sink = sink;
+    EXPECT_TRUE(engine_->Enqueue(std::move(r)).ok());
+    return sink;
+  };
+  const std::string prompt = "The sea at night is";
+  std::vector<std::vector<int32_t>> runs;
+  for (int rep = 0; rep < 2; ++rep) {
+    std::vector<std::shared_ptr<CollectingSink>> batch = {sampled(prompt, 42, false), sampled(prompt, 42, true),
+                                                          sampled(prompt, 43, false), sampled("Two plus two", 7, false)};
+    for (auto& s : batch) s->Wait();
+    ASSERT_EQ(batch[0]->tokens().size(), 16u);
+    EXPECT_EQ(batch[1]->tokens(), batch[0]->tokens()) << "with logprobs";
+    EXPECT_NE(batch[2]->tokens(), batch[0]->tokens()) << "another seed";
+    runs.push_back(batch[0]->tokens());
+  }
+  EXPECT_EQ(runs[1], runs[0]) << "run again";
+  EXPECT_EQ(engine_->Stats().kv_bytes_used, 0);
+}
+
 TEST_F(EngineTest, PrefillProgressIsReportedPerChunk) {
   auto s = Run(Chat("Tell me about the sea in one sentence."), 2);
   s->Wait();

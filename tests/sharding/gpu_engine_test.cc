@@ -22,6 +22,7 @@
 #include "model/forward.h"
 #include "model/perplexity.h"
 #include "model/sampling.h"
+#include "kernels/reference/dense_ops.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 #include "sharding/engine.h"
@@ -443,10 +444,11 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
 // 1.8%, the same size as CPU vs GPU forward over one quantizer), and within one block's key
 // outliers of the same bytes.
 // Serving steps that ask for only the greedy token of some rows (ForwardItem::Output::kGreedy,
-// picked on the device), nothing for others (kNone) and the logits for the rest: the tokens equal
-// model::Argmax of the logits that the same steps return with every row asking for logits, and
-// the rows still copied are those logits to the bit; with CUDA graphs and kernel by kernel.
-TEST(GpuForwardTest, GreedyTokensPickedOnTheDeviceEqualTheArgmaxOfTheLogits) {
+// picked on the device), a sampled token of others (kSample), nothing (kNone) or the logits: the
+// greedy tokens equal model::Argmax of the logits that the same steps return with every row
+// asking for logits, the sampled ones kernels::SampleReference on those logits, and the rows still
+// copied are those logits to the bit; with CUDA graphs and kernel by kernel.
+TEST(GpuForwardTest, TokensPickedOnTheDeviceEqualTheirRulesOnTheLogits) {
   KVQ_REQUIRE_GPU();
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
@@ -478,18 +480,23 @@ TEST(GpuForwardTest, GreedyTokensPickedOnTheDeviceEqualTheArgmaxOfTheLogits) {
         ASSERT_TRUE(fwd.Run(absl::MakeSpan(&a, 1), {}, &lr).ok());
         ASSERT_TRUE(fwd.Run(absl::MakeSpan(&d, 1), {}, &ld).ok());
         next[i] = model::Argmax(lr.data(), vocab);
-        EXPECT_EQ(d.greedy_token, next[i]) << fmt << " prompt " << i;
+        EXPECT_EQ(d.token, next[i]) << fmt << " prompt " << i;
       }
-      int checked = 0;
+      int checked = 0, sampled = 0;
       for (int step = 0; step < 12; ++step) {
         std::vector<model::ForwardItem> ra, da;
         for (size_t i = 0; i < prompts.size(); ++i) {
           ra.push_back({ref[i].get(), absl::MakeConstSpan(&next[i], 1), false});
           da.push_back({dev[i].get(), absl::MakeConstSpan(&next[i], 1), false});
-          // Rotating roles: row (step + i) % 3 == 0 wants logits, 1 its greedy token, 2 nothing
-          // (except every fourth step, when all rows want their token).
-          const int role = step % 4 == 3 ? 1 : static_cast<int>((step + i) % 3);
-          da.back().output = role == 0 ? Out::kLogits : role == 1 ? Out::kGreedy : Out::kNone;
+          // Rotating roles: row (step + i) % 4 == 0 wants logits, 1 its greedy token, 2 a sampled
+          // token (and its logits at odd steps), 3 nothing (except every fifth step, when all
+          // rows want their greedy token).
+          const int role = step % 5 == 4 ? 1 : static_cast<int>((step + i) % 4);
+          model::ForwardItem& it = da.back();
+          it.output = role == 0 ? Out::kLogits : role == 1 ? Out::kGreedy : role == 2 ? Out::kSample : Out::kNone;
+          it.sample = {0.8f + 0.1f * static_cast<float>(i), i == 1 ? 50 : 0, i == 2 ? 1.0f : 0.9f, i == 0 ? 0.02f : 0.0f,
+                       1234 + i, static_cast<uint64_t>(step)};
+          it.also_logits = role == 2 && step % 2 == 1;
         }
         std::vector<float> lr, ld;
         ASSERT_TRUE(fwd.Run(absl::MakeSpan(ra), {}, &lr).ok());
@@ -500,19 +507,30 @@ TEST(GpuForwardTest, GreedyTokensPickedOnTheDeviceEqualTheArgmaxOfTheLogits) {
           const float* row = lr.data() + i * vocab;
           const int32_t want = model::Argmax(row, vocab);
           if (da[i].output == Out::kGreedy) {
-            EXPECT_EQ(da[i].greedy_token, want) << fmt << " step " << step << " row " << i;
+            EXPECT_EQ(da[i].token, want) << fmt << " step " << step << " row " << i;
             ++checked;
-          } else if (da[i].output == Out::kLogits) {
+          } else if (da[i].output == Out::kSample) {
+            // The kernel's rule in fp32 against its double reference on the same logits.
+            const model::ForwardItem::Sample& sp = da[i].sample;
+            const int32_t ref_tok = kernels::SampleReference(
+                row, vocab, kernels::SamplingRefConfig{sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, sp.step});
+            EXPECT_EQ(da[i].token, ref_tok) << fmt << " step " << step << " row " << i << " (sampled)";
+            ++sampled;
+          }
+          if (da[i].wants_logits()) {
             EXPECT_TRUE(std::equal(row, row + vocab, ld.data() + i * vocab)) << fmt << " step " << step << " row " << i;
           }
           next[i] = want;
         }
       }
-      std::printf("[gpu-fwd] %-8s graphs %s: %d greedy tokens picked on the device, all equal to the argmax of "
-                  "the logits\n", fmt.c_str(), graphs ? "on" : "off", checked);
+      std::printf("[gpu-fwd] %-8s graphs %s: %d greedy tokens picked on the device (equal to the argmax of the "
+                  "logits: %s), %d sampled (equal to the double reference on the same logits: %s)\n",
+                  fmt.c_str(), graphs ? "on" : "off", checked, HasFailure() ? "see failures" : "all", sampled,
+                  HasFailure() ? "see failures" : "all");
+      EXPECT_GT(sampled, 0);
     }
   }
-  fwd.set_cuda_graphs(true);
+  g16->reset();  // before its stream
   cudaStreamDestroy(stream);
 }
 
