@@ -47,6 +47,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/engine_ops.h"
+#include "kernels/kv_append.h"
 #include "kvstore/quantized_kv_cache.h"
 #include "sharding/gpu/gpu_forward.h"
 #include "sharding/gpu/gpu_kv_cache.h"
@@ -79,7 +80,8 @@ ABSL_FLAG(std::string, ab, "",
           "(set_programmatic_launch: programmatic dependent launch of kvq's kernels), append (set_parallel_append: the "
           "key and value appends on side streams beside the RoPE), stacked (set_stacked_qkv: one q/k/v GEMM for batched "
           "decode steps), pick (the step's tokens picked on the device, 4 bytes per row to the host, or from the "
-          "logits copied to the host by model::Argmax / model::Sampler there)");
+          "logits copied to the host by model::Argmax / model::Sampler there), keydec (kernels::SetKeyAppendDecodePath: "
+          "decode steps' key appends by a warp per head and sequence, or by the chunk kernel)");
 ABSL_FLAG(float, temperature, 0.0f, "decode: > 0 samples each step's tokens (with --top_k, --top_p) instead of greedy");
 ABSL_FLAG(int, top_k, 0, "decode: top-k of the sampled steps (0 = off)");
 ABSL_FLAG(float, top_p, 1.0f, "decode: top-p of the sampled steps (1 = off)");
@@ -346,6 +348,11 @@ int Main() {
       fwd_switch("gemv", &F::decode_gemv, &F::set_decode_gemv),
       fwd_switch("pdl", &F::programmatic_launch, &F::set_programmatic_launch),
       Switch{"pick", [] { return g_pick_on_device; }, [](bool on) { g_pick_on_device = on; }},
+      Switch{"keydec", [] { return kernels::KeyAppendDecodePath(); },
+             [&st](bool on) {
+               kernels::SetKeyAppendDecodePath(on);
+               st.fwd->ReleaseIdleResources();  // the captured graphs hold the other kernel
+             }},
   };
   std::vector<Switch> ab;
   for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_ab), ',', absl::SkipEmpty())) {

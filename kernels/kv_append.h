@@ -41,6 +41,11 @@ absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream);
 // disjoint parts of the blocks and only read p.k / p.v): the caller orders both after the
 // producer of k and v, and whatever reads the cache after both.
 absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t key_stream, cudaStream_t value_stream);
+// Appends of one token per sequence (n_new == 1: decode steps) take the keys through a warp per
+// (kv head, sequence) instead of the chunk kernel's CTA per block segment: the same bytes (on by
+// default; off only to time or test the chunk kernel on decode steps). Process-wide.
+void SetKeyAppendDecodePath(bool on);
+bool KeyAppendDecodePath();
 
 // Compaction of growable key-outlier lists (paged_kv.h): for each block, its lists are rewritten
 // contiguously in list order, each with room for what the rest of the block may add (a full block
