@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "kernels/reference/dense_ops.h"
 #include "model/sampling.h"
 
 namespace {
@@ -61,6 +62,30 @@ void BM_WholeSort(benchmark::State& state) {
   }
 }
 
+// The serving path's rule (kernels/sampling.h) on the CPU: model::SampleByDeviceRule against
+// kernels::SampleReference (its plain statement, whole sort), what the CPU forward pass draws with.
+void BM_DeviceRule(benchmark::State& state) {
+  const int vocab = static_cast<int>(state.range(0));
+  const std::vector<float> l = Logits(vocab);
+  const kvq::model::SamplerConfig c = Config(static_cast<int>(state.range(1)));
+  uint64_t step = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(
+        kvq::model::SampleByDeviceRule(l.data(), vocab, c.temperature, c.top_k, c.top_p, c.min_p, c.seed, step++));
+  }
+}
+
+void BM_DeviceRuleReference(benchmark::State& state) {
+  const int vocab = static_cast<int>(state.range(0));
+  const std::vector<float> l = Logits(vocab);
+  const kvq::model::SamplerConfig c = Config(static_cast<int>(state.range(1)));
+  uint64_t step = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(kvq::kernels::SampleReference(
+        l.data(), vocab, kvq::kernels::SamplingRefConfig{c.temperature, c.top_k, c.top_p, c.min_p, c.seed, step++}));
+  }
+}
+
 void Args(benchmark::internal::Benchmark* b) {
   for (int vocab : {49152, 128256}) {
     for (int which : {0, 1, 2}) b->Args({vocab, which});
@@ -70,6 +95,8 @@ void Args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_Sampler)->Apply(Args);
 BENCHMARK(BM_WholeSort)->Apply(Args);
+BENCHMARK(BM_DeviceRule)->Apply(Args);
+BENCHMARK(BM_DeviceRuleReference)->Apply(Args);
 
 }  // namespace
 

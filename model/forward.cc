@@ -13,7 +13,6 @@
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "common/status.h"
-#include "kernels/reference/dense_ops.h"
 #include "model/sampling.h"
 
 namespace kvq::model {
@@ -536,8 +535,7 @@ absl::Status Forward::Run(absl::Span<ForwardItem> items, const ForwardOptions& o
     const float* row = logits->data() + r * c.vocab_size;
     if (it.wants_token() && it.output == ForwardItem::Output::kSample && it.sample.temperature > 0.0f) {
       const ForwardItem::Sample& sp = it.sample;
-      it.token = kernels::SampleReference(
-          row, c.vocab_size, kernels::SamplingRefConfig{sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, sp.step});
+      it.token = SampleByDeviceRule(row, c.vocab_size, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, sp.step);
     } else if (it.wants_token()) {
       it.token = Argmax(row, c.vocab_size);
     }

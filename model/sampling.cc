@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "kernels/philox.h"
+
 namespace kvq::model {
 
 Sampler::Sampler(const SamplerConfig& config) : config_(config), rng_(config.seed) {}
@@ -14,6 +16,67 @@ int32_t Argmax(const float* logits, int vocab) {
     if (!std::isnan(logits[i]) && (best < 0 || logits[i] > logits[best])) best = i;
   }
   return best < 0 ? 0 : best;
+}
+
+int32_t SampleByDeviceRule(const float* logits, int vocab, float temperature, int top_k, float top_p, float min_p,
+                           uint64_t seed, uint64_t step) {
+  if (!(temperature > 0.0f)) return Argmax(logits, vocab);
+  const float mx = logits[Argmax(logits, vocab)];
+  std::vector<double> e(vocab);
+  for (int i = 0; i < vocab; ++i) e[i] = std::exp((static_cast<double>(logits[i]) - mx) / temperature);
+  double tau = 0.0;
+  if (top_k > 0 && top_k < vocab) {
+    // The k-th largest value (ties at it are all kept below): e of the k-th largest logit, as e is
+    // monotone in the logit (and logits that round to one e are ties either way).
+    std::vector<float> c(logits, logits + vocab);
+    std::nth_element(c.begin(), c.begin() + (top_k - 1), c.end(), std::greater<float>());
+    tau = std::exp((static_cast<double>(c[top_k - 1]) - mx) / temperature);
+  }
+  if (top_p < 1.0f) {
+    double kept = 0.0;
+    std::vector<int32_t> idx;
+    for (int i = 0; i < vocab; ++i) {
+      if (e[i] >= tau) {
+        kept += e[i];
+        idx.push_back(i);
+      }
+    }
+    const double target = top_p * kept;
+    // Largest values first, sorted in growing prefixes until their mass reaches the target.
+    const auto larger = [&](int32_t a, int32_t b) { return e[a] > e[b]; };
+    double run = 0.0;
+    size_t sorted = 0;
+    for (size_t n = 0; n < idx.size(); ++n) {
+      if (n == sorted) {
+        const size_t want = std::min(idx.size(), std::max<size_t>({2 * sorted, sorted + 256}));
+        std::partial_sort(idx.begin() + sorted, idx.begin() + want, idx.end(), larger);
+        sorted = want;
+      }
+      run += e[idx[n]];
+      if (run >= target) {
+        tau = e[idx[n]];
+        break;
+      }
+    }
+  }
+  tau = std::max(tau, static_cast<double>(min_p));
+  double total = 0.0;
+  int32_t last = 0;
+  for (int i = 0; i < vocab; ++i) {
+    if (e[i] >= tau) {
+      total += e[i];
+      last = i;
+    }
+  }
+  const double target = static_cast<double>(kernels::SamplingUniform(seed, step)) * total;
+  double run = 0.0;
+  for (int i = 0; i < vocab; ++i) {
+    if (e[i] >= tau) {
+      run += e[i];
+      if (run > target) return i;
+    }
+  }
+  return last;
 }
 
 static double LogSumExp(const float* logits, int vocab) {

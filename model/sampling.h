@@ -33,6 +33,16 @@ class Sampler {
 // over a stable sort of the whole vocabulary, `rng` seeded like a Sampler's generator.
 int32_t SampleByWholeSort(const SamplerConfig& config, std::mt19937_64& rng, float* logits, int vocab);
 
+// The rule of kernels/sampling.h (the serving path's: temperature, top-k with ties kept, top-p,
+// min-p, a draw in id order with the Philox uniform of (seed, step)), in double like
+// kernels::SampleReference but without its whole-vocabulary sort: the k-th largest value by
+// selection, the top-p prefix sorted only as far as it reaches, the kept mass summed in id order
+// (the reference sums it largest first: the two differ only when a threshold or the draw lands
+// within double rounding of a boundary). The CPU forward pass draws ForwardItem::Output::kSample
+// tokens with it. temperature <= 0: Argmax.
+int32_t SampleByDeviceRule(const float* logits, int vocab, float temperature, int top_k, float top_p, float min_p,
+                           uint64_t seed, uint64_t step);
+
 // Index of the largest logit (lowest index on ties; NaN is never taken; 0 when every logit is NaN).
 // kernels::LaunchArgmaxRows follows the same rule on the GPU.
 int32_t Argmax(const float* logits, int vocab);

@@ -6,10 +6,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <numeric>
 #include <random>
 #include <vector>
+
+#include "kernels/reference/dense_ops.h"
 
 namespace kvq::model {
 namespace {
@@ -49,6 +52,43 @@ TEST(Sampler, SameTokensAsTheWholeVocabularySort) {
   }
   std::printf("[sampler] %d/%d draws equal to the whole-sort rule\n", same, total);
   EXPECT_GE(same, total - 2);
+}
+
+// The serving path's rule on the CPU (SampleByDeviceRule, what the CPU forward pass draws
+// ForwardItem::Output::kSample tokens with) against kernels::SampleReference, the rule's plain
+// statement (whole sort, kept mass summed largest first): the same tokens over random logits,
+// temperatures and filters, ties and flat rows included.
+TEST(SampleByDeviceRule, SameTokensAsTheReference) {
+  std::mt19937 gen(11);
+  int same = 0, total = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int vocab = trial % 5 == 0 ? 49152 : 1 + static_cast<int>(gen() % 4000);
+    const float temperature = std::array<float, 4>{0.5f, 0.8f, 1.0f, 2.0f}[trial % 4];
+    const float top_p = std::array<float, 4>{1.0f, 0.9f, 0.5f, 0.99f}[(trial / 4) % 4];
+    const int top_k = std::array<int, 3>{0, 40, 1}[(trial / 16) % 3];
+    const float min_p = trial % 7 == 0 ? 0.05f : 0.0f;
+    std::normal_distribution<float> nd(0.0f, 1.0f + (trial % 5));
+    std::vector<float> logits(vocab);
+    for (float& x : logits) x = nd(gen);
+    if (trial % 3 == 0) {
+      for (float& x : logits) x = std::round(x * 2.0f) / 2.0f;  // ties
+    }
+    if (trial % 13 == 0) std::fill(logits.begin(), logits.end(), 0.25f);  // flat
+    for (uint64_t step = 0; step < 3; ++step) {
+      const uint64_t seed = 1000 + trial;
+      const int32_t got = SampleByDeviceRule(logits.data(), vocab, temperature, top_k, top_p, min_p, seed, step);
+      const int32_t want = kernels::SampleReference(
+          logits.data(), vocab, kernels::SamplingRefConfig{temperature, top_k, top_p, min_p, seed, step});
+      ASSERT_GE(got, 0);
+      ASSERT_LT(got, vocab);
+      same += got == want;
+      ++total;
+    }
+  }
+  std::printf("[device-rule] %d/%d draws equal to kernels::SampleReference\n", same, total);
+  // Only a boundary within double rounding may differ (the kept mass is summed in another order).
+  EXPECT_GE(same, total - 1);
+  EXPECT_EQ(SampleByDeviceRule(std::vector<float>{1.0f, 3.0f, 3.0f}.data(), 3, 0.0f, 0, 1.0f, 0.0f, 0, 0), 1);
 }
 
 TEST(Sampler, FiltersKeepWhatTheyPromise) {
