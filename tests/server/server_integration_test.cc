@@ -180,6 +180,44 @@ TEST_F(ServerTest, StopStringIsNeverEmitted) {
   EXPECT_EQ(r.finished.stop_string(), stop);
 }
 
+// Sampling over gRPC: with a seed, the same stream again; asking for log-probabilities returns
+// them (one per token, each <= 0, the chosen token among its top alternatives' ids when it is the
+// most likely) and does not change the tokens; another seed, other tokens.
+TEST_F(ServerTest, SeededSamplingRepeatsAndLogprobsDoNotChangeIt) {
+  GenerateRequest req = ChatRequest("Write a short poem about the sea.", 24);
+  auto* sp = req.mutable_sampling();
+  sp->set_temperature(1.1f);
+  sp->set_top_p(0.95f);
+  sp->set_seed(20261202);
+  sp->set_ignore_eos(true);
+  const StreamResult a = RunGenerate(*stub_, req);
+  ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+  ASSERT_EQ(a.ids.size(), 24u);
+  EXPECT_TRUE(a.logprobs.empty());
+  const StreamResult again = RunGenerate(*stub_, req);
+  EXPECT_EQ(again.ids, a.ids);
+  EXPECT_EQ(again.text, a.text);
+  GenerateRequest with_lp = req;
+  with_lp.mutable_sampling()->set_logprobs(true);
+  with_lp.mutable_sampling()->set_top_logprobs(3);
+  const StreamResult b = RunGenerate(*stub_, with_lp);
+  ASSERT_TRUE(b.status.ok()) << b.status.error_message();
+  EXPECT_EQ(b.ids, a.ids);
+  ASSERT_EQ(b.logprobs.size(), b.ids.size());
+  for (size_t i = 0; i < b.ids.size(); ++i) {
+    EXPECT_EQ(b.logprobs[i].token_id(), b.ids[i]);
+    ASSERT_TRUE(b.logprobs[i].has_logprob());
+    EXPECT_LE(b.logprobs[i].logprob(), 0.0f);
+    ASSERT_EQ(b.logprobs[i].top_size(), 3);
+    EXPECT_GE(b.logprobs[i].top(0).logprob(), b.logprobs[i].logprob());
+  }
+  GenerateRequest other = req;
+  other.mutable_sampling()->set_seed(7);
+  const StreamResult c = RunGenerate(*stub_, other);
+  ASSERT_TRUE(c.status.ok());
+  EXPECT_NE(c.ids, a.ids);
+}
+
 TEST_F(ServerTest, SixteenConcurrentStreamsEqualSequentialRuns) {
   std::vector<GenerateRequest> reqs;
   for (int i = 0; i < 16; ++i) {

@@ -18,6 +18,7 @@ struct StreamResult {
   uint64_t request_id = 0;
   std::string text;
   std::vector<int32_t> ids;
+  std::vector<kvq::v1::TokenLogprobs> logprobs;  // when requested: one per id
   int progress_messages = 0;
   bool started_first = false;
   bool finished_last = false;
@@ -42,6 +43,7 @@ inline StreamResult RunGenerate(kvq::v1::Kvq::Stub& stub, const kvq::v1::Generat
       case kvq::v1::GenerateResponse::kDelta:
         r.text += msg.delta().text();
         r.ids.insert(r.ids.end(), msg.delta().token_ids().begin(), msg.delta().token_ids().end());
+        r.logprobs.insert(r.logprobs.end(), msg.delta().logprobs().begin(), msg.delta().logprobs().end());
         break;
       case kvq::v1::GenerateResponse::kFinished:
         r.finished = msg.finished();
