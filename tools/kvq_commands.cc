@@ -85,15 +85,16 @@ int Generate() {
   const model::ForwardPass& fwd = *(*backend)->forward;
   auto cache = (*backend)->factory->Make(0);
   if (!cache.ok()) return Fail(cache.status());
-  model::SamplerConfig sc;
-  sc.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
-  sc.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
-  sc.top_k = absl::GetFlag(FLAGS_top_k);
-  sc.seed = absl::GetFlag(FLAGS_seed);
-  model::Sampler sampler(sc);
+  // The serving path's token choice (the engine's, for requests without a repetition penalty):
+  // greedy, or drawn by the rule of kernels/sampling.h with the Philox uniform of (seed, index of
+  // the token), picked on the device by a GPU pass; the same seed gives kvqd's tokens.
+  model::ForwardItem::Sample sample;
+  sample.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+  sample.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
+  sample.top_k = absl::GetFlag(FLAGS_top_k);
+  sample.seed = absl::GetFlag(FLAGS_seed);
   model::StreamDecoder decoder(tok);
   const auto stops = tok.stop_ids();
-  std::vector<int32_t> history = ids;
   std::vector<int32_t> step = ids;
   std::vector<float> logits;
   const auto t0 = std::chrono::steady_clock::now();
@@ -101,16 +102,18 @@ int Generate() {
   int generated = 0;
   for (; generated < absl::GetFlag(FLAGS_max_tokens); ++generated) {
     model::ForwardItem item{cache->get(), step, false};
+    item.output = sample.temperature > 0.0f ? model::ForwardItem::Output::kSample : model::ForwardItem::Output::kGreedy;
+    item.sample = sample;
+    item.sample.step = static_cast<uint64_t>(generated);
     absl::Status s = fwd.Run(absl::MakeSpan(&item, 1), {}, &logits);
     if (!s.ok()) return Fail(s);
     if (generated == 0) {
       ttft = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
-    const int32_t next = sampler.Sample(logits.data(), loaded->weights.config.vocab_size, history);
+    const int32_t next = item.token;
     if (std::find(stops.begin(), stops.end(), next) != stops.end()) break;
     std::fputs(decoder.Push(next).c_str(), stdout);
     std::fflush(stdout);
-    history.push_back(next);
     step.assign(1, next);
   }
   std::fputs(decoder.Flush().c_str(), stdout);
