@@ -104,18 +104,19 @@ std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int voca
   return out;
 }
 
-int32_t Sampler::Sample(float* logits, int vocab, const std::vector<int32_t>& history) {
-  if (config_.repetition_penalty != 1.0f) {
-    // CTRL-style penalty, as Hugging Face applies it: divide positive logits, multiply negative.
-    std::vector<bool> seen(vocab, false);
-    for (int32_t t : history) {
-      if (t >= 0 && t < vocab && !seen[t]) {
-        seen[t] = true;
-        logits[t] = logits[t] > 0 ? logits[t] / config_.repetition_penalty
-                                  : logits[t] * config_.repetition_penalty;
-      }
+void ApplyRepetitionPenalty(float* logits, int vocab, const std::vector<int32_t>& history, float penalty) {
+  if (penalty == 1.0f) return;
+  std::vector<bool> seen(vocab, false);
+  for (int32_t t : history) {
+    if (t >= 0 && t < vocab && !seen[t]) {
+      seen[t] = true;
+      logits[t] = logits[t] > 0 ? logits[t] / penalty : logits[t] * penalty;
     }
   }
+}
+
+int32_t Sampler::Sample(float* logits, int vocab, const std::vector<int32_t>& history) {
+  ApplyRepetitionPenalty(logits, vocab, history, config_.repetition_penalty);
   if (config_.temperature <= 0.0f) return Argmax(logits, vocab);
   // Candidates in the order of a stable sort by logit (logit descending, index ascending), sorted
   // only as far as the filters and the draw look at them: a whole-vocabulary sort per token took

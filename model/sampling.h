@@ -43,6 +43,10 @@ int32_t SampleByWholeSort(const SamplerConfig& config, std::mt19937_64& rng, flo
 int32_t SampleByDeviceRule(const float* logits, int vocab, float temperature, int top_k, float top_p, float min_p,
                            uint64_t seed, uint64_t step);
 
+// CTRL-style repetition penalty as Hugging Face applies it, in place: each distinct token of
+// `history` has its logit divided by `penalty` when positive, multiplied when not.
+void ApplyRepetitionPenalty(float* logits, int vocab, const std::vector<int32_t>& history, float penalty);
+
 // Index of the largest logit (lowest index on ties; NaN is never taken; 0 when every logit is NaN).
 // kernels::LaunchArgmaxRows follows the same rule on the GPU.
 int32_t Argmax(const float* logits, int vocab);

@@ -111,7 +111,6 @@ struct Job {
   std::vector<int32_t> prompt;                  // tokens still to prefill come from here
   size_t prefilled = 0;
   std::vector<int32_t> history;                 // for the repetition penalty
-  std::unique_ptr<model::Sampler> sampler;
   std::vector<int32_t> stops;
   int32_t next_input = -1;                      // sampled token to feed at the next step
   int generated = 0;
@@ -259,9 +258,6 @@ class Engine::Impl {
     job->prompt.insert(job->prompt.end(), req.prompt.begin(), req.prompt.end());
     job->history = job->session ? job->session->tokens : std::vector<int32_t>{};
     job->history.insert(job->history.end(), req.prompt.begin(), req.prompt.end());
-    model::SamplerConfig sc{req.sampling.temperature, req.sampling.top_p, req.sampling.top_k,
-                            req.sampling.min_p, req.sampling.repetition_penalty, req.sampling.seed};
-    job->sampler = std::make_unique<model::Sampler>(sc);
     job->stops = req.sampling.stop_token_ids;
     if (!req.sampling.ignore_eos) job->stops.insert(job->stops.end(), model_stops_.begin(), model_stops_.end());
     job->usage.prompt_tokens = static_cast<int64_t>(req.prompt.size());
@@ -632,7 +628,7 @@ class Engine::Impl {
       // session extension, which samples nothing); without a repetition penalty, the token alone,
       // greedy or drawn by the rule of kernels/sampling.h with the Philox uniform of (seed, index
       // of the token) (a GPU pass picks it on the device; the row too when log-probabilities are
-      // asked for); with a penalty, the logits for the request's Sampler.
+      // asked for); with a penalty, the logits, penalised here and drawn by the same rule.
       const bool last_chunk = !j.prefilling() || j.prefilled + inputs[i].size() == j.prompt.size();
       const SamplingParams& so = j.req.sampling;
       if (j.is_extension || !last_chunk) {
@@ -685,9 +681,16 @@ class Engine::Impl {
       TokenEvent ev;
       ev.index = j.generated;
       const bool want_lp = j.req.sampling.logprobs || j.req.sampling.top_logprobs > 0;
-      std::vector<float> raw;  // the row before the Sampler's penalty
+      std::vector<float> raw;  // the row before the repetition penalty
       if (want_lp && !items[b].wants_token()) raw.assign(row, row + vocab);
-      ev.token = items[b].wants_token() ? items[b].token : j.sampler->Sample(row, vocab, j.history);
+      if (items[b].wants_token()) {
+        ev.token = items[b].token;
+      } else {
+        const SamplingParams& so = j.req.sampling;
+        model::ApplyRepetitionPenalty(row, vocab, j.history, so.repetition_penalty);
+        ev.token = model::SampleByDeviceRule(row, vocab, so.temperature, so.top_k, so.top_p, so.min_p, so.seed,
+                                             static_cast<uint64_t>(j.generated));
+      }
       if (want_lp) {
         const float* lr = raw.empty() ? row : raw.data();
         if (j.req.sampling.logprobs) ev.logprob = model::LogProb(lr, vocab, ev.token);
