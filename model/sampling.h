@@ -1,5 +1,9 @@
-// Token sampling on the CPU: greedy, temperature, top-k, top-p, min-p, repetition penalty,
-// seeded and deterministic (the same seed and logits give the same token on every machine).
+// Token sampling on the CPU. The serving path (the engine, kvqd, `kvq generate`) picks tokens by
+// one rule, kernels/sampling.h's: on the GPU by its kernels, on the CPU pass and for requests with
+// a repetition penalty by SampleByDeviceRule below (after ApplyRepetitionPenalty), with the Philox
+// uniform of (seed, index of the token). Sampler is the engine's earlier host sampler (its own
+// mt19937_64 stream per request; sorted-order draw), kept as the "host" side of
+// `engine_bench --ab=pick` and with its tests; it is not on the serving path.
 #pragma once
 
 #include <cstdint>
