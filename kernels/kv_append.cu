@@ -99,6 +99,56 @@ __device__ __forceinline__ uint32_t TakeKeyWords(uint32_t* var, uint32_t end_wor
   }
 }
 
+// Word w of a token's key codes from its per-channel codes (bit 15, KeyAppendKernel's outlier
+// mark, is not part of a code); fp16 keys: two halves per word.
+__device__ __forceinline__ uint32_t KeyCodeWord(const uint16_t* codes, int w, int bits, int D, bool quant) {
+  if (!quant) return static_cast<uint32_t>(codes[2 * w]) | (static_cast<uint32_t>(codes[2 * w + 1]) << 16);
+  uint32_t word = 0;
+  const int c_lo = (32 * w) / bits, c_hi = min(D, (32 * w + 32 + bits - 1) / bits);
+  for (int c = c_lo; c < c_hi; ++c) {
+    const uint32_t code = codes[c] & 0x7fffu;
+    const int sh = c * bits - 32 * w;
+    word |= sh >= 0 ? code << sh : code >> -sh;
+  }
+  return word;
+}
+
+// Where `total` new key-outlier entries of head h, from tokens [t0, t0 + n_tok) of a block, go
+// (one thread per list): after the list's `count` entries at `first`; a growable list that is out
+// of room first moves to a new region of the block's area (moved: its old entries, at
+// moved_from, must be copied there); fits = 0 when there is no room.
+struct KeyListSlot {
+  uint32_t first, count, moved_from;
+  int fits, moved;
+};
+__device__ KeyListSlot ReserveKeyOutliers(const KvAppendParams& p, uint8_t* block, const uint32_t* dir, int h, int t0,
+                                          int n_tok, int total) {
+  const KvBlockGeometry& g = p.kv.geom;
+  KeyListSlot r{dir[0], dir[1], 0u, 1, 0};
+  const uint32_t need = r.count + static_cast<uint32_t>(total);
+  if (p.kv.key_outlier_header_words <= 0) {  // fixed reservations
+    r.fits = need <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
+  } else if (total > 0) {
+    uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
+    uint32_t* cap_w = var + 1 + (p.layer * g.n_kv_heads + h);
+    if (need > *cap_w) {
+      uint32_t want = PagedKvCache::KeyOutlierListWant(need, t0 + n_tok, kKvBlockTokens - t0 - n_tok,
+                                                       p.kv.key_outlier_capacity);
+      const uint32_t end_words = static_cast<uint32_t>((p.kv.block_stride_bytes - g.fixed_bytes) / 4);
+      const uint32_t at = TakeKeyWords(var, end_words, need, &want);
+      if (at != ~0u) {
+        r.moved_from = r.first;
+        r.first = at;
+        *cap_w = want;
+        r.moved = r.count > 0;
+      } else {
+        r.fits = 0;
+      }
+    }
+  }
+  return r;
+}
+
 // One CTA per (kv head, sequence, block segment): the new tokens of that sequence that fall in
 // one block (CTA 0 also takes the sink tokens), in tiles of kKeyTile tokens staged in shared
 // memory. Pass 1 quantizes every element of a tile in parallel, packs each token's codes into
@@ -114,7 +164,6 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
   const int D = g.head_dim, H = g.n_kv_heads;
   const int bits = g.bits;
   const bool quant = p.kv.codec != KvCodec::kFp16;
-  const bool growable = p.kv.key_outlier_header_words > 0;
   const bool outliers = quant && g.has_key_outliers;
   __shared__ float mids_s[15];
   __shared__ float zp_s[256], r_s[256];
@@ -186,19 +235,9 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
     const int nt = stage(tt0);
     for (int task = tid; task < nt * W; task += blockDim.x) {
       const int tt = task / W, w = task % W;
-      uint32_t word = 0;
-      if (!quant) {
-        word = static_cast<uint32_t>(code_s[tt][2 * w]) | (static_cast<uint32_t>(code_s[tt][2 * w + 1]) << 16);
-      } else {
-        const int c_lo = (32 * w) / bits, c_hi = min(D, (32 * w + 32 + bits - 1) / bits);
-        for (int c = c_lo; c < c_hi; ++c) {
-          const uint32_t code = code_s[tt][c] & 0x7fffu;
-          const int sh = c * bits - 32 * w;
-          word |= sh >= 0 ? code << sh : code >> -sh;
-        }
-      }
       reinterpret_cast<uint32_t*>(lbase + g.key_codes_offset +
-                                  (static_cast<int64_t>(h) * kKvBlockTokens + t0 + tt0 + tt) * W * 4)[w] = word;
+                                  (static_cast<int64_t>(h) * kKvBlockTokens + t0 + tt0 + tt) * W * 4)[w] =
+          KeyCodeWord(code_s[tt], w, bits, D, quant);
     }
     if (outliers && tid < nt) {
       int n = 0;
@@ -220,33 +259,12 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
   uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
   if (tid == 0) {
     const int total = cnt_s[kKeyThreads - 1];
-    uint32_t first = dir[0];
-    const uint32_t count = dir[1];
-    const uint32_t need = count + static_cast<uint32_t>(total);
-    int fits = 1, moved = 0;
-    if (!growable) {
-      fits = need <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
-    } else if (total > 0) {
-      uint32_t* cap_w = var + 1 + (p.layer * H + h);
-      if (need > *cap_w) {
-        uint32_t want = PagedKvCache::KeyOutlierListWant(need, t0 + n_tok, kKvBlockTokens - t0 - n_tok,
-                                                         p.kv.key_outlier_capacity);
-        const uint32_t end_words = static_cast<uint32_t>((p.kv.block_stride_bytes - g.fixed_bytes) / 4);
-        const uint32_t at = TakeKeyWords(var, end_words, need, &want);
-        if (at != ~0u) {
-          moved_from_s = first;
-          first = at;
-          *cap_w = want;
-          moved = count > 0;
-        } else {
-          fits = 0;
-        }
-      }
-    }
-    first_s = first;
-    count_s = count;
-    fits_s = fits;
-    moved_s = moved;
+    const KeyListSlot slot = ReserveKeyOutliers(p, block, dir, h, t0, n_tok, total);
+    first_s = slot.first;
+    count_s = slot.count;
+    moved_from_s = slot.moved_from;
+    fits_s = slot.fits;
+    moved_s = slot.moved;
     total_s = total;
   }
   __syncthreads();
@@ -302,7 +320,6 @@ __global__ void __launch_bounds__(kKeyDecodeWarps * 32) KeyAppendDecodeKernel(co
   const int h = task % H, b = task / H;
   const int bits = g.bits;
   const bool quant = p.kv.codec != KvCodec::kFp16;
-  const bool growable = p.kv.key_outlier_header_words > 0;
   const bool outliers = quant && g.has_key_outliers;
   __shared__ uint16_t code_s[kKeyDecodeWarps][256];
   uint16_t* codes = code_s[warp];
@@ -331,9 +348,7 @@ __global__ void __launch_bounds__(kKeyDecodeWarps * 32) KeyAppendDecodeKernel(co
       if (q < nq) codes[lane + 32 * q] = HalfBitsOf(xv[q]);
     }
     __syncwarp();
-    for (int w = lane; w < W; w += 32) {
-      code_words[w] = static_cast<uint32_t>(codes[2 * w]) | (static_cast<uint32_t>(codes[2 * w + 1]) << 16);
-    }
+    for (int w = lane; w < W; w += 32) code_words[w] = KeyCodeWord(codes, w, bits, D, false);
     return;
   }
   const int n_mids = (1 << min(bits, 4)) - 1;
@@ -358,50 +373,18 @@ __global__ void __launch_bounds__(kKeyDecodeWarps * 32) KeyAppendDecodeKernel(co
     total += __popc(out_mask[q]);
   }
   __syncwarp();
-  for (int w = lane; w < W; w += 32) {  // as KeyAppendKernel's pass 1
-    uint32_t word = 0;
-    const int c_lo = (32 * w) / bits, c_hi = min(D, (32 * w + 32 + bits - 1) / bits);
-    for (int c = c_lo; c < c_hi; ++c) {
-      const uint32_t code = codes[c];
-      const int sh = c * bits - 32 * w;
-      word |= sh >= 0 ? code << sh : code >> -sh;
-    }
-    code_words[w] = word;
-  }
+  for (int w = lane; w < W; w += 32) code_words[w] = KeyCodeWord(codes, w, bits, D, true);
   if (total == 0) return;  // uniform over the warp
   // The head's list: room for `total` more entries (KeyAppendKernel's rule with one token).
   uint32_t* dir = reinterpret_cast<uint32_t*>(lbase + g.key_outlier_dir_offset) + 2 * h;
   uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
-  uint32_t first = 0, count = 0, moved_from = 0;
-  int fits = 1, moved = 0;
-  if (lane == 0) {
-    first = dir[0];
-    count = dir[1];
-    const uint32_t need = count + static_cast<uint32_t>(total);
-    if (!growable) {
-      fits = need <= static_cast<uint32_t>(p.kv.key_outlier_capacity);
-    } else {
-      uint32_t* cap_w = var + 1 + (p.layer * H + h);
-      if (need > *cap_w) {
-        uint32_t want = PagedKvCache::KeyOutlierListWant(need, t0 + 1, kKvBlockTokens - t0 - 1, p.kv.key_outlier_capacity);
-        const uint32_t end_words = static_cast<uint32_t>((p.kv.block_stride_bytes - g.fixed_bytes) / 4);
-        const uint32_t at_w = TakeKeyWords(var, end_words, need, &want);
-        if (at_w != ~0u) {
-          moved_from = first;
-          first = at_w;
-          *cap_w = want;
-          moved = count > 0;
-        } else {
-          fits = 0;
-        }
-      }
-    }
-  }
-  first = __shfl_sync(0xffffffffu, first, 0);
-  count = __shfl_sync(0xffffffffu, count, 0);
-  moved_from = __shfl_sync(0xffffffffu, moved_from, 0);
-  fits = __shfl_sync(0xffffffffu, fits, 0);
-  moved = __shfl_sync(0xffffffffu, moved, 0);
+  KeyListSlot slot{};
+  if (lane == 0) slot = ReserveKeyOutliers(p, block, dir, h, t0, 1, total);
+  const uint32_t first = __shfl_sync(0xffffffffu, slot.first, 0);
+  const uint32_t count = __shfl_sync(0xffffffffu, slot.count, 0);
+  const uint32_t moved_from = __shfl_sync(0xffffffffu, slot.moved_from, 0);
+  const int fits = __shfl_sync(0xffffffffu, slot.fits, 0);
+  const int moved = __shfl_sync(0xffffffffu, slot.moved, 0);
   if (!fits) {
     if (lane == 0 && p.overflow != nullptr) *p.overflow = 1;
     return;
