@@ -4,7 +4,7 @@
 #include <cmath>
 #include <numeric>
 
-#include "kernels/philox.h"
+#include "kernels/reference/dense_ops.h"
 
 namespace kvq::model {
 
@@ -59,24 +59,7 @@ int32_t SampleByDeviceRule(const float* logits, int vocab, float temperature, in
       }
     }
   }
-  tau = std::max(tau, static_cast<double>(min_p));
-  double total = 0.0;
-  int32_t last = 0;
-  for (int i = 0; i < vocab; ++i) {
-    if (e[i] >= tau) {
-      total += e[i];
-      last = i;
-    }
-  }
-  const double target = static_cast<double>(kernels::SamplingUniform(seed, step)) * total;
-  double run = 0.0;
-  for (int i = 0; i < vocab; ++i) {
-    if (e[i] >= tau) {
-      run += e[i];
-      if (run > target) return i;
-    }
-  }
-  return last;
+  return kernels::SampleDrawReference(e, std::max(tau, static_cast<double>(min_p)), seed, step);
 }
 
 static double LogSumExp(const float* logits, int vocab) {

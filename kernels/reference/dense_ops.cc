@@ -70,12 +70,17 @@ int32_t SampleReference(const float* logits, int vocab, const SamplingRefConfig&
     }
   }
   tau = std::max(tau, static_cast<double>(c.min_p));
+  return SampleDrawReference(e, tau, c.seed, c.step);
+}
+
+int32_t SampleDrawReference(const std::vector<double>& e, double tau, uint64_t seed, uint64_t step) {
+  const int vocab = static_cast<int>(e.size());
   double total = 0.0;
   int last = 0;
   for (int i = 0; i < vocab; ++i) {
     if (e[i] >= tau) { total += e[i]; last = i; }
   }
-  const double target = static_cast<double>(SamplingUniform(c.seed, c.step)) * total;
+  const double target = static_cast<double>(SamplingUniform(seed, step)) * total;
   double run = 0.0;
   for (int i = 0; i < vocab; ++i) {
     if (e[i] >= tau) {

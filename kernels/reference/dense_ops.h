@@ -24,5 +24,9 @@ struct SamplingRefConfig {
 };
 // The rule of kernels/sampling.h, in double, with the same Philox uniform.
 int32_t SampleReference(const float* logits, int vocab, const SamplingRefConfig& c);
+// Its draw, given e_i and the threshold: the first id (in id order) whose running sum of the kept
+// e_i (e_i >= tau) exceeds u * (their total), u = SamplingUniform(seed, step); the last kept id
+// when rounding runs past the end (0 when none is kept).
+int32_t SampleDrawReference(const std::vector<double>& e, double tau, uint64_t seed, uint64_t step);
 
 }  // namespace kvq::kernels
