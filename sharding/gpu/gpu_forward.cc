@@ -20,9 +20,9 @@
 #include "kernels/kv_append.h"
 #include "kernels/merge_attention.h"
 #include "kernels/prefill_attention.h"
-#include "kernels/sampling.h"
 #include "kernels/reference/rope.h"
 #include "sharding/gpu/gpu_forward_impl.h"
+#include "sharding/gpu/gpu_forward_outputs.h"
 #include "sharding/gpu/gpu_kv_cache.h"
 
 namespace kvq::sharding {
@@ -340,55 +340,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     }
   }
   const int R = static_cast<int>(gather.size());
-  // Logit rows that go to the host, as runs [first, end) of rows, and the tokens picked on the
-  // device: 1 every row's greedy token (kernels::LaunchArgmaxRows) when only greedy tokens are
-  // wanted, 2 every row through kernels::LaunchSampling (greedy rows at temperature 0) when a row
-  // samples.
-  std::vector<std::pair<int, int>> copy_runs;
-  int pick = 0;
-  {
-    int r = 0;
-    for (const model::ForwardItem& it : items) {
-      const int n = it.all_logits ? static_cast<int>(it.tokens.size()) : 1;
-      if (it.wants_token()) {
-        pick = std::max(pick, it.output == model::ForwardItem::Output::kSample && it.sample.temperature > 0.0f ? 2 : 1);
-      }
-      if (it.wants_logits()) {
-        if (!copy_runs.empty() && copy_runs.back().second == r) {
-          copy_runs.back().second = r + n;
-        } else {
-          copy_runs.push_back({r, r + n});
-        }
-      }
-      r += n;
-    }
-  }
-  // Sampling parameters per row (pick == 2): seeds, steps, temperatures, top-p, min-p, top-k.
-  std::vector<uint8_t> samp;
-  if (pick == 2) {
-    samp.assign(static_cast<size_t>(R) * 32, 0);
-    auto* seed = reinterpret_cast<uint64_t*>(samp.data());
-    auto* step = seed + R;
-    auto* temp = reinterpret_cast<float*>(step + R);
-    float* top_p = temp + R;
-    float* min_p = top_p + R;
-    auto* top_k = reinterpret_cast<int32_t*>(min_p + R);
-    int r = 0;
-    for (const model::ForwardItem& it : items) {
-      const int n = it.all_logits ? static_cast<int>(it.tokens.size()) : 1;
-      for (int j = 0; j < n; ++j) {
-        const bool sample = it.wants_token() && it.output == model::ForwardItem::Output::kSample;
-        const model::ForwardItem::Sample sp = sample ? it.sample : model::ForwardItem::Sample{0.0f};
-        seed[r + j] = sp.seed;
-        step[r + j] = sp.step;
-        temp[r + j] = sp.temperature;
-        top_p[r + j] = sp.top_p;
-        min_p[r + j] = sp.min_p;
-        top_k[r + j] = sp.top_k;
-      }
-      r += n;
-    }
-  }
+  // What goes back to the host: the wanted rows of logits, the tokens picked on the device.
+  gpu_forward_internal::StepOutputs outputs(items);
+  if (outputs.rows() != R) return absl::InternalError("GPU forward: logit rows and step outputs disagree");
   bool gather_all = R == T;  // the logit rows are the step's rows in order (decode steps)
   for (int i = 0; i < R && gather_all; ++i) gather_all = gather[i] == i;
 
@@ -413,8 +367,6 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(m.sel.Ensure(static_cast<size_t>(R) * hidden * 4, s));
   KVQ_RETURN_IF_ERROR(m.sel_act.Ensure(static_cast<size_t>(R) * hidden * act, s));
   KVQ_RETURN_IF_ERROR(m.logits.Ensure(static_cast<size_t>(R) * vocab * 4, s));
-  if (pick > 0) KVQ_RETURN_IF_ERROR(m.greedy.Ensure(static_cast<size_t>(R) * 4, s));
-  if (pick == 2) KVQ_RETURN_IF_ERROR(m.samp.Ensure(samp.size(), s));
   KVQ_RETURN_IF_ERROR(m.ws.Ensure(std::max<size_t>(ws_bytes, 16), s));
   if (xkv_bytes > 0) {
     KVQ_RETURN_IF_ERROR(m.xk.Ensure(xkv_bytes, s));
@@ -444,7 +396,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(h2d(m.positions, positions.data(), Ts * 8));
   KVQ_RETURN_IF_ERROR(h2d(m.row_begin, row_begin.data(), Ts * 4));
   KVQ_RETURN_IF_ERROR(h2d(m.gather_idx, gather.data(), static_cast<size_t>(R) * 4));
-  if (pick == 2) KVQ_RETURN_IF_ERROR(h2d(m.samp, samp.data(), samp.size()));
+  KVQ_RETURN_IF_ERROR(outputs.Upload(m.greedy, m.samp, s));
   KVQ_RETURN_IF_ERROR(h2d(m.tables, tables.data(), tables.size() * 4));
   KVQ_RETURN_IF_ERROR(h2d(m.lens, lens.data(), lens.size() * 4));
   KVQ_RETURN_IF_ERROR(h2d(m.firsts, firsts.data(), firsts.size() * 8));
@@ -811,27 +763,14 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     KVQ_STEP(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype_, s));
     KVQ_STEP(gemm(R, vocab, hidden, m.sel_act.p, m.lm_head, m.logits.p, DType::kF32, 0.0f));
   }
-  if (pick == 1) KVQ_STEP(kernels::LaunchArgmaxRows(R, vocab, m.logits.as<float>(), vocab, m.greedy.as<int32_t>(), s));
-  if (pick == 2) {
-    kernels::SamplingParams sp;
-    sp.batch = R;
-    sp.vocab = vocab;
-    sp.logits = m.logits.as<float>();
-    sp.seed = m.samp.as<uint64_t>();
-    sp.step = sp.seed + R;
-    sp.temperature = reinterpret_cast<const float*>(sp.step + R);
-    sp.top_p = sp.temperature + R;
-    sp.min_p = sp.top_p + R;
-    sp.top_k = reinterpret_cast<const int32_t*>(sp.min_p + R);
-    sp.tokens = m.greedy.as<int32_t>();
-    KVQ_STEP(kernels::LaunchSampling(sp, s));
-  }
+  KVQ_STEP(outputs.Enqueue(m.logits.as<float>(), vocab, m.greedy, m.samp, s));
     return absl::OkStatus();
   };
   {
     const absl::Status st =
-        graph ? m.graphs.Launch({T, attn[0].max_blocks, attn[0].splits, pool->id(), g_buffer_reallocs.load(), pick},
-                                s, enqueue)
+        graph ? m.graphs.Launch(
+                    {T, attn[0].max_blocks, attn[0].splits, pool->id(), g_buffer_reallocs.load(), outputs.pick()}, s,
+                    enqueue)
               : enqueue();
     if (!st.ok()) return fail(st);
   }
@@ -842,21 +781,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     absl::Status st_ = (expr);           \
     if (!st_.ok()) return fail(st_);     \
   } while (0)
-  logits->resize(static_cast<size_t>(R) * vocab);
-  for (const auto& [r0, r1] : copy_runs) {
-    const size_t off = static_cast<size_t>(r0) * vocab, n = static_cast<size_t>(r1 - r0) * vocab * 4;
-    KVQ_STEP(cudaMemcpyAsync(logits->data() + off, m.logits.as<float>() + off, n, cudaMemcpyDeviceToHost, s) ==
-                     cudaSuccess
-                 ? absl::OkStatus()
-                 : absl::InternalError("copy of logits"));
-  }
-  std::vector<int32_t> greedy(pick > 0 ? R : 0);
-  if (pick > 0) {
-    KVQ_STEP(cudaMemcpyAsync(greedy.data(), m.greedy.p, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, s) ==
-                     cudaSuccess
-                 ? absl::OkStatus()
-                 : absl::InternalError("copy of the picked tokens"));
-  }
+  KVQ_STEP(outputs.CopyBack(m.logits.as<float>(), vocab, m.greedy, logits, s));
   int overflowed = 0;  // the append kernels' flag, read with the logits (no extra synchronize)
   if (pool != nullptr) {
     KVQ_STEP(cudaMemcpyAsync(&overflowed, pool->overflow_flag(), sizeof(int), cudaMemcpyDeviceToHost, s) ==
@@ -871,11 +796,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     }
   }
 #undef KVQ_STEP
-  for (size_t i = 0, r = 0; i < items.size(); ++i) {
-    model::ForwardItem& it = items[i];
-    if (it.wants_token()) it.token = greedy[r];
-    r += it.all_logits ? it.tokens.size() : 1;
-  }
+  outputs.Deliver(items);
   for (const It& e : its) {
     if (e.host != nullptr) {
       e.host->Commit(e.n);

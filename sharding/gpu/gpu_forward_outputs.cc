@@ -1,0 +1,111 @@
+#include "sharding/gpu/gpu_forward_outputs.h"
+
+#include <algorithm>
+
+#include "kernels/cuda_check.h"
+#include "kernels/sampling.h"
+
+namespace kvq::sharding::gpu_forward_internal {
+
+using Output = model::ForwardItem::Output;
+
+StepOutputs::StepOutputs(absl::Span<const model::ForwardItem> items) {
+  token_row_.assign(items.size(), -1);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const model::ForwardItem& it = items[i];
+    const int n = it.all_logits ? static_cast<int>(it.tokens.size()) : 1;
+    if (it.wants_token()) {
+      token_row_[i] = rows_;
+      pick_ = std::max(pick_, it.output == Output::kSample && it.sample.temperature > 0.0f ? 2 : 1);
+    }
+    if (it.wants_logits()) {
+      if (!copy_runs_.empty() && copy_runs_.back().second == rows_) {
+        copy_runs_.back().second = rows_ + n;
+      } else {
+        copy_runs_.push_back({rows_, rows_ + n});
+      }
+    }
+    rows_ += n;
+  }
+  if (pick_ != 2) return;
+  params_.assign(ParamBytes(rows_), 0);  // rows without a draw: temperature 0, the greedy token
+  const Params p = Carve(params_.data(), rows_);
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (token_row_[i] < 0 || items[i].output != Output::kSample) continue;
+    const model::ForwardItem::Sample& sp = items[i].sample;
+    const int r = token_row_[i];
+    p.seed[r] = sp.seed;
+    p.step[r] = sp.step;
+    p.temperature[r] = sp.temperature;
+    p.top_p[r] = sp.top_p;
+    p.min_p[r] = sp.min_p;
+    p.top_k[r] = sp.top_k;
+  }
+}
+
+StepOutputs::Params StepOutputs::Carve(void* base, int rows) {
+  Params p;
+  p.seed = static_cast<uint64_t*>(base);
+  p.step = p.seed + rows;
+  p.temperature = reinterpret_cast<float*>(p.step + rows);
+  p.top_p = p.temperature + rows;
+  p.min_p = p.top_p + rows;
+  p.top_k = reinterpret_cast<int32_t*>(p.min_p + rows);
+  return p;
+}
+
+absl::Status StepOutputs::Upload(Grow& tokens, Grow& params, cudaStream_t s) const {
+  if (pick_ == 0) return absl::OkStatus();
+  KVQ_RETURN_IF_ERROR(tokens.Ensure(static_cast<size_t>(rows_) * 4, s));
+  if (pick_ == 2) {
+    KVQ_RETURN_IF_ERROR(params.Ensure(params_.size(), s));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(params.p, params_.data(), params_.size(), cudaMemcpyHostToDevice, s));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StepOutputs::Enqueue(const float* logits, int vocab, const Grow& tokens, const Grow& params,
+                                  cudaStream_t s) const {
+  if (pick_ == 1) return kernels::LaunchArgmaxRows(rows_, vocab, logits, vocab, tokens.as<int32_t>(), s);
+  if (pick_ != 2) return absl::OkStatus();
+  const Params dp = Carve(params.p, rows_);
+  kernels::SamplingParams sp;
+  sp.batch = rows_;
+  sp.vocab = vocab;
+  sp.logits = logits;
+  sp.seed = dp.seed;
+  sp.step = dp.step;
+  sp.temperature = dp.temperature;
+  sp.top_p = dp.top_p;
+  sp.min_p = dp.min_p;
+  sp.top_k = dp.top_k;
+  sp.tokens = tokens.as<int32_t>();
+  return kernels::LaunchSampling(sp, s);
+}
+
+absl::Status StepOutputs::CopyBack(const float* logits_dev, int vocab, const Grow& tokens, std::vector<float>* logits,
+                                   cudaStream_t s) {
+  logits->resize(static_cast<size_t>(rows_) * vocab);
+  for (const auto& [r0, r1] : copy_runs_) {
+    const size_t off = static_cast<size_t>(r0) * vocab;
+    if (cudaMemcpyAsync(logits->data() + off, logits_dev + off, static_cast<size_t>(r1 - r0) * vocab * 4,
+                        cudaMemcpyDeviceToHost, s) != cudaSuccess) {
+      return absl::InternalError("copy of logits");
+    }
+  }
+  tokens_.resize(pick_ > 0 ? rows_ : 0);
+  if (pick_ > 0 &&
+      cudaMemcpyAsync(tokens_.data(), tokens.p, static_cast<size_t>(rows_) * 4, cudaMemcpyDeviceToHost, s) !=
+          cudaSuccess) {
+    return absl::InternalError("copy of the picked tokens");
+  }
+  return absl::OkStatus();
+}
+
+void StepOutputs::Deliver(absl::Span<model::ForwardItem> items) const {
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (token_row_[i] >= 0) items[i].token = tokens_[token_row_[i]];
+  }
+}
+
+}  // namespace kvq::sharding::gpu_forward_internal
