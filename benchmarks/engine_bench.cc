@@ -85,6 +85,9 @@ ABSL_FLAG(std::string, ab, "",
 ABSL_FLAG(float, temperature, 0.0f, "decode: > 0 samples each step's tokens (with --top_k, --top_p) instead of greedy");
 ABSL_FLAG(int, top_k, 0, "decode: top-k of the sampled steps (0 = off)");
 ABSL_FLAG(float, top_p, 1.0f, "decode: top-p of the sampled steps (1 = off)");
+ABSL_FLAG(float, repetition_penalty, 1.0f,
+          "decode: repetition penalty of every row (1 = off) over --penalized_ids distinct token ids");
+ABSL_FLAG(int, penalized_ids, 512, "decode: with --repetition_penalty, the distinct ids of each row's history");
 ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then decode");
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
@@ -208,10 +211,12 @@ int64_t Fill(Setup& st, sharding::GpuKvCache* cache, int64_t n, uint64_t seed) {
   return cache->length();
 }
 
-// How a decode step's tokens are chosen (--ab=pick flips it): on the device (the engine's path
-// for requests without a repetition penalty: ForwardItem::Output::kGreedy or kSample, 4 bytes per
-// row to the host), or from the logits copied to the host, by model::Argmax or a model::Sampler
-// per row there (the path before 2026-12-02, and still that of requests with a penalty).
+// How a decode step's tokens are chosen (--ab=pick flips it): on the device (the engine's path:
+// ForwardItem::Output::kGreedy or kSample, with the repetition penalty, 4 bytes per row to the
+// host), or from the logits copied to the host, by model::Argmax or a model::Sampler per row there
+// (the path before 2026-12-02); with --repetition_penalty the host side is the engine's path for
+// penalised requests before 2026-12-02 14:00: model::ApplyRepetitionPenalty, then
+// model::SampleByDeviceRule (or model::Argmax).
 bool g_pick_on_device = true;
 
 // Median seconds of `steps` decode steps of `caches` (one token each, greedy or sampled as
@@ -225,6 +230,13 @@ double DecodeSeconds(Setup& st, std::vector<std::unique_ptr<model::KvCache>>& ca
   const model::SamplerConfig sc{temperature, absl::GetFlag(FLAGS_top_p), absl::GetFlag(FLAGS_top_k)};
   std::vector<model::Sampler> samplers(caches.size(), model::Sampler(sc));
   const std::vector<int32_t> history;
+  const float penalty = absl::GetFlag(FLAGS_repetition_penalty);
+  std::vector<int32_t> penalized;  // distinct ids spread over the vocabulary
+  for (int j = 0; penalty != 1.0f && j < std::min(absl::GetFlag(FLAGS_penalized_ids), vocab); ++j) {
+    penalized.push_back(static_cast<int32_t>((int64_t{j} * 7919) % vocab));
+  }
+  std::sort(penalized.begin(), penalized.end());
+  penalized.erase(std::unique(penalized.begin(), penalized.end()), penalized.end());
   int64_t sum = 0;  // of the chosen tokens (keeps the host's choice from being optimised away)
   for (int i = 0; i < steps + 2; ++i) {
     std::vector<model::ForwardItem> items;
@@ -232,13 +244,23 @@ double DecodeSeconds(Setup& st, std::vector<std::unique_ptr<model::KvCache>>& ca
       items.push_back({caches[b].get(), tok[b], false});
       if (g_pick_on_device) {
         items.back().output = temperature > 0.0f ? model::ForwardItem::Output::kSample : model::ForwardItem::Output::kGreedy;
-        items.back().sample = {temperature, sc.top_k, sc.top_p, 0.0f, 1000 + b, static_cast<uint64_t>(i)};
+        items.back().sample = {temperature, sc.top_k, sc.top_p, 0.0f, 1000 + b, static_cast<uint64_t>(i),
+                               penalty, penalized};
       }
     }
     const double t0 = Now();
     CHECK_OK(st.fwd->Run(absl::MakeSpan(items), {}, &logits));
     for (size_t b = 0; b < caches.size(); ++b) {
-      sum += g_pick_on_device ? items[b].token : samplers[b].Sample(logits.data() + b * vocab, vocab, history);
+      float* row = logits.data() + b * vocab;
+      if (g_pick_on_device) {
+        sum += items[b].token;
+      } else if (penalty != 1.0f) {
+        model::ApplyRepetitionPenalty(row, vocab, penalized, penalty);
+        sum += model::SampleByDeviceRule(row, vocab, temperature, sc.top_k, sc.top_p, 0.0f, 1000 + b,
+                                         static_cast<uint64_t>(i));
+      } else {
+        sum += samplers[b].Sample(row, vocab, history);
+      }
     }
     if (i >= 2) t.push_back(Now() - t0);
   }

@@ -52,6 +52,71 @@ __device__ __forceinline__ unsigned long long MassOf(float e) {
   return static_cast<unsigned long long>(__float2ull_rn(e * kMassScale));
 }
 
+// Every pass over a row is latency-bound (a few L2 round trips per thread, nothing else to hide
+// them), so each thread keeps kInFlight loads outstanding: 16 bytes each when the row allows
+// (`wide`: 16-byte aligned start), scalars otherwise. f(x, i) sees every element once, in no
+// particular order (all sums here are integer or max/min: order-independent).
+constexpr int kInFlight = 4;
+
+template <typename F>
+__device__ __forceinline__ void ForRow(const float* __restrict__ lg, int V, bool wide, F&& f) {
+  int tail = 0;
+  if (wide) {
+    const float4* lg4 = reinterpret_cast<const float4*>(lg);
+    const int n4 = V / 4;
+    for (int base = threadIdx.x; base < n4; base += kThreads * kInFlight) {
+      float4 x[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int j = base + u * kThreads;
+        if (j < n4) x[u] = __ldg(lg4 + j);
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int j = base + u * kThreads;
+        if (j < n4) {
+          f(x[u].x, 4 * j);
+          f(x[u].y, 4 * j + 1);
+          f(x[u].z, 4 * j + 2);
+          f(x[u].w, 4 * j + 3);
+        }
+      }
+    }
+    tail = 4 * n4;
+  }
+  constexpr int kScalar = 4 * kInFlight;
+  for (int base = tail + static_cast<int>(threadIdx.x); base < V; base += kThreads * kScalar) {
+    float x[kScalar];
+#pragma unroll
+    for (int u = 0; u < kScalar; ++u) {
+      const int i = base + u * kThreads;
+      if (i < V) x[u] = __ldg(lg + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kScalar; ++u) {
+      const int i = base + u * kThreads;
+      if (i < V) f(x[u], i);
+    }
+  }
+}
+
+// The same over ids [i0, i1) of one thread, in id order (the final walk); f returns false to stop.
+template <typename F>
+__device__ __forceinline__ void ForRange(const float* __restrict__ lg, int i0, int i1, F&& f) {
+  constexpr int kScalar = 4 * kInFlight;
+  for (int base = i0; base < i1; base += kScalar) {
+    float x[kScalar];
+#pragma unroll
+    for (int u = 0; u < kScalar; ++u) {
+      if (base + u < i1) x[u] = __ldg(lg + base + u);
+    }
+#pragma unroll
+    for (int u = 0; u < kScalar; ++u) {
+      if (base + u < i1 && !f(x[u], base + u)) return;
+    }
+  }
+}
+
 // Shared memory of the radix passes: per warp a 256-bin histogram in two 32-bit halves (amount
 // >> 16 and amount & 0xffff: native 32-bit shared atomics, no carries: a warp sees at most
 // kMaxVocab / kWarps elements of at most 2^16 per half), their sums, and the pass's answer.
@@ -67,17 +132,15 @@ struct RadixSmem {
 // which the amount (count or mass) summed from the top digit down first reaches `need`; the
 // amount above that digit in *above.
 template <bool kMass>
-__device__ int RadixDigit(const float* lg, int V, float mx, float k2, uint32_t prefix, uint32_t mask, int shift,
+__device__ int RadixDigit(const float* lg, int V, bool wide, float mx, float k2, uint32_t prefix, uint32_t mask, int shift,
                           float floor, unsigned long long need, RadixSmem& sm, unsigned long long* above) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t* hi = sm.warp_hist[warp][0];
   uint32_t* lo = sm.warp_hist[warp][1];
   for (int i = lane; i < 256; i += 32) hi[i] = lo[i] = 0;
   __syncwarp();
-  for (int base = 0; base < V; base += kThreads) {
-    const int i = base + static_cast<int>(threadIdx.x);
-    if (i >= V) break;
-    const float e = exp2f((lg[i] - mx) * k2);
+  ForRow(lg, V, wide, [&](float l, int) {
+    const float e = exp2f((l - mx) * k2);
     const uint32_t bits = __float_as_uint(e);
     const unsigned long long amount = kMass ? MassOf(e) : 1ull;
     if (e >= floor && (bits & mask) == prefix && amount != 0) {
@@ -89,7 +152,7 @@ __device__ int RadixDigit(const float* lg, int V, float mx, float k2, uint32_t p
         atomicAdd(lo + bucket, 1u);
       }
     }
-  }
+  });
   __syncthreads();
   for (int d = threadIdx.x; d < 256; d += kThreads) {
     unsigned long long t = 0;
@@ -142,12 +205,12 @@ __device__ int RadixDigit(const float* lg, int V, float mx, float k2, uint32_t p
 // The largest value t among the e_i >= floor whose amount at or above t (count, or mass) reaches
 // need: the need-th largest e (counts), or the top-p threshold (masses).
 template <bool kMass>
-__device__ float RadixSelect(const float* lg, int V, float mx, float k2, float floor, unsigned long long need,
+__device__ float RadixSelect(const float* lg, int V, bool wide, float mx, float k2, float floor, unsigned long long need,
                              RadixSmem& sm) {
   uint32_t prefix = 0, mask = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
     unsigned long long above = 0;
-    const int d = RadixDigit<kMass>(lg, V, mx, k2, prefix, mask, shift, floor, need, sm, &above);
+    const int d = RadixDigit<kMass>(lg, V, wide, mx, k2, prefix, mask, shift, floor, need, sm, &above);
     prefix |= static_cast<uint32_t>(d) << shift;
     mask |= 0xffu << shift;
     need -= above;
@@ -165,35 +228,39 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
   const int64_t stride = p.logits_row_stride > 0 ? p.logits_row_stride : p.vocab;
   const float* lg = p.logits + b * stride;
   const int V = p.vocab;
+  const bool wide = reinterpret_cast<uintptr_t>(lg) % 16 == 0;
 
-  float mx = -CUDART_INF_F;
-  for (int i = threadIdx.x; i < V; i += kThreads) mx = fmaxf(mx, lg[i]);
-  mx = BlockReduce(mx, Max(), fscratch);
   const float temp = p.temperature[b];
-  if (!(temp > 0.0f)) {  // greedy: lowest id among the maxima
-    int best = V;
-    for (int i = threadIdx.x; i < V; i += kThreads) {
-      if (lg[i] == mx) {
-        best = i;
-        break;
+  if (!(temp > 0.0f)) {  // greedy: lowest id among the maxima, in one pass
+    float bv = -CUDART_INF_F;
+    int bi = V;
+    ForRow(lg, V, wide, [&](float l, int i) {
+      if (l > bv || (l == bv && i < bi)) {
+        bv = l;
+        bi = i;
       }
-    }
-    best = BlockReduce(best, MinI(), iscratch);
-    if (threadIdx.x == 0) p.tokens[b] = best < V ? best : 0;
+    });
+    const float best = BlockReduce(bv, Max(), fscratch);
+    bi = bv == best ? bi : V;
+    bi = BlockReduce(bi, MinI(), iscratch);
+    if (threadIdx.x == 0) p.tokens[b] = bi < V ? bi : 0;
     return;
   }
+  float mx = -CUDART_INF_F;
+  ForRow(lg, V, wide, [&](float l, int) { mx = fmaxf(mx, l); });
+  mx = BlockReduce(mx, Max(), fscratch);
   const float k2 = CUDART_L2E_F / temp;  // e_i = exp2((l_i - max) * k2)
 
   float tau = 0.0f;
   const int k = p.top_k != nullptr ? p.top_k[b] : 0;
-  if (k > 0 && k < V) tau = RadixSelect<false>(lg, V, mx, k2, 0.0f, static_cast<unsigned long long>(k), radix);
+  if (k > 0 && k < V) tau = RadixSelect<false>(lg, V, wide, mx, k2, 0.0f, static_cast<unsigned long long>(k), radix);
   const float top_p = p.top_p != nullptr ? p.top_p[b] : 1.0f;
   if (top_p < 1.0f) {
     unsigned long long kept = 0;
-    for (int i = threadIdx.x; i < V; i += kThreads) {
-      const float e = exp2f((lg[i] - mx) * k2);
+    ForRow(lg, V, wide, [&](float l, int) {
+      const float e = exp2f((l - mx) * k2);
       kept += e >= tau ? MassOf(e) : 0ull;
-    }
+    });
     kept = BlockReduce(kept, Sum(), uscratch);
     unsigned long long target = static_cast<unsigned long long>(static_cast<double>(top_p) * static_cast<double>(kept));
     if (target == 0) target = 1;
@@ -206,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
     if (slack > 4.0 * V) {
       floor_p = fmaxf(tau, static_cast<float>(0.5 * slack / (static_cast<double>(V) * kMassScale)) * 0.999f);
     }
-    tau = RadixSelect<true>(lg, V, mx, k2, floor_p, target, radix);
+    tau = RadixSelect<true>(lg, V, wide, mx, k2, floor_p, target, radix);
   }
   const float min_p = p.min_p != nullptr ? p.min_p[b] : 0.0f;
   tau = fmaxf(tau, min_p);
@@ -216,13 +283,14 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
   const int i0 = min(V, static_cast<int>(threadIdx.x) * chunk), i1 = min(V, i0 + chunk);
   unsigned long long mine = 0;
   int last_kept = -1;
-  for (int i = i0; i < i1; ++i) {
-    const float e = exp2f((lg[i] - mx) * k2);
+  ForRange(lg, i0, i1, [&](float l, int i) {
+    const float e = exp2f((l - mx) * k2);
     if (e >= tau) {
       mine += MassOf(e);
       last_kept = i;
     }
-  }
+    return true;
+  });
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   unsigned long long incl = mine;
 #pragma unroll
@@ -245,16 +313,17 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
   int found = V;
   if (mine > 0 && excl <= target && target < excl + mine) {
     unsigned long long run = excl;
-    for (int i = i0; i < i1; ++i) {
-      const float e = exp2f((lg[i] - mx) * k2);
+    ForRange(lg, i0, i1, [&](float l, int i) {
+      const float e = exp2f((l - mx) * k2);
       if (e >= tau) {
         run += MassOf(e);
         if (run > target) {
           found = i;
-          break;
+          return false;
         }
       }
-    }
+      return true;
+    });
   }
   found = BlockReduce(found, MinI(), iscratch);
   const int last = BlockReduce(last_kept, MaxI(), iscratch);
@@ -328,7 +397,44 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   }
 }
 
+__global__ void __launch_bounds__(256) RepetitionPenaltyKernel(float* logits, int64_t stride,
+                                                               const int32_t* __restrict__ offsets,
+                                                               const float* __restrict__ penalty, int2* entries,
+                                                               bool restore) {
+  const int r = blockIdx.x;
+  const int e0 = offsets[r], e1 = offsets[r + 1];
+  float* row = logits + r * stride;
+  if (restore) {
+    for (int e = e0 + static_cast<int>(threadIdx.x); e < e1; e += blockDim.x) {
+      const int2 en = entries[e];
+      row[en.x] = __int_as_float(en.y);
+    }
+    return;
+  }
+  const float pen = penalty[r];
+  for (int e = e0 + static_cast<int>(threadIdx.x); e < e1; e += blockDim.x) {
+    const int id = entries[e].x;
+    const float l = row[id];
+    entries[e].y = __float_as_int(l);
+    row[id] = l > 0.0f ? __fdiv_rn(l, pen) : __fmul_rn(l, pen);
+  }
+}
+
 }  // namespace
+
+absl::Status LaunchRepetitionPenalty(int rows, float* logits, int64_t row_stride, const int32_t* offsets,
+                                     const float* penalty, int2* entries, bool restore, cudaStream_t stream) {
+  if (rows < 0 || row_stride <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchRepetitionPenalty: rows ", rows, ", row stride ", row_stride));
+  }
+  if (rows == 0) return absl::OkStatus();
+  if (logits == nullptr || offsets == nullptr || penalty == nullptr || entries == nullptr) {
+    return absl::InvalidArgumentError("LaunchRepetitionPenalty: null logits/offsets/penalty/entries");
+  }
+  RepetitionPenaltyKernel<<<rows, 256, 0, stream>>>(logits, row_stride, offsets, penalty, entries, restore);
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
 
 absl::Status LaunchArgmaxRows(int rows, int vocab, const float* logits, int64_t row_stride, int32_t* tokens,
                               cudaStream_t stream) {

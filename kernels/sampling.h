@@ -45,4 +45,13 @@ absl::Status LaunchSampling(const SamplingParams& p, cudaStream_t stream);
 absl::Status LaunchArgmaxRows(int rows, int vocab, const float* logits, int64_t row_stride, int32_t* tokens,
                               cudaStream_t stream);
 
+// Repetition penalty in place on rows of f32 logits ([rows][row_stride]; model::ApplyRepetitionPenalty's
+// rule, IEEE-rounded): for row r, every entry e in entries[offsets[r] .. offsets[r + 1]) names a
+// distinct token id e.x < vocab whose logit l becomes l / penalty[r] if l > 0, else l * penalty[r].
+// The logit before is kept in e.y (as bits); with restore = true the launch writes those back
+// instead (after the pick, when the row goes to the host as it was). One CTA per row; offsets has
+// rows + 1 entries, offsets[0] = 0.
+absl::Status LaunchRepetitionPenalty(int rows, float* logits, int64_t row_stride, const int32_t* offsets,
+                                     const float* penalty, int2* entries, bool restore, cudaStream_t stream);
+
 }  // namespace kvq::kernels

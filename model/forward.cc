@@ -533,6 +533,12 @@ absl::Status Forward::Run(absl::Span<ForwardItem> items, const ForwardOptions& o
     ForwardItem& it = items[i];
     const size_t n = it.all_logits ? it.tokens.size() : 1;
     const float* row = logits->data() + r * c.vocab_size;
+    std::vector<float> penalized;  // the row is returned as it was; the pick sees the penalty
+    if (it.wants_token() && it.sample.repetition_penalty != 1.0f && !it.sample.penalized.empty()) {
+      penalized.assign(row, row + c.vocab_size);
+      ApplyRepetitionPenalty(penalized.data(), c.vocab_size, it.sample.penalized, it.sample.repetition_penalty);
+      row = penalized.data();
+    }
     if (it.wants_token() && it.output == ForwardItem::Output::kSample && it.sample.temperature > 0.0f) {
       const ForwardItem::Sample& sp = it.sample;
       it.token = SampleByDeviceRule(row, c.vocab_size, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, sp.step);

@@ -186,9 +186,12 @@ struct ForwardItem {
   //   kGreedy: its greedy token, model::Argmax of that row, in `token`;
   //   kSample: a token drawn by the rule of kernels/sampling.h with `sample` (temperature, top-k,
   //            top-p, min-p; the Philox uniform of (seed, step)) in `token`;
+  //   for both, a sample.repetition_penalty other than 1 first penalises the row's logits of the
+  //   distinct token ids in sample.penalized (model::ApplyRepetitionPenalty);
   //   kNone:   nothing (a prefill chunk before the prompt's last one).
   // With kGreedy and kSample the row in `logits` is left unspecified unless `also_logits` (e.g. for
-  // log-probabilities): a GPU pass picks the token on the device and copies 4 bytes, not the row.
+  // log-probabilities; the row before the penalty): a GPU pass picks the token on the device and
+  // copies 4 bytes, not the row.
   enum class Output { kLogits, kGreedy, kSample, kNone };
   struct Sample {
     float temperature = 1.0f;  // > 0 (<= 0 picks the greedy token)
@@ -197,6 +200,8 @@ struct ForwardItem {
     float min_p = 0.0f;        // 0 = off
     uint64_t seed = 0;
     uint64_t step = 0;         // the draw's counter, e.g. the index of the token in its generation
+    float repetition_penalty = 1.0f;       // 1 = off; > 0
+    absl::Span<const int32_t> penalized;  // distinct token ids in [0, vocab): the penalty's history
   };
   Output output = Output::kLogits;
   bool also_logits = false;

@@ -87,7 +87,7 @@ std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int voca
   return out;
 }
 
-void ApplyRepetitionPenalty(float* logits, int vocab, const std::vector<int32_t>& history, float penalty) {
+void ApplyRepetitionPenalty(float* logits, int vocab, absl::Span<const int32_t> history, float penalty) {
   if (penalty == 1.0f) return;
   std::vector<bool> seen(vocab, false);
   for (int32_t t : history) {

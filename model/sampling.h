@@ -1,7 +1,7 @@
 // Token sampling on the CPU. The serving path (the engine, kvqd, `kvq generate`) picks tokens by
-// one rule, kernels/sampling.h's: on the GPU by its kernels, on the CPU pass and for requests with
-// a repetition penalty by SampleByDeviceRule below (after ApplyRepetitionPenalty), with the Philox
-// uniform of (seed, index of the token). Sampler is the engine's earlier host sampler (its own
+// one rule, kernels/sampling.h's: on the GPU by its kernels (the repetition penalty too), on the CPU
+// pass by SampleByDeviceRule below (after ApplyRepetitionPenalty), with the Philox uniform of
+// (seed, index of the token). Sampler is the engine's earlier host sampler (its own
 // mt19937_64 stream per request; sorted-order draw), kept as the "host" side of
 // `engine_bench --ab=pick` and with its tests; it is not on the serving path.
 #pragma once
@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <random>
 #include <vector>
+
+#include "absl/types/span.h"
 
 namespace kvq::model {
 
@@ -48,8 +50,9 @@ int32_t SampleByDeviceRule(const float* logits, int vocab, float temperature, in
                            uint64_t seed, uint64_t step);
 
 // CTRL-style repetition penalty as Hugging Face applies it, in place: each distinct token of
-// `history` has its logit divided by `penalty` when positive, multiplied when not.
-void ApplyRepetitionPenalty(float* logits, int vocab, const std::vector<int32_t>& history, float penalty);
+// `history` has its logit divided by `penalty` when positive, multiplied when not (ids outside
+// [0, vocab) are ignored). kernels::LaunchRepetitionPenalty follows the same rule on the GPU.
+void ApplyRepetitionPenalty(float* logits, int vocab, absl::Span<const int32_t> history, float penalty);
 
 // Index of the largest logit (lowest index on ties; NaN is never taken; 0 when every logit is NaN).
 // kernels::LaunchArgmaxRows follows the same rule on the GPU.

@@ -110,7 +110,16 @@ struct Job {
   std::shared_ptr<Session> session;             // the session forked from / extended
   std::vector<int32_t> prompt;                  // tokens still to prefill come from here
   size_t prefilled = 0;
-  std::vector<int32_t> history;                 // for the repetition penalty
+  // The repetition penalty's history, kept only for requests with a penalty: the distinct tokens
+  // of the context (session and prompt) and of the generation so far, in first-seen order.
+  std::vector<int32_t> penalized;
+  std::vector<bool> seen;
+  void See(int32_t t) {
+    if (t >= 0 && static_cast<size_t>(t) < seen.size() && !seen[t]) {
+      seen[t] = true;
+      penalized.push_back(t);
+    }
+  }
   std::vector<int32_t> stops;
   int32_t next_input = -1;                      // sampled token to feed at the next step
   int generated = 0;
@@ -256,8 +265,13 @@ class Engine::Impl {
     job->id = next_id_++;
     if (job->session) job->prompt.push_back(job->session->tokens.back());  // the pending token
     job->prompt.insert(job->prompt.end(), req.prompt.begin(), req.prompt.end());
-    job->history = job->session ? job->session->tokens : std::vector<int32_t>{};
-    job->history.insert(job->history.end(), req.prompt.begin(), req.prompt.end());
+    if (req.sampling.repetition_penalty != 1.0f) {
+      job->seen.assign(weights_.config.vocab_size, false);
+      if (job->session) {
+        for (int32_t t : job->session->tokens) job->See(t);
+      }
+      for (int32_t t : req.prompt) job->See(t);
+    }
     job->stops = req.sampling.stop_token_ids;
     if (!req.sampling.ignore_eos) job->stops.insert(job->stops.end(), model_stops_.begin(), model_stops_.end());
     job->usage.prompt_tokens = static_cast<int64_t>(req.prompt.size());
@@ -625,17 +639,18 @@ class Engine::Impl {
       model::KvCache* cache = j.is_extension ? j.session->cache.get() : j.cache.get();
       model::ForwardItem item{cache, inputs[i], false};
       // What the step must return for the row: nothing before a prompt's last chunk (and for a
-      // session extension, which samples nothing); without a repetition penalty, the token alone,
-      // greedy or drawn by the rule of kernels/sampling.h with the Philox uniform of (seed, index
-      // of the token) (a GPU pass picks it on the device; the row too when log-probabilities are
-      // asked for); with a penalty, the logits, penalised here and drawn by the same rule.
+      // session extension, which samples nothing); else the token alone, greedy or drawn by the
+      // rule of kernels/sampling.h with the Philox uniform of (seed, index of the token), after
+      // the repetition penalty (a GPU pass does all of it on the device; the row, as it was before
+      // the penalty, comes back too when log-probabilities are asked for).
       const bool last_chunk = !j.prefilling() || j.prefilled + inputs[i].size() == j.prompt.size();
       const SamplingParams& so = j.req.sampling;
       if (j.is_extension || !last_chunk) {
         item.output = model::ForwardItem::Output::kNone;
-      } else if (so.repetition_penalty == 1.0f) {
+      } else {
         item.output = so.temperature > 0.0f ? model::ForwardItem::Output::kSample : model::ForwardItem::Output::kGreedy;
-        item.sample = {so.temperature, so.top_k, so.top_p, so.min_p, so.seed, static_cast<uint64_t>(j.generated)};
+        item.sample = {so.temperature, so.top_k, so.top_p, so.min_p, so.seed, static_cast<uint64_t>(j.generated),
+                       so.repetition_penalty, j.penalized};
         item.also_logits = so.logprobs || so.top_logprobs > 0;
       }
       items.push_back(item);
@@ -666,7 +681,7 @@ class Engine::Impl {
         done.push_back({&j, {FinishReason::kError, s}});
         continue;
       }
-      float* row = logits->data() + static_cast<int64_t>(b) * vocab;
+      const float* row = logits->data() + static_cast<int64_t>(b) * vocab;
       if (j.prefilling()) {
         j.prefilled += items[b].tokens.size();
         if (j.is_extension) {
@@ -680,21 +695,10 @@ class Engine::Impl {
       j.usage.kv_bytes = std::max(j.usage.kv_bytes, j.cache->bytes());
       TokenEvent ev;
       ev.index = j.generated;
-      const bool want_lp = j.req.sampling.logprobs || j.req.sampling.top_logprobs > 0;
-      std::vector<float> raw;  // the row before the repetition penalty
-      if (want_lp && !items[b].wants_token()) raw.assign(row, row + vocab);
-      if (items[b].wants_token()) {
-        ev.token = items[b].token;
-      } else {
-        const SamplingParams& so = j.req.sampling;
-        model::ApplyRepetitionPenalty(row, vocab, j.history, so.repetition_penalty);
-        ev.token = model::SampleByDeviceRule(row, vocab, so.temperature, so.top_k, so.top_p, so.min_p, so.seed,
-                                             static_cast<uint64_t>(j.generated));
-      }
-      if (want_lp) {
-        const float* lr = raw.empty() ? row : raw.data();
-        if (j.req.sampling.logprobs) ev.logprob = model::LogProb(lr, vocab, ev.token);
-        for (auto [t, lp] : model::TopLogProbs(lr, vocab, j.req.sampling.top_logprobs)) ev.top_logprobs.push_back({t, lp});
+      ev.token = items[b].token;
+      if (j.req.sampling.logprobs || j.req.sampling.top_logprobs > 0) {  // of the row before the penalty
+        if (j.req.sampling.logprobs) ev.logprob = model::LogProb(row, vocab, ev.token);
+        for (auto [t, lp] : model::TopLogProbs(row, vocab, j.req.sampling.top_logprobs)) ev.top_logprobs.push_back({t, lp});
       }
       const bool stop = std::find(j.stops.begin(), j.stops.end(), ev.token) != j.stops.end();
       if (stop) {
@@ -702,7 +706,7 @@ class Engine::Impl {
         continue;
       }
       ++j.generated;
-      j.history.push_back(ev.token);
+      j.See(ev.token);
       j.next_input = ev.token;
       j.req.sink->OnToken(ev);
       {

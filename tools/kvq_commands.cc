@@ -1,6 +1,8 @@
 #include "tools/kvq_commands.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -28,6 +30,7 @@ ABSL_FLAG(double, temperature, 0.0, "0 = greedy");
 ABSL_FLAG(double, top_p, 1.0, "nucleus sampling");
 ABSL_FLAG(int, top_k, 0, "top-k sampling (0 = off)");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
+ABSL_FLAG(double, repetition_penalty, 1.0, "repetition penalty over the prompt and the output (1 = off)");
 ABSL_FLAG(std::string, text, "", "eval-ppl: text file; tokenize: the text");
 ABSL_FLAG(int, context, 2048, "eval-ppl: context length");
 ABSL_FLAG(int, stride, 2048, "eval-ppl: stride");
@@ -85,14 +88,27 @@ int Generate() {
   const model::ForwardPass& fwd = *(*backend)->forward;
   auto cache = (*backend)->factory->Make(0);
   if (!cache.ok()) return Fail(cache.status());
-  // The serving path's token choice (the engine's, for requests without a repetition penalty):
-  // greedy, or drawn by the rule of kernels/sampling.h with the Philox uniform of (seed, index of
-  // the token), picked on the device by a GPU pass; the same seed gives kvqd's tokens.
+  // The serving path's token choice (the engine's): the repetition penalty over the distinct
+  // tokens seen, then greedy or drawn by the rule of kernels/sampling.h with the Philox uniform of
+  // (seed, index of the token), all on the device in a GPU pass; the same seed gives kvqd's tokens.
   model::ForwardItem::Sample sample;
   sample.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
   sample.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
   sample.top_k = absl::GetFlag(FLAGS_top_k);
   sample.seed = absl::GetFlag(FLAGS_seed);
+  sample.repetition_penalty = static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
+  if (!(sample.repetition_penalty > 0.0f) || !std::isfinite(sample.repetition_penalty)) {
+    return Fail(absl::InvalidArgumentError("--repetition_penalty must be > 0 (1 = off)"));
+  }
+  std::vector<bool> seen(fwd.config().vocab_size, false);
+  std::vector<int32_t> penalized;  // distinct tokens of the prompt and the output so far
+  const auto see = [&](int32_t t) {
+    if (sample.repetition_penalty != 1.0f && t >= 0 && static_cast<size_t>(t) < seen.size() && !seen[t]) {
+      seen[t] = true;
+      penalized.push_back(t);
+    }
+  };
+  for (int32_t t : ids) see(t);
   model::StreamDecoder decoder(tok);
   const auto stops = tok.stop_ids();
   std::vector<int32_t> step = ids;
@@ -105,6 +121,7 @@ int Generate() {
     item.output = sample.temperature > 0.0f ? model::ForwardItem::Output::kSample : model::ForwardItem::Output::kGreedy;
     item.sample = sample;
     item.sample.step = static_cast<uint64_t>(generated);
+    item.sample.penalized = penalized;
     absl::Status s = fwd.Run(absl::MakeSpan(&item, 1), {}, &logits);
     if (!s.ok()) return Fail(s);
     if (generated == 0) {
@@ -115,6 +132,7 @@ int Generate() {
     std::fputs(decoder.Push(next).c_str(), stdout);
     std::fflush(stdout);
     step.assign(1, next);
+    see(next);
   }
   std::fputs(decoder.Flush().c_str(), stdout);
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -19,7 +19,7 @@ struct DecodeGraphKey {
   int rows, table_width, splits;
   uint64_t pool;     // GpuKvPool::id(): a new pool may reuse a freed one's address
   uint64_t buffers;  // reallocations of the step buffers so far (a graph holds their pointers)
-  int pick;          // the step ends with its rows' tokens: 0 none, 1 greedy (argmax), 2 sampled
+  int pick;          // StepOutputs::pick(): 0 none, 1 greedy (argmax), 2 sampled; 4, 8 penalty flags
   bool operator<(const DecodeGraphKey& o) const {
     return std::tie(rows, table_width, splits, pool, buffers, pick) <
            std::tie(o.rows, o.table_width, o.splits, o.pool, o.buffers, o.pick);

@@ -396,7 +396,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(h2d(m.positions, positions.data(), Ts * 8));
   KVQ_RETURN_IF_ERROR(h2d(m.row_begin, row_begin.data(), Ts * 4));
   KVQ_RETURN_IF_ERROR(h2d(m.gather_idx, gather.data(), static_cast<size_t>(R) * 4));
-  KVQ_RETURN_IF_ERROR(outputs.Upload(m.greedy, m.samp, s));
+  KVQ_RETURN_IF_ERROR(outputs.Upload(m.greedy, m.samp, m.penalty, s));
   KVQ_RETURN_IF_ERROR(h2d(m.tables, tables.data(), tables.size() * 4));
   KVQ_RETURN_IF_ERROR(h2d(m.lens, lens.data(), lens.size() * 4));
   KVQ_RETURN_IF_ERROR(h2d(m.firsts, firsts.data(), firsts.size() * 8));
@@ -763,7 +763,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
     KVQ_STEP(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype_, s));
     KVQ_STEP(gemm(R, vocab, hidden, m.sel_act.p, m.lm_head, m.logits.p, DType::kF32, 0.0f));
   }
-  KVQ_STEP(outputs.Enqueue(m.logits.as<float>(), vocab, m.greedy, m.samp, s));
+  KVQ_STEP(outputs.Enqueue(m.logits.as<float>(), vocab, m.greedy, m.samp, m.penalty, s));
     return absl::OkStatus();
   };
   {

@@ -102,7 +102,7 @@ struct GpuForward::Impl {
   // step's stacked projection, [T][q_dim + 2 kv_dim] (GpuForward::Run).
   mutable Grow x, h, q, krot, o, o_act, gu, mid, parts_o, parts_lse, positions, row_begin,
       tokens, gather_idx, sel, sel_act, logits, ws, tables, lens, firsts, sinks, host_k, host_v, host_pos,
-      xk, xv, pf_o, pf_lse, k16, v16, qkv, greedy, samp;
+      xk, xv, pf_o, pf_lse, k16, v16, qkv, greedy, samp, penalty;
   // What caches that work on device memory (a sharded cache's GPU shards) need from this pass
   // (made on first use, on the step's stream).
   mutable std::unique_ptr<StreamDeviceOps> device_ops;

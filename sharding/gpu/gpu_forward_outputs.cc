@@ -27,6 +27,40 @@ StepOutputs::StepOutputs(absl::Span<const model::ForwardItem> items) {
     }
     rows_ += n;
   }
+  // Repetition penalties: every row's distinct ids after a fixed-size header.
+  size_t entries = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const model::ForwardItem::Sample& sp = items[i].sample;
+    if (token_row_[i] < 0 || sp.repetition_penalty == 1.0f || sp.penalized.empty()) continue;
+    penalize_ = true;
+    restore_ = restore_ || items[i].wants_logits();
+    entries += sp.penalized.size();
+  }
+  if (penalize_) {
+    const size_t header = PenaltyHeaderBytes(rows_);
+    penalty_.assign(header + entries * 8, 0);
+    auto* offsets = reinterpret_cast<int32_t*>(penalty_.data());
+    auto* pen = reinterpret_cast<float*>(offsets + rows_ + 1);
+    auto* ent = reinterpret_cast<int32_t*>(penalty_.data() + header);
+    std::vector<int> item_of_row(rows_, -1);
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (token_row_[i] >= 0) item_of_row[token_row_[i]] = static_cast<int>(i);
+    }
+    int32_t at = 0;
+    for (int r = 0; r < rows_; ++r) {
+      offsets[r] = at;
+      pen[r] = 1.0f;
+      if (item_of_row[r] < 0) continue;
+      const model::ForwardItem::Sample& sp = items[item_of_row[r]].sample;
+      if (sp.repetition_penalty == 1.0f) continue;
+      pen[r] = sp.repetition_penalty;
+      for (int32_t id : sp.penalized) {
+        ent[2 * at] = id;
+        ++at;
+      }
+    }
+    offsets[rows_] = at;
+  }
   if (pick_ != 2) return;
   params_.assign(ParamBytes(rows_), 0);  // rows without a draw: temperature 0, the greedy token
   const Params p = Carve(params_.data(), rows_);
@@ -54,9 +88,13 @@ StepOutputs::Params StepOutputs::Carve(void* base, int rows) {
   return p;
 }
 
-absl::Status StepOutputs::Upload(Grow& tokens, Grow& params, cudaStream_t s) const {
+absl::Status StepOutputs::Upload(Grow& tokens, Grow& params, Grow& penalty, cudaStream_t s) const {
   if (pick_ == 0) return absl::OkStatus();
   KVQ_RETURN_IF_ERROR(tokens.Ensure(static_cast<size_t>(rows_) * 4, s));
+  if (penalize_) {
+    KVQ_RETURN_IF_ERROR(penalty.Ensure(penalty_.size(), s));
+    KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(penalty.p, penalty_.data(), penalty_.size(), cudaMemcpyHostToDevice, s));
+  }
   if (pick_ == 2) {
     KVQ_RETURN_IF_ERROR(params.Ensure(params_.size(), s));
     KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(params.p, params_.data(), params_.size(), cudaMemcpyHostToDevice, s));
@@ -64,10 +102,25 @@ absl::Status StepOutputs::Upload(Grow& tokens, Grow& params, cudaStream_t s) con
   return absl::OkStatus();
 }
 
-absl::Status StepOutputs::Enqueue(const float* logits, int vocab, const Grow& tokens, const Grow& params,
-                                  cudaStream_t s) const {
+absl::Status StepOutputs::Enqueue(float* logits, int vocab, const Grow& tokens, const Grow& params,
+                                  const Grow& penalty, cudaStream_t s) const {
+  if (pick_ == 0) return absl::OkStatus();
+  const auto* offsets = penalty.as<int32_t>();
+  const auto* pen = reinterpret_cast<const float*>(offsets + rows_ + 1);
+  auto* entries = reinterpret_cast<int2*>(static_cast<uint8_t*>(penalty.p) + PenaltyHeaderBytes(rows_));
+  if (penalize_) {
+    KVQ_RETURN_IF_ERROR(kernels::LaunchRepetitionPenalty(rows_, logits, vocab, offsets, pen, entries, false, s));
+  }
+  KVQ_RETURN_IF_ERROR(Pick(logits, vocab, tokens, params, s));
+  if (restore_) {
+    KVQ_RETURN_IF_ERROR(kernels::LaunchRepetitionPenalty(rows_, logits, vocab, offsets, pen, entries, true, s));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StepOutputs::Pick(const float* logits, int vocab, const Grow& tokens, const Grow& params,
+                               cudaStream_t s) const {
   if (pick_ == 1) return kernels::LaunchArgmaxRows(rows_, vocab, logits, vocab, tokens.as<int32_t>(), s);
-  if (pick_ != 2) return absl::OkStatus();
   const Params dp = Carve(params.p, rows_);
   kernels::SamplingParams sp;
   sp.batch = rows_;

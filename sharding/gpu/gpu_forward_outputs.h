@@ -23,13 +23,17 @@ class StepOutputs {
   int rows() const { return rows_; }
   // How the tokens are picked: 0 none; 1 every row's greedy token (kernels::LaunchArgmaxRows); 2
   // every row through kernels::LaunchSampling (rows that do not sample at temperature 0, i.e.
-  // greedy). Part of a captured graph's key.
-  int pick() const { return pick_; }
-  // Sizes the device buffers and queues the copy of the sampling parameters (before the step's
-  // kernels; this object must live until the stream is synchronized).
-  absl::Status Upload(Grow& tokens, Grow& params, cudaStream_t s) const;
-  // Queues the token choice over the step's logits [rows][vocab] (inside a captured graph).
-  absl::Status Enqueue(const float* logits, int vocab, const Grow& tokens, const Grow& params, cudaStream_t s) const;
+  // greedy); plus 4 when some row has a repetition penalty (kernels::LaunchRepetitionPenalty before
+  // the pick) and 8 when such a row also goes to the host (the penalty undone after the pick).
+  // Part of a captured graph's key.
+  int pick() const { return pick_ | (penalize_ ? 4 : 0) | (restore_ ? 8 : 0); }
+  // Sizes the device buffers and queues the copy of the sampling and penalty parameters (before
+  // the step's kernels; this object must live until the stream is synchronized).
+  absl::Status Upload(Grow& tokens, Grow& params, Grow& penalty, cudaStream_t s) const;
+  // Queues the token choice over the step's logits [rows][vocab] (inside a captured graph; the
+  // penalty is applied to the rows in place and, for rows that go to the host, undone after).
+  absl::Status Enqueue(float* logits, int vocab, const Grow& tokens, const Grow& params, const Grow& penalty,
+                       cudaStream_t s) const;
   // Queues the copies to the host: the wanted rows into *logits (resized to rows x vocab; the
   // other rows are left unspecified) and the picked tokens.
   absl::Status CopyBack(const float* logits_dev, int vocab, const Grow& tokens, std::vector<float>* logits,
@@ -47,13 +51,19 @@ class StepOutputs {
     int32_t* top_k;
   };
   static Params Carve(void* base, int rows);
+  absl::Status Pick(const float* logits, int vocab, const Grow& tokens, const Grow& params, cudaStream_t s) const;
   static size_t ParamBytes(int rows) { return static_cast<size_t>(rows) * 32; }
+  // The penalty buffer: offsets [rows + 1] (int32), penalties [rows] (float), then the entries
+  // (int2: id, saved logit) from a fixed offset for a given row count (a graph holds it).
+  static size_t PenaltyHeaderBytes(int rows) { return (static_cast<size_t>(2 * rows + 1) * 4 + 7) / 8 * 8; }
 
   std::vector<std::pair<int, int>> copy_runs_;  // logit rows to the host, [first, end)
   std::vector<int> token_row_;                  // per item: the row of its token, or -1
   std::vector<uint8_t> params_;                 // host copy of the packed parameters (pick 2)
+  std::vector<uint8_t> penalty_;                // host copy of the penalty buffer (penalize_)
   std::vector<int32_t> tokens_;                 // picked tokens, per row
   int rows_ = 0, pick_ = 0;
+  bool penalize_ = false, restore_ = false;
 };
 
 }  // namespace kvq::sharding::gpu_forward_internal

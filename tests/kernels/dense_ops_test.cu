@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -25,6 +26,7 @@
 #include "kernels/reference/dense_ops.h"
 #include "kernels/reference/rope.h"
 #include "kernels/sampling.h"
+#include "model/sampling.h"
 #include "tests/kernels/cuda_test_util.h"
 
 namespace kvq {
@@ -508,47 +510,53 @@ class SamplingTest : public ::testing::TestWithParam<SampleCase> {};
 TEST_P(SamplingTest, PicksTheReferenceToken) {
   KVQ_REQUIRE_CUDA_DEVICE();
   const SampleCase c = GetParam();
-  const int batch = 64, vocab = 32000;
-  // Logits on a grid of distinct values (multiples of 1/64 in [-8, 8] shuffled): well separated,
-  // so fp32 (GPU) and double (reference) agree on every threshold and boundary.
-  std::mt19937 rng(11);
-  std::vector<float> logits(static_cast<size_t>(batch) * vocab);
-  for (int b = 0; b < batch; ++b) {
-    std::vector<float> row(vocab);
-    for (int i = 0; i < vocab; ++i) row[i] = -8.0f + 16.0f * (i % 1024) / 1024.0f + (i / 1024) * 1e-3f;
-    std::shuffle(row.begin(), row.end(), rng);
-    std::copy(row.begin(), row.end(), logits.begin() + static_cast<size_t>(b) * vocab);
-  }
-  std::vector<float> temp(batch, c.temperature), tp(batch, c.top_p), mp(batch, c.min_p);
-  std::vector<int32_t> tk(batch, c.top_k);
-  std::vector<uint64_t> seed(batch), step(batch);
-  for (int b = 0; b < batch; ++b) {
-    seed[b] = 0x1234567890ull * (b + 1);
-    step[b] = b * 3;
-  }
-  DeviceBuffer<float> dl(logits), dt(temp), dtp(tp), dmp(mp);
-  DeviceBuffer<int32_t> dtk(tk), dout(batch);
-  DeviceBuffer<uint64_t> ds(seed), dst(step);
-  kernels::SamplingParams p;
-  p.batch = batch;
-  p.vocab = vocab;
-  p.logits = dl.get();
-  p.temperature = dt.get();
-  p.top_k = dtk.get();
-  p.top_p = dtp.get();
-  p.min_p = dmp.get();
-  p.seed = ds.get();
-  p.step = dst.get();
-  p.tokens = dout.get();
-  ASSERT_TRUE(kernels::LaunchSampling(p, nullptr).ok());
-  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
-  const auto got = dout.Download();
-  for (int b = 0; b < batch; ++b) {
-    kernels::SamplingRefConfig rc{c.temperature, c.top_k, c.top_p, c.min_p, seed[b], step[b]};
-    EXPECT_EQ(got[b], kernels::SampleReference(logits.data() + static_cast<size_t>(b) * vocab, vocab, rc))
-        << "sequence " << b;
+  const int batch = 64;
+  // 32,000 in packed rows (16-byte loads); 32,001 in rows of 32,003 (rows after the first are not
+  // 16-byte aligned: the scalar loads, and a tail).
+  for (const auto [vocab, stride] : {std::pair<int, int>{32000, 32000}, std::pair<int, int>{32001, 32003}}) {
+    // Logits on a grid of distinct values (multiples of 1/64 in [-8, 8] shuffled): well separated,
+    // so fp32 (GPU) and double (reference) agree on every threshold and boundary.
+    std::mt19937 rng(11);
+    std::vector<float> logits(static_cast<size_t>(batch) * stride, 1e30f);  // padding is never read
+    for (int b = 0; b < batch; ++b) {
+      std::vector<float> row(vocab);
+      for (int i = 0; i < vocab; ++i) row[i] = -8.0f + 16.0f * (i % 1024) / 1024.0f + (i / 1024) * 1e-3f;
+      std::shuffle(row.begin(), row.end(), rng);
+      std::copy(row.begin(), row.end(), logits.begin() + static_cast<size_t>(b) * stride);
+    }
+    std::vector<float> temp(batch, c.temperature), tp(batch, c.top_p), mp(batch, c.min_p);
+    std::vector<int32_t> tk(batch, c.top_k);
+    std::vector<uint64_t> seed(batch), step(batch);
+    for (int b = 0; b < batch; ++b) {
+      seed[b] = 0x1234567890ull * (b + 1);
+      step[b] = b * 3;
+    }
+    DeviceBuffer<float> dl(logits), dt(temp), dtp(tp), dmp(mp);
+    DeviceBuffer<int32_t> dtk(tk), dout(batch);
+    DeviceBuffer<uint64_t> ds(seed), dst(step);
+    kernels::SamplingParams p;
+    p.batch = batch;
+    p.vocab = vocab;
+    p.logits = dl.get();
+    p.logits_row_stride = stride;
+    p.temperature = dt.get();
+    p.top_k = dtk.get();
+    p.top_p = dtp.get();
+    p.min_p = dmp.get();
+    p.seed = ds.get();
+    p.step = dst.get();
+    p.tokens = dout.get();
+    ASSERT_TRUE(kernels::LaunchSampling(p, nullptr).ok());
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    const auto got = dout.Download();
+    for (int b = 0; b < batch; ++b) {
+      kernels::SamplingRefConfig rc{c.temperature, c.top_k, c.top_p, c.min_p, seed[b], step[b]};
+      EXPECT_EQ(got[b], kernels::SampleReference(logits.data() + static_cast<size_t>(b) * stride, vocab, rc))
+          << "vocab " << vocab << " sequence " << b;
+    }
   }
 }
+
 INSTANTIATE_TEST_SUITE_P(Grid, SamplingTest,
                          ::testing::Values(SampleCase{0.0f, 0, 1.0f, 0.0f},   // greedy
                                            SampleCase{1.0f, 0, 1.0f, 0.0f},   // plain
@@ -599,6 +607,56 @@ TEST(ArgmaxRows, LowestIdAmongTheMaxima) {
   }
   DeviceBuffer<int32_t> dout(1);
   EXPECT_FALSE(kernels::LaunchArgmaxRows(1, 10, nullptr, 9, dout.get(), nullptr).ok());  // stride < vocab
+}
+
+// The repetition penalty on the device: the penalised rows equal model::ApplyRepetitionPenalty's
+// to the bit (positive and negative logits, penalties above and below 1, rows without entries,
+// a row stride wider than the vocabulary), and the restoring launch gives the rows back exactly.
+TEST(RepetitionPenalty, SameBitsAsTheModelRuleAndRestoredExactly) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const int rows = 5, vocab = 49152;
+  const int64_t stride = vocab + 4;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 4.0f);
+  std::vector<float> logits(static_cast<size_t>(rows) * stride);
+  for (float& x : logits) x = nd(rng);
+  const float penalty[rows] = {1.3f, 0.7f, 1.0f, 2.5f, 1.1f};
+  std::vector<int32_t> offsets{0};
+  std::vector<int32_t> entries;  // id, saved logit
+  std::vector<std::vector<int32_t>> ids(rows);
+  for (int r = 0; r < rows; ++r) {
+    const int n = r == 2 ? 0 : r == 3 ? vocab : 1 + static_cast<int>(rng() % 3000);  // row 3: every id
+    std::vector<int32_t> all(vocab);
+    for (int i = 0; i < vocab; ++i) all[i] = i;
+    std::shuffle(all.begin(), all.end(), rng);
+    ids[r].assign(all.begin(), all.begin() + n);
+    for (int32_t id : ids[r]) entries.insert(entries.end(), {id, 0});
+    offsets.push_back(static_cast<int32_t>(entries.size() / 2));
+  }
+  DeviceBuffer<float> dl(logits);
+  DeviceBuffer<int32_t> doff(offsets);
+  DeviceBuffer<float> dpen(std::vector<float>(penalty, penalty + rows));
+  DeviceBuffer<int32_t> dent(entries);
+  auto* ent = reinterpret_cast<int2*>(dent.get());
+  ASSERT_TRUE(kernels::LaunchRepetitionPenalty(rows, dl.get(), stride, doff.get(), dpen.get(), ent, false, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto got = dl.Download();
+  int changed = 0;
+  for (int r = 0; r < rows; ++r) {
+    std::vector<float> want(logits.begin() + r * stride, logits.begin() + r * stride + vocab);
+    model::ApplyRepetitionPenalty(want.data(), vocab, ids[r], penalty[r]);
+    for (int i = 0; i < vocab; ++i) {
+      const float g = got[r * stride + i];
+      ASSERT_EQ(std::memcmp(&g, &want[i], 4), 0) << "row " << r << " id " << i << ": " << g << " vs " << want[i];
+      changed += g != logits[r * stride + i];
+    }
+  }
+  EXPECT_GT(changed, vocab);
+  ASSERT_TRUE(kernels::LaunchRepetitionPenalty(rows, dl.get(), stride, doff.get(), dpen.get(), ent, true, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto back = dl.Download();
+  EXPECT_EQ(std::memcmp(back.data(), logits.data(), logits.size() * 4), 0) << "restore";
+  EXPECT_FALSE(kernels::LaunchRepetitionPenalty(1, dl.get(), 0, doff.get(), dpen.get(), ent, false, nullptr).ok());
 }
 
 }  // namespace

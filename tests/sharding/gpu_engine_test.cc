@@ -482,7 +482,17 @@ TEST(GpuForwardTest, TokensPickedOnTheDeviceEqualTheirRulesOnTheLogits) {
         next[i] = model::Argmax(lr.data(), vocab);
         EXPECT_EQ(d.token, next[i]) << fmt << " prompt " << i;
       }
-      int checked = 0, sampled = 0;
+      // Repetition penalties on rows 0 and 2 (from step 3 on; none on row 1) over the distinct
+      // tokens of the prompt and the tokens fed since: applied on the device before the pick;
+      // rows that come back (also_logits) come back as they were before it.
+      std::vector<std::vector<int32_t>> seen_ids(prompts.size());
+      const auto see = [&](size_t i, int32_t t) {
+        if (std::find(seen_ids[i].begin(), seen_ids[i].end(), t) == seen_ids[i].end()) seen_ids[i].push_back(t);
+      };
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        for (int32_t t : prompts[i]) see(i, t);
+      }
+      int checked = 0, sampled = 0, penalized = 0;
       for (int step = 0; step < 12; ++step) {
         std::vector<model::ForwardItem> ra, da;
         for (size_t i = 0; i < prompts.size(); ++i) {
@@ -497,6 +507,10 @@ TEST(GpuForwardTest, TokensPickedOnTheDeviceEqualTheirRulesOnTheLogits) {
           it.sample = {0.8f + 0.1f * static_cast<float>(i), i == 1 ? 50 : 0, i == 2 ? 1.0f : 0.9f, i == 0 ? 0.02f : 0.0f,
                        1234 + i, static_cast<uint64_t>(step)};
           it.also_logits = role == 2 && step % 2 == 1;
+          if (step >= 3 && i != 1) {
+            it.sample.repetition_penalty = i == 0 ? 1.3f : 1.15f;
+            it.sample.penalized = seen_ids[i];
+          }
         }
         std::vector<float> lr, ld;
         ASSERT_TRUE(fwd.Run(absl::MakeSpan(ra), {}, &lr).ok());
@@ -506,14 +520,18 @@ TEST(GpuForwardTest, TokensPickedOnTheDeviceEqualTheirRulesOnTheLogits) {
         for (size_t i = 0; i < prompts.size(); ++i) {
           const float* row = lr.data() + i * vocab;
           const int32_t want = model::Argmax(row, vocab);
+          const model::ForwardItem::Sample& sp = da[i].sample;
+          std::vector<float> pen(row, row + vocab);  // the row as the pick sees it
+          model::ApplyRepetitionPenalty(pen.data(), vocab, sp.penalized, sp.repetition_penalty);
+          if (da[i].wants_token() && sp.repetition_penalty != 1.0f) ++penalized;
           if (da[i].output == Out::kGreedy) {
-            EXPECT_EQ(da[i].token, want) << fmt << " step " << step << " row " << i;
+            EXPECT_EQ(da[i].token, model::Argmax(pen.data(), vocab)) << fmt << " step " << step << " row " << i;
             ++checked;
           } else if (da[i].output == Out::kSample) {
             // The kernel's rule in fp32 against its double reference on the same logits.
-            const model::ForwardItem::Sample& sp = da[i].sample;
             const int32_t ref_tok = kernels::SampleReference(
-                row, vocab, kernels::SamplingRefConfig{sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, sp.step});
+                pen.data(), vocab,
+                kernels::SamplingRefConfig{sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, sp.step});
             EXPECT_EQ(da[i].token, ref_tok) << fmt << " step " << step << " row " << i << " (sampled)";
             ++sampled;
           }
@@ -521,13 +539,16 @@ TEST(GpuForwardTest, TokensPickedOnTheDeviceEqualTheirRulesOnTheLogits) {
             EXPECT_TRUE(std::equal(row, row + vocab, ld.data() + i * vocab)) << fmt << " step " << step << " row " << i;
           }
           next[i] = want;
+          see(i, want);
         }
       }
       std::printf("[gpu-fwd] %-8s graphs %s: %d greedy tokens picked on the device (equal to the argmax of the "
-                  "logits: %s), %d sampled (equal to the double reference on the same logits: %s)\n",
+                  "logits: %s), %d sampled (equal to the double reference on the same logits: %s), %d of them "
+                  "after a repetition penalty\n",
                   fmt.c_str(), graphs ? "on" : "off", checked, HasFailure() ? "see failures" : "all", sampled,
-                  HasFailure() ? "see failures" : "all");
+                  HasFailure() ? "see failures" : "all", penalized);
       EXPECT_GT(sampled, 0);
+      EXPECT_GT(penalized, 0);
     }
   }
   g16->reset();  // before its stream
