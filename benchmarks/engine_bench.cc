@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <random>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -186,20 +187,56 @@ struct Setup {
   kvstore::KvFormat format;
   double expected_bytes_per_token = 0;  // canonical bytes one token's KV occupies (all layers)
   float sigma = 1.0f;
+  std::shared_ptr<const kvstore::Quantizer> calibrated;  // the pool's quantizer when it is a real model's
 };
+
+// Two-sided normal quantile: the t with P(|X| > t) = f for X ~ N(0, 1) (bisection on erfc).
+double NormalTwoSided(double f) {
+  double lo = 0.0, hi = 10.0;
+  for (int i = 0; i < 100; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    (std::erfc(mid / std::sqrt(2.0)) > f ? lo : hi) = mid;
+  }
+  return 0.5 * (lo + hi);
+}
 
 // Synthetic fill: the first sink + 256 tokens are random pre-RoPE k/v appended through the append
 // kernel (real quantization, real outliers); the rest of the n tokens are copies of that block
-// (GpuKvCache::ReplicateFirstBlock), rounded down to whole blocks. Returns the tokens held.
+// (GpuKvCache::ReplicateFirstBlock), rounded down to whole blocks. Returns the tokens held. Keys
+// follow the pool's calibrated per-channel thresholds when it has them (a real model's quantizer):
+// each channel normal around the middle of its [lower, upper] with the format's outlier fraction
+// outside it, so the key outliers are as many as the format plans for (N(0, 1) keys against a real
+// model's thresholds overflowed the blocks' key-outlier areas). Values are per-token formats:
+// N(0, 1).
 int64_t Fill(Setup& st, sharding::GpuKvCache* cache, int64_t n, uint64_t seed) {
   const model::ModelConfig& c = st.fwd->config();
   const int m = cache->sink_capacity() + 256;
   float *k, *v;
   CHECK_OK(cudaMalloc(&k, int64_t{m} * c.kv_dim() * 4) == cudaSuccess ? absl::OkStatus() : absl::InternalError("malloc"));
   CHECK_OK(cudaMalloc(&v, int64_t{m} * c.kv_dim() * 4) == cudaSuccess ? absl::OkStatus() : absl::InternalError("malloc"));
+  const kvstore::QuantizerData* qd = st.calibrated != nullptr ? &st.calibrated->data() : nullptr;
+  const bool calibrated = qd != nullptr && !qd->key_lower.empty();
+  const double t = calibrated ? NormalTwoSided(std::max(1e-4, static_cast<double>(st.format.outlier_fraction))) : 0.0;
+  std::vector<float> hk(calibrated ? static_cast<size_t>(m) * c.kv_dim() : 0);
   for (int l = 0; l < c.n_layers; ++l) {
-    CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + l * 2, 0.0f, st.sigma, k,
-                                       kernels::DType::kF32, st.stream));
+    if (calibrated) {
+      std::mt19937_64 rng(seed * 7919 + l * 2);
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      const float* lo = qd->key_lower.data() + static_cast<size_t>(l) * c.kv_dim();
+      const float* hi = qd->key_upper.data() + static_cast<size_t>(l) * c.kv_dim();
+      for (int i = 0; i < m; ++i) {
+        for (int ch = 0; ch < c.kv_dim(); ++ch) {
+          hk[static_cast<size_t>(i) * c.kv_dim() + ch] =
+              0.5f * (lo[ch] + hi[ch]) + 0.5f * (hi[ch] - lo[ch]) * static_cast<float>(nd(rng) / t);
+        }
+      }
+      CHECK_OK(cudaMemcpyAsync(k, hk.data(), hk.size() * 4, cudaMemcpyHostToDevice, st.stream) == cudaSuccess
+                   ? absl::OkStatus()
+                   : absl::InternalError("copy of the keys"));
+    } else {
+      CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + l * 2, 0.0f, st.sigma, k,
+                                         kernels::DType::kF32, st.stream));
+    }
     CHECK_OK(kernels::LaunchFillNormal(int64_t{m} * c.kv_dim(), seed * 7919 + l * 2 + 1, 0.0f, 1.0f, v,
                                        kernels::DType::kF32, st.stream));
     CHECK_OK(cache->AppendDevice(l, k, v, m));
@@ -320,6 +357,7 @@ std::shared_ptr<const kvstore::Quantizer> MakePool(Setup& st, const model::Model
                                          model::ModelFingerprint(host), &st.format, &q));
     }
   }
+  st.calibrated = q != nullptr && !synthetic && !absl::GetFlag(FLAGS_quantizers).empty() ? q : nullptr;
   st.expected_bytes_per_token = kvstore::ExpectedBytesPerToken(st.format, shape);
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);

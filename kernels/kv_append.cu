@@ -37,7 +37,6 @@ __device__ __forceinline__ int64_t RowStride(const KvAppendParams& p) {
 
 constexpr int kValueThreads = 256;
 constexpr int kKeyThreads = 256;  // >= kKvBlockTokens: a block segment's tokens fit one scan
-constexpr int kKeyTile = 16;      // tokens staged in shared memory at a time
 constexpr int kMaxValueElems = 8192;  // n_kv_heads * head_dim per layer (smem: 32 KiB of floats)
 constexpr float kMinTokenRange = 6.103515625e-05f;
 
@@ -150,12 +149,18 @@ __device__ KeyListSlot ReserveKeyOutliers(const KvAppendParams& p, uint8_t* bloc
 }
 
 // One CTA per (kv head, sequence, block segment): the new tokens of that sequence that fall in
-// one block (CTA 0 also takes the sink tokens), in tiles of kKeyTile tokens staged in shared
-// memory. Pass 1 quantizes every element of a tile in parallel, packs each token's codes into
-// whole words (one thread per word) and counts each token's outliers; a scan over the segment's
-// tokens gives every token its place in the list, which grows at most once (thread 0, from the
-// block's area); pass 2 writes the entries, one thread per token in channel order, so the list
-// stays sorted by (token, channel).
+// one block (CTA 0 also takes the sink tokens), one thread per token (a block has kKvBlockTokens
+// <= kKeyThreads slots). Each thread quantizes its token's channels in order, packing the codes
+// into whole words as it goes (a 64-bit accumulator: the LSB-first stream of KeyCodeWord) and
+// keeping a bit mask of its outlier channels; a block-wide scan of the outlier counts gives every
+// token its place in the list, which grows at most once (thread 0, from the block's area); then
+// each thread writes its entries in channel order (re-reading only the outlier values), so the
+// list stays sorted by (token, channel). (The kernel before 2026-12-02 staged 16-token tiles
+// with three barriers each and counted and wrote outliers with one thread per token looping over
+// the staged channels, twice over the segment: 168 us per layer for a 2,048-token SmolLM2 chunk
+// at nuq3-1% on the H200, more than the chunk's attention and GEMMs together.)
+constexpr int kKeyMaskWords = 8;  // head_dim <= 256, a multiple of 32 (LaunchKvAppend checks)
+
 __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendParams p) {
   GridDependencyWait();
   GridDependencyTrigger();
@@ -167,9 +172,8 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
   const bool outliers = quant && g.has_key_outliers;
   __shared__ float mids_s[15];
   __shared__ float zp_s[256], r_s[256];
-  __shared__ float x_s[kKeyTile][256];
-  __shared__ uint16_t code_s[kKeyTile][256];  // codes (fp16: the half bits); bit 15 = outlier
-  __shared__ int cnt_s[kKeyThreads];
+  __shared__ int warp_s[kKeyThreads / 32];
+  __shared__ uint32_t mask_s[kKeyMaskWords][kKeyThreads];  // per thread, its outlier channels
   __shared__ uint32_t first_s, count_s, moved_from_s;
   __shared__ int fits_s, moved_s, total_s;
   const int n_sink_cap = SinkCapacity(p.kv, b);
@@ -207,58 +211,81 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
       r_s[c] = p.kv.key_range[at + c];
     }
   }
-  cnt_s[tid] = 0;
   __syncthreads();
-  const float* kseg = p.k + (static_cast<int64_t>(b) * p.n_new + j_lo) * RowStride(p) + static_cast<int64_t>(h) * D;
-  const int64_t krow = RowStride(p);  // floats between consecutive tokens
-  // Stages tile [tt0, tt0 + nt) of the segment and marks codes / outliers; returns nt.
-  auto stage = [&](int tt0) {
-    const int nt = min(kKeyTile, n_tok - tt0);
-    for (int e = tid; e < nt * D; e += blockDim.x) {
-      const int tt = e / D, c = e % D;
-      const float x = kseg[(tt0 + tt) * krow + c];
-      x_s[tt][c] = x;
-      uint16_t code;
-      if (quant) {
-        const float xn = __fdiv_rn(x - zp_s[c], r_s[c]);
-        code = static_cast<uint16_t>(EncodeNearest(xn, mids_s, n_mids) | ((outliers && fabsf(xn) > 1.0f) ? 0x8000u : 0u));
+  // Thread tid: token j_lo + tid, block slot t0 + tid.
+  const bool mine_ok = tid < n_tok;
+  const float* x = p.k + (static_cast<int64_t>(b) * p.n_new + j_lo + tid) * RowStride(p) + static_cast<int64_t>(h) * D;
+  const int t = t0 + tid;
+  uint32_t* words = reinterpret_cast<uint32_t*>(lbase + g.key_codes_offset) + (static_cast<int64_t>(h) * kKvBlockTokens + t) * W;
+  int n_out = 0;
+  if (mine_ok) {
+    const int code_bits = quant ? bits : 16;
+    uint64_t acc = 0;
+    int nbits = 0, w = 0;
+    const bool vec = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+    // 32 channels per round, the round not unrolled: an unrolled body of head_dim IEEE divisions
+    // and encodes overflowed the instruction cache (H200, Llama-3-8B 2,048-token chunk: 144 us).
+#pragma unroll 1
+    for (int m = 0; m < D / 32; ++m) {
+      float xs[32];
+      uint32_t mk = 0;  // 32 channels' loads in flight before any is used
+      if (vec) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float4 v = __ldg(reinterpret_cast<const float4*>(x + 32 * m) + i);
+          xs[4 * i] = v.x;
+          xs[4 * i + 1] = v.y;
+          xs[4 * i + 2] = v.z;
+          xs[4 * i + 3] = v.w;
+        }
       } else {
-        code = HalfBitsOf(x);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) xs[i] = __ldg(x + 32 * m + i);
       }
-      code_s[tt][c] = code;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int c = 32 * m + i;
+        uint32_t code;
+        if (quant) {
+          const float xn = __fdiv_rn(xs[i] - zp_s[c], r_s[c]);
+          code = EncodeNearest(xn, mids_s, n_mids);
+          if (outliers && fabsf(xn) > 1.0f) mk |= 1u << i;
+        } else {
+          code = HalfBitsOf(xs[i]);
+        }
+        acc |= static_cast<uint64_t>(code) << nbits;
+        nbits += code_bits;
+        if (nbits >= 32) {
+          words[w++] = static_cast<uint32_t>(acc);
+          acc >>= 32;
+          nbits -= 32;
+        }
+      }
+      mask_s[m][tid] = mk;
+      n_out += __popc(mk);
     }
-    __syncthreads();
-    return nt;
-  };
-  // Pass 1: codes as whole words, outlier counts per token.
-  for (int tt0 = 0; tt0 < n_tok; tt0 += kKeyTile) {
-    const int nt = stage(tt0);
-    for (int task = tid; task < nt * W; task += blockDim.x) {
-      const int tt = task / W, w = task % W;
-      reinterpret_cast<uint32_t*>(lbase + g.key_codes_offset +
-                                  (static_cast<int64_t>(h) * kKvBlockTokens + t0 + tt0 + tt) * W * 4)[w] =
-          KeyCodeWord(code_s[tt], w, bits, D, quant);
-    }
-    if (outliers && tid < nt) {
-      int n = 0;
-      for (int c = 0; c < D; ++c) n += code_s[tid][c] >> 15;
-      cnt_s[tt0 + tid] = n;
-    }
-    __syncthreads();  // the next tile overwrites x_s / code_s
+    if (nbits > 0) words[w++] = static_cast<uint32_t>(acc);
+    for (; w < W; ++w) words[w] = 0u;
   }
   if (!outliers) return;  // uniform
-  // Exclusive offsets of the tokens' entries: inclusive scan of cnt_s.
-  const int mine = cnt_s[tid];
-  for (int off = 1; off < kKeyThreads; off <<= 1) {
-    const int add = tid >= off ? cnt_s[tid - off] : 0;
-    __syncthreads();
-    cnt_s[tid] += add;
-    __syncthreads();
+  // Exclusive offsets of the tokens' entries: a block-wide scan of the counts.
+  const int lane = tid & 31, wid = tid >> 5;
+  int incl = n_out;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += v;
+  }
+  if (lane == 31) warp_s[wid] = incl;
+  __syncthreads();
+  int before = incl - n_out, total = 0;
+  for (int i = 0; i < kKeyThreads / 32; ++i) {
+    if (i < wid) before += warp_s[i];
+    total += warp_s[i];
   }
   uint32_t* dir = reinterpret_cast<uint32_t*>(lbase + g.key_outlier_dir_offset) + 2 * h;
   uint32_t* var = reinterpret_cast<uint32_t*>(block + g.fixed_bytes);
   if (tid == 0) {
-    const int total = cnt_s[kKeyThreads - 1];
     const KeyListSlot slot = ReserveKeyOutliers(p, block, dir, h, t0, n_tok, total);
     first_s = slot.first;
     count_s = slot.count;
@@ -276,26 +303,21 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
   if (moved_s) {  // the list moves to its new region (one writer per list)
     for (uint32_t e = tid; e < count_s; e += blockDim.x) var[first_s + e] = var[moved_from_s + e];
   }
-  const int my_before = cnt_s[tid] - mine;  // token tid's offset (tokens < n_tok)
-  __syncthreads();
-  cnt_s[tid] = my_before;
-  __syncthreads();
-  // Pass 2: entries, one thread per token of a tile, in channel order.
-  for (int tt0 = 0; tt0 < n_tok; tt0 += kKeyTile) {
-    const int nt = stage(tt0);
-    if (tid < nt) {
-      uint32_t* out = var + first_s + count_s + cnt_s[tt0 + tid];
-      const int t = t0 + tt0 + tid;
-      int k = 0;
-      for (int c = 0; c < D; ++c) {
-        if (code_s[tid][c] >> 15) {
-          out[k++] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
-                     (static_cast<uint32_t>(HalfBitsOf(x_s[tid][c])) << 16);
-        }
+  if (n_out > 0) {  // this token's entries, in channel order
+    uint32_t* out = var + first_s + count_s + before;
+    int k = 0;
+    for (int m = 0; m < D / 32; ++m) {
+      uint32_t bitsm = mask_s[m][tid];
+      while (bitsm != 0u) {
+        const int i = __ffs(bitsm) - 1;
+        bitsm &= bitsm - 1u;
+        const int c = 32 * m + i;
+        out[k++] = static_cast<uint32_t>(t & 0xff) | (static_cast<uint32_t>(c) << 8) |
+                   (static_cast<uint32_t>(HalfBitsOf(x[c])) << 16);
       }
     }
-    __syncthreads();
   }
+  __syncthreads();
   if (tid == 0) {  // every entry (and a moved list) is written: publish
     dir[0] = first_s;
     dir[1] = count_s + static_cast<uint32_t>(total_s);

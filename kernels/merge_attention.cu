@@ -11,6 +11,10 @@
 //  - MergeAttentionKernel: one CTA per row; every thread recomputes the row maximum and weight
 //    sum, then owns head_dim / blockDim channels; only for more partials than fit in shared
 //    memory.
+//  - MergeRowsWarpKernel: one warp per row, for many rows of few partials (a prefill chunk's
+//    rows, 3 partials each: 18,432 rows of SmolLM2's 2,048-token chunk took 24 us per layer in
+//    MergePartsKernel's one-CTA-per-row shape, ~5x the time to move its bytes; H200, 2026-12-02).
+//    Each lane owns head_dim / 32 consecutive channels; every load is issued before any use.
 #include "kernels/merge_attention.h"
 
 #include <math_constants.h>
@@ -219,6 +223,88 @@ __global__ void MergePartsKernel(const MergeAttentionParams p, const int groups,
   if (tid == 0 && writes_lse) p.lse[row] = mx + logf(sum);
 }
 
+constexpr int kRowsMaxParts = 8;    // MergeRowsWarpKernel: partials per row
+constexpr int kRowsMinRows = 2048;  // and rows at least (fewer rows: MergePartsKernel's chunks)
+constexpr int kRowsWarps = 8;       // rows per CTA
+
+template <int kPer>
+__global__ void __launch_bounds__(kRowsWarps * 32) MergeRowsWarpKernel(const MergeAttentionParams p) {
+  GridDependencyWait();  // first: see kernels/launch.cuh
+  GridDependencyTrigger();
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsWarps + (threadIdx.x >> 5);
+  if (row >= p.rows) return;  // whole warps
+  const int lane = threadIdx.x & 31, n = p.n_parts;
+  const float* lse_row = p.lse_parts + row * p.lse_row_stride;
+  const float* o_row = p.o_parts + row * p.o_row_stride + lane * kPer;
+  float l[kRowsMaxParts], x[kRowsMaxParts][kPer];
+#pragma unroll
+  for (int r = 0; r < kRowsMaxParts; ++r) {
+    if (r < n) l[r] = lse_row[r * p.lse_part_stride];
+  }
+  // Only partials that hold something are read (a first prefill chunk's rows have one of three:
+  // the chunk's own attention; the past's two are empty).
+#pragma unroll
+  for (int r = 0; r < kRowsMaxParts; ++r) {
+    if (r >= n) break;
+    if (l[r] == -CUDART_INF_F) {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) x[r][i] = 0.0f;
+      continue;
+    }
+    const float* src = o_row + r * p.o_part_stride;
+    if constexpr (kPer == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(src);
+      x[r][0] = v.x;
+      x[r][1] = v.y;
+      x[r][2] = v.z;
+      x[r][3] = v.w;
+    } else if constexpr (kPer == 2) {
+      const float2 v = *reinterpret_cast<const float2*>(src);
+      x[r][0] = v.x;
+      x[r][1] = v.y;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) x[r][i] = src[i];
+    }
+  }
+  float mx = -CUDART_INF_F;
+#pragma unroll
+  for (int r = 0; r < kRowsMaxParts; ++r) {
+    if (r < n) mx = fmaxf(mx, l[r]);
+  }
+  __syncwarp();  // every lane has read its partials and the lse: the output may alias partial 0
+  const int64_t at = row * p.head_dim + lane * kPer;
+  if (mx == -CUDART_INF_F) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) StoreO(p, at + i, 0.0f);
+    if (lane == 0) p.lse[row] = -CUDART_INF_F;
+    return;
+  }
+  float e[kRowsMaxParts], sum = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kRowsMaxParts; ++r) {
+    if (r >= n) break;
+    e[r] = expf(l[r] - mx);
+    sum += e[r];
+  }
+  const float inv = 1.0f / sum;
+  float acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) acc[i] = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kRowsMaxParts; ++r) {
+    if (r >= n) break;
+    const float w = e[r] * inv;
+    if (w != 0.0f) {  // partials of weight 0 (empty) may hold anything
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) acc[i] = fmaf(w, x[r][i], acc[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) StoreO(p, at + i, acc[i]);
+  if (lane == 0) p.lse[row] = mx + logf(sum);
+}
+
 }  // namespace
 
 absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t stream) {
@@ -243,7 +329,20 @@ absl::Status LaunchMergeAttention(const MergeAttentionParams& p, cudaStream_t st
           "), and a positive scale (", sk.scale, ")"));
     }
   }
-  if (p.n_parts <= kMergeMaxSmemParts) {
+  const int per = p.head_dim / 32;
+  const bool rows_vec = (per == 2 && p.o_row_stride % 2 == 0 && p.o_part_stride % 2 == 0 &&
+                         reinterpret_cast<uintptr_t>(p.o_parts) % 8 == 0) ||
+                        (per == 4 && p.o_row_stride % 4 == 0 && p.o_part_stride % 4 == 0 &&
+                         reinterpret_cast<uintptr_t>(p.o_parts) % 16 == 0);
+  if (p.self.q == nullptr && p.rows >= kRowsMinRows && p.n_parts <= kRowsMaxParts && p.head_dim % 32 == 0 &&
+      rows_vec) {
+    const dim3 grid(static_cast<unsigned>((p.rows + kRowsWarps - 1) / kRowsWarps));
+    if (per == 4) {
+      KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(MergeRowsWarpKernel<4>, grid, kRowsWarps * 32, 0, stream, p));
+    } else {
+      KVQ_RETURN_IF_CUDA_ERROR(internal::Launch(MergeRowsWarpKernel<2>, grid, kRowsWarps * 32, 0, stream, p));
+    }
+  } else if (p.n_parts <= kMergeMaxSmemParts) {
     const bool vec4 = p.head_dim % 4 == 0 && p.o_row_stride % 4 == 0 && p.o_part_stride % 4 == 0 &&
                       reinterpret_cast<uintptr_t>(p.o_parts) % 16 == 0;
     // Channel chunks: few rows with many partials (batch 1 at long contexts: 32 rows x 256 split

@@ -371,6 +371,40 @@ INSTANTIATE_TEST_SUITE_P(Grid, MergeTest,
                          ::testing::Combine(::testing::Values(1, 2, 7, 64, 256, 9000),
                                             ::testing::Values(64, 128, 66)));
 
+// The reference merge of partials in the layout [n_parts][rows][hd] (through a row-major copy).
+void PartsMajorReference(int rows, int parts, int hd, const std::vector<float>& op, const std::vector<float>& lp,
+                         std::vector<float>* ro, std::vector<float>* rl) {
+  std::vector<float> rop(op.size()), rlp(lp.size());
+  for (int r = 0; r < parts; ++r) {
+    for (int i = 0; i < rows; ++i) {
+      rlp[static_cast<size_t>(i) * parts + r] = lp[static_cast<size_t>(r) * rows + i];
+      for (int d = 0; d < hd; ++d) {
+        rop[(static_cast<size_t>(i) * parts + r) * hd + d] = op[(static_cast<size_t>(r) * rows + i) * hd + d];
+      }
+    }
+  }
+  ro->assign(static_cast<size_t>(rows) * hd, 0.0f);
+  rl->assign(rows, 0.0f);
+  kernels::MergeAttentionReference(rows, parts, hd, rop.data(), rlp.data(), ro->data(), rl->data());
+}
+
+// A merge of partials in the layout [n_parts][rows][hd] into partial 0 (o and lse alias it).
+kernels::MergeAttentionParams PartsMajorInPlace(int rows, int parts, int hd, float* o_parts, float* lse_parts) {
+  kernels::MergeAttentionParams p;
+  p.rows = rows;
+  p.n_parts = parts;
+  p.head_dim = hd;
+  p.o_parts = o_parts;
+  p.o_row_stride = hd;
+  p.o_part_stride = static_cast<int64_t>(rows) * hd;
+  p.lse_parts = lse_parts;
+  p.lse_row_stride = 1;
+  p.lse_part_stride = rows;
+  p.o = o_parts;
+  p.lse = lse_parts;
+  return p;
+}
+
 // The sharded layout [n_parts][rows][hd] merged in place into partial 0 (o and lse alias it), with
 // as many partials as a batch-1 decode at long context has splits.
 TEST(MergeInPlace, PartsMajorLayoutIntoPartialZero) {
@@ -381,30 +415,10 @@ TEST(MergeInPlace, PartsMajorLayoutIntoPartialZero) {
   std::vector<float> op(static_cast<size_t>(parts) * rows * hd), lp(static_cast<size_t>(parts) * rows);
   for (float& x : op) x = nd(rng);
   for (size_t i = 0; i < lp.size(); ++i) lp[i] = (i % 5 == 1) ? -INFINITY : 3.0f * nd(rng);
-  // Reference on the row-major copy [rows][parts][hd].
-  std::vector<float> rop(op.size()), rlp(lp.size()), ro(static_cast<size_t>(rows) * hd), rl(rows);
-  for (int r = 0; r < parts; ++r) {
-    for (int i = 0; i < rows; ++i) {
-      rlp[static_cast<size_t>(i) * parts + r] = lp[static_cast<size_t>(r) * rows + i];
-      for (int d = 0; d < hd; ++d) {
-        rop[(static_cast<size_t>(i) * parts + r) * hd + d] = op[(static_cast<size_t>(r) * rows + i) * hd + d];
-      }
-    }
-  }
-  kernels::MergeAttentionReference(rows, parts, hd, rop.data(), rlp.data(), ro.data(), rl.data());
+  std::vector<float> ro, rl;
+  PartsMajorReference(rows, parts, hd, op, lp, &ro, &rl);
   DeviceBuffer<float> dop(op), dlp(lp);
-  kernels::MergeAttentionParams p;
-  p.rows = rows;
-  p.n_parts = parts;
-  p.head_dim = hd;
-  p.o_parts = dop.get();
-  p.o_row_stride = hd;
-  p.o_part_stride = static_cast<int64_t>(rows) * hd;
-  p.lse_parts = dlp.get();
-  p.lse_row_stride = 1;
-  p.lse_part_stride = rows;
-  p.o = dop.get();
-  p.lse = dlp.get();
+  kernels::MergeAttentionParams p = PartsMajorInPlace(rows, parts, hd, dop.get(), dlp.get());
   ASSERT_TRUE(kernels::LaunchMergeAttention(p, nullptr).ok());
   KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
   const std::vector<float> all_o = dop.Download(), all_l = dlp.Download();
@@ -412,6 +426,52 @@ TEST(MergeInPlace, PartsMajorLayoutIntoPartialZero) {
   const std::vector<float> lse(all_l.begin(), all_l.begin() + rows);
   EXPECT_LE(MaxAbsError(o, ro).err, 1e-5);
   EXPECT_LE(MaxAbsError(lse, rl).err, 1e-5);
+}
+
+// Many rows of few partials in the prefill layout [n_parts][rows][hd] (the warp-per-row kernel:
+// >= 2,048 rows, <= 8 partials, head dim 64 or 128), out of place with an f16 copy of o, and in
+// place into partial 0; rows whose partials are all empty give o = 0, lse = -inf.
+TEST(MergeManyRows, PartsMajorLayoutMatchesTheReference) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  for (const int hd : {64, 128}) {
+    for (const int parts : {1, 3, 8}) {
+      for (const bool in_place : {false, true}) {
+        const int rows = 4099;
+        std::mt19937 rng(hd * 13 + parts * 7 + in_place);
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        std::vector<float> op(static_cast<size_t>(parts) * rows * hd), lp(static_cast<size_t>(parts) * rows);
+        for (float& x : op) x = nd(rng);
+        for (size_t i = 0; i < lp.size(); ++i) lp[i] = (i % 5 == 1) ? -INFINITY : 3.0f * nd(rng);
+        for (int r = 0; r < parts; ++r) lp[static_cast<size_t>(r) * rows + 17] = -INFINITY;  // row 17: empty
+        std::vector<float> ro, rl;
+        PartsMajorReference(rows, parts, hd, op, lp, &ro, &rl);
+        DeviceBuffer<float> dop(op), dlp(lp), dout(static_cast<size_t>(rows) * hd), dlse(rows);
+        DeviceBuffer<uint16_t> dcast(static_cast<size_t>(rows) * hd);
+        kernels::MergeAttentionParams p = PartsMajorInPlace(rows, parts, hd, dop.get(), dlp.get());
+        if (!in_place) {
+          p.o = dout.get();
+          p.lse = dlse.get();
+        }
+        p.o_cast = dcast.get();
+        p.o_cast_dtype = kernels::DType::kF16;
+        ASSERT_TRUE(kernels::LaunchMergeAttention(p, nullptr).ok());
+        KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+        std::vector<float> o = in_place ? dop.Download() : dout.Download();
+        std::vector<float> lse = in_place ? dlp.Download() : dlse.Download();
+        o.resize(static_cast<size_t>(rows) * hd);
+        lse.resize(rows);
+        const std::string what = absl::StrCat("hd ", hd, ", parts ", parts, in_place ? ", in place" : "");
+        EXPECT_LE(MaxAbsError(o, ro).err, 1e-5) << what;
+        EXPECT_LE(MaxAbsError(lse, rl).err, 1e-5) << what;
+        EXPECT_TRUE(std::isinf(lse[17]) && lse[17] < 0) << what;
+        EXPECT_EQ(o[17 * hd], 0.0f) << what;
+        const std::vector<uint16_t> cast = dcast.Download();
+        int bad = 0;
+        for (size_t i = 0; i < o.size(); ++i) bad += cast[i] != __half_as_ushort(__float2half_rn(o[i]));
+        EXPECT_EQ(bad, 0) << what << ": o_cast is not fp16(o)";
+      }
+    }
+  }
 }
 
 // o_cast: the merge also writes o converted to the GEMM input type (f16, bf16, f32), exactly
