@@ -305,7 +305,10 @@ INSTANTIATE_TEST_SUITE_P(
                       AppendCase{"nuq3", 64, 1, 40, 3}, AppendCase{"nuq3-0.1%-sink5", 128, 2, 3, 260},
                       AppendCase{"int4-pc-pre-1%", 64, 2, 256, 1},
                       AppendCase{"nuq3-1%", 64, 3, 600, 300, true}, AppendCase{"nuq4-2%", 128, 2, 113, 150, true},
-                      AppendCase{"nuq2-1%-sink5", 128, 2, 3, 260, true}),
+                      AppendCase{"nuq2-1%-sink5", 128, 2, 3, 260, true},
+                      // LLaMA-2-7B's 32 KV heads (4,096 elements per token) at 2%: 82 value
+                      // outliers per token, 42 rounds of the value append's selection.
+                      AppendCase{"nuq2-2%", 128, 32, 40, 2}),
     AppendName);
 
 }  // namespace
