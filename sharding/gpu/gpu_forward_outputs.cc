@@ -105,14 +105,13 @@ absl::Status StepOutputs::Upload(Grow& tokens, Grow& params, Grow& penalty, cuda
 absl::Status StepOutputs::Enqueue(float* logits, int vocab, const Grow& tokens, const Grow& params,
                                   const Grow& penalty, cudaStream_t s) const {
   if (pick_ == 0) return absl::OkStatus();
+  if (!penalize_) return Pick(logits, vocab, tokens, params, s);
   const auto* offsets = penalty.as<int32_t>();
   const auto* pen = reinterpret_cast<const float*>(offsets + rows_ + 1);
   auto* entries = reinterpret_cast<int2*>(static_cast<uint8_t*>(penalty.p) + PenaltyHeaderBytes(rows_));
-  if (penalize_) {
-    KVQ_RETURN_IF_ERROR(kernels::LaunchRepetitionPenalty(rows_, logits, vocab, offsets, pen, entries, false, s));
-  }
+  KVQ_RETURN_IF_ERROR(kernels::LaunchRepetitionPenalty(rows_, logits, vocab, offsets, pen, entries, false, s));
   KVQ_RETURN_IF_ERROR(Pick(logits, vocab, tokens, params, s));
-  if (restore_) {
+  if (restore_) {  // the rows that go to the host go as they were
     KVQ_RETURN_IF_ERROR(kernels::LaunchRepetitionPenalty(rows_, logits, vocab, offsets, pen, entries, true, s));
   }
   return absl::OkStatus();
