@@ -499,9 +499,13 @@ __global__ void __launch_bounds__(kValueThreads) ValueAppendKernel(const KvAppen
   const int L = H * D;
   const int bits = g.bits;
   const bool quant = p.kv.codec != KvCodec::kFp16;
-  __shared__ float x_s[kMaxValueElems];
-  __shared__ uint8_t out_s[kMaxValueElems];
-  __shared__ uint32_t words_s[kMaxValueElems * 4 / 32];
+  // The token's values, its code words and its outlier marks, sized by the launch to this layer's
+  // L = n_kv * head_dim (ValueAppendSmemBytes): static arrays for the largest L (46 KB) held an SM
+  // to 4 of these CTAs where 8 fit.
+  extern __shared__ __align__(16) uint8_t value_smem[];
+  float* x_s = reinterpret_cast<float*>(value_smem);
+  uint32_t* words_s = reinterpret_cast<uint32_t*>(x_s + L);
+  uint8_t* out_s = reinterpret_cast<uint8_t*>(words_s + (quant ? H * g.value_words_per_token : 0));
   __shared__ float mids_s[15];
   __shared__ unsigned long long red_s[2][kValueThreads / 32];
   __shared__ int cnt_s[kValueThreads];
@@ -627,6 +631,14 @@ __global__ void __launch_bounds__(kValueThreads) ValueAppendKernel(const KvAppen
   }
 }
 
+// ValueAppendKernel's dynamic shared memory: x_s [L] floats, words_s [H * W] words (LUT codecs;
+// fp16 values are written straight from global memory), out_s [L] bytes. At most 44 KB
+// (L <= kMaxValueElems, 4-bit codes): no opt-in above the default 48 KB is needed.
+size_t ValueAppendSmemBytes(const KvBlockGeometry& g, bool quant) {
+  const size_t L = static_cast<size_t>(g.n_kv_heads) * g.head_dim;
+  return L * 4 + (quant ? static_cast<size_t>(g.n_kv_heads) * g.value_words_per_token * 4 : 0) + L;
+}
+
 std::atomic<bool> g_key_decode_kernel{true};
 
 }  // namespace
@@ -693,7 +705,7 @@ absl::Status LaunchKvAppend(const KvAppendParams& p, cudaStream_t key_stream, cu
   // (A warp per token for the values was tried, H200 2026-12-02: no faster at SmolLM2's 192
   // elements (6.2 vs 6.2 us), 30 vs 11 us at Llama-3-8B's 1,024; not kept.)
   KVQ_RETURN_IF_CUDA_ERROR(
-      internal::Launch(ValueAppendKernel, dim3(p.n_new, p.batch), kValueThreads, 0, value_stream, p));
+      internal::Launch(ValueAppendKernel, dim3(p.n_new, p.batch), kValueThreads, ValueAppendSmemBytes(g, quant), value_stream, p));
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
