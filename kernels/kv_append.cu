@@ -36,7 +36,8 @@ __device__ __forceinline__ int64_t RowStride(const KvAppendParams& p) {
 }
 
 constexpr int kValueThreads = 256;
-constexpr int kKeyThreads = 256;  // >= kKvBlockTokens: a block segment's tokens fit one scan
+constexpr int kKeyThreads = 256;  // one thread per token of a block segment
+static_assert(kKeyThreads >= kKvBlockTokens, "KeyAppendKernel: one thread per token of a block");
 constexpr int kMaxValueElems = 8192;  // n_kv_heads * head_dim per layer (smem: 32 KiB of floats)
 constexpr float kMinTokenRange = 6.103515625e-05f;
 
