@@ -224,6 +224,39 @@ TEST_F(EngineTest, SessionAnswerEqualsFullPromptAnswerWithoutPrefillingAgain) {
   EXPECT_EQ(engine_->GetSession("doc")->tokens, static_cast<int64_t>(doc_ids.size()));
 }
 
+// A repetition penalty covers the whole context: a question asked through a session is penalised
+// for the session's tokens as a request carrying the full prompt is (the engine seeds a request's
+// history from the session's tokens and its prompt).
+TEST_F(EngineTest, RepetitionPenaltyCoversTheSessionsTokens) {
+  const auto doc_ids = engine_->tokenizer().Encode(
+      "<|im_start|>user\nThe lighthouse keeper counted the ships: one ship, two ships, three ships, four "
+      "ships, five ships.",
+      true, true);
+  const auto q_ids = engine_->tokenizer().Encode(
+      " Count the ships again.<|im_end|>\n<|im_start|>assistant\n", false, true);
+  std::vector<int32_t> full = doc_ids;
+  full.insert(full.end(), q_ids.begin(), q_ids.end());
+  auto run = [&](const std::vector<int32_t>& prompt, float penalty, const std::string& session) {
+    auto sink = std::make_shared<CollectingSink>();
+    GenerateRequest r;
+    r.prompt = prompt;
+    r.session_id = session;
+    r.sampling.max_tokens = 12;
+    r.sampling.repetition_penalty = penalty;
+    r.sampling.ignore_eos = true;
+    r.sink = sink;
+    EXPECT_TRUE(engine_->Enqueue(std::move(r)).ok());
+    sink->Wait();
+    return sink->tokens();
+  };
+  const auto plain = run(full, 1.0f, ""), direct = run(full, 1.8f, "");
+  EXPECT_NE(direct, plain) << "the penalty should change this answer";
+  ASSERT_TRUE(engine_->CreateSession("ships").ok());
+  ASSERT_TRUE(engine_->ExtendSession("ships", doc_ids).ok());
+  EXPECT_EQ(run(q_ids, 1.8f, "ships"), direct);
+  EXPECT_EQ(run(q_ids, 1.0f, "ships"), plain);
+}
+
 TEST_F(EngineTest, SavedSessionRestoresAndAnswersIdentically) {
   const auto ids = Chat("Remember the word 'lighthouse'. What word should you remember?");
   ASSERT_TRUE(engine_->CreateSession("s").ok());
