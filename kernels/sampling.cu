@@ -7,8 +7,10 @@
 // final walk, which is in id order.
 #include "kernels/sampling.h"
 
+#include <cooperative_groups.h>
 #include <math_constants.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
@@ -117,6 +119,14 @@ __device__ __forceinline__ void ForRange(const float* __restrict__ lg, int i0, i
   }
 }
 
+// The draw's point in the kept mass: u in [0, 1) with 24 bits (the Philox uniform of row b's
+// seed and step), target = floor(u * total), exact in integers.
+__device__ __forceinline__ unsigned long long DrawTarget(const SamplingParams& p, int b, unsigned long long total) {
+  const float u = SamplingUniform(p.seed[b], p.step[b]);
+  const unsigned long long u24 = static_cast<unsigned long long>(u * 16777216.0f);
+  return __umul64hi(u24 << 40, total);  // (u24 * total) >> 24
+}
+
 // Shared memory of the radix passes: per warp a 256-bin histogram in two 32-bit halves (amount
 // >> 16 and amount & 0xffff: native 32-bit shared atomics, no carries: a warp sees at most
 // kMaxVocab / kWarps elements of at most 2^16 per half), their sums, and the pass's answer.
@@ -127,33 +137,26 @@ struct RadixSmem {
   unsigned long long above;
 };
 
-// One radix pass: the digit (bits [shift, shift + 8) of e's bits) of the elements whose higher
-// bits equal `prefix` (under `mask`), whose e >= floor (and, for masses, whose mass is not 0), at
-// which the amount (count or mass) summed from the top digit down first reaches `need`; the
-// amount above that digit in *above.
+// Adds e to a warp's histogram halves (hi: amount >> 16, lo: amount & 0xffff; counts in lo) when
+// e >= floor, its bits match `prefix` under `mask`, and its amount is not 0; bin: bits [shift, +8).
 template <bool kMass>
-__device__ int RadixDigit(const float* lg, int V, bool wide, float mx, float k2, uint32_t prefix, uint32_t mask, int shift,
-                          float floor, unsigned long long need, RadixSmem& sm, unsigned long long* above) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  uint32_t* hi = sm.warp_hist[warp][0];
-  uint32_t* lo = sm.warp_hist[warp][1];
-  for (int i = lane; i < 256; i += 32) hi[i] = lo[i] = 0;
-  __syncwarp();
-  ForRow(lg, V, wide, [&](float l, int) {
-    const float e = exp2f((l - mx) * k2);
-    const uint32_t bits = __float_as_uint(e);
-    const unsigned long long amount = kMass ? MassOf(e) : 1ull;
-    if (e >= floor && (bits & mask) == prefix && amount != 0) {
-      const int bucket = static_cast<int>((bits >> shift) & 0xffu);
-      if (kMass) {
-        atomicAdd(hi + bucket, static_cast<uint32_t>(amount >> 16));
-        atomicAdd(lo + bucket, static_cast<uint32_t>(amount & 0xffffu));
-      } else {
-        atomicAdd(lo + bucket, 1u);
-      }
+__device__ __forceinline__ void HistAdd(float e, uint32_t prefix, uint32_t mask, int shift, float floor, uint32_t* hi,
+                                        uint32_t* lo) {
+  const uint32_t bits = __float_as_uint(e);
+  const unsigned long long amount = kMass ? MassOf(e) : 1ull;
+  if (e >= floor && (bits & mask) == prefix && amount != 0) {
+    const int bucket = static_cast<int>((bits >> shift) & 0xffu);
+    if (kMass) {
+      atomicAdd(hi + bucket, static_cast<uint32_t>(amount >> 16));
+      atomicAdd(lo + bucket, static_cast<uint32_t>(amount & 0xffffu));
+    } else {
+      atomicAdd(lo + bucket, 1u);
     }
-  });
-  __syncthreads();
+  }
+}
+
+// sm.hist[d] = the CTA's amount in bin d (its warps' histograms summed).
+__device__ void SumWarpHistograms(RadixSmem& sm) {
   for (int d = threadIdx.x; d < 256; d += kThreads) {
     unsigned long long t = 0;
     for (int w = 0; w < kWarps; ++w) {
@@ -161,12 +164,17 @@ __device__ int RadixDigit(const float* lg, int V, bool wide, float mx, float k2,
     }
     sm.hist[d] = t;
   }
-  __syncthreads();
+}
+
+// Warp 0: the digit at which the amount summed from the top bin of `hist` down first reaches
+// `need`, into sm.digit, and the amount above it into sm.above (the caller synchronizes).
+__device__ void PickDigit(const unsigned long long* hist, unsigned long long need, RadixSmem& sm) {
+  const int lane = threadIdx.x & 31;
   if (threadIdx.x < 32) {  // warp 0: lane l holds bins 255 - 8l ... 248 - 8l (top first)
     unsigned long long part[8], sum = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      part[j] = sm.hist[255 - 8 * lane - j];
+      part[j] = hist[255 - 8 * lane - j];
       sum += part[j];
     }
     unsigned long long incl = sum;  // inclusive scan over lanes (from the top digit down)
@@ -197,13 +205,35 @@ __device__ int RadixDigit(const float* lg, int V, bool wide, float mx, float k2,
       sm.above = 0;
     }
   }
+}
+
+// The largest value t among the e_i >= floor whose amount at or above t (count, or mass) reaches
+// need: the need-th largest e (counts), or the top-p threshold (masses).
+// One radix pass: the digit (bits [shift, shift + 8) of e's bits) of the elements whose higher
+// bits equal `prefix` (under `mask`), whose e >= floor (and, for masses, whose mass is not 0), at
+// which the amount (count or mass) summed from the top digit down first reaches `need`; the
+// amount above that digit in *above.
+template <bool kMass>
+__device__ int RadixDigit(const float* lg, int V, bool wide, float mx, float k2, uint32_t prefix, uint32_t mask, int shift,
+                          float floor, unsigned long long need, RadixSmem& sm, unsigned long long* above) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t* hi = sm.warp_hist[warp][0];
+  uint32_t* lo = sm.warp_hist[warp][1];
+  for (int i = lane; i < 256; i += 32) hi[i] = lo[i] = 0;
+  __syncwarp();
+  ForRow(lg, V, wide, [&](float l, int) {
+    const float e = exp2f((l - mx) * k2);
+    HistAdd<kMass>(e, prefix, mask, shift, floor, hi, lo);
+  });
+  __syncthreads();
+  SumWarpHistograms(sm);
+  __syncthreads();
+  PickDigit(sm.hist, need, sm);
   __syncthreads();
   *above = sm.above;
   return sm.digit;
 }
 
-// The largest value t among the e_i >= floor whose amount at or above t (count, or mass) reaches
-// need: the need-th largest e (counts), or the top-p threshold (masses).
 template <bool kMass>
 __device__ float RadixSelect(const float* lg, int V, bool wide, float mx, float k2, float floor, unsigned long long need,
                              RadixSmem& sm) {
@@ -306,10 +336,7 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
     total += scan_s[w];
   }
   const unsigned long long excl = warp_base + incl - mine;
-  // u in [0, 1) with 24 bits: target = floor(u * total), exact in integers.
-  const float u = SamplingUniform(p.seed[b], p.step[b]);
-  const unsigned long long u24 = static_cast<unsigned long long>(u * 16777216.0f);
-  const unsigned long long target = __umul64hi(u24 << 40, total);  // (u24 * total) >> 24
+  const unsigned long long target = DrawTarget(p, b, total);
   int found = V;
   if (mine > 0 && excl <= target && target < excl + mine) {
     unsigned long long run = excl;
@@ -328,6 +355,215 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
   found = BlockReduce(found, MinI(), iscratch);
   const int last = BlockReduce(last_kept, MaxI(), iscratch);
   if (threadIdx.x == 0) p.tokens[b] = found < V ? found : max(last, 0);
+}
+
+// ---- The same rule on a cluster of kCluster CTAs per row (Hopper thread-block clusters). ----
+// One CTA per row runs every pass on one SM: ~49K elements x 7 passes x ~20 instructions over 16
+// warps is ~27 us of issue alone at SmolLM2's vocabulary (73.6 us measured, H200, 2026-12-02).
+// Here CTA r of a row's cluster owns the contiguous ids [r chunk, (r + 1) chunk), keeps their e
+// in shared memory after the first pass (no exp or global load per pass after it), and the
+// cluster combines what the single-CTA kernel combines over its warps: the maximum, the masses
+// (integer sums: the same bits in any order), each radix pass's histogram (every CTA sums the
+// kCluster histograms through distributed shared memory and picks the same digit), and for the
+// walk the CTAs' kept masses in id order. The token is therefore the single-CTA kernel's.
+namespace cg = cooperative_groups;
+constexpr int kCluster = 8;
+constexpr int kClusterMaxChunk = 16384;  // e values per CTA (64 KB): vocab <= 131,072
+
+struct ClusterSmem {
+  RadixSmem radix;
+  unsigned long long total[256];  // the cluster's histogram (this CTA's copy)
+  unsigned long long u64;         // published scalars (read by the other CTAs)
+  float f32;
+  int i32;
+  float fscratch[kWarps];
+  int iscratch[kWarps];
+  unsigned long long uscratch[kWarps];
+};
+
+// Every CTA gets op over the cluster's CTAs of v (v already reduced over its CTA), in rank order.
+template <typename T, typename Op>
+__device__ T ClusterReduce(cg::cluster_group& cl, T v, T* slot, Op op) {
+  if (threadIdx.x == 0) *slot = v;
+  cl.sync();
+  T r = *cl.map_shared_rank(slot, 0);
+  for (int k = 1; k < kCluster; ++k) r = op(r, *cl.map_shared_rank(slot, k));
+  cl.sync();  // every CTA has read every slot: slots may be written again
+  return r;
+}
+
+// RadixSelect over the cluster's e values (this CTA's in e_s[0, n)).
+template <bool kMass>
+__device__ float ClusterRadixSelect(cg::cluster_group& cl, const float* e_s, int n, float floor,
+                                    unsigned long long need, ClusterSmem& sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    uint32_t* hi = sm.radix.warp_hist[warp][0];
+    uint32_t* lo = sm.radix.warp_hist[warp][1];
+    for (int i = lane; i < 256; i += 32) hi[i] = lo[i] = 0;
+    __syncwarp();
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      HistAdd<kMass>(e_s[i], prefix, mask, shift, floor, hi, lo);
+    }
+    __syncthreads();
+    SumWarpHistograms(sm.radix);  // this CTA's, in sm.radix.hist (read by the others)
+    cl.sync();
+    for (int d = threadIdx.x; d < 256; d += kThreads) {
+      unsigned long long t = 0;
+      for (int k = 0; k < kCluster; ++k) t += cl.map_shared_rank(sm.radix.hist, k)[d];
+      sm.total[d] = t;
+    }
+    __syncthreads();
+    PickDigit(sm.total, need, sm.radix);
+    cl.sync();  // every CTA has read every histogram (and sm.radix.digit is published locally)
+    const int d = sm.radix.digit;
+    prefix |= static_cast<uint32_t>(d) << shift;
+    mask |= 0xffu << shift;
+    need -= sm.radix.above;
+  }
+  return __uint_as_float(prefix);
+}
+
+__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads)
+    SamplingClusterKernel(const SamplingParams p, const int chunk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cl = cg::this_cluster();
+  extern __shared__ float e_s[];
+  __shared__ ClusterSmem sm;
+  const int rank = static_cast<int>(cl.block_rank());
+  const int b = blockIdx.x / kCluster;
+  const int64_t stride = p.logits_row_stride > 0 ? p.logits_row_stride : p.vocab;
+  const float* lg = p.logits + b * stride;
+  const int V = p.vocab;
+  const int i0 = min(V, rank * chunk), n = min(V, i0 + chunk) - i0;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  // Pass 1: this CTA's logits into shared memory (16 loads in flight per thread), its maximum and
+  // the lowest id at it.
+  float bv = -CUDART_INF_F;
+  int bi = V;
+  constexpr int kLoads = 16;
+  for (int base = tid; base < n; base += kThreads * kLoads) {
+    float x[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = base + u * kThreads;
+      if (i < n) x[u] = __ldg(lg + i0 + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = base + u * kThreads;
+      if (i < n) {
+        e_s[i] = x[u];
+        if (x[u] > bv || (x[u] == bv && i0 + i < bi)) {
+          bv = x[u];
+          bi = i0 + i;
+        }
+      }
+    }
+  }
+  const float cta_max = BlockReduce(bv, Max(), sm.fscratch);
+  const float mx = ClusterReduce(cl, cta_max, &sm.f32, Max());
+  const float temp = p.temperature[b];
+  if (!(temp > 0.0f)) {  // greedy: lowest id among the maxima
+    const int cta_best = BlockReduce(bv == mx ? bi : V, MinI(), sm.iscratch);
+    const int best = ClusterReduce(cl, cta_best, &sm.i32, MinI());
+    if (rank == 0 && tid == 0) p.tokens[b] = best < V ? best : 0;
+    return;
+  }
+  const float k2 = CUDART_L2E_F / temp;
+  for (int i = tid; i < n; i += kThreads) e_s[i] = exp2f((e_s[i] - mx) * k2);
+  __syncthreads();
+
+  float tau = 0.0f;
+  const int k = p.top_k != nullptr ? p.top_k[b] : 0;
+  if (k > 0 && k < V) tau = ClusterRadixSelect<false>(cl, e_s, n, 0.0f, static_cast<unsigned long long>(k), sm);
+  const float top_p = p.top_p != nullptr ? p.top_p[b] : 1.0f;
+  if (top_p < 1.0f) {
+    unsigned long long kept = 0;
+    for (int i = tid; i < n; i += kThreads) {
+      const float e = e_s[i];
+      kept += e >= tau ? MassOf(e) : 0ull;
+    }
+    kept = ClusterReduce(cl, BlockReduce(kept, Sum(), sm.uscratch), &sm.u64, Sum());
+    unsigned long long target = static_cast<unsigned long long>(static_cast<double>(top_p) * static_cast<double>(kept));
+    if (target == 0) target = 1;
+    float floor_p = tau;  // SamplingKernel's skip, the same figures
+    const double slack = (1.0 - static_cast<double>(top_p)) * static_cast<double>(kept);
+    if (slack > 4.0 * V) {
+      floor_p = fmaxf(tau, static_cast<float>(0.5 * slack / (static_cast<double>(V) * kMassScale)) * 0.999f);
+    }
+    tau = ClusterRadixSelect<true>(cl, e_s, n, floor_p, target, sm);
+  }
+  const float min_p = p.min_p != nullptr ? p.min_p[b] : 0.0f;
+  tau = fmaxf(tau, min_p);
+
+  // The walk in id order: thread t of this CTA owns its ids [i0 + t c, i0 + (t + 1) c); the
+  // CTAs' kept masses give each CTA its offset.
+  const int c = (n + kThreads - 1) / kThreads;
+  const int a0 = min(n, tid * c), a1 = min(n, a0 + c);
+  unsigned long long mine = 0;
+  int last_kept = -1;
+  for (int i = a0; i < a1; ++i) {
+    const float e = e_s[i];
+    if (e >= tau) {
+      mine += MassOf(e);
+      last_kept = i0 + i;
+    }
+  }
+  unsigned long long incl = mine;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned long long t = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += t;
+  }
+  if (lane == 31) sm.uscratch[warp] = incl;
+  __syncthreads();
+  unsigned long long warp_base = 0, cta_total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) warp_base += sm.uscratch[w];
+    cta_total += sm.uscratch[w];
+  }
+  if (tid == 0) sm.u64 = cta_total;
+  cl.sync();
+  unsigned long long cta_base = 0, total = 0;
+  for (int r = 0; r < kCluster; ++r) {
+    const unsigned long long m = *cl.map_shared_rank(&sm.u64, r);
+    if (r < rank) cta_base += m;
+    total += m;
+  }
+  const unsigned long long excl = cta_base + warp_base + incl - mine;
+  const unsigned long long target = DrawTarget(p, b, total);
+  int found = V;
+  if (mine > 0 && excl <= target && target < excl + mine) {
+    unsigned long long run = excl;
+    for (int i = a0; i < a1; ++i) {
+      const float e = e_s[i];
+      if (e >= tau) {
+        run += MassOf(e);
+        if (run > target) {
+          found = i0 + i;
+          break;
+        }
+      }
+    }
+  }
+  cl.sync();  // every CTA has read the kept masses: sm.u64 may be written again
+  found = ClusterReduce(cl, BlockReduce(found, MinI(), sm.iscratch), &sm.i32, MinI());
+  const int last = ClusterReduce(cl, BlockReduce(last_kept, MaxI(), sm.iscratch), &sm.i32, MaxI());
+  if (rank == 0 && tid == 0) p.tokens[b] = found < V ? found : max(last, 0);
+#endif
+}
+
+std::atomic<bool> g_sampling_clusters{false};
+
+// Whether this device runs thread-block clusters (compute capability 9.0 and later).
+bool DeviceHasClusters() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 9;
 }
 
 // Argmax: per thread the best (value, id) of its loads, then the CTA's; "better" is a larger
@@ -461,9 +697,21 @@ absl::Status LaunchSampling(const SamplingParams& p, cudaStream_t stream) {
       p.step == nullptr || p.tokens == nullptr) {
     return absl::InvalidArgumentError("LaunchSampling: null logits/temperature/seed/step/tokens");
   }
-  SamplingKernel<<<p.batch, kThreads, 0, stream>>>(p);
+  if (g_sampling_clusters.load(std::memory_order_relaxed) && p.vocab <= kCluster * kClusterMaxChunk &&
+      DeviceHasClusters()) {
+    const int chunk = (p.vocab + kCluster - 1) / kCluster;
+    const size_t smem = static_cast<size_t>(chunk) * sizeof(float);
+    KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(SamplingClusterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  static_cast<int>(smem)));
+    SamplingClusterKernel<<<p.batch * kCluster, kThreads, smem, stream>>>(p, chunk);
+  } else {
+    SamplingKernel<<<p.batch, kThreads, 0, stream>>>(p);
+  }
   KVQ_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
+
+void SetSamplingClusters(bool on) { g_sampling_clusters.store(on); }
+bool SamplingClusters() { return g_sampling_clusters.load(); }
 
 }  // namespace kvq::kernels

@@ -38,6 +38,12 @@ struct SamplingParams {
 
 absl::Status LaunchSampling(const SamplingParams& p, cudaStream_t stream);
 
+// Experimental (off by default; not yet run on a GPU): LaunchSampling on a cluster of 8 CTAs per
+// row on compute capability 9.0+ for vocabularies up to 131,072 (the same tokens by construction:
+// every sum is an integer sum). For A/B timing (engine_bench --ab=cluster) and its test.
+void SetSamplingClusters(bool on);
+bool SamplingClusters();
+
 // Greedy tokens of `rows` rows of f32 logits ([rows][row_stride], row_stride >= vocab; 0 means
 // vocab): tokens[r] = the lowest id among the row's largest values (model::Argmax's rule; NaN
 // never wins; a row of NaN gives 0). One CTA per row, loads 16 bytes wide when the rows allow.

@@ -500,6 +500,32 @@ TEST(Philox, HostMatchesKnownAnswer) {
   EXPECT_EQ(r.x[3], 0x9b00dbd8u);
 }
 
+// Device copies of a sampling batch's inputs and its output tokens.
+struct SamplingBuffers {
+  SamplingBuffers(const std::vector<float>& logits, const std::vector<float>& temp, const std::vector<int32_t>& tk,
+                  const std::vector<float>& tp, const std::vector<float>& mp, const std::vector<uint64_t>& seed,
+                  const std::vector<uint64_t>& step)
+      : l(logits), t(temp), tp_(tp), mp_(mp), k(tk), out(temp.size()), s(seed), st(step) {}
+  kernels::SamplingParams Params(int batch, int vocab, int64_t stride) {
+    kernels::SamplingParams p;
+    p.batch = batch;
+    p.vocab = vocab;
+    p.logits = l.get();
+    p.logits_row_stride = stride;
+    p.temperature = t.get();
+    p.top_k = k.get();
+    p.top_p = tp_.get();
+    p.min_p = mp_.get();
+    p.seed = s.get();
+    p.step = st.get();
+    p.tokens = out.get();
+    return p;
+  }
+  DeviceBuffer<float> l, t, tp_, mp_;
+  DeviceBuffer<int32_t> k, out;
+  DeviceBuffer<uint64_t> s, st;
+};
+
 struct SampleCase {
   float temperature;
   int top_k;
@@ -512,7 +538,10 @@ TEST_P(SamplingTest, PicksTheReferenceToken) {
   const SampleCase c = GetParam();
   const int batch = 64;
   // 32,000 in packed rows (16-byte loads); 32,001 in rows of 32,003 (rows after the first are not
-  // 16-byte aligned: the scalar loads, and a tail).
+  // 16-byte aligned: the scalar loads, and a tail). Both kernels: one CTA per row, and the
+  // experimental cluster of CTAs per row (kernels::SetSamplingClusters).
+  for (const bool clusters : {false, true}) {
+  kernels::SetSamplingClusters(clusters);
   for (const auto [vocab, stride] : {std::pair<int, int>{32000, 32000}, std::pair<int, int>{32001, 32003}}) {
     // Logits on a grid of distinct values (multiples of 1/64 in [-8, 8] shuffled): well separated,
     // so fp32 (GPU) and double (reference) agree on every threshold and boundary.
@@ -531,29 +560,56 @@ TEST_P(SamplingTest, PicksTheReferenceToken) {
       seed[b] = 0x1234567890ull * (b + 1);
       step[b] = b * 3;
     }
-    DeviceBuffer<float> dl(logits), dt(temp), dtp(tp), dmp(mp);
-    DeviceBuffer<int32_t> dtk(tk), dout(batch);
-    DeviceBuffer<uint64_t> ds(seed), dst(step);
-    kernels::SamplingParams p;
-    p.batch = batch;
-    p.vocab = vocab;
-    p.logits = dl.get();
-    p.logits_row_stride = stride;
-    p.temperature = dt.get();
-    p.top_k = dtk.get();
-    p.top_p = dtp.get();
-    p.min_p = dmp.get();
-    p.seed = ds.get();
-    p.step = dst.get();
-    p.tokens = dout.get();
+    SamplingBuffers d(logits, temp, tk, tp, mp, seed, step);
+    kernels::SamplingParams p = d.Params(batch, vocab, stride);
     ASSERT_TRUE(kernels::LaunchSampling(p, nullptr).ok());
     KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
-    const auto got = dout.Download();
+    const auto got = d.out.Download();
     for (int b = 0; b < batch; ++b) {
       kernels::SamplingRefConfig rc{c.temperature, c.top_k, c.top_p, c.min_p, seed[b], step[b]};
       EXPECT_EQ(got[b], kernels::SampleReference(logits.data() + static_cast<size_t>(b) * stride, vocab, rc))
-          << "vocab " << vocab << " sequence " << b;
+          << "vocab " << vocab << " sequence " << b << (clusters ? " (clusters)" : "");
     }
+  }
+  }
+  kernels::SetSamplingClusters(false);
+}
+
+// The cluster kernel picks the single-CTA kernel's tokens (every sum in both is an integer sum):
+// peaked and flat rows at the real models' vocabularies, every filter, greedy rows mixed in.
+TEST(SamplingClusters, SameTokensAsOneCtaPerRow) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  for (const int vocab : {49152, 128256}) {
+    const int batch = 48;
+    std::mt19937 rng(vocab);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> logits(static_cast<size_t>(batch) * vocab);
+    for (int b = 0; b < batch; ++b) {
+      const float spread = b % 3 == 0 ? 0.3f : b % 3 == 1 ? 3.0f : 8.0f;  // flat ... peaked
+      for (int i = 0; i < vocab; ++i) logits[static_cast<size_t>(b) * vocab + i] = spread * nd(rng);
+    }
+    std::vector<float> temp(batch), tp(batch), mp(batch);
+    std::vector<int32_t> tk(batch);
+    std::vector<uint64_t> seed(batch), step(batch);
+    for (int b = 0; b < batch; ++b) {
+      temp[b] = b % 8 == 7 ? 0.0f : 0.5f + 0.1f * static_cast<float>(b % 7);
+      tk[b] = b % 4 == 1 ? 40 : 0;
+      tp[b] = b % 4 == 2 ? 0.9f : b % 4 == 3 ? 0.5f : 1.0f;
+      mp[b] = b % 5 == 4 ? 0.05f : 0.0f;
+      seed[b] = 977ull * (b + 3);
+      step[b] = b;
+    }
+    SamplingBuffers d(logits, temp, tk, tp, mp, seed, step);
+    const kernels::SamplingParams p = d.Params(batch, vocab, 0);
+    std::vector<int32_t> got[2];
+    for (const bool clusters : {false, true}) {
+      kernels::SetSamplingClusters(clusters);
+      ASSERT_TRUE(kernels::LaunchSampling(p, nullptr).ok());
+      KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+      got[clusters] = d.out.Download();
+    }
+    kernels::SetSamplingClusters(false);
+    for (int b = 0; b < batch; ++b) EXPECT_EQ(got[1][b], got[0][b]) << "vocab " << vocab << " row " << b;
   }
 }
 
