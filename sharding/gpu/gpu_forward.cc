@@ -341,7 +341,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   }
   const int R = static_cast<int>(gather.size());
   // What goes back to the host: the wanted rows of logits, the tokens picked on the device.
-  gpu_forward_internal::StepOutputs outputs(items);
+  gpu_forward_internal::StepOutputs outputs(items, c.vocab_size);
   if (outputs.rows() != R) return absl::InternalError("GPU forward: logit rows and step outputs disagree");
   bool gather_all = R == T;  // the logit rows are the step's rows in order (decode steps)
   for (int i = 0; i < R && gather_all; ++i) gather_all = gather[i] == i;

@@ -9,7 +9,7 @@ namespace kvq::sharding::gpu_forward_internal {
 
 using Output = model::ForwardItem::Output;
 
-StepOutputs::StepOutputs(absl::Span<const model::ForwardItem> items) {
+StepOutputs::StepOutputs(absl::Span<const model::ForwardItem> items, int vocab) {
   token_row_.assign(items.size(), -1);
   for (size_t i = 0; i < items.size(); ++i) {
     const model::ForwardItem& it = items[i];
@@ -27,14 +27,22 @@ StepOutputs::StepOutputs(absl::Span<const model::ForwardItem> items) {
     }
     rows_ += n;
   }
-  // Repetition penalties: every row's distinct ids after a fixed-size header.
+  // Repetition penalties: every row's distinct ids in [0, vocab) after a fixed-size header (the
+  // kernel writes each listed logit once per row: a repeated id would be penalised twice).
+  std::vector<std::vector<int32_t>> ids(items.size());
   size_t entries = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     const model::ForwardItem::Sample& sp = items[i].sample;
     if (token_row_[i] < 0 || sp.repetition_penalty == 1.0f || sp.penalized.empty()) continue;
+    for (int32_t id : sp.penalized) {
+      if (id >= 0 && id < vocab) ids[i].push_back(id);
+    }
+    std::sort(ids[i].begin(), ids[i].end());
+    ids[i].erase(std::unique(ids[i].begin(), ids[i].end()), ids[i].end());
+    if (ids[i].empty()) continue;
     penalize_ = true;
     restore_ = restore_ || items[i].wants_logits();
-    entries += sp.penalized.size();
+    entries += ids[i].size();
   }
   if (penalize_) {
     const size_t header = PenaltyHeaderBytes(rows_);
@@ -52,9 +60,9 @@ StepOutputs::StepOutputs(absl::Span<const model::ForwardItem> items) {
       pen[r] = 1.0f;
       if (item_of_row[r] < 0) continue;
       const model::ForwardItem::Sample& sp = items[item_of_row[r]].sample;
-      if (sp.repetition_penalty == 1.0f) continue;
+      if (ids[item_of_row[r]].empty()) continue;
       pen[r] = sp.repetition_penalty;
-      for (int32_t id : sp.penalized) {
+      for (int32_t id : ids[item_of_row[r]]) {
         ent[2 * at] = id;
         ++at;
       }

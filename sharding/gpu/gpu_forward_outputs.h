@@ -19,7 +19,9 @@ namespace kvq::sharding::gpu_forward_internal {
 class StepOutputs {
  public:
   // The step's logit rows are in item order: every row of an all_logits item, else its last.
-  explicit StepOutputs(absl::Span<const model::ForwardItem> items);
+  // Penalised ids outside [0, vocab) are ignored and repeated ones count once
+  // (model::ApplyRepetitionPenalty's rule).
+  StepOutputs(absl::Span<const model::ForwardItem> items, int vocab);
   int rows() const { return rows_; }
   // How the tokens are picked: 0 none; 1 every row's greedy token (kernels::LaunchArgmaxRows); 2
   // every row through kernels::LaunchSampling (rows that do not sample at temperature 0, i.e.
