@@ -99,14 +99,14 @@ __device__ __forceinline__ uint32_t TakeKeyWords(uint32_t* var, uint32_t end_wor
   }
 }
 
-// Word w of a token's key codes from its per-channel codes (bit 15, KeyAppendKernel's outlier
-// mark, is not part of a code); fp16 keys: two halves per word.
+// Word w of a token's key codes from its per-channel codes (KeyAppendDecodeKernel); fp16 keys:
+// two halves per word.
 __device__ __forceinline__ uint32_t KeyCodeWord(const uint16_t* codes, int w, int bits, int D, bool quant) {
   if (!quant) return static_cast<uint32_t>(codes[2 * w]) | (static_cast<uint32_t>(codes[2 * w + 1]) << 16);
   uint32_t word = 0;
   const int c_lo = (32 * w) / bits, c_hi = min(D, (32 * w + 32 + bits - 1) / bits);
   for (int c = c_lo; c < c_hi; ++c) {
-    const uint32_t code = codes[c] & 0x7fffu;
+    const uint32_t code = codes[c];
     const int sh = c * bits - 32 * w;
     word |= sh >= 0 ? code << sh : code >> -sh;
   }
@@ -152,7 +152,7 @@ __device__ KeyListSlot ReserveKeyOutliers(const KvAppendParams& p, uint8_t* bloc
 // One CTA per (kv head, sequence, block segment): the new tokens of that sequence that fall in
 // one block (CTA 0 also takes the sink tokens), one thread per token (a block has kKvBlockTokens
 // <= kKeyThreads slots). Each thread quantizes its token's channels in order, packing the codes
-// into whole words as it goes (a 64-bit accumulator: the LSB-first stream of KeyCodeWord) and
+// into whole words as it goes (a 64-bit accumulator: KeyCodeWord's LSB-first words) and
 // keeping a bit mask of its outlier channels; a block-wide scan of the outlier counts gives every
 // token its place in the list, which grows at most once (thread 0, from the block's area); then
 // each thread writes its entries in channel order (re-reading only the outlier values), so the
@@ -326,7 +326,7 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
 }
 
 // Decode steps (one new token per sequence): one warp per (kv head, sequence), the same bytes as
-// KeyAppendKernel without its tiles, scans and CTA barriers (H200, ncu, nuq3-1% decode: SmolLM2
+// KeyAppendKernel without its CTA-wide scan and barriers (H200, ncu, nuq3-1% decode: SmolLM2
 // 9.0 -> 6.4 us, Llama-3-8B 10.8 -> 8.3 us; what is left is the chain of dependent loads: length,
 // block table, list directory, bump pointer). Lane l holds channels l, l + 32, ...; codes are
 // packed through the warp's shared row, outliers ranked in channel order by ballots.

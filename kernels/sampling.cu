@@ -119,6 +119,54 @@ __device__ __forceinline__ void ForRange(const float* __restrict__ lg, int i0, i
   }
 }
 
+// "Better" for an argmax: a larger value, or the same value at a lower id (NaN compares false
+// both ways and is never taken).
+__device__ __forceinline__ void ArgmaxTake(float v, int i, float& bv, int& bi) {
+  if (v > bv || (v == bv && i < bi)) {
+    bv = v;
+    bi = i;
+  }
+}
+
+// Top-p over the kept mass: the mass the threshold must reach (at least 1), and *floor_p, below
+// which no e can reach it. Every e below t0 = (1 - top_p) kept / (2 V) (in units of e) is below
+// the threshold: those elements together weigh less than kept - target, so the threshold's mass
+// is reached above them. The passes skip them (most of a peaked distribution). The factor 2 and
+// the 4 V guard cover the rounding of each mass to an integer.
+__device__ __forceinline__ unsigned long long TopPTarget(float top_p, unsigned long long kept, int V, float tau,
+                                                         float* floor_p) {
+  unsigned long long target = static_cast<unsigned long long>(static_cast<double>(top_p) * static_cast<double>(kept));
+  if (target == 0) target = 1;
+  *floor_p = tau;
+  const double slack = (1.0 - static_cast<double>(top_p)) * static_cast<double>(kept);
+  if (slack > 4.0 * V) {
+    *floor_p = fmaxf(tau, static_cast<float>(0.5 * slack / (static_cast<double>(V) * kMassScale)) * 0.999f);
+  }
+  return target;
+}
+
+// The CTA's exclusive prefix sum of v in thread order, and in *total the CTA's sum (scratch: one
+// slot per warp; the caller's next use of it must come after a barrier).
+__device__ __forceinline__ unsigned long long BlockExclusiveScan(unsigned long long v, unsigned long long* scratch,
+                                                                 unsigned long long* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  unsigned long long incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned long long t = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += t;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  unsigned long long base = 0, sum = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) base += scratch[w];
+    sum += scratch[w];
+  }
+  *total = sum;
+  return base + incl - v;
+}
+
 // The draw's point in the kept mass: u in [0, 1) with 24 bits (the Philox uniform of row b's
 // seed and step), target = floor(u * total), exact in integers.
 __device__ __forceinline__ unsigned long long DrawTarget(const SamplingParams& p, int b, unsigned long long total) {
@@ -207,8 +255,6 @@ __device__ void PickDigit(const unsigned long long* hist, unsigned long long nee
   }
 }
 
-// The largest value t among the e_i >= floor whose amount at or above t (count, or mass) reaches
-// need: the need-th largest e (counts), or the top-p threshold (masses).
 // One radix pass: the digit (bits [shift, shift + 8) of e's bits) of the elements whose higher
 // bits equal `prefix` (under `mask`), whose e >= floor (and, for masses, whose mass is not 0), at
 // which the amount (count or mass) summed from the top digit down first reaches `need`; the
@@ -234,6 +280,8 @@ __device__ int RadixDigit(const float* lg, int V, bool wide, float mx, float k2,
   return sm.digit;
 }
 
+// The largest value t among the e_i >= floor whose amount at or above t (count, or mass) reaches
+// need: the need-th largest e (counts), or the top-p threshold (masses).
 template <bool kMass>
 __device__ float RadixSelect(const float* lg, int V, bool wide, float mx, float k2, float floor, unsigned long long need,
                              RadixSmem& sm) {
@@ -264,12 +312,7 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
   if (!(temp > 0.0f)) {  // greedy: lowest id among the maxima, in one pass
     float bv = -CUDART_INF_F;
     int bi = V;
-    ForRow(lg, V, wide, [&](float l, int i) {
-      if (l > bv || (l == bv && i < bi)) {
-        bv = l;
-        bi = i;
-      }
-    });
+    ForRow(lg, V, wide, [&](float l, int i) { ArgmaxTake(l, i, bv, bi); });
     const float best = BlockReduce(bv, Max(), fscratch);
     bi = bv == best ? bi : V;
     bi = BlockReduce(bi, MinI(), iscratch);
@@ -292,17 +335,8 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
       kept += e >= tau ? MassOf(e) : 0ull;
     });
     kept = BlockReduce(kept, Sum(), uscratch);
-    unsigned long long target = static_cast<unsigned long long>(static_cast<double>(top_p) * static_cast<double>(kept));
-    if (target == 0) target = 1;
-    // Every e below t0 = (1 - top_p) kept / (2 V) (in units of e) is below the threshold: those
-    // elements together weigh less than kept - target, so the threshold's mass is reached above
-    // them. The passes skip them (most of a peaked distribution). The factor 2 and the 4 V
-    // guard cover the rounding of each mass to an integer.
-    float floor_p = tau;
-    const double slack = (1.0 - static_cast<double>(top_p)) * static_cast<double>(kept);
-    if (slack > 4.0 * V) {
-      floor_p = fmaxf(tau, static_cast<float>(0.5 * slack / (static_cast<double>(V) * kMassScale)) * 0.999f);
-    }
+    float floor_p;
+    const unsigned long long target = TopPTarget(top_p, kept, V, tau, &floor_p);
     tau = RadixSelect<true>(lg, V, wide, mx, k2, floor_p, target, radix);
   }
   const float min_p = p.min_p != nullptr ? p.min_p[b] : 0.0f;
@@ -321,21 +355,8 @@ __global__ void __launch_bounds__(kThreads) SamplingKernel(const SamplingParams 
     }
     return true;
   });
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  unsigned long long incl = mine;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const unsigned long long t = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += t;
-  }
-  if (lane == 31) scan_s[warp] = incl;
-  __syncthreads();
-  unsigned long long warp_base = 0, total = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) warp_base += scan_s[w];
-    total += scan_s[w];
-  }
-  const unsigned long long excl = warp_base + incl - mine;
+  unsigned long long total = 0;
+  const unsigned long long excl = BlockExclusiveScan(mine, scan_s, &total);
   const unsigned long long target = DrawTarget(p, b, total);
   int found = V;
   if (mine > 0 && excl <= target && target < excl + mine) {
@@ -437,7 +458,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads)
   const float* lg = p.logits + b * stride;
   const int V = p.vocab;
   const int i0 = min(V, rank * chunk), n = min(V, i0 + chunk) - i0;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
 
   // Pass 1: this CTA's logits into shared memory (16 loads in flight per thread), its maximum and
   // the lowest id at it.
@@ -456,10 +477,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads)
       const int i = base + u * kThreads;
       if (i < n) {
         e_s[i] = x[u];
-        if (x[u] > bv || (x[u] == bv && i0 + i < bi)) {
-          bv = x[u];
-          bi = i0 + i;
-        }
+        ArgmaxTake(x[u], i0 + i, bv, bi);
       }
     }
   }
@@ -487,13 +505,8 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads)
       kept += e >= tau ? MassOf(e) : 0ull;
     }
     kept = ClusterReduce(cl, BlockReduce(kept, Sum(), sm.uscratch), &sm.u64, Sum());
-    unsigned long long target = static_cast<unsigned long long>(static_cast<double>(top_p) * static_cast<double>(kept));
-    if (target == 0) target = 1;
-    float floor_p = tau;  // SamplingKernel's skip, the same figures
-    const double slack = (1.0 - static_cast<double>(top_p)) * static_cast<double>(kept);
-    if (slack > 4.0 * V) {
-      floor_p = fmaxf(tau, static_cast<float>(0.5 * slack / (static_cast<double>(V) * kMassScale)) * 0.999f);
-    }
+    float floor_p;
+    const unsigned long long target = TopPTarget(top_p, kept, V, tau, &floor_p);
     tau = ClusterRadixSelect<true>(cl, e_s, n, floor_p, target, sm);
   }
   const float min_p = p.min_p != nullptr ? p.min_p[b] : 0.0f;
@@ -512,19 +525,8 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads)
       last_kept = i0 + i;
     }
   }
-  unsigned long long incl = mine;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const unsigned long long t = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += t;
-  }
-  if (lane == 31) sm.uscratch[warp] = incl;
-  __syncthreads();
-  unsigned long long warp_base = 0, cta_total = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) warp_base += sm.uscratch[w];
-    cta_total += sm.uscratch[w];
-  }
+  unsigned long long cta_total = 0;
+  const unsigned long long cta_excl = BlockExclusiveScan(mine, sm.uscratch, &cta_total);
   if (tid == 0) sm.u64 = cta_total;
   cl.sync();
   unsigned long long cta_base = 0, total = 0;
@@ -533,7 +535,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads)
     if (r < rank) cta_base += m;
     total += m;
   }
-  const unsigned long long excl = cta_base + warp_base + incl - mine;
+  const unsigned long long excl = cta_base + cta_excl;
   const unsigned long long target = DrawTarget(p, b, total);
   int found = V;
   if (mine > 0 && excl <= target && target < excl + mine) {
@@ -566,17 +568,9 @@ bool DeviceHasClusters() {
   return major >= 9;
 }
 
-// Argmax: per thread the best (value, id) of its loads, then the CTA's; "better" is a larger
-// value, or the same value at a lower id (NaN compares false both ways and is never taken).
+// Argmax: per thread the best (value, id) of its loads (ArgmaxTake), then the CTA's.
 constexpr int kArgmaxThreads = 1024;
 constexpr int kArgmaxInFlight = 8;  // 16-byte loads per thread per round (latency, not bandwidth)
-
-__device__ __forceinline__ void ArgmaxTake(float v, int i, float& bv, int& bi) {
-  if (v > bv || (v == bv && i < bi)) {
-    bv = v;
-    bi = i;
-  }
-}
 
 __global__ void __launch_bounds__(kArgmaxThreads)
     ArgmaxRowsKernel(int vocab, const float* __restrict__ logits, int64_t stride, bool wide, int32_t* tokens) {
