@@ -25,9 +25,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <random>
 #include <cstdio>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -253,8 +253,8 @@ int64_t Fill(Setup& st, sharding::GpuKvCache* cache, int64_t n, uint64_t seed) {
 // ForwardItem::Output::kGreedy or kSample, with the repetition penalty, 4 bytes per row to the
 // host), or from the logits copied to the host, by model::Argmax or a model::Sampler per row there
 // (the path before 2026-12-02); with --repetition_penalty the host side is the engine's path for
-// penalised requests before 2026-12-02 14:00: model::ApplyRepetitionPenalty, then
-// model::SampleByDeviceRule (or model::Argmax).
+// penalised requests before the penalty moved to the device (5d21b71):
+// model::ApplyRepetitionPenalty, then model::SampleByDeviceRule (or model::Argmax).
 bool g_pick_on_device = true;
 
 // Median seconds of `steps` decode steps of `caches` (one token each, greedy or sampled as

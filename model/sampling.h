@@ -49,6 +49,25 @@ int32_t SampleByWholeSort(const SamplerConfig& config, std::mt19937_64& rng, flo
 int32_t SampleByDeviceRule(const float* logits, int vocab, float temperature, int top_k, float top_p, float min_p,
                            uint64_t seed, uint64_t step);
 
+// The repetition penalty's history as the serving path keeps it: the distinct token ids seen so far
+// (context and output), in first-seen order (ForwardItem::Sample::penalized). Holds nothing for
+// vocab 0 (a request without a penalty); ids outside [0, vocab) are ignored.
+class SeenTokens {
+ public:
+  explicit SeenTokens(int vocab = 0) : seen_(vocab, false) {}
+  void Add(int32_t t) {
+    if (t >= 0 && static_cast<size_t>(t) < seen_.size() && !seen_[t]) {
+      seen_[t] = true;
+      ids_.push_back(t);
+    }
+  }
+  absl::Span<const int32_t> ids() const { return ids_; }
+
+ private:
+  std::vector<bool> seen_;
+  std::vector<int32_t> ids_;
+};
+
 // CTRL-style repetition penalty as Hugging Face applies it, in place: each distinct token of
 // `history` has its logit divided by `penalty` when positive, multiplied when not (ids outside
 // [0, vocab) are ignored). kernels::LaunchRepetitionPenalty follows the same rule on the GPU.

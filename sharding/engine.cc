@@ -110,16 +110,9 @@ struct Job {
   std::shared_ptr<Session> session;             // the session forked from / extended
   std::vector<int32_t> prompt;                  // tokens still to prefill come from here
   size_t prefilled = 0;
-  // The repetition penalty's history, kept only for requests with a penalty: the distinct tokens
-  // of the context (session and prompt) and of the generation so far, in first-seen order.
-  std::vector<int32_t> penalized;
-  std::vector<bool> seen;
-  void See(int32_t t) {
-    if (t >= 0 && static_cast<size_t>(t) < seen.size() && !seen[t]) {
-      seen[t] = true;
-      penalized.push_back(t);
-    }
-  }
+  // The repetition penalty's history (sized only for requests with a penalty): the distinct tokens
+  // of the context (session and prompt) and of the generation so far.
+  model::SeenTokens seen;
   std::vector<int32_t> stops;
   int32_t next_input = -1;                      // sampled token to feed at the next step
   int generated = 0;
@@ -266,11 +259,11 @@ class Engine::Impl {
     if (job->session) job->prompt.push_back(job->session->tokens.back());  // the pending token
     job->prompt.insert(job->prompt.end(), req.prompt.begin(), req.prompt.end());
     if (req.sampling.repetition_penalty != 1.0f) {
-      job->seen.assign(weights_.config.vocab_size, false);
+      job->seen = model::SeenTokens(weights_.config.vocab_size);
       if (job->session) {
-        for (int32_t t : job->session->tokens) job->See(t);
+        for (int32_t t : job->session->tokens) job->seen.Add(t);
       }
-      for (int32_t t : req.prompt) job->See(t);
+      for (int32_t t : req.prompt) job->seen.Add(t);
     }
     job->stops = req.sampling.stop_token_ids;
     if (!req.sampling.ignore_eos) job->stops.insert(job->stops.end(), model_stops_.begin(), model_stops_.end());
@@ -650,7 +643,7 @@ class Engine::Impl {
       } else {
         item.output = so.temperature > 0.0f ? model::ForwardItem::Output::kSample : model::ForwardItem::Output::kGreedy;
         item.sample = {so.temperature, so.top_k, so.top_p, so.min_p, so.seed, static_cast<uint64_t>(j.generated),
-                       so.repetition_penalty, j.penalized};
+                       so.repetition_penalty, j.seen.ids()};
         item.also_logits = so.logprobs || so.top_logprobs > 0;
       }
       items.push_back(item);
@@ -706,7 +699,7 @@ class Engine::Impl {
         continue;
       }
       ++j.generated;
-      j.See(ev.token);
+      j.seen.Add(ev.token);
       j.next_input = ev.token;
       j.req.sink->OnToken(ev);
       {

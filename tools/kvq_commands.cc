@@ -100,15 +100,9 @@ int Generate() {
   if (!(sample.repetition_penalty > 0.0f) || !std::isfinite(sample.repetition_penalty)) {
     return Fail(absl::InvalidArgumentError("--repetition_penalty must be > 0 (1 = off)"));
   }
-  std::vector<bool> seen(fwd.config().vocab_size, false);
-  std::vector<int32_t> penalized;  // distinct tokens of the prompt and the output so far
-  const auto see = [&](int32_t t) {
-    if (sample.repetition_penalty != 1.0f && t >= 0 && static_cast<size_t>(t) < seen.size() && !seen[t]) {
-      seen[t] = true;
-      penalized.push_back(t);
-    }
-  };
-  for (int32_t t : ids) see(t);
+  // Distinct tokens of the prompt and the output so far (none kept without a penalty).
+  model::SeenTokens seen(sample.repetition_penalty != 1.0f ? fwd.config().vocab_size : 0);
+  for (int32_t t : ids) seen.Add(t);
   model::StreamDecoder decoder(tok);
   const auto stops = tok.stop_ids();
   std::vector<int32_t> step = ids;
@@ -121,7 +115,7 @@ int Generate() {
     item.output = sample.temperature > 0.0f ? model::ForwardItem::Output::kSample : model::ForwardItem::Output::kGreedy;
     item.sample = sample;
     item.sample.step = static_cast<uint64_t>(generated);
-    item.sample.penalized = penalized;
+    item.sample.penalized = seen.ids();
     absl::Status s = fwd.Run(absl::MakeSpan(&item, 1), {}, &logits);
     if (!s.ok()) return Fail(s);
     if (generated == 0) {
@@ -132,7 +126,7 @@ int Generate() {
     std::fputs(decoder.Push(next).c_str(), stdout);
     std::fflush(stdout);
     step.assign(1, next);
-    see(next);
+    seen.Add(next);
   }
   std::fputs(decoder.Flush().c_str(), stdout);
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

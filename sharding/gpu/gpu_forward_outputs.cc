@@ -27,48 +27,7 @@ StepOutputs::StepOutputs(absl::Span<const model::ForwardItem> items, int vocab) 
     }
     rows_ += n;
   }
-  // Repetition penalties: every row's distinct ids in [0, vocab) after a fixed-size header (the
-  // kernel writes each listed logit once per row: a repeated id would be penalised twice).
-  std::vector<std::vector<int32_t>> ids(items.size());
-  size_t entries = 0;
-  for (size_t i = 0; i < items.size(); ++i) {
-    const model::ForwardItem::Sample& sp = items[i].sample;
-    if (token_row_[i] < 0 || sp.repetition_penalty == 1.0f || sp.penalized.empty()) continue;
-    for (int32_t id : sp.penalized) {
-      if (id >= 0 && id < vocab) ids[i].push_back(id);
-    }
-    std::sort(ids[i].begin(), ids[i].end());
-    ids[i].erase(std::unique(ids[i].begin(), ids[i].end()), ids[i].end());
-    if (ids[i].empty()) continue;
-    penalize_ = true;
-    restore_ = restore_ || items[i].wants_logits();
-    entries += ids[i].size();
-  }
-  if (penalize_) {
-    const size_t header = PenaltyHeaderBytes(rows_);
-    penalty_.assign(header + entries * 8, 0);
-    auto* offsets = reinterpret_cast<int32_t*>(penalty_.data());
-    auto* pen = reinterpret_cast<float*>(offsets + rows_ + 1);
-    auto* ent = reinterpret_cast<int32_t*>(penalty_.data() + header);
-    std::vector<int> item_of_row(rows_, -1);
-    for (size_t i = 0; i < items.size(); ++i) {
-      if (token_row_[i] >= 0) item_of_row[token_row_[i]] = static_cast<int>(i);
-    }
-    int32_t at = 0;
-    for (int r = 0; r < rows_; ++r) {
-      offsets[r] = at;
-      pen[r] = 1.0f;
-      if (item_of_row[r] < 0) continue;
-      const model::ForwardItem::Sample& sp = items[item_of_row[r]].sample;
-      if (ids[item_of_row[r]].empty()) continue;
-      pen[r] = sp.repetition_penalty;
-      for (int32_t id : ids[item_of_row[r]]) {
-        ent[2 * at] = id;
-        ++at;
-      }
-    }
-    offsets[rows_] = at;
-  }
+  PlanPenalties(items, vocab);
   if (pick_ != 2) return;
   params_.assign(ParamBytes(rows_), 0);  // rows without a draw: temperature 0, the greedy token
   const Params p = Carve(params_.data(), rows_);
@@ -83,6 +42,50 @@ StepOutputs::StepOutputs(absl::Span<const model::ForwardItem> items, int vocab) 
     p.min_p[r] = sp.min_p;
     p.top_k[r] = sp.top_k;
   }
+}
+
+// Repetition penalties: every row's distinct ids in [0, vocab) after a fixed-size header (the
+// kernel writes each listed logit once per row: a repeated id would be penalised twice).
+void StepOutputs::PlanPenalties(absl::Span<const model::ForwardItem> items, int vocab) {
+  bool any = false;  // most steps: nothing to plan
+  for (size_t i = 0; i < items.size() && !any; ++i) {
+    any = token_row_[i] >= 0 && items[i].sample.repetition_penalty != 1.0f && !items[i].sample.penalized.empty();
+  }
+  if (!any) return;
+  std::vector<std::vector<int32_t>> row_ids(rows_);
+  std::vector<float> row_pen(rows_, 1.0f);
+  std::vector<uint8_t> seen(vocab, 0);  // cleared after each row (only the ids it set)
+  size_t entries = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const model::ForwardItem::Sample& sp = items[i].sample;
+    if (token_row_[i] < 0 || sp.repetition_penalty == 1.0f) continue;
+    std::vector<int32_t>& ids = row_ids[token_row_[i]];
+    for (int32_t id : sp.penalized) {
+      if (id >= 0 && id < vocab && !seen[id]) {
+        seen[id] = 1;
+        ids.push_back(id);
+      }
+    }
+    for (int32_t id : ids) seen[id] = 0;
+    if (ids.empty()) continue;
+    row_pen[token_row_[i]] = sp.repetition_penalty;
+    penalize_ = true;
+    restore_ = restore_ || items[i].wants_logits();
+    entries += ids.size();
+  }
+  if (!penalize_) return;
+  const size_t header = PenaltyHeaderBytes(rows_);
+  penalty_.assign(header + entries * 8, 0);
+  auto* offsets = reinterpret_cast<int32_t*>(penalty_.data());
+  auto* pen = reinterpret_cast<float*>(offsets + rows_ + 1);
+  auto* ent = reinterpret_cast<int32_t*>(penalty_.data() + header);  // pairs (id, saved logit)
+  int32_t at = 0;
+  for (int r = 0; r < rows_; ++r) {
+    offsets[r] = at;
+    pen[r] = row_pen[r];
+    for (int32_t id : row_ids[r]) ent[2 * at++] = id;
+  }
+  offsets[rows_] = at;
 }
 
 StepOutputs::Params StepOutputs::Carve(void* base, int rows) {

@@ -53,6 +53,7 @@ class StepOutputs {
     int32_t* top_k;
   };
   static Params Carve(void* base, int rows);
+  void PlanPenalties(absl::Span<const model::ForwardItem> items, int vocab);
   absl::Status Pick(const float* logits, int vocab, const Grow& tokens, const Grow& params, cudaStream_t s) const;
   static size_t ParamBytes(int rows) { return static_cast<size_t>(rows) * 32; }
   // The penalty buffer: offsets [rows + 1] (int32), penalties [rows] (float), then the entries

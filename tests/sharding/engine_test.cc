@@ -75,17 +75,24 @@ class EngineTest : public ::testing::Test {
     return engine_->tokenizer().Encode(*r, true, true);
   }
 
-  std::shared_ptr<CollectingSink> Run(std::vector<int32_t> prompt, int max_tokens,
-                                      const std::string& session = "") {
+  // Enqueues a request (not waited for).
+  std::shared_ptr<CollectingSink> Submit(std::vector<int32_t> prompt, const SamplingParams& sampling,
+                                         const std::string& session = "") {
     auto sink = std::make_shared<CollectingSink>();
     GenerateRequest r;
     r.prompt = std::move(prompt);
     r.session_id = session;
-    r.sampling.max_tokens = max_tokens;
+    r.sampling = sampling;
     r.sink = sink;
     auto id = engine_->Enqueue(std::move(r));
     EXPECT_TRUE(id.ok()) << id.status();
     return sink;
+  }
+  std::shared_ptr<CollectingSink> Run(std::vector<int32_t> prompt, int max_tokens,
+                                      const std::string& session = "") {
+    SamplingParams sp;
+    sp.max_tokens = max_tokens;
+    return Submit(std::move(prompt), sp, session);
   }
 
   std::unique_ptr<Engine> engine_;
@@ -118,18 +125,14 @@ TEST_F(EngineTest, ConcurrentRequestsGiveTheSameTokensAsSequentialOnes) {
 // of one batch see the same arithmetic.)
 TEST_F(EngineTest, SampledTokensDependOnTheSeedNotOnLogprobs) {
   auto sampled = [&](const std::string& p, uint64_t seed, bool logprobs) {
-    auto sink = std::make_shared<CollectingSink>();
-    GenerateRequest r;
-    r.prompt = engine_->tokenizer().Encode(p, true, false);
-    r.sampling.max_tokens = 16;
-    r.sampling.temperature = 1.2f;
-    r.sampling.top_p = 0.95f;
-    r.sampling.seed = seed;
-    r.sampling.logprobs = logprobs;
-    r.sampling.ignore_eos = true;
-    r.sink = sink;
-    EXPECT_TRUE(engine_->Enqueue(std::move(r)).ok());
-    return sink;
+    SamplingParams sp;
+    sp.max_tokens = 16;
+    sp.temperature = 1.2f;
+    sp.top_p = 0.95f;
+    sp.seed = seed;
+    sp.logprobs = logprobs;
+    sp.ignore_eos = true;
+    return Submit(engine_->tokenizer().Encode(p, true, false), sp);
   };
   const std::string prompt = "The sea at night is";
   std::vector<std::vector<int32_t>> runs;
@@ -146,22 +149,19 @@ TEST_F(EngineTest, SampledTokensDependOnTheSeedNotOnLogprobs) {
   EXPECT_EQ(engine_->Stats().kv_bytes_used, 0);
 }
 
-// A repetition penalty takes the host path (the row copied, penalised, then drawn by the same rule
-// and uniform as the device): again the same tokens for a seed, with and without logprobs; greedy
-// with a strong penalty repeats itself less than greedy without.
+// A repetition penalty (applied by the pass before its pick, on the device in a GPU pass): again
+// the same tokens for a seed, with and without logprobs; greedy with a strong penalty repeats
+// itself less than greedy without.
 TEST_F(EngineTest, RepetitionPenaltyIsSeededAndReducesRepeats) {
   auto run = [&](float temperature, float penalty, bool logprobs) {
-    auto sink = std::make_shared<CollectingSink>();
-    GenerateRequest r;
-    r.prompt = engine_->tokenizer().Encode("one two one two one two one two", true, false);
-    r.sampling.max_tokens = 24;
-    r.sampling.temperature = temperature;
-    r.sampling.repetition_penalty = penalty;
-    r.sampling.seed = 99;
-    r.sampling.logprobs = logprobs;
-    r.sampling.ignore_eos = true;
-    r.sink = sink;
-    EXPECT_TRUE(engine_->Enqueue(std::move(r)).ok());
+    SamplingParams sp;
+    sp.max_tokens = 24;
+    sp.temperature = temperature;
+    sp.repetition_penalty = penalty;
+    sp.seed = 99;
+    sp.logprobs = logprobs;
+    sp.ignore_eos = true;
+    auto sink = Submit(engine_->tokenizer().Encode("one two one two one two one two", true, false), sp);
     sink->Wait();
     return sink->tokens();
   };
@@ -237,15 +237,11 @@ TEST_F(EngineTest, RepetitionPenaltyCoversTheSessionsTokens) {
   std::vector<int32_t> full = doc_ids;
   full.insert(full.end(), q_ids.begin(), q_ids.end());
   auto run = [&](const std::vector<int32_t>& prompt, float penalty, const std::string& session) {
-    auto sink = std::make_shared<CollectingSink>();
-    GenerateRequest r;
-    r.prompt = prompt;
-    r.session_id = session;
-    r.sampling.max_tokens = 12;
-    r.sampling.repetition_penalty = penalty;
-    r.sampling.ignore_eos = true;
-    r.sink = sink;
-    EXPECT_TRUE(engine_->Enqueue(std::move(r)).ok());
+    SamplingParams sp;
+    sp.max_tokens = 12;
+    sp.repetition_penalty = penalty;
+    sp.ignore_eos = true;
+    auto sink = Submit(prompt, sp, session);
     sink->Wait();
     return sink->tokens();
   };
