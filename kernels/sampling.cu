@@ -558,7 +558,9 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads)
 #endif
 }
 
-std::atomic<bool> g_sampling_clusters{false};
+// On by default: measured on an H200 (2026-12-02) at 26.5 us against 98.6 us for one CTA per row
+// (SmolLM2's 49,152 logits) and 42.8 against 160.8 us (Llama-3's 128,256), the same tokens.
+std::atomic<bool> g_sampling_clusters{true};
 
 // Whether this device runs thread-block clusters (compute capability 9.0 and later).
 bool DeviceHasClusters() {

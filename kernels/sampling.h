@@ -38,9 +38,10 @@ struct SamplingParams {
 
 absl::Status LaunchSampling(const SamplingParams& p, cudaStream_t stream);
 
-// Experimental (off by default; not yet run on a GPU): LaunchSampling on a cluster of 8 CTAs per
-// row on compute capability 9.0+ for vocabularies up to 131,072 (the same tokens by construction:
-// every sum is an integer sum). For A/B timing (engine_bench --ab=cluster) and its test.
+// LaunchSampling runs a cluster of 8 CTAs per row on compute capability 9.0+ for vocabularies up
+// to 131,072 (on by default; the same tokens as one CTA per row by construction: every sum is an
+// integer sum), one CTA per row otherwise. The switch is for A/B timing (engine_bench --ab=cluster)
+// and the tests that compare the two.
 void SetSamplingClusters(bool on);
 bool SamplingClusters();
 

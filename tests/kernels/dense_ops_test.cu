@@ -539,7 +539,8 @@ TEST_P(SamplingTest, PicksTheReferenceToken) {
   const int batch = 64;
   // 32,000 in packed rows (16-byte loads); 32,001 in rows of 32,003 (rows after the first are not
   // 16-byte aligned: the scalar loads, and a tail). Both kernels: one CTA per row, and the
-  // experimental cluster of CTAs per row (kernels::SetSamplingClusters).
+  // cluster of CTAs per row (kernels::SetSamplingClusters).
+  const bool default_clusters = kernels::SamplingClusters();
   for (const bool clusters : {false, true}) {
   kernels::SetSamplingClusters(clusters);
   for (const auto [vocab, stride] : {std::pair<int, int>{32000, 32000}, std::pair<int, int>{32001, 32003}}) {
@@ -572,7 +573,7 @@ TEST_P(SamplingTest, PicksTheReferenceToken) {
     }
   }
   }
-  kernels::SetSamplingClusters(false);
+  kernels::SetSamplingClusters(default_clusters);
 }
 
 // The cluster kernel picks the single-CTA kernel's tokens (every sum in both is an integer sum):
@@ -602,13 +603,14 @@ TEST(SamplingClusters, SameTokensAsOneCtaPerRow) {
     SamplingBuffers d(logits, temp, tk, tp, mp, seed, step);
     const kernels::SamplingParams p = d.Params(batch, vocab, 0);
     std::vector<int32_t> got[2];
+    const bool default_clusters = kernels::SamplingClusters();
     for (const bool clusters : {false, true}) {
       kernels::SetSamplingClusters(clusters);
       ASSERT_TRUE(kernels::LaunchSampling(p, nullptr).ok());
       KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
       got[clusters] = d.out.Download();
     }
-    kernels::SetSamplingClusters(false);
+    kernels::SetSamplingClusters(default_clusters);
     for (int b = 0; b < batch; ++b) EXPECT_EQ(got[1][b], got[0][b]) << "vocab " << vocab << " row " << b;
   }
 }
