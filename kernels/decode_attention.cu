@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -20,8 +21,12 @@ using decode_attention_internal::DecodeAttentionEntry;
 
 constexpr int kThreads = 128;
 constexpr int kMmaMaxWarps = decode_attention_mma::kMaxWarps;
-// Tokens per split unit: one cos/sin group of the tensor-core kernels.
-constexpr int kMmaSplitUnit = decode_attention_mma::kTile * decode_attention_mma::kGroupTiles;
+// Tokens per split unit of the tensor-core kernels: one 16-token tile (a split may start on any
+// tile of a cos/sin group or a block: the group tables are functions of the absolute position, the
+// LUT kernel finds its key-outlier cursor inside a block).
+constexpr int kMmaSplitUnit = decode_attention_mma::kTile;
+// The split choice counts in 64-token groups (one cos/sin table fill each).
+constexpr int kMmaGroupTokens = decode_attention_mma::kTile * decode_attention_mma::kGroupTiles;
 
 const decode_attention_internal::DecodeAttentionMmaEntry* FindMmaEntry(int head_dim, KvCodec codec) {
   for (const auto& e : decode_attention_internal::MmaDecodeAttentionEntries()) {
@@ -139,10 +144,22 @@ int DecodeCtasPerSm(int n_kv_heads, int head_dim) {
   return std::max(1, std::min(by_regs, by_smem));
 }
 
+namespace {
+constexpr int kGroupTilesPerUnit = decode_attention_mma::kGroupTiles;
+int MinSplitTiles() {
+  static const int v = [] {
+    const char* e = std::getenv("KVQ_DECODE_MIN_SPLIT_TILES");
+    const int t = e != nullptr ? std::atoi(e) : 1;
+    return std::clamp(t, 1, kGroupTilesPerUnit);
+  }();
+  return v;
+}
+}  // namespace
+
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
                        int sm_count, int head_dim) {
   (void)sink_tokens;  // every instantiated format takes a tensor-core kernel (sinks included)
-  const int max_units = std::max(1, (max_seq_len + kMmaSplitUnit - 1) / kMmaSplitUnit);
+  const int max_units = std::max(1, (max_seq_len + kMmaGroupTokens - 1) / kMmaGroupTokens);
   // Tensor-core kernels: a CTA holds up to 8 KV heads (one warp each).
   const int64_t heads_ctas = (n_kv_heads + kMmaMaxWarps - 1) / kMmaMaxWarps;
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * heads_ctas);
@@ -165,6 +182,20 @@ int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_toke
       best_cost = cost;
       best_splits = static_cast<int>(splits);
     }
+  }
+  // Short contexts: at the floor of one group per split with no more CTAs than SMs, split
+  // further, down to KVQ_DECODE_MIN_SPLIT_TILES tiles per split (default 1; 4 keeps whole
+  // groups), up to one wave. Each CTA's warps walk their tiles as one dependent chain on an
+  // otherwise idle SM. H200, 2026-12-02, µs per layer with the merge (kernels_bench), 64-token
+  // groups -> tiles: Llama-3-8B 1K batch 1 fp16 16.9 -> 12.3, nuq3-1% 30.7 -> 21.0 (64 splits);
+  // batch 8 nuq3-1% 31.6 -> 29.0 (33); 4K batch 1 nuq3-1% 31.2 -> 25.0 (256); SmolLM2 1K batch
+  // 1 nuq3-1% 21.1 -> 16.3. Past one CTA per SM finer splits lost (SmolLM2 4K batch 8 fp16:
+  // 64 splits 16.0, 128 20.8).
+  const int min_tiles = MinSplitTiles();
+  if (best_splits == max_units && ctas * best_splits <= std::max(sm_count, 1) && min_tiles < kGroupTilesPerUnit) {
+    const int tiles = std::max(1, (max_seq_len + kMmaSplitUnit - 1) / kMmaSplitUnit);
+    const int64_t finer = std::min<int64_t>({(tiles + min_tiles - 1) / min_tiles, slots / ctas, 65535});
+    best_splits = static_cast<int>(std::max<int64_t>(best_splits, finer));
   }
   return best_splits;
 }
@@ -224,8 +255,7 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
     KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     splits = ChooseDecodeSplits(p.batch, g.n_kv_heads, p.max_seq_len, p.kv.sink_tokens, sms, g.head_dim);
   }
-  // Splits are whole 64-token units for the tensor-core kernels (whole cos/sin groups; the LUT
-  // kernel finds its key-outlier cursor inside a block) and whole blocks for the CUDA-core kernel.
+  // Splits are whole tiles for the tensor-core kernels and whole blocks for the CUDA-core kernel.
   const int unit = mma_entry != nullptr ? kMmaSplitUnit : kKvBlockTokens;
   const int max_units = std::max(1, (p.max_seq_len + unit - 1) / unit);
   splits = std::clamp(splits, 1, std::min(max_units, 65535));

@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     const uint8_t* nb = !sink_tile && next_block && T + 1 < n_tiles ? block_base(T + 1) : lb;
     if (!sink_tile) blk_base = nb;
     // Key-outlier cursor: at each block start, and at a split that starts inside a block (splits
-    // are multiples of 64 tokens) at the block's first entry of a token >= tin (entries are sorted
+    // start on any tile) at the block's first entry of a token >= tin (entries are sorted
     // by token).
     if (!sink_tile && key_outliers && (tin == 0 || T == 0)) {
       const uint32_t* dir = reinterpret_cast<const uint32_t*>(lb + geo.key_outlier_dir_offset) + 2 * hk;

@@ -252,11 +252,16 @@ std::vector<Case> Cases() {
     cs.push_back({"nuq2-1%-sink64", hd, 1, 4, {64, 65, 400, 30}, 0, 0});
     cs.push_back({"int3-pc-post-1%-sink3", hd, 2, 4, {1, 113, 256, 257, 700}, 0, 2});
     cs.push_back({"nuq3-1%", hd, 8, 4, {2048, 1, 777}, 0, 0});
-    // Splits of 64-token units that start inside blocks (700 tokens = 11 units, 5 splits of 3
-    // units: splits begin at tokens 192, 384, 576): the key-outlier cursor is found mid-block.
+    // Splits of whole 16-token tiles that start inside blocks and inside 64-token cos/sin groups
+    // (700 tokens = 44 tiles, 5 splits of 9 tiles: splits begin at tokens 144, 288, 432, 576):
+    // the key-outlier cursor is found mid-block, the group tables start off their groups.
     cs.push_back({"nuq3-1%", hd, 2, 4, {700, 450}, 0, 5});
     cs.push_back({"nuq4-1%-sink5", hd, 1, 8, {700}, 0, 7});
     cs.push_back({"fp16", hd, 2, 4, {700, 130}, 0, 9});
+    // One tile per split (the short-context choice): 44 splits, sinks in split 0 only.
+    cs.push_back({"nuq3-1%", hd, 2, 4, {700, 33}, 0, 44});
+    cs.push_back({"nuq2-1%-sink5", hd, 3, 3, {700}, 0, 44});
+    cs.push_back({"fp16", hd, 3, 3, {700, 17}, 0, 44});
     // Value outliers all in one head: the LUT kernel's per-(warp, tile) outlier buckets overflow
     // for that head (its warp scans the rows itself) and stay empty for the others; a split that
     // starts mid-block.
@@ -602,8 +607,14 @@ TEST(ChooseDecodeSplits, FillsWholeWaves) {
   EXPECT_EQ(kernels::ChooseDecodeSplits(32, 3, 131072, 0, sms), 12);
   // 20 splits fill one wave (640 CTAs); 41 fill two (1,312 of 1,320) with half the tokens per CTA.
   EXPECT_EQ(kernels::ChooseDecodeSplits(32, 3, 131072, 0, sms, 64), 41);
-  // Short contexts: never below one 64-token unit per split.
-  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1024, 0, sms), 16);
+  // Short contexts: one 64-token group per split, then (no more CTAs than SMs) down to one
+  // 16-token tile per split, up to one wave of CTAs.
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1024, 0, sms), 64);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 8, 1024, 0, sms), 33);   // 264 slots / 8
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 4096, 0, sms), 256);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 3, 4096, 0, sms, 64), 256);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 3, 4096, 0, sms, 64), 64);  // 512 CTAs: groups kept
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 131072, 0, sms), 256);   // long: unchanged
   EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1, 0, sms), 1);
   // More CTAs than a wave without splitting: no splits.
   EXPECT_EQ(kernels::ChooseDecodeSplits(512, 8, 131072, 0, sms), 1);
@@ -611,7 +622,7 @@ TEST(ChooseDecodeSplits, FillsWholeWaves) {
     for (int ctx : {4096, 65536, 1048576}) {
       const int s = kernels::ChooseDecodeSplits(batch, 8, ctx, 0, sms);
       EXPECT_GE(s, 1);
-      EXPECT_LE(s, (ctx + 63) / 64);
+      EXPECT_LE(s, (ctx + 15) / 16);
       // Never a last wave under a quarter full when the splits could have avoided it.
       const int64_t ctas = static_cast<int64_t>(batch) * s, slots = 2 * sms;
       if (ctas > slots) EXPECT_GE(ctas % slots == 0 ? slots : ctas % slots, slots / 4) << batch << " " << ctx;
