@@ -560,6 +560,9 @@ int main(int argc, char** argv) {
           void* dsteps = nullptr;
           CK(cudaMalloc(&dsteps, kvq::kernels::RopeStepTableBytes(sh->head_dim)));
           CKS(kvq::kernels::LaunchRopeStepTable(dinv, sh->head_dim, dsteps, nullptr));
+          void* danchors = nullptr;
+          CK(cudaMalloc(&danchors, kvq::kernels::RopeAnchorTableBytes(sh->head_dim, kvq::kernels::kRopeAnchorDefaultCount)));
+          CKS(kvq::kernels::LaunchRopeAnchorTable(dinv, sh->head_dim, kvq::kernels::kRopeAnchorDefaultCount, danchors, nullptr));
           CK(cudaMemcpy(dlut, lut.data(), lut.size() * 4, cudaMemcpyHostToDevice));
           CK(cudaMemcpy(dkzp, kzp.data(), kzp.size() * 4, cudaMemcpyHostToDevice));
           CK(cudaMemcpy(dkr, kr.data(), kr.size() * 4, cudaMemcpyHostToDevice));
@@ -590,6 +593,8 @@ int main(int argc, char** argv) {
           p.kv.key_range = dkr;
           p.kv.rope_inv_freq = dinv;
           p.kv.rope_steps = dsteps;
+          p.kv.rope_anchors = danchors;
+          p.kv.rope_anchor_count = kvq::kernels::kRopeAnchorDefaultCount;
           p.kv.sink_tokens = f.sink_tokens;
           p.kv.sink = dsink_ptrs;
           p.layer = 0;
@@ -684,7 +689,7 @@ int main(int argc, char** argv) {
                             static_cast<void*>(dfirst), static_cast<void*>(dinv), static_cast<void*>(dlut),
                             static_cast<void*>(dkzp), static_cast<void*>(dkr), static_cast<void*>(dq),
                             static_cast<void*>(dout), static_cast<void*>(dlse), ws,
-                            static_cast<void*>(dsink), static_cast<void*>(dsink_ptrs), dsteps}) {
+                            static_cast<void*>(dsink), static_cast<void*>(dsink_ptrs), dsteps, danchors}) {
             if (ptr != nullptr) CK(cudaFree(ptr));
           }
         }

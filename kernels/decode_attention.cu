@@ -85,6 +85,10 @@ absl::Status Validate(const DecodeAttentionParams& p) {
     return bad("fp16 codec with outliers");
   }
   if (reinterpret_cast<uintptr_t>(p.kv.rope_steps) % 16 != 0) return bad("rope_steps not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(p.kv.rope_anchors) % 8 != 0 || p.kv.rope_anchor_count < 0 ||
+      (p.kv.rope_anchors == nullptr && p.kv.rope_anchor_count != 0)) {
+    return bad("rope_anchors not 8-byte aligned, or a count without a table");
+  }
   if ((!p.kv.keys_rotated || p.kv.sink_tokens > 0) && p.kv.rope_inv_freq == nullptr) {
     return bad("rope_inv_freq is required (keys pre-RoPE or sink tokens)");
   }
@@ -217,7 +221,36 @@ __global__ void RopeStepTableKernel(const double* inv_freq, int half, float2* ou
     decode_attention_mma::RopeStepEntry(inv_freq, half, i, out);
   }
 }
+__global__ void RopeAnchorTableKernel(const double* inv_freq, int half, int64_t count, float2* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count * half;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t a = i / half;
+    const int f = static_cast<int>(i % half);
+    // The expression of RopeGroupAnchors::Anchor, so that the table holds its bits.
+    out[i] = decode_attention_mma::SinCosD(static_cast<double>(a << 12) * inv_freq[f]);
+  }
+}
 }  // namespace
+
+size_t RopeAnchorTableBytes(int head_dim, int64_t count) {
+  return static_cast<size_t>(std::max<int64_t>(count, 0)) * (head_dim / 2) * sizeof(float2);
+}
+
+absl::Status LaunchRopeAnchorTable(const double* inv_freq, int head_dim, int64_t count, void* out,
+                                   cudaStream_t stream) {
+  if (head_dim < 2 || head_dim % 4 != 0 || count < 0 || inv_freq == nullptr ||
+      (count > 0 && (out == nullptr || reinterpret_cast<uintptr_t>(out) % 8 != 0))) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchRopeAnchorTable: head_dim ", head_dim,
+                                                   " (a multiple of 4), count ", count,
+                                                   ", inv_freq and an 8-byte aligned output"));
+  }
+  if (count == 0) return absl::OkStatus();
+  const int64_t n = count * (head_dim / 2);
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096));
+  RopeAnchorTableKernel<<<blocks, 256, 0, stream>>>(inv_freq, head_dim / 2, count, static_cast<float2*>(out));
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
 
 absl::Status LaunchRopeStepTable(const double* inv_freq, int head_dim, void* out, cudaStream_t stream) {
   if (head_dim < 2 || head_dim % 4 != 0 || inv_freq == nullptr || out == nullptr ||

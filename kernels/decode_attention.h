@@ -66,6 +66,15 @@ size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int n
 size_t RopeStepTableBytes(int head_dim);
 absl::Status LaunchRopeStepTable(const double* inv_freq, int head_dim, void* out, cudaStream_t stream);
 
+// The RoPE anchor table of the tensor-core decode kernels (PagedKvCache::rope_anchors,
+// rope_anchor_count): exp(i 4096 a w) for the first `count` 4096-position blocks a, [count][head_dim
+// / 2] float2 (cos, sin), the values the kernels would compute in double (the same bits).
+// kRopeAnchorDefaultCount covers positions below 2^24 (16.8M; 2 MB at head dim 128).
+inline constexpr int64_t kRopeAnchorDefaultCount = 4096;
+size_t RopeAnchorTableBytes(int head_dim, int64_t count);
+absl::Status LaunchRopeAnchorTable(const double* inv_freq, int head_dim, int64_t count, void* out,
+                                   cudaStream_t stream);
+
 absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t stream);
 
 }  // namespace kvq::kernels

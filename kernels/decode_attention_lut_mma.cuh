@@ -343,7 +343,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       // them); rows of 8 positions from the absolute group of gpos, 9 rows when gpos is not a
       // multiple of 8.
       const int64_t gpos = sink_tile ? first_pos : blk_pos0 + j;
-      if (rot) rot_tab.Anchor(gpos, /*restart=*/sink_tile || T == 0, kv.rope_inv_freq, tid, blockDim.x);
+      if (rot) {
+        rot_tab.Anchor(gpos, /*restart=*/sink_tile || T == 0, kv.rope_inv_freq,
+                       static_cast<const float2*>(kv.rope_anchors), kv.rope_anchor_count, tid, blockDim.x);
+      }
       __syncthreads();
       const int off = static_cast<int>(gpos & 63);
       const int n_rows = (off & 7) != 0 ? 9 : 8;

@@ -142,14 +142,23 @@ struct RopeGroupAnchors {
     for (int i = tid; i < kStepEntries; i += nthreads) RopeStepEntry(inv_freq, kHalf, i, s8);
   }
   // At a group that starts at gpos (CTA-uniform; __syncthreads before, and before the rows);
-  // restart unless the previous call's gpos was gpos - 64.
-  __device__ void Anchor(int64_t gpos, bool restart, const double* inv_freq, int tid, int nthreads) {
+  // restart unless the previous call's gpos was gpos - 64. X(Pa) from `anchors` (PagedKvCache::
+  // rope_anchors: the same SinCosD values, computed once per pool) when it covers Pa: a split's
+  // first group otherwise put a double sincos per frequency (the large-argument path) before the
+  // CTA's first tile, behind a barrier (18% of the LUT kernel's stall samples at 1K tokens, one
+  // tile per CTA; H200, 2026-12-02).
+  __device__ void Anchor(int64_t gpos, bool restart, const double* inv_freq, const float2* anchors,
+                         int64_t anchor_count, int tid, int nthreads) {
     const int64_t p0 = gpos & ~int64_t{63};
     for (int k = 0; k < 2; ++k) {
       const int64_t q = p0 + 64 * k, qa = q & ~int64_t{4095};
       const bool fresh = restart || (q & 4095) < 64;
+      const bool tabled = anchors != nullptr && (qa >> 12) < anchor_count;
       for (int f = tid; f < kHalf; f += nthreads) {
-        if (fresh) x[k * kHalf + f] = SinCosD(static_cast<double>(qa) * inv_freq[f]);
+        if (fresh) {
+          x[k * kHalf + f] = tabled ? anchors[(qa >> 12) * kHalf + f]
+                                    : SinCosD(static_cast<double>(qa) * inv_freq[f]);
+        }
         a[k * kHalf + f] = CMul(x[k * kHalf + f], CMul(s8[f * 8 + ((q >> 9) & 7)], s1[f * 8 + ((q >> 6) & 7)]));
       }
     }
@@ -412,7 +421,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       // computes them); rows of 8 positions from the absolute group of gpos, 9 rows when gpos is
       // not a multiple of 8.
       const int64_t gpos = first_pos + j;
-      rot_tab.Anchor(gpos, /*restart=*/T == 0, kv.rope_inv_freq, tid, blockDim.x);
+      rot_tab.Anchor(gpos, /*restart=*/T == 0, kv.rope_inv_freq, static_cast<const float2*>(kv.rope_anchors),
+                     kv.rope_anchor_count, tid, blockDim.x);
       __syncthreads();
       const int off = static_cast<int>(gpos & 63);
       const int n_rows = (off & 7) != 0 ? 9 : 8;

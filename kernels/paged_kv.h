@@ -117,6 +117,12 @@ struct PagedKvCache {
   // Optional: the RoPE step tables of rope_inv_freq (LaunchRopeStepTable, RopeStepTableBytes),
   // which the tensor-core decode kernels then copy instead of computing per CTA. 16-byte aligned.
   const void* rope_steps = nullptr;
+  // Optional: the RoPE anchors exp(i 4096 a w) of the first rope_anchor_count 4096-position
+  // blocks a (LaunchRopeAnchorTable, RopeAnchorTableBytes; float2 (cos, sin) [count][head_dim / 2],
+  // 8-byte aligned), which the tensor-core decode kernels then load instead of computing a double
+  // sincos per frequency at each split's first group (positions past the table: computed).
+  const void* rope_anchors = nullptr;
+  int64_t rope_anchor_count = 0;
 };
 
 }  // namespace kvq::kernels

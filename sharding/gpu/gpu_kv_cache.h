@@ -141,6 +141,7 @@ class GpuKvPool {
   float* tensors_ = nullptr;   // key zero-point, range, LUTs
   double* inv_freq_ = nullptr;
   void* rope_steps_ = nullptr;  // kernels::LaunchRopeStepTable of inv_freq_
+  void* rope_anchors_ = nullptr;  // kernels::LaunchRopeAnchorTable of inv_freq_
   int* overflow_ = nullptr;
   cudaEvent_t work_ = nullptr;
   uint64_t id_ = 0;

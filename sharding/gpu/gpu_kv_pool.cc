@@ -81,6 +81,10 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   // The decode kernels' RoPE step tables, once for the pool (not per CTA and layer).
   KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->rope_steps_, kernels::RopeStepTableBytes(shape.head_dim)));
   KVQ_RETURN_IF_ERROR(kernels::LaunchRopeStepTable(p->inv_freq_, shape.head_dim, p->rope_steps_, stream));
+  // And their anchors for positions below 2^24 (2 MB at head dim 128): no double sincos per split.
+  const int64_t anchors = kernels::kRopeAnchorDefaultCount;
+  KVQ_RETURN_IF_CUDA_ERROR(cudaMalloc(&p->rope_anchors_, kernels::RopeAnchorTableBytes(shape.head_dim, anchors)));
+  KVQ_RETURN_IF_ERROR(kernels::LaunchRopeAnchorTable(p->inv_freq_, shape.head_dim, anchors, p->rope_anchors_, stream));
 
   kernels::PagedKvCache& v = p->view_;
   v.geom = kvstore::ToKernelGeometry(lay);
@@ -93,6 +97,8 @@ absl::StatusOr<std::shared_ptr<GpuKvPool>> GpuKvPool::Create(
   v.keys_rotated = false;
   v.rope_inv_freq = p->inv_freq_;
   v.rope_steps = p->rope_steps_;
+  v.rope_anchors = p->rope_anchors_;
+  v.rope_anchor_count = anchors;
   if (format.quantized()) {
     const kvstore::Quantizer& q = *p->quantizer_;
     const int C = format.num_centroids();
@@ -128,7 +134,7 @@ GpuKvPool::~GpuKvPool() {
   if (work_ != nullptr) cudaEventDestroy(work_);
   for (void* ptr : {static_cast<void*>(arena_), static_cast<void*>(sink_arena_), static_cast<void*>(tensors_),
                     static_cast<void*>(inv_freq_), static_cast<void*>(overflow_), static_cast<void*>(init_ids_),
-                    static_cast<void*>(compact_scratch_), rope_steps_}) {
+                    static_cast<void*>(compact_scratch_), rope_steps_, rope_anchors_}) {
     if (ptr != nullptr) cudaFree(ptr);
   }
   for (const ScratchChunk& c : scratch_) cudaFree(c.p);

@@ -121,10 +121,14 @@ TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
   ASSERT_TRUE(st.ok()) << st;
   KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
   const std::vector<float> o = dout.Download(), lse = dlse.Download();
-  // The RoPE step tables computed per CTA instead of copied from the pool's table: the same bits.
+  // The RoPE step tables and anchors computed per CTA instead of read from the pool's tables: the
+  // same bits (positions up to 1e7 in the grid, inside the anchor table).
+  ASSERT_NE(p.kv.rope_anchors, nullptr);
   {
     kernels::DecodeAttentionParams pc = p;
     pc.kv.rope_steps = nullptr;
+    pc.kv.rope_anchors = nullptr;
+    pc.kv.rope_anchor_count = 0;
     DeviceBuffer<float> o2(q.size()), l2(static_cast<size_t>(batch) * n_heads);
     pc.o = o2.get();
     pc.lse = l2.get();

@@ -36,6 +36,7 @@ struct DevicePagedKv {
   DeviceBuffer<float> key_zp, key_range, key_lut, value_lut;
   DeviceBuffer<double> inv_freq;
   DeviceBuffer<uint8_t> rope_steps;  // kernels::LaunchRopeStepTable of inv_freq
+  DeviceBuffer<uint8_t> rope_anchors;  // kernels::LaunchRopeAnchorTable of inv_freq
   kernels::PagedKvCache view;
   int max_seq_len = 0;
 };
@@ -118,6 +119,12 @@ inline std::unique_ptr<DevicePagedKv> UploadCaches(
   d->rope_steps.Resize(kernels::RopeStepTableBytes(shape.head_dim));
   if (kernels::LaunchRopeStepTable(d->inv_freq.get(), shape.head_dim, d->rope_steps.get(), nullptr).ok()) {
     v.rope_steps = d->rope_steps.get();
+  }
+  d->rope_anchors.Resize(kernels::RopeAnchorTableBytes(shape.head_dim, kernels::kRopeAnchorDefaultCount));
+  if (kernels::LaunchRopeAnchorTable(d->inv_freq.get(), shape.head_dim, kernels::kRopeAnchorDefaultCount,
+                                     d->rope_anchors.get(), nullptr).ok()) {
+    v.rope_anchors = d->rope_anchors.get();
+    v.rope_anchor_count = kernels::kRopeAnchorDefaultCount;
   }
   if (format.quantized()) {
     const int C = format.num_centroids();
