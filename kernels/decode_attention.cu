@@ -77,6 +77,10 @@ absl::Status Validate(const DecodeAttentionParams& p) {
                 g.value_scales_offset < 0)) {
     return bad("LUT codec needs key/value LUTs, per-channel key scaling and value scales");
   }
+  if (quant && (reinterpret_cast<uintptr_t>(p.kv.key_zero_point) % 8 != 0 ||
+                reinterpret_cast<uintptr_t>(p.kv.key_range) % 8 != 0)) {
+    return bad("key_zero_point and key_range must be 8-byte aligned (read as float2)");
+  }
   if (g.value_outliers_per_token > 0 &&
       (g.value_outlier_index_bytes < 1 || g.value_outlier_index_bytes > 2)) {
     return bad("value_outlier_index_bytes ", g.value_outlier_index_bytes);
@@ -110,6 +114,7 @@ absl::Status Validate(const DecodeAttentionParams& p) {
                       (p.max_seq_len > 0 && (p.kv.pool == nullptr || p.kv.block_table == nullptr)))) {
     return bad("null q/o/lse/seq_lens/first_positions/pool/block_table");
   }
+  if (reinterpret_cast<uintptr_t>(p.q) % 8 != 0) return bad("q must be 8-byte aligned (read as float2)");
   // Sink tokens (at most 64) sit outside blocks, so a sequence needs at least this many.
   if (static_cast<int64_t>(p.kv.max_blocks_per_seq) * kKvBlockTokens + 64 < p.max_seq_len) {
     return bad("max_blocks_per_seq ", p.kv.max_blocks_per_seq, " too small for max_seq_len ",

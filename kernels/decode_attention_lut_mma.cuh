@@ -186,6 +186,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const bool key_outliers = !(kLutAblate & 2) && geo.has_key_outliers;
   const int hk_c = active ? hk : 0;
 
+  const int64_t kv_row = kv.TableRow(b);
+  auto base_of = [&](int64_t blk) -> const uint8_t* {
+    return kv.pool + blk * kv.block_stride_bytes + static_cast<int64_t>(p.layer) * geo.layer_bytes;
+  };
+  auto block_base = [&](int T) -> const uint8_t* {
+    const int j = j_begin + T * kTile;
+    return base_of(kv.block_table[kv_row + j / kKvBlockTokens]);
+  };
+  // Block tile 0's block-table entry, loaded first and used after the constants below (its round
+  // trip overlaps theirs).
+  const int64_t blk0 = active && n_tiles > 0 ? kv.block_table[kv_row + j_begin / kKvBlockTokens] : 0;
+
   // ---- Per-CTA constants: rotation steps, pair tables; per warp: key scaling. ----
   if (rope || n_stiles > 0) rot_tab.Init(kv.rope_inv_freq, kv.rope_steps, tid, blockDim.x);
   {
@@ -218,43 +230,51 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     const float* qrow = p.q + (static_cast<int64_t>(b) * p.n_heads + hk_c * group + (gv ? g : 0)) * kHeadDim;
     const float* zp = kv.key_zero_point + zr_at;
     const float* rg = kv.key_range + zr_at;
+    // Per rotate-half pair of this lane's fragment rows, c = 16 jj + 2 q4 + 8 h (+ 0, 1) and
+    // c + hd/2: q, range and zero point loaded once each as float2 (12 loads per pair instead of
+    // 40 scalar loads with their addresses: this block was 14% of the kernel's stall samples at
+    // 1K tokens with one tile per CTA; H200, 2026-12-02). The arithmetic per element is the
+    // scalar form's, in the same order (the same bits):
+    //   q1[c] = q_c r_c,  q2[c] = q_{c+hd/2} r_c,  q1[c+hd/2] = q_{c+hd/2} r_{c+hd/2},
+    //   q2[c+hd/2] = -q_c r_{c+hd/2},  zc_c = q_c z_c + q_{c+hd/2} z_{c+hd/2},
+    //   zs_c = q_{c+hd/2} z_c - q_c z_{c+hd/2}  (r and all of zc/zs times the scale).
+    // Needs q, key_range and key_zero_point 8-byte aligned (LaunchDecodeAttention checks q).
 #pragma unroll
-    for (int j = 0; j < kChunks; ++j) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float a1[2], a2[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = 16 * j + 2 * q4 + 8 * h + e;
-          const float qv = qrow[c];
-          const float qp = c < kHalf ? qrow[c + kHalf] : -qrow[c - kHalf];
-          const float r = __ldg(rg + c) * qscale;
-          a1[e] = qv * r;
-          a2[e] = qp * r;
-        }
-        q1[j][h] = gv ? PackF2(a1[0], a1[1]) : 0u;
-        reinterpret_cast<uint32_t*>(q2b_s + (j % kHC) * 32 + lane)[(j / kHC) * 2 + h] =
-            gv ? PackF2(a2[0], a2[1]) : 0u;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kHC; ++j) {
+    for (int jj = 0; jj < kHC; ++jj) {
       uint32_t zc[2], zs[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float ac[2], as[2];
+        const int c = 16 * jj + 2 * q4 + 8 * h;
+        const float2 qa2 = *reinterpret_cast<const float2*>(qrow + c);
+        const float2 qb2 = *reinterpret_cast<const float2*>(qrow + c + kHalf);
+        const float2 ra2 = __ldg(reinterpret_cast<const float2*>(rg + c));
+        const float2 rb2 = __ldg(reinterpret_cast<const float2*>(rg + c + kHalf));
+        const float2 za2 = __ldg(reinterpret_cast<const float2*>(zp + c));
+        const float2 zb2 = __ldg(reinterpret_cast<const float2*>(zp + c + kHalf));
+        const float qa_[2] = {qa2.x, qa2.y}, qb_[2] = {qb2.x, qb2.y};
+        const float ra_[2] = {ra2.x, ra2.y}, rb_[2] = {rb2.x, rb2.y};
+        const float za_[2] = {za2.x, za2.y}, zb_[2] = {zb2.x, zb2.y};
+        float a1lo[2], a2lo[2], a1hi[2], a2hi[2], ac[2], as[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int f = 16 * j + 2 * q4 + 8 * h + e;
-          const float qa = qrow[f], qb = qrow[f + kHalf];
-          const float za = __ldg(zp + f), zb = __ldg(zp + f + kHalf);
+          const float qa = qa_[e], qb = qb_[e], za = za_[e], zb = zb_[e];
+          const float rlo = ra_[e] * qscale, rhi = rb_[e] * qscale;
+          a1lo[e] = qa * rlo;
+          a2lo[e] = qb * rlo;
+          a1hi[e] = qb * rhi;
+          a2hi[e] = -qa * rhi;
           ac[e] = (qa * za + qb * zb) * qscale;
           as[e] = (qb * za - qa * zb) * qscale;
         }
+        q1[jj][h] = gv ? PackF2(a1lo[0], a1lo[1]) : 0u;
+        q1[jj + kHC][h] = gv ? PackF2(a1hi[0], a1hi[1]) : 0u;
+        uint32_t* q2w = reinterpret_cast<uint32_t*>(q2b_s + jj * 32 + lane);
+        q2w[h] = gv ? PackF2(a2lo[0], a2lo[1]) : 0u;
+        q2w[2 + h] = gv ? PackF2(a2hi[0], a2hi[1]) : 0u;
         zc[h] = gv ? PackF2(ac[0], ac[1]) : 0u;
         zs[h] = gv ? PackF2(as[0], as[1]) : 0u;
       }
-      zb_s[j * 32 + lane] = make_uint4(zc[0], zc[1], zs[0], zs[1]);
+      zb_s[jj * 32 + lane] = make_uint4(zc[0], zc[1], zs[0], zs[1]);
     }
   }
 
@@ -263,17 +283,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   for (int i = 0; i < kChunks; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
   float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.0f, l1 = 0.0f, z0 = 0.0f, z1 = 0.0f;
 
-  const int64_t kv_row = kv.TableRow(b);
   const int lt = lane & 15, lh = lane >> 4;  // staging mapping: token, channel half
   // Staging row chunk lh * hd/16 of token lt; chunk + g8 is at srow ^ (g8 << 4) (the XOR swizzle
   // keeps g8's bits apart from the row's).
   const int srow = StageOff<kHeadDim>(lt, lh * (kHalf / 8));
 
-  auto block_base = [&](int T) -> const uint8_t* {
-    const int j = j_begin + T * kTile;
-    const int64_t blk = kv.block_table[kv_row + j / kKvBlockTokens];
-    return kv.pool + blk * kv.block_stride_bytes + static_cast<int64_t>(p.layer) * geo.layer_bytes;
-  };
   // Raw codes of this lane's token and channel half, loaded one tile ahead: the keys right after
   // the current keys are staged, the values and scales right after the current ones are used (one
   // register copy of each, not two).
@@ -314,17 +328,48 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     sink_v = sink_k + static_cast<int64_t>(geo.n_layers) * n_sink_cap * sink_row;
   }
 
+  // Key-outlier cursor of block `lb`: its entries for this warp's KV head and, when tin > 0 (a split
+  // that starts inside a block; splits start on any tile), the first entry of a token >= tin
+  // (entries are sorted by token).
+  int kcur = 0, kcount = 0;
+  const uint32_t* kents = nullptr;
+  auto key_cursor = [&](const uint8_t* lb, int tin) {
+    const uint32_t* dir = reinterpret_cast<const uint32_t*>(lb + geo.key_outlier_dir_offset) + 2 * hk;
+    const int first = static_cast<int>(dir[0]);
+    kcount = static_cast<int>(dir[1]);
+    kents = reinterpret_cast<const uint32_t*>(lb - static_cast<int64_t>(p.layer) * geo.layer_bytes +
+                                              geo.fixed_bytes) + first;
+    kcur = 0;
+    if (tin != 0) {
+      // 32 probes per round (a binary search was ~9 dependent loads at each split start: 6% of
+      // the kernel's stall samples at 1K tokens; H200, 2026-12-01). The answer stays in
+      // [lo, hi]; the probes below tin are a prefix.
+      int lo = 0, hi = kcount;
+      while (lo < hi) {
+        const int step = (hi - lo + 31) / 32;
+        const int probe = lo + lane * step;
+        const bool below = probe < hi && static_cast<int>(__ldg(kents + probe) & 0xffu) < tin;
+        const int nb = __popc(__ballot_sync(0xffffffffu, below));
+        if (nb == 0) break;  // entry lo is the first >= tin
+        const int last = lo + (nb - 1) * step;  // the last probe below tin
+        lo = last + 1;
+        hi = min(hi, last + step);  // the probe after it (when there was one) is >= tin
+      }
+      kcur = lo;
+    }
+  };
+
   RawT cur;
   // Base of the block holding the current block tile, carried from tile to tile (the block table
   // is read once per block, one tile ahead: at the last tile of a block, for the next one).
-  const uint8_t* blk_base = nullptr;
+  const uint8_t* blk_base = active && n_tiles > 0 ? base_of(blk0) : nullptr;
   if (active && n_tiles > 0) {
-    blk_base = block_base(0);
     load_k(0, blk_base, cur);
     load_v(0, blk_base, cur);
+    // Block tile 0's cursor before the barrier and the cos/sin table rather than inside the tile,
+    // where its dependent loads (directory, probes) stood between the table and the keys.
+    if (key_outliers) key_cursor(blk_base, j_begin % kKvBlockTokens);
   }
-  int kcur = 0, kcount = 0;
-  const uint32_t* kents = nullptr;
   __syncthreads();
 
   for (int T = -n_stiles; T < n_tiles; ++T) {
@@ -380,34 +425,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     const bool next_block = !sink_tile && tin + kTile == kKvBlockTokens;
     const uint8_t* nb = !sink_tile && next_block && T + 1 < n_tiles ? block_base(T + 1) : lb;
     if (!sink_tile) blk_base = nb;
-    // Key-outlier cursor: at each block start, and at a split that starts inside a block (splits
-    // start on any tile) at the block's first entry of a token >= tin (entries are sorted
-    // by token).
-    if (!sink_tile && key_outliers && (tin == 0 || T == 0)) {
-      const uint32_t* dir = reinterpret_cast<const uint32_t*>(lb + geo.key_outlier_dir_offset) + 2 * hk;
-      const int first = static_cast<int>(dir[0]);
-      kcount = static_cast<int>(dir[1]);
-      kents = reinterpret_cast<const uint32_t*>(lb - static_cast<int64_t>(p.layer) * geo.layer_bytes +
-                                                geo.fixed_bytes) + first;
-      kcur = 0;
-      if (tin != 0) {
-        // The first entry of a token >= tin, 32 probes per round (a binary search was ~9
-        // dependent loads at each split start: 6% of the kernel's stall samples at 1K tokens;
-        // H200, 2026-12-01). The answer stays in [lo, hi]; the probes below tin are a prefix.
-        int lo = 0, hi = kcount;
-        while (lo < hi) {
-          const int step = (hi - lo + 31) / 32;
-          const int probe = lo + lane * step;
-          const bool below = probe < hi && static_cast<int>(__ldg(kents + probe) & 0xffu) < tin;
-          const int nb = __popc(__ballot_sync(0xffffffffu, below));
-          if (nb == 0) break;  // entry lo is the first >= tin
-          const int last = lo + (nb - 1) * step;  // the last probe below tin
-          lo = last + 1;
-          hi = min(hi, last + step);  // the probe after it (when there was one) is >= tin
-        }
-        kcur = lo;
-      }
-    }
+    // Key-outlier cursor at each block start after the first (block tile 0's: before the loop).
+    if (!sink_tile && key_outliers && T > 0 && tin == 0) key_cursor(lb, 0);
 
     // Sinks: zero point 0, range 1 (the block tiles' codes wait in cur).
     const uint32_t vscale = sink_tile ? 0x3c000000u : cur.vscale;
