@@ -137,6 +137,14 @@ TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
     EXPECT_EQ(o2.Download(), o) << "RoPE step tables computed per CTA";
     EXPECT_EQ(l2.Download(), lse) << "RoPE step tables computed per CTA";
   }
+  // q is read as float2: a misaligned q is refused with a message, not read out of alignment.
+  {
+    kernels::DecodeAttentionParams pm = p;
+    pm.q = dq.get() + 1;
+    const absl::Status bad = kernels::LaunchDecodeAttention(pm, nullptr);
+    EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(std::string(bad.message()).find("q must be 8-byte aligned"), std::string::npos) << bad;
+  }
 
   std::vector<float> want_o, want_lse;
   for (int s = 0; s < batch; ++s) {
