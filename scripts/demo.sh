@@ -8,6 +8,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${KVQ_CACHE:-$here/.cache}
 model="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
 prompt=${KVQ_DEMO_PROMPT:-"Write a short poem about the sea."}
+# Greedy with a mild repetition penalty (greedy alone loops on a 135M model); KVQ_DEMO_ARGS overrides.
+read -r -a demo_args <<< "${KVQ_DEMO_ARGS:---repetition_penalty 1.2}"
 export NCCL_NVLS_ENABLE=0
 
 if [ -x "$build/server/kvqd" ] && [ -x "$build/server/kvqctl" ]; then
@@ -30,10 +32,10 @@ if [ -x "$build/server/kvqd" ] && [ -x "$build/server/kvqctl" ]; then
   done
   echo "kvqd is serving SmolLM2-135M-Instruct on 127.0.0.1:$port (CPU); streaming a generation:"
   echo
-  "$build/server/kvqctl" --server "127.0.0.1:$port" --max_tokens 96 generate "$prompt"
+  "$build/server/kvqctl" --server "127.0.0.1:$port" --max_tokens 96 "${demo_args[@]}" generate "$prompt"
   echo
   cat "$work/info"
 else
   echo "(kvqd not built: running the same job in-process)"
-  "$build/tools/kvq" generate --model "$model" --prompt "$prompt" --max_tokens 96
+  "$build/tools/kvq" generate --model "$model" --prompt "$prompt" --max_tokens 96 "${demo_args[@]}"
 fi

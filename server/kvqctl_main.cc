@@ -20,6 +20,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "grpcpp/grpcpp.h"
@@ -31,7 +32,12 @@ ABSL_FLAG(int, max_tokens, 256, "Tokens to generate at most");
 ABSL_FLAG(double, temperature, 0, "Sampling temperature; 0: greedy");
 ABSL_FLAG(double, top_p, 1, "Nucleus sampling threshold in (0, 1]");
 ABSL_FLAG(int, top_k, 0, "Top-k sampling; 0: off");
+ABSL_FLAG(double, min_p, 0, "Min-p filter in [0, 1): keep tokens with probability >= min_p times the largest; 0: off");
+ABSL_FLAG(double, repetition_penalty, 1, "Repetition penalty > 0 over the context and the output; 1: off");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
+ABSL_FLAG(int, top_logprobs, -1,
+          "Print each generated token's log-probability to stderr after the text, with this many "
+          "alternatives (0 to 20); -1: off");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings (comma-separated)");
 ABSL_FLAG(bool, raw, false, "generate/ask: send the prompt as raw text instead of a chat message");
 ABSL_FLAG(std::string, system, "", "chat/generate: a system message");
@@ -64,6 +70,15 @@ void FillSampling(kvq::v1::SamplingParams* p) {
   p->set_top_p(static_cast<float>(absl::GetFlag(FLAGS_top_p)));
   p->set_top_k(absl::GetFlag(FLAGS_top_k));
   p->set_seed(absl::GetFlag(FLAGS_seed));
+  // Only what was asked for: unset fields take the server's documented defaults.
+  if (absl::GetFlag(FLAGS_min_p) != 0) p->set_min_p(static_cast<float>(absl::GetFlag(FLAGS_min_p)));
+  if (absl::GetFlag(FLAGS_repetition_penalty) != 1) {
+    p->set_repetition_penalty(static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty)));
+  }
+  if (absl::GetFlag(FLAGS_top_logprobs) >= 0) {
+    p->set_logprobs(true);
+    p->set_top_logprobs(absl::GetFlag(FLAGS_top_logprobs));
+  }
   for (const std::string& s : absl::GetFlag(FLAGS_stop)) p->add_stop(s);
 }
 
@@ -75,6 +90,7 @@ int StreamGenerate(Kvq::Stub& stub, const kvq::v1::GenerateRequest& req, std::st
   kvq::v1::GenerateResponse msg;
   kvq::v1::Finished fin;
   bool progress_shown = false;
+  std::vector<kvq::v1::TokenLogprobs> logprobs;
   while (reader->Read(&msg)) {
     if (msg.has_prefill_progress() && msg.prefill_progress().tokens_total() > 512) {
       std::fprintf(stderr, "\rprefill %lld/%lld", static_cast<long long>(msg.prefill_progress().tokens_done()),
@@ -88,6 +104,7 @@ int StreamGenerate(Kvq::Stub& stub, const kvq::v1::GenerateRequest& req, std::st
       std::fwrite(msg.delta().text().data(), 1, msg.delta().text().size(), stdout);
       std::fflush(stdout);
       if (text) *text += msg.delta().text();
+      for (const auto& lp : msg.delta().logprobs()) logprobs.push_back(lp);
     } else if (msg.has_finished()) {
       fin = msg.finished();
     }
@@ -95,6 +112,14 @@ int StreamGenerate(Kvq::Stub& stub, const kvq::v1::GenerateRequest& req, std::st
   std::printf("\n");
   grpc::Status s = reader->Finish();
   if (!s.ok()) return Fail(s);
+  // --top_logprobs: one line per generated token: id, log-probability, then the alternatives.
+  for (size_t i = 0; i < logprobs.size(); ++i) {
+    const auto& lp = logprobs[i];
+    std::string line = absl::StrFormat("%4zu  id %6d", i, lp.token_id());
+    if (lp.has_logprob()) absl::StrAppendFormat(&line, "  logprob %9.4f", lp.logprob());
+    for (const auto& t : lp.top()) absl::StrAppendFormat(&line, "  | %6d %9.4f %s", t.token_id(), t.logprob(), absl::CHexEscape(t.text()));
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
   if (absl::GetFlag(FLAGS_stats)) {
     const auto& u = fin.usage();
     const double decode = u.total_seconds() - u.time_to_first_token_seconds();

@@ -264,5 +264,50 @@ TEST_F(KvqdProcessTest, SigtermDrainsInFlightStreamsAndExitsZero) {
   EXPECT_EQ(kvqd_->Wait(std::chrono::seconds(30)), 0);
 }
 
+// The kvqctl client's sampling flags reach the server: --top_logprobs prints one line per token
+// with its alternatives, --repetition_penalty changes a greedy generation, and a bad value comes
+// back as the server's INVALID_ARGUMENT message with exit code 1.
+TEST_F(KvqdProcessTest, KvqctlSamplingFlags) {
+  ASSERT_TRUE(WatchHealthUntil(grpc::health::v1::HealthCheckResponse::SERVING, std::chrono::seconds(60)));
+  const std::string ctl = std::string(KVQ_BINARY_DIR) + "/server/kvqctl";
+  ASSERT_TRUE(std::filesystem::exists(ctl)) << ctl;
+  // kvqctl writes the text to stdout and the log-probabilities and errors to stderr: both here.
+  auto run = [&](const std::string& args, int* rc) {
+    Child c({"/bin/sh", "-c", ctl + " --server 127.0.0.1:" + std::to_string(port_) + " --stats=false " + args + " 2>&1"},
+            /*capture_stdout=*/true);
+    std::string all, line;
+    while (!(line = c.ReadLine()).empty()) all += line;
+    *rc = c.Wait(std::chrono::seconds(60));
+    return all;
+  };
+  int rc = -1;
+  const std::string lp = run("--max_tokens 4 --top_logprobs 2 generate Hello", &rc);
+  EXPECT_EQ(rc, 0) << lp;
+  int token_lines = 0;
+  for (size_t at = 0; (at = lp.find("  id ", at)) != std::string::npos; ++at) {
+    const std::string line = lp.substr(at, lp.find('\n', at) - at);
+    EXPECT_NE(line.find("logprob"), std::string::npos) << line;
+    size_t alts = 0;
+    for (size_t b = line.find(" | "); b != std::string::npos; b = line.find(" | ", b + 1)) ++alts;
+    EXPECT_EQ(alts, 2u) << line;
+    ++token_lines;
+  }
+  EXPECT_EQ(token_lines, 4) << lp;
+
+  const std::string plain = run("--max_tokens 32 generate \"Write a short poem about the sea.\"", &rc);
+  EXPECT_EQ(rc, 0) << plain;
+  const std::string penalised =
+      run("--max_tokens 32 --repetition_penalty 1.3 generate \"Write a short poem about the sea.\"", &rc);
+  EXPECT_EQ(rc, 0) << penalised;
+  EXPECT_NE(plain, penalised) << "the penalty changed nothing";
+
+  const std::string bad = run("--max_tokens 4 --repetition_penalty 0 generate Hello", &rc);
+  EXPECT_EQ(rc, 1) << bad;
+  EXPECT_NE(bad.find("repetition_penalty must be > 0"), std::string::npos) << bad;
+  const std::string bad_min_p = run("--max_tokens 4 --min_p 1.5 generate Hello", &rc);
+  EXPECT_EQ(rc, 1) << bad_min_p;
+  EXPECT_NE(bad_min_p.find("min_p"), std::string::npos) << bad_min_p;
+}
+
 }  // namespace
 }  // namespace kvq::testing
