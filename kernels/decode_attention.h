@@ -49,8 +49,10 @@ struct DecodeAttentionDesc {
   bool operator==(const DecodeAttentionDesc&) const = default;
 };
 
-// Splits the launcher uses for these sizes when num_splits == 0 (>= 1). sink_tokens no longer
-// changes the choice (every instantiated format takes a tensor-core kernel, sinks included).
+// Splits the launcher uses for these sizes when num_splits == 0 (>= 1): whole waves of CTAs over
+// 64-token groups, and at short contexts (no more CTAs than SMs) down to one 16-token tile per
+// split (KVQ_DECODE_MIN_SPLIT_TILES, read once: 1 by default, 4 keeps whole groups). sink_tokens no
+// longer changes the choice (every instantiated format takes a tensor-core kernel, sinks included).
 // Sink buffers (PagedKvCache::sink) must be 16-byte aligned: the LUT kernel reads them in uint4.
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens, int sm_count,
                        int head_dim = 128);
