@@ -144,6 +144,11 @@ TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
     const absl::Status bad = kernels::LaunchDecodeAttention(pm, nullptr);
     EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
     EXPECT_NE(std::string(bad.message()).find("q must be 8-byte aligned"), std::string::npos) << bad;
+    pm.q = p.q;
+    pm.kv.rope_anchors = nullptr;  // a count without its table
+    const absl::Status bad_anchors = kernels::LaunchDecodeAttention(pm, nullptr);
+    EXPECT_EQ(bad_anchors.code(), absl::StatusCode::kInvalidArgument) << bad_anchors;
+    EXPECT_NE(std::string(bad_anchors.message()).find("rope_anchors"), std::string::npos) << bad_anchors;
   }
 
   std::vector<float> want_o, want_lse;
@@ -302,6 +307,20 @@ TEST(DecodeAttentionLauncher, RejectsUnsupportedKeys) {
   const absl::Status s = kernels::LaunchDecodeAttention(p, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;  // group 16 > 8
   EXPECT_NE(std::string(s.message()).find("group"), std::string::npos) << s;
+}
+
+// The RoPE table launchers check their arguments before anything reaches the GPU.
+TEST(RopeTables, RejectBadArguments) {
+  const double inv_freq[4] = {1.0, 0.1, 0.01, 0.001};
+  alignas(16) static float out[64];
+  EXPECT_EQ(kernels::LaunchRopeAnchorTable(inv_freq, 6, 1, out, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(kernels::LaunchRopeAnchorTable(inv_freq, 8, -1, out, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(kernels::LaunchRopeAnchorTable(inv_freq, 8, 1, nullptr, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(kernels::LaunchRopeAnchorTable(inv_freq, 8, 1, reinterpret_cast<char*>(out) + 4, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(kernels::LaunchRopeAnchorTable(inv_freq, 8, 0, nullptr, nullptr).ok());  // nothing to write
+  EXPECT_EQ(kernels::RopeAnchorTableBytes(128, 4096), size_t{4096} * 64 * 8);
+  EXPECT_EQ(kernels::LaunchRopeStepTable(inv_freq, 6, out, nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(DecodeAttentionLauncher, UnknownInstanceNamesTheKey) {
