@@ -3,6 +3,8 @@
 # model in parts (the machine cannot reach PyPI; the file is larger than one transfer):
 #   scripts/gpu_engine_check.sh prepare DIR PARTDIR...  assemble model (hash-checked), unpack bundle/corpora
 #   scripts/gpu_engine_check.sh tests DIR               GPU engine tests against the CPU reference
+#   scripts/gpu_engine_check.sh kernel-tests DIR        every *_test_cu of the bundle, one line each
+#                                                       (SANITIZE=1: compute-sanitizer too)
 #   scripts/gpu_engine_check.sh table DIR CONTEXT JOBS  KVQuant accuracy table (GPU forward, CPU-reference KV)
 #   scripts/gpu_engine_check.sh passkey DIR TRIALS      passkey retrieval counts, fp16 / nuq4-1% / nuq3-1% / nuq2-1%
 #   scripts/gpu_engine_check.sh bench DIR ARGS...       benchmarks/engine_bench
@@ -47,6 +49,28 @@ case "$cmd" in
   tests)
     env_setup
     "$dir/bundle/bin/gpu_engine_test" 2>&1 | grep -v '^\[ RUN\|^\[       OK' ;;
+  kernel-tests)
+    # Every CUDA kernel test in the bundle, a summary line each (failures in full), then
+    # compute-sanitizer memcheck and racecheck over the short ones when SANITIZE=1.
+    env_setup
+    rc=0
+    for t in "$dir"/bundle/bin/*_test_cu; do
+      [ -x "$t" ] || continue
+      out=$("$t" 2>&1); r=$?
+      echo "$(basename "$t"): $(echo "$out" | grep -E '^\[  (PASSED|FAILED)  \]' | tr '\n' ' ')"
+      if [ $r -ne 0 ]; then rc=1; echo "$out" | grep -B2 -A8 'Failure' | head -60; fi
+    done
+    if [ "${SANITIZE:-0}" = 1 ]; then
+      cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+      for t in kv_append_test_cu dense_ops_test_cu; do
+        [ -x "$dir/bundle/bin/$t" ] || continue
+        for tool in memcheck racecheck; do
+          echo "$t $tool: $("$cs" --tool $tool --print-limit 5 "$dir/bundle/bin/$t" 2>&1 |
+                             grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' | tr '\n' ' ')"
+        done
+      done
+    fi
+    exit $rc ;;
   table)
     env_setup
     ctx=$1; jobs=$2
