@@ -110,6 +110,7 @@ int StreamGenerate(Kvq::Stub& stub, const kvq::v1::GenerateRequest& req, std::st
     }
   }
   std::printf("\n");
+  std::fflush(stdout);  // before the usage line on stderr (stdout is fully buffered in a pipe)
   grpc::Status s = reader->Finish();
   if (!s.ok()) return Fail(s);
   // --top_logprobs: one line per generated token: id, log-probability, then the alternatives.
