@@ -28,6 +28,15 @@ constexpr int kMmaSplitUnit = decode_attention_mma::kTile;
 // The split choice counts in 64-token groups (one cos/sin table fill each).
 constexpr int kMmaGroupTokens = decode_attention_mma::kTile * decode_attention_mma::kGroupTiles;
 
+// KVQ_DECODE_MIN_SPLIT_TILES (read once): the fewest tiles per split at short contexts, 1 to a group.
+int MinSplitTiles() {
+  static const int v = [] {
+    const char* e = std::getenv("KVQ_DECODE_MIN_SPLIT_TILES");
+    return std::clamp(e != nullptr ? std::atoi(e) : 1, 1, decode_attention_mma::kGroupTiles);
+  }();
+  return v;
+}
+
 const decode_attention_internal::DecodeAttentionMmaEntry* FindMmaEntry(int head_dim, KvCodec codec) {
   for (const auto& e : decode_attention_internal::MmaDecodeAttentionEntries()) {
     if (e.desc.head_dim == head_dim && e.desc.codec == codec) return &e;
@@ -153,18 +162,6 @@ int DecodeCtasPerSm(int n_kv_heads, int head_dim) {
   return std::max(1, std::min(by_regs, by_smem));
 }
 
-namespace {
-constexpr int kGroupTilesPerUnit = decode_attention_mma::kGroupTiles;
-int MinSplitTiles() {
-  static const int v = [] {
-    const char* e = std::getenv("KVQ_DECODE_MIN_SPLIT_TILES");
-    const int t = e != nullptr ? std::atoi(e) : 1;
-    return std::clamp(t, 1, kGroupTilesPerUnit);
-  }();
-  return v;
-}
-}  // namespace
-
 int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
                        int sm_count, int head_dim) {
   (void)sink_tokens;  // every instantiated format takes a tensor-core kernel (sinks included)
@@ -200,9 +197,10 @@ int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_toke
   // batch 8 nuq3-1% 31.6 -> 29.0 (33); 4K batch 1 nuq3-1% 31.2 -> 25.0 (256); SmolLM2 1K batch
   // 1 nuq3-1% 21.1 -> 16.3. Past one CTA per SM finer splits lost (SmolLM2 4K batch 8 fp16:
   // 64 splits 16.0, 128 20.8).
-  const int min_tiles = MinSplitTiles();
-  if (best_splits == max_units && ctas * best_splits <= std::max(sm_count, 1) && min_tiles < kGroupTilesPerUnit) {
+  // (With whole groups, 4 tiles, `finer` is max_units again.)
+  if (best_splits == max_units && ctas * best_splits <= std::max(sm_count, 1)) {
     const int tiles = std::max(1, (max_seq_len + kMmaSplitUnit - 1) / kMmaSplitUnit);
+    const int min_tiles = MinSplitTiles();
     const int64_t finer = std::min<int64_t>({(tiles + min_tiles - 1) / min_tiles, slots / ctas, 65535});
     best_splits = static_cast<int>(std::max<int64_t>(best_splits, finer));
   }

@@ -258,13 +258,11 @@ __global__ void __launch_bounds__(kRowsWarps * 32) MergeRowsWarpKernel(const Mer
       x[r][1] = v.y;
       x[r][2] = v.z;
       x[r][3] = v.w;
-    } else if constexpr (kPer == 2) {
+    } else {
+      static_assert(kPer == 2, "MergeRowsWarpKernel: head_dim 64 or 128");
       const float2 v = *reinterpret_cast<const float2*>(src);
       x[r][0] = v.x;
       x[r][1] = v.y;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) x[r][i] = src[i];
     }
   }
   float mx = -CUDART_INF_F;
