@@ -1,6 +1,7 @@
 // Shared test helpers: where the model and corpora live.
 #pragma once
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -23,10 +24,16 @@ inline std::string FixturePath(const std::string& rel) {
 
 inline bool FileExists(const std::string& path) { return std::ifstream(path).good(); }
 
+// The whole file; a file that cannot be opened or read ends the test binary with its path (an
+// empty string would fail far from the cause: a missing corpus read as zero tokens).
 inline std::string ReadFileOrDie(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   std::stringstream ss;
-  ss << f.rdbuf();
+  if (f) ss << f.rdbuf();
+  if (!f || f.bad()) {
+    std::fprintf(stderr, "cannot read %s (the set-up script writes the model and corpora under $KVQ_CACHE, else <source>/.cache: bash scripts/setup.sh)\n", path.c_str());
+    std::abort();
+  }
   return ss.str();
 }
 

@@ -136,8 +136,9 @@ class RecordingCache : public model::DenseKvCache {
 };
 
 std::vector<int32_t> BookTokens(int n) {
-  std::string text = testing::ReadFileOrDie(testing::CorpusPath("austen.test.txt"));
-  if (text.empty()) text = testing::ReadFileOrDie(testing::CorpusPath("kjv.test.txt"));
+  const std::string austen = testing::CorpusPath("austen.test.txt");
+  const std::string text =
+      testing::ReadFileOrDie(testing::FileExists(austen) ? austen : testing::CorpusPath("kjv.test.txt"));
   auto ids = Tok().Encode(text.substr(0, 40000), false, false);
   ids.resize(std::min<size_t>(ids.size(), n));
   return ids;
