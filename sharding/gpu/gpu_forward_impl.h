@@ -1,6 +1,6 @@
-// GpuForward's private state, shared by its two sources: gpu_forward_create.cc (weights on the
-// device: uploaded from a checkpoint or generated) and gpu_forward.cc (the step). Not for other
-// users: include sharding/gpu/gpu_forward.h.
+// GpuForward's private state, shared by its sources: gpu_forward_create.cc (weights on the device:
+// uploaded from a checkpoint or generated), gpu_forward.cc (the step), gpu_forward_plan.cc and
+// gpu_forward_enqueue.cc (its two parts). Not for other users: include sharding/gpu/gpu_forward.h.
 #pragma once
 
 #include <atomic>
@@ -26,6 +26,9 @@
 
 namespace kvq::sharding {
 namespace gpu_forward_internal {
+
+struct StepPlan;     // gpu_forward_plan.h
+class StepOutputs;   // gpu_forward_outputs.h
 
 using kernels::DType;
 
@@ -117,6 +120,15 @@ struct GpuForward::Impl {
   // query/key RoPE on `stream` (fork after the q/k/v projection, join before the attention).
   cudaStream_t side[2] = {nullptr, nullptr};
   cudaEvent_t fork_ev = nullptr, join_ev[2] = {nullptr, nullptr};
+
+  // One step in two parts (GpuForward::Run drives them, with the buffers and copies between):
+  // PlanStep works out the step on the host (gpu_forward_plan.cc) and reserves room in every GPU
+  // cache for the items' new tokens; EnqueueStep queues its kernels and cuBLAS calls on `stream`
+  // (gpu_forward_enqueue.cc; nothing else, so that a plain decode step can be captured).
+  absl::Status PlanStep(const model::ModelConfig& c, DType dtype, absl::Span<model::ForwardItem> items,
+                        const model::ForwardOptions& options, gpu_forward_internal::StepPlan* plan) const;
+  absl::Status EnqueueStep(const model::ModelConfig& c, DType dtype, const gpu_forward_internal::StepPlan& p,
+                           const gpu_forward_internal::StepOutputs& outputs);
 
   // A switch that changes what a decode step enqueues: the captured graphs have the old shape.
   void SetStepSwitch(bool& field, bool on) {
