@@ -1,3 +1,6 @@
+// GpuForward::Run, one step: the plan (Impl::PlanStep, gpu_forward_plan.cc), the step buffers and
+// the host-to-device copies, the device work (Impl::EnqueueStep, gpu_forward_enqueue.cc) launched
+// directly or as a captured decode graph, the copies back, then commit (or discard on failure).
 #include "sharding/gpu/gpu_forward.h"
 
 #include <algorithm>

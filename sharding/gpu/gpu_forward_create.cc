@@ -1,6 +1,6 @@
 // GpuForward's construction and settings: cuBLAS and the stream set up, the weights uploaded
 // (converted to the GEMM dtype) from a checkpoint or generated on the device; the step switches.
-// The step itself is gpu_forward.cc.
+// The step itself is gpu_forward.cc (Run), gpu_forward_plan.cc and gpu_forward_enqueue.cc.
 #include <cstdlib>
 #include <memory>
 #include <string>
