@@ -401,6 +401,15 @@ struct Row {
   std::string note;
 };
 
+// The speedup column: "—" when no fp16 row of the same shape, context and batch ran (--formats
+// without fp16, or a forced split count).
+std::string Speedup(double vs_fp16, const char* prefix) {
+  if (vs_fp16 <= 0.0) return "—";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%s%.2f", prefix, vs_fp16);
+  return buf;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -677,9 +686,9 @@ int main(int argc, char** argv) {
               std::fflush(stdout);
               prows.push_back(pr);
             }
-            std::printf("%-13s ctx=%-8lld batch=%-3d %-9s %10.1f us %9.1f MB %7.0f GB/s %5.1f%% copy  x%.2f vs fp16 %s\n",
+            std::printf("%-13s ctx=%-8lld batch=%-3d %-9s %10.1f us %9.1f MB %7.0f GB/s %5.1f%% copy  %s vs fp16 %s\n",
                         r.shape.c_str(), static_cast<long long>(ctx), batch, fname.c_str(), r.us,
-                        r.mbytes, r.gbs, 100 * r.frac_copy, r.vs_fp16, r.note.c_str());
+                        r.mbytes, r.gbs, 100 * r.frac_copy, Speedup(r.vs_fp16, "x").c_str(), r.note.c_str());
             std::fflush(stdout);
             rows.push_back(r);
           }
@@ -700,9 +709,9 @@ int main(int argc, char** argv) {
   std::printf("| shape | context | batch | format | time (us) | MB read | GB/s | of copy BW | speedup vs fp16 | note |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {
-    std::printf("| %s | %lld | %d | %s | %.1f | %.1f | %.0f | %.1f%% | %.2f | %s |\n", r.shape.c_str(),
+    std::printf("| %s | %lld | %d | %s | %.1f | %.1f | %.0f | %.1f%% | %s | %s |\n", r.shape.c_str(),
                 static_cast<long long>(r.context), r.batch, r.format.c_str(), r.us, r.mbytes, r.gbs,
-                100 * r.frac_copy, r.vs_fp16, r.note.c_str());
+                100 * r.frac_copy, Speedup(r.vs_fp16, "").c_str(), r.note.c_str());
   }
   if (!prows.empty()) {
     std::printf("\n## Prefill attention over a cached past, one layer (%s)\n\n", prop.name);
