@@ -53,6 +53,7 @@ absl::StatusOr<DaemonConfig> DaemonConfigFromFlags() {
   s.drain_grace = absl::Seconds(absl::GetFlag(FLAGS_drain_grace_seconds));
   s.service.session_dir = e.session_dir;
   s.service.quantizer = e.quantizer;
+  s.service.device = e.device;
   s.service.max_batch = e.max_batch;
   s.service.prefill_chunk = e.prefill_chunk;
   c.port_file = absl::GetFlag(FLAGS_port_file);

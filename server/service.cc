@@ -355,10 +355,11 @@ grpc::ServerUnaryReactor* KvqService::GetModelInfo(grpc::CallbackServerContext* 
   response->set_max_batch(options_.max_batch);
   response->set_prefill_chunk(options_.prefill_chunk);
   response->set_sessions(st.sessions);
-  // One CPU rank for now; the sharded engine reports its layout here.
+  // Rank 0, the engine's own cache (a sequence spread over MPI ranks keeps its shards on the
+  // workers, which report nothing here).
   auto* rank = response->add_ranks();
   rank->set_rank(0);
-  rank->set_device("cpu");
+  rank->set_device(options_.device);
   rank->set_kv_bytes_capacity(st.kv_bytes_capacity);
   rank->set_kv_bytes_used(st.kv_bytes_used);
   return Reply(ctx, "GetModelInfo", absl::OkStatus());

@@ -22,6 +22,7 @@ namespace kvq::server {
 struct ServiceOptions {
   std::string session_dir;      // SaveSession/RestoreSession files live here; empty: disabled
   std::string quantizer;        // reported by GetModelInfo
+  std::string device = "cpu";   // reported by GetModelInfo: the engine's device (cpu | cuda)
   int max_batch = 0;            // reported by GetModelInfo
   int prefill_chunk = 0;        // reported by GetModelInfo
   int max_stop_strings = 16;
