@@ -792,11 +792,17 @@ TEST(GpuEngineTest, MemoryStaysFlatOverManyRequestsOfMixedLengths) {
               free_before, free_mid, free_after);
   EXPECT_EQ(ok, total);
   EXPECT_EQ(st.kv_bytes_used, 0);
-  // No growth with the number of requests: the second half leaves memory where the first left it.
-  // Against the warm-up, the CUDA driver may keep a 2 MiB page it used for the (since destroyed)
-  // decode graphs of batch shapes the warm-up had not seen (measured on the H200: -2 MiB once).
-  EXPECT_EQ(free_after, free_mid);
-  EXPECT_LE(static_cast<int64_t>(free_before) - static_cast<int64_t>(free_after), int64_t{4} << 20);
+  // No growth with the number of requests. What the GPU's free memory may still lose is the CUDA
+  // driver's: it keeps 2 MiB pages it used for decode graphs of batch shapes the warm-up wave had
+  // not seen (up to DecodeGraphs::kMax graphs live between idle points, destroyed when idle). That
+  // is bounded, not proportional to the requests: on H200s, 2026-12-02, 0-8 MiB over a run, at most
+  // one page in its second half, the same with builds before and after the engine's own warm-up
+  // (10,000 requests: -2, -2, -6 MiB, second half 0; 4,000: -8 / -6 MiB, second half -2). A leak
+  // of 2 KB per request would take 20 MB over 10,000. The KV pool's own accounting is exact (above).
+  const int64_t first_half = static_cast<int64_t>(free_before) - static_cast<int64_t>(free_mid);
+  const int64_t second_half = static_cast<int64_t>(free_mid) - static_cast<int64_t>(free_after);
+  EXPECT_LE(second_half, int64_t{4} << 20) << "first half " << first_half;
+  EXPECT_LE(first_half + second_half, int64_t{16} << 20);
 }
 
 #else
