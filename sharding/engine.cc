@@ -196,7 +196,9 @@ class Engine::Impl {
     std::fprintf(stderr, "[kvq] GPU engine: weights %s, KV %s, pool %lld blocks x %lld B (%.2f GiB), %d sink slots\n",
                  o.weights_dtype.c_str(), pool.format().ToString().c_str(), static_cast<long long>(pool.total_blocks()),
                  static_cast<long long>(pool.block_bytes()), capacity_ / 1073741824.0, pool.free_sink_slots());
-    return WarmUpGpu();
+    KVQ_RETURN_IF_ERROR(WarmUpGpu());
+    graph_launches_at_start_ = gpu_forward_->graph_launches();  // the warm-up's are not the users'
+    return absl::OkStatus();
 #else
     return absl::FailedPreconditionError("--device=cuda: this build has no CUDA (configure with -DKVQ_ENABLE_CUDA=ON)");
 #endif
@@ -470,7 +472,7 @@ class Engine::Impl {
     st.steps_total = steps_;
 #if KVQ_HAVE_CUDA
     if (gpu_ != nullptr) {
-      st.graph_steps_total = gpu_forward_ != nullptr ? gpu_forward_->graph_launches() : 0;
+      st.graph_steps_total = gpu_forward_ != nullptr ? gpu_forward_->graph_launches() - graph_launches_at_start_ : 0;
       st.key_outlier_overflow_steps_total = gpu_->pool != nullptr ? gpu_->pool->overflow_steps() : 0;
     }
 #endif
@@ -765,6 +767,7 @@ class Engine::Impl {
 #if KVQ_HAVE_CUDA
   std::unique_ptr<sharding::GpuBackend> gpu_;  // pool and stream; outlives factory_ and forward_
   const sharding::GpuForward* gpu_forward_ = nullptr;  // == forward_ (its graph counter)
+  int64_t graph_launches_at_start_ = 0;  // after the warm-up (InitGpu)
 #endif
   std::vector<int32_t> model_stops_;
   int64_t capacity_ = 0;
