@@ -99,7 +99,8 @@ absl::Status GpuForward::Impl::EnqueueStep(const model::ModelConfig& c, DType dt
     (void)l;
     const int n = T - first_prefill_row;
     const int64_t at = static_cast<int64_t>(first_prefill_row) * kvd;
-    KVQ_RETURN_IF_ERROR(kernels::LaunchToHalfRows(n, kvd, m.krot.as<float>() + at, kvd, m.k16.as<uint16_t>() + at, kvd, s));
+    KVQ_RETURN_IF_ERROR(
+        kernels::LaunchToHalfRows(n, kvd, m.krot.as<float>() + at, kvd, m.k16.as<uint16_t>() + at, kvd, s));
     KVQ_RETURN_IF_ERROR(kernels::LaunchToHalfRows(n, kvd, v + at, kvd, m.v16.as<uint16_t>() + at, kvd, s));
     for (size_t i = nd; i < its.size(); ++i) {
       const It& e = its[i];
@@ -182,8 +183,8 @@ absl::Status GpuForward::Impl::EnqueueStep(const model::ModelConfig& c, DType dt
         sq = {qd, nullptr, 0, q, qd};
         sk = {qd + kvd, k, kvd, eval ? nullptr : krot, kvd};
       }
-      KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, L.attn_norm, L.wq, qd + 2 * kvd, hidden, DType::kF32,
-                     0.0f, {sq, sk, {qd + 2 * kvd, v, kvd}}));
+      KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, L.attn_norm, L.wq, qd + 2 * kvd, hidden,
+                                DType::kF32, 0.0f, {sq, sk, {qd + 2 * kvd, v, kvd}}));
     } else {
       KVQ_RETURN_IF_ERROR(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.attn_norm, m.h.p, dtype, s));
       if (T == 1) {
@@ -353,11 +354,11 @@ absl::Status GpuForward::Impl::EnqueueStep(const model::ModelConfig& c, DType dt
     if (!fold) KVQ_RETURN_IF_ERROR(kernels::LaunchMergeAttention(mp, s));  // folded: the decode launch wrote o
     if (gemv) {  // o projection + residual; FFN RMSNorm + gate/up; SwiGLU + down + residual
       KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kPlain, o_act, qd, nullptr, L.wo, hidden, qd, DType::kF32, 1.0f,
-                     {{hidden, x, hidden}}));
-      KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, L.ffn_norm, L.w_gu, 2 * inter, hidden, dtype, 0.0f,
-                     {{2 * inter, m.gu.p, 2 * inter}}));
-      KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kSwiGlu, m.gu.p, 2 * inter, nullptr, L.w_down, hidden, inter, DType::kF32,
-                     1.0f, {{hidden, x, hidden}}));
+                                {{hidden, x, hidden}}));
+      KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, L.ffn_norm, L.w_gu, 2 * inter, hidden, dtype,
+                                0.0f, {{2 * inter, m.gu.p, 2 * inter}}));
+      KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kSwiGlu, m.gu.p, 2 * inter, nullptr, L.w_down, hidden, inter,
+                                DType::kF32, 1.0f, {{hidden, x, hidden}}));
     } else {
       KVQ_RETURN_IF_ERROR(gemm(T, hidden, qd, o_act, L.wo, x, DType::kF32, 1.0f));
       KVQ_RETURN_IF_ERROR(kernels::LaunchRmsNormF32(T, hidden, c.rms_norm_eps, x, L.ffn_norm, m.h.p, dtype, s));
@@ -375,11 +376,12 @@ absl::Status GpuForward::Impl::EnqueueStep(const model::ModelConfig& c, DType dt
     }
   }
   if (gemv && gather_all) {  // every row's logits: the final RMSNorm inside the vocabulary GEMV
-    KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, m.out_norm, m.lm_head, vocab, hidden, DType::kF32, 0.0f,
-                   {{vocab, m.logits.p, vocab}}));
+    KVQ_RETURN_IF_ERROR(dgemv(kernels::GemvInput::kRmsNorm, x, hidden, m.out_norm, m.lm_head, vocab, hidden, DType::kF32,
+                              0.0f, {{vocab, m.logits.p, vocab}}));
   } else {
     KVQ_RETURN_IF_ERROR(kernels::LaunchGatherRows(R, hidden, x, m.gather_idx.as<int32_t>(), m.sel.as<float>(), s));
-    KVQ_RETURN_IF_ERROR(kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype, s));
+    KVQ_RETURN_IF_ERROR(
+        kernels::LaunchRmsNormF32(R, hidden, c.rms_norm_eps, m.sel.as<float>(), m.out_norm, m.sel_act.p, dtype, s));
     KVQ_RETURN_IF_ERROR(gemm(R, vocab, hidden, m.sel_act.p, m.lm_head, m.logits.p, DType::kF32, 0.0f));
   }
   KVQ_RETURN_IF_ERROR(outputs.Enqueue(m.logits.as<float>(), vocab, m.greedy, m.samp, m.penalty, s));
