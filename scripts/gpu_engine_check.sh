@@ -8,6 +8,10 @@
 #   scripts/gpu_engine_check.sh table DIR CONTEXT JOBS  KVQuant accuracy table (GPU forward, CPU-reference KV)
 #   scripts/gpu_engine_check.sh passkey DIR TRIALS      passkey retrieval counts, fp16 / nuq4-1% / nuq3-1% / nuq2-1%
 #   scripts/gpu_engine_check.sh bench DIR ARGS...       benchmarks/engine_bench
+#   scripts/gpu_engine_check.sh serve DIR [FORMAT]      kvqd on the GPU over gRPC (bundle's kvqd, kvqctl): time to
+#                                                       SERVING, the first requests' time to first token, four
+#                                                       streams at once, bad values, /metrics, drain
+#                                                       (KVQ_SERVE_DEVICE=cpu runs the same against the CPU)
 #   scripts/gpu_engine_check.sh sharded DIR NP...       GPU shards over MPI (sharded_mpi_test), NP ranks
 #                                                       each (ranks share the GPUs when NP > GPUs)
 #   scripts/gpu_engine_check.sh decode-step DIR [PARTS] the decode-step kernels and switches written
@@ -90,6 +94,45 @@ case "$cmd" in
   bench)
     env_setup
     "$dir/bundle/bin/engine_bench" "$@" ;;
+  serve)
+    env_setup
+    fmt=${1:-nuq3-1%}; dev=${KVQ_SERVE_DEVICE:-cuda}
+    b="$dir/bundle/bin"; w=$(mktemp -d)
+    q=(); [ "$fmt" != fp16 ] && q=(--quantizer "$here/tests/fixtures/quantizers/$fmt.kvqq")
+    t0=$(date +%s%N)
+    "$b/kvqd" --model "$dir/model.gguf" --device="$dev" --kv_format="$fmt" "${q[@]}" --listen 127.0.0.1:0 \
+      --port_file "$w/port" --metrics_listen 127.0.0.1:0 --metrics_port_file "$w/mport" > "$w/kvqd.log" 2>&1 &
+    pid=$!
+    trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$w"' EXIT
+    for _ in $(seq 1 600); do [ -s "$w/port" ] && [ -s "$w/mport" ] && break; sleep 0.05; done
+    p="127.0.0.1:$(cat "$w/port")"
+    for _ in $(seq 1 1200); do "$b/kvqctl" --server "$p" info > "$w/info" 2>&1 && break; sleep 0.05; done
+    echo "serving after $(( ($(date +%s%N) - t0) / 1000000 )) ms (kvqd --device=$dev --kv_format=$fmt)"
+    grep -E '^(model|kv format|kv cache|rank)' "$w/info"
+    echo "== three requests in turn (the first pays for anything not warmed up)"
+    for _ in 1 2 3; do
+      "$b/kvqctl" --server "$p" --max_tokens 16 --stats generate "What is the capital of France?" 2>&1 | grep FINISH
+    done
+    echo "== four streams at once"
+    n=0
+    for prompt in "Write a short poem about the sea." "Explain gravity to a child." \
+                  "List three uses of copper." "What is the capital of France?"; do
+      n=$((n + 1))
+      "$b/kvqctl" --server "$p" --max_tokens 48 --repetition_penalty 1.2 --stats generate "$prompt" \
+        > "$w/out$n" 2>&1 &
+    done
+    wait $(jobs -p | grep -v "^$pid$")
+    for i in 1 2 3 4; do echo "-- stream $i"; cat "$w/out$i"; echo; done
+    echo "== bad values (kvqctl refuses them before sending; the server's refusals: tests/server), then a request"
+    "$b/kvqctl" --server "$p" --max_tokens 8 --top_p 1.5 generate hi 2>&1 | tail -1
+    "$b/kvqctl" --server "$p" --max_tokens 0 generate hi 2>&1 | tail -1
+    "$b/kvqctl" --server "$p" --max_tokens 8 --stats generate "Say hello." 2>&1 | grep FINISH
+    echo "== /metrics"
+    mp="127.0.0.1:$(cat "$w/mport")"
+    (curl -s "$mp/metrics" 2>/dev/null || wget -qO- "$mp/metrics") |
+      grep -E '^kvq_(requests_finished_total|engine_graph_steps_total|kv_bytes)' | head -12
+    kill -TERM $pid; wait $pid 2>/dev/null
+    tail -2 "$w/kvqd.log" ;;
   sharded)
     env_setup
     root=(); [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
