@@ -109,6 +109,9 @@ case "$cmd" in
     for _ in $(seq 1 1200); do "$b/kvqctl" --server "$p" info > "$w/info" 2>&1 && break; sleep 0.05; done
     echo "serving after $(( ($(date +%s%N) - t0) / 1000000 )) ms (kvqd --device=$dev --kv_format=$fmt)"
     grep -E '^(model|kv format|kv cache|rank)' "$w/info"
+    mp="127.0.0.1:$(cat "$w/mport")"
+    metrics() { (curl -s "$mp/metrics" 2>/dev/null || wget -qO- "$mp/metrics") | grep -E "$1"; }
+    echo "idle: $(metrics '^kvq_engine_graph_steps_total')"
     echo "== three requests in turn (the first pays for anything not warmed up)"
     for _ in 1 2 3; do
       "$b/kvqctl" --server "$p" --max_tokens 16 --stats generate "What is the capital of France?" 2>&1 | grep FINISH
@@ -128,9 +131,7 @@ case "$cmd" in
     "$b/kvqctl" --server "$p" --max_tokens 0 generate hi 2>&1 | tail -1
     "$b/kvqctl" --server "$p" --max_tokens 8 --stats generate "Say hello." 2>&1 | grep FINISH
     echo "== /metrics"
-    mp="127.0.0.1:$(cat "$w/mport")"
-    (curl -s "$mp/metrics" 2>/dev/null || wget -qO- "$mp/metrics") |
-      grep -E '^kvq_(requests_finished_total|engine_graph_steps_total|kv_bytes)' | head -12
+    metrics '^kvq_(requests_finished_total|engine_graph_steps_total|kv_bytes)' | head -12
     kill -TERM $pid; wait $pid 2>/dev/null
     tail -2 "$w/kvqd.log" ;;
   sharded)
