@@ -2,7 +2,8 @@
 # GPU engine runs on a lent GPU machine, from a relocatable bundle (scripts/make_bundle.sh) and the
 # model in parts (the machine cannot reach PyPI; the file is larger than one transfer):
 #   scripts/gpu_engine_check.sh prepare DIR PARTDIR...  assemble model (hash-checked), unpack bundle/corpora
-#   scripts/gpu_engine_check.sh tests DIR               GPU engine tests against the CPU reference
+#   scripts/gpu_engine_check.sh tests DIR               GPU forward-pass and engine tests against the CPU
+#                                                       reference (gpu_forward_test, gpu_engine_test)
 #   scripts/gpu_engine_check.sh kernel-tests DIR        every *_test_cu of the bundle, one line each
 #                                                       (SANITIZE=1: compute-sanitizer too)
 #   scripts/gpu_engine_check.sh table DIR CONTEXT JOBS  KVQuant accuracy table (GPU forward, CPU-reference KV)
@@ -52,7 +53,9 @@ case "$cmd" in
     echo "prepared $dir: $(ls "$dir" | tr '\n' ' ')" ;;
   tests)
     env_setup
-    "$dir/bundle/bin/gpu_engine_test" 2>&1 | grep -v '^\[ RUN\|^\[       OK' ;;
+    for t in gpu_forward_test gpu_engine_test; do
+      "$dir/bundle/bin/$t" 2>&1 | grep -v '^\[ RUN\|^\[       OK'
+    done ;;
   kernel-tests)
     # Every CUDA kernel test in the bundle, a summary line each (failures in full), then
     # compute-sanitizer memcheck and racecheck over the short ones when SANITIZE=1.
@@ -151,7 +154,9 @@ case "$cmd" in
     if [[ ",$parts," == *,tests,* ]]; then
       "$b/decode_attention_test_cu" --gtest_brief=1 2>&1 | tail -4
       "$b/dense_ops_test_cu" --gtest_brief=1 2>&1 | tail -4
-      "$b/gpu_engine_test" --gtest_filter='-*MemoryStaysFlat*' 2>&1 | grep -v '^\[ RUN\|^\[       OK'
+      for t in gpu_forward_test gpu_engine_test; do
+        "$b/$t" --gtest_filter='-*MemoryStaysFlat*' 2>&1 | grep -v '^\[ RUN\|^\[       OK'
+      done
     fi
     if [[ ",$parts," == *,engine,* ]]; then
       "$b/engine_bench" --model "$dir/model.gguf" --quantizers "$here/tests/fixtures/quantizers" \
