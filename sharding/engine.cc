@@ -187,6 +187,7 @@ class Engine::Impl {
     if (o.key_outlier_reserve > 0) po.key_outlier_reserve = o.key_outlier_reserve;
     po.max_sink_slots = 2 * o.max_batch + 1024;
     KVQ_ASSIGN_OR_RETURN(gpu_, sharding::GpuBackend::Create(weights_, o.kv_format, o.quantizer, dt, po));
+    KVQ_RETURN_IF_ERROR(gpu_->WarmUp());  // before work is taken: see GpuBackend::WarmUp
     // The engine owns the pass and the factory like the CPU ones; gpu_ keeps the pool and stream.
     gpu_forward_ = gpu_->forward.get();
     forward_ = std::move(gpu_->forward);
@@ -196,42 +197,11 @@ class Engine::Impl {
     std::fprintf(stderr, "[kvq] GPU engine: weights %s, KV %s, pool %lld blocks x %lld B (%.2f GiB), %d sink slots\n",
                  o.weights_dtype.c_str(), pool.format().ToString().c_str(), static_cast<long long>(pool.total_blocks()),
                  static_cast<long long>(pool.block_bytes()), capacity_ / 1073741824.0, pool.free_sink_slots());
-    KVQ_RETURN_IF_ERROR(WarmUpGpu());
     graph_launches_at_start_ = gpu_forward_->graph_launches();  // the warm-up's are not the users'
     return absl::OkStatus();
 #else
     return absl::FailedPreconditionError("--device=cuda: this build has no CUDA (configure with -DKVQ_ENABLE_CUDA=ON)");
 #endif
-  }
-
-  // Before the engine takes work: a 2-token prompt and two decode steps (greedy, then sampled with
-  // a repetition penalty) on a throwaway cache. CUDA loads a kernel's module at its first launch and
-  // cuBLAS sets itself up at its first calls; without this the first requests after start-up waited
-  // ~0.27 s longer for their first token (kvqd, SmolLM2 nuq3-1%, H200, 2026-12-02). The cache's
-  // blocks go back to the pool when it is dropped here.
-  absl::Status WarmUpGpu() {
-    KVQ_ASSIGN_OR_RETURN(std::unique_ptr<model::KvCache> cache, factory_->Make(0));
-    const int32_t prompt[2] = {1, 2};
-    model::ForwardItem it;
-    it.cache = cache.get();
-    it.tokens = absl::MakeConstSpan(prompt, 2);
-    it.output = model::ForwardItem::Output::kGreedy;
-    std::vector<float> logits;
-    KVQ_RETURN_IF_ERROR(forward_->Run(absl::MakeSpan(&it, 1), {}, &logits));
-    const int32_t next[2] = {it.token, it.token};
-    for (int step = 0; step < 2; ++step) {
-      it.tokens = absl::MakeConstSpan(&next[step], 1);
-      if (step == 1) {
-        it.output = model::ForwardItem::Output::kSample;
-        it.sample.temperature = 0.7f;
-        it.sample.top_p = 0.9f;
-        it.sample.repetition_penalty = 1.2f;
-        it.sample.penalized = absl::MakeConstSpan(prompt, 2);
-      }
-      KVQ_RETURN_IF_ERROR(forward_->Run(absl::MakeSpan(&it, 1), {}, &logits));
-    }
-    forward_->ReleaseIdleResources();
-    return absl::OkStatus();
   }
 
   int64_t TokensToBytes(int64_t tokens) const {

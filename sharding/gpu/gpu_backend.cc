@@ -1,6 +1,7 @@
 #include "sharding/gpu/gpu_backend.h"
 
 #include <cstdlib>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -76,6 +77,29 @@ absl::StatusOr<std::unique_ptr<KvCacheFactory>> MakeGpuWorkerKvFactory(const mod
                        GpuKvPool::Create({c.n_layers, c.n_kv_heads, c.head_dim}, format, quant,
                                          model::RopeParamsFor(c), pool_options, stream));
   return MakeGpuKvCacheFactory(std::move(pool), c.n_heads);
+}
+
+absl::Status GpuBackend::WarmUp() const {
+  if (forward == nullptr || factory == nullptr) return absl::FailedPreconditionError("GPU warm-up: no pass or pool");
+  KVQ_ASSIGN_OR_RETURN(std::unique_ptr<model::KvCache> cache, factory->Make(0));
+  const int32_t prompt[2] = {1, 2};
+  model::ForwardItem it;
+  it.cache = cache.get();
+  it.tokens = absl::MakeConstSpan(prompt, 2);
+  it.output = model::ForwardItem::Output::kGreedy;
+  std::vector<float> logits;
+  KVQ_RETURN_IF_ERROR(forward->Run(absl::MakeSpan(&it, 1), {}, &logits));
+  const int32_t next = it.token;
+  it.tokens = absl::MakeConstSpan(&next, 1);
+  KVQ_RETURN_IF_ERROR(forward->Run(absl::MakeSpan(&it, 1), {}, &logits));
+  it.output = model::ForwardItem::Output::kSample;
+  it.sample.temperature = 0.7f;
+  it.sample.top_p = 0.9f;
+  it.sample.repetition_penalty = 1.2f;
+  it.sample.penalized = absl::MakeConstSpan(prompt, 2);
+  KVQ_RETURN_IF_ERROR(forward->Run(absl::MakeSpan(&it, 1), {}, &logits));
+  forward->ReleaseIdleResources();
+  return absl::OkStatus();
 }
 
 GpuBackend::~GpuBackend() {
