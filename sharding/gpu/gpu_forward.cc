@@ -48,20 +48,9 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   StepPlan p;
   KVQ_RETURN_IF_ERROR(m.PlanStep(c, dtype_, items, options, &p));
   using It = gpu_forward_internal::StepItem;
-  const std::vector<It>& its = p.items;
   const int T = p.T;
   const int R = static_cast<int>(p.gather.size());
   GpuKvPool* const pool = p.pool;
-  const bool graph = p.graph, stacked_qkv = p.stacked_qkv, chunk_fa = p.chunk_fa;
-  const size_t ws_bytes = p.ws_bytes, xkv_bytes = p.xkv_bytes, pf_parts_bytes = p.pf_parts_bytes;
-  const std::vector<int32_t>& tokens = p.tokens;
-  const std::vector<int32_t>& row_begin = p.row_begin;
-  const std::vector<int32_t>& tables = p.tables;
-  const std::vector<int32_t>& lens = p.lens;
-  const std::vector<int64_t>& positions = p.positions;
-  const std::vector<int64_t>& firsts = p.firsts;
-  const std::vector<void*>& sinks = p.sinks;
-  const std::vector<int32_t>& gather = p.gather;
   // What goes back to the host: the wanted rows of logits, the tokens picked on the device.
   gpu_forward_internal::StepOutputs outputs(items, c.vocab_size);
   if (outputs.rows() != R) return absl::InternalError("GPU forward: logit rows and step outputs disagree");
@@ -73,7 +62,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(m.h.Ensure(Ts * hidden * act, s));
   KVQ_RETURN_IF_ERROR(m.q.Ensure(Ts * (qd + 2 * kvd) * 4, s));
   KVQ_RETURN_IF_ERROR(m.krot.Ensure(Ts * kvd * 4, s));
-  if (stacked_qkv) KVQ_RETURN_IF_ERROR(m.qkv.Ensure(Ts * (qd + 2 * kvd) * 4, s));
+  if (p.stacked_qkv) KVQ_RETURN_IF_ERROR(m.qkv.Ensure(Ts * (qd + 2 * kvd) * 4, s));
   KVQ_RETURN_IF_ERROR(m.o.Ensure(Ts * qd * 4, s));
   KVQ_RETURN_IF_ERROR(m.o_act.Ensure(Ts * qd * act, s));
   KVQ_RETURN_IF_ERROR(m.gu.Ensure(Ts * 2 * inter * act, s));
@@ -87,23 +76,23 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   KVQ_RETURN_IF_ERROR(m.sel.Ensure(static_cast<size_t>(R) * hidden * 4, s));
   KVQ_RETURN_IF_ERROR(m.sel_act.Ensure(static_cast<size_t>(R) * hidden * act, s));
   KVQ_RETURN_IF_ERROR(m.logits.Ensure(static_cast<size_t>(R) * vocab * 4, s));
-  KVQ_RETURN_IF_ERROR(m.ws.Ensure(std::max<size_t>(ws_bytes, 16), s));
-  if (xkv_bytes > 0) {
-    KVQ_RETURN_IF_ERROR(m.xk.Ensure(xkv_bytes, s));
-    KVQ_RETURN_IF_ERROR(m.xv.Ensure(xkv_bytes, s));
+  KVQ_RETURN_IF_ERROR(m.ws.Ensure(std::max<size_t>(p.ws_bytes, 16), s));
+  if (p.xkv_bytes > 0) {
+    KVQ_RETURN_IF_ERROR(m.xk.Ensure(p.xkv_bytes, s));
+    KVQ_RETURN_IF_ERROR(m.xv.Ensure(p.xkv_bytes, s));
   }
-  if (pf_parts_bytes > 0) {
-    KVQ_RETURN_IF_ERROR(m.pf_o.Ensure(pf_parts_bytes, s));
-    KVQ_RETURN_IF_ERROR(m.pf_lse.Ensure(pf_parts_bytes / hd, s));
+  if (p.pf_parts_bytes > 0) {
+    KVQ_RETURN_IF_ERROR(m.pf_o.Ensure(p.pf_parts_bytes, s));
+    KVQ_RETURN_IF_ERROR(m.pf_lse.Ensure(p.pf_parts_bytes / hd, s));
   }
-  if (chunk_fa) {
+  if (p.chunk_fa) {
     KVQ_RETURN_IF_ERROR(m.k16.Ensure(Ts * kvd * 2, s));
     KVQ_RETURN_IF_ERROR(m.v16.Ensure(Ts * kvd * 2, s));
   }
-  KVQ_RETURN_IF_ERROR(m.tables.Ensure(std::max<size_t>(tables.size(), 1) * 4, s));
-  KVQ_RETURN_IF_ERROR(m.lens.Ensure(std::max<size_t>(lens.size(), 1) * 4, s));
-  KVQ_RETURN_IF_ERROR(m.firsts.Ensure(std::max<size_t>(firsts.size(), 1) * 8, s));
-  KVQ_RETURN_IF_ERROR(m.sinks.Ensure(std::max<size_t>(sinks.size(), 1) * sizeof(void*), s));
+  KVQ_RETURN_IF_ERROR(m.tables.Ensure(std::max<size_t>(p.tables.size(), 1) * 4, s));
+  KVQ_RETURN_IF_ERROR(m.lens.Ensure(std::max<size_t>(p.lens.size(), 1) * 4, s));
+  KVQ_RETURN_IF_ERROR(m.firsts.Ensure(std::max<size_t>(p.firsts.size(), 1) * 8, s));
+  KVQ_RETURN_IF_ERROR(m.sinks.Ensure(std::max<size_t>(p.sinks.size(), 1) * sizeof(void*), s));
   auto h2d = [&](Grow& g, const void* src, size_t n) -> absl::Status {
     if (n == 0) return absl::OkStatus();
     KVQ_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(g.p, src, n, cudaMemcpyHostToDevice, s));
@@ -112,22 +101,22 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   // The pool's own work on its stream (new blocks zeroed, lists packed, clones) comes first.
   if (pool != nullptr) KVQ_RETURN_IF_CUDA_ERROR(cudaStreamWaitEvent(s, pool->work_event(), 0));
   // Pageable copies: the host vectors live until the step's final synchronize.
-  KVQ_RETURN_IF_ERROR(h2d(m.tokens, tokens.data(), Ts * 4));
-  KVQ_RETURN_IF_ERROR(h2d(m.positions, positions.data(), Ts * 8));
-  KVQ_RETURN_IF_ERROR(h2d(m.row_begin, row_begin.data(), Ts * 4));
-  KVQ_RETURN_IF_ERROR(h2d(m.gather_idx, gather.data(), static_cast<size_t>(R) * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.tokens, p.tokens.data(), Ts * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.positions, p.positions.data(), Ts * 8));
+  KVQ_RETURN_IF_ERROR(h2d(m.row_begin, p.row_begin.data(), Ts * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.gather_idx, p.gather.data(), static_cast<size_t>(R) * 4));
   KVQ_RETURN_IF_ERROR(outputs.Upload(m.greedy, m.samp, m.penalty, s));
-  KVQ_RETURN_IF_ERROR(h2d(m.tables, tables.data(), tables.size() * 4));
-  KVQ_RETURN_IF_ERROR(h2d(m.lens, lens.data(), lens.size() * 4));
-  KVQ_RETURN_IF_ERROR(h2d(m.firsts, firsts.data(), firsts.size() * 8));
-  KVQ_RETURN_IF_ERROR(h2d(m.sinks, sinks.data(), sinks.size() * sizeof(void*)));
+  KVQ_RETURN_IF_ERROR(h2d(m.tables, p.tables.data(), p.tables.size() * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.lens, p.lens.data(), p.lens.size() * 4));
+  KVQ_RETURN_IF_ERROR(h2d(m.firsts, p.firsts.data(), p.firsts.size() * 8));
+  KVQ_RETURN_IF_ERROR(h2d(m.sinks, p.sinks.data(), p.sinks.size() * sizeof(void*)));
 
-  for (const It& e : its) {
+  for (const It& e : p.items) {
     if (e.host == nullptr) e.w->MarkStaged(e.n);
   }
   auto fail = [&](absl::Status st) {
     cudaStreamSynchronize(s);
-    for (const It& e : its) {
+    for (const It& e : p.items) {
       if (e.host != nullptr) {
         e.host->DiscardStaged();
       } else {
@@ -140,10 +129,10 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   auto enqueue = [&]() -> absl::Status { return m.EnqueueStep(c, dtype_, p, outputs); };
   {
     const absl::Status st =
-        graph ? m.graphs.Launch(
-                    {T, p.attn[0].max_blocks, p.attn[0].splits, pool->id(), g_buffer_reallocs.load(), outputs.pick()}, s,
-                    enqueue)
-              : enqueue();
+        p.graph ? m.graphs.Launch(
+                      {T, p.attn[0].max_blocks, p.attn[0].splits, pool->id(), g_buffer_reallocs.load(), outputs.pick()},
+                      s, enqueue)
+                : enqueue();
     if (!st.ok()) return fail(st);
   }
 #define KVQ_STEP(expr)                   \
@@ -167,7 +156,7 @@ absl::Status GpuForward::Run(absl::Span<model::ForwardItem> items, const model::
   }
 #undef KVQ_STEP
   outputs.Deliver(items);
-  for (const It& e : its) {
+  for (const It& e : p.items) {
     if (e.host != nullptr) {
       e.host->Commit(e.n);
     } else {
