@@ -169,25 +169,25 @@ absl::Status GpuForward::Impl::PlanStep(const model::ModelConfig& c, DType dtype
     attn.push_back(a);
     app.push_back(ap);
     if (nd1 > 0) {
-      Launch p;
-      p.row0 = 0;
-      p.rows = nd1;
-      p.part = 0;
+      Launch pre;
+      pre.row0 = 0;
+      pre.rows = nd1;
+      pre.part = 0;
       int mb = 1;
       for (int i = 0; i < nd1; ++i) mb = std::max<int>(mb, static_cast<int>(its[i].pre->blocks().size()));
-      p.max_blocks = mb;
-      p.table_off = static_cast<int64_t>(tables.size());
+      pre.max_blocks = mb;
+      pre.table_off = static_cast<int64_t>(tables.size());
       for (int i = 0; i < nd1; ++i) add_table(its[i].pre->blocks(), mb);
-      p.lens_off = static_cast<int64_t>(lens.size());
+      pre.lens_off = static_cast<int64_t>(lens.size());
       for (int i = 0; i < nd1; ++i) {
         lens.push_back(static_cast<int32_t>(its[i].pre_len));
-        p.max_len = std::max<int>(p.max_len, lens.back());
+        pre.max_len = std::max<int>(pre.max_len, lens.back());
       }
-      p.firsts_off = static_cast<int64_t>(firsts.size());
+      pre.firsts_off = static_cast<int64_t>(firsts.size());
       for (int i = 0; i < nd1; ++i) firsts.push_back(its[i].pre->first_position());
-      p.sinks_off = static_cast<int64_t>(sinks.size());
+      pre.sinks_off = static_cast<int64_t>(sinks.size());
       for (int i = 0; i < nd1; ++i) sinks.push_back(const_cast<uint16_t*>(its[i].pre->sink()));
-      attn.push_back(p);
+      attn.push_back(pre);
     }
   }
   // Prefill chunks: rows share their cache's table row (stride 0). With the prefill kernels, one
@@ -239,23 +239,23 @@ absl::Status GpuForward::Impl::PlanStep(const model::ModelConfig& c, DType dtype
     attn.push_back(a);
     app.push_back(ap);
     if (e.pre != nullptr) {
-      Launch p;
-      p.row0 = e.row0;
-      p.rows = e.n;
-      p.part = 0;
-      p.max_blocks = std::max<int>(1, static_cast<int>(e.pre->blocks().size()));
-      p.stride = 0;
-      p.table_off = add_table(e.pre->blocks(), p.max_blocks);
-      p.max_len = static_cast<int>(e.pre_len);
-      add_seq(p, e.pre, e.pre_len, e.n);
+      Launch pre;
+      pre.row0 = e.row0;
+      pre.rows = e.n;
+      pre.part = 0;
+      pre.max_blocks = std::max<int>(1, static_cast<int>(e.pre->blocks().size()));
+      pre.stride = 0;
+      pre.table_off = add_table(e.pre->blocks(), pre.max_blocks);
+      pre.max_len = static_cast<int>(e.pre_len);
+      add_seq(pre, e.pre, e.pre_len, e.n);
       if (fa) {
-        p.fa = true;
-        p.fa_keys = e.pre_len;
-        p.fa_limit_base = e.pre_len;
+        pre.fa = true;
+        pre.fa_keys = e.pre_len;
+        pre.fa_limit_base = e.pre_len;
       } else {
         for (int j = 0; j < e.n; ++j) lens.push_back(static_cast<int32_t>(e.pre_len));
       }
-      attn.push_back(p);
+      attn.push_back(pre);
     }
   }
   GpuKvPool*& pool = p.pool;
