@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "benchmarks/bench_cuda_check.h"
 #include "kernels/decode_attention.h"
 #include "kernels/engine_ops.h"
 #include "kernels/kv_append.h"
@@ -49,15 +50,6 @@
 namespace {
 
 using kvq::kernels::KvCodec;
-
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
 
 struct Shape {
   std::string name;

@@ -1,0 +1,522 @@
+// Roofline probe for the LUT decode-attention kernel (kernels/decode_attention_lut_mma.cuh): what
+// its dense per-tile work costs at long context, layer by layer, on the kernel's own occupancy
+// (256-thread CTAs, 128 registers, the same shared memory per CTA: 16 warps per SM). Not a kernel
+// kvq serves with: every tile is full, codes are random, there are no outliers, sinks, block
+// table, cos/sin group refills or bounds — so the gap between its last mode and the real kernel
+// (kernels_bench, same shape) is what that bookkeeping costs, and the gaps between its modes are
+// what each stage of the dense core costs. Modes, each adding one stage to the one before:
+//   copy     each lane loads its token's key and value code words one tile ahead (the kernel's
+//            access pattern) and folds them into a checksum: the memory floor of this pattern;
+//   decode   + the pair-table LUT lookups of keys and values (one shared load per two codes)
+//            summed in half2 (no staging);
+//   stage    + the kernel's dense tile: keys and values through the XOR-swizzled fp16 staging
+//            tile, ldmatrix, the cos/sin multiplies, 24 score mma and 16 P·V mma (P constant);
+//   softmax  + the online softmax (max over the group, exp2, running sums, rescale, P hi/lo);
+//   decode-rep   decode, with each table replicated per lane (entry i of lane l at word 32 i + l:
+//            no bank conflicts; 8 KB per table, in the unused per-warp areas);
+//   decode-prmt  decode, with the LUT in registers (byte tables, PRMT) instead of shared memory,
+//            the 3-bit codes read as a bit-sliced layout (Word8) that makes PRMT selectors in 3-4
+//            integer instructions per 8 codes;
+//   frag     softmax, with keys and values decoded by decode-prmt straight into the mma A fragments
+//            (no staging, no ldmatrix for either: the layout a fragment-ordered block format would
+//            give); cos/sin, q and P operands as in the kernel;
+//   frag-norope  frag without the RoPE terms (8 score mma on the LUT values and q, no cos/sin
+//            multiplies, no cos/sin, Q2 or zero-point operand loads): what the rotation costs;
+//   frag-regops  frag with the cos/sin, Q2 and zero-point operands taken from registers instead of
+//            the 8 16-byte shared loads per tile (same multiplies and mma): what those loads cost;
+//   regk     softmax, with the keys decoded straight into the mma A fragments (no key staging, no
+//            ldmatrix): each lane loads the 3 code words of its 32 channels of tokens g and g+8 (the
+//            layout a channel permutation shared by fragments, q and cos/sin would give) and looks
+//            up its pairs; values still staged (they need the transpose).
+// Shape: Llama-3-8B (8 KV heads x 128, 4 query heads per KV head), nuq3 (12 code words per token
+// and head for keys, as many for values).
+//
+//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops]
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "benchmarks/bench_cuda_check.h"
+#include "kernels/decode_attention_lut_mma.cuh"
+
+namespace {
+
+namespace dm = kvq::kernels::decode_attention_mma;
+namespace lm = kvq::kernels::decode_attention_lut_mma;
+
+
+constexpr int kHd = 128, kBits = 3, kHeads = 8;
+constexpr int kW = kHd / 2 * kBits / 32;  // words per half row (6)
+constexpr int kRowWords = 2 * kW;
+constexpr int kPairs = 64;
+constexpr int kChunks = kHd / 16, kHC = kChunks / 2;
+constexpr int kCsStride = kHC * 8 + 4;
+using Cfg = lm::LutMmaCfg<kHd, kBits>;  // the real kernel's shared memory, for its occupancy
+
+enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9 };
+const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops"};
+
+struct Args {
+  const uint32_t* k;       // [head][token][kRowWords]
+  const uint32_t* v;
+  const uint32_t* vscale;  // [token] half2 (zero point, range)
+  int tokens_per_split;
+  float* out;              // [splits][heads][32] checksums
+};
+
+__device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+// Four fp16 LUT values (two half2) of the four 3-bit selectors in the low nibbles of sel, from the
+// byte tables t = {low bytes of entries 0-3, 4-7, high bytes of 0-3, 4-7}.
+__device__ __forceinline__ void Decode4(const uint32_t (&t)[4], uint32_t sel, uint32_t& h01, uint32_t& h23) {
+  const uint32_t lo = Prmt(t[0], t[1], sel), hi = Prmt(t[2], t[3], sel);
+  h01 = Prmt(lo, hi, 0x5140u);
+  h23 = Prmt(lo, hi, 0x7362u);
+}
+// Selectors of codes [8 i, 8 i + 8) of a lane's 64 codes, in the low 3 bits of 8 nibbles, from
+// the 6 words it loaded read as a bit-sliced 3-bit layout (3 bits per code, as the current
+// format): per 32 codes, word A holds the low two bits of codes 0-7 in nibble bits 0-1 and of
+// codes 8-15 in nibble bits 2-3, word B the same for codes 16-31, word C the high bits (codes
+// 0-7 in nibble bit 0, 8-15 in bit 1, 16-23 in bit 2, 24-31 in bit 3). Three or four integer
+// instructions per 8 codes.
+template <int kW>
+__device__ __forceinline__ uint32_t Word8(const uint32_t (&w)[kW], int i) {
+  const uint32_t A = w[3 * (i / 4)], B = w[3 * (i / 4) + 1], C = w[3 * (i / 4) + 2];
+  switch (i % 4) {
+    case 0: return (A & 0x33333333u) | ((C << 2) & 0x44444444u);
+    case 1: return ((A >> 2) & 0x33333333u) | ((C << 1) & 0x44444444u);
+    case 2: return (B & 0x33333333u) | (C & 0x44444444u);
+    default: return ((B >> 2) & 0x33333333u) | ((C >> 1) & 0x44444444u);
+  }
+}
+
+template <int kMode>
+__global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint32_t* kpair_s = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* vpair_s = kpair_s + kPairs;
+  uint32_t* cs_s = vpair_s + kPairs;  // one tile's cos/sin operands [32 lanes][kCsStride]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  uint8_t* wsm = smem + Cfg::kCtaBytes + warp * Cfg::kWarpBytes;
+  uint8_t* stage = wsm;
+  uint8_t* pbuf = wsm + Cfg::kStageBytes;
+  const uint4* q2b_s = reinterpret_cast<const uint4*>(wsm + Cfg::kStageBytes + Cfg::kPBytes);
+  for (int i = tid; i < kPairs; i += blockDim.x) {
+    const float la = -1.0f + 2.0f * (i % 8) / 7.0f, lb = -1.0f + 2.0f * (i / 8) / 7.0f;
+    kpair_s[i] = dm::PackF2(la, lb);
+    vpair_s[i] = dm::PackF2(0.9f * la, 0.9f * lb);
+  }
+  for (int i = tid; i < 32 * kCsStride; i += blockDim.x) cs_s[i] = dm::PackF2(0.8f, 0.6f);
+  for (int i = tid; i < Cfg::kWarpBytes * kHeads / 4; i += blockDim.x) {
+    reinterpret_cast<uint32_t*>(smem + Cfg::kCtaBytes)[i] = dm::PackF2(0.01f, -0.02f);
+  }
+  uint32_t* krep_s = reinterpret_cast<uint32_t*>(smem + Cfg::kCtaBytes);  // decode-rep only
+  uint32_t* vrep_s = krep_s + kPairs * 32;
+  if constexpr (kMode == kDecodeRep) {
+    __syncthreads();  // the pair tables are written, the warp areas' fill is done
+    for (int i = tid; i < kPairs * 32; i += blockDim.x) {
+      krep_s[i] = kpair_s[i / 32];
+      vrep_s[i] = vpair_s[i / 32];
+    }
+  }
+  // decode-prmt: the 8 fp16 LUT values as byte tables (low bytes, high bytes), two words each.
+  uint32_t tk[4], tv[4];
+  {
+    uint16_t hk[8], hv[8];
+    for (int i = 0; i < 8; ++i) {
+      hk[i] = __half_as_ushort(__float2half_rn(-1.0f + 2.0f * i / 7.0f));
+      hv[i] = __half_as_ushort(__float2half_rn(0.9f * (-1.0f + 2.0f * i / 7.0f)));
+    }
+    for (int w = 0; w < 2; ++w) {
+      tk[w] = tk[2 + w] = tv[w] = tv[2 + w] = 0;
+      for (int b = 0; b < 4; ++b) {
+        tk[w] |= static_cast<uint32_t>(hk[4 * w + b] & 0xff) << (8 * b);
+        tk[2 + w] |= static_cast<uint32_t>(hk[4 * w + b] >> 8) << (8 * b);
+        tv[w] |= static_cast<uint32_t>(hv[4 * w + b] & 0xff) << (8 * b);
+        tv[2 + w] |= static_cast<uint32_t>(hv[4 * w + b] >> 8) << (8 * b);
+      }
+    }
+  }
+  uint32_t q1[kChunks][2];
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    q1[i][0] = dm::PackF2(0.01f * (lane + i), -0.01f * i);
+    q1[i][1] = dm::PackF2(0.02f * i, 0.01f * lane);
+  }
+  __syncthreads();
+
+  const int hk = warp, split = blockIdx.y;
+  const int lt = lane & 15, lh = lane >> 4, g = lane >> 2, q4 = lane & 3;
+  const int j0 = split * a.tokens_per_split;
+  const int n_tiles = a.tokens_per_split / dm::kTile;
+  const int srow = dm::StageOff<kHd>(lt, lh * (kHd / 16));
+  auto row = [&](const uint32_t* base, int T) {
+    return base + (static_cast<int64_t>(hk) * (gridDim.y * a.tokens_per_split) + j0 + T * dm::kTile + lt) * kRowWords + lh * kW;
+  };
+  // regk: words [3 q4, 3 q4 + 3) of tokens g and g + 8.
+  auto frag_row = [&](int T, int tok) {
+    return a.k + (static_cast<int64_t>(hk) * (gridDim.y * a.tokens_per_split) + j0 + T * dm::kTile + tok) * kRowWords + 3 * q4;
+  };
+  uint32_t ck[kW], cv[kW], vs;
+  uint32_t kf[2][3];
+  if constexpr (kMode == kRegK) {
+    dm::LoadWords(frag_row(0, g), kf[0]);
+    dm::LoadWords(frag_row(0, g + 8), kf[1]);
+  } else {
+    dm::LoadWords(row(a.k, 0), ck);
+  }
+  dm::LoadWords(row(a.v, 0), cv);
+  vs = __ldg(a.vscale + j0 + lt);
+  uint32_t x_acc = 0;
+  __half2 h_acc[4];  // four chains: one would put 64 dependent adds on each tile
+#pragma unroll
+  for (int e = 0; e < 4; ++e) h_acc[e] = __float2half2_rn(0.0f);
+  float acc[kChunks][4] = {};
+  float m0 = -1e30f, m1 = -1e30f, l0 = 0.0f, l1 = 0.0f;
+
+  for (int T = 0; T < n_tiles; ++T) {
+    const int Tn = T + 1 < n_tiles ? T + 1 : T;
+    if constexpr (kMode == kCopy) {
+#pragma unroll
+      for (int i = 0; i < kW; ++i) x_acc ^= ck[i] ^ cv[i];
+      x_acc += vs;
+      dm::LoadWords(row(a.k, Tn), ck);
+      dm::LoadWords(row(a.v, Tn), cv);
+      vs = __ldg(a.vscale + j0 + Tn * dm::kTile + lt);
+      continue;
+    } else if constexpr (kMode == kDecodePrmt) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // 64 key codes and 64 value codes
+        const uint32_t sk = Word8(ck, i), sv = Word8(cv, i);
+        const uint32_t sel[4] = {sk, sk >> 16, sv, sv >> 16};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const uint32_t* t = q < 2 ? tk : tv;
+          const uint32_t lo = Prmt(t[0], t[1], sel[q]), hi = Prmt(t[2], t[3], sel[q]);
+          h_acc[q] = __hadd2(h_acc[q], dm::BitsH2(Prmt(lo, hi, 0x5140u)));
+          h_acc[(q + 1) & 3] = __hadd2(h_acc[(q + 1) & 3], dm::BitsH2(Prmt(lo, hi, 0x7362u)));
+        }
+      }
+      x_acc += vs;
+      dm::LoadWords(row(a.k, Tn), ck);
+      dm::LoadWords(row(a.v, Tn), cv);
+      vs = __ldg(a.vscale + j0 + Tn * dm::kTile + lt);
+      continue;
+    } else if constexpr (kMode == kDecode || kMode == kDecodeRep) {
+      const uint32_t* kt = kMode == kDecodeRep ? krep_s + lane : kpair_s;
+      const uint32_t* vt = kMode == kDecodeRep ? vrep_s + lane : vpair_s;
+      constexpr int kStride = kMode == kDecodeRep ? 32 : 1;
+#pragma unroll
+      for (int g8 = 0; g8 < kHd / 16; ++g8) {
+        const uint32_t xk = dm::Codes8<kBits>(ck, g8), xv = dm::Codes8<kBits>(cv, g8);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          h_acc[e] = __hadd2(h_acc[e], dm::BitsH2(kt[((xk >> (2 * e * kBits)) & (kPairs - 1)) * kStride]));
+          h_acc[e] = __hadd2(h_acc[e], dm::BitsH2(vt[((xv >> (2 * e * kBits)) & (kPairs - 1)) * kStride]));
+        }
+      }
+      x_acc += vs;
+      dm::LoadWords(row(a.k, Tn), ck);
+      dm::LoadWords(row(a.v, Tn), cv);
+      vs = __ldg(a.vscale + j0 + Tn * dm::kTile + lt);
+      continue;
+    } else {
+      // ---- keys -> staging (as the kernel's section 1) ----
+      __syncwarp();
+      uint32_t k8[2][4];  // regk: 24-bit groups of 8 codes (4 pairs) of tokens g, g + 8
+      if constexpr (kMode == kRegK) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) k8[t][i] = dm::Codes8<kBits>(kf[t], i);
+        }
+        dm::LoadWords(frag_row(Tn, g), kf[0]);
+        dm::LoadWords(frag_row(Tn, g + 8), kf[1]);
+      }
+#pragma unroll
+      for (int g8 = 0; g8 < (kMode == kRegK || kMode >= kFrag ? 0 : kHd / 16); ++g8) {
+        const uint32_t x = dm::Codes8<kBits>(ck, g8);
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = kpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+        *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      if constexpr (kMode != kRegK && kMode < kFrag) dm::LoadWords(row(a.k, Tn), ck);
+      __syncwarp();
+      // ---- scores (section 2) ----
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      {
+        const int r = (lane & 7) + ((lane >> 3) & 1) * 8, csel = lane >> 4;
+        const uint32_t sbase = dm::SmemAddr(stage);
+        const uint32_t* cs = cs_s + lane * kCsStride;
+#pragma unroll
+        for (int jj = 0; jj < kHC; ++jj) {
+          uint32_t lo[4], hi[4];
+          if constexpr (kMode >= kFrag) {
+            Decode4(tk, Word8(ck, 2 * jj), lo[0], lo[1]);
+            Decode4(tk, Word8(ck, 2 * jj) >> 16, lo[2], lo[3]);
+            Decode4(tk, Word8(ck, 2 * jj + 1), hi[0], hi[1]);
+            Decode4(tk, Word8(ck, 2 * jj + 1) >> 16, hi[2], hi[3]);
+          } else if constexpr (kMode == kRegK) {
+            // Pair p of a token: lo pairs 2 jj, 2 jj + 1; hi pairs 8 + 2 jj, 9 + 2 jj.
+            auto pr = [&](int t, int p) { return kpair_s[(k8[t][p / 4] >> (6 * (p % 4))) & (kPairs - 1)]; };
+            lo[0] = pr(0, 2 * jj); lo[1] = pr(1, 2 * jj); lo[2] = pr(0, 2 * jj + 1); lo[3] = pr(1, 2 * jj + 1);
+            hi[0] = pr(0, 8 + 2 * jj); hi[1] = pr(1, 8 + 2 * jj); hi[2] = pr(0, 9 + 2 * jj); hi[3] = pr(1, 9 + 2 * jj);
+          } else {
+            dm::Ldsm4(sbase + dm::StageOff<kHd>(r, 2 * jj + csel), lo);
+            dm::Ldsm4(sbase + dm::StageOff<kHd>(r, 2 * (jj + kHC) + csel), hi);
+          }
+          if constexpr (kMode == kFragNoRope) {
+            dm::Mma(s, lo, q1[jj][0], q1[jj][1]);
+            dm::Mma(sb, hi, q1[jj + kHC][0], q1[jj + kHC][1]);
+            continue;
+          }
+          const uint4 c4 = kMode == kFragRegOps ? make_uint4(q1[jj][0], q1[jj][1], q1[jj + kHC][0], q1[jj + kHC][1])
+                                                : *reinterpret_cast<const uint4*>(cs + jj * 8);
+          const uint4 s4 = kMode == kFragRegOps ? make_uint4(q1[jj][1], q1[jj][0], q1[jj + kHC][1], q1[jj + kHC][0])
+                                                : *reinterpret_cast<const uint4*>(cs + jj * 8 + 4);
+          const uint32_t cw[4] = {c4.x, c4.y, c4.z, c4.w};
+          const uint32_t sw[4] = {s4.x, s4.y, s4.z, s4.w};
+          const uint4 q2v = kMode == kFragRegOps ? s4 : q2b_s[jj * 32 + lane];
+          const uint4 z4 = kMode == kFragRegOps ? c4 : q2b_s[(kHC + jj) * 32 + lane];
+          uint32_t x[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) x[i] = lm::HMul2(lo[i], cw[i]);
+          dm::Mma(s, x, q1[jj][0], q1[jj][1]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) x[i] = lm::HMul2(lo[i], sw[i]);
+          dm::Mma(sb, x, q2v.x, q2v.y);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) x[i] = lm::HMul2(hi[i], cw[i]);
+          dm::Mma(s, x, q1[jj + kHC][0], q1[jj + kHC][1]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) x[i] = lm::HMul2(hi[i], sw[i]);
+          dm::Mma(sb, x, q2v.z, q2v.w);
+          dm::Mma(s, cw, z4.x, z4.y);
+          dm::Mma(sb, sw, z4.z, z4.w);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[i] += sb[i];
+      }
+      if constexpr (kMode >= kFrag) dm::LoadWords(row(a.k, Tn), ck);
+      __syncwarp();
+      // ---- values -> staging (section 3) ----
+#pragma unroll
+      for (int g8 = 0; g8 < (kMode >= kFrag ? 0 : kHd / 16); ++g8) {
+        const uint32_t x = dm::Codes8<kBits>(cv, g8);
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = vpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+        *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      const uint32_t vscale = vs;
+      if constexpr (kMode < kFrag) dm::LoadWords(row(a.v, Tn), cv);
+      vs = __ldg(a.vscale + j0 + Tn * dm::kTile + lt);
+      if constexpr (kMode >= kSoftmax) {
+        // ---- online softmax (section 4) ----
+        float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float corr0 = exp2f(m0 - mn0), corr1 = exp2f(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        const float p0 = exp2f(s[0] - mn0), p1 = exp2f(s[1] - mn1);
+        const float p2 = exp2f(s[2] - mn0), p3 = exp2f(s[3] - mn1);
+        const uint32_t vs_g = __shfl_sync(0xffffffffu, vscale, g);
+        const uint32_t vs_g8 = __shfl_sync(0xffffffffu, vscale, g + 8);
+        const float rg = lm::HalfHi(vs_g), rg8 = lm::HalfHi(vs_g8);
+        l0 = fmaf(l0, corr0, p0 + p2);
+        l1 = fmaf(l1, corr1, p1 + p3);
+        if (__any_sync(0xffffffffu, corr0 != 1.0f || corr1 != 1.0f)) {
+#pragma unroll
+          for (int i = 0; i < kChunks; ++i) {
+            acc[i][0] *= corr0;
+            acc[i][1] *= corr1;
+            acc[i][2] *= corr0;
+            acc[i][3] *= corr1;
+          }
+        }
+        const float a0 = p0 * rg, a1 = p1 * rg, a2 = p2 * rg8, a3 = p3 * rg8;
+        const uint32_t h01 = dm::PackF2(a0, a1), h23 = dm::PackF2(a2, a3);
+        *reinterpret_cast<uint32_t*>(pbuf + g * 16 + q4 * 4) = h01;
+        *reinterpret_cast<uint32_t*>(pbuf + (g + 8) * 16 + q4 * 4) = h23;
+        *reinterpret_cast<uint32_t*>(pbuf + dm::kTile * 16 + g * 16 + q4 * 4) =
+            dm::PackF2(a0 - lm::HalfLo(h01), a1 - lm::HalfHi(h01));
+        *reinterpret_cast<uint32_t*>(pbuf + dm::kTile * 16 + (g + 8) * 16 + q4 * 4) =
+            dm::PackF2(a2 - lm::HalfLo(h23), a3 - lm::HalfHi(h23));
+      } else {
+        x_acc += __float_as_uint(s[0] + s[1] + s[2] + s[3]) + vscale;
+      }
+      __syncwarp();
+      // ---- O^T += V^T . P (section 5) ----
+      {
+        uint32_t pb[2], pl[2];
+        dm::Ldsm2T(dm::SmemAddr(pbuf) + (lane & 15) * 16, pb);
+        dm::Ldsm2T(dm::SmemAddr(pbuf) + dm::kTile * 16 + (lane & 15) * 16, pl);
+        const int mi = lane >> 3, r = lane & 7;
+        const int rr = r + 8 * (mi >> 1), csel = mi & 1;
+        const uint32_t sbase = dm::SmemAddr(stage);
+#pragma unroll
+        for (int i = 0; i < kChunks; ++i) {
+          uint32_t x[4];
+          if constexpr (kMode >= kFrag) {
+            Decode4(tv, Word8(cv, i), x[0], x[1]);
+            Decode4(tv, Word8(cv, i) >> 16, x[2], x[3]);
+          } else {
+            dm::Ldsm4T(sbase + dm::StageOff<kHd>(rr, 2 * i + csel), x);
+          }
+          dm::Mma(acc[i], x, pb[0], pb[1]);
+          dm::Mma(acc[i], x, pl[0], pl[1]);
+        }
+      }
+      if constexpr (kMode >= kFrag) dm::LoadWords(row(a.v, Tn), cv);
+    }
+  }
+  float sum = static_cast<float>(x_acc & 0xffff) + l0 + l1 + m0 + m1;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) sum += __low2float(h_acc[e]) + __high2float(h_acc[e]);
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) sum += acc[i][0] + acc[i][1] + acc[i][2] + acc[i][3];
+  a.out[(static_cast<int64_t>(split) * kHeads + hk) * 32 + lane] = sum;
+}
+
+template <int kMode>
+float TimeMode(const Args& a, int splits, int iters) {
+  const size_t smem = Cfg::SmemBytes(kHeads);
+  CK(cudaFuncSetAttribute(CoreKernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, CoreKernel<kMode>, 256, smem));
+  const dim3 grid(1, splits);
+  CoreKernel<kMode><<<grid, 256, smem>>>(a);
+  CK(cudaGetLastError());
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<float> ts;
+  for (int i = 0; i < iters; ++i) {
+    CK(cudaEventRecord(e0));
+    CoreKernel<kMode><<<grid, 256, smem>>>(a);
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    ts.push_back(ms * 1000.0f);
+  }
+  std::sort(ts.begin(), ts.end());
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  std::printf("  (%s: %d CTAs per SM by occupancy)\n", kModeNames[kMode], per_sm);
+  return ts[ts.size() / 2];
+}
+
+bool Has(const std::string& list, const char* name) {
+  return ("," + list + ",").find(std::string(",") + name + ",") != std::string::npos;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int tokens = 1 << 20, iters = 20;
+  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops";
+  for (int i = 1; i < argc; ++i) {
+    const std::string s = argv[i];
+    if (s.rfind("--tokens=", 0) == 0) tokens = std::atoi(s.c_str() + 9);
+    else if (s.rfind("--iters=", 0) == 0) iters = std::atoi(s.c_str() + 8);
+    else if (s.rfind("--modes=", 0) == 0) modes = s.substr(8);
+    else {
+      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops]\n", argv[i]);
+      return 2;
+    }
+  }
+  int dev_count = 0;
+  if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) {
+    std::fprintf(stderr, "lut_core_bench: no CUDA device\n");
+    return 1;
+  }
+  cudaDeviceProp prop{};
+  CK(cudaGetDeviceProperties(&prop, 0));
+  // Splits: whole waves of two CTAs per SM, 4 waves, each split a whole number of tiles.
+  const int splits = 8 * prop.multiProcessorCount;
+  const int tps = tokens / splits / dm::kTile * dm::kTile;
+  if (tps < dm::kTile) {
+    std::fprintf(stderr, "lut_core_bench: --tokens must be >= %d\n", splits * dm::kTile);
+    return 2;
+  }
+  const int64_t used_tokens = static_cast<int64_t>(tps) * splits;
+  const size_t code_bytes = static_cast<size_t>(used_tokens) * kHeads * kRowWords * 4;
+  uint32_t *k = nullptr, *v = nullptr, *vscale = nullptr;
+  float* out = nullptr;
+  CK(cudaMalloc(&k, code_bytes));
+  CK(cudaMalloc(&v, code_bytes));
+  CK(cudaMalloc(&vscale, used_tokens * 4));
+  CK(cudaMalloc(&out, static_cast<size_t>(splits) * kHeads * 32 * 4));
+  {
+    std::vector<uint32_t> h(code_bytes / 4);
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (auto& w : h) {
+      x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+      w = static_cast<uint32_t>(x);
+    }
+    CK(cudaMemcpy(k, h.data(), code_bytes, cudaMemcpyHostToDevice));
+    for (auto& w : h) w = ~w * 2654435761u;
+    CK(cudaMemcpy(v, h.data(), code_bytes, cudaMemcpyHostToDevice));
+    std::vector<uint32_t> sc(used_tokens, (0x3c00u << 16) | 0x0000u);  // range 1, zero point 0
+    CK(cudaMemcpy(vscale, sc.data(), used_tokens * 4, cudaMemcpyHostToDevice));
+  }
+  // Copy bandwidth (read + write) for the floor.
+  float copy_gbs = 0;
+  {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    CK(cudaMemcpy(v, k, code_bytes, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e0));
+    for (int i = 0; i < 5; ++i) CK(cudaMemcpy(v, k, code_bytes, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    copy_gbs = 2.0f * code_bytes * 5 / (ms * 1e-3f) / 1e9f;
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+  }
+  const double bytes = 2.0 * code_bytes + used_tokens * 4.0;
+  const double floor_us = bytes / (copy_gbs * 1e9) * 1e6;
+  std::printf("lut_core_bench: %s, %d SMs; Llama-3-8B shape nuq3, %lld tokens x %d KV heads, %d splits; "
+              "%.1f MB of codes and scales, copy %.0f GB/s, floor %.1f us\n",
+              prop.name, prop.multiProcessorCount, static_cast<long long>(used_tokens), kHeads, splits,
+              bytes / 1e6, copy_gbs, floor_us);
+  const Args a{k, v, vscale, tps, out};
+  std::printf("| mode | us | GB/s | of floor |\n|---|---|---|---|\n");
+  auto row = [&](const char* name, float us) {
+    std::printf("| %s | %.1f | %.0f | %.1f%% |\n", name, us, bytes / (us * 1e-6) / 1e9, 100.0 * floor_us / us);
+  };
+  if (Has(modes, "copy")) row("copy", TimeMode<kCopy>(a, splits, iters));
+  if (Has(modes, "decode")) row("decode", TimeMode<kDecode>(a, splits, iters));
+  if (Has(modes, "stage")) row("stage", TimeMode<kStage>(a, splits, iters));
+  if (Has(modes, "softmax")) row("softmax", TimeMode<kSoftmax>(a, splits, iters));
+  if (Has(modes, "regk")) row("regk", TimeMode<kRegK>(a, splits, iters));
+  if (Has(modes, "decode-rep")) row("decode-rep", TimeMode<kDecodeRep>(a, splits, iters));
+  if (Has(modes, "decode-prmt")) row("decode-prmt", TimeMode<kDecodePrmt>(a, splits, iters));
+  if (Has(modes, "frag")) row("frag", TimeMode<kFrag>(a, splits, iters));
+  if (Has(modes, "frag-norope")) row("frag-norope", TimeMode<kFragNoRope>(a, splits, iters));
+  if (Has(modes, "frag-regops")) row("frag-regops", TimeMode<kFragRegOps>(a, splits, iters));
+  CK(cudaFree(k));
+  CK(cudaFree(v));
+  CK(cudaFree(vscale));
+  CK(cudaFree(out));
+  return 0;
+}
