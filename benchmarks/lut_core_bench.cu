@@ -24,6 +24,9 @@
 //            multiplies, no cos/sin, Q2 or zero-point operand loads): what the rotation costs;
 //   frag-regops  frag with the cos/sin, Q2 and zero-point operands taken from registers instead of
 //            the 8 16-byte shared loads per tile (same multiplies and mma): what those loads cost;
+//   stage-prmt  softmax with the staging tile filled by decode-prmt's register LUT instead of the
+//            shared pair table: what the kernel does at 3 bits since the bit-sliced layout
+//            (kernels/code_layout.h); the modes before it read the LSB-first stream of before;
 //   regk     softmax, with the keys decoded straight into the mma A fragments (no key staging, no
 //            ldmatrix): each lane loads the 3 code words of its 32 channels of tokens g and g+8 (the
 //            layout a channel permutation shared by fragments, q and cos/sin would give) and looks
@@ -31,7 +34,7 @@
 // Shape: Llama-3-8B (8 KV heads x 128, 4 query heads per KV head), nuq3 (12 code words per token
 // and head for keys, as many for values).
 //
-//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops]
+//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -59,8 +62,9 @@ constexpr int kChunks = kHd / 16, kHC = kChunks / 2;
 constexpr int kCsStride = kHC * 8 + 4;
 using Cfg = lm::LutMmaCfg<kHd, kBits>;  // the real kernel's shared memory, for its occupancy
 
-enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9 };
-const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops"};
+enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9, kStagePrmt = 10 };
+__host__ __device__ constexpr bool IsFrag(int m) { return m == kFrag || m == kFragNoRope || m == kFragRegOps; }
+const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops", "stage-prmt"};
 
 struct Args {
   const uint32_t* k;       // [head][token][kRowWords]
@@ -70,34 +74,21 @@ struct Args {
   float* out;              // [splits][heads][32] checksums
 };
 
-__device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
-// Four fp16 LUT values (two half2) of the four 3-bit selectors in the low nibbles of sel, from the
-// byte tables t = {low bytes of entries 0-3, 4-7, high bytes of 0-3, 4-7}.
-__device__ __forceinline__ void Decode4(const uint32_t (&t)[4], uint32_t sel, uint32_t& h01, uint32_t& h23) {
-  const uint32_t lo = Prmt(t[0], t[1], sel), hi = Prmt(t[2], t[3], sel);
-  h01 = Prmt(lo, hi, 0x5140u);
-  h23 = Prmt(lo, hi, 0x7362u);
-}
-// Selectors of codes [8 i, 8 i + 8) of a lane's 64 codes, in the low 3 bits of 8 nibbles, from
-// the 6 words it loaded read as a bit-sliced 3-bit layout (3 bits per code, as the current
-// format): per 32 codes, word A holds the low two bits of codes 0-7 in nibble bits 0-1 and of
-// codes 8-15 in nibble bits 2-3, word B the same for codes 16-31, word C the high bits (codes
-// 0-7 in nibble bit 0, 8-15 in bit 1, 16-23 in bit 2, 24-31 in bit 3). Three or four integer
-// instructions per 8 codes.
+// Selectors of codes [8 i, 8 i + 8) of a lane's 64 codes from its 6 words read as the 3-bit
+// bit-sliced layout of kernels/code_layout.h (3-4 integer instructions per 8 codes).
 template <int kW>
 __device__ __forceinline__ uint32_t Word8(const uint32_t (&w)[kW], int i) {
-  const uint32_t A = w[3 * (i / 4)], B = w[3 * (i / 4) + 1], C = w[3 * (i / 4) + 2];
-  switch (i % 4) {
-    case 0: return (A & 0x33333333u) | ((C << 2) & 0x44444444u);
-    case 1: return ((A >> 2) & 0x33333333u) | ((C << 1) & 0x44444444u);
-    case 2: return (B & 0x33333333u) | (C & 0x44444444u);
-    default: return ((B >> 2) & 0x33333333u) | ((C >> 1) & 0x44444444u);
-  }
+  return kvq::kernels::Lut3Nibbles8(w[3 * (i / 4)], w[3 * (i / 4) + 1], w[3 * (i / 4) + 2], i % 4);
 }
+// The pair-table modes read the codes as the LSB-first 3-bit stream that kvq stored before
+// 2026-12-02 (what those modes measured then): codes [8 g8, 8 g8 + 8), 3 bits apart.
+template <int kW>
+__device__ __forceinline__ uint32_t StreamCodes8(const uint32_t (&w)[kW], int g8) {
+  const int bit = g8 * 24, wi = bit >> 5, sh = bit & 31;
+  return sh + 24 > 32 ? __funnelshift_r(w[wi], w[wi + 1], sh) : w[wi] >> sh;
+}
+using lm::Decode4;
+using lm::Prmt;
 
 template <int kMode>
 __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
@@ -217,7 +208,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
       constexpr int kStride = kMode == kDecodeRep ? 32 : 1;
 #pragma unroll
       for (int g8 = 0; g8 < kHd / 16; ++g8) {
-        const uint32_t xk = dm::Codes8<kBits>(ck, g8), xv = dm::Codes8<kBits>(cv, g8);
+        const uint32_t xk = StreamCodes8(ck, g8), xv = StreamCodes8(cv, g8);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           h_acc[e] = __hadd2(h_acc[e], dm::BitsH2(kt[((xk >> (2 * e * kBits)) & (kPairs - 1)) * kStride]));
@@ -237,20 +228,26 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) k8[t][i] = dm::Codes8<kBits>(kf[t], i);
+          for (int i = 0; i < 4; ++i) k8[t][i] = StreamCodes8(kf[t], i);
         }
         dm::LoadWords(frag_row(Tn, g), kf[0]);
         dm::LoadWords(frag_row(Tn, g + 8), kf[1]);
       }
 #pragma unroll
-      for (int g8 = 0; g8 < (kMode == kRegK || kMode >= kFrag ? 0 : kHd / 16); ++g8) {
-        const uint32_t x = dm::Codes8<kBits>(ck, g8);
+      for (int g8 = 0; g8 < (kMode == kRegK || IsFrag(kMode) ? 0 : kHd / 16); ++g8) {
         uint32_t w[4];
+        if constexpr (kMode == kStagePrmt) {
+          const uint32_t sel = Word8(ck, g8);
+          Decode4(tk, sel, w[0], w[1]);
+          Decode4(tk, sel >> 16, w[2], w[3]);
+        } else {
+          const uint32_t x = StreamCodes8(ck, g8);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) w[e] = kpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+          for (int e = 0; e < 4; ++e) w[e] = kpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+        }
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
       }
-      if constexpr (kMode != kRegK && kMode < kFrag) dm::LoadWords(row(a.k, Tn), ck);
+      if constexpr (kMode != kRegK && !IsFrag(kMode)) dm::LoadWords(row(a.k, Tn), ck);
       __syncwarp();
       // ---- scores (section 2) ----
       float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -261,7 +258,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 #pragma unroll
         for (int jj = 0; jj < kHC; ++jj) {
           uint32_t lo[4], hi[4];
-          if constexpr (kMode >= kFrag) {
+          if constexpr (IsFrag(kMode)) {
             Decode4(tk, Word8(ck, 2 * jj), lo[0], lo[1]);
             Decode4(tk, Word8(ck, 2 * jj) >> 16, lo[2], lo[3]);
             Decode4(tk, Word8(ck, 2 * jj + 1), hi[0], hi[1]);
@@ -307,19 +304,25 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[i] += sb[i];
       }
-      if constexpr (kMode >= kFrag) dm::LoadWords(row(a.k, Tn), ck);
+      if constexpr (IsFrag(kMode)) dm::LoadWords(row(a.k, Tn), ck);
       __syncwarp();
       // ---- values -> staging (section 3) ----
 #pragma unroll
-      for (int g8 = 0; g8 < (kMode >= kFrag ? 0 : kHd / 16); ++g8) {
-        const uint32_t x = dm::Codes8<kBits>(cv, g8);
+      for (int g8 = 0; g8 < (IsFrag(kMode) ? 0 : kHd / 16); ++g8) {
         uint32_t w[4];
+        if constexpr (kMode == kStagePrmt) {
+          const uint32_t sel = Word8(cv, g8);
+          Decode4(tv, sel, w[0], w[1]);
+          Decode4(tv, sel >> 16, w[2], w[3]);
+        } else {
+          const uint32_t x = StreamCodes8(cv, g8);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) w[e] = vpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+          for (int e = 0; e < 4; ++e) w[e] = vpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+        }
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
       }
       const uint32_t vscale = vs;
-      if constexpr (kMode < kFrag) dm::LoadWords(row(a.v, Tn), cv);
+      if constexpr (!IsFrag(kMode)) dm::LoadWords(row(a.v, Tn), cv);
       vs = __ldg(a.vscale + j0 + Tn * dm::kTile + lt);
       if constexpr (kMode >= kSoftmax) {
         // ---- online softmax (section 4) ----
@@ -372,7 +375,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 #pragma unroll
         for (int i = 0; i < kChunks; ++i) {
           uint32_t x[4];
-          if constexpr (kMode >= kFrag) {
+          if constexpr (IsFrag(kMode)) {
             Decode4(tv, Word8(cv, i), x[0], x[1]);
             Decode4(tv, Word8(cv, i) >> 16, x[2], x[3]);
           } else {
@@ -382,7 +385,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
           dm::Mma(acc[i], x, pl[0], pl[1]);
         }
       }
-      if constexpr (kMode >= kFrag) dm::LoadWords(row(a.v, Tn), cv);
+      if constexpr (IsFrag(kMode)) dm::LoadWords(row(a.v, Tn), cv);
     }
   }
   float sum = static_cast<float>(x_acc & 0xffff) + l0 + l1 + m0 + m1;
@@ -430,14 +433,14 @@ bool Has(const std::string& list, const char* name) {
 
 int main(int argc, char** argv) {
   int tokens = 1 << 20, iters = 20;
-  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops";
+  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt";
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s.rfind("--tokens=", 0) == 0) tokens = std::atoi(s.c_str() + 9);
     else if (s.rfind("--iters=", 0) == 0) iters = std::atoi(s.c_str() + 8);
     else if (s.rfind("--modes=", 0) == 0) modes = s.substr(8);
     else {
-      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops]\n", argv[i]);
+      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt]\n", argv[i]);
       return 2;
     }
   }
@@ -514,6 +517,7 @@ int main(int argc, char** argv) {
   if (Has(modes, "frag")) row("frag", TimeMode<kFrag>(a, splits, iters));
   if (Has(modes, "frag-norope")) row("frag-norope", TimeMode<kFragNoRope>(a, splits, iters));
   if (Has(modes, "frag-regops")) row("frag-regops", TimeMode<kFragRegOps>(a, splits, iters));
+  if (Has(modes, "stage-prmt")) row("stage-prmt", TimeMode<kStagePrmt>(a, splits, iters));
   CK(cudaFree(k));
   CK(cudaFree(v));
   CK(cudaFree(vscale));

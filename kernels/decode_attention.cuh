@@ -17,9 +17,9 @@
 //   lse = log sum_r exp(lse_r), o = sum_r exp(lse_r - lse) o_r — the rule used across GPUs too.
 //
 // Layout (kvstore/block_layout.h, mirrored by kernels/paged_kv.h): per (block, layer, kv head),
-// codes are token-major: the head_dim codes of one token are a contiguous LSB-first bit stream
-// of head_dim*B/32 words (fp16: head_dim halves). Value scales {zp, r} fp16 per token; value
-// outliers [token][k_v] (index over all kv heads of the layer, fp16 value); key outliers are
+// codes are token-major: the head_dim codes of one token are contiguous, head_dim*B/32 words
+// packed as kernels/code_layout.h says (fp16: head_dim halves). Value scales {zp, r} fp16 per
+// token; value outliers [token][k_v] (index over all kv heads of the layer, fp16 value); key outliers are
 // uint32 entries token | channel << 8 | half << 16 in the block's variable section, sorted by
 // token, located through a per-(layer, head) directory {first, count}.
 //
@@ -59,6 +59,7 @@
 
 #include <cstdint>
 
+#include "kernels/code_layout.h"
 #include "kernels/decode_attention.h"
 #include "kernels/launch.cuh"
 #include "kernels/paged_kv.h"
@@ -94,8 +95,14 @@ __device__ __forceinline__ float HalfBits(uint32_t bits16) {
 }
 
 // The 4 codes starting at code index first (a multiple of 4) of a token's stream, right-aligned.
+// Codes [first, first + 4) (first a multiple of 4), code k at bits [k * CodeStride(kBits), + kBits).
 template <int kBits>
 __device__ __forceinline__ uint32_t LoadCodeWindow(const uint32_t* words, int first) {
+  if constexpr (kBits == 3) {
+    const uint32_t* grp = words + 3 * (first >> 5);
+    const int j = first & 31;
+    return Lut3Nibbles8(__ldg(grp), __ldg(grp + 1), __ldg(grp + 2), j >> 3) >> (4 * (j & 7));
+  }
   const int bit = first * kBits;
   const int w = bit >> 5, sh = bit & 31;
   const uint32_t x = __ldg(words + w);
@@ -108,6 +115,11 @@ __device__ __forceinline__ uint32_t LoadCodeWindow(const uint32_t* words, int fi
 
 // Any single code (for outlier corrections).
 __device__ __forceinline__ uint32_t LoadCode(const uint32_t* words, int i, int bits) {
+  if (bits == 3) {
+    const uint32_t* grp = words + 3 * (i >> 5);
+    const int j = i & 31;
+    return ((__ldg(grp + Lut3LoWord(j)) >> Lut3LoShift(j)) & 3u) | (((__ldg(grp + 2) >> Lut3HiShift(j)) & 1u) << 2);
+  }
   const int bit = i * bits;
   const int w = bit >> 5, sh = bit & 31;
   uint32_t x = __ldg(words + w) >> sh;
@@ -427,14 +439,15 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < kU; ++u) {
         if constexpr (kQuant) {
           constexpr uint32_t kMask = (1u << kBits) - 1u;
+          constexpr int kStride = CodeStride(kBits);
           const float vzp = HalfBits(raw[u].v_scale), vr = HalfBits(raw[u].v_scale >> 16);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            kf[u][k] = fmaf(klut_s[(raw[u].k_lo >> (k * kBits)) & kMask], krg[k], kzp[k]);
+            kf[u][k] = fmaf(klut_s[(raw[u].k_lo >> (k * kStride)) & kMask], krg[k], kzp[k]);
             kf[u][k + 4] =
-                fmaf(klut_s[(raw[u].k_hi >> (k * kBits)) & kMask], krg[k + 4], kzp[k + 4]);
-            vf[u][k] = fmaf(vlut_s[(raw[u].v_lo >> (k * kBits)) & kMask], vr, vzp);
-            vf[u][k + 4] = fmaf(vlut_s[(raw[u].v_hi >> (k * kBits)) & kMask], vr, vzp);
+                fmaf(klut_s[(raw[u].k_hi >> (k * kStride)) & kMask], krg[k + 4], kzp[k + 4]);
+            vf[u][k] = fmaf(vlut_s[(raw[u].v_lo >> (k * kStride)) & kMask], vr, vzp);
+            vf[u][k + 4] = fmaf(vlut_s[(raw[u].v_hi >> (k * kStride)) & kMask], vr, vzp);
           }
         } else {
           const uint32_t kw[4] = {raw[u].k_lo.x, raw[u].k_lo.y, raw[u].k_hi.x, raw[u].k_hi.y};

@@ -25,7 +25,11 @@
 // the P operand carries p_t r_t (fp16), the zero points go to one fp32 accumulator per head, and
 // the staged values are LUT values. A value outlier x replaces l by (x - zp_t) / r_t.
 // Both tables are pair tables: entry (a | b << B) = half2(lut[a], lut[b]), one 32-bit shared load
-// per two channels, one table per layer for all KV heads of the CTA.
+// per two channels, one table per layer for all KV heads of the CTA — except at 3 bits, where the
+// codes are bit-sliced (kernels/code_layout.h) and the tables are 8-entry fp16 LUTs held as byte
+// tables in four registers: eight codes become byte-permute selectors in 3-4 instructions and
+// four PRMT give four channels, no shared-memory lookups (the pair table's 64 entries took two
+// wavefronts per lookup from bank conflicts: lut_core_bench, H200, 2026-12-02).
 //
 // Sink tokens (fp16, pre-RoPE, outside blocks; split 0 only): up to 4 extra tiles before the block
 // tiles, staged from the sink buffers as l = (k - z_c) / r_c and v with r = 1, zp = 0, rotated at
@@ -105,6 +109,34 @@ struct LutMmaCfg {
   static constexpr int kCtaBytes = kCsBytes + kRotBytes + kPairBytes;
   static size_t SmemBytes(int warps) { return kCtaBytes + static_cast<size_t>(warps) * kWarpBytes; }
 };
+
+__device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+// Four fp16 LUT values (two half2: codes 0,1 and 2,3) of the four 3-bit selectors in the low
+// nibbles of sel, from the byte tables t = {low bytes of entries 0-3, of 4-7, high bytes of 0-3,
+// of 4-7}.
+__device__ __forceinline__ void Decode4(const uint32_t (&t)[4], uint32_t sel, uint32_t& h01, uint32_t& h23) {
+  const uint32_t lo = Prmt(t[0], t[1], sel), hi = Prmt(t[2], t[3], sel);
+  h01 = Prmt(lo, hi, 0x5140u);
+  h23 = Prmt(lo, hi, 0x7362u);
+}
+// Word w (0..3) of the byte tables of an 8-entry LUT (Decode4's t), entries rounded to fp16.
+__device__ __forceinline__ uint32_t LutByteTable(const float* lut, int w) {
+  uint32_t x = 0;
+  for (int b = 0; b < 4; ++b) {
+    const uint32_t h = __half_as_ushort(__float2half_rn(lut[4 * (w & 1) + b]));
+    x |= ((w < 2 ? h : h >> 8) & 0xffu) << (8 * b);
+  }
+  return x;
+}
+// Eight LUT values of the 8 codes in `nibbles` (Codes8 at 3 bits) as four half2, channel order.
+__device__ __forceinline__ void Decode8(const uint32_t (&t)[4], uint32_t nibbles, uint32_t (&w)[4]) {
+  Decode4(t, nibbles, w[0], w[1]);
+  Decode4(t, nibbles >> 16, w[2], w[3]);
+}
 
 template <int kW>
 struct LutRaw {
@@ -203,9 +235,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   {
     const float* kl = kv.key_lut + p.layer * kC;
     const float* vl = kv.value_lut + p.layer * kC;
-    for (int i = tid; i < kPairs; i += blockDim.x) {
-      kpair_s[i] = PackF2(kl[i % kC], kl[i / kC]);
-      vpair_s[i] = PackF2(vl[i % kC], vl[i / kC]);
+    if constexpr (kBits == 3) {  // byte tables: words 0-3 of each (16-byte aligned)
+      if (tid < 8) (tid < 4 ? kpair_s : vpair_s)[tid & 3] = LutByteTable(tid < 4 ? kl : vl, tid & 3);
+    } else {
+      for (int i = tid; i < kPairs; i += blockDim.x) {
+        kpair_s[i] = PackF2(kl[i % kC], kl[i / kC]);
+        vpair_s[i] = PackF2(vl[i % kC], vl[i / kC]);
+      }
     }
   }
   const int64_t zr_at = (static_cast<int64_t>(p.layer) * n_kv + hk_c) * kHeadDim;
@@ -451,12 +487,21 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
             make_uint4(w[0], w[1], w[2], w[3]);
       }
     } else {
+      uint32_t kt[4];
+      if constexpr (kBits == 3) {
+        const uint4 t4 = *reinterpret_cast<const uint4*>(kpair_s);
+        kt[0] = t4.x, kt[1] = t4.y, kt[2] = t4.z, kt[3] = t4.w;
+      }
 #pragma unroll
       for (int g8 = 0; g8 < kHalf / 8; ++g8) {
         const uint32_t x = Codes8<kBits>(cur.k, g8);
         uint32_t w[4];
+        if constexpr (kBits == 3) {
+          Decode8(kt, x, w);
+        } else {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) w[e] = kpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+          for (int e = 0; e < 4; ++e) w[e] = kpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+        }
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) =
             make_uint4(w[0], w[1], w[2], w[3]);
       }
@@ -562,12 +607,21 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
             t < n_sink ? src[g8] : make_uint4(0, 0, 0, 0);
       }
     } else {
+      uint32_t vt[4];
+      if constexpr (kBits == 3) {
+        const uint4 t4 = *reinterpret_cast<const uint4*>(vpair_s);
+        vt[0] = t4.x, vt[1] = t4.y, vt[2] = t4.z, vt[3] = t4.w;
+      }
 #pragma unroll
       for (int g8 = 0; g8 < kHalf / 8; ++g8) {
         const uint32_t x = Codes8<kBits>(cur.v, g8);
         uint32_t w[4];
+        if constexpr (kBits == 3) {
+          Decode8(vt, x, w);
+        } else {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) w[e] = vpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+          for (int e = 0; e < 4; ++e) w[e] = vpair_s[(x >> (2 * e * kBits)) & (kPairs - 1)];
+        }
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) =
             make_uint4(w[0], w[1], w[2], w[3]);
       }

@@ -39,6 +39,7 @@
 
 #include <cstdint>
 
+#include "kernels/code_layout.h"
 #include "kernels/decode_attention.h"
 #include "kernels/launch.cuh"
 #include "kernels/paged_kv.h"
@@ -269,9 +270,15 @@ __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t (&w)[kWo
   }
 }
 
-// Codes [8 * g8, 8 * g8 + 8) of a half-row bit stream, right-aligned (8 * kBits <= 32 bits).
+// Codes [8 * g8, 8 * g8 + 8) of a half row's code words (kernels/code_layout.h), right-aligned,
+// code e at bits [e * CodeStride(kBits), + kBits): an LSB-first stream's 8 codes (8 * kBits <= 32
+// bits), or for 3 bits its bit-sliced group's 8 codes as nibbles (a half row starts a group).
 template <int kBits, int kWords>
 __device__ __forceinline__ uint32_t Codes8(const uint32_t (&w)[kWords], int g8) {
+  if constexpr (kBits == 3) {
+    const int grp = 3 * (g8 >> 2);
+    return Lut3Nibbles8(w[grp], w[grp + 1], w[grp + 2], g8 & 3);
+  }
   const int bit = g8 * 8 * kBits;
   const int wi = bit >> 5, sh = bit & 31;
   if (sh + 8 * kBits > 32) return __funnelshift_r(w[wi], w[wi + 1], sh);
@@ -483,8 +490,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int c0 = 8 * g8 + 2 * e;
-          const uint32_t a = (x >> (2 * e * kBits)) & (kC - 1);
-          const uint32_t bb = (x >> ((2 * e + 1) * kBits)) & (kC - 1);
+          constexpr int kS = CodeStride(kBits);
+          const uint32_t a = (x >> (2 * e * kS)) & (kC - 1);
+          const uint32_t bb = (x >> ((2 * e + 1) * kS)) & (kC - 1);
           const uint16_t ha = __half_as_ushort(kt[c0 * kC + a]);
           const uint16_t hb = __half_as_ushort(kt[(c0 + 1) * kC + bb]);
           w[e] = static_cast<uint32_t>(ha) | (static_cast<uint32_t>(hb) << 16);
@@ -565,7 +573,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         uint32_t w[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float2 lv = vpair_s[(x >> (2 * e * kBits)) & (kC * kC - 1)];
+          constexpr int kS = CodeStride(kBits);
+          const float2 lv = vpair_s[((x >> (2 * e * kS)) & (kC - 1)) | (((x >> ((2 * e + 1) * kS)) & (kC - 1)) << kBits)];
           w[e] = PackF2(fmaf(lv.x, vr, vzp), fmaf(lv.y, vr, vzp));
         }
         *reinterpret_cast<uint4*>(stage + StageOff<kHeadDim>(lt, lh * (kHalf / 8) + g8)) =

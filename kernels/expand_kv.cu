@@ -9,6 +9,7 @@
 // fp16 rounding on the way out. Values are written dense first; their outliers (indexed over all
 // heads of the layer; each CTA applies those of its own heads) overwrite them once its heads are
 // out, after a __syncthreads (a CTA's global writes are visible to it after the barrier).
+#include "kernels/code_layout.h"
 #include "kernels/prefill_attention.h"  // ExpandKvParams, LaunchExpandKv
 
 #include <cuda_fp16.h>
@@ -52,8 +53,13 @@ __device__ __forceinline__ uint4 Pack8(const float (&x)[8]) {
   return make_uint4(PackHalves(x[0], x[1]), PackHalves(x[2], x[3]), PackHalves(x[4], x[5]), PackHalves(x[6], x[7]));
 }
 
-// The 8 codes [8 g, 8 g + 8) of a token's LSB-first stream of `bits`-bit codes, right-aligned.
+// The 8 codes [8 g, 8 g + 8) of a token's `bits`-bit codes (kernels/code_layout.h), right-aligned,
+// code e at bits [e * CodeStride(bits), + bits).
 __device__ __forceinline__ uint32_t Codes8At(const uint32_t* words, int g, int bits) {
+  if (bits == 3) {
+    const uint32_t* grp = words + 3 * (g >> 2);
+    return Lut3Nibbles8(__ldg(grp), __ldg(grp + 1), __ldg(grp + 2), g & 3);
+  }
   const int bit = 8 * g * bits;
   const int w = bit >> 5, sh = bit & 31;
   const uint32_t lo = __ldg(words + w);
@@ -169,10 +175,11 @@ __global__ void __launch_bounds__(kExpThreads) ExpandKvKernel(const ExpandKvPara
           const uint32_t vc = Codes8At(reinterpret_cast<const uint32_t*>(lb + geo.value_codes_offset) +
                                            tok * geo.value_words_per_token, g, bits);
           const float vr = vr_s[t], vz = vz_s[t];
+          const int stride = CodeStride(bits);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            kx[e] = fmaf(klut_s[(kc >> (e * bits)) & cmask], kr_s[c0 + e], kz_s[c0 + e]);
-            vx[e] = fmaf(vlut_s[(vc >> (e * bits)) & cmask], vr, vz);
+            kx[e] = fmaf(klut_s[(kc >> (e * stride)) & cmask], kr_s[c0 + e], kz_s[c0 + e]);
+            vx[e] = fmaf(vlut_s[(vc >> (e * stride)) & cmask], vr, vz);
           }
           *reinterpret_cast<uint4*>(vout(i, h) + c0) = Pack8(vx);
         }

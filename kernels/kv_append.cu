@@ -5,8 +5,8 @@
 // that outlier entries stay sorted by (token, channel)):
 //   per-channel formats: x_n = (x - zp_c) / r_c; outlier iff |x_n| > 1 (entry token | c << 8 |
 //   fp16(x) << 16, appended after the head's existing entries, channel order via a ballot scan);
-//   code = #{ j : clamp(x_n, -1, 1) > mid_j } (ties to the lower centroid); codes are OR-ed into
-//   the token's LSB-first bit stream in shared memory and written as whole words.
+//   code = #{ j : clamp(x_n, -1, 1) > mid_j } (ties to the lower centroid); codes are packed as
+//   kernels/code_layout.h says (LSB-first streams; 3 bits bit-sliced) and written as whole words.
 //   (Post-RoPE formats would rotate x first; not implemented, the launcher rejects them.)
 // Values (ValueAppendKernel, grid = (token, sequence), 256 threads over the L = n_kv * head_dim
 // elements of the token):
@@ -24,6 +24,7 @@
 #include <atomic>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/code_layout.h"
 #include "kernels/cuda_check.h"
 #include "kernels/launch.cuh"
 
@@ -54,8 +55,15 @@ __device__ __forceinline__ uint32_t EncodeNearest(float xn, const float* mids, i
   return code;
 }
 
-// ORs `code` (bits wide) at code index i of a bit stream in shared memory.
+// ORs `code` (bits wide) at code index i of a token's code words in shared memory.
 __device__ __forceinline__ void OrCode(uint32_t* words, int i, int bits, uint32_t code) {
+  if (bits == 3) {
+    uint32_t* grp = words + (i >> 5) * 3;
+    const int j = i & 31;
+    atomicOr(&grp[Lut3LoWord(j)], (code & 3u) << Lut3LoShift(j));
+    atomicOr(&grp[2], ((code >> 2) & 1u) << Lut3HiShift(j));
+    return;
+  }
   const int bit = i * bits, w = bit >> 5, sh = bit & 31;
   atomicOr(&words[w], code << sh);
   if (sh + bits > 32) atomicOr(&words[w + 1], code >> (32 - sh));
@@ -104,6 +112,16 @@ __device__ __forceinline__ uint32_t TakeKeyWords(uint32_t* var, uint32_t end_wor
 __device__ __forceinline__ uint32_t KeyCodeWord(const uint16_t* codes, int w, int bits, int D, bool quant) {
   if (!quant) return static_cast<uint32_t>(codes[2 * w]) | (static_cast<uint32_t>(codes[2 * w + 1]) << 16);
   uint32_t word = 0;
+  if (bits == 3) {  // word w % 3 of group w / 3
+    const uint16_t* grp = codes + (w / 3) * 32;
+    if (w % 3 < 2) {
+      const int j0 = (w % 3) * 16;
+      for (int j = j0; j < j0 + 16; ++j) word |= (static_cast<uint32_t>(grp[j]) & 3u) << Lut3LoShift(j);
+    } else {
+      for (int j = 0; j < 32; ++j) word |= ((static_cast<uint32_t>(grp[j]) >> 2) & 1u) << Lut3HiShift(j);
+    }
+    return word;
+  }
   const int c_lo = (32 * w) / bits, c_hi = min(D, (32 * w + 32 + bits - 1) / bits);
   for (int c = c_lo; c < c_hi; ++c) {
     const uint32_t code = codes[c];
@@ -152,7 +170,7 @@ __device__ KeyListSlot ReserveKeyOutliers(const KvAppendParams& p, uint8_t* bloc
 // One CTA per (kv head, sequence, block segment): the new tokens of that sequence that fall in
 // one block (CTA 0 also takes the sink tokens), one thread per token (a block has kKvBlockTokens
 // <= kKeyThreads slots). Each thread quantizes its token's channels in order, packing the codes
-// into whole words as it goes (a 64-bit accumulator: KeyCodeWord's LSB-first words) and
+// into whole words as it goes (a 64-bit accumulator for LSB-first widths, three words per 32 channels at 3 bits) and
 // keeping a bit mask of its outlier channels; a block-wide scan of the outlier counts gives every
 // token its place in the list, which grows at most once (thread 0, from the block's area); then
 // each thread writes its entries in channel order (re-reading only the outlier values), so the
@@ -221,6 +239,7 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
   int n_out = 0;
   if (mine_ok) {
     const int code_bits = quant ? bits : 16;
+    const bool sliced = quant && bits == 3;  // a group of 32 codes per round: 3 words
     uint64_t acc = 0;
     int nbits = 0, w = 0;
     const bool vec = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
@@ -243,6 +262,7 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
 #pragma unroll
         for (int i = 0; i < 32; ++i) xs[i] = __ldg(x + 32 * m + i);
       }
+      uint32_t g3[3] = {0u, 0u, 0u};
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int c = 32 * m + i;
@@ -254,6 +274,11 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
         } else {
           code = HalfBitsOf(xs[i]);
         }
+        if (sliced) {
+          g3[Lut3LoWord(i)] |= (code & 3u) << Lut3LoShift(i);
+          g3[2] |= ((code >> 2) & 1u) << Lut3HiShift(i);
+          continue;
+        }
         acc |= static_cast<uint64_t>(code) << nbits;
         nbits += code_bits;
         if (nbits >= 32) {
@@ -261,6 +286,12 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
           acc >>= 32;
           nbits -= 32;
         }
+      }
+      if (sliced) {
+        words[w] = g3[0];
+        words[w + 1] = g3[1];
+        words[w + 2] = g3[2];
+        w += 3;
       }
       mask_s[m][tid] = mk;
       n_out += __popc(mk);

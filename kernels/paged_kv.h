@@ -19,7 +19,7 @@ namespace kvq::kernels {
 inline constexpr int kKvBlockTokens = 256;  // == kvstore::kBlockTokens
 
 // How the codes of one element are stored. kFp16: plain halves ("codes" are fp16 bits);
-// kLutB: B-bit LUT codes, an LSB-first bit stream of 32-bit words per token and head.
+// kLutB: B-bit LUT codes in 32-bit words per token and head, packed as kernels/code_layout.h says.
 enum class KvCodec : uint8_t { kFp16 = 16, kLut2 = 2, kLut3 = 3, kLut4 = 4 };
 std::string KvCodecName(KvCodec c);
 

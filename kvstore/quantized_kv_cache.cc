@@ -17,7 +17,32 @@ namespace kvq::kvstore {
 namespace {
 
 constexpr char kCacheMagic[8] = {'K', 'V', 'Q', 'C', 'A', 'C', 'H', 'E'};
-constexpr uint32_t kCacheVersion = 1;
+// Version 2: 3-bit codes bit-sliced (kernels/code_layout.h); version 1 had them as an LSB-first
+// stream like the other widths, and is converted on load.
+constexpr uint32_t kCacheVersion = 2;
+
+// A version-1 block's 3-bit code rows (LSB-first streams) rewritten in place in today's layout.
+void RepackLsbFirst3(const BlockLayout& lay, uint8_t* fixed) {
+  std::vector<uint8_t> codes(lay.head_dim);
+  std::vector<uint32_t> row(lay.key_words_per_token);
+  for (int l = 0; l < lay.n_layers; ++l) {
+    for (int h = 0; h < lay.n_kv_heads; ++h) {
+      for (int t = 0; t < kBlockTokens; ++t) {
+        for (const int64_t at : {lay.KeyCodesAt(l, h, t), lay.ValueCodesAt(l, h, t)}) {
+          std::memcpy(row.data(), fixed + at, row.size() * 4);
+          for (int c = 0; c < lay.head_dim; ++c) {
+            const int64_t bit = 3 * c;
+            uint64_t window = row[bit >> 5] >> (bit & 31);
+            if ((bit & 31) > 29) window |= static_cast<uint64_t>(row[(bit >> 5) + 1]) << (32 - (bit & 31));
+            codes[c] = static_cast<uint8_t>(window & 7u);
+          }
+          PackCodes(codes.data(), lay.head_dim, 3, row.data());
+          std::memcpy(fixed + at, row.data(), row.size() * 4);
+        }
+      }
+    }
+  }
+}
 constexpr int64_t kFramingBytes = 8 + 4 + 4 + 8 + 8;  // magic, version, reserved, length, checksum
 
 inline uint16_t Load16(const uint8_t* p) {
@@ -582,7 +607,7 @@ absl::StatusOr<std::unique_ptr<QuantizedKvCache>> QuantizedKvCache::Deserialize(
   const uint32_t version = h.Get<uint32_t>();
   h.Get<uint32_t>();
   const uint64_t len = h.Get<uint64_t>();
-  if (version != kCacheVersion) {
+  if (version != kCacheVersion && version != 1) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported cache version ", version));
   }
   if (len > bytes.size() || bytes.size() != kHeader + len + 8) {
@@ -626,6 +651,7 @@ absl::StatusOr<std::unique_ptr<QuantizedKvCache>> QuantizedKvCache::Deserialize(
     }
     Block* blk = cache->WritableBlock(static_cast<int64_t>(b));
     r.GetBytes(blk->fixed.data(), lay.fixed_bytes);
+    if (version == 1 && lay.bits == 3 && !r.failed()) RepackLsbFirst3(lay, blk->fixed.data());
     std::vector<uint32_t> entries(n_entries);
     r.GetBytes(entries.data(), n_entries * 4);
     if (r.failed()) return absl::DataLossError("serialized cache: block is truncated");
