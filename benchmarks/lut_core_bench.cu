@@ -78,7 +78,7 @@ struct Args {
 // bit-sliced layout of kernels/code_layout.h (3-4 integer instructions per 8 codes).
 template <int kW>
 __device__ __forceinline__ uint32_t Word8(const uint32_t (&w)[kW], int i) {
-  return kvq::kernels::Lut3Nibbles8(w[3 * (i / 4)], w[3 * (i / 4) + 1], w[3 * (i / 4) + 2], i % 4);
+  return kvq::kernels::SlicedNibbles8(w[3 * (i / 4)], w[3 * (i / 4) + 1], w[3 * (i / 4) + 2], 3, i % 4);
 }
 // The pair-table modes read the codes as the LSB-first 3-bit stream that kvq stored before
 // 2026-12-02 (what those modes measured then): codes [8 g8, 8 g8 + 8), 3 bits apart.

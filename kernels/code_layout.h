@@ -2,17 +2,17 @@
 // section 2): the one definition shared by the CPU codec (kvstore/bit_packing.h), the append
 // kernels that write codes and every kernel that reads them. Host and device code.
 //
-// B = 2, 4: an LSB-first bit stream (code i at stream bits [i B, i B + B)).
-// B = 3: bit-sliced groups of 32 codes, 3 words (A, B, C) per group:
-//   A: the low two bits of codes 0-7 at nibble bits 0-1 (code j at bits 4j, 4j + 1) and of codes
-//      8-15 at nibble bits 2-3 (code j at 4(j - 8) + 2, + 3);
-//   B: the same for codes 16-31;
-//   C: the high bits, code j at bit 4 (j % 8) + j / 8.
-// So eight consecutive codes become the low three bits of eight nibbles with one or two shifts and
-// two masks (Lut3Nibbles8), which are byte-permute (PRMT) selectors into a register LUT: the decode
-// kernel needs no shared-memory table and no per-code shifts (H200, 2026-12-02, Llama-3-8B shape,
-// 1M tokens: benchmarks/lut_core_bench's staged dense tile 850 -> 609 us; the decode kernel with
-// nuq3-1% 1,279 -> 1,207 us per layer). 32 codes still fill exactly 3 words.
+// B = 2, 3 ("sliced"): groups of 32 codes in B words each (group g at words [g B, g B + B)):
+//   word 0: the low two bits of codes 0-7 at nibble bits 0-1 (code j at bits 4j, 4j + 1) and of
+//           codes 8-15 at nibble bits 2-3 (code j at 4(j - 8) + 2, + 3);
+//   word 1: the same for codes 16-31;
+//   word 2 (B = 3): the high bits, code j at bit 4 (j % 8) + j / 8.
+// So eight consecutive codes become the low bits of eight nibbles with one or two shifts and masks
+// (SlicedNibbles8): byte-permute (PRMT) selectors into a register LUT, so the decode kernel needs
+// no shared-memory table and no per-code shifts (H200, 2026-12-02, Llama-3-8B shape, 1M tokens:
+// benchmarks/lut_core_bench's staged dense tile 850 -> 609 us at 3 bits; the decode kernel with
+// nuq3-1% 1,279 -> 1,207 us per layer). 32 codes still fill exactly B words.
+// B = 4 (and any other width): an LSB-first bit stream (code i at stream bits [i B, i B + B)).
 #pragma once
 
 #include <cstdint>
@@ -25,25 +25,37 @@
 
 namespace kvq::kernels {
 
-// B = 3, code j (0..31) of a group: low two bits at bit Lut3LoShift(j) of group word
-// Lut3LoWord(j) (0 = A, 1 = B); high bit at bit Lut3HiShift(j) of word 2 (C).
-KVQ_CODE_HD constexpr int Lut3LoWord(int j) { return j >> 4; }
-KVQ_CODE_HD constexpr int Lut3LoShift(int j) { return 4 * (j & 7) + 2 * ((j >> 3) & 1); }
-KVQ_CODE_HD constexpr int Lut3HiShift(int j) { return 4 * (j & 7) + (j >> 3); }
+KVQ_CODE_HD constexpr bool SlicedCodes(int bits) { return bits == 2 || bits == 3; }
 
-// Codes [8 m, 8 m + 8) of a 3-bit group (m = 0..3) from its words a, b, c: code 8 m + e in bits
-// [4 e, 4 e + 3), bit 4 e + 3 clear.
-KVQ_CODE_HD inline uint32_t Lut3Nibbles8(uint32_t a, uint32_t b, uint32_t c, int m) {
+// Bits between consecutive codes in what the kernels' 8-code readers return: a nibble for the
+// sliced widths, B for the LSB-first ones.
+KVQ_CODE_HD constexpr int CodeStride(int bits) { return SlicedCodes(bits) ? 4 : bits; }
+
+// Sliced widths, code j (0..31) of a group: its low two bits at bit SlicedLoShift(j) of group word
+// j / 16; at 3 bits its high bit at bit SlicedHiShift(j) of group word 2.
+KVQ_CODE_HD constexpr int SlicedLoShift(int j) { return 4 * (j & 7) + 2 * ((j >> 3) & 1); }
+KVQ_CODE_HD constexpr int SlicedHiShift(int j) { return 4 * (j & 7) + (j >> 3); }
+
+// Codes [8 m, 8 m + 8) (m = 0..3) of a sliced group from its words w0, w1 (and w2 at 3 bits):
+// code 8 m + e in bits [4 e, 4 e + bits), the other nibble bits clear.
+KVQ_CODE_HD inline uint32_t SlicedNibbles8(uint32_t w0, uint32_t w1, uint32_t w2, int bits, int m) {
+  const uint32_t lo = (((m & 2) ? w1 : w0) >> (2 * (m & 1))) & 0x33333333u;
+  if (bits != 3) return lo;
   switch (m & 3) {
-    case 0: return (a & 0x33333333u) | ((c << 2) & 0x44444444u);
-    case 1: return ((a >> 2) & 0x33333333u) | ((c << 1) & 0x44444444u);
-    case 2: return (b & 0x33333333u) | (c & 0x44444444u);
-    default: return ((b >> 2) & 0x33333333u) | ((c >> 1) & 0x44444444u);
+    case 0: return lo | ((w2 << 2) & 0x44444444u);
+    case 1: return lo | ((w2 << 1) & 0x44444444u);
+    case 2: return lo | (w2 & 0x44444444u);
+    default: return lo | ((w2 >> 1) & 0x44444444u);
   }
 }
 
-// Bits between consecutive codes in what the kernels' 8-code readers return: B for the
-// LSB-first widths, a nibble for B = 3.
-KVQ_CODE_HD constexpr int CodeStride(int bits) { return bits == 3 ? 4 : bits; }
+// Code i of a token's sliced code words.
+KVQ_CODE_HD inline uint32_t SlicedCode(const uint32_t* words, int64_t i, int bits) {
+  const uint32_t* grp = words + (i >> 5) * bits;
+  const int j = static_cast<int>(i & 31);
+  uint32_t code = (grp[j >> 4] >> SlicedLoShift(j)) & 3u;
+  if (bits == 3) code |= ((grp[2] >> SlicedHiShift(j)) & 1u) << 2;
+  return code;
+}
 
 }  // namespace kvq::kernels

@@ -94,32 +94,23 @@ __device__ __forceinline__ float HalfBits(uint32_t bits16) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16 & 0xffffu)));
 }
 
-// The 4 codes starting at code index first (a multiple of 4) of a token's stream, right-aligned.
-// Codes [first, first + 4) (first a multiple of 4), code k at bits [k * CodeStride(kBits), + kBits).
+// Codes [first, first + 4) of a token (first a multiple of 4), right-aligned, code k at bits
+// [k * CodeStride(kBits), + kBits).
 template <int kBits>
 __device__ __forceinline__ uint32_t LoadCodeWindow(const uint32_t* words, int first) {
-  if constexpr (kBits == 3) {
-    const uint32_t* grp = words + 3 * (first >> 5);
+  if constexpr (SlicedCodes(kBits)) {
+    const uint32_t* grp = words + kBits * (first >> 5);
     const int j = first & 31;
-    return Lut3Nibbles8(__ldg(grp), __ldg(grp + 1), __ldg(grp + 2), j >> 3) >> (4 * (j & 7));
+    return SlicedNibbles8(__ldg(grp), __ldg(grp + 1), kBits == 3 ? __ldg(grp + 2) : 0u, kBits, j >> 3) >> (4 * (j & 7));
   }
   const int bit = first * kBits;
   const int w = bit >> 5, sh = bit & 31;
-  const uint32_t x = __ldg(words + w);
-  if constexpr (kBits == 3) {
-    // 12 bits at a multiple of 12 straddle a word boundary when sh > 20.
-    if (sh + 4 * kBits > 32) return __funnelshift_r(x, __ldg(words + w + 1), sh);
-  }
-  return x >> sh;
+  return __ldg(words + w) >> sh;  // 4 codes of a stream width that divides 32 (4 bits)
 }
 
 // Any single code (for outlier corrections).
 __device__ __forceinline__ uint32_t LoadCode(const uint32_t* words, int i, int bits) {
-  if (bits == 3) {
-    const uint32_t* grp = words + 3 * (i >> 5);
-    const int j = i & 31;
-    return ((__ldg(grp + Lut3LoWord(j)) >> Lut3LoShift(j)) & 3u) | (((__ldg(grp + 2) >> Lut3HiShift(j)) & 1u) << 2);
-  }
+  if (SlicedCodes(bits)) return SlicedCode(words, i, bits);
   const int bit = i * bits;
   const int w = bit >> 5, sh = bit & 31;
   uint32_t x = __ldg(words + w) >> sh;

@@ -25,11 +25,11 @@
 // the P operand carries p_t r_t (fp16), the zero points go to one fp32 accumulator per head, and
 // the staged values are LUT values. A value outlier x replaces l by (x - zp_t) / r_t.
 // Both tables are pair tables: entry (a | b << B) = half2(lut[a], lut[b]), one 32-bit shared load
-// per two channels, one table per layer for all KV heads of the CTA — except at 3 bits, where the
-// codes are bit-sliced (kernels/code_layout.h) and the tables are 8-entry fp16 LUTs held as byte
-// tables in four registers: eight codes become byte-permute selectors in 3-4 instructions and
-// four PRMT give four channels, no shared-memory lookups (the pair table's 64 entries took two
-// wavefronts per lookup from bank conflicts: lut_core_bench, H200, 2026-12-02).
+// per two channels, one table per layer for all KV heads of the CTA — except at 2 and 3 bits, where
+// the codes are bit-sliced (kernels/code_layout.h) and the tables are the 4- or 8-entry fp16 LUTs
+// held as byte tables in four registers: eight codes become byte-permute selectors in 1-4
+// instructions and four PRMT give four channels, no shared-memory lookups (the 3-bit pair table's
+// 64 entries took two wavefronts per lookup from bank conflicts: lut_core_bench, H200, 2026-12-02).
 //
 // Sink tokens (fp16, pre-RoPE, outside blocks; split 0 only): up to 4 extra tiles before the block
 // tiles, staged from the sink buffers as l = (k - z_c) / r_c and v with r = 1, zp = 0, rotated at
@@ -123,16 +123,18 @@ __device__ __forceinline__ void Decode4(const uint32_t (&t)[4], uint32_t sel, ui
   h01 = Prmt(lo, hi, 0x5140u);
   h23 = Prmt(lo, hi, 0x7362u);
 }
-// Word w (0..3) of the byte tables of an 8-entry LUT (Decode4's t), entries rounded to fp16.
-__device__ __forceinline__ uint32_t LutByteTable(const float* lut, int w) {
+// Word w (0..3) of the byte tables (Decode4's t) of an n-entry LUT (n = 4 or 8), entries rounded
+// to fp16; entries past n are 0.
+__device__ __forceinline__ uint32_t LutByteTable(const float* lut, int n, int w) {
   uint32_t x = 0;
   for (int b = 0; b < 4; ++b) {
-    const uint32_t h = __half_as_ushort(__float2half_rn(lut[4 * (w & 1) + b]));
+    const int e = 4 * (w & 1) + b;
+    const uint32_t h = e < n ? __half_as_ushort(__float2half_rn(lut[e])) : 0u;
     x |= ((w < 2 ? h : h >> 8) & 0xffu) << (8 * b);
   }
   return x;
 }
-// Eight LUT values of the 8 codes in `nibbles` (Codes8 at 3 bits) as four half2, channel order.
+// Eight LUT values of the 8 codes in `nibbles` (Codes8 at 2 or 3 bits) as four half2, channel order.
 __device__ __forceinline__ void Decode8(const uint32_t (&t)[4], uint32_t nibbles, uint32_t (&w)[4]) {
   Decode4(t, nibbles, w[0], w[1]);
   Decode4(t, nibbles >> 16, w[2], w[3]);
@@ -235,8 +237,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   {
     const float* kl = kv.key_lut + p.layer * kC;
     const float* vl = kv.value_lut + p.layer * kC;
-    if constexpr (kBits == 3) {  // byte tables: words 0-3 of each (16-byte aligned)
-      if (tid < 8) (tid < 4 ? kpair_s : vpair_s)[tid & 3] = LutByteTable(tid < 4 ? kl : vl, tid & 3);
+    if constexpr (SlicedCodes(kBits)) {  // byte tables: words 0-3 of each (16-byte aligned)
+      if (tid < 8) (tid < 4 ? kpair_s : vpair_s)[tid & 3] = LutByteTable(tid < 4 ? kl : vl, kC, tid & 3);
     } else {
       for (int i = tid; i < kPairs; i += blockDim.x) {
         kpair_s[i] = PackF2(kl[i % kC], kl[i / kC]);
@@ -488,7 +490,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       }
     } else {
       uint32_t kt[4];
-      if constexpr (kBits == 3) {
+      if constexpr (SlicedCodes(kBits)) {
         const uint4 t4 = *reinterpret_cast<const uint4*>(kpair_s);
         kt[0] = t4.x, kt[1] = t4.y, kt[2] = t4.z, kt[3] = t4.w;
       }
@@ -496,7 +498,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       for (int g8 = 0; g8 < kHalf / 8; ++g8) {
         const uint32_t x = Codes8<kBits>(cur.k, g8);
         uint32_t w[4];
-        if constexpr (kBits == 3) {
+        if constexpr (SlicedCodes(kBits)) {
           Decode8(kt, x, w);
         } else {
 #pragma unroll
@@ -608,7 +610,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       }
     } else {
       uint32_t vt[4];
-      if constexpr (kBits == 3) {
+      if constexpr (SlicedCodes(kBits)) {
         const uint4 t4 = *reinterpret_cast<const uint4*>(vpair_s);
         vt[0] = t4.x, vt[1] = t4.y, vt[2] = t4.z, vt[3] = t4.w;
       }
@@ -616,7 +618,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       for (int g8 = 0; g8 < kHalf / 8; ++g8) {
         const uint32_t x = Codes8<kBits>(cur.v, g8);
         uint32_t w[4];
-        if constexpr (kBits == 3) {
+        if constexpr (SlicedCodes(kBits)) {
           Decode8(vt, x, w);
         } else {
 #pragma unroll

@@ -271,13 +271,13 @@ __device__ __forceinline__ void LoadWords(const uint32_t* src, uint32_t (&w)[kWo
 }
 
 // Codes [8 * g8, 8 * g8 + 8) of a half row's code words (kernels/code_layout.h), right-aligned,
-// code e at bits [e * CodeStride(kBits), + kBits): an LSB-first stream's 8 codes (8 * kBits <= 32
-// bits), or for 3 bits its bit-sliced group's 8 codes as nibbles (a half row starts a group).
+// code e at bits [e * CodeStride(kBits), + kBits): for 2 and 3 bits the bit-sliced group's 8 codes
+// as nibbles (a half row starts a group), else an LSB-first stream's 8 codes (8 * kBits <= 32).
 template <int kBits, int kWords>
 __device__ __forceinline__ uint32_t Codes8(const uint32_t (&w)[kWords], int g8) {
-  if constexpr (kBits == 3) {
-    const int grp = 3 * (g8 >> 2);
-    return Lut3Nibbles8(w[grp], w[grp + 1], w[grp + 2], g8 & 3);
+  if constexpr (SlicedCodes(kBits)) {
+    const int grp = kBits * (g8 >> 2);
+    return SlicedNibbles8(w[grp], w[grp + 1], kBits == 3 ? w[grp + 2] : 0u, kBits, g8 & 3);
   }
   const int bit = g8 * 8 * kBits;
   const int wi = bit >> 5, sh = bit & 31;

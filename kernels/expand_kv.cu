@@ -56,9 +56,9 @@ __device__ __forceinline__ uint4 Pack8(const float (&x)[8]) {
 // The 8 codes [8 g, 8 g + 8) of a token's `bits`-bit codes (kernels/code_layout.h), right-aligned,
 // code e at bits [e * CodeStride(bits), + bits).
 __device__ __forceinline__ uint32_t Codes8At(const uint32_t* words, int g, int bits) {
-  if (bits == 3) {
-    const uint32_t* grp = words + 3 * (g >> 2);
-    return Lut3Nibbles8(__ldg(grp), __ldg(grp + 1), __ldg(grp + 2), g & 3);
+  if (SlicedCodes(bits)) {
+    const uint32_t* grp = words + bits * (g >> 2);
+    return SlicedNibbles8(__ldg(grp), __ldg(grp + 1), bits == 3 ? __ldg(grp + 2) : 0u, bits, g & 3);
   }
   const int bit = 8 * g * bits;
   const int w = bit >> 5, sh = bit & 31;

@@ -6,7 +6,7 @@
 //   per-channel formats: x_n = (x - zp_c) / r_c; outlier iff |x_n| > 1 (entry token | c << 8 |
 //   fp16(x) << 16, appended after the head's existing entries, channel order via a ballot scan);
 //   code = #{ j : clamp(x_n, -1, 1) > mid_j } (ties to the lower centroid); codes are packed as
-//   kernels/code_layout.h says (LSB-first streams; 3 bits bit-sliced) and written as whole words.
+//   kernels/code_layout.h says (2 and 3 bits bit-sliced, 4 bits a stream) and written as whole words.
 //   (Post-RoPE formats would rotate x first; not implemented, the launcher rejects them.)
 // Values (ValueAppendKernel, grid = (token, sequence), 256 threads over the L = n_kv * head_dim
 // elements of the token):
@@ -57,11 +57,11 @@ __device__ __forceinline__ uint32_t EncodeNearest(float xn, const float* mids, i
 
 // ORs `code` (bits wide) at code index i of a token's code words in shared memory.
 __device__ __forceinline__ void OrCode(uint32_t* words, int i, int bits, uint32_t code) {
-  if (bits == 3) {
-    uint32_t* grp = words + (i >> 5) * 3;
+  if (SlicedCodes(bits)) {
+    uint32_t* grp = words + (i >> 5) * bits;
     const int j = i & 31;
-    atomicOr(&grp[Lut3LoWord(j)], (code & 3u) << Lut3LoShift(j));
-    atomicOr(&grp[2], ((code >> 2) & 1u) << Lut3HiShift(j));
+    atomicOr(&grp[j >> 4], (code & 3u) << SlicedLoShift(j));
+    if (bits == 3) atomicOr(&grp[2], ((code >> 2) & 1u) << SlicedHiShift(j));
     return;
   }
   const int bit = i * bits, w = bit >> 5, sh = bit & 31;
@@ -112,13 +112,13 @@ __device__ __forceinline__ uint32_t TakeKeyWords(uint32_t* var, uint32_t end_wor
 __device__ __forceinline__ uint32_t KeyCodeWord(const uint16_t* codes, int w, int bits, int D, bool quant) {
   if (!quant) return static_cast<uint32_t>(codes[2 * w]) | (static_cast<uint32_t>(codes[2 * w + 1]) << 16);
   uint32_t word = 0;
-  if (bits == 3) {  // word w % 3 of group w / 3
-    const uint16_t* grp = codes + (w / 3) * 32;
-    if (w % 3 < 2) {
-      const int j0 = (w % 3) * 16;
-      for (int j = j0; j < j0 + 16; ++j) word |= (static_cast<uint32_t>(grp[j]) & 3u) << Lut3LoShift(j);
+  if (SlicedCodes(bits)) {  // word w % bits of group w / bits
+    const uint16_t* grp = codes + (w / bits) * 32;
+    if (w % bits < 2) {
+      const int j0 = (w % bits) * 16;
+      for (int j = j0; j < j0 + 16; ++j) word |= (static_cast<uint32_t>(grp[j]) & 3u) << SlicedLoShift(j);
     } else {
-      for (int j = 0; j < 32; ++j) word |= ((static_cast<uint32_t>(grp[j]) >> 2) & 1u) << Lut3HiShift(j);
+      for (int j = 0; j < 32; ++j) word |= ((static_cast<uint32_t>(grp[j]) >> 2) & 1u) << SlicedHiShift(j);
     }
     return word;
   }
@@ -170,7 +170,7 @@ __device__ KeyListSlot ReserveKeyOutliers(const KvAppendParams& p, uint8_t* bloc
 // One CTA per (kv head, sequence, block segment): the new tokens of that sequence that fall in
 // one block (CTA 0 also takes the sink tokens), one thread per token (a block has kKvBlockTokens
 // <= kKeyThreads slots). Each thread quantizes its token's channels in order, packing the codes
-// into whole words as it goes (a 64-bit accumulator for LSB-first widths, three words per 32 channels at 3 bits) and
+// into whole words as it goes (a 64-bit accumulator for LSB-first widths, `bits` words per 32 channels for sliced ones) and
 // keeping a bit mask of its outlier channels; a block-wide scan of the outlier counts gives every
 // token its place in the list, which grows at most once (thread 0, from the block's area); then
 // each thread writes its entries in channel order (re-reading only the outlier values), so the
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
   int n_out = 0;
   if (mine_ok) {
     const int code_bits = quant ? bits : 16;
-    const bool sliced = quant && bits == 3;  // a group of 32 codes per round: 3 words
+    const bool sliced = quant && SlicedCodes(bits);  // a group of 32 codes per round: `bits` words
     uint64_t acc = 0;
     int nbits = 0, w = 0;
     const bool vec = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
@@ -275,8 +275,8 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
           code = HalfBitsOf(xs[i]);
         }
         if (sliced) {
-          g3[Lut3LoWord(i)] |= (code & 3u) << Lut3LoShift(i);
-          g3[2] |= ((code >> 2) & 1u) << Lut3HiShift(i);
+          g3[i >> 4] |= (code & 3u) << SlicedLoShift(i);
+          g3[2] |= ((code >> 2) & 1u) << SlicedHiShift(i);
           continue;
         }
         acc |= static_cast<uint64_t>(code) << nbits;
@@ -290,8 +290,8 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
       if (sliced) {
         words[w] = g3[0];
         words[w + 1] = g3[1];
-        words[w + 2] = g3[2];
-        w += 3;
+        if (bits == 3) words[w + 2] = g3[2];
+        w += bits;
       }
       mask_s[m][tid] = mk;
       n_out += __popc(mk);

@@ -4,7 +4,7 @@ namespace kvq::kvstore {
 
 void PackCodes(const uint8_t* codes, int64_t n, int bits, uint32_t* words) {
   const int64_t n_words = PackedWords(n, bits);
-  if (bits == 3) {
+  if (kernels::SlicedCodes(bits)) {
     for (int64_t w = 0; w < n_words; ++w) words[w] = 0u;
     for (int64_t i = 0; i < n; ++i) SetPackedCode(words, i, bits, codes[i]);
     return;

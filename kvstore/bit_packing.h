@@ -1,9 +1,9 @@
 // Bit-exact packing of B-bit codes (B in 1..8, used with 2, 3, 4) into little-endian uint32 words.
-// B != 3: an LSB-first bit stream: code i occupies bits [i*B, i*B + B) of the stream; stream bit k
-// is bit k % 32 of word k / 32. B = 3: bit-sliced groups of 32 codes in 3 words, the layout of
-// kernels/code_layout.h (what the GPU decode kernels read without per-code shifts). Either way a
-// group of 32 codes fills exactly B words, so nothing is wasted when the code count is a multiple
-// of 32; otherwise the last word (B != 3) or group (B = 3) is zero-padded.
+// B = 2, 3: bit-sliced groups of 32 codes in B words, the layout of kernels/code_layout.h (what
+// the GPU decode kernels read without per-code shifts). Other widths: an LSB-first bit stream:
+// code i occupies bits [i*B, i*B + B) of the stream; stream bit k is bit k % 32 of word k / 32.
+// Either way a group of 32 codes fills exactly B words, so nothing is wasted when the code count is
+// a multiple of 32; otherwise the last word (stream) or group (sliced) is zero-padded.
 #pragma once
 
 #include <cstdint>
@@ -13,17 +13,12 @@
 namespace kvq::kvstore {
 
 inline constexpr int64_t PackedWords(int64_t n_codes, int bits) {
-  return bits == 3 ? (n_codes + 31) / 32 * 3 : (n_codes * bits + 31) / 32;
+  return kernels::SlicedCodes(bits) ? (n_codes + 31) / 32 * bits : (n_codes * bits + 31) / 32;
 }
 
 // Reads code i from a packed stream.
 inline uint32_t GetPackedCode(const uint32_t* words, int64_t i, int bits) {
-  if (bits == 3) {
-    const uint32_t* g = words + (i >> 5) * 3;
-    const int j = static_cast<int>(i & 31);
-    return ((g[kernels::Lut3LoWord(j)] >> kernels::Lut3LoShift(j)) & 3u) |
-           (((g[2] >> kernels::Lut3HiShift(j)) & 1u) << 2);
-  }
+  if (kernels::SlicedCodes(bits)) return kernels::SlicedCode(words, i, bits);
   const int64_t bit = i * bits;
   const int64_t w = bit >> 5;
   const int shift = static_cast<int>(bit & 31);
@@ -34,13 +29,16 @@ inline uint32_t GetPackedCode(const uint32_t* words, int64_t i, int bits) {
 
 // Overwrites code i (the other codes are untouched). code must be < 2^bits.
 inline void SetPackedCode(uint32_t* words, int64_t i, int bits, uint32_t code) {
-  if (bits == 3) {
-    uint32_t* g = words + (i >> 5) * 3;
+  if (kernels::SlicedCodes(bits)) {
+    uint32_t* g = words + (i >> 5) * bits;
     const int j = static_cast<int>(i & 31);
-    const int lo = kernels::Lut3LoShift(j), hi = kernels::Lut3HiShift(j);
-    uint32_t& a = g[kernels::Lut3LoWord(j)];
+    const int lo = kernels::SlicedLoShift(j);
+    uint32_t& a = g[j >> 4];
     a = (a & ~(3u << lo)) | ((code & 3u) << lo);
-    g[2] = (g[2] & ~(1u << hi)) | (((code >> 2) & 1u) << hi);
+    if (bits == 3) {
+      const int hi = kernels::SlicedHiShift(j);
+      g[2] = (g[2] & ~(1u << hi)) | (((code >> 2) & 1u) << hi);
+    }
     return;
   }
   const int64_t bit = i * bits;

@@ -27,9 +27,9 @@
 //       Token-major per head: the head_dim codes of one token are contiguous (head_dim * bits / 32
 //       words, e.g. 12 words = 48 B for hd 128 at 3 bits), so consecutive threads reading
 //       consecutive tokens issue wide (uint2/uint4) loads. The codes of a token are packed as
-//       kvstore/bit_packing.h says (kernels/code_layout.h): 2 and 4 bits an LSB-first bit stream
-//       (code c at bits [c*B, c*B + B), bit k of the stream being bit k % 32 of word k / 32),
-//       3 bits bit-sliced groups of 32 codes in 3 words. So 32 codes = B words.
+//       kvstore/bit_packing.h says (kernels/code_layout.h): 2 and 3 bits bit-sliced groups of 32
+//       codes in B words, 4 bits an LSB-first bit stream (code c at bits [c*B, c*B + B), bit k of
+//       the stream being bit k % 32 of word k / 32). So 32 codes = B words.
 //       fp16 format: the "codes" are fp16 bits, channel c in the low (c even) or high (c odd) half
 //       of word c / 2, i.e. plain little-endian half arrays.
 //   key_scales   fp16 [kBlockTokens][2] = {zero_point, range}; int per-token formats only (the

@@ -17,12 +17,14 @@ namespace kvq::kvstore {
 namespace {
 
 constexpr char kCacheMagic[8] = {'K', 'V', 'Q', 'C', 'A', 'C', 'H', 'E'};
-// Version 2: 3-bit codes bit-sliced (kernels/code_layout.h); version 1 had them as an LSB-first
-// stream like the other widths, and is converted on load.
-constexpr uint32_t kCacheVersion = 2;
+// Version 3: 2- and 3-bit codes bit-sliced (kernels/code_layout.h). Version 1 had every width as
+// an LSB-first stream, version 2 the 2-bit codes; both are converted on load.
+constexpr uint32_t kCacheVersion = 3;
 
-// A version-1 block's 3-bit code rows (LSB-first streams) rewritten in place in today's layout.
-void RepackLsbFirst3(const BlockLayout& lay, uint8_t* fixed) {
+// A block's code rows written as LSB-first streams of lay.bits-bit codes, rewritten in place in
+// today's layout.
+void RepackLsbFirst(const BlockLayout& lay, uint8_t* fixed) {
+  const int bits = lay.bits;
   std::vector<uint8_t> codes(lay.head_dim);
   std::vector<uint32_t> row(lay.key_words_per_token);
   for (int l = 0; l < lay.n_layers; ++l) {
@@ -31,12 +33,12 @@ void RepackLsbFirst3(const BlockLayout& lay, uint8_t* fixed) {
         for (const int64_t at : {lay.KeyCodesAt(l, h, t), lay.ValueCodesAt(l, h, t)}) {
           std::memcpy(row.data(), fixed + at, row.size() * 4);
           for (int c = 0; c < lay.head_dim; ++c) {
-            const int64_t bit = 3 * c;
+            const int64_t bit = static_cast<int64_t>(bits) * c;
             uint64_t window = row[bit >> 5] >> (bit & 31);
-            if ((bit & 31) > 29) window |= static_cast<uint64_t>(row[(bit >> 5) + 1]) << (32 - (bit & 31));
-            codes[c] = static_cast<uint8_t>(window & 7u);
+            if ((bit & 31) + bits > 32) window |= static_cast<uint64_t>(row[(bit >> 5) + 1]) << (32 - (bit & 31));
+            codes[c] = static_cast<uint8_t>(window & ((1u << bits) - 1u));
           }
-          PackCodes(codes.data(), lay.head_dim, 3, row.data());
+          PackCodes(codes.data(), lay.head_dim, bits, row.data());
           std::memcpy(fixed + at, row.data(), row.size() * 4);
         }
       }
@@ -607,7 +609,7 @@ absl::StatusOr<std::unique_ptr<QuantizedKvCache>> QuantizedKvCache::Deserialize(
   const uint32_t version = h.Get<uint32_t>();
   h.Get<uint32_t>();
   const uint64_t len = h.Get<uint64_t>();
-  if (version != kCacheVersion && version != 1) {
+  if (version < 1 || version > kCacheVersion) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported cache version ", version));
   }
   if (len > bytes.size() || bytes.size() != kHeader + len + 8) {
@@ -651,7 +653,8 @@ absl::StatusOr<std::unique_ptr<QuantizedKvCache>> QuantizedKvCache::Deserialize(
     }
     Block* blk = cache->WritableBlock(static_cast<int64_t>(b));
     r.GetBytes(blk->fixed.data(), lay.fixed_bytes);
-    if (version == 1 && lay.bits == 3 && !r.failed()) RepackLsbFirst3(lay, blk->fixed.data());
+    const bool stream = (lay.bits == 3 && version < 2) || (lay.bits == 2 && version < 3);
+    if (stream && !r.failed()) RepackLsbFirst(lay, blk->fixed.data());
     std::vector<uint32_t> entries(n_entries);
     r.GetBytes(entries.data(), n_entries * 4);
     if (r.failed()) return absl::DataLossError("serialized cache: block is truncated");

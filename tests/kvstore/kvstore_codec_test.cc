@@ -38,7 +38,7 @@ TEST_P(PackingTest, RoundTripIsBitExact) {
   if (n % 32 == 0) EXPECT_EQ(words.size(), static_cast<size_t>(n / 32 * bits));
   const int64_t capacity = static_cast<int64_t>(words.size()) * 32 / bits;
   for (int64_t i = n; i < capacity; ++i) EXPECT_EQ(GetPackedCode(words.data(), i, bits), 0u) << i;
-  if (bits != 3 && (static_cast<int64_t>(n) * bits) % 32 != 0) {
+  if (!kernels::SlicedCodes(bits) && (static_cast<int64_t>(n) * bits) % 32 != 0) {
     EXPECT_EQ(words.back() >> ((static_cast<int64_t>(n) * bits) % 32), 0u);
   }
 }
@@ -51,44 +51,46 @@ INSTANTIATE_TEST_SUITE_P(AllWidths, PackingTest,
                                   std::to_string(std::get<1>(info.param));
                          });
 
-TEST(PackingTest, LsbFirstLayoutForTwoAndFourBits) {
+TEST(PackingTest, FourBitCodesAreAnLsbFirstStream) {
   // Stream bit k is bit k%32 of word k/32.
-  for (const int bits : {2, 4}) {
-    std::vector<uint8_t> codes = {1, 2, 3, 0, 3, 2, 1, 1, 2, 3, 0, 1, 2, 3, 3, 2, 1};
-    if (bits == 4) codes = {1, 15, 3, 4, 9, 6, 7, 0, 14};
-    std::vector<uint32_t> w(PackedWords(codes.size(), bits));
-    PackCodes(codes.data(), codes.size(), bits, w.data());
-    uint64_t expect = 0;
-    for (size_t i = 0; i < codes.size(); ++i) expect |= static_cast<uint64_t>(codes[i]) << (bits * i);
-    ASSERT_EQ(w.size(), 2u);
-    EXPECT_EQ(w[0], static_cast<uint32_t>(expect)) << bits;
-    EXPECT_EQ(w[1], static_cast<uint32_t>(expect >> 32)) << bits;
-  }
+  const std::vector<uint8_t> codes = {1, 15, 3, 4, 9, 6, 7, 0, 14};
+  std::vector<uint32_t> w(PackedWords(codes.size(), 4));
+  PackCodes(codes.data(), codes.size(), 4, w.data());
+  uint64_t expect = 0;
+  for (size_t i = 0; i < codes.size(); ++i) expect |= static_cast<uint64_t>(codes[i]) << (4 * i);
+  ASSERT_EQ(w.size(), 2u);
+  EXPECT_EQ(w[0], static_cast<uint32_t>(expect));
+  EXPECT_EQ(w[1], static_cast<uint32_t>(expect >> 32));
 }
 
-TEST(PackingTest, ThreeBitCodesAreBitSlicedInGroupsOf32) {
-  // Word A: low two bits of codes 0-7 in nibble bits 0-1, of codes 8-15 in nibble bits 2-3; word
-  // B: the same for codes 16-31; word C: the high bit of code j at bit 4 (j % 8) + j / 8.
-  std::vector<uint8_t> codes(64);
-  for (int i = 0; i < 64; ++i) codes[i] = static_cast<uint8_t>((5 * i + i / 7) & 7);
-  std::vector<uint32_t> w(PackedWords(codes.size(), 3));
-  ASSERT_EQ(w.size(), 6u);
-  PackCodes(codes.data(), codes.size(), 3, w.data());
-  for (int g = 0; g < 2; ++g) {
-    uint32_t a = 0, b = 0, c = 0;
-    for (int j = 0; j < 32; ++j) {
-      const uint32_t code = codes[32 * g + j];
-      const uint32_t lo = (code & 3u) << (4 * (j % 8) + 2 * ((j / 8) % 2));
-      (j < 16 ? a : b) |= lo;
-      c |= (code >> 2) << (4 * (j % 8) + j / 8);
-    }
-    EXPECT_EQ(w[3 * g], a) << g;
-    EXPECT_EQ(w[3 * g + 1], b) << g;
-    EXPECT_EQ(w[3 * g + 2], c) << g;
-    // What the GPU kernels read: eight codes as the low three bits of eight nibbles.
-    for (int m = 0; m < 4; ++m) {
-      const uint32_t nib = kernels::Lut3Nibbles8(w[3 * g], w[3 * g + 1], w[3 * g + 2], m);
-      for (int e = 0; e < 8; ++e) EXPECT_EQ((nib >> (4 * e)) & 15u, codes[32 * g + 8 * m + e]) << g << m << e;
+TEST(PackingTest, TwoAndThreeBitCodesAreBitSlicedInGroupsOf32) {
+  // Word 0: low two bits of codes 0-7 in nibble bits 0-1, of codes 8-15 in nibble bits 2-3; word
+  // 1: the same for codes 16-31; at 3 bits word 2: the high bit of code j at bit 4 (j % 8) + j / 8.
+  for (const int bits : {2, 3}) {
+    std::vector<uint8_t> codes(64);
+    for (int i = 0; i < 64; ++i) codes[i] = static_cast<uint8_t>((5 * i + i / 7) & ((1 << bits) - 1));
+    std::vector<uint32_t> w(PackedWords(codes.size(), bits));
+    ASSERT_EQ(w.size(), static_cast<size_t>(2 * bits));
+    PackCodes(codes.data(), codes.size(), bits, w.data());
+    for (int g = 0; g < 2; ++g) {
+      uint32_t a = 0, b = 0, c = 0;
+      for (int j = 0; j < 32; ++j) {
+        const uint32_t code = codes[32 * g + j];
+        const uint32_t lo = (code & 3u) << (4 * (j % 8) + 2 * ((j / 8) % 2));
+        (j < 16 ? a : b) |= lo;
+        c |= (code >> 2) << (4 * (j % 8) + j / 8);
+      }
+      const uint32_t* grp = w.data() + bits * g;
+      EXPECT_EQ(grp[0], a) << bits << " " << g;
+      EXPECT_EQ(grp[1], b) << bits << " " << g;
+      if (bits == 3) EXPECT_EQ(grp[2], c) << g;
+      // What the GPU kernels read: eight codes as the low bits of eight nibbles.
+      for (int m = 0; m < 4; ++m) {
+        const uint32_t nib = kernels::SlicedNibbles8(grp[0], grp[1], bits == 3 ? grp[2] : 0u, bits, m);
+        for (int e = 0; e < 8; ++e) {
+          EXPECT_EQ((nib >> (4 * e)) & 15u, codes[32 * g + 8 * m + e]) << bits << " " << g << m << e;
+        }
+      }
     }
   }
 }
