@@ -115,9 +115,8 @@ __device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t sel) {
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
   return r;
 }
-// Four fp16 LUT values (two half2: codes 0,1 and 2,3) of the four 3-bit selectors in the low
-// nibbles of sel, from the byte tables t = {low bytes of entries 0-3, of 4-7, high bytes of 0-3,
-// of 4-7}.
+// Four fp16 LUT values (two half2: codes 0,1 and 2,3) of the four codes (< 8) in the low nibbles
+// of sel, from the byte tables t = {low bytes of entries 0-3, of 4-7, high bytes of 0-3, of 4-7}.
 __device__ __forceinline__ void Decode4(const uint32_t (&t)[4], uint32_t sel, uint32_t& h01, uint32_t& h23) {
   const uint32_t lo = Prmt(t[0], t[1], sel), hi = Prmt(t[2], t[3], sel);
   h01 = Prmt(lo, hi, 0x5140u);
@@ -133,6 +132,11 @@ __device__ __forceinline__ uint32_t LutByteTable(const float* lut, int n, int w)
     x |= ((w < 2 ? h : h >> 8) & 0xffu) << (8 * b);
   }
   return x;
+}
+// The byte tables (Decode4's t) from shared memory, one broadcast 16-byte load.
+__device__ __forceinline__ void LoadByteTable(const uint32_t* table_s, uint32_t (&t)[4]) {
+  const uint4 x = *reinterpret_cast<const uint4*>(table_s);
+  t[0] = x.x, t[1] = x.y, t[2] = x.z, t[3] = x.w;
 }
 // Eight LUT values of the 8 codes in `nibbles` (Codes8 at 2 or 3 bits) as four half2, channel order.
 __device__ __forceinline__ void Decode8(const uint32_t (&t)[4], uint32_t nibbles, uint32_t (&w)[4]) {
@@ -490,10 +494,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       }
     } else {
       uint32_t kt[4];
-      if constexpr (SlicedCodes(kBits)) {
-        const uint4 t4 = *reinterpret_cast<const uint4*>(kpair_s);
-        kt[0] = t4.x, kt[1] = t4.y, kt[2] = t4.z, kt[3] = t4.w;
-      }
+      if constexpr (SlicedCodes(kBits)) LoadByteTable(kpair_s, kt);
 #pragma unroll
       for (int g8 = 0; g8 < kHalf / 8; ++g8) {
         const uint32_t x = Codes8<kBits>(cur.k, g8);
@@ -610,10 +611,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       }
     } else {
       uint32_t vt[4];
-      if constexpr (SlicedCodes(kBits)) {
-        const uint4 t4 = *reinterpret_cast<const uint4*>(vpair_s);
-        vt[0] = t4.x, vt[1] = t4.y, vt[2] = t4.z, vt[3] = t4.w;
-      }
+      if constexpr (SlicedCodes(kBits)) LoadByteTable(vpair_s, vt);
 #pragma unroll
       for (int g8 = 0; g8 < kHalf / 8; ++g8) {
         const uint32_t x = Codes8<kBits>(cur.v, g8);

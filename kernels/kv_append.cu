@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
 #pragma unroll
         for (int i = 0; i < 32; ++i) xs[i] = __ldg(x + 32 * m + i);
       }
-      uint32_t g3[3] = {0u, 0u, 0u};
+      uint32_t grp[3] = {0u, 0u, 0u};  // sliced: the round's group words
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int c = 32 * m + i;
@@ -275,8 +275,8 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
           code = HalfBitsOf(xs[i]);
         }
         if (sliced) {
-          g3[i >> 4] |= (code & 3u) << SlicedLoShift(i);
-          g3[2] |= ((code >> 2) & 1u) << SlicedHiShift(i);
+          grp[i >> 4] |= (code & 3u) << SlicedLoShift(i);
+          grp[2] |= ((code >> 2) & 1u) << SlicedHiShift(i);
           continue;
         }
         acc |= static_cast<uint64_t>(code) << nbits;
@@ -288,9 +288,9 @@ __global__ void __launch_bounds__(kKeyThreads) KeyAppendKernel(const KvAppendPar
         }
       }
       if (sliced) {
-        words[w] = g3[0];
-        words[w + 1] = g3[1];
-        if (bits == 3) words[w + 2] = g3[2];
+        words[w] = grp[0];
+        words[w + 1] = grp[1];
+        if (bits == 3) words[w + 2] = grp[2];
         w += bits;
       }
       mask_s[m][tid] = mk;

@@ -16,15 +16,20 @@ inline constexpr int64_t PackedWords(int64_t n_codes, int bits) {
   return kernels::SlicedCodes(bits) ? (n_codes + 31) / 32 * bits : (n_codes * bits + 31) / 32;
 }
 
-// Reads code i from a packed stream.
-inline uint32_t GetPackedCode(const uint32_t* words, int64_t i, int bits) {
-  if (kernels::SlicedCodes(bits)) return kernels::SlicedCode(words, i, bits);
+// Reads code i of an LSB-first stream of `bits`-bit codes, whatever the width (GetPackedCode for
+// the widths stored that way; also what older serialized caches hold at 2 and 3 bits).
+inline uint32_t GetStreamCode(const uint32_t* words, int64_t i, int bits) {
   const int64_t bit = i * bits;
   const int64_t w = bit >> 5;
   const int shift = static_cast<int>(bit & 31);
   uint64_t window = words[w] >> shift;
   if (shift + bits > 32) window |= static_cast<uint64_t>(words[w + 1]) << (32 - shift);
   return static_cast<uint32_t>(window) & ((1u << bits) - 1u);
+}
+
+// Reads code i of packed codes.
+inline uint32_t GetPackedCode(const uint32_t* words, int64_t i, int bits) {
+  return kernels::SlicedCodes(bits) ? kernels::SlicedCode(words, i, bits) : GetStreamCode(words, i, bits);
 }
 
 // Overwrites code i (the other codes are untouched). code must be < 2^bits.

@@ -32,12 +32,7 @@ void RepackLsbFirst(const BlockLayout& lay, uint8_t* fixed) {
       for (int t = 0; t < kBlockTokens; ++t) {
         for (const int64_t at : {lay.KeyCodesAt(l, h, t), lay.ValueCodesAt(l, h, t)}) {
           std::memcpy(row.data(), fixed + at, row.size() * 4);
-          for (int c = 0; c < lay.head_dim; ++c) {
-            const int64_t bit = static_cast<int64_t>(bits) * c;
-            uint64_t window = row[bit >> 5] >> (bit & 31);
-            if ((bit & 31) + bits > 32) window |= static_cast<uint64_t>(row[(bit >> 5) + 1]) << (32 - (bit & 31));
-            codes[c] = static_cast<uint8_t>(window & ((1u << bits) - 1u));
-          }
+          for (int c = 0; c < lay.head_dim; ++c) codes[c] = static_cast<uint8_t>(GetStreamCode(row.data(), c, bits));
           PackCodes(codes.data(), lay.head_dim, bits, row.data());
           std::memcpy(fixed + at, row.data(), row.size() * 4);
         }

@@ -398,13 +398,6 @@ TEST(GpuForwardTest, GreedyTokensAndLogitsMatchTheCpuForEveryFormat) {
   cudaStreamDestroy(stream);
 }
 
-// Perplexity through the cache: fp16 on the GPU equals the CPU's to 3e-4 relative (the prefill
-// kernels round q and the softmax weights to fp16 on the tensor cores; measured 1.2e-4 on the
-// H200, 2026-12-01, where the per-row decode kernel gave < 1e-4). Quantized formats in the GPU
-// pool against the CPU reference quantizer fed by the same GPU forward pass: within the spread that
-// arithmetic noise gives a quantized cache on this model (see above; 1022 tokens: measured up to
-// 1.8%, the same size as CPU vs GPU forward over one quantizer), and within one block's key
-// outliers of the same bytes.
 // Serving steps that ask for only the greedy token of some rows (ForwardItem::Output::kGreedy,
 // picked on the device), a sampled token of others (kSample), nothing (kNone) or the logits: the
 // greedy tokens equal model::Argmax of the logits that the same steps return with every row
@@ -517,6 +510,13 @@ TEST(GpuForwardTest, TokensPickedOnTheDeviceEqualTheirRulesOnTheLogits) {
   cudaStreamDestroy(stream);
 }
 
+// Perplexity through the cache: fp16 on the GPU equals the CPU's to 3e-4 relative (the prefill
+// kernels round q and the softmax weights to fp16 on the tensor cores; measured 1.2e-4 on the
+// H200, 2026-12-01, where the per-row decode kernel gave < 1e-4). Quantized formats in the GPU
+// pool against the CPU reference quantizer fed by the same GPU forward pass: within the spread that
+// arithmetic noise gives a quantized cache on this model (see above; 1022 tokens: measured up to
+// 1.8%, the same size as CPU vs GPU forward over one quantizer), and within one block's key
+// outliers of the same bytes.
 TEST(GpuForwardTest, EvaluationModePerplexityMatchesTheCpu) {
   KVQ_REQUIRE_GPU();
   cudaStream_t stream;
