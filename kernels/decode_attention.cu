@@ -77,6 +77,9 @@ absl::Status Validate(const DecodeAttentionParams& p) {
       g.value_words_per_token != g.key_words_per_token) {
     return bad("words per token ", g.key_words_per_token, " != head_dim * bits / 32");
   }
+  if (g.layer_bytes >= (int64_t{1} << 31)) {
+    return bad("layer section of ", g.layer_bytes, " bytes: the kernels address it with 32-bit offsets");
+  }
   if (g.key_scales_offset >= 0) {
     return absl::UnimplementedError(
         "LaunchDecodeAttention: int per-token formats (per-token key scaling) are not supported");

@@ -78,8 +78,9 @@ using decode_attention_mma::StageOff;
 
 // Timing ablations (wrong results; never in a normal build): KVQ_LUT_ABLATE is a bit mask that
 // removes 1 the value-outlier patching, 2 the key-outlier scan, 4 every cos/sin group table after
-// the first, to time what each costs on the kernel's critical path (kernels_bench binaries built
-// with -DKVQ_LUT_ABLATE=N next to the normal one).
+// the first, 8 the low part of P (8 of the 16 P.V mma), 16 the zero-point mma (8 of the 24 score
+// mma), to time what each costs on the kernel's critical path (kernels_bench binaries built with
+// -DKVQ_LUT_ABLATE=N next to the normal one).
 #ifdef KVQ_LUT_ABLATE
 inline constexpr int kLutAblate = KVQ_LUT_ABLATE;
 #else
@@ -333,20 +334,25 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   // Raw codes of this lane's token and channel half, loaded one tile ahead: the keys right after
   // the current keys are staged, the values and scales right after the current ones are used (one
   // register copy of each, not two).
-  auto tok_ok = [&](int T) { return active && T < n_tiles && j_begin + T * kTile + lt < j_end; };
-  // base: the block base of tile T (carried by the caller).
-  auto row_at = [&](int T, const uint8_t* base, int64_t offset) -> const uint32_t* {
-    const int j = j_begin + T * kTile;
-    const int64_t tok = static_cast<int64_t>(hk) * kKvBlockTokens + j % kKvBlockTokens + lt;
-    return reinterpret_cast<const uint32_t*>(base + offset) + tok * geo.key_words_per_token;
-  };
+  // Addresses as 32-bit byte offsets from the block's layer base (LaunchDecodeAttention checks
+  // layer_bytes < 2^31) with the words per token known at compile time (it checks that too): the
+  // 64-bit products and runtime multiplies they replace were ~200 of the ~1,100 instructions per
+  // tile (ncu, Llama-3-8B nuq3-1% 1M, H200, 2026-12-02). The caller only asks for tiles of active
+  // warps and T <= n_tiles (tile n_tiles has no valid token).
+  constexpr int kRowBytes = kHeadDim * kBits / 8;  // code bytes per token row
+  const int lane_row = (hk_c * kKvBlockTokens + lt) * kRowBytes + lh * kW * 4;
+  const int vo_row = k_v * geo.value_outlier_index_bytes;  // index bytes per token
+  auto tin_of = [&](int T) { return (j_begin + T * kTile) & (kKvBlockTokens - 1); };
+  auto tok_ok = [&](int T) { return j_begin + T * kTile + lt < j_end; };
   auto load_k = [&](int T, const uint8_t* base, RawT& r) {
     if (!tok_ok(T)) {
 #pragma unroll
       for (int i = 0; i < kW; ++i) r.k[i] = 0u;
       return;
     }
-    LoadWords(row_at(T, base, geo.key_codes_offset) + lh * kW, r.k);
+    LoadWords(reinterpret_cast<const uint32_t*>(
+                  base + (static_cast<int>(geo.key_codes_offset) + lane_row + tin_of(T) * kRowBytes)),
+              r.k);
   };
   auto load_v = [&](int T, const uint8_t* base, RawT& r) {
     if (!tok_ok(T)) {
@@ -355,10 +361,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       r.vscale = 0u;
       return;
     }
-    LoadWords(row_at(T, base, geo.value_codes_offset) + lh * kW, r.v);
-    const int j = j_begin + T * kTile;
-    r.vscale = __ldg(reinterpret_cast<const uint32_t*>(base + geo.value_scales_offset) +
-                     j % kKvBlockTokens + lt);
+    const int tin = tin_of(T);
+    LoadWords(reinterpret_cast<const uint32_t*>(
+                  base + (static_cast<int>(geo.value_codes_offset) + lane_row + tin * kRowBytes)),
+              r.v);
+    r.vscale = __ldg(reinterpret_cast<const uint32_t*>(
+        base + (static_cast<int>(geo.value_scales_offset) + (tin + lt) * 4)));
   };
 
   // Sink buffer of this sequence: K [n_layers][n_sink_cap][n_kv][hd], then V.
@@ -424,11 +432,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
 
     // ---- cos/sin table of the group (CTA-wide): sinks form one group of <= 4 tiles. ----
     if ((sink_tile ? T == -n_stiles : (T % kGroupTiles) == 0) && (!(kLutAblate & 4) || T == -n_stiles || T == 0)) {
-      __syncthreads();
       const bool rot = sink_tile || rope;
       // Entries at absolute positions (rot_tab: the same bits whichever split or shard computes
       // them); rows of 8 positions from the absolute group of gpos, 9 rows when gpos is not a
-      // multiple of 8.
+      // multiple of 8. The anchors need no barrier before them: only the rows below read them,
+      // each thread's anchors are its own, and the last rows were built before the previous
+      // group's closing barrier. One barrier then keeps the rows from overwriting the table
+      // before every warp has finished the previous group's tiles, and makes the anchors visible.
       const int64_t gpos = sink_tile ? first_pos : blk_pos0 + j;
       if (rot) {
         rot_tab.Anchor(gpos, /*restart=*/sink_tile || T == 0, kv.rope_inv_freq,
@@ -521,13 +531,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           }
         }
         if (k_v > 0) {
-          const int ib = geo.value_outlier_index_bytes;
-          const int t0 = (tin + kTile) % kKvBlockTokens;
-          if (lane * 128 < kTile * k_v * ib) {
-            PrefetchL1(nb + geo.value_outlier_index_offset + static_cast<int64_t>(t0) * k_v * ib + lane * 128);
+          const int t0 = (tin + kTile) & (kKvBlockTokens - 1);
+          if (lane * 128 < kTile * vo_row) {
+            PrefetchL1(nb + (static_cast<int>(geo.value_outlier_index_offset) + t0 * vo_row + lane * 128));
           }
           if (lane * 128 < kTile * k_v * 2) {
-            PrefetchL1(nb + geo.value_outlier_value_offset + static_cast<int64_t>(t0) * k_v * 2 + lane * 128);
+            PrefetchL1(nb + (static_cast<int>(geo.value_outlier_value_offset) + t0 * k_v * 2 + lane * 128));
           }
         }
       }
@@ -592,8 +601,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         for (int r = 0; r < 4; ++r) a[r] = HMul2(hi[r], sw[r]);
         Mma(sb, a, q2v.z, q2v.w);
         const uint4 z4 = zb_s[jj * 32 + lane];
-        Mma(s, cw, z4.x, z4.y);
-        Mma(sb, sw, z4.z, z4.w);
+        if (!(kLutAblate & 16)) {
+          Mma(s, cw, z4.x, z4.y);
+          Mma(sb, sw, z4.z, z4.w);
+        }
       }
 #pragma unroll
       for (int r = 0; r < 4; ++r) s[r] += sb[r];
@@ -627,26 +638,30 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       }
       if (k_v > 0) {
         __syncwarp();
-        const int ib = geo.value_outlier_index_bytes;
         const int t = tin + lt;
         if (lt < n_valid) {
           const float vzp = HalfLo(vscale), vr = HalfHi(vscale);
-          const uint8_t* idx = lb + geo.value_outlier_index_offset + static_cast<int64_t>(t) * k_v * ib;
-          const uint16_t* val = reinterpret_cast<const uint16_t*>(lb + geo.value_outlier_value_offset) +
-                                static_cast<int64_t>(t) * k_v;
-          // One entry at a time, each load waiting for the previous: 14% of the kernel's stall
-          // samples (ncu, 2026-12-01) and 15% of its time (without this patching: Llama-3-8B
-          // nuq3-1% 1M batch 1 1,277 -> 1,110-1,121 us). Tried and slower (H200, same call):
-          // four index loads issued before any is used, together with the key-outlier prefetch
-          // moved after its scan, 1,311-1,314 us; each 64-token group's rows copied into shared
-          // memory by the CTA on top of that (more spills), 1,341-1,351 us.
-          for (int o = lh; o < k_v; o += 2) {
-            const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
-            if (e / kHeadDim != hk) continue;
+          const uint8_t* idx = lb + (static_cast<int>(geo.value_outlier_index_offset) + t * vo_row);
+          const uint16_t* val =
+              reinterpret_cast<const uint16_t*>(lb + (static_cast<int>(geo.value_outlier_value_offset) + t * k_v * 2));
+          auto patch = [&](int e, int o) {
             const int c = e % kHeadDim;
             const float x = __half2float(__ushort_as_half(val[o]));
             *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
                 ClampedHalf((x - vzp) / vr);
+          };
+          // The token's entries, split between its two lanes; each load waits for the previous
+          // (ncu, 2026-12-01: 14% of the stall samples; without the patching the kernel is 15%
+          // faster). Tried and slower (H200): four index loads issued before any is used,
+          // 1,311-1,314 against 1,277 us; each 64-token group's rows copied into shared memory by
+          // the CTA, 1,341-1,351 us; 2026-12-02: the tile's entries over all 32 lanes, every lane's
+          // index and value loads issued first, 1,434 against 1,206 us, and the same with 16-byte
+          // loads (8 entries per lane), 1,390 us (both executed 20% more instructions); two
+          // 16-bit indices per 32-bit load, no faster (1,170-1,175 us either way).
+          const int ib = geo.value_outlier_index_bytes;
+          for (int o = lh; o < k_v; o += 2) {
+            const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
+            if (e / kHeadDim == hk) patch(e, o);
           }
         }
       }
@@ -710,7 +725,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         uint32_t a[4];
         Ldsm4T(sbase + StageOff<kHeadDim>(row, 2 * i + csel), a);
         Mma(acc[i], a, pb[0], pb[1]);
-        Mma(acc[i], a, pl[0], pl[1]);
+        if (!(kLutAblate & 8)) Mma(acc[i], a, pl[0], pl[1]);
       }
     }
   }

@@ -142,7 +142,8 @@ struct RopeGroupAnchors {
 #pragma unroll 1
     for (int i = tid; i < kStepEntries; i += nthreads) RopeStepEntry(inv_freq, kHalf, i, s8);
   }
-  // At a group that starts at gpos (CTA-uniform; __syncthreads before, and before the rows);
+  // At a group that starts at gpos (CTA-uniform; a __syncthreads before the rows, and before it
+  // unless nothing reads a or x between the previous rows and it, as in the LUT kernel);
   // restart unless the previous call's gpos was gpos - 64. X(Pa) from `anchors` (PagedKvCache::
   // rope_anchors: the same SinCosD values, computed once per pool) when it covers Pa: a split's
   // first group otherwise put a double sincos per frequency (the large-argument path) before the

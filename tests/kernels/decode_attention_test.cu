@@ -307,6 +307,12 @@ TEST(DecodeAttentionLauncher, RejectsUnsupportedKeys) {
   const absl::Status s = kernels::LaunchDecodeAttention(p, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;  // group 16 > 8
   EXPECT_NE(std::string(s.message()).find("group"), std::string::npos) << s;
+  // A layer section the kernels' 32-bit offsets cannot address.
+  p.n_heads = 1;
+  p.kv.geom.layer_bytes = int64_t{1} << 31;
+  const absl::Status big = kernels::LaunchDecodeAttention(p, nullptr);
+  EXPECT_EQ(big.code(), absl::StatusCode::kInvalidArgument) << big;
+  EXPECT_NE(std::string(big.message()).find("32-bit offsets"), std::string::npos) << big;
 }
 
 // The RoPE table launchers check their arguments before anything reaches the GPU.
