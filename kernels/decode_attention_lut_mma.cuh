@@ -162,6 +162,15 @@ __device__ __forceinline__ uint16_t ClampedHalf(float x) {
 __device__ __forceinline__ uint32_t HMul2(uint32_t a, uint32_t b) {
   return H2Bits(__hmul2(BitsH2(a), BitsH2(b)));
 }
+// 2^x by the special-function unit alone, results below 2^-126 flushed to zero (exp2f adds a range
+// test and two multiplies around the same instruction to return them as denormals: 18 of the
+// softmax's instructions per tile; a weight below 2^-126 of the running maximum's is far below
+// what the fp32 sums resolve).
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ void PrefetchL1(const void* ptr) {
   asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr));
 }
@@ -659,10 +668,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           // loads (8 entries per lane), 1,390 us (both executed 20% more instructions); two
           // 16-bit indices per 32-bit load, no faster (1,170-1,175 us either way); each lane's next
           // index loaded before the current one is used, 1,192 against 1,157 us.
-          const int ib = geo.value_outlier_index_bytes;
-          for (int o = lh; o < k_v; o += 2) {
-            const int e = ib == 1 ? idx[o] : reinterpret_cast<const uint16_t*>(idx)[o];
-            if (e / kHeadDim == hk) patch(e, o);
+          // One loop per index width (the width test and the second load out of the loop), the
+          // index walked by pointer.
+          auto scan = [&](auto* ip) {
+            for (int o = lh; o < k_v; o += 2) {
+              const int e = ip[o];
+              if (e / kHeadDim == hk) patch(e, o);
+            }
+          };
+          if (geo.value_outlier_index_bytes == 1) {
+            scan(idx);
+          } else {
+            scan(reinterpret_cast<const uint16_t*>(idx));
           }
         }
       }
@@ -678,11 +695,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
     }
     const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: n_valid >= 1
-    const float corr0 = exp2f(m0 - mn0), corr1 = exp2f(m1 - mn1);
+    const float corr0 = Exp2(m0 - mn0), corr1 = Exp2(m1 - mn1);
     m0 = mn0;
     m1 = mn1;
-    const float p0 = exp2f(s[0] - mn0), p1 = exp2f(s[1] - mn1);
-    const float p2 = exp2f(s[2] - mn0), p3 = exp2f(s[3] - mn1);
+    const float p0 = Exp2(s[0] - mn0), p1 = Exp2(s[1] - mn1);
+    const float p2 = Exp2(s[2] - mn0), p3 = Exp2(s[3] - mn1);
     // Per-token value scaling of tokens g and g+8 (held by staging lanes g and g+8).
     const uint32_t vs_g = __shfl_sync(0xffffffffu, vscale, g);
     const uint32_t vs_g8 = __shfl_sync(0xffffffffu, vscale, g + 8);
