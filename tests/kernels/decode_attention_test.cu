@@ -279,9 +279,8 @@ std::vector<Case> Cases() {
     cs.push_back({"nuq3-1%", hd, 2, 4, {700, 33}, 0, 44});
     cs.push_back({"nuq2-1%-sink5", hd, 3, 3, {700}, 0, 44});
     cs.push_back({"fp16", hd, 3, 3, {700, 17}, 0, 44});
-    // Value outliers all in one head: the LUT kernel's per-(warp, tile) outlier buckets overflow
-    // for that head (its warp scans the rows itself) and stay empty for the others; a split that
-    // starts mid-block.
+    // Value outliers all in one head: that head's warp patches every entry of its tokens' rows
+    // and the other warps none; a split that starts mid-block.
     cs.push_back({"nuq3-1%", hd, 8, 4, {700, 300}, 0, 0, 2});
     cs.push_back({"nuq4-1%-sink5", hd, 4, 2, {900}, 0, 3, 0});
     cs.push_back({"nuq2-1%", hd, 2, 8, {500}, 0, 2, 1});
