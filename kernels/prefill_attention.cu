@@ -31,6 +31,7 @@
 namespace kvq::kernels {
 namespace {
 
+using decode_attention_mma::Exp2;
 using decode_attention_mma::Ldsm4;
 using decode_attention_mma::Ldsm4T;
 using decode_attention_mma::Mma;
@@ -53,13 +54,6 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-// 2^x by the SFU (ex2.approx, flush-to-zero: arguments here are <= 0 and -inf gives 0; relative
-// error ~2^-22, far below the fp16 rounding of P).
-__device__ __forceinline__ float Exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 template <int kN>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kN));
