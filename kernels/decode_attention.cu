@@ -97,6 +97,10 @@ absl::Status Validate(const DecodeAttentionParams& p) {
       (g.value_outlier_index_bytes < 1 || g.value_outlier_index_bytes > 2)) {
     return bad("value_outlier_index_bytes ", g.value_outlier_index_bytes);
   }
+  if (g.value_outlier_head_start_offset >= 0 &&
+      (g.value_outliers_per_token <= 0 || g.value_outliers_per_token > 255)) {
+    return bad("value-outlier head starts with ", g.value_outliers_per_token, " outliers per token (1..255)");
+  }
   if (!quant && (g.value_outliers_per_token > 0 || g.has_key_outliers)) {
     return bad("fp16 codec with outliers");
   }

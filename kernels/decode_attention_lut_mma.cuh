@@ -149,7 +149,14 @@ __device__ __forceinline__ void Decode8(const uint32_t (&t)[4], uint32_t nibbles
 template <int kW>
 struct LutRaw {
   uint32_t k[kW], v[kW], vscale;
+  uint32_t vstart;  // KVQ_LUT_VSTART_REG: this head's value-outlier range, start | end << 8
 };
+
+#ifdef KVQ_LUT_VSTART_REG
+inline constexpr bool kVstartReg = true;
+#else
+inline constexpr bool kVstartReg = false;
+#endif
 
 __device__ __forceinline__ float HalfLo(uint32_t u) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(u & 0xffffu)));
@@ -343,6 +350,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   constexpr int kRowBytes = kHeadDim * kBits / 8;  // code bytes per token row
   const int lane_row = (hk_c * kKvBlockTokens + lt) * kRowBytes + lh * kW * 4;
   const int vo_row = k_v * geo.value_outlier_index_bytes;  // index bytes per token
+  // Value-outlier head starts (block_layout.h): each warp reads only its head's entries of a token
+  // instead of scanning all k_v. Head dim 128 only: at 64 (SmolLM2: 2 outliers over 3 heads, no
+  // starts) the branch alone cost 2.4% (H200, 2026-12-02); the scan stays correct everywhere.
+  constexpr bool kWalk = kHeadDim == 128;
+  const bool walk_starts = kWalk && k_v > 0 && geo.value_outlier_head_start_offset >= 0;
   auto at = [](const uint8_t* base, int64_t offset, int bytes) { return base + (static_cast<int>(offset) + bytes); };
   auto tin_of = [&](int T) { return (j_begin + T * kTile) & (kKvBlockTokens - 1); };
   auto tok_ok = [&](int T) { return j_begin + T * kTile + lt < j_end; };
@@ -364,6 +376,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     const int tin = tin_of(T);
     LoadWords(reinterpret_cast<const uint32_t*>(at(base, geo.value_codes_offset, lane_row + tin * kRowBytes)), r.v);
     r.vscale = __ldg(reinterpret_cast<const uint32_t*>(at(base, geo.value_scales_offset, (tin + lt) * 4)));
+    if constexpr (kWalk && kVstartReg) {
+      if (walk_starts) {
+        const uint8_t* hs = at(base, geo.value_outlier_head_start_offset, hk * kKvBlockTokens + tin + lt);
+        r.vstart = static_cast<uint32_t>(__ldg(hs)) |
+                   (static_cast<uint32_t>(hk + 1 < n_kv ? __ldg(hs + kKvBlockTokens) : k_v) << 8);
+      }
+    }
   };
 
   // Sink buffer of this sequence: K [n_layers][n_sink_cap][n_kv][hd], then V.
@@ -407,6 +426,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   };
 
   RawT cur;
+  cur.vstart = 0u;
   // Base of the block holding the current block tile, carried from tile to tile (the block table
   // is read once per block, one tile ahead: at the last tile of a block, for the next one).
   const uint8_t* blk_base = active && n_tiles > 0 ? base_of(blk0) : nullptr;
@@ -479,6 +499,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
 
     // Sinks: zero point 0, range 1 (the block tiles' codes wait in cur).
     const uint32_t vscale = sink_tile ? 0x3c000000u : cur.vscale;
+    const uint32_t vstart = cur.vstart;
 
     // ---- 1. keys -> staging: LUT values l (fp16). ----
     __syncwarp();
@@ -534,6 +555,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           }
           if (lane * 128 < kTile * k_v * 2) {
             PrefetchL1(at(nb, geo.value_outlier_value_offset, t0 * k_v * 2 + lane * 128));
+          }
+          if (!kVstartReg && walk_starts && lane >= 30 && hk + lane - 30 < n_kv) {
+            PrefetchL1(at(nb, geo.value_outlier_head_start_offset, (hk + lane - 30) * kKvBlockTokens + t0));
           }
         }
       }
@@ -640,12 +664,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           const float vzp = HalfLo(vscale), vr = HalfHi(vscale);
           const uint8_t* idx = at(lb, geo.value_outlier_index_offset, t * vo_row);
           const uint16_t* val = reinterpret_cast<const uint16_t*>(at(lb, geo.value_outlier_value_offset, t * k_v * 2));
-          auto patch = [&](int e, int o) {
+          auto patch_x = [&](int e, uint16_t xbits) {
             const int c = e % kHeadDim;
-            const float x = __half2float(__ushort_as_half(val[o]));
+            const float x = __half2float(__ushort_as_half(xbits));
             *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
                 ClampedHalf((x - vzp) / vr);
           };
+          auto patch = [&](int e, int o) { patch_x(e, val[o]); };
           // The token's entries, split between its two lanes; each load waits for the previous
           // (ncu, 2026-12-01: 14% of the stall samples; without the patching the kernel is 15%
           // faster). Tried and slower (H200): four index loads issued before any is used,
@@ -663,7 +688,32 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
               if (e / kHeadDim == hk) patch(e, o);
             }
           };
-          if (geo.value_outlier_index_bytes == 1) {
+          // With head starts (block_layout.h: k_v > n_kv_heads), only this head's entries
+          // [start[hk][t], start[hk + 1][t]): ~k_v / n_kv per token instead of k_v, each entry's
+          // index and value loaded together (their addresses no longer wait for a comparison).
+          auto walk = [&](auto* ip) {
+            int o0, o1;
+            if constexpr (kVstartReg) {
+              o0 = static_cast<int>(vstart & 0xffu);
+              o1 = static_cast<int>(vstart >> 8);
+            } else {
+              const uint8_t* hs = at(lb, geo.value_outlier_head_start_offset, hk * kKvBlockTokens + t);
+              o0 = hs[0];
+              o1 = hk + 1 < n_kv ? hs[kKvBlockTokens] : k_v;
+            }
+            for (int o = o0 + lh; o < o1; o += 2) {
+              const int e = ip[o];
+              const uint16_t xbits = val[o];
+              patch_x(e, xbits);
+            }
+          };
+          if (walk_starts) {
+            if (geo.value_outlier_index_bytes == 1) {
+              walk(idx);
+            } else {
+              walk(reinterpret_cast<const uint16_t*>(idx));
+            }
+          } else if (geo.value_outlier_index_bytes == 1) {
             scan(idx);
           } else {
             scan(reinterpret_cast<const uint16_t*>(idx));

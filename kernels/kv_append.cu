@@ -641,7 +641,11 @@ __global__ void __launch_bounds__(kValueThreads) ValueAppendKernel(const KvAppen
                    static_cast<int64_t>(t) * k * g.value_outlier_index_bytes;
     uint16_t* val = reinterpret_cast<uint16_t*>(lbase + g.value_outlier_value_offset +
                                                 static_cast<int64_t>(t) * k * 2);
+    // Head starts (block_layout.h): the thread whose range holds element h * D writes start[h],
+    // the count of outliers before it.
+    uint8_t* starts = g.value_outlier_head_start_offset >= 0 ? lbase + g.value_outlier_head_start_offset + t : nullptr;
     for (int e = e0; e < e1; ++e) {
+      if (starts != nullptr && e % D == 0) starts[(e / D) * kKvBlockTokens] = static_cast<uint8_t>(rank);
       if (!out_s[e]) continue;
       if (g.value_outlier_index_bytes == 1) idx[rank] = static_cast<uint8_t>(e);
       else reinterpret_cast<uint16_t*>(idx)[rank] = static_cast<uint16_t>(e);

@@ -41,6 +41,7 @@ struct KvBlockGeometry {
   int64_t value_outlier_index_offset = -1;
   int64_t value_outlier_value_offset = -1;
   int64_t key_outlier_dir_offset = -1;
+  int64_t value_outlier_head_start_offset = -1;  // uint8 [n_kv_heads][256]; see block_layout.h
   int64_t layer_bytes = 0;
   int64_t fixed_bytes = 0;
 };

@@ -45,6 +45,17 @@
 //                section. The canonical (CPU / serialized) form packs them densely in (layer,
 //                head) order; a GPU pool may reserve capacity per (layer, head) instead: readers
 //                must only use first_entry/count.
+//   value_outlier_head_start  uint8 [n_kv_heads][kBlockTokens], only when n_kv_heads < k_v <= 255
+//                (more than one value outlier per head and token on average;
+//                HasValueOutlierHeadStarts):
+//                entry [h][t] = how many of token t's k_v outliers have element index < h *
+//                head_dim, i.e. the first of the token's entries that falls in head h (the
+//                indices are ascending, so head h's entries are [start[h][t], start[h+1][t]),
+//                start[n_kv_heads][t] being k_v). A redundant index over value_outlier_index that
+//                lets a reader of one head skip the other heads' entries (decode attention reads
+//                one head per warp; without it each warp scans all k_v entries of every token).
+//                Last in the layer section, so the layout without it (serialized versions < 4)
+//                is a prefix of each layer section.
 // Variable section (per block, after the fixed section in the serialized form): key outlier
 // entries, uint32 each: token_in_block | channel << 8 | fp16_bits << 16, sorted by (token,
 // channel) within one (layer, head). Slots of a partly filled block (tokens not yet appended)
@@ -80,8 +91,8 @@
 //   tails); lower = min and upper = max of the rest;
 //   zp = fp16(0.5f * (upper + lower)), r = fp16(0.5f * (upper - lower)), r = max(r, 2^-14).
 // Effective bits for nuqB-1%: keys B + ~0.32 (1% entries x 32 bits), values
-//   B + (k_v * (8|16 + 16) + 32) / L; e.g. SmolLM2 (3 x 64, k_v = 2, 8-bit index) B + 0.417, Llama-3
-//   (8 x 128, k_v = 10, 16-bit index) B + 0.344; both average below B + 0.4 with the sink.
+//   B + (k_v * (8|16 + 16) + 32 [+ 8 n_kv_heads]) / L; e.g. SmolLM2 (3 x 64, k_v = 2, 8-bit index,
+//   no head starts) B + 0.417, Llama-3 (8 x 128, k_v = 10, 16-bit index, head starts) B + 0.406.
 #pragma once
 
 #include <cstdint>
@@ -117,6 +128,7 @@ struct BlockLayout {
   int64_t value_outlier_index_offset = -1;
   int64_t value_outlier_value_offset = -1;
   int64_t key_outlier_dir_offset = -1;
+  int64_t value_outlier_head_start_offset = -1;
   int64_t layer_bytes = 0;
   int64_t fixed_bytes = 0;  // n_layers * layer_bytes
 
@@ -147,7 +159,18 @@ struct BlockLayout {
   int64_t KeyOutlierDirAt(int layer, int head) const {
     return LayerOffset(layer) + key_outlier_dir_offset + static_cast<int64_t>(head) * 8;
   }
+  int64_t ValueOutlierHeadStartAt(int layer, int head, int token) const {
+    return LayerOffset(layer) + value_outlier_head_start_offset +
+           static_cast<int64_t>(head) * kBlockTokens + token;
+  }
 };
+
+// Whether blocks carry value_outlier_head_start (section 2): when the k_v value outliers of a
+// token outnumber its heads, and the starts fit in a byte (k_v <= 255: e.g. 1% of up to 25,500
+// elements per token and layer; larger k_v keep the scan).
+inline bool HasValueOutlierHeadStarts(int value_outliers_per_token, int n_kv_heads) {
+  return value_outliers_per_token > n_kv_heads && value_outliers_per_token <= 255;
+}
 
 // The layout of a block. The format and shape must be valid (KvFormat/KvShape::Validate()).
 inline BlockLayout ComputeBlockLayout(const KvFormat& format, const KvShape& shape) {
@@ -181,6 +204,9 @@ inline BlockLayout ComputeBlockLayout(const KvFormat& format, const KvShape& sha
         take(static_cast<int64_t>(kBlockTokens) * b.value_outliers_per_token * 2);
   }
   if (b.has_key_outliers) b.key_outlier_dir_offset = take(static_cast<int64_t>(shape.n_kv_heads) * 8);
+  if (HasValueOutlierHeadStarts(b.value_outliers_per_token, b.n_kv_heads)) {
+    b.value_outlier_head_start_offset = take(static_cast<int64_t>(shape.n_kv_heads) * kBlockTokens);
+  }
   b.layer_bytes = off;
   b.fixed_bytes = b.layer_bytes * shape.n_layers;
   return b;

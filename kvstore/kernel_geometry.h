@@ -27,6 +27,7 @@ inline kernels::KvBlockGeometry ToKernelGeometry(const BlockLayout& b) {
   g.value_outlier_index_offset = b.value_outlier_index_offset;
   g.value_outlier_value_offset = b.value_outlier_value_offset;
   g.key_outlier_dir_offset = b.key_outlier_dir_offset;
+  g.value_outlier_head_start_offset = b.value_outlier_head_start_offset;
   g.layer_bytes = b.layer_bytes;
   g.fixed_bytes = b.fixed_bytes;
   return g;

@@ -17,9 +17,12 @@ namespace kvq::kvstore {
 namespace {
 
 constexpr char kCacheMagic[8] = {'K', 'V', 'Q', 'C', 'A', 'C', 'H', 'E'};
-// Version 3: 2- and 3-bit codes bit-sliced (kernels/code_layout.h). Version 1 had every width as
-// an LSB-first stream, version 2 the 2-bit codes; both are converted on load.
-constexpr uint32_t kCacheVersion = 3;
+// Version 4: value_outlier_head_start at the end of each layer section where the layout has it
+// (block_layout.h). Version 3: 2- and 3-bit codes bit-sliced (kernels/code_layout.h). Version 1
+// had every width as an LSB-first stream, version 2 the 2-bit codes. Older versions are converted
+// on load.
+constexpr uint32_t kCacheVersion = 4;
+
 
 // A block's code rows written as LSB-first streams of lay.bits-bit codes, rewritten in place in
 // today's layout.
@@ -55,6 +58,27 @@ inline uint32_t Load32(const uint8_t* p) {
   return v;
 }
 
+// A block's fixed section read from a version < 4 file, whose layer sections end where
+// value_outlier_head_start begins, moved into today's layout and the head starts of its first
+// `filled` tokens computed from their value-outlier indices (the later slots stay zero).
+void AddValueOutlierHeadStarts(const BlockLayout& lay, const uint8_t* old_fixed, int filled,
+                               uint8_t* fixed) {
+  const int64_t old_lb = lay.value_outlier_head_start_offset;
+  const int k = lay.value_outliers_per_token, ib = lay.value_outlier_index_bytes;
+  for (int l = 0; l < lay.n_layers; ++l) {
+    std::memcpy(fixed + lay.LayerOffset(l), old_fixed + l * old_lb, old_lb);
+    std::memset(fixed + lay.LayerOffset(l) + old_lb, 0, lay.layer_bytes - old_lb);
+    for (int t = 0; t < filled; ++t) {
+      const uint8_t* idx = fixed + lay.ValueOutlierIndexAt(l, t);
+      int o = 0;
+      for (int h = 0; h < lay.n_kv_heads; ++h) {
+        while (o < k && (ib == 1 ? idx[o] : Load16(idx + 2 * o)) < h * lay.head_dim) ++o;
+        fixed[lay.ValueOutlierHeadStartAt(l, h, t)] = static_cast<uint8_t>(o);
+      }
+    }
+  }
+}
+
 // Per-layer-section byte counts by category (identical for every layer and block).
 struct SectionBytes {
   int64_t key_codes, value_codes, scales, value_outliers, key_dir, padding;
@@ -66,7 +90,8 @@ SectionBytes SectionBreakdown(const BlockLayout& b) {
   s.scales = (b.key_scales_offset >= 0 ? kBlockTokens * 4 : 0) +
              (b.value_scales_offset >= 0 ? kBlockTokens * 4 : 0);
   s.value_outliers = static_cast<int64_t>(kBlockTokens) * b.value_outliers_per_token *
-                     (b.value_outlier_index_bytes + 2);
+                     (b.value_outlier_index_bytes + 2) +
+                     (b.value_outlier_head_start_offset >= 0 ? static_cast<int64_t>(b.n_kv_heads) * kBlockTokens : 0);
   s.key_dir = b.has_key_outliers ? static_cast<int64_t>(b.n_kv_heads) * 8 : 0;
   s.padding = b.layer_bytes - s.key_codes - s.value_codes - s.scales - s.value_outliers - s.key_dir;
   return s;
@@ -221,6 +246,9 @@ void QuantizedKvCache::AbortStep() {
                     static_cast<size_t>(n) * k_v_ * layout_.value_outlier_index_bytes);
         std::memset(base + layout_.ValueOutlierValueAt(l, t0), 0, static_cast<size_t>(n) * k_v_ * 2);
       }
+      if (layout_.value_outlier_head_start_offset >= 0) {
+        for (int h = 0; h < shape_.n_kv_heads; ++h) std::memset(base + layout_.ValueOutlierHeadStartAt(l, h, t0), 0, n);
+      }
     }
   }
   pending_n_ = 0;
@@ -307,6 +335,13 @@ void QuantizedKvCache::AppendToken(int layer, int64_t i, const float* k, const f
       Store16(idx, static_cast<uint16_t>(outliers[o]));
     }
     Store16(base + layout_.ValueOutlierValueAt(layer, t) + 2 * o, FloatToHalfBits(v[outliers[o]]));
+  }
+  if (layout_.value_outlier_head_start_offset >= 0) {  // outliers[] is ascending
+    int o = 0;
+    for (int h = 0; h < H; ++h) {
+      while (o < k_v_ && outliers[o] < h * D) ++o;
+      base[layout_.ValueOutlierHeadStartAt(layer, h, t)] = static_cast<uint8_t>(o);
+    }
   }
   const float zp = s.zero_point(), r = s.range();
   for (int h = 0; h < H; ++h) {
@@ -562,8 +597,13 @@ std::string QuantizedKvCache::SerializeParts(const KvFormat& format, const KvSha
                                              int sink_capacity,
                                              const std::vector<uint16_t>& sink_k,
                                              const std::vector<uint16_t>& sink_v,
-                                             const std::vector<std::string>& blocks) {
+                                             const std::vector<std::string>& blocks,
+                                             uint32_t version) {
+  if (version == 0) version = kCacheVersion;
   const BlockLayout layout = ComputeBlockLayout(format, shape);
+  const int64_t fixed_bytes = version < 4 && layout.value_outlier_head_start_offset >= 0
+                                  ? layout.n_layers * layout.value_outlier_head_start_offset
+                                  : layout.fixed_bytes;
   const int64_t sink_tokens = std::min<int64_t>(length, sink_capacity);
   internal::ByteWriter p;
   p.PutString(format.ToString());
@@ -580,12 +620,12 @@ std::string QuantizedKvCache::SerializeParts(const KvFormat& format, const KvSha
     }
   }
   for (const std::string& blk : blocks) {
-    p.Put<uint64_t>((blk.size() - layout.fixed_bytes) / kKeyOutlierEntryBytes);
+    p.Put<uint64_t>((blk.size() - fixed_bytes) / kKeyOutlierEntryBytes);
     p.PutBytes(blk.data(), blk.size());
   }
   internal::ByteWriter f;
   f.PutBytes(kCacheMagic, 8);
-  f.Put<uint32_t>(kCacheVersion);
+  f.Put<uint32_t>(version);
   f.Put<uint32_t>(0);
   f.Put<uint64_t>(p.str().size());
   f.PutBytes(p.str().data(), p.str().size());
@@ -647,7 +687,14 @@ absl::StatusOr<std::unique_ptr<QuantizedKvCache>> QuantizedKvCache::Deserialize(
       return absl::DataLossError("serialized cache: block is truncated");
     }
     Block* blk = cache->WritableBlock(static_cast<int64_t>(b));
-    r.GetBytes(blk->fixed.data(), lay.fixed_bytes);
+    if (version < 4 && lay.value_outlier_head_start_offset >= 0) {
+      std::vector<uint8_t> old(static_cast<size_t>(lay.n_layers) * lay.value_outlier_head_start_offset);
+      r.GetBytes(old.data(), old.size());
+      const int64_t filled = std::min<int64_t>(kBlockTokens, length - sink_tokens - static_cast<int64_t>(b) * kBlockTokens);
+      if (!r.failed()) AddValueOutlierHeadStarts(lay, old.data(), static_cast<int>(filled), blk->fixed.data());
+    } else {
+      r.GetBytes(blk->fixed.data(), lay.fixed_bytes);
+    }
     const bool stream = (lay.bits == 3 && version < 2) || (lay.bits == 2 && version < 3);
     if (stream && !r.failed()) RepackLsbFirst(lay, blk->fixed.data());
     std::vector<uint32_t> entries(n_entries);

@@ -114,11 +114,13 @@ class QuantizedKvCache {
   // What Serialize writes, from its parts: canonical blocks as ExportBlock returns them and the
   // sink buffers [n_layers][sink_capacity][n_kv * hd] (fp16 bits) of K and of V. The GPU pool
   // serializes its caches through this, so a session saved on a GPU loads on a CPU and back.
+  // `version` (tests of the loader's conversions) writes an older version number; blocks must then
+  // be in that version's layout (before 4: layer sections without value_outlier_head_start).
   static std::string SerializeParts(const KvFormat& format, const KvShape& shape,
                                     int64_t first_position, int64_t length, int sink_capacity,
                                     const std::vector<uint16_t>& sink_k,
                                     const std::vector<uint16_t>& sink_v,
-                                    const std::vector<std::string>& blocks);
+                                    const std::vector<std::string>& blocks, uint32_t version = 0);
   static absl::StatusOr<std::unique_ptr<QuantizedKvCache>> Deserialize(
       std::string_view bytes, std::shared_ptr<const Quantizer> quantizer,
       const kernels::RopeParams& rope);

@@ -284,6 +284,10 @@ std::vector<Case> Cases() {
     cs.push_back({"nuq3-1%", hd, 8, 4, {700, 300}, 0, 0, 2});
     cs.push_back({"nuq4-1%-sink5", hd, 4, 2, {900}, 0, 3, 0});
     cs.push_back({"nuq2-1%", hd, 2, 8, {500}, 0, 2, 1});
+    // Value-outlier head starts (k_v > n_kv heads; block_layout.h): 5% of 4 heads' elements,
+    // every outlier in the last head (its range ends at k_v) or spread; splits mid-block.
+    cs.push_back({"nuq3-5%", hd, 4, 2, {1, 113, 257, 700}, 0, 3, 3});
+    cs.push_back({"nuq4-5%-sink5", hd, 4, 2, {900, 40}, 0, 5});
   }
   return cs;
 }

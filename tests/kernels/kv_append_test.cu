@@ -308,7 +308,9 @@ INSTANTIATE_TEST_SUITE_P(
                       AppendCase{"nuq2-1%-sink5", 128, 2, 3, 260, true},
                       // LLaMA-2-7B's 32 KV heads (4,096 elements per token) at 2%: 82 value
                       // outliers per token, 42 rounds of the value append's selection.
-                      AppendCase{"nuq2-2%", 128, 32, 40, 2}),
+                      AppendCase{"nuq2-2%", 128, 32, 40, 2},
+                      // 13 value outliers per token over 4 heads: value_outlier_head_start.
+                      AppendCase{"nuq3-5%", 64, 4, 300, 3}),
     AppendName);
 
 }  // namespace

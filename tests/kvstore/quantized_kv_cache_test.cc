@@ -466,6 +466,60 @@ TEST(QuantizedKvCacheTest, OlderImagesLoadInTodaysCodeLayout) {
   }
 }
 
+// value_outlier_head_start (block_layout.h) of every appended token: entry [h][t] counts the
+// token's value outliers with element index < h * head_dim, read back from the index array.
+TEST(QuantizedKvCacheTest, ValueOutlierHeadStartsIndexTheOutliersOfEachHead) {
+  const KvShape shape{2, 4, 64};
+  const KvFormat f = *KvFormat::Parse("nuq3-5%");  // k_v = 13 over 4 heads
+  const BlockLayout lay = ComputeBlockLayout(f, shape);
+  ASSERT_EQ(lay.value_outliers_per_token, 13);
+  ASSERT_GE(lay.value_outlier_head_start_offset, 0);
+  auto q = testing::CalibratedQuantizer(shape, f);
+  Filled c = Fill(shape, f, q, 300, 37, 5);
+  int nonzero_heads = 0;
+  for (int64_t b = 0; b < c.cache->Bytes().blocks; ++b) {
+    const std::string blk = c.cache->ExportBlock(b);
+    const auto* base = reinterpret_cast<const uint8_t*>(blk.data());
+    const int filled = static_cast<int>(std::min<int64_t>(256, 300 - 1 - b * 256));  // 1 sink token
+    for (int l = 0; l < shape.n_layers; ++l) {
+      for (int t = 0; t < 256; ++t) {
+        const uint8_t* idx = base + lay.ValueOutlierIndexAt(l, t);
+        for (int h = 0; h < shape.n_kv_heads; ++h) {
+          int want = 0;
+          while (t < filled && want < 13 && idx[want] < h * 64) ++want;
+          ASSERT_EQ(base[lay.ValueOutlierHeadStartAt(l, h, t)], want) << "block " << b << " layer " << l
+                                                                       << " token " << t << " head " << h;
+          nonzero_heads += want > 0;
+        }
+      }
+    }
+  }
+  EXPECT_GT(nonzero_heads, 0);
+}
+
+// A version-3 image (layer sections without head starts) of a format that has them loads into
+// today's layout: the same cache as the one it was made from.
+TEST(QuantizedKvCacheTest, Version3ImagesGainValueOutlierHeadStarts) {
+  const KvFormat f = *KvFormat::Parse("nuq3-5%-sink0");
+  const BlockLayout lay = ComputeBlockLayout(f, kShape);
+  ASSERT_GE(lay.value_outlier_head_start_offset, 0);
+  auto q = testing::CalibratedQuantizer(kShape, f);
+  Filled c = Fill(kShape, f, q, 300, 101, 24);
+  std::vector<std::string> old_blocks;
+  const int64_t old_lb = lay.value_outlier_head_start_offset;
+  for (int64_t b = 0; b < c.cache->Bytes().blocks; ++b) {
+    const std::string blk = c.cache->ExportBlock(b);
+    std::string old;
+    for (int l = 0; l < kShape.n_layers; ++l) old += blk.substr(lay.LayerOffset(l), old_lb);
+    old += blk.substr(lay.fixed_bytes);  // key outlier entries
+    old_blocks.push_back(std::move(old));
+  }
+  const std::string image = QuantizedKvCache::SerializeParts(f, kShape, 0, 300, 0, {}, {}, old_blocks, 3);
+  auto back = QuantizedKvCache::Deserialize(image, q, Rope(64));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(*(*back)->Serialize(), *c.cache->Serialize());
+}
+
 TEST(QuantizedKvCacheTest, ByteAccountingMatchesSerializationAndRestores) {
   for (const char* name : {"nuq3-1%", "nuq2-1%-sink5", "fp16", "int4", "int3-pc-post-1%"}) {
     const KvFormat f = *KvFormat::Parse(name);
@@ -557,7 +611,7 @@ TEST(QuantizedKvCacheTest, CloneSharesBlocksCopyOnWrite) {
 }
 
 TEST(QuantizedKvCacheTest, AbortStepRestoresTheCommittedState) {
-  for (const char* name : {"nuq3-1%", "int4", "nuq2-1%-sink5"}) {
+  for (const char* name : {"nuq3-1%", "int4", "nuq2-1%-sink5", "nuq3-5%"}) {  // 5%: head starts
     const KvFormat f = *KvFormat::Parse(name);
     auto q = testing::CalibratedQuantizer(kShape, f, 512);
     for (int64_t committed : {int64_t{3}, int64_t{250}, int64_t{257}}) {
@@ -619,11 +673,15 @@ TEST(BlockLayoutTest, OffsetsAreAlignedAndDisjoint) {
   EXPECT_EQ(b.value_outlier_index_offset, b.value_scales_offset + 1024);
   EXPECT_EQ(b.value_outlier_value_offset, b.value_outlier_index_offset + 256 * 10 * 2);
   EXPECT_EQ(b.key_outlier_dir_offset, b.value_outlier_value_offset + 256 * 10 * 2);
-  EXPECT_EQ(b.layer_bytes, b.key_outlier_dir_offset + 64);
+  EXPECT_EQ(b.value_outlier_head_start_offset, b.key_outlier_dir_offset + 64);  // 10 > 8 heads
+  EXPECT_EQ(b.layer_bytes, b.value_outlier_head_start_offset + 8 * 256);
   EXPECT_EQ(b.fixed_bytes, 32 * b.layer_bytes);
   const BlockLayout s = ComputeBlockLayout(*KvFormat::Parse("nuq3-1%"), KvShape{30, 3, 64});
   EXPECT_EQ(s.value_outliers_per_token, 2);
   EXPECT_EQ(s.value_outlier_index_bytes, 1);
+  EXPECT_EQ(s.value_outlier_head_start_offset, -1);  // 2 outliers over 3 heads: no head starts
+  EXPECT_EQ(ComputeBlockLayout(*KvFormat::Parse("nuq3-10%"), KvShape{1, 2, 2048}).value_outlier_head_start_offset,
+            -1);  // 410 outliers per token: more than a byte counts
   for (int64_t off : {s.value_codes_offset, s.value_scales_offset, s.value_outlier_index_offset,
                       s.value_outlier_value_offset, s.key_outlier_dir_offset, s.layer_bytes}) {
     EXPECT_EQ(off % kLayoutAlign, 0);

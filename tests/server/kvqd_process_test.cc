@@ -117,7 +117,7 @@ TEST(KvqdPlanTest, PrintsThePlanAndExits) {
     while (!(line = c.ReadLine()).empty()) all += line;
     EXPECT_EQ(c.Wait(std::chrono::seconds(30)), 0) << all;
     // sharding/capacity_plan_test.cc has the arithmetic; here, that kvqd prints it.
-    EXPECT_NE(all.find("max context  17019392 tokens"), std::string::npos) << all;
+    EXPECT_NE(all.find("max context  16877824 tokens"), std::string::npos) << all;
     EXPECT_NE(all.find("context      10000000 tokens on 4 rank(s)"), std::string::npos) << all;
   }
   {
