@@ -149,14 +149,7 @@ __device__ __forceinline__ void Decode8(const uint32_t (&t)[4], uint32_t nibbles
 template <int kW>
 struct LutRaw {
   uint32_t k[kW], v[kW], vscale;
-  uint32_t vstart;  // KVQ_LUT_VSTART_REG: this head's value-outlier range, start | end << 8
 };
-
-#ifdef KVQ_LUT_VSTART_REG
-inline constexpr bool kVstartReg = true;
-#else
-inline constexpr bool kVstartReg = false;
-#endif
 
 __device__ __forceinline__ float HalfLo(uint32_t u) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(u & 0xffffu)));
@@ -351,8 +344,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const int lane_row = (hk_c * kKvBlockTokens + lt) * kRowBytes + lh * kW * 4;
   const int vo_row = k_v * geo.value_outlier_index_bytes;  // index bytes per token
   // Value-outlier head starts (block_layout.h): each warp reads only its head's entries of a token
-  // instead of scanning all k_v. Head dim 128 only: at 64 (SmolLM2: 2 outliers over 3 heads, no
-  // starts) the branch alone cost 2.4% (H200, 2026-12-02); the scan stays correct everywhere.
+  // instead of scanning all k_v (LLaMA-2-7B, 41 outliers over 32 heads: 1.71x faster; Llama-3-8B,
+  // 10 over 8: 1%; H200, 2026-12-02). Head dim 128 only: at 64 (SmolLM2: 2 outliers over 3 heads,
+  // no starts) the untaken branch alone cost 2.4%; the scan stays correct everywhere.
   constexpr bool kWalk = kHeadDim == 128;
   const bool walk_starts = kWalk && k_v > 0 && geo.value_outlier_head_start_offset >= 0;
   auto at = [](const uint8_t* base, int64_t offset, int bytes) { return base + (static_cast<int>(offset) + bytes); };
@@ -376,13 +370,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     const int tin = tin_of(T);
     LoadWords(reinterpret_cast<const uint32_t*>(at(base, geo.value_codes_offset, lane_row + tin * kRowBytes)), r.v);
     r.vscale = __ldg(reinterpret_cast<const uint32_t*>(at(base, geo.value_scales_offset, (tin + lt) * 4)));
-    if constexpr (kWalk && kVstartReg) {
-      if (walk_starts) {
-        const uint8_t* hs = at(base, geo.value_outlier_head_start_offset, hk * kKvBlockTokens + tin + lt);
-        r.vstart = static_cast<uint32_t>(__ldg(hs)) |
-                   (static_cast<uint32_t>(hk + 1 < n_kv ? __ldg(hs + kKvBlockTokens) : k_v) << 8);
-      }
-    }
   };
 
   // Sink buffer of this sequence: K [n_layers][n_sink_cap][n_kv][hd], then V.
@@ -426,7 +413,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   };
 
   RawT cur;
-  cur.vstart = 0u;
   // Base of the block holding the current block tile, carried from tile to tile (the block table
   // is read once per block, one tile ahead: at the last tile of a block, for the next one).
   const uint8_t* blk_base = active && n_tiles > 0 ? base_of(blk0) : nullptr;
@@ -499,7 +485,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
 
     // Sinks: zero point 0, range 1 (the block tiles' codes wait in cur).
     const uint32_t vscale = sink_tile ? 0x3c000000u : cur.vscale;
-    const uint32_t vstart = cur.vstart;
 
     // ---- 1. keys -> staging: LUT values l (fp16). ----
     __syncwarp();
@@ -556,7 +541,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           if (lane * 128 < kTile * k_v * 2) {
             PrefetchL1(at(nb, geo.value_outlier_value_offset, t0 * k_v * 2 + lane * 128));
           }
-          if (!kVstartReg && walk_starts && lane >= 30 && hk + lane - 30 < n_kv) {
+          if (walk_starts && lane >= 30 && hk + lane - 30 < n_kv) {
             PrefetchL1(at(nb, geo.value_outlier_head_start_offset, (hk + lane - 30) * kKvBlockTokens + t0));
           }
         }
@@ -692,15 +677,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           // [start[hk][t], start[hk + 1][t]): ~k_v / n_kv per token instead of k_v, each entry's
           // index and value loaded together (their addresses no longer wait for a comparison).
           auto walk = [&](auto* ip) {
-            int o0, o1;
-            if constexpr (kVstartReg) {
-              o0 = static_cast<int>(vstart & 0xffu);
-              o1 = static_cast<int>(vstart >> 8);
-            } else {
-              const uint8_t* hs = at(lb, geo.value_outlier_head_start_offset, hk * kKvBlockTokens + t);
-              o0 = hs[0];
-              o1 = hk + 1 < n_kv ? hs[kKvBlockTokens] : k_v;
-            }
+            // The starts were prefetched into L1 with the tile's outlier rows; held in a register
+            // from one tile ahead instead they were 0.3-1.3% slower (H200, 2026-12-02).
+            const uint8_t* hs = at(lb, geo.value_outlier_head_start_offset, hk * kKvBlockTokens + t);
+            const int o0 = hs[0], o1 = hk + 1 < n_kv ? hs[kKvBlockTokens] : k_v;
             for (int o = o0 + lh; o < o1; o += 2) {
               const int e = ip[o];
               const uint16_t xbits = val[o];
