@@ -482,13 +482,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     if (!sink_tile) blk_base = nb;
     // Key-outlier cursor at each block start after the first (block tile 0's: before the loop).
     if (!sink_tile && key_outliers && T > 0 && tin == 0) key_cursor(lb, 0);
-#ifdef KVQ_LUT_EARLY_KEY_OUTLIERS
-    // Experiment (not yet timed): the lane's first key-outlier entry of this tile loaded before the
-    // key decode, as the value head starts are (its load was 5% of the stall samples, waiting, at
-    // the scan below; H200 profile, 2026-12-02).
-    uint32_t kent0 = 0;
-    if (!sink_tile && key_outliers && kcur + lane < kcount) kent0 = __ldg(kents + kcur + lane);
-#endif
 
     // Sinks: zero point 0, range 1 (the block tiles' codes wait in cur).
     const uint32_t vscale = sink_tile ? 0x3c000000u : cur.vscale;
@@ -556,24 +549,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       // Key outliers of this tile replace their element by (x - z) / r.
       if (key_outliers) {
         __syncwarp();
-#ifdef KVQ_LUT_EARLY_KEY_OUTLIERS
-        bool first = true;
-#endif
         while (true) {
           const int e = kcur + lane;
           bool in = false;
           uint32_t ent = 0;
           if (e < kcount) {
-#ifdef KVQ_LUT_EARLY_KEY_OUTLIERS
-            ent = first ? kent0 : __ldg(kents + e);
-#else
             ent = __ldg(kents + e);
-#endif
             in = static_cast<int>(ent & 0xffu) < tin + kTile;
           }
-#ifdef KVQ_LUT_EARLY_KEY_OUTLIERS
-          first = false;
-#endif
           if (in) {
             const int t = static_cast<int>(ent & 0xffu) - tin, c = static_cast<int>((ent >> 8) & 0xffu);
             const float2 zr = zr_s[c];
