@@ -659,50 +659,44 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           const float vzp = HalfLo(vscale), vr = HalfHi(vscale);
           const uint8_t* idx = at(lb, geo.value_outlier_index_offset, t * vo_row);
           const uint16_t* val = reinterpret_cast<const uint16_t*>(at(lb, geo.value_outlier_value_offset, t * k_v * 2));
-          auto patch_x = [&](int e, uint16_t xbits) {
+          auto patch = [&](int e, uint16_t xbits) {
             const int c = e % kHeadDim;
             const float x = __half2float(__ushort_as_half(xbits));
             *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
                 ClampedHalf((x - vzp) / vr);
           };
-          auto patch = [&](int e, int o) { patch_x(e, val[o]); };
-          // The token's entries, split between its two lanes; each load waits for the previous
+          // The token's entries, split between its two lanes. With head starts (block_layout.h:
+          // k_v > n_kv_heads) only this head's entries [start[hk][t], start[hk + 1][t]), ~k_v /
+          // n_kv per token, each entry's index and value loaded together; without them every
+          // entry's index, the value only for this head's, each load waiting for the previous
           // (ncu, 2026-12-01: 14% of the stall samples; without the patching the kernel is 15%
-          // faster). Tried and slower (H200): four index loads issued before any is used,
-          // 1,311-1,314 against 1,277 us; each 64-token group's rows copied into shared memory by
-          // the CTA, 1,341-1,351 us; 2026-12-02: the tile's entries over all 32 lanes, every lane's
-          // index and value loads issued first, 1,434 against 1,206 us, and the same with 16-byte
-          // loads (8 entries per lane), 1,390 us (both executed 20% more instructions); two
-          // 16-bit indices per 32-bit load, no faster (1,170-1,175 us either way); each lane's next
-          // index loaded before the current one is used, 1,192 against 1,157 us.
-          // One loop per index width (the width test and the second load out of the loop), the
-          // index walked by pointer.
-          auto scan = [&](auto* ip) {
-            for (int o = lh; o < k_v; o += 2) {
-              const int e = ip[o];
-              if (e / kHeadDim == hk) patch(e, o);
-            }
-          };
-          // With head starts (block_layout.h: k_v > n_kv_heads), only this head's entries
-          // [start[hk][t], start[hk + 1][t]): ~k_v / n_kv per token instead of k_v, each entry's
-          // index and value loaded together (their addresses no longer wait for a comparison).
-          auto walk = [&](auto* ip) {
-            for (int o = vo0 + lh; o < vo1; o += 2) {
-              const int e = ip[o];
-              const uint16_t xbits = val[o];
-              patch_x(e, xbits);
-            }
-          };
-          if (walk_starts) {
-            if (geo.value_outlier_index_bytes == 1) {
-              walk(idx);
+          // faster). Tried and slower for the scan (H200): four index loads issued before any is
+          // used, 1,311-1,314 against 1,277 us; each 64-token group's rows copied into shared
+          // memory by the CTA, 1,341-1,351 us; 2026-12-02: the tile's entries over all 32 lanes,
+          // every lane's index and value loads issued first, 1,434 against 1,206 us, and the same
+          // with 16-byte loads (8 entries per lane), 1,390 us (both executed 20% more
+          // instructions); two 16-bit indices per 32-bit load, no faster (1,170-1,175 us either
+          // way); each lane's next index loaded before the current one is used, 1,192 against
+          // 1,157 us. One loop per index width (the width test and the second load out of the
+          // loop), the index walked by pointer.
+          auto patch_head = [&](auto* ip) {
+            if (walk_starts) {
+              for (int o = vo0 + lh; o < vo1; o += 2) {
+                const int e = ip[o];
+                const uint16_t xbits = val[o];
+                patch(e, xbits);
+              }
             } else {
-              walk(reinterpret_cast<const uint16_t*>(idx));
+              for (int o = lh; o < k_v; o += 2) {
+                const int e = ip[o];
+                if (e / kHeadDim == hk) patch(e, val[o]);
+              }
             }
-          } else if (geo.value_outlier_index_bytes == 1) {
-            scan(idx);
+          };
+          if (geo.value_outlier_index_bytes == 1) {
+            patch_head(idx);
           } else {
-            scan(reinterpret_cast<const uint16_t*>(idx));
+            patch_head(reinterpret_cast<const uint16_t*>(idx));
           }
         }
       }
