@@ -248,7 +248,6 @@ struct PrefillRow {
   int64_t seg_tokens;
 };
 
-
 #define CKS(x)                                                                                  \
   do {                                                                                          \
     const absl::Status s_ = (x);                                                                \

@@ -23,7 +23,6 @@ constexpr char kCacheMagic[8] = {'K', 'V', 'Q', 'C', 'A', 'C', 'H', 'E'};
 // on load.
 constexpr uint32_t kCacheVersion = 4;
 
-
 // A block's code rows written as LSB-first streams of lay.bits-bit codes, rewritten in place in
 // today's layout.
 void RepackLsbFirst(const BlockLayout& lay, uint8_t* fixed) {
@@ -58,24 +57,28 @@ inline uint32_t Load32(const uint8_t* p) {
   return v;
 }
 
+// value_outlier_head_start of token t in layer `layer` (block_layout.h), from the token's value
+// outlier indices already in `fixed` (ascending).
+void WriteValueOutlierHeadStarts(const BlockLayout& lay, int layer, int t, uint8_t* fixed) {
+  const int k = lay.value_outliers_per_token, ib = lay.value_outlier_index_bytes;
+  const uint8_t* idx = fixed + lay.ValueOutlierIndexAt(layer, t);
+  int o = 0;
+  for (int h = 0; h < lay.n_kv_heads; ++h) {
+    while (o < k && (ib == 1 ? idx[o] : Load16(idx + 2 * o)) < h * lay.head_dim) ++o;
+    fixed[lay.ValueOutlierHeadStartAt(layer, h, t)] = static_cast<uint8_t>(o);
+  }
+}
+
 // A block's fixed section read from a version < 4 file, whose layer sections end where
 // value_outlier_head_start begins, moved into today's layout and the head starts of its first
 // `filled` tokens computed from their value-outlier indices (the later slots stay zero).
 void AddValueOutlierHeadStarts(const BlockLayout& lay, const uint8_t* old_fixed, int filled,
                                uint8_t* fixed) {
   const int64_t old_lb = lay.value_outlier_head_start_offset;
-  const int k = lay.value_outliers_per_token, ib = lay.value_outlier_index_bytes;
   for (int l = 0; l < lay.n_layers; ++l) {
     std::memcpy(fixed + lay.LayerOffset(l), old_fixed + l * old_lb, old_lb);
     std::memset(fixed + lay.LayerOffset(l) + old_lb, 0, lay.layer_bytes - old_lb);
-    for (int t = 0; t < filled; ++t) {
-      const uint8_t* idx = fixed + lay.ValueOutlierIndexAt(l, t);
-      int o = 0;
-      for (int h = 0; h < lay.n_kv_heads; ++h) {
-        while (o < k && (ib == 1 ? idx[o] : Load16(idx + 2 * o)) < h * lay.head_dim) ++o;
-        fixed[lay.ValueOutlierHeadStartAt(l, h, t)] = static_cast<uint8_t>(o);
-      }
-    }
+    for (int t = 0; t < filled; ++t) WriteValueOutlierHeadStarts(lay, l, t, fixed);
   }
 }
 
@@ -336,13 +339,7 @@ void QuantizedKvCache::AppendToken(int layer, int64_t i, const float* k, const f
     }
     Store16(base + layout_.ValueOutlierValueAt(layer, t) + 2 * o, FloatToHalfBits(v[outliers[o]]));
   }
-  if (layout_.value_outlier_head_start_offset >= 0) {  // outliers[] is ascending
-    int o = 0;
-    for (int h = 0; h < H; ++h) {
-      while (o < k_v_ && outliers[o] < h * D) ++o;
-      base[layout_.ValueOutlierHeadStartAt(layer, h, t)] = static_cast<uint8_t>(o);
-    }
-  }
+  if (layout_.value_outlier_head_start_offset >= 0) WriteValueOutlierHeadStarts(layout_, layer, t, base);
   const float zp = s.zero_point(), r = s.range();
   for (int h = 0; h < H; ++h) {
     std::fill(words.begin(), words.end(), 0u);
