@@ -27,8 +27,8 @@
 // Both tables are pair tables: entry (a | b << B) = half2(lut[a], lut[b]), one 32-bit shared load
 // per two channels, one table per layer for all KV heads of the CTA — except at 2 and 3 bits, where
 // the codes are bit-sliced (kernels/code_layout.h) and the tables are the 4- or 8-entry fp16 LUTs
-// held as byte tables in four registers: eight codes become byte-permute selectors in 1-4
-// instructions and four PRMT give four channels, no shared-memory lookups (the 3-bit pair table's
+// held as byte tables in four registers (kernels/lut_decode.cuh): eight codes become byte-permute
+// selectors in 1-4 instructions and four PRMT give four channels, no shared-memory lookups (the 3-bit pair table's
 // 64 entries took two wavefronts per lookup from bank conflicts: lut_core_bench, H200, 2026-12-02).
 //
 // Sink tokens (fp16, pre-RoPE, outside blocks; split 0 only): up to 4 extra tiles before the block
@@ -53,6 +53,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/decode_attention_mma.cuh"
 #include "kernels/launch.cuh"
+#include "kernels/lut_decode.cuh"
 #include "kernels/paged_kv.h"
 
 namespace kvq::kernels::decode_attention_lut_mma {
@@ -76,6 +77,11 @@ using decode_attention_mma::PackF2;
 using decode_attention_mma::SinCosD;
 using decode_attention_mma::SmemAddr;
 using decode_attention_mma::StageOff;
+using lut_decode::Decode4;
+using lut_decode::Decode8;
+using lut_decode::LoadByteTable;
+using lut_decode::LutByteTable;
+using lut_decode::Prmt;
 
 // Timing ablations (wrong results; never in a normal build): KVQ_LUT_ABLATE is a bit mask that
 // removes 1 the value-outlier patching, 2 the key-outlier scan, 4 every cos/sin group table after
@@ -111,40 +117,6 @@ struct LutMmaCfg {
   static constexpr int kCtaBytes = kCsBytes + kRotBytes + kPairBytes;
   static size_t SmemBytes(int warps) { return kCtaBytes + static_cast<size_t>(warps) * kWarpBytes; }
 };
-
-__device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
-// Four fp16 LUT values (two half2: codes 0,1 and 2,3) of the four codes (< 8) in the low nibbles
-// of sel, from the byte tables t = {low bytes of entries 0-3, of 4-7, high bytes of 0-3, of 4-7}.
-__device__ __forceinline__ void Decode4(const uint32_t (&t)[4], uint32_t sel, uint32_t& h01, uint32_t& h23) {
-  const uint32_t lo = Prmt(t[0], t[1], sel), hi = Prmt(t[2], t[3], sel);
-  h01 = Prmt(lo, hi, 0x5140u);
-  h23 = Prmt(lo, hi, 0x7362u);
-}
-// Word w (0..3) of the byte tables (Decode4's t) of an n-entry LUT (n = 4 or 8), entries rounded
-// to fp16; entries past n are 0.
-__device__ __forceinline__ uint32_t LutByteTable(const float* lut, int n, int w) {
-  uint32_t x = 0;
-  for (int b = 0; b < 4; ++b) {
-    const int e = 4 * (w & 1) + b;
-    const uint32_t h = e < n ? __half_as_ushort(__float2half_rn(lut[e])) : 0u;
-    x |= ((w < 2 ? h : h >> 8) & 0xffu) << (8 * b);
-  }
-  return x;
-}
-// The byte tables (Decode4's t) from shared memory, one broadcast 16-byte load.
-__device__ __forceinline__ void LoadByteTable(const uint32_t* table_s, uint32_t (&t)[4]) {
-  const uint4 x = *reinterpret_cast<const uint4*>(table_s);
-  t[0] = x.x, t[1] = x.y, t[2] = x.z, t[3] = x.w;
-}
-// Eight LUT values of the 8 codes in `nibbles` (Codes8 at 2 or 3 bits) as four half2, channel order.
-__device__ __forceinline__ void Decode8(const uint32_t (&t)[4], uint32_t nibbles, uint32_t (&w)[4]) {
-  Decode4(t, nibbles, w[0], w[1]);
-  Decode4(t, nibbles >> 16, w[2], w[3]);
-}
 
 template <int kW>
 struct LutRaw {
