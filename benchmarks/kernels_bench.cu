@@ -107,8 +107,10 @@ __global__ void FixupKernel(uint8_t* pool, int64_t stride, kvq::kernels::KvBlock
     uint16_t* sc = reinterpret_cast<uint16_t*>(blk + g.value_scales_offset + t * 4);
     sc[0] = 0;       // zp 0
     sc[1] = 0x3c00;  // range 1
+    // Outlier o of token t: spread over the layer vector, ascending.
+    auto element = [&](int o) { return (o * L) / g.value_outliers_per_token + (t % 7); };
     for (int o = 0; o < g.value_outliers_per_token; ++o) {
-      const int e = (o * L) / g.value_outliers_per_token + (t % 7);
+      const int e = element(o);
       uint8_t* idx = blk + g.value_outlier_index_offset +
                      (static_cast<int64_t>(t) * g.value_outliers_per_token + o) * g.value_outlier_index_bytes;
       if (g.value_outlier_index_bytes == 1) *idx = static_cast<uint8_t>(e);
@@ -116,13 +118,10 @@ __global__ void FixupKernel(uint8_t* pool, int64_t stride, kvq::kernels::KvBlock
       reinterpret_cast<uint16_t*>(blk + g.value_outlier_value_offset)
           [static_cast<int64_t>(t) * g.value_outliers_per_token + o] = 0x4400;  // 4.0
     }
-    if (g.value_outlier_head_start_offset >= 0) {  // the indices above are ascending
+    if (g.value_outlier_head_start_offset >= 0) {
       int o = 0;
       for (int h = 0; h < g.n_kv_heads; ++h) {
-        while (o < g.value_outliers_per_token &&
-               (o * L) / g.value_outliers_per_token + (t % 7) < h * g.head_dim) {
-          ++o;
-        }
+        while (o < g.value_outliers_per_token && element(o) < h * g.head_dim) ++o;
         blk[g.value_outlier_head_start_offset + h * kvq::kernels::kKvBlockTokens + t] = static_cast<uint8_t>(o);
       }
     }
