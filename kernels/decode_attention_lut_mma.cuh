@@ -454,6 +454,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     if (!sink_tile) blk_base = nb;
     // Key-outlier cursor at each block start after the first (block tile 0's: before the loop).
     if (!sink_tile && key_outliers && T > 0 && tin == 0) key_cursor(lb, 0);
+    // The lane's first key-outlier entry of this tile, loaded before the key decode (as the value
+    // head starts are) so the scan below does not wait for it: that wait was 5% of the stall
+    // samples; loaded early, Llama-3-8B nuq3-1% at 1M 1,120 -> 1,085 us, LLaMA-2-7B 4,340 ->
+    // 4,182, SmolLM2 325 -> 317 (H200, same call, 2026-12-02 18:29 UTC).
+    uint32_t kent0 = 0;
+    if (!sink_tile && key_outliers && kcur + lane < kcount) kent0 = __ldg(kents + kcur + lane);
 
     // Sinks: zero point 0, range 1 (the block tiles' codes wait in cur).
     const uint32_t vscale = sink_tile ? 0x3c000000u : cur.vscale;
@@ -521,14 +527,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       // Key outliers of this tile replace their element by (x - z) / r.
       if (key_outliers) {
         __syncwarp();
+        bool first = true;
         while (true) {
           const int e = kcur + lane;
           bool in = false;
           uint32_t ent = 0;
           if (e < kcount) {
-            ent = __ldg(kents + e);
+            ent = first ? kent0 : __ldg(kents + e);
             in = static_cast<int>(ent & 0xffu) < tin + kTile;
           }
+          first = false;
           if (in) {
             const int t = static_cast<int>(ent & 0xffu) - tin, c = static_cast<int>((ent >> 8) & 0xffu);
             const float2 zr = zr_s[c];
@@ -631,44 +639,53 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           const float vzp = HalfLo(vscale), vr = HalfHi(vscale);
           const uint8_t* idx = at(lb, geo.value_outlier_index_offset, t * vo_row);
           const uint16_t* val = reinterpret_cast<const uint16_t*>(at(lb, geo.value_outlier_value_offset, t * k_v * 2));
-          auto patch = [&](int e, uint16_t xbits) {
+          auto patch_x = [&](int e, uint16_t xbits) {
             const int c = e % kHeadDim;
             const float x = __half2float(__ushort_as_half(xbits));
             *reinterpret_cast<uint16_t*>(stage + StageOff<kHeadDim>(lt, c >> 3) + (c & 7) * 2) =
                 ClampedHalf((x - vzp) / vr);
           };
-          // The token's entries, split between its two lanes. With head starts (block_layout.h:
-          // k_v > n_kv_heads) only this head's entries [start[hk][t], start[hk + 1][t]), ~k_v /
-          // n_kv per token, each entry's index and value loaded together; without them every
-          // entry's index, the value only for this head's, each load waiting for the previous
+          auto patch = [&](int e, int o) { patch_x(e, val[o]); };
+          // The token's entries, split between its two lanes; each load waits for the previous
           // (ncu, 2026-12-01: 14% of the stall samples; without the patching the kernel is 15%
-          // faster). Tried and slower for the scan (H200): four index loads issued before any is
-          // used, 1,311-1,314 against 1,277 us; each 64-token group's rows copied into shared
-          // memory by the CTA, 1,341-1,351 us; 2026-12-02: the tile's entries over all 32 lanes,
-          // every lane's index and value loads issued first, 1,434 against 1,206 us, and the same
-          // with 16-byte loads (8 entries per lane), 1,390 us (both executed 20% more
-          // instructions); two 16-bit indices per 32-bit load, no faster (1,170-1,175 us either
-          // way); each lane's next index loaded before the current one is used, 1,192 against
-          // 1,157 us. One loop per index width (the width test and the second load out of the
-          // loop), the index walked by pointer.
-          auto patch_head = [&](auto* ip) {
-            if (walk_starts) {
-              for (int o = vo0 + lh; o < vo1; o += 2) {
-                const int e = ip[o];
-                const uint16_t xbits = val[o];
-                patch(e, xbits);
-              }
-            } else {
-              for (int o = lh; o < k_v; o += 2) {
-                const int e = ip[o];
-                if (e / kHeadDim == hk) patch(e, val[o]);
-              }
+          // faster). Tried and slower (H200): four index loads issued before any is used,
+          // 1,311-1,314 against 1,277 us; each 64-token group's rows copied into shared memory by
+          // the CTA, 1,341-1,351 us; 2026-12-02: the tile's entries over all 32 lanes, every lane's
+          // index and value loads issued first, 1,434 against 1,206 us, and the same with 16-byte
+          // loads (8 entries per lane), 1,390 us (both executed 20% more instructions); two
+          // 16-bit indices per 32-bit load, no faster (1,170-1,175 us either way); each lane's next
+          // index loaded before the current one is used, 1,192 against 1,157 us.
+          // One loop per index width (the width test and the second load out of the loop), the
+          // index walked by pointer.
+          auto scan = [&](auto* ip) {
+            for (int o = lh; o < k_v; o += 2) {
+              const int e = ip[o];
+              if (e / kHeadDim == hk) patch(e, o);
             }
           };
-          if (geo.value_outlier_index_bytes == 1) {
-            patch_head(idx);
+          // With head starts (block_layout.h: k_v > n_kv_heads), only this head's entries
+          // [start[hk][t], start[hk + 1][t]): ~k_v / n_kv per token instead of k_v, each entry's
+          // index and value loaded together (their addresses no longer wait for a comparison).
+          auto walk = [&](auto* ip) {
+            for (int o = vo0 + lh; o < vo1; o += 2) {
+              const int e = ip[o];
+              const uint16_t xbits = val[o];
+              patch_x(e, xbits);
+            }
+          };
+          // Four arms, not one loop body per index width with the walk/scan test inside: that
+          // shorter form computed a flag per tile and was 1% slower (Llama-3-8B nuq3-1% 1M 1,109
+          // against 1,120 us, LLaMA-2-7B 4,290 against 4,340; H200, same call, 2026-12-02).
+          if (walk_starts) {
+            if (geo.value_outlier_index_bytes == 1) {
+              walk(idx);
+            } else {
+              walk(reinterpret_cast<const uint16_t*>(idx));
+            }
+          } else if (geo.value_outlier_index_bytes == 1) {
+            scan(idx);
           } else {
-            patch_head(reinterpret_cast<const uint16_t*>(idx));
+            scan(reinterpret_cast<const uint16_t*>(idx));
           }
         }
       }
