@@ -49,6 +49,7 @@
 
 #include "kernels/engine_ops.h"
 #include "kernels/kv_append.h"
+#include "kernels/row_gemv.h"
 #include "kernels/sampling.h"
 #include "kvstore/quantized_kv_cache.h"
 #include "sharding/gpu/gpu_forward.h"
@@ -82,7 +83,7 @@ ABSL_FLAG(std::string, ab, "",
           "(set_programmatic_launch: programmatic dependent launch of kvq's kernels), append (set_parallel_append: the "
           "key and value appends on side streams beside the RoPE), stacked (set_stacked_qkv: one q/k/v GEMM for batched "
           "decode steps), pick (the step's tokens picked on the device, 4 bytes per row to the host, or from the "
-          "logits copied to the host by model::Argmax / model::Sampler there), cluster (kernels::SetSamplingClusters: sampled tokens on a cluster of CTAs per row), keydec (kernels::SetKeyAppendDecodePath: "
+          "logits copied to the host by model::Argmax / model::Sampler there), cluster (kernels::SetSamplingClusters: sampled tokens on a cluster of CTAs per row), rowgemv (kernels::SetRowGemv: single-row GEMMs by the row GEMV instead of cuBLAS), keydec (kernels::SetKeyAppendDecodePath: "
           "decode steps' key appends by a warp per head and sequence, or by the chunk kernel)");
 ABSL_FLAG(float, temperature, 0.0f, "decode: > 0 samples each step's tokens (with --top_k, --top_p) instead of greedy");
 ABSL_FLAG(int, top_k, 0, "decode: top-k of the sampled steps (0 = off)");
@@ -419,6 +420,11 @@ int Main() {
              [&st](bool on) {
                kernels::SetSamplingClusters(on);
                st.fwd->ReleaseIdleResources();  // the captured graphs hold the other kernel
+             }},
+      Switch{"rowgemv", [] { return kernels::RowGemv(); },
+             [&st](bool on) {
+               kernels::SetRowGemv(on);
+               st.fwd->ReleaseIdleResources();  // the captured graphs hold the other GEMMs
              }},
       Switch{"keydec", [] { return kernels::KeyAppendDecodePath(); },
              [&st](bool on) {

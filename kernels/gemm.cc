@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cublas_api.h"
 #include "kernels/cuda_check.h"
+#include "kernels/row_gemv.h"
 
 namespace kvq::kernels {
 namespace {
@@ -32,6 +33,25 @@ absl::Status Gemm(cublasHandle_t handle, const GemmParams& p, cudaStream_t strea
   if (p.m == 0 || p.n == 0) return absl::OkStatus();
   if (p.a == nullptr || p.b == nullptr || p.c == nullptr || handle == nullptr) {
     return absl::InvalidArgumentError("Gemm: null pointer or handle");
+  }
+  // Single-row GEMMs (decode steps at batch 1): the bandwidth-bound row GEMV (kernels/row_gemv.h)
+  // where it applies. Not for 2-4 rows: at 4 it was slower than cuBLAS (Llama-3-8B fp16 1K batch 4,
+  // 5.88 against 5.12 ms per token; H200, 2026-12-02), its rows of A re-read and converted per row.
+  if (RowGemv() && p.m == 1 && p.alpha == 1.0f) {
+    RowGemvParams r;
+    r.m = p.m;
+    r.n = p.n;
+    r.k = p.k;
+    r.ab_dtype = p.ab_dtype;
+    r.c_dtype = p.c_dtype;
+    r.a = p.a;
+    r.lda = lda;
+    r.w = p.b;
+    r.ldw = ldb;
+    r.c = p.c;
+    r.ldc = ldc;
+    r.beta = p.beta;
+    if (RowGemvApplies(r)) return LaunchRowGemv(r, stream);
   }
   KVQ_RETURN_IF_CUBLAS_ERROR(cublas::SetStream(handle, stream));
   // Row-major C = A B^T is column-major C^T (n x m) = B_cm^T (n x k) . A_cm (k x m), where the

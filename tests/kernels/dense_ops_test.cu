@@ -25,6 +25,7 @@
 #include "kernels/philox.h"
 #include "kernels/reference/dense_ops.h"
 #include "kernels/reference/rope.h"
+#include "kernels/row_gemv.h"
 #include "kernels/sampling.h"
 #include "model/sampling.h"
 #include "tests/kernels/cuda_test_util.h"
@@ -283,6 +284,148 @@ INSTANTIATE_TEST_SUITE_P(Grid, GemmTest,
                                            std::make_tuple(DType::kF16, DType::kF16),
                                            std::make_tuple(DType::kBF16, DType::kF32),
                                            std::make_tuple(DType::kBF16, DType::kBF16)));
+
+// The row GEMV (decode steps' 1-4 rows): against a double reference for every row count, both
+// operand dtypes, f32 output with beta 0 and 1 and an output in the operand dtype; k with and
+// without whole rounds of 8 x 32 pieces (the unrolled loop and the tail), padded rows (lda, ldw >
+// k), n not a multiple of 8 warps. kernels::Gemm takes the same path for one row (bit-identical)
+// and cuBLAS for more; with SetRowGemv(false), cuBLAS agrees within the same tolerance.
+TEST(RowGemv, MatchesReferenceAndGemmRoutesToIt) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  cublasHandle_t h;
+  ASSERT_EQ(kernels::cublas::Create(&h), CUBLAS_STATUS_SUCCESS);
+  const int n = 130;
+  for (const DType ab : {DType::kF16, DType::kBF16}) {
+    const bool bf = ab == DType::kBF16;
+    for (const int k : {264, 4104}) {
+      const int lda = k + 8, ldw = k + 16;
+      for (int m = 1; m <= kernels::kRowGemvMaxRows; ++m) {
+        for (const DType cdt : {DType::kF32, ab}) {
+          for (const float beta : {0.0f, 1.0f}) {
+            if (cdt != DType::kF32 && beta != 0.0f) continue;
+            SCOPED_TRACE(absl::StrCat(bf ? "bf16" : "f16", " k ", k, " m ", m, " c ", cdt == DType::kF32 ? "f32" : "ab",
+                                      " beta ", beta));
+            const auto a = Randn(static_cast<size_t>(m) * lda, 20 + m), w = Randn(static_cast<size_t>(n) * ldw, 30);
+            const auto c0 = Randn(static_cast<size_t>(m) * n, 40);
+            auto ra = bf ? FromBf16(ToBf16(a)) : FromHalf(ToHalf(a));
+            auto rw = bf ? FromBf16(ToBf16(w)) : FromHalf(ToHalf(w));
+            std::vector<float> want(static_cast<size_t>(m) * n);
+            for (int i = 0; i < m; ++i) {
+              for (int j = 0; j < n; ++j) {
+                double acc = beta != 0.0f ? c0[static_cast<size_t>(i) * n + j] : 0.0;
+                for (int e = 0; e < k; ++e) {
+                  acc += static_cast<double>(ra[static_cast<size_t>(i) * lda + e]) * rw[static_cast<size_t>(j) * ldw + e];
+                }
+                want[static_cast<size_t>(i) * n + j] = static_cast<float>(acc);
+              }
+            }
+            DeviceBuffer<uint16_t> da(bf ? ToBf16(a) : ToHalf(a)), dw(bf ? ToBf16(w) : ToHalf(w));
+            std::vector<std::vector<float>> outs;
+            for (int path = 0; path < 3; ++path) {  // LaunchRowGemv, Gemm (routed), Gemm on cuBLAS
+              DeviceBuffer<float> dc32(c0);
+              DeviceBuffer<uint16_t> dc16(static_cast<size_t>(m) * n);
+              void* c = cdt == DType::kF32 ? static_cast<void*>(dc32.get()) : static_cast<void*>(dc16.get());
+              auto run = [&]() -> absl::Status {
+                if (path == 0) {
+                  kernels::RowGemvParams r;
+                  r.m = m;
+                  r.n = n;
+                  r.k = k;
+                  r.ab_dtype = ab;
+                  r.c_dtype = cdt;
+                  r.a = da.get();
+                  r.lda = lda;
+                  r.w = dw.get();
+                  r.ldw = ldw;
+                  r.c = c;
+                  r.beta = beta;
+                  EXPECT_TRUE(kernels::RowGemvApplies(r));
+                  return kernels::LaunchRowGemv(r, nullptr);
+                }
+                kernels::SetRowGemv(path == 1);
+                kernels::GemmParams g;
+                g.m = m;
+                g.n = n;
+                g.k = k;
+                g.ab_dtype = ab;
+                g.c_dtype = cdt;
+                g.a = da.get();
+                g.lda = lda;
+                g.b = dw.get();
+                g.ldb = ldw;
+                g.c = c;
+                g.beta = beta;
+                absl::Status gs = kernels::Gemm(h, g, nullptr);
+                kernels::SetRowGemv(true);
+                return gs;
+              };
+              const absl::Status st = run();
+              ASSERT_TRUE(st.ok()) << st;
+              KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+              outs.push_back(cdt == DType::kF32 ? dc32.Download()
+                             : bf              ? FromBf16(dc16.Download())
+                                               : FromHalf(dc16.Download()));
+            }
+            // Dot products of up to 4,104 N(0,1) pairs (|c| <~ 250): fp32 sums, relative ~1e-6 per
+            // term: 2e-3; an output in the operand dtype adds half an ulp at 256 (0.125 f16, 1 bf16).
+            const double tol = cdt == DType::kF32 ? 2e-3 : (bf ? 1.0 : 0.125);
+            EXPECT_LE(MaxAbsError(outs[0], want).err, tol) << "row GEMV";
+            if (m == 1) {
+              EXPECT_EQ(outs[0], outs[1]) << "kernels::Gemm must take the row GEMV for one row";
+            } else {
+              EXPECT_LE(MaxAbsError(outs[1], want).err, tol) << "kernels::Gemm (cuBLAS for several rows)";
+            }
+            EXPECT_LE(MaxAbsError(outs[2], want).err, tol) << "cuBLAS";
+          }
+        }
+      }
+    }
+  }
+  kernels::cublas::Destroy(h);
+}
+
+TEST(RowGemv, RefusesWhatItCannotReadAndGemmFallsBack) {
+  KVQ_REQUIRE_CUDA_DEVICE();
+  const int m = 1, n = 40, k = 64;
+  const auto a = Randn(k + 8, 50), w = Randn(static_cast<size_t>(n) * k, 51);
+  DeviceBuffer<uint16_t> da(ToHalf(a)), dw(ToHalf(w));
+  DeviceBuffer<float> dc(static_cast<size_t>(n));
+  kernels::RowGemvParams r;
+  r.m = m;
+  r.n = n;
+  r.k = k;
+  r.a = da.get() + 1;  // 2-byte aligned only
+  r.w = dw.get();
+  r.c = dc.get();
+  EXPECT_FALSE(kernels::RowGemvApplies(r));
+  const absl::Status st = kernels::LaunchRowGemv(r, nullptr);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("16-byte aligned"), std::string::npos) << st;
+  r.a = da.get();
+  r.m = 5;
+  EXPECT_FALSE(kernels::RowGemvApplies(r));
+  r.m = 1;
+  r.k = 60;  // not a multiple of 8
+  EXPECT_FALSE(kernels::RowGemvApplies(r));
+  // kernels::Gemm with the misaligned A still computes it (on cuBLAS).
+  auto ra = FromHalf(ToHalf(a));
+  auto rw = FromHalf(ToHalf(w));
+  std::vector<float> want(n);
+  kernels::GemmReference(ra.data() + 1, rw.data(), m, n, k, want.data());
+  cublasHandle_t h;
+  ASSERT_EQ(kernels::cublas::Create(&h), CUBLAS_STATUS_SUCCESS);
+  kernels::GemmParams g;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = da.get() + 1;
+  g.b = dw.get();
+  g.c = dc.get();
+  ASSERT_TRUE(kernels::Gemm(h, g, nullptr).ok());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  kernels::cublas::Destroy(h);
+  EXPECT_LE(MaxAbsError(dc.Download(), want).err, 1e-3);
+}
 
 // The decode GEMV: plain inputs against a double reference (three output segments, beta 1, an
 // output in the weight dtype), and its RMSNorm / SwiGLU input stages against the kernels they

@@ -1,0 +1,160 @@
+// See row_gemv.h.
+#include "kernels/row_gemv.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda_check.h"
+
+namespace kvq::kernels {
+namespace {
+
+using internal::FromFloat;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 8;  // 16-byte weight loads in flight per lane
+
+std::atomic<bool> g_row_gemv{true};
+
+// A weight piece, read once: not kept in L1 (the rows of A are, for every warp of the SM).
+__device__ __forceinline__ uint4 LoadStream(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float2 Pair(uint32_t u, __half) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+__device__ __forceinline__ float2 Pair(uint32_t u, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+
+// acc += dot(w, a) over eight elements, in element order.
+template <typename T>
+__device__ __forceinline__ float Dot8(const uint4& w, const uint4& a, float acc) {
+  const uint32_t ww[4] = {w.x, w.y, w.z, w.w}, aa[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = Pair(ww[i], T{}), y = Pair(aa[i], T{});
+    acc = fmaf(x.x, y.x, acc);
+    acc = fmaf(x.y, y.y, acc);
+  }
+  return acc;
+}
+
+// One warp per weight row n (output column n of every row of A). Lane l sums the 8-element
+// pieces l, l + 32, l + 64, ... of the row in that order, then the lanes are added by xor
+// shuffles: a fixed order for a given k.
+template <typename T, int kM>
+__global__ void __launch_bounds__(kThreads) RowGemvKernel(const RowGemvParams p) {
+  const int n = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (n >= p.n) return;
+  const int64_t lda = p.lda > 0 ? p.lda : p.k, ldw = p.ldw > 0 ? p.ldw : p.k;
+  const int pieces = p.k / 8;
+  const uint4* w = reinterpret_cast<const uint4*>(static_cast<const T*>(p.w) + n * ldw);
+  const uint4* a[kM];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    a[m] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.a) + (m < p.m ? m : 0) * lda);
+  }
+  float acc[kM];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) acc[m] = 0.0f;
+
+  int base = 0;
+  for (; base + 32 * kUnroll <= pieces; base += 32 * kUnroll) {
+    uint4 wv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStream(w + base + 32 * u + lane);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int m = 0; m < kM; ++m) acc[m] = Dot8<T>(wv[u], __ldg(a[m] + base + 32 * u + lane), acc[m]);
+    }
+  }
+  for (int i = base + lane; i < pieces; i += 32) {
+    const uint4 wv = LoadStream(w + i);
+#pragma unroll
+    for (int m = 0; m < kM; ++m) acc[m] = Dot8<T>(wv, __ldg(a[m] + i), acc[m]);
+  }
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
+  }
+  if (lane != 0) return;
+  const int64_t ldc = p.ldc > 0 ? p.ldc : p.n;
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    if (m >= p.m) break;
+    if (p.c_dtype == DType::kF32) {
+      float* c = static_cast<float*>(p.c) + m * ldc + n;
+      *c = p.beta != 0.0f ? *c + acc[m] : acc[m];
+    } else {
+      T* c = static_cast<T*>(p.c) + m * ldc + n;
+      *c = FromFloat<T>(p.beta != 0.0f ? internal::ToFloat(*c) + acc[m] : acc[m]);
+    }
+  }
+}
+
+template <typename T>
+void Launch(const RowGemvParams& p, cudaStream_t stream) {
+  const dim3 grid((p.n + kWarps - 1) / kWarps);
+  if (p.m == 1) {
+    RowGemvKernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+  } else if (p.m == 2) {
+    RowGemvKernel<T, 2><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    RowGemvKernel<T, 4><<<grid, kThreads, 0, stream>>>(p);
+  }
+}
+
+const char* Refusal(const RowGemvParams& p) {
+  const int64_t lda = p.lda > 0 ? p.lda : p.k, ldw = p.ldw > 0 ? p.ldw : p.k,
+                ldc = p.ldc > 0 ? p.ldc : p.n;
+  if (p.m < 1 || p.m > kRowGemvMaxRows) return "m must be 1..4";
+  if (p.n < 1 || p.k < 1) return "n and k must be positive";
+  if (p.ab_dtype != DType::kF16 && p.ab_dtype != DType::kBF16) return "A and W must be f16 or bf16";
+  if (p.c_dtype != DType::kF32 && p.c_dtype != p.ab_dtype) return "C must be f32 or the operand dtype";
+  if (p.k % 8 != 0 || lda % 8 != 0 || ldw % 8 != 0 || lda < p.k || ldw < p.k || ldc < p.n) {
+    return "k, lda and ldw must be multiples of 8 with lda, ldw >= k and ldc >= n";
+  }
+  if (p.a == nullptr || p.w == nullptr || p.c == nullptr) return "null operand";
+  if (reinterpret_cast<uintptr_t>(p.a) % 16 != 0 || reinterpret_cast<uintptr_t>(p.w) % 16 != 0) {
+    return "A and W must be 16-byte aligned";
+  }
+  if (p.beta != 0.0f && p.beta != 1.0f) return "beta must be 0 or 1";
+  return nullptr;
+}
+
+}  // namespace
+
+bool RowGemvApplies(const RowGemvParams& p) { return Refusal(p) == nullptr; }
+
+absl::Status LaunchRowGemv(const RowGemvParams& p, cudaStream_t stream) {
+  if (const char* why = Refusal(p)) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchRowGemv: ", why, " (m ", p.m, ", n ", p.n, ", k ", p.k,
+                                                   ", lda ", p.lda, ", ldw ", p.ldw, ")"));
+  }
+  if (p.ab_dtype == DType::kF16) {
+    Launch<__half>(p, stream);
+  } else {
+    Launch<__nv_bfloat16>(p, stream);
+  }
+  KVQ_RETURN_IF_LAUNCH_ERROR();
+  return absl::OkStatus();
+}
+
+void SetRowGemv(bool on) { g_row_gemv.store(on); }
+bool RowGemv() { return g_row_gemv.load(); }
+
+}  // namespace kvq::kernels

@@ -1,0 +1,59 @@
+// Linear layers of decode steps with 1-4 rows, at the memory bandwidth: C[m][n] = sum_k A[m][k]
+// W[n][k] (+ C[m][n] when beta = 1), W a weight [N][K] (PyTorch Linear layout) in f16 or bf16, A in
+// the same dtype, fp32 accumulation, C in f32 or the weight dtype.
+//
+// Why: a decode step at batch 1 reads every weight once and does two FLOPs per weight; cuBLAS picks
+// tiles of 64-256 output columns for one row, so the q/k/v and output projections of Llama-3-8B ran
+// on 96 CTAs (of 132 SMs) at 56-59% of the read bandwidth, and its split-K variants added a reduce
+// kernel per GEMM (ncu in engine_bench, H200, 2026-12-02). Here one warp owns one weight row and
+// streams it with 16-byte loads, eight in flight per lane, the rows of A read through L1 (they are
+// the same for every warp); the warp's lanes sum in fp32 and reduce by shuffles in a fixed order
+// (the same bits for the same shape, whatever the launch).
+//
+// Measured (H200, 2026-12-02, ncu in engine_bench, Llama-3-8B shape, f16, one row, µs against
+// cuBLAS in the same process): q/k/v 15.4 against 17.8, output projection + down projection 42.7
+// against 52.1 (two GEMMs and two split-K reduces), gate/up 58.5 against 59.4 (87% of the read
+// bandwidth), LM head 240.0 against 240.2; a decode step at 1K tokens, batch 1: 4.54 against 4.94
+// ms per token (SmolLM2 0.95 against 1.14). At 4 rows it is slower than cuBLAS (each row of A is
+// re-read and converted per weight piece), so kernels::Gemm sends it single rows only.
+//
+// kernels::Gemm sends the single-row calls this takes (RowGemvApplies) here while RowGemv() is on
+// (the default); SetRowGemv(false) sends them to cuBLAS again (A/B: engine_bench --ab=rowgemv).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kernels/dtype.h"
+
+namespace kvq::kernels {
+
+inline constexpr int kRowGemvMaxRows = 4;
+
+struct RowGemvParams {
+  int m = 0, n = 0, k = 0;
+  DType ab_dtype = DType::kF16;  // f16 or bf16 (A and W)
+  DType c_dtype = DType::kF32;   // f32 or ab_dtype
+  const void* a = nullptr;       // [m][lda]
+  int64_t lda = 0;               // elements; 0 means k
+  const void* w = nullptr;       // [n][ldw]
+  int64_t ldw = 0;               // elements; 0 means k
+  void* c = nullptr;             // [m][ldc]
+  int64_t ldc = 0;               // elements; 0 means n
+  float beta = 0.0f;             // 0 or 1
+};
+
+// Whether LaunchRowGemv takes p: 1..kRowGemvMaxRows rows, n and k > 0, f16/bf16 operands, k, lda
+// and ldw multiples of 8 elements with A and W 16-byte aligned (16-byte loads), C f32 or the
+// operand dtype, beta 0 or 1.
+bool RowGemvApplies(const RowGemvParams& p);
+
+// InvalidArgument (saying which condition failed) when !RowGemvApplies(p).
+absl::Status LaunchRowGemv(const RowGemvParams& p, cudaStream_t stream);
+
+void SetRowGemv(bool on);
+bool RowGemv();
+
+}  // namespace kvq::kernels
