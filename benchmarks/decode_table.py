@@ -14,6 +14,8 @@ speedup over each fp16 baseline: our fp16 kernel, cuDNN SDPA, flash SDPA, and th
       [--mem_gb 48] [--out DIR]
 
 The raw outputs (both JSON files, both logs) go to --out (default: a temporary directory).
+`--from DIR` prints the table again from such a directory (e.g. one copied back from a GPU
+machine) without running anything; --bench is then not needed.
 Contexts count kvq's fp16 sink tokens (--sink); SDPA gets the same number of tokens.
 """
 import argparse
@@ -39,7 +41,9 @@ def ratio(base_us, us):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bench", required=True, help="path to the kernels_bench binary")
+    ap.add_argument("--bench", help="path to the kernels_bench binary")
+    ap.add_argument("--from", dest="from_dir", default="",
+                    help="print the table from the JSON files of an earlier --out directory")
     ap.add_argument("--shapes", default="llama3-8b,llama2-7b,smollm2-135m")
     ap.add_argument("--formats", default="fp16,nuq4-1%,nuq3-1%,nuq2-1%")
     ap.add_argument("--contexts", default="32768,131072,1048576,2097152")
@@ -49,6 +53,16 @@ def main():
     ap.add_argument("--mem_gb", type=float, default=48.0)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.from_dir:
+        out = args.from_dir
+        kj, sj = os.path.join(out, "kernels_bench.json"), os.path.join(out, "sdpa_decode.json")
+        for f in (kj, sj):
+            if not os.path.isfile(f):
+                sys.exit(f"--from {out}: {f} is missing (expected the --out directory of an earlier run)")
+        print_table(kj, sj, out)
+        return
+    if not args.bench:
+        sys.exit("--bench PATH (the kernels_bench binary) is required unless --from DIR is given")
     if "fp16" not in args.formats.split(","):
         sys.exit("--formats must include fp16 (our fp16 kernel is one of the baselines)")
     out = args.out or tempfile.mkdtemp(prefix="kvq_decode_table_")
@@ -61,6 +75,10 @@ def main():
     run([sys.executable, os.path.join(here, "sdpa_bench.py"), "--decode", f"--shapes={args.shapes}",
          f"--contexts={args.contexts}", f"--batches={args.batches}", f"--iters={args.iters}",
          f"--mem_gb={args.mem_gb}", f"--json={sj}"], os.path.join(out, "sdpa_decode.log"))
+    print_table(kj, sj, out)
+
+
+def print_table(kj, sj, out):
     kb, sd = json.load(open(kj)), json.load(open(sj))
     read_gbs = kb["read_gbs"]
     sdpa = {}
