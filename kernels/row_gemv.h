@@ -6,7 +6,7 @@
 // tiles of 64-256 output columns for one row, so the q/k/v and output projections of Llama-3-8B ran
 // on 96 CTAs (of 132 SMs) at 56-59% of the read bandwidth, and its split-K variants added a reduce
 // kernel per GEMM (ncu in engine_bench, H200, 2026-12-02). Here one warp owns one weight row and
-// streams it with 16-byte loads, eight in flight per lane, the rows of A read through L1 (they are
+// streams it with 16-byte loads, four in flight per lane, the rows of A read through L1 (they are
 // the same for every warp); the warp's lanes sum in fp32 and reduce by shuffles in a fixed order
 // (the same bits for the same shape, whatever the launch).
 //
