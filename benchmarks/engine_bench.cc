@@ -83,7 +83,7 @@ ABSL_FLAG(std::string, ab, "",
           "(set_programmatic_launch: programmatic dependent launch of kvq's kernels), append (set_parallel_append: the "
           "key and value appends on side streams beside the RoPE), stacked (set_stacked_qkv: one q/k/v GEMM for batched "
           "decode steps), pick (the step's tokens picked on the device, 4 bytes per row to the host, or from the "
-          "logits copied to the host by model::Argmax / model::Sampler there), cluster (kernels::SetSamplingClusters: sampled tokens on a cluster of CTAs per row), rowgemv (kernels::SetRowGemv: single-row GEMMs by the row GEMV instead of cuBLAS), keydec (kernels::SetKeyAppendDecodePath: "
+          "logits copied to the host by model::Argmax / model::Sampler there), cluster (kernels::SetSamplingClusters: sampled tokens on a cluster of CTAs per row), rowgemv (kernels::SetRowGemv: single-row GEMMs by the row GEMV instead of cuBLAS), rowearly (kernels::SetRowGemvEarlyStart: the row GEMV started early, its first weights loaded before it waits for the kernel before), keydec (kernels::SetKeyAppendDecodePath: "
           "decode steps' key appends by a warp per head and sequence, or by the chunk kernel)");
 ABSL_FLAG(float, temperature, 0.0f, "decode: > 0 samples each step's tokens (with --top_k, --top_p) instead of greedy");
 ABSL_FLAG(int, top_k, 0, "decode: top-k of the sampled steps (0 = off)");
@@ -425,6 +425,11 @@ int Main() {
              [&st](bool on) {
                kernels::SetRowGemv(on);
                st.fwd->ReleaseIdleResources();  // the captured graphs hold the other GEMMs
+             }},
+      Switch{"rowearly", [] { return kernels::RowGemvEarlyStart(); },
+             [&st](bool on) {
+               kernels::SetRowGemvEarlyStart(on);
+               st.fwd->ReleaseIdleResources();  // the captured graphs hold the other launches
              }},
       Switch{"keydec", [] { return kernels::KeyAppendDecodePath(); },
              [&st](bool on) {

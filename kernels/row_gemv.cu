@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
+#include "kernels/launch.cuh"
 
 namespace kvq::kernels {
 namespace {
@@ -23,6 +24,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;
 
 std::atomic<bool> g_row_gemv{true};
+std::atomic<bool> g_row_gemv_early{true};
 
 // A weight piece, read once: not kept in L1 (the rows of A are, for every warp of the SM).
 __device__ __forceinline__ uint4 LoadStream(const uint4* p) {
@@ -60,7 +62,10 @@ template <typename T, int kM>
 __global__ void __launch_bounds__(kThreads) RowGemvKernel(const RowGemvParams p) {
   const int n = blockIdx.x * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (n >= p.n) return;
+  if (n >= p.n) {
+    GridDependencyWait();  // see kernels/launch.cuh (no memory access on this path either way)
+    return;
+  }
   const int64_t lda = p.lda > 0 ? p.lda : p.k, ldw = p.ldw > 0 ? p.ldw : p.k;
   const int pieces = p.k / 8;
   const uint4* w = reinterpret_cast<const uint4*>(static_cast<const T*>(p.w) + n * ldw);
@@ -73,11 +78,21 @@ __global__ void __launch_bounds__(kThreads) RowGemvKernel(const RowGemvParams p)
 #pragma unroll
   for (int m = 0; m < kM; ++m) acc[m] = 0.0f;
 
+  // The first round of weight pieces is loaded before GridDependencyWait: the weights are written
+  // by no kernel, so with the early start (RowGemvEarlyStart) these loads overlap the kernel
+  // before this one instead of following it. Everything else (A, C) is read after the wait.
+  uint4 wv[kUnroll];
+  if (pieces >= 32 * kUnroll) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStream(w + 32 * u + lane);
+  }
+  GridDependencyWait();
   int base = 0;
   for (; base + 32 * kUnroll <= pieces; base += 32 * kUnroll) {
-    uint4 wv[kUnroll];
+    if (base > 0) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStream(w + base + 32 * u + lane);
+      for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStream(w + base + 32 * u + lane);
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
@@ -109,16 +124,28 @@ __global__ void __launch_bounds__(kThreads) RowGemvKernel(const RowGemvParams p)
   }
 }
 
+// With the early start: the programmatic-dependent-launch attribute whatever ProgrammaticLaunch()
+// says (kernels/launch.cuh), so the CTAs are scheduled as soon as the kernel before has triggered
+// (kvq's kernels trigger right after their own wait) and fetch their first weights meanwhile.
+template <typename T, int kM>
+cudaError_t LaunchRows(const RowGemvParams& p, cudaStream_t stream) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((p.n + kWarps - 1) / kWarps);
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = g_row_gemv_early.load() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, RowGemvKernel<T, kM>, p);
+}
+
 template <typename T>
-void Launch(const RowGemvParams& p, cudaStream_t stream) {
-  const dim3 grid((p.n + kWarps - 1) / kWarps);
-  if (p.m == 1) {
-    RowGemvKernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
-  } else if (p.m == 2) {
-    RowGemvKernel<T, 2><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    RowGemvKernel<T, 4><<<grid, kThreads, 0, stream>>>(p);
-  }
+cudaError_t Launch(const RowGemvParams& p, cudaStream_t stream) {
+  if (p.m == 1) return LaunchRows<T, 1>(p, stream);
+  if (p.m == 2) return LaunchRows<T, 2>(p, stream);
+  return LaunchRows<T, 4>(p, stream);
 }
 
 const char* Refusal(const RowGemvParams& p) {
@@ -148,16 +175,13 @@ absl::Status LaunchRowGemv(const RowGemvParams& p, cudaStream_t stream) {
     return absl::InvalidArgumentError(absl::StrCat("LaunchRowGemv: ", why, " (m ", p.m, ", n ", p.n, ", k ", p.k,
                                                    ", lda ", p.lda, ", ldw ", p.ldw, ")"));
   }
-  if (p.ab_dtype == DType::kF16) {
-    Launch<__half>(p, stream);
-  } else {
-    Launch<__nv_bfloat16>(p, stream);
-  }
-  KVQ_RETURN_IF_LAUNCH_ERROR();
+  KVQ_RETURN_IF_CUDA_ERROR(p.ab_dtype == DType::kF16 ? Launch<__half>(p, stream) : Launch<__nv_bfloat16>(p, stream));
   return absl::OkStatus();
 }
 
 void SetRowGemv(bool on) { g_row_gemv.store(on); }
+void SetRowGemvEarlyStart(bool on) { g_row_gemv_early.store(on); }
+bool RowGemvEarlyStart() { return g_row_gemv_early.load(); }
 bool RowGemv() { return g_row_gemv.load(); }
 
 }  // namespace kvq::kernels

@@ -321,12 +321,14 @@ TEST(RowGemv, MatchesReferenceAndGemmRoutesToIt) {
             }
             DeviceBuffer<uint16_t> da(bf ? ToBf16(a) : ToHalf(a)), dw(bf ? ToBf16(w) : ToHalf(w));
             std::vector<std::vector<float>> outs;
-            for (int path = 0; path < 3; ++path) {  // LaunchRowGemv, Gemm (routed), Gemm on cuBLAS
+            // LaunchRowGemv, Gemm (routed for one row), Gemm on cuBLAS, LaunchRowGemv without the
+            // early start.
+            for (int path = 0; path < 4; ++path) {
               DeviceBuffer<float> dc32(c0);
               DeviceBuffer<uint16_t> dc16(static_cast<size_t>(m) * n);
               void* c = cdt == DType::kF32 ? static_cast<void*>(dc32.get()) : static_cast<void*>(dc16.get());
               auto run = [&]() -> absl::Status {
-                if (path == 0) {
+                if (path == 0 || path == 3) {
                   kernels::RowGemvParams r;
                   r.m = m;
                   r.n = n;
@@ -340,7 +342,10 @@ TEST(RowGemv, MatchesReferenceAndGemmRoutesToIt) {
                   r.c = c;
                   r.beta = beta;
                   EXPECT_TRUE(kernels::RowGemvApplies(r));
-                  return kernels::LaunchRowGemv(r, nullptr);
+                  kernels::SetRowGemvEarlyStart(path == 0);
+                  absl::Status rs = kernels::LaunchRowGemv(r, nullptr);
+                  kernels::SetRowGemvEarlyStart(true);
+                  return rs;
                 }
                 kernels::SetRowGemv(path == 1);
                 kernels::GemmParams g;
@@ -376,6 +381,7 @@ TEST(RowGemv, MatchesReferenceAndGemmRoutesToIt) {
               EXPECT_LE(MaxAbsError(outs[1], want).err, tol) << "kernels::Gemm (cuBLAS for several rows)";
             }
             EXPECT_LE(MaxAbsError(outs[2], want).err, tol) << "cuBLAS";
+            EXPECT_EQ(outs[0], outs[3]) << "the early start must not change a bit";
           }
         }
       }
