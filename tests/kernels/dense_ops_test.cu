@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstring>
 #include <random>
 #include <string>
@@ -388,6 +389,47 @@ TEST(RowGemv, MatchesReferenceAndGemmRoutesToIt) {
     }
   }
   kernels::cublas::Destroy(h);
+}
+
+// What the row GEMV takes, checked on the host before any launch (runs without a GPU): every
+// refusal names the condition that failed.
+TEST(RowGemv, AppliesOnlyToWhatItCanRead) {
+  alignas(16) static uint16_t a[64 + 8], w[40 * 64];
+  alignas(16) static float c[40];
+  kernels::RowGemvParams r;
+  r.m = 1;
+  r.n = 40;
+  r.k = 64;
+  r.a = a;
+  r.w = w;
+  r.c = c;
+  EXPECT_TRUE(kernels::RowGemvApplies(r));
+  struct Case {
+    const char* want;
+    std::function<void(kernels::RowGemvParams&)> change;
+  };
+  const std::vector<Case> cases = {
+      {"m must be 1..4", [](kernels::RowGemvParams& q) { q.m = 5; }},
+      {"m must be 1..4", [](kernels::RowGemvParams& q) { q.m = 0; }},
+      {"n and k must be positive", [](kernels::RowGemvParams& q) { q.n = 0; }},
+      {"f16 or bf16", [](kernels::RowGemvParams& q) { q.ab_dtype = DType::kF32; }},
+      {"C must be f32 or the operand dtype", [](kernels::RowGemvParams& q) { q.c_dtype = DType::kBF16; }},
+      {"multiples of 8", [](kernels::RowGemvParams& q) { q.k = 60; }},
+      {"multiples of 8", [](kernels::RowGemvParams& q) { q.lda = 68; }},
+      {"lda, ldw >= k", [](kernels::RowGemvParams& q) { q.ldw = 56; }},
+      {"null operand", [](kernels::RowGemvParams& q) { q.c = nullptr; }},
+      {"16-byte aligned", [](kernels::RowGemvParams& q) { q.a = static_cast<const uint16_t*>(q.a) + 1; }},
+      {"16-byte aligned", [](kernels::RowGemvParams& q) { q.w = static_cast<const uint16_t*>(q.w) + 4; }},
+      {"beta must be 0 or 1", [](kernels::RowGemvParams& q) { q.beta = 0.5f; }},
+  };
+  for (const Case& t : cases) {
+    kernels::RowGemvParams q = r;
+    t.change(q);
+    EXPECT_FALSE(kernels::RowGemvApplies(q)) << t.want;
+    const absl::Status st = kernels::LaunchRowGemv(q, nullptr);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << t.want;
+    EXPECT_NE(st.message().find(t.want), std::string::npos) << st;
+  }
 }
 
 TEST(RowGemv, RefusesWhatItCannotReadAndGemmFallsBack) {
