@@ -20,7 +20,7 @@
 #                                                       and k in one launch, merge chunks, spread
 #                                                       RoPE tables): their kernel tests, the engine
 #                                                       against the CPU, then engine_bench with each
-#                                                       switch timed both ways (--ab=fold,gemv),
+#                                                       switch timed both ways (--ab=fold,gemv,rowgemv,rowearly),
 #                                                       kernels_bench against the build before them
 #                                                       and the LUT kernel's timing ablations
 #                                                       (scripts/build_variant.sh builds them); PARTS:
@@ -160,9 +160,9 @@ case "$cmd" in
     fi
     if [[ ",$parts," == *,engine,* ]]; then
       "$b/engine_bench" --model "$dir/model.gguf" --quantizers "$here/tests/fixtures/quantizers" \
-        --formats fp16,nuq3-1% --contexts 1024,131072 --batches 1,8 --steps 20 --ab=fold,gemv
+        --formats fp16,nuq3-1% --contexts 1024,131072 --batches 1,8 --steps 20 --ab=fold,gemv,rowgemv,rowearly
       "$b/engine_bench" --model synthetic:llama-3-8b --formats fp16,nuq3-1% --contexts 1024 --batches 1,8 \
-        --steps 10 --ab=fold,gemv
+        --steps 10 --ab=fold,gemv,rowgemv,rowearly
     fi
     # Kernel changes on the default path (RoPE step tables, merge channel chunks, outlier scans)
     # against the build before them when the bundle carries it (kernels_bench_old); repeat the
