@@ -83,7 +83,7 @@ ABSL_FLAG(std::string, ab, "",
           "(set_programmatic_launch: programmatic dependent launch of kvq's kernels), append (set_parallel_append: the "
           "key and value appends on side streams beside the RoPE), stacked (set_stacked_qkv: one q/k/v GEMM for batched "
           "decode steps), pick (the step's tokens picked on the device, 4 bytes per row to the host, or from the "
-          "logits copied to the host by model::Argmax / model::Sampler there), cluster (kernels::SetSamplingClusters: sampled tokens on a cluster of CTAs per row), rowgemv (kernels::SetRowGemv: single-row GEMMs by the row GEMV instead of cuBLAS), rowearly (kernels::SetRowGemvEarlyStart: the row GEMV started early, its first weights loaded before it waits for the kernel before), keydec (kernels::SetKeyAppendDecodePath: "
+          "logits copied to the host by model::Argmax / model::Sampler there), cluster (kernels::SetSamplingClusters: sampled tokens on a cluster of CTAs per row), rowgemv (kernels::SetRowGemv: GEMMs of up to --row_gemv_rows rows by the row GEMV instead of cuBLAS), rowearly (kernels::SetRowGemvEarlyStart: the row GEMV started early, its first weights loaded before it waits for the kernel before), keydec (kernels::SetKeyAppendDecodePath: "
           "decode steps' key appends by a warp per head and sequence, or by the chunk kernel)");
 ABSL_FLAG(float, temperature, 0.0f, "decode: > 0 samples each step's tokens (with --top_k, --top_p) instead of greedy");
 ABSL_FLAG(int, top_k, 0, "decode: top-k of the sampled steps (0 = off)");
@@ -95,6 +95,8 @@ ABSL_FLAG(bool, capacity, false, "fill one sequence until the pool is full, then
 ABSL_FLAG(std::string, weights_dtype, "f16", "f16 | bf16 | f32");
 ABSL_FLAG(double, pool_fraction, 0.92, "fraction of free memory (after weights) for the KV pool");
 ABSL_FLAG(std::string, label, "", "free text printed with every row (e.g. the GPU)");
+ABSL_FLAG(int, row_gemv_rows, -1,
+          "GEMMs of up to this many rows go to the row GEMV (kernels::SetRowGemvRows; -1 keeps the default)");
 ABSL_FLAG(bool, sharded, false,
           "under mpirun: sequences spread over the ranks' GPUs through the sharded cache (see the header)");
 ABSL_FLAG(int64_t, min_tokens_per_rank, 65536, "--sharded: fewest tokens a rank holds before a sequence spreads");
@@ -738,6 +740,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "engine_bench: no CUDA device\n");
     return 1;
   }
+  if (absl::GetFlag(FLAGS_row_gemv_rows) >= 0) kvq::kernels::SetRowGemvRows(absl::GetFlag(FLAGS_row_gemv_rows));
   if (absl::GetFlag(FLAGS_sharded)) {
 #if KVQ_HAVE_MPI
     return kvq::ShardedMain(&argc, &argv);

@@ -34,10 +34,9 @@ absl::Status Gemm(cublasHandle_t handle, const GemmParams& p, cudaStream_t strea
   if (p.a == nullptr || p.b == nullptr || p.c == nullptr || handle == nullptr) {
     return absl::InvalidArgumentError("Gemm: null pointer or handle");
   }
-  // Single-row GEMMs (decode steps at batch 1): the bandwidth-bound row GEMV (kernels/row_gemv.h)
-  // where it applies. Not for 2-4 rows: at 4 it was slower than cuBLAS (Llama-3-8B fp16 1K batch 4,
-  // 5.88 against 5.12 ms per token; H200, 2026-12-02), its rows of A re-read and converted per row.
-  if (RowGemv() && p.m == 1 && p.alpha == 1.0f) {
+  // GEMMs of one or two rows (decode steps at batch 1 and 2): the bandwidth-bound row GEMV
+  // (kernels/row_gemv.h) where it applies; at four rows it was slower than cuBLAS.
+  if (RowGemv() && p.m <= RowGemvRows() && p.alpha == 1.0f) {
     RowGemvParams r;
     r.m = p.m;
     r.n = p.n;

@@ -1,8 +1,9 @@
 // Thin cuBLAS GEMM wrapper for the dense layers: row-major C[m][n] = alpha * A[m][k] . B[n][k]^T
 // + beta * C (B is a weight in PyTorch Linear layout [out][in]); f16/bf16 inputs with fp32
 // accumulation (CUBLAS_COMPUTE_32F), or f32 inputs in full fp32 (no TF32: the exactness mode);
-// C in f16, bf16 or f32. Calls with one row of f16/bf16 and alpha 1 go to the row GEMV
-// (kernels/row_gemv.h: one warp per weight row, near the read bandwidth) where it applies.
+// C in f16, bf16 or f32. Calls with one or two rows (RowGemvRows()) of f16/bf16 and alpha 1 go to
+// the row GEMV (kernels/row_gemv.h: one warp per weight row, near the read bandwidth) where it
+// applies.
 #pragma once
 
 #include <cublas_v2.h>

@@ -25,6 +25,7 @@ constexpr int kUnroll = 4;
 
 std::atomic<bool> g_row_gemv{true};
 std::atomic<bool> g_row_gemv_early{true};
+std::atomic<int> g_row_gemv_rows{2};
 
 // A weight piece, read once: not kept in L1 (the rows of A are, for every warp of the SM).
 __device__ __forceinline__ uint4 LoadStream(const uint4* p) {
@@ -42,6 +43,18 @@ __device__ __forceinline__ float2 Pair(uint32_t u, __nv_bfloat16) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
 }
 
+// Eight elements of T (a 16-byte piece) as floats.
+template <typename T>
+__device__ __forceinline__ void ToFloat8(const uint4& v, float (&f)[8]) {
+  const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = Pair(vv[i], T{});
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
 // acc += dot(w, a) over eight elements, in element order.
 template <typename T>
 __device__ __forceinline__ float Dot8(const uint4& w, const uint4& a, float acc) {
@@ -53,6 +66,26 @@ __device__ __forceinline__ float Dot8(const uint4& w, const uint4& a, float acc)
     acc = fmaf(x.y, y.y, acc);
   }
   return acc;
+}
+
+// acc[m] += dot(w, a_m) over eight elements, in element order, for every row m of A. Several rows:
+// the weight piece converted once for all of them (the same products and sums as Dot8 per row).
+// One row: Dot8, the code the single-row timings in row_gemv.h were measured with.
+template <typename T, int kM>
+__device__ __forceinline__ void Dot8Rows(const uint4& w, const uint4* const (&a)[kM], int at, float (&acc)[kM]) {
+  if constexpr (kM == 1) {
+    acc[0] = Dot8<T>(w, __ldg(a[0] + at), acc[0]);
+    return;
+  }
+  float wf[8];
+  ToFloat8<T>(w, wf);
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    float af[8];
+    ToFloat8<T>(__ldg(a[m] + at), af);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[m] = fmaf(wf[i], af[i], acc[m]);
+  }
 }
 
 // One warp per weight row n (output column n of every row of A). Lane l sums the 8-element
@@ -94,16 +127,9 @@ __global__ void __launch_bounds__(kThreads) RowGemvKernel(const RowGemvParams p)
       for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStream(w + base + 32 * u + lane);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int m = 0; m < kM; ++m) acc[m] = Dot8<T>(wv[u], __ldg(a[m] + base + 32 * u + lane), acc[m]);
-    }
+    for (int u = 0; u < kUnroll; ++u) Dot8Rows<T, kM>(wv[u], a, base + 32 * u + lane, acc);
   }
-  for (int i = base + lane; i < pieces; i += 32) {
-    const uint4 wv = LoadStream(w + i);
-#pragma unroll
-    for (int m = 0; m < kM; ++m) acc[m] = Dot8<T>(wv, __ldg(a[m] + i), acc[m]);
-  }
+  for (int i = base + lane; i < pieces; i += 32) Dot8Rows<T, kM>(LoadStream(w + i), a, i, acc);
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
 #pragma unroll
@@ -180,6 +206,8 @@ absl::Status LaunchRowGemv(const RowGemvParams& p, cudaStream_t stream) {
 }
 
 void SetRowGemv(bool on) { g_row_gemv.store(on); }
+void SetRowGemvRows(int max_rows) { g_row_gemv_rows.store(max_rows < 0 ? 0 : (max_rows > kRowGemvMaxRows ? kRowGemvMaxRows : max_rows)); }
+int RowGemvRows() { return g_row_gemv_rows.load(); }
 void SetRowGemvEarlyStart(bool on) { g_row_gemv_early.store(on); }
 bool RowGemvEarlyStart() { return g_row_gemv_early.load(); }
 bool RowGemv() { return g_row_gemv.load(); }

@@ -14,11 +14,14 @@
 // cuBLAS in the same process): q/k/v 15.4 against 17.8, output projection + down projection 42.7
 // against 52.1 (two GEMMs and two split-K reduces), gate/up 58.5 against 59.4 (87% of the read
 // bandwidth), LM head 240.0 against 240.2; a decode step at 1K tokens, batch 1: 4.54 against 4.94
-// ms per token (SmolLM2 0.95 against 1.14). At 4 rows it is slower than cuBLAS (each row of A is
-// re-read and converted per weight piece), so kernels::Gemm sends it single rows only.
+// ms per token (SmolLM2 0.95 against 1.14). Two rows (batch 2; the weight piece converted once for
+// both): Llama-3-8B fp16 1K 4.95 / 4.93 against 5.08 / 5.08 ms per token, SmolLM2 0.98 against
+// 1.14; four rows: 6.80 against 5.22 on Llama-3-8B (each row of A read and converted per weight
+// piece: issue-bound), so kernels::Gemm sends it up to two rows (H200, 2026-12-02 19:16 UTC).
 //
-// kernels::Gemm sends the single-row calls this takes (RowGemvApplies) here while RowGemv() is on
-// (the default); SetRowGemv(false) sends them to cuBLAS again (A/B: engine_bench --ab=rowgemv).
+// kernels::Gemm sends the calls of up to RowGemvRows() rows this takes (RowGemvApplies) here while
+// RowGemv() is on (the default); SetRowGemv(false) sends them to cuBLAS again (A/B: engine_bench
+// --ab=rowgemv).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -55,6 +58,11 @@ absl::Status LaunchRowGemv(const RowGemvParams& p, cudaStream_t stream);
 
 void SetRowGemv(bool on);
 bool RowGemv();
+
+// kernels::Gemm sends calls of up to RowGemvRows() rows here (default 2; 0..kRowGemvMaxRows;
+// engine_bench --row_gemv_rows).
+void SetRowGemvRows(int max_rows);
+int RowGemvRows();
 
 // Early start: the row GEMV is launched as a programmatic dependent of the kernel before it
 // (kernels/launch.cuh) and loads its first weight pieces before waiting for that kernel (they are
