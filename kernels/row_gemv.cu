@@ -20,7 +20,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // 16-byte weight loads in flight per lane. 4 rather than 8 or 16: Llama-3-8B fp16 1K batch 1
 // 4.54 / 4.52 against 4.62 / 4.61 (8) and 4.65 / 4.61 (16) ms per token (H200, same call,
-// 2026-12-02 19:00 UTC); fewer registers, more warps per SM.
+// 2026-12-02 18:58 UTC); fewer registers, more warps per SM.
 constexpr int kUnroll = 4;
 
 std::atomic<bool> g_row_gemv{true};
