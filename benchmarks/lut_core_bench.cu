@@ -27,6 +27,17 @@
 //   stage-prmt  softmax with the staging tile filled by decode-prmt's register LUT instead of the
 //            shared pair table: what the kernel does at 3 bits since the bit-sliced layout
 //            (kernels/code_layout.h); the modes before it read the LSB-first stream of before;
+//   stage-out  stage-prmt with outliers as the LUT decode kernel handles them: each tile's key and
+//            value outlier entries (20 each per head and tile: nuq3-1% of Llama-3-8B, 1% of the
+//            keys and k_v = 10 values per token over 8 heads) patched into the staging tile;
+//   frag-out frag with the same outliers as sparse corrections, the design a fragment-ordered
+//            format needs (no staging tile to patch): a key outlier adds dl (cos Q1 + sin Q2) to
+//            its token's scores (shared-memory atomics, added before the softmax), a value outlier
+//            adds P dl to a per-warp output delta (rescaled with the accumulators, added at the
+//            end), dl being the outlier's LUT-domain value minus the clamped extreme's. So
+//            frag-out against stage-out is what the format change would gain with outliers, the
+//            number to have before building it (stage-out/frag-out read ~10% more bytes than the
+//            floor counts: the entries);
 //   regk     softmax, with the keys decoded straight into the mma A fragments (no key staging, no
 //            ldmatrix): each lane loads the 3 code words of its 32 channels of tokens g and g+8 (the
 //            layout a channel permutation shared by fragments, q and cos/sin would give) and looks
@@ -34,7 +45,7 @@
 // Shape: Llama-3-8B (8 KV heads x 128, 4 query heads per KV head), nuq3 (12 code words per token
 // and head for keys, as many for values).
 //
-//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt]
+//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -62,9 +73,14 @@ constexpr int kChunks = kHd / 16, kHC = kChunks / 2;
 constexpr int kCsStride = kHC * 8 + 4;
 using Cfg = lm::LutMmaCfg<kHd, kBits>;  // the real kernel's shared memory, for its occupancy
 
-enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9, kStagePrmt = 10 };
-__host__ __device__ constexpr bool IsFrag(int m) { return m == kFrag || m == kFragNoRope || m == kFragRegOps; }
-const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops", "stage-prmt"};
+enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9, kStagePrmt = 10, kStageOut = 11, kFragOut = 12 };
+__host__ __device__ constexpr bool IsFrag(int m) { return m == kFrag || m == kFragNoRope || m == kFragRegOps || m == kFragOut; }
+__host__ __device__ constexpr bool IsStagePrmt(int m) { return m == kStagePrmt || m == kStageOut; }
+const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops", "stage-prmt", "stage-out", "frag-out"};
+constexpr int kOut = 20;  // key (and value) outlier entries per head and tile (stage-out, frag-out)
+// Per warp after the kernel's own shared memory (stage-out, frag-out): score deltas [16 tokens][8
+// heads] f32, then {zero point, 1 / range} [128 channels].
+constexpr int kExtraBytes = 16 * 8 * 4 + kHd * 8;
 
 struct Args {
   const uint32_t* k;       // [head][token][kRowWords]
@@ -72,6 +88,8 @@ struct Args {
   const uint32_t* vscale;  // [token] half2 (zero point, range)
   int tokens_per_split;
   float* out;              // [splits][heads][32] checksums
+  const uint32_t* kout;    // [head][tile][kOut] token | channel << 8 | fp16 << 16, by token
+  const uint32_t* vout;    // the same for values (channel within the head)
 };
 
 // Selectors of codes [8 i, 8 i + 8) of a lane's 64 codes from its 6 words read as the 3-bit
@@ -101,6 +119,11 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
   uint8_t* stage = wsm;
   uint8_t* pbuf = wsm + Cfg::kStageBytes;
   const uint4* q2b_s = reinterpret_cast<const uint4*>(wsm + Cfg::kStageBytes + Cfg::kPBytes);
+  uint8_t* xsm = smem + Cfg::kCtaBytes + kHeads * Cfg::kWarpBytes + warp * kExtraBytes;
+  float* sdelta = reinterpret_cast<float*>(xsm);              // [16][8]
+  float2* zr_o = reinterpret_cast<float2*>(xsm + 16 * 8 * 4);  // [kHd]
+  float* odelta = reinterpret_cast<float*>(stage);             // frag-out: [kHd][4] (no staging)
+  const uint4* qtab = reinterpret_cast<const uint4*>(stage + kHd * 16);  // frag-out: [kHd] (Q1, Q2) x 4 heads
   for (int i = tid; i < kPairs; i += blockDim.x) {
     const float la = -1.0f + 2.0f * (i % 8) / 7.0f, lb = -1.0f + 2.0f * (i / 8) / 7.0f;
     kpair_s[i] = dm::PackF2(la, lb);
@@ -144,6 +167,14 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
     q1[i][1] = dm::PackF2(0.02f * i, 0.01f * lane);
   }
   __syncthreads();
+  if constexpr (kMode == kStageOut || kMode == kFragOut) {
+    for (int i = lane; i < 16 * 8; i += 32) sdelta[i] = 0.0f;
+    for (int i = lane; i < kHd; i += 32) zr_o[i] = make_float2(0.01f * (i % 7), 1.0f / (1.0f + 0.01f * (i % 5)));
+    if constexpr (kMode == kFragOut) {
+      for (int i = lane; i < kHd * 4; i += 32) odelta[i] = 0.0f;
+    }
+    __syncwarp();
+  }
 
   const int hk = warp, split = blockIdx.y;
   const int lt = lane & 15, lh = lane >> 4, g = lane >> 2, q4 = lane & 3;
@@ -236,7 +267,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 #pragma unroll
       for (int g8 = 0; g8 < (kMode == kRegK || IsFrag(kMode) ? 0 : kHd / 16); ++g8) {
         uint32_t w[4];
-        if constexpr (kMode == kStagePrmt) {
+        if constexpr (IsStagePrmt(kMode)) {
           const uint32_t sel = Word8(ck, g8);
           Decode4(tk, sel, w[0], w[1]);
           Decode4(tk, sel >> 16, w[2], w[3]);
@@ -248,6 +279,17 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
       }
       if constexpr (kMode != kRegK && !IsFrag(kMode)) dm::LoadWords(row(a.k, Tn), ck);
+      const int64_t out_at = ((static_cast<int64_t>(hk) * gridDim.y + split) * n_tiles + T) * kOut;
+      if constexpr (kMode == kStageOut) {  // the kernel's key-outlier patch
+        __syncwarp();
+        if (lane < kOut) {
+          const uint32_t ent = __ldg(a.kout + out_at + lane);
+          const int t = static_cast<int>(ent & 0xffu), c = static_cast<int>((ent >> 8) & 0xffu);
+          const float2 zr = zr_o[c];
+          *reinterpret_cast<uint16_t*>(stage + dm::StageOff<kHd>(t, c >> 3) + (c & 7) * 2) =
+              lm::ClampedHalf((lm::HalfLo(ent >> 16) - zr.x) * zr.y);
+        }
+      }
       __syncwarp();
       // ---- scores (section 2) ----
       float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -304,13 +346,39 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[i] += sb[i];
       }
+      if constexpr (kMode == kFragOut) {  // key outliers as score corrections
+        if (lane < kOut) {
+          const uint32_t ent = __ldg(a.kout + out_at + lane);
+          const int t = static_cast<int>(ent & 0xffu), c = static_cast<int>((ent >> 8) & 0xffu);
+          const float2 zr = zr_o[c];
+          const float x = (lm::HalfLo(ent >> 16) - zr.x) * zr.y;
+          const float dl = x - (x > 0.0f ? 1.0f : -1.0f);  // minus the clamped extreme's LUT value
+          // cos/sin of (t, c) where the kernel's table keeps them for the lane that owns (t, c).
+          const int lp = (t & 7) * 4 + ((c & 7) >> 1), jj = (c & (kHd / 2 - 1)) >> 4;
+          const uint32_t* csl = cs_s + lp * kCsStride + jj * 8 + (t >> 3) + 2 * ((c >> 3) & 1);
+          const float cf = (c & 1) ? lm::HalfHi(csl[0]) : lm::HalfLo(csl[0]);
+          const float sf = (c & 1) ? lm::HalfHi(csl[4]) : lm::HalfLo(csl[4]);
+          const uint4 qq = qtab[c];
+          const uint32_t qw[4] = {qq.x, qq.y, qq.z, qq.w};
+#pragma unroll
+          for (int h = 0; h < 4; ++h) atomicAdd(sdelta + t * 8 + h, dl * (cf * lm::HalfLo(qw[h]) + sf * lm::HalfHi(qw[h])));
+        }
+        __syncwarp();
+        float* d0 = sdelta + g * 8 + 2 * q4;
+        float* d1 = sdelta + (g + 8) * 8 + 2 * q4;
+        s[0] += d0[0];
+        s[1] += d0[1];
+        s[2] += d1[0];
+        s[3] += d1[1];
+        d0[0] = d0[1] = d1[0] = d1[1] = 0.0f;
+      }
       if constexpr (IsFrag(kMode)) dm::LoadWords(row(a.k, Tn), ck);
       __syncwarp();
       // ---- values -> staging (section 3) ----
 #pragma unroll
       for (int g8 = 0; g8 < (IsFrag(kMode) ? 0 : kHd / 16); ++g8) {
         uint32_t w[4];
-        if constexpr (kMode == kStagePrmt) {
+        if constexpr (IsStagePrmt(kMode)) {
           const uint32_t sel = Word8(cv, g8);
           Decode4(tv, sel, w[0], w[1]);
           Decode4(tv, sel >> 16, w[2], w[3]);
@@ -322,6 +390,16 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
       }
       const uint32_t vscale = vs;
+      if constexpr (kMode == kStageOut) {  // the kernel's value-outlier patch
+        __syncwarp();
+        const uint32_t ent = lane < kOut ? __ldg(a.vout + out_at + lane) : 0u;
+        const uint32_t vst = __shfl_sync(0xffffffffu, vscale, static_cast<int>(ent & 0xffu));
+        if (lane < kOut) {
+          const int t = static_cast<int>(ent & 0xffu), c = static_cast<int>((ent >> 8) & 0xffu);
+          *reinterpret_cast<uint16_t*>(stage + dm::StageOff<kHd>(t, c >> 3) + (c & 7) * 2) =
+              lm::ClampedHalf((lm::HalfLo(ent >> 16) - lm::HalfLo(vst)) / lm::HalfHi(vst));
+        }
+      }
       if constexpr (!IsFrag(kMode)) dm::LoadWords(row(a.v, Tn), cv);
       vs = __ldg(a.vscale + j0 + Tn * dm::kTile + lt);
       if constexpr (kMode >= kSoftmax) {
@@ -351,6 +429,19 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
             acc[i][2] *= corr0;
             acc[i][3] *= corr1;
           }
+          if constexpr (kMode == kFragOut) {  // the output delta is rescaled as the accumulators
+            if (q4 < 2) {
+#pragma unroll
+              for (int i = 0; i < kChunks; ++i) {
+                float* d0 = odelta + (16 * i + g) * 4 + 2 * q4;
+                float* d1 = odelta + (16 * i + g + 8) * 4 + 2 * q4;
+                d0[0] *= corr0;
+                d0[1] *= corr1;
+                d1[0] *= corr0;
+                d1[1] *= corr1;
+              }
+            }
+          }
         }
         const float a0 = p0 * rg, a1 = p1 * rg, a2 = p2 * rg8, a3 = p3 * rg8;
         const uint32_t h01 = dm::PackF2(a0, a1), h23 = dm::PackF2(a2, a3);
@@ -364,6 +455,22 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         x_acc += __float_as_uint(s[0] + s[1] + s[2] + s[3]) + vscale;
       }
       __syncwarp();
+      if constexpr (kMode == kFragOut) {  // value outliers: P dl into the output delta
+        const uint32_t ent = lane < kOut ? __ldg(a.vout + out_at + lane) : 0u;
+        const int t = static_cast<int>(ent & 0xffu);
+        const uint32_t vst = __shfl_sync(0xffffffffu, vscale, t);
+        if (lane < kOut) {
+          const int c = static_cast<int>((ent >> 8) & 0xffu);
+          const float x = (lm::HalfLo(ent >> 16) - lm::HalfLo(vst)) / lm::HalfHi(vst);
+          const float dl = x - (x > 0.0f ? 1.0f : -1.0f);
+          const uint2 ph = *reinterpret_cast<const uint2*>(pbuf + t * 16);
+          const uint2 pl = *reinterpret_cast<const uint2*>(pbuf + dm::kTile * 16 + t * 16);
+          const float pv[4] = {lm::HalfLo(ph.x) + lm::HalfLo(pl.x), lm::HalfHi(ph.x) + lm::HalfHi(pl.x),
+                               lm::HalfLo(ph.y) + lm::HalfLo(pl.y), lm::HalfHi(ph.y) + lm::HalfHi(pl.y)};
+#pragma unroll
+          for (int h = 0; h < 4; ++h) atomicAdd(odelta + c * 4 + h, pv[h] * dl);
+        }
+      }
       // ---- O^T += V^T . P (section 5) ----
       {
         uint32_t pb[2], pl[2];
@@ -388,6 +495,18 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
       if constexpr (IsFrag(kMode)) dm::LoadWords(row(a.v, Tn), cv);
     }
   }
+  if constexpr (kMode == kFragOut) {  // the output delta joins the accumulators
+    __syncwarp();
+    if (q4 < 2) {
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+        acc[i][0] += odelta[(16 * i + g) * 4 + 2 * q4];
+        acc[i][1] += odelta[(16 * i + g) * 4 + 2 * q4 + 1];
+        acc[i][2] += odelta[(16 * i + g + 8) * 4 + 2 * q4];
+        acc[i][3] += odelta[(16 * i + g + 8) * 4 + 2 * q4 + 1];
+      }
+    }
+  }
   float sum = static_cast<float>(x_acc & 0xffff) + l0 + l1 + m0 + m1;
 #pragma unroll
   for (int e = 0; e < 4; ++e) sum += __low2float(h_acc[e]) + __high2float(h_acc[e]);
@@ -398,7 +517,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 
 template <int kMode>
 float TimeMode(const Args& a, int splits, int iters) {
-  const size_t smem = Cfg::SmemBytes(kHeads);
+  const size_t smem = Cfg::SmemBytes(kHeads) + kHeads * kExtraBytes;
   CK(cudaFuncSetAttribute(CoreKernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
   CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, CoreKernel<kMode>, 256, smem));
@@ -433,14 +552,14 @@ bool Has(const std::string& list, const char* name) {
 
 int main(int argc, char** argv) {
   int tokens = 1 << 20, iters = 20;
-  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt";
+  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out";
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s.rfind("--tokens=", 0) == 0) tokens = std::atoi(s.c_str() + 9);
     else if (s.rfind("--iters=", 0) == 0) iters = std::atoi(s.c_str() + 8);
     else if (s.rfind("--modes=", 0) == 0) modes = s.substr(8);
     else {
-      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt]\n", argv[i]);
+      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out]\n", argv[i]);
       return 2;
     }
   }
@@ -502,7 +621,26 @@ int main(int argc, char** argv) {
               "%.1f MB of codes and scales, copy %.0f GB/s, floor %.1f us\n",
               prop.name, prop.multiProcessorCount, static_cast<long long>(used_tokens), kHeads, splits,
               bytes / 1e6, copy_gbs, floor_us);
-  const Args a{k, v, vscale, tps, out};
+  // Outlier entries (stage-out, frag-out): kOut per head and tile, tokens ascending, channels
+  // spread, values beyond the clamp range (|x| = 2).
+  uint32_t *kout = nullptr, *vout = nullptr;
+  const int64_t n_ent = static_cast<int64_t>(kHeads) * (used_tokens / dm::kTile) * kOut;
+  CK(cudaMalloc(&kout, n_ent * 4));
+  CK(cudaMalloc(&vout, n_ent * 4));
+  {
+    std::vector<uint32_t> ke(n_ent), ve(n_ent);
+    uint64_t x = 0x2545f4914f6cdd1dull;
+    for (int64_t i = 0; i < n_ent; ++i) {
+      x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+      const uint32_t t = static_cast<uint32_t>((i % kOut) * dm::kTile / kOut);
+      const uint32_t half = (x & 1) ? 0x4000u : 0xc000u;  // +-2
+      ke[i] = t | static_cast<uint32_t>((x >> 8) % kHd) << 8 | half << 16;
+      ve[i] = t | static_cast<uint32_t>((x >> 24) % kHd) << 8 | (half ^ 0x8000u) << 16;
+    }
+    CK(cudaMemcpy(kout, ke.data(), n_ent * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(vout, ve.data(), n_ent * 4, cudaMemcpyHostToDevice));
+  }
+  const Args a{k, v, vscale, tps, out, kout, vout};
   std::printf("| mode | us | GB/s | of floor |\n|---|---|---|---|\n");
   auto row = [&](const char* name, float us) {
     std::printf("| %s | %.1f | %.0f | %.1f%% |\n", name, us, bytes / (us * 1e-6) / 1e9, 100.0 * floor_us / us);
@@ -518,9 +656,13 @@ int main(int argc, char** argv) {
   if (Has(modes, "frag-norope")) row("frag-norope", TimeMode<kFragNoRope>(a, splits, iters));
   if (Has(modes, "frag-regops")) row("frag-regops", TimeMode<kFragRegOps>(a, splits, iters));
   if (Has(modes, "stage-prmt")) row("stage-prmt", TimeMode<kStagePrmt>(a, splits, iters));
+  if (Has(modes, "stage-out")) row("stage-out", TimeMode<kStageOut>(a, splits, iters));
+  if (Has(modes, "frag-out")) row("frag-out", TimeMode<kFragOut>(a, splits, iters));
   CK(cudaFree(k));
   CK(cudaFree(v));
   CK(cudaFree(vscale));
   CK(cudaFree(out));
+  CK(cudaFree(kout));
+  CK(cudaFree(vout));
   return 0;
 }
