@@ -3,7 +3,8 @@
 // accumulation (CUBLAS_COMPUTE_32F), or f32 inputs in full fp32 (no TF32: the exactness mode);
 // C in f16, bf16 or f32. Calls with one or two rows (RowGemvRows()) of f16/bf16 and alpha 1 go to
 // the row GEMV (kernels/row_gemv.h: one warp per weight row, near the read bandwidth) where it
-// applies.
+// applies. B must be a weight in that sense: not written by the kernel just before the call in the
+// stream (the row GEMV's early start reads its first pieces of B before waiting for that kernel).
 #pragma once
 
 #include <cublas_v2.h>

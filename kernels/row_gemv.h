@@ -65,8 +65,10 @@ void SetRowGemvRows(int max_rows);
 int RowGemvRows();
 
 // Early start: the row GEMV is launched as a programmatic dependent of the kernel before it
-// (kernels/launch.cuh) and loads its first weight pieces before waiting for that kernel (they are
-// written by no kernel). On by default: decode steps at batch 1, ms per token on / off, same process
+// (kernels/launch.cuh) and loads its first weight pieces before waiting for that kernel, so W must
+// not be written by the kernel just before the launch in the stream (weights never are: they are
+// written at load, long before a step; kernels before that one have completed by then, since kvq
+// launches them without the attribute unless ProgrammaticLaunch() is on, and then they wait). On by default: decode steps at batch 1, ms per token on / off, same process
 // (H200, 2026-12-02 19:05 UTC, two runs): Llama-3-8B fp16 1K 4.559 / 4.599 and 4.590 / 4.640, nuq3-1%
 // 769 5.069 / 5.111 and 5.092 / 5.160, SmolLM2 fp16 1K 0.928 / 0.985 and 0.913 / 0.963. Captured CUDA
 // graphs keep the setting they were captured with.
