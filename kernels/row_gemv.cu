@@ -4,7 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
@@ -23,9 +25,18 @@ constexpr int kWarps = kThreads / 32;
 // 2026-12-02 18:58 UTC); fewer registers, more warps per SM.
 constexpr int kUnroll = 4;
 
-std::atomic<bool> g_row_gemv{true};
-std::atomic<bool> g_row_gemv_early{true};
-std::atomic<int> g_row_gemv_rows{2};
+// Defaults, each overridable at start-up from the environment: KVQ_ROW_GEMV=0 (cuBLAS for every
+// GEMM), KVQ_ROW_GEMV_ROWS=N (0..4), KVQ_ROW_GEMV_EARLY=0 (a plain launch).
+int EnvInt(const char* name, int fallback) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  return *end == '\0' ? static_cast<int>(v) : fallback;
+}
+std::atomic<bool> g_row_gemv{EnvInt("KVQ_ROW_GEMV", 1) != 0};
+std::atomic<bool> g_row_gemv_early{EnvInt("KVQ_ROW_GEMV_EARLY", 1) != 0};
+std::atomic<int> g_row_gemv_rows{std::clamp(EnvInt("KVQ_ROW_GEMV_ROWS", 2), 0, kRowGemvMaxRows)};
 
 // A weight piece, read once: not kept in L1 (the rows of A are, for every warp of the SM).
 __device__ __forceinline__ uint4 LoadStream(const uint4* p) {
@@ -206,7 +217,7 @@ absl::Status LaunchRowGemv(const RowGemvParams& p, cudaStream_t stream) {
 }
 
 void SetRowGemv(bool on) { g_row_gemv.store(on); }
-void SetRowGemvRows(int max_rows) { g_row_gemv_rows.store(max_rows < 0 ? 0 : (max_rows > kRowGemvMaxRows ? kRowGemvMaxRows : max_rows)); }
+void SetRowGemvRows(int max_rows) { g_row_gemv_rows.store(std::clamp(max_rows, 0, kRowGemvMaxRows)); }
 int RowGemvRows() { return g_row_gemv_rows.load(); }
 void SetRowGemvEarlyStart(bool on) { g_row_gemv_early.store(on); }
 bool RowGemvEarlyStart() { return g_row_gemv_early.load(); }

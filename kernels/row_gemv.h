@@ -56,6 +56,8 @@ bool RowGemvApplies(const RowGemvParams& p);
 // InvalidArgument (saying which condition failed) when !RowGemvApplies(p).
 absl::Status LaunchRowGemv(const RowGemvParams& p, cudaStream_t stream);
 
+// The switches below start from the environment (KVQ_ROW_GEMV=0: off; KVQ_ROW_GEMV_ROWS=N;
+// KVQ_ROW_GEMV_EARLY=0: no early start), else from the defaults (on, 2 rows, on).
 void SetRowGemv(bool on);
 bool RowGemv();
 

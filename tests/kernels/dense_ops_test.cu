@@ -430,6 +430,13 @@ TEST(RowGemv, AppliesOnlyToWhatItCanRead) {
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << t.want;
     EXPECT_NE(st.message().find(t.want), std::string::npos) << st;
   }
+  // The routing limit stays within what the kernel takes.
+  const int rows = kernels::RowGemvRows();
+  kernels::SetRowGemvRows(9);
+  EXPECT_EQ(kernels::RowGemvRows(), kernels::kRowGemvMaxRows);
+  kernels::SetRowGemvRows(-1);
+  EXPECT_EQ(kernels::RowGemvRows(), 0);
+  kernels::SetRowGemvRows(rows);
 }
 
 TEST(RowGemv, RefusesWhatItCannotReadAndGemmFallsBack) {
