@@ -38,6 +38,11 @@
 //            frag-out against stage-out is what the format change would gain with outliers, the
 //            number to have before building it (stage-out/frag-out read ~10% more bytes than the
 //            floor counts: the entries);
+//   regk-out stage-out with only the keys in fragment order: a channel permutation within each
+//            token puts the 32 channels a lane's A fragments need in one 3-bit group of 32 codes, so
+//            each lane loads that group (3 words) of tokens g and g + 8 and decodes them by PRMT
+//            straight into registers; key outliers as frag-out's score corrections, values staged
+//            and patched as today. The smaller format change (keys only, tokens stay contiguous);
 //   regk     softmax, with the keys decoded straight into the mma A fragments (no key staging, no
 //            ldmatrix): each lane loads the 3 code words of its 32 channels of tokens g and g+8 (the
 //            layout a channel permutation shared by fragments, q and cos/sin would give) and looks
@@ -45,7 +50,7 @@
 // Shape: Llama-3-8B (8 KV heads x 128, 4 query heads per KV head), nuq3 (12 code words per token
 // and head for keys, as many for values).
 //
-//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out]
+//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out]
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -73,10 +78,15 @@ constexpr int kChunks = kHd / 16, kHC = kChunks / 2;
 constexpr int kCsStride = kHC * 8 + 4;
 using Cfg = lm::LutMmaCfg<kHd, kBits>;  // the real kernel's shared memory, for its occupancy
 
-enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9, kStagePrmt = 10, kStageOut = 11, kFragOut = 12 };
+enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9, kStagePrmt = 10, kStageOut = 11, kFragOut = 12, kRegKOut = 13 };
 __host__ __device__ constexpr bool IsFrag(int m) { return m == kFrag || m == kFragNoRope || m == kFragRegOps || m == kFragOut; }
-__host__ __device__ constexpr bool IsStagePrmt(int m) { return m == kStagePrmt || m == kStageOut; }
-const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops", "stage-prmt", "stage-out", "frag-out"};
+__host__ __device__ constexpr bool IsStagePrmt(int m) { return m == kStagePrmt || m == kStageOut || m == kRegKOut; }
+// Keys loaded as the words of tokens g and g + 8 (a channel permutation within each token), and
+// keys decoded into registers without staging.
+__host__ __device__ constexpr bool KeyRows(int m) { return m == kRegK || m == kRegKOut; }
+__host__ __device__ constexpr bool KeyInRegs(int m) { return KeyRows(m) || IsFrag(m); }
+__host__ __device__ constexpr bool HasOut(int m) { return m == kStageOut || m == kFragOut || m == kRegKOut; }
+const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops", "stage-prmt", "stage-out", "frag-out", "regk-out"};
 constexpr int kOut = 20;  // key (and value) outlier entries per head and tile (stage-out, frag-out)
 // Per warp after the kernel's own shared memory (stage-out, frag-out): score deltas [16 tokens][8
 // heads] f32, then {zero point, 1 / range} [128 channels].
@@ -167,7 +177,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
     q1[i][1] = dm::PackF2(0.02f * i, 0.01f * lane);
   }
   __syncthreads();
-  if constexpr (kMode == kStageOut || kMode == kFragOut) {
+  if constexpr (HasOut(kMode)) {
     for (int i = lane; i < 16 * 8; i += 32) sdelta[i] = 0.0f;
     for (int i = lane; i < kHd; i += 32) zr_o[i] = make_float2(0.01f * (i % 7), 1.0f / (1.0f + 0.01f * (i % 5)));
     if constexpr (kMode == kFragOut) {
@@ -190,7 +200,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
   };
   uint32_t ck[kW], cv[kW], vs;
   uint32_t kf[2][3];
-  if constexpr (kMode == kRegK) {
+  if constexpr (KeyRows(kMode)) {
     dm::LoadWords(frag_row(0, g), kf[0]);
     dm::LoadWords(frag_row(0, g + 8), kf[1]);
   } else {
@@ -265,7 +275,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         dm::LoadWords(frag_row(Tn, g + 8), kf[1]);
       }
 #pragma unroll
-      for (int g8 = 0; g8 < (kMode == kRegK || IsFrag(kMode) ? 0 : kHd / 16); ++g8) {
+      for (int g8 = 0; g8 < (KeyInRegs(kMode) ? 0 : kHd / 16); ++g8) {
         uint32_t w[4];
         if constexpr (IsStagePrmt(kMode)) {
           const uint32_t sel = Word8(ck, g8);
@@ -278,7 +288,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         }
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
       }
-      if constexpr (kMode != kRegK && !IsFrag(kMode)) dm::LoadWords(row(a.k, Tn), ck);
+      if constexpr (!KeyInRegs(kMode)) dm::LoadWords(row(a.k, Tn), ck);
       const int64_t out_at = ((static_cast<int64_t>(hk) * gridDim.y + split) * n_tiles + T) * kOut;
       if constexpr (kMode == kStageOut) {  // the kernel's key-outlier patch
         __syncwarp();
@@ -305,6 +315,14 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
             Decode4(tk, Word8(ck, 2 * jj) >> 16, lo[2], lo[3]);
             Decode4(tk, Word8(ck, 2 * jj + 1), hi[0], hi[1]);
             Decode4(tk, Word8(ck, 2 * jj + 1) >> 16, hi[2], hi[3]);
+          } else if constexpr (kMode == kRegKOut) {
+            // Slots 8 jj + e of a lane's group: e < 4 the lo chunk's channels 2 q4, 2 q4 + 1,
+            // 2 q4 + 8, 2 q4 + 9 (registers 0 and 2 of its token), e >= 4 the hi chunk's.
+            const uint32_t w0 = Word8(kf[0], jj), w1 = Word8(kf[1], jj);
+            Decode4(tk, w0, lo[0], lo[2]);
+            Decode4(tk, w1, lo[1], lo[3]);
+            Decode4(tk, w0 >> 16, hi[0], hi[2]);
+            Decode4(tk, w1 >> 16, hi[1], hi[3]);
           } else if constexpr (kMode == kRegK) {
             // Pair p of a token: lo pairs 2 jj, 2 jj + 1; hi pairs 8 + 2 jj, 9 + 2 jj.
             auto pr = [&](int t, int p) { return kpair_s[(k8[t][p / 4] >> (6 * (p % 4))) & (kPairs - 1)]; };
@@ -346,7 +364,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[i] += sb[i];
       }
-      if constexpr (kMode == kFragOut) {  // key outliers as score corrections
+      if constexpr (kMode == kFragOut || kMode == kRegKOut) {  // key outliers as score corrections
         if (lane < kOut) {
           const uint32_t ent = __ldg(a.kout + out_at + lane);
           const int t = static_cast<int>(ent & 0xffu), c = static_cast<int>((ent >> 8) & 0xffu);
@@ -373,6 +391,10 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         d0[0] = d0[1] = d1[0] = d1[1] = 0.0f;
       }
       if constexpr (IsFrag(kMode)) dm::LoadWords(row(a.k, Tn), ck);
+      if constexpr (kMode == kRegKOut) {
+        dm::LoadWords(frag_row(Tn, g), kf[0]);
+        dm::LoadWords(frag_row(Tn, g + 8), kf[1]);
+      }
       __syncwarp();
       // ---- values -> staging (section 3) ----
 #pragma unroll
@@ -390,7 +412,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
       }
       const uint32_t vscale = vs;
-      if constexpr (kMode == kStageOut) {  // the kernel's value-outlier patch
+      if constexpr (kMode == kStageOut || kMode == kRegKOut) {  // the kernel's value-outlier patch
         __syncwarp();
         const uint32_t ent = lane < kOut ? __ldg(a.vout + out_at + lane) : 0u;
         const uint32_t vst = __shfl_sync(0xffffffffu, vscale, static_cast<int>(ent & 0xffu));
@@ -552,14 +574,14 @@ bool Has(const std::string& list, const char* name) {
 
 int main(int argc, char** argv) {
   int tokens = 1 << 20, iters = 20;
-  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out";
+  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out";
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s.rfind("--tokens=", 0) == 0) tokens = std::atoi(s.c_str() + 9);
     else if (s.rfind("--iters=", 0) == 0) iters = std::atoi(s.c_str() + 8);
     else if (s.rfind("--modes=", 0) == 0) modes = s.substr(8);
     else {
-      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out]\n", argv[i]);
+      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out]\n", argv[i]);
       return 2;
     }
   }
@@ -658,6 +680,7 @@ int main(int argc, char** argv) {
   if (Has(modes, "stage-prmt")) row("stage-prmt", TimeMode<kStagePrmt>(a, splits, iters));
   if (Has(modes, "stage-out")) row("stage-out", TimeMode<kStageOut>(a, splits, iters));
   if (Has(modes, "frag-out")) row("frag-out", TimeMode<kFragOut>(a, splits, iters));
+  if (Has(modes, "regk-out")) row("regk-out", TimeMode<kRegKOut>(a, splits, iters));
   CK(cudaFree(k));
   CK(cudaFree(v));
   CK(cudaFree(vscale));
