@@ -2,7 +2,6 @@
 #include "kernels/decode_gemv.h"
 
 #include <algorithm>
-#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
@@ -13,6 +12,7 @@ namespace {
 
 using internal::FromFloat;
 using internal::ToFloat;
+using internal::ToFloat8;
 
 // 256 threads: also LaunchRmsNormF32's block, whose reduction order the kRmsNorm input repeats
 // (strided fmaf per thread, xor shuffles, warp sums added in warp order) for the same bits.
@@ -23,21 +23,6 @@ constexpr int kCols = 4;                 // output columns per warp
 // a launch may use without opting in (48 KB of staging failed to launch at 4 and 8 rows; H200).
 constexpr int kStageBytes = 40 * 1024;
 
-__device__ __forceinline__ float2 ToFloat2(__half2 h) { return __half22float2(h); }
-__device__ __forceinline__ float2 ToFloat2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
-
-// Eight elements of T (a 16-byte load) as floats.
-template <typename T>
-__device__ __forceinline__ void ToFloat8(const uint4& v, float (&f)[8]) {
-  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-  const T2* h = reinterpret_cast<const T2*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 x = ToFloat2(h[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
 
 // The segment of column n, and its first column.
 __device__ __forceinline__ int SegmentOf(const DecodeGemvParams& p, int n, int* start) {

@@ -23,6 +23,8 @@ inline int DTypeBytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 namespace kvq::kernels::internal {
 template <DType T> struct DTypeTraits;
 template <> struct DTypeTraits<DType::kF32> { using type = float; };
@@ -37,6 +39,22 @@ template <> __device__ __forceinline__ float FromFloat<float>(float x) { return 
 template <> __device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+__device__ __forceinline__ float2 ToFloat2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 ToFloat2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+// The pair type of T (f16 or bf16).
+template <typename T>
+using Pair2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+// Eight elements of T (f16 or bf16; a 16-byte load) as floats.
+template <typename T>
+__device__ __forceinline__ void ToFloat8(const uint4& v, float (&f)[8]) {
+  const Pair2<T>* h = reinterpret_cast<const Pair2<T>*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = ToFloat2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
 }
 }  // namespace kvq::kernels::internal
 #endif

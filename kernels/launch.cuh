@@ -43,10 +43,10 @@ __device__ __forceinline__ void GridDependencyTrigger() {
 
 namespace internal {
 
-// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute while ProgrammaticLaunch().
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `programmatic`.
 template <typename... KArgs, typename... Args>
-cudaError_t Launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   Args&&... args) {
+cudaError_t LaunchWith(bool programmatic, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
@@ -56,8 +56,15 @@ cudaError_t Launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = ProgrammaticLaunch() ? 1 : 0;
+  cfg.numAttrs = programmatic ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute while ProgrammaticLaunch().
+template <typename... KArgs, typename... Args>
+cudaError_t Launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  return LaunchWith(ProgrammaticLaunch(), kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace internal

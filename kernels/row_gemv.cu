@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda_check.h"
@@ -17,6 +16,9 @@ namespace kvq::kernels {
 namespace {
 
 using internal::FromFloat;
+using internal::Pair2;
+using internal::ToFloat2;
+using internal::ToFloat8;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -47,32 +49,14 @@ __device__ __forceinline__ uint4 LoadStream(const uint4* p) {
   return v;
 }
 
-__device__ __forceinline__ float2 Pair(uint32_t u, __half) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&u));
-}
-__device__ __forceinline__ float2 Pair(uint32_t u, __nv_bfloat16) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
-}
-
-// Eight elements of T (a 16-byte piece) as floats.
-template <typename T>
-__device__ __forceinline__ void ToFloat8(const uint4& v, float (&f)[8]) {
-  const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 x = Pair(vv[i], T{});
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
-
 // acc += dot(w, a) over eight elements, in element order.
 template <typename T>
 __device__ __forceinline__ float Dot8(const uint4& w, const uint4& a, float acc) {
-  const uint32_t ww[4] = {w.x, w.y, w.z, w.w}, aa[4] = {a.x, a.y, a.z, a.w};
+  const Pair2<T>* ww = reinterpret_cast<const Pair2<T>*>(&w);
+  const Pair2<T>* aa = reinterpret_cast<const Pair2<T>*>(&a);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 x = Pair(ww[i], T{}), y = Pair(aa[i], T{});
+    const float2 x = ToFloat2(ww[i]), y = ToFloat2(aa[i]);
     acc = fmaf(x.x, y.x, acc);
     acc = fmaf(x.y, y.y, acc);
   }
@@ -166,16 +150,8 @@ __global__ void __launch_bounds__(kThreads) RowGemvKernel(const RowGemvParams p)
 // (kvq's kernels trigger right after their own wait) and fetch their first weights meanwhile.
 template <typename T, int kM>
 cudaError_t LaunchRows(const RowGemvParams& p, cudaStream_t stream) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((p.n + kWarps - 1) / kWarps);
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = g_row_gemv_early.load() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, RowGemvKernel<T, kM>, p);
+  return internal::LaunchWith(g_row_gemv_early.load(), RowGemvKernel<T, kM>, dim3((p.n + kWarps - 1) / kWarps),
+                              dim3(kThreads), 0, stream, p);
 }
 
 template <typename T>
