@@ -37,19 +37,8 @@ absl::Status Gemm(cublasHandle_t handle, const GemmParams& p, cudaStream_t strea
   // GEMMs of one or two rows (decode steps at batch 1 and 2): the bandwidth-bound row GEMV
   // (kernels/row_gemv.h) where it applies; at four rows it was slower than cuBLAS.
   if (RowGemv() && p.m <= RowGemvRows() && p.alpha == 1.0f) {
-    RowGemvParams r;
-    r.m = p.m;
-    r.n = p.n;
-    r.k = p.k;
-    r.ab_dtype = p.ab_dtype;
-    r.c_dtype = p.c_dtype;
-    r.a = p.a;
-    r.lda = lda;
-    r.w = p.b;
-    r.ldw = ldb;
-    r.c = p.c;
-    r.ldc = ldc;
-    r.beta = p.beta;
+    const RowGemvParams r{.m = p.m, .n = p.n, .k = p.k, .ab_dtype = p.ab_dtype, .c_dtype = p.c_dtype, .a = p.a,
+                          .lda = lda, .w = p.b, .ldw = ldb, .c = p.c, .ldc = ldc, .beta = p.beta};
     if (RowGemvApplies(r)) return LaunchRowGemv(r, stream);
   }
   KVQ_RETURN_IF_CUBLAS_ERROR(cublas::SetStream(handle, stream));
