@@ -69,7 +69,7 @@ case "$cmd" in
     done
     if [ "${SANITIZE:-0}" = 1 ]; then
       cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-      for t in kv_append_test_cu dense_ops_test_cu; do
+      for t in kv_append_test_cu dense_ops_test_cu linear_layers_test_cu; do
         [ -x "$dir/bundle/bin/$t" ] || continue
         for tool in memcheck racecheck; do
           echo "$t $tool: $("$cs" --tool $tool --print-limit 5 "$dir/bundle/bin/$t" 2>&1 |
@@ -154,6 +154,7 @@ case "$cmd" in
     if [[ ",$parts," == *,tests,* ]]; then
       "$b/decode_attention_test_cu" --gtest_brief=1 2>&1 | tail -4
       "$b/dense_ops_test_cu" --gtest_brief=1 2>&1 | tail -4
+      "$b/linear_layers_test_cu" --gtest_brief=1 2>&1 | tail -4
       for t in gpu_forward_test gpu_engine_test; do
         "$b/$t" --gtest_filter='-*MemoryStaysFlat*' 2>&1 | grep -v '^\[ RUN\|^\[       OK'
       done

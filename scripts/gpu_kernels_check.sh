@@ -4,13 +4,13 @@
 #   scripts/gpu_kernels_check.sh BUILD_DIR [extra kernels_bench flags]
 # BUILD_DIR was configured with -DKVQ_ENABLE_CUDA=ON -DKVQ_BUILD_BENCHMARKS=ON and built with
 #   cmake --build BUILD_DIR --target decode_attention_test_cu kv_append_test_cu \
-#     dense_ops_test_cu kernels_bench
+#     dense_ops_test_cu linear_layers_test_cu kernels_bench
 set -u
 build="${1:?usage: $0 BUILD_DIR [kernels_bench flags]}"
 shift
 status=0
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
-for t in dense_ops_test_cu decode_attention_test_cu kv_append_test_cu; do
+for t in dense_ops_test_cu linear_layers_test_cu decode_attention_test_cu kv_append_test_cu; do
   exe="$build/tests/$t"
   echo "=== $t"
   if [[ ! -x "$exe" ]]; then echo "missing $exe"; status=1; continue; fi
