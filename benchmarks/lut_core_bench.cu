@@ -32,12 +32,13 @@
 //            keys and k_v = 10 values per token over 8 heads) patched into the staging tile;
 //   frag-out frag with the same outliers as sparse corrections, the design a fragment-ordered
 //            format needs (no staging tile to patch): a key outlier adds dl (cos Q1 + sin Q2) to
-//            its token's scores (shared-memory atomics, added before the softmax), a value outlier
-//            adds P dl to a per-warp output delta (rescaled with the accumulators, added at the
-//            end), dl being the outlier's LUT-domain value minus the clamped extreme's. So
-//            frag-out against stage-out is what the format change would gain with outliers, the
-//            number to have before building it (stage-out/frag-out read ~10% more bytes than the
-//            floor counts: the entries);
+//            its token's scores (shared-memory integer atomics on fixed-point sums, added before
+//            the softmax), a value outlier adds P dl to a per-warp output delta (rescaled with the
+//            accumulators, added at the end), dl being the outlier's LUT-domain value minus the
+//            clamped extreme's. So frag-out against stage-out is what the format change would gain
+//            with outliers, the number to have before building it (stage-out/frag-out read ~10%
+//            more bytes than the floor counts: the entries). In every outlier mode each lane's
+//            entries are loaded one tile ahead, like the codes;
 //   regk-out stage-out with only the keys in fragment order: a channel permutation within each
 //            token puts the 32 channels a lane's A fragments need in one 3-bit group of 32 codes, so
 //            each lane loads that group (3 words) of tokens g and g + 8 and decodes them by PRMT
@@ -88,9 +89,19 @@ __host__ __device__ constexpr bool KeyInRegs(int m) { return KeyRows(m) || IsFra
 __host__ __device__ constexpr bool HasOut(int m) { return m == kStageOut || m == kFragOut || m == kRegKOut; }
 const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops", "stage-prmt", "stage-out", "frag-out", "regk-out"};
 constexpr int kOut = 20;  // key (and value) outlier entries per head and tile (stage-out, frag-out)
-// Per warp after the kernel's own shared memory (stage-out, frag-out): score deltas [16 tokens][8
-// heads] f32, then {zero point, 1 / range} [128 channels].
-constexpr int kExtraBytes = 16 * 8 * 4 + kHd * 8;
+// Score and output deltas are summed as fixed-point integers: shared-memory integer atomics are
+// single instructions (ATOMS.ADD in the SASS) and order-independent, so the sums are deterministic
+// as a kernel kvq serves with must be (float atomics would make them depend on arrival order).
+// This many fractional bits.
+constexpr float kFix = 65536.0f, kUnfix = 1.0f / 65536.0f;
+// Per warp, in the CTA area's room the modes do not use (the kernel's cos/sin table holds
+// kGroupTiles tiles, the modes one; the RoPE group anchors are unused): score deltas [16 tokens][8
+// heads] (fixed point), then the (Q1, Q2) pairs of the 4 query heads per channel [kHd] uint4. The
+// outlier modes' {zero point, 1 / range} [kHd] float2 sit in the warp area's last kZrBytes, which
+// the modes leave free; so every mode runs at the kernel's own shared memory and occupancy.
+constexpr int kExtraBytes = 16 * 8 * 4 + kHd * 16;
+constexpr int kExtraAt = 2 * kPairs * 4 + 32 * kCsStride * 4;
+static_assert(kExtraAt + kHeads * kExtraBytes <= Cfg::kCtaBytes, "the outlier scratch must fit the CTA area");
 
 struct Args {
   const uint32_t* k;       // [head][token][kRowWords]
@@ -129,11 +140,11 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
   uint8_t* stage = wsm;
   uint8_t* pbuf = wsm + Cfg::kStageBytes;
   const uint4* q2b_s = reinterpret_cast<const uint4*>(wsm + Cfg::kStageBytes + Cfg::kPBytes);
-  uint8_t* xsm = smem + Cfg::kCtaBytes + kHeads * Cfg::kWarpBytes + warp * kExtraBytes;
-  float* sdelta = reinterpret_cast<float*>(xsm);              // [16][8]
-  float2* zr_o = reinterpret_cast<float2*>(xsm + 16 * 8 * 4);  // [kHd]
-  float* odelta = reinterpret_cast<float*>(stage);             // frag-out: [kHd][4] (no staging)
-  const uint4* qtab = reinterpret_cast<const uint4*>(stage + kHd * 16);  // frag-out: [kHd] (Q1, Q2) x 4 heads
+  uint8_t* xsm = smem + kExtraAt + warp * kExtraBytes;
+  int* sdelta = reinterpret_cast<int*>(xsm);                          // [16][8] fixed point
+  uint4* qtab = reinterpret_cast<uint4*>(xsm + 16 * 8 * 4);           // [kHd] (Q1, Q2) x 4 heads
+  float2* zr_o = reinterpret_cast<float2*>(wsm + Cfg::kWarpBytes - Cfg::kZrBytes);  // [kHd]
+  int* odelta = reinterpret_cast<int*>(stage);                        // frag-out: [kHd][4] (no staging)
   for (int i = tid; i < kPairs; i += blockDim.x) {
     const float la = -1.0f + 2.0f * (i % 8) / 7.0f, lb = -1.0f + 2.0f * (i / 8) / 7.0f;
     kpair_s[i] = dm::PackF2(la, lb);
@@ -178,10 +189,14 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
   }
   __syncthreads();
   if constexpr (HasOut(kMode)) {
-    for (int i = lane; i < 16 * 8; i += 32) sdelta[i] = 0.0f;
-    for (int i = lane; i < kHd; i += 32) zr_o[i] = make_float2(0.01f * (i % 7), 1.0f / (1.0f + 0.01f * (i % 5)));
+    for (int i = lane; i < 16 * 8; i += 32) sdelta[i] = 0;
+    for (int i = lane; i < kHd; i += 32) {
+      zr_o[i] = make_float2(0.01f * (i % 7), 1.0f / (1.0f + 0.01f * (i % 5)));
+      qtab[i] = make_uint4(dm::PackF2(0.01f * (i % 3), -0.02f), dm::PackF2(0.03f, 0.01f * (i % 5)),
+                           dm::PackF2(-0.01f, 0.02f * (i % 7)), dm::PackF2(0.01f * (i % 11), 0.04f));
+    }
     if constexpr (kMode == kFragOut) {
-      for (int i = lane; i < kHd * 4; i += 32) odelta[i] = 0.0f;
+      for (int i = lane; i < kHd * 4; i += 32) odelta[i] = 0;
     }
     __syncwarp();
   }
@@ -208,6 +223,15 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
   }
   dm::LoadWords(row(a.v, 0), cv);
   vs = __ldg(a.vscale + j0 + lt);
+  // Outlier entries one tile ahead, as the codes (lanes >= kOut hold 0).
+  auto out_at = [&](int T) { return ((static_cast<int64_t>(hk) * gridDim.y + split) * n_tiles + T) * kOut; };
+  uint32_t kent = 0, vent = 0;
+  if constexpr (HasOut(kMode)) {
+    if (lane < kOut) {
+      kent = __ldg(a.kout + out_at(0) + lane);
+      vent = __ldg(a.vout + out_at(0) + lane);
+    }
+  }
   uint32_t x_acc = 0;
   __half2 h_acc[4];  // four chains: one would put 64 dependent adds on each tile
 #pragma unroll
@@ -289,11 +313,10 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         *reinterpret_cast<uint4*>(stage + (srow ^ (g8 << 4))) = make_uint4(w[0], w[1], w[2], w[3]);
       }
       if constexpr (!KeyInRegs(kMode)) dm::LoadWords(row(a.k, Tn), ck);
-      const int64_t out_at = ((static_cast<int64_t>(hk) * gridDim.y + split) * n_tiles + T) * kOut;
       if constexpr (kMode == kStageOut) {  // the kernel's key-outlier patch
         __syncwarp();
         if (lane < kOut) {
-          const uint32_t ent = __ldg(a.kout + out_at + lane);
+          const uint32_t ent = kent;
           const int t = static_cast<int>(ent & 0xffu), c = static_cast<int>((ent >> 8) & 0xffu);
           const float2 zr = zr_o[c];
           *reinterpret_cast<uint16_t*>(stage + dm::StageOff<kHd>(t, c >> 3) + (c & 7) * 2) =
@@ -366,7 +389,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
       }
       if constexpr (kMode == kFragOut || kMode == kRegKOut) {  // key outliers as score corrections
         if (lane < kOut) {
-          const uint32_t ent = __ldg(a.kout + out_at + lane);
+          const uint32_t ent = kent;
           const int t = static_cast<int>(ent & 0xffu), c = static_cast<int>((ent >> 8) & 0xffu);
           const float2 zr = zr_o[c];
           const float x = (lm::HalfLo(ent >> 16) - zr.x) * zr.y;
@@ -379,16 +402,21 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
           const uint4 qq = qtab[c];
           const uint32_t qw[4] = {qq.x, qq.y, qq.z, qq.w};
 #pragma unroll
-          for (int h = 0; h < 4; ++h) atomicAdd(sdelta + t * 8 + h, dl * (cf * lm::HalfLo(qw[h]) + sf * lm::HalfHi(qw[h])));
+          for (int h = 0; h < 4; ++h) {
+            atomicAdd(sdelta + t * 8 + h, __float2int_rn(kFix * dl * (cf * lm::HalfLo(qw[h]) + sf * lm::HalfHi(qw[h]))));
+          }
         }
         __syncwarp();
-        float* d0 = sdelta + g * 8 + 2 * q4;
-        float* d1 = sdelta + (g + 8) * 8 + 2 * q4;
-        s[0] += d0[0];
-        s[1] += d0[1];
-        s[2] += d1[0];
-        s[3] += d1[1];
-        d0[0] = d0[1] = d1[0] = d1[1] = 0.0f;
+        int* d0 = sdelta + g * 8 + 2 * q4;
+        int* d1 = sdelta + (g + 8) * 8 + 2 * q4;
+        s[0] += kUnfix * static_cast<float>(d0[0]);
+        s[1] += kUnfix * static_cast<float>(d0[1]);
+        s[2] += kUnfix * static_cast<float>(d1[0]);
+        s[3] += kUnfix * static_cast<float>(d1[1]);
+        d0[0] = d0[1] = d1[0] = d1[1] = 0;
+      }
+      if constexpr (HasOut(kMode)) {
+        if (lane < kOut) kent = __ldg(a.kout + out_at(Tn) + lane);
       }
       if constexpr (IsFrag(kMode)) dm::LoadWords(row(a.k, Tn), ck);
       if constexpr (kMode == kRegKOut) {
@@ -414,7 +442,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
       const uint32_t vscale = vs;
       if constexpr (kMode == kStageOut || kMode == kRegKOut) {  // the kernel's value-outlier patch
         __syncwarp();
-        const uint32_t ent = lane < kOut ? __ldg(a.vout + out_at + lane) : 0u;
+        const uint32_t ent = vent;
         const uint32_t vst = __shfl_sync(0xffffffffu, vscale, static_cast<int>(ent & 0xffu));
         if (lane < kOut) {
           const int t = static_cast<int>(ent & 0xffu), c = static_cast<int>((ent >> 8) & 0xffu);
@@ -455,12 +483,12 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
             if (q4 < 2) {
 #pragma unroll
               for (int i = 0; i < kChunks; ++i) {
-                float* d0 = odelta + (16 * i + g) * 4 + 2 * q4;
-                float* d1 = odelta + (16 * i + g + 8) * 4 + 2 * q4;
-                d0[0] *= corr0;
-                d0[1] *= corr1;
-                d1[0] *= corr0;
-                d1[1] *= corr1;
+                int* d0 = odelta + (16 * i + g) * 4 + 2 * q4;
+                int* d1 = odelta + (16 * i + g + 8) * 4 + 2 * q4;
+                d0[0] = __float2int_rn(static_cast<float>(d0[0]) * corr0);
+                d0[1] = __float2int_rn(static_cast<float>(d0[1]) * corr1);
+                d1[0] = __float2int_rn(static_cast<float>(d1[0]) * corr0);
+                d1[1] = __float2int_rn(static_cast<float>(d1[1]) * corr1);
               }
             }
           }
@@ -478,7 +506,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
       }
       __syncwarp();
       if constexpr (kMode == kFragOut) {  // value outliers: P dl into the output delta
-        const uint32_t ent = lane < kOut ? __ldg(a.vout + out_at + lane) : 0u;
+        const uint32_t ent = vent;
         const int t = static_cast<int>(ent & 0xffu);
         const uint32_t vst = __shfl_sync(0xffffffffu, vscale, t);
         if (lane < kOut) {
@@ -490,8 +518,11 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
           const float pv[4] = {lm::HalfLo(ph.x) + lm::HalfLo(pl.x), lm::HalfHi(ph.x) + lm::HalfHi(pl.x),
                                lm::HalfLo(ph.y) + lm::HalfLo(pl.y), lm::HalfHi(ph.y) + lm::HalfHi(pl.y)};
 #pragma unroll
-          for (int h = 0; h < 4; ++h) atomicAdd(odelta + c * 4 + h, pv[h] * dl);
+          for (int h = 0; h < 4; ++h) atomicAdd(odelta + c * 4 + h, __float2int_rn(kFix * pv[h] * dl));
         }
+      }
+      if constexpr (HasOut(kMode)) {
+        if (lane < kOut) vent = __ldg(a.vout + out_at(Tn) + lane);
       }
       // ---- O^T += V^T . P (section 5) ----
       {
@@ -522,10 +553,10 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
     if (q4 < 2) {
 #pragma unroll
       for (int i = 0; i < kChunks; ++i) {
-        acc[i][0] += odelta[(16 * i + g) * 4 + 2 * q4];
-        acc[i][1] += odelta[(16 * i + g) * 4 + 2 * q4 + 1];
-        acc[i][2] += odelta[(16 * i + g + 8) * 4 + 2 * q4];
-        acc[i][3] += odelta[(16 * i + g + 8) * 4 + 2 * q4 + 1];
+        acc[i][0] += kUnfix * static_cast<float>(odelta[(16 * i + g) * 4 + 2 * q4]);
+        acc[i][1] += kUnfix * static_cast<float>(odelta[(16 * i + g) * 4 + 2 * q4 + 1]);
+        acc[i][2] += kUnfix * static_cast<float>(odelta[(16 * i + g + 8) * 4 + 2 * q4]);
+        acc[i][3] += kUnfix * static_cast<float>(odelta[(16 * i + g + 8) * 4 + 2 * q4 + 1]);
       }
     }
   }
@@ -539,7 +570,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
 
 template <int kMode>
 float TimeMode(const Args& a, int splits, int iters) {
-  const size_t smem = Cfg::SmemBytes(kHeads) + kHeads * kExtraBytes;
+  const size_t smem = Cfg::SmemBytes(kHeads);
   CK(cudaFuncSetAttribute(CoreKernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
   CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, CoreKernel<kMode>, 256, smem));
