@@ -86,7 +86,9 @@ using lut_decode::Prmt;
 // Timing ablations (wrong results; never in a normal build): KVQ_LUT_ABLATE is a bit mask that
 // removes 1 the value-outlier patching, 2 the key-outlier scan, 4 every cos/sin group table after
 // the first, 8 the low part of P (8 of the 16 P.V mma), 16 the zero-point mma (8 of the 24 score
-// mma), to time what each costs on the kernel's critical path (kernels_bench binaries built with
+// mma), 32 the group table's rows (anchors and barriers kept), 64 the group table's two barriers
+// (rows and anchors kept: races), 128 the value-outlier walk (head starts still loaded), to time
+// what each costs on the kernel's critical path (kernels_bench binaries built with
 // -DKVQ_LUT_ABLATE=N next to the normal one).
 #ifdef KVQ_LUT_ABLATE
 inline constexpr int kLutAblate = KVQ_LUT_ABLATE;
@@ -419,23 +421,43 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
         rot_tab.Anchor(gpos, /*restart=*/sink_tile || T == 0, kv.rope_inv_freq,
                        static_cast<const float2*>(kv.rope_anchors), kv.rope_anchor_count, tid, blockDim.x);
       }
-      __syncthreads();
+      if (!(kLutAblate & 64)) __syncthreads();
+      // Rows of 8 positions x frequency pairs, one per thread (9 rows when gpos % 8 != 0, so warp
+      // 0 builds two). Tried and slower (H200, same call, 2026-12-02 20:52 UTC): every thread 8
+      // consecutive positions of one pair (the tail of one row after gpos % 8 unstored steps and
+      // the head of the next: the same bits, no warp with twice the work), Llama-3-8B nuq3-1% 1M
+      // 1,102 / 1,096 against 1,075 / 1,067 us, SmolLM2 333 against 306: more instructions in all,
+      // and the kernel is bound by issue, not by the barrier's wait for warp 0. What the rows cost
+      // (ablation 32): 82 us of the 904 of nuq3 at 1M; the two barriers (ablation 64) 49 us.
       const int off = static_cast<int>(gpos & 63);
       const int n_rows = (off & 7) != 0 ? 9 : 8;
       constexpr int kFPairs = kHalf / 2;
-      for (int u = tid; u < n_rows * kFPairs; u += blockDim.x) {
+      static_assert(kTile * kGroupTiles == 64, "a group is rows 0-7 of 8 positions");
+      for (int u = tid; u < ((kLutAblate & 32) ? 0 : n_rows * kFPairs); u += blockDim.x) {
         const int row = (off >> 3) + u / kFPairs, f = 2 * (u % kFPairs);
         const float2 one = make_float2(1.0f, 0.0f);
         float2 c0 = rot ? rot_tab.RowStart(f, row) : one;
         float2 c1 = rot ? rot_tab.RowStart(f + 1, row) : one;
         const float2 s0 = rot ? rot_tab.e1[f] : one, s1 = rot ? rot_tab.e1[f + 1] : one;
         const int jj = f / 16, col = f % 16, hi8 = col / 8, qq = (col % 8) / 2;
+        // Entry k of the row is group token tau = 8 w - o + k (w = row - off / 8, o = off % 8):
+        // for k < o the end of group row w - 1, for k >= o the start of group row w. Word offset
+        // of group row R, lane slot gg: (R / 2 * 32 + gg * 4 + qq) * stride + jj * 8 + R % 2 +
+        // 2 hi8, so each part is one base plus k * 4 * stride (a constant once unrolled). The same
+        // entries as computing tile, half and slot from tau for each k, ~0.5% faster (Llama-3-8B
+        // nuq3-1% 1M 1,062 / 1,059 against 1,070 / 1,067 us, LLaMA-2-7B 4,107 / 4,097 against
+        // 4,139 / 4,132; H200, same call, 2026-12-02 20:57 UTC).
+        constexpr int kS = Cfg::kCsStride;
+        const int w = u / kFPairs, o = off & 7;
+        const int base = qq * kS + jj * 8 + 2 * hi8;
+        const int lo_at = ((w - 1) >> 1) * 32 * kS + ((w - 1) & 1) + base + (8 - o) * 4 * kS;
+        const int hi_at = (w >> 1) * 32 * kS + (w & 1) + base - o * 4 * kS;
+        const bool lo_ok = w >= 1, hi_ok = w < 8;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-          const int tau = 8 * row + k - off;  // token in the group
-          if (tau >= 0 && tau < kTile * kGroupTiles) {
-            const int tile = tau / 16, th = (tau % 16) / 8, gg = tau % 8;
-            uint32_t* dst = cs_s + (tile * 32 + gg * 4 + qq) * Cfg::kCsStride + jj * 8 + th + 2 * hi8;
+          const bool lo = k < o;
+          if (lo ? lo_ok : hi_ok) {
+            uint32_t* dst = cs_s + (lo ? lo_at : hi_at) + k * 4 * kS;
             dst[0] = PackF2(c0.x, c1.x);
             dst[4] = PackF2(c0.y, c1.y);
           }
@@ -443,7 +465,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           c1 = CMul(c1, s1);
         }
       }
-      __syncthreads();
+      if (!(kLutAblate & 64)) __syncthreads();
     }
     if (!active) continue;
 
@@ -676,7 +698,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
           // Four arms, not one loop body per index width with the walk/scan test inside: that
           // shorter form computed a flag per tile and was 1% slower (Llama-3-8B nuq3-1% 1M 1,109
           // against 1,120 us, LLaMA-2-7B 4,290 against 4,340; H200, same call, 2026-12-02).
-          if (walk_starts) {
+          if ((kLutAblate & 128) && walk_starts) {
+            if (vo1 - vo0 > 200) patch(vo0, 0);  // keeps the head-start loads, never taken
+          } else if (walk_starts) {
             if (geo.value_outlier_index_bytes == 1) {
               walk(idx);
             } else {
