@@ -3,7 +3,9 @@
 # model in parts (the machine cannot reach PyPI; the file is larger than one transfer):
 #   scripts/gpu_engine_check.sh prepare DIR PARTDIR...  assemble model (hash-checked), unpack bundle/corpora
 #   scripts/gpu_engine_check.sh tests DIR               GPU forward-pass and engine tests against the CPU
-#                                                       reference (gpu_forward_test, gpu_engine_test)
+#                                                       reference (gpu_forward_test, gpu_engine_test),
+#                                                       decode at 1M tokens against an unfused GPU
+#                                                       reference (long_context_decode_test_cu)
 #   scripts/gpu_engine_check.sh kernel-tests DIR        every *_test_cu of the bundle, one line each
 #                                                       (SANITIZE=1: compute-sanitizer too)
 #   scripts/gpu_engine_check.sh table DIR CONTEXT JOBS  KVQuant accuracy table (GPU forward, CPU-reference KV)
@@ -53,7 +55,8 @@ case "$cmd" in
     echo "prepared $dir: $(ls "$dir" | tr '\n' ' ')" ;;
   tests)
     env_setup
-    for t in gpu_forward_test gpu_engine_test; do
+    for t in gpu_forward_test gpu_engine_test long_context_decode_test_cu; do
+      [ -x "$dir/bundle/bin/$t" ] || { echo "$t: not in the bundle"; continue; }
       "$dir/bundle/bin/$t" 2>&1 | grep -v '^\[ RUN\|^\[       OK'
     done ;;
   kernel-tests)
