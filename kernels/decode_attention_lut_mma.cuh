@@ -54,6 +54,7 @@
 #include "kernels/decode_attention_mma.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/lut_decode.cuh"
+#include "kernels/lut_group_table.cuh"
 #include "kernels/paged_kv.h"
 
 namespace kvq::kernels::decode_attention_lut_mma {
@@ -104,8 +105,8 @@ struct LutMmaCfg {
   static constexpr int kChunks = kHeadDim / 16;
   static constexpr int kHC = kChunks / 2;
   static constexpr int kHalfWords = kHalf * kBits / 32;
-  // cos/sin table: per tile and lane, for each lo chunk jj: the 4 cos half2 of the lane's A
-  // registers (reg r = token half + 2 * column half), then the 4 sin half2.
+  // cos/sin table (kernels/lut_group_table.cuh): per tile and lane, for each lo chunk jj: the 4
+  // cos half2 of the lane's A registers (reg r = token half + 2 * column half), then the 4 sin half2.
   static constexpr int kCsWords = kHC * 8;
   static constexpr int kCsStride = kCsWords + 4;      // conflict-free 16-byte reads
   static constexpr int kStageBytes = kTile * kHeadDim * 2;
@@ -422,49 +423,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
                        static_cast<const float2*>(kv.rope_anchors), kv.rope_anchor_count, tid, blockDim.x);
       }
       if (!(kLutAblate & 64)) __syncthreads();
-      // Rows of 8 positions x frequency pairs, one per thread (9 rows when gpos % 8 != 0, so warp
-      // 0 builds two). Tried and slower (H200, same call, 2026-12-02 20:52 UTC): every thread 8
-      // consecutive positions of one pair (the tail of one row after gpos % 8 unstored steps and
-      // the head of the next: the same bits, no warp with twice the work), Llama-3-8B nuq3-1% 1M
-      // 1,102 / 1,096 against 1,075 / 1,067 us, SmolLM2 333 against 306: more instructions in all,
-      // and the kernel is bound by issue, not by the barrier's wait for warp 0. What the rows cost
-      // (ablation 32): 82 us of the 904 of nuq3 at 1M; the two barriers (ablation 64) 49 us.
-      const int off = static_cast<int>(gpos & 63);
-      const int n_rows = (off & 7) != 0 ? 9 : 8;
-      constexpr int kFPairs = kHalf / 2;
-      static_assert(kTile * kGroupTiles == 64, "a group is rows 0-7 of 8 positions");
-      for (int u = tid; u < ((kLutAblate & 32) ? 0 : n_rows * kFPairs); u += blockDim.x) {
-        const int row = (off >> 3) + u / kFPairs, f = 2 * (u % kFPairs);
-        const float2 one = make_float2(1.0f, 0.0f);
-        float2 c0 = rot ? rot_tab.RowStart(f, row) : one;
-        float2 c1 = rot ? rot_tab.RowStart(f + 1, row) : one;
-        const float2 s0 = rot ? rot_tab.e1[f] : one, s1 = rot ? rot_tab.e1[f + 1] : one;
-        const int jj = f / 16, col = f % 16, hi8 = col / 8, qq = (col % 8) / 2;
-        // Entry k of the row is group token tau = 8 w - o + k (w = row - off / 8, o = off % 8):
-        // for k < o the end of group row w - 1, for k >= o the start of group row w. Word offset
-        // of group row R, lane slot gg: (R / 2 * 32 + gg * 4 + qq) * stride + jj * 8 + R % 2 +
-        // 2 hi8, so each part is one base plus k * 4 * stride (a constant once unrolled). The same
-        // entries as computing tile, half and slot from tau for each k, ~0.5% faster (Llama-3-8B
-        // nuq3-1% 1M 1,062 / 1,059 against 1,070 / 1,067 us, LLaMA-2-7B 4,107 / 4,097 against
-        // 4,139 / 4,132; H200, same call, 2026-12-02 20:57 UTC).
-        constexpr int kS = Cfg::kCsStride;
-        const int w = u / kFPairs, o = off & 7;
-        const int base = qq * kS + jj * 8 + 2 * hi8;
-        const int lo_at = ((w - 1) >> 1) * 32 * kS + ((w - 1) & 1) + base + (8 - o) * 4 * kS;
-        const int hi_at = (w >> 1) * 32 * kS + (w & 1) + base - o * 4 * kS;
-        const bool lo_ok = w >= 1, hi_ok = w < 8;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          const bool lo = k < o;
-          if (lo ? lo_ok : hi_ok) {
-            uint32_t* dst = cs_s + (lo ? lo_at : hi_at) + k * 4 * kS;
-            dst[0] = PackF2(c0.x, c1.x);
-            dst[4] = PackF2(c0.y, c1.y);
-          }
-          c0 = CMul(c0, s0);
-          c1 = CMul(c1, s1);
-        }
-      }
+      if (!(kLutAblate & 32)) BuildGroupTable<kHalf, Cfg::kCsStride>(cs_s, rot_tab, rot, gpos, tid, blockDim.x);
       if (!(kLutAblate & 64)) __syncthreads();
     }
     if (!active) continue;
