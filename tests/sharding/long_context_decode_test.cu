@@ -63,6 +63,8 @@ using testing::DeviceBuffer;
 // negative control must be 20x outside.
 constexpr double kOutTol = 5e-3;
 constexpr double kLseTol = 1e-2;
+// Score (scale q.k) of each query head's planted token.
+constexpr double kPlantedScore = 15.0;
 
 // Partial attention of query row r, head h over tokens [c * chunk, min((c + 1) * chunk, end_r))
 // of fp16 K/V [token][n_kv][kHd]: scores scale * q.k and the online softmax in double, one warp
@@ -293,9 +295,8 @@ class Filled {
 };
 
 // Query rows whose head h looks at a planted token of its row's range: q = that token's expanded
-// key, scaled so that its score (scale q.k) is kTarget.
+// key, scaled so that its score (scale q.k) is kPlantedScore.
 std::vector<float> PlantedQueries(const std::vector<uint16_t>& planted_keys, int rows, int n_heads, int hd) {
-  constexpr double kTarget = 15.0;
   std::vector<float> q(static_cast<size_t>(rows) * n_heads * hd);
   for (size_t rh = 0; rh < static_cast<size_t>(rows) * n_heads; ++rh) {
     double n2 = 0.0;
@@ -304,7 +305,7 @@ std::vector<float> PlantedQueries(const std::vector<uint16_t>& planted_keys, int
       kk[d] = HalfBitsToFloat(planted_keys[rh * hd + d]);
       n2 += kk[d] * kk[d];
     }
-    const double beta = kTarget * std::sqrt(static_cast<double>(hd)) / std::max(n2, 1e-6);
+    const double beta = kPlantedScore * std::sqrt(static_cast<double>(hd)) / std::max(n2, 1e-6);
     for (int d = 0; d < hd; ++d) q[rh * hd + d] = static_cast<float>(beta * kk[d]);
   }
   return q;
@@ -398,7 +399,7 @@ TEST_P(LongContextDecodeTest, FusedMatchesReferenceAtOneMillionTokens) {
   double lo_w = 1.0, hi_w = 0.0;
   for (size_t r = 0; r + 1 < ends.size(); ++r) {
     for (int h = 0; h < n_heads; ++h) {
-      const double w = std::exp(15.0 - ref.lse[r * n_heads + h]);
+      const double w = std::exp(kPlantedScore - ref.lse[r * n_heads + h]);
       lo_w = std::min(lo_w, w);
       hi_w = std::max(hi_w, w);
     }
