@@ -672,7 +672,7 @@ int main(int argc, char** argv) {
               r.note = "splits=" + std::to_string(forced) + " " + r.note;
             } else if (split_list.size() > 1) {
               r.note = "auto splits=" + std::to_string(kvq::kernels::ChooseDecodeSplits(
-                           batch, sh->n_kv_heads, static_cast<int>(ctx), f.sink_tokens,
+                           batch, sh->n_kv_heads, static_cast<int>(ctx), p.kv.codec,
                            prop.multiProcessorCount, sh->head_dim)) + " " + r.note;
             }
             constexpr int kQueued = 4;

@@ -20,7 +20,6 @@ namespace {
 using decode_attention_internal::DecodeAttentionEntry;
 
 constexpr int kThreads = 128;
-constexpr int kMmaMaxWarps = decode_attention_mma::kMaxWarps;
 // Tokens per split unit of the tensor-core kernels: one 16-token tile (a split may start on any
 // tile of a cos/sin group or a block: the group tables are functions of the absolute position, the
 // LUT kernel finds its key-outlier cursor inside a block).
@@ -156,25 +155,30 @@ std::string DecodeAttentionDesc::ToString() const {
                       ", group<=", max_group, "}");
 }
 
-int DecodeCtasPerSm(int n_kv_heads, int head_dim) {
-  // Registers: the kernels' launch bounds fit two CTAs of kMaxWarps warps (128 registers per
-  // thread). Shared memory: the 4-bit LUT instance (the largest) of that head dim, plus 1 KB
-  // reserved per CTA, of the 228 KB of a Hopper SM.
+int DecodeCtaWarps(int n_kv_heads, KvCodec codec) {
+  return std::clamp(n_kv_heads, 1,
+                    codec == KvCodec::kFp16 ? decode_attention_mma::kMaxWarps : decode_attention_lut_mma::kLutMaxWarps);
+}
+
+int DecodeCtasPerSm(int n_kv_heads, int head_dim, KvCodec codec) {
+  // Registers: both kernels' launch bounds cap them at 128 per thread, 16 warps per SM (two CTAs
+  // of 8 warps, one of 16). Shared memory: the 4-bit LUT instance (the largest) of that head dim,
+  // plus 1 KB reserved per CTA, of the 228 KB of a Hopper SM.
   constexpr size_t kSmemPerSm = 233472, kReservedPerCta = 1024;
-  const int warps = std::clamp(n_kv_heads, 1, kMmaMaxWarps);
+  const int warps = DecodeCtaWarps(n_kv_heads, codec);
   const size_t smem = head_dim <= 64 ? decode_attention_lut_mma::LutMmaCfg<64, 4>::SmemBytes(warps)
                                      : decode_attention_lut_mma::LutMmaCfg<128, 4>::SmemBytes(warps);
-  const int by_regs = 2 * kMmaMaxWarps / warps;
+  const int by_regs = decode_attention_mma::kWarpsPerSm / warps;
   const int by_smem = static_cast<int>(kSmemPerSm / (smem + kReservedPerCta));
   return std::max(1, std::min(by_regs, by_smem));
 }
 
-int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens,
-                       int sm_count, int head_dim) {
-  (void)sink_tokens;  // every instantiated format takes a tensor-core kernel (sinks included)
+int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, KvCodec codec, int sm_count,
+                       int head_dim) {
   const int max_units = std::max(1, (max_seq_len + kMmaGroupTokens - 1) / kMmaGroupTokens);
-  // Tensor-core kernels: a CTA holds up to 8 KV heads (one warp each).
-  const int64_t heads_ctas = (n_kv_heads + kMmaMaxWarps - 1) / kMmaMaxWarps;
+  // Tensor-core kernels: a CTA holds up to 8 (fp16) or 16 (LUT) KV heads, one warp each.
+  const int warps = DecodeCtaWarps(n_kv_heads, codec);
+  const int64_t heads_ctas = (n_kv_heads + warps - 1) / warps;
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * heads_ctas);
   // Whole waves of resident CTAs (two per SM); never below 64 tokens per CTA. (Whole blocks per
   // split, as before, left a 1K-token context on 5 CTAs: a warp walks its tiles one memory round
@@ -183,7 +187,7 @@ int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_toke
   // one wave as closely as possible could overshoot it (batch 32 x 9 splits = 288 CTAs on 264
   // slots ran a second wave of 24 CTAs: Llama-3-8B fp16 at 128K, 72% of the bandwidth floor;
   // 8 splits fit one wave). Both measured on the H200, 2026-12-01.
-  const int64_t slots = static_cast<int64_t>(DecodeCtasPerSm(n_kv_heads, head_dim)) * std::max(sm_count, 1);
+  const int64_t slots = static_cast<int64_t>(DecodeCtasPerSm(n_kv_heads, head_dim, codec)) * std::max(sm_count, 1);
   int best_splits = 1;
   int64_t best_cost = -1;
   for (int64_t waves = 1; waves <= 8; ++waves) {
@@ -296,7 +300,7 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
     int dev = 0, sms = 0;
     KVQ_RETURN_IF_CUDA_ERROR(cudaGetDevice(&dev));
     KVQ_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    splits = ChooseDecodeSplits(p.batch, g.n_kv_heads, p.max_seq_len, p.kv.sink_tokens, sms, g.head_dim);
+    splits = ChooseDecodeSplits(p.batch, g.n_kv_heads, p.max_seq_len, p.kv.codec, sms, g.head_dim);
   }
   // Splits are whole tiles for the tensor-core kernels and whole blocks for the CUDA-core kernel.
   const int unit = mma_entry != nullptr ? kMmaSplitUnit : kKvBlockTokens;
@@ -320,7 +324,7 @@ absl::Status LaunchDecodeAttention(const DecodeAttentionParams& p, cudaStream_t 
     part_lse = part_o + rows * splits * g.head_dim;
   }
   if (mma_entry != nullptr) {
-    const int warps = std::min(g.n_kv_heads, kMmaMaxWarps);
+    const int warps = DecodeCtaWarps(g.n_kv_heads, p.kv.codec);
     const size_t smem = mma_entry->smem_bytes(warps);
     KVQ_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
         mma_entry->fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));

@@ -51,15 +51,17 @@ struct DecodeAttentionDesc {
 
 // Splits the launcher uses for these sizes when num_splits == 0 (>= 1): whole waves of CTAs over
 // 64-token groups, and at short contexts (no more CTAs than SMs) down to one 16-token tile per
-// split (KVQ_DECODE_MIN_SPLIT_TILES, read once: 1 by default, 4 keeps whole groups). sink_tokens no
-// longer changes the choice (every instantiated format takes a tensor-core kernel, sinks included).
-// Sink buffers (PagedKvCache::sink) must be 16-byte aligned: the LUT kernel reads them in uint4.
-int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, int sink_tokens, int sm_count,
+// split (KVQ_DECODE_MIN_SPLIT_TILES, read once: 1 by default, 4 keeps whole groups). codec: the
+// cache's (PagedKvCache::codec), which sets the warps per CTA. Sink buffers (PagedKvCache::sink)
+// must be 16-byte aligned: the LUT kernel reads them in uint4.
+int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, KvCodec codec, int sm_count,
                        int head_dim = 128);
-// Resident tensor-core decode CTAs per SM for a cache with n_kv_heads (one warp per KV head, up
-// to 8 per CTA), as the split choice counts them: the register limit, and the shared memory of
-// the largest instance of that head dim (4-bit LUT).
-int DecodeCtasPerSm(int n_kv_heads, int head_dim = 128);
+// Warps per tensor-core decode CTA (one per KV head): up to 8 for fp16, 16 for LUT codecs.
+int DecodeCtaWarps(int n_kv_heads, KvCodec codec);
+// Resident tensor-core decode CTAs per SM for a cache with n_kv_heads, as the split choice counts
+// them: the register limit (16 warps per SM), and the shared memory of the largest instance of
+// that head dim (4-bit LUT).
+int DecodeCtasPerSm(int n_kv_heads, int head_dim, KvCodec codec);
 size_t DecodeAttentionWorkspaceBytes(int batch, int n_heads, int head_dim, int num_splits);
 
 // The RoPE step tables of the tensor-core decode kernels (PagedKvCache::rope_steps): computed

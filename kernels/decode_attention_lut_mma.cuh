@@ -67,7 +67,6 @@ using decode_attention_mma::H2Bits;
 using decode_attention_mma::kGroupTiles;
 using decode_attention_mma::kLn2;
 using decode_attention_mma::kLog2e;
-using decode_attention_mma::kMaxWarps;
 using decode_attention_mma::kTile;
 using decode_attention_mma::Ldsm2T;
 using decode_attention_mma::Ldsm4;
@@ -96,6 +95,24 @@ inline constexpr int kLutAblate = KVQ_LUT_ABLATE;
 #else
 inline constexpr int kLutAblate = 0;
 #endif
+
+// Warps (KV heads) per CTA, at most 16: one CTA of 16 warps per SM holds as many warps as two of
+// 8 (the 128-register cap), and every group's cos/sin table is built once for 16 heads instead
+// of twice for 8. LLaMA-2-7B (32 KV heads: 2 CTAs per position range instead of 4), against the
+// 8-warp build in the same call (H200, 2026-12-02 23:54 UTC): nuq3-1% 3-4% and nuq2-1% 4-6%
+// faster at 128K-1M and batches 1-32 (1M batch 1 nuq3-1% 4,096 -> 3,962-3,981 us; 128K batch 32
+// 16,875-17,000 -> 16,166-16,266), nuq4-1% unchanged (its pair-table lookups, not the table, set
+// its pace); the whole LLaMA-2-7B decode step at 128K 2.4-3.4% faster. Caches of <= 8 heads run
+// the same code (ptxas: the same registers and spills). The fp16 kernel keeps 8
+// (decode_attention_mma::kMaxWarps): at 16 it measured 0.5-1.5% slower.
+// -DKVQ_LUT_MAX_WARPS=8 on decode_attention.cu and decode_attention_mma.cu (scripts/
+// build_variant.sh) builds the 8-warp launch for A/B runs.
+#ifndef KVQ_LUT_MAX_WARPS
+#define KVQ_LUT_MAX_WARPS 16
+#endif
+inline constexpr int kLutMaxWarps = KVQ_LUT_MAX_WARPS;
+static_assert(kLutMaxWarps == 8 || kLutMaxWarps == 16, "8 or 16 warps per CTA");
+inline constexpr int kLutMinCtas = decode_attention_mma::kWarpsPerSm / kLutMaxWarps;
 
 template <int kHeadDim, int kBits>
 struct LutMmaCfg {
@@ -143,7 +160,7 @@ __device__ __forceinline__ void PrefetchL1(const void* ptr) {
 }
 
 template <int kHeadDim, KvCodec kCodec>
-__global__ void __launch_bounds__(kMaxWarps * 32, 2)
+__global__ void __launch_bounds__(kLutMaxWarps * 32, kLutMinCtas)
     DecodeAttentionLutMmaKernel(const DecodeAttentionParams p, const int tokens_per_split,
                                 float* __restrict__ part_o, float* __restrict__ part_lse) {
   GridDependencyWait();  // first: see kernels/launch.cuh

@@ -52,7 +52,8 @@ namespace kvq::kernels::decode_attention_mma {
 
 inline constexpr int kTile = 16;
 inline constexpr int kGroupTiles = 4;  // tiles per cos/sin table fill
-inline constexpr int kMaxWarps = 8;
+inline constexpr int kMaxWarps = 8;     // warps (KV heads) per CTA of this kernel, at most
+inline constexpr int kWarpsPerSm = 16;  // both tensor-core decode kernels: 128 registers per thread
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
 
@@ -295,7 +296,7 @@ __device__ __forceinline__ uint32_t Codes8(const uint32_t (&w)[kWords], int g8) 
 }
 
 template <int kHeadDim, KvCodec kCodec>
-__global__ void __launch_bounds__(kMaxWarps * 32, 2)
+__global__ void __launch_bounds__(kMaxWarps * 32, kWarpsPerSm / kMaxWarps)
     DecodeAttentionMmaKernel(const DecodeAttentionParams p, const int tokens_per_split,
                              float* __restrict__ part_o, float* __restrict__ part_lse) {
   GridDependencyWait();  // first: see kernels/launch.cuh

@@ -277,7 +277,7 @@ absl::Status GpuForward::Impl::PlanStep(const model::ModelConfig& c, DType dtype
       pf_parts_bytes = std::max(pf_parts_bytes, a.fa_plan.partial_bytes);
       continue;
     }
-    a.splits = kernels::ChooseDecodeSplits(a.rows, nkv, a.max_len, pool->format().sink_tokens, sm_count, hd);
+    a.splits = kernels::ChooseDecodeSplits(a.rows, nkv, a.max_len, pool->view().codec, sm_count, hd);
     ws_bytes = std::max(ws_bytes, kernels::DecodeAttentionWorkspaceBytes(a.rows, nh, hd, a.splits));
   }
   // The chunk's own part through the prefill kernel needs its k/v in fp16.

@@ -499,7 +499,7 @@ absl::Status GpuKvCache::AttendRows(int layer, int n_q, int max_len, int sms, co
   p.o = o;
   p.lse = lse;
   p.max_seq_len = max_len;
-  p.num_splits = kernels::ChooseDecodeSplits(n_q, pool_->shape().n_kv_heads, max_len, pool_->format().sink_tokens, sms,
+  p.num_splits = kernels::ChooseDecodeSplits(n_q, pool_->shape().n_kv_heads, max_len, pool_->view().codec, sms,
                                              pool_->shape().head_dim);
   p.workspace_bytes = kernels::DecodeAttentionWorkspaceBytes(n_q, n_heads_, hd, p.num_splits);
   DeviceTemp<uint8_t> ws(lease);

@@ -112,7 +112,7 @@ TEST_P(DecodeAttentionTest, MatchesKvstoreOracle) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   const int splits = c.splits > 0 ? c.splits
                                   : kernels::ChooseDecodeSplits(batch, c.n_kv_heads,
-                                                                p.max_seq_len, 0, sms, c.head_dim);
+                                                                p.max_seq_len, p.kv.codec, sms, c.head_dim);
   DeviceBuffer<uint8_t> ws(kernels::DecodeAttentionWorkspaceBytes(batch, n_heads, c.head_dim,
                                                                    std::max(splits, 64)) + 16);
   p.workspace = ws.get();
@@ -288,6 +288,11 @@ std::vector<Case> Cases() {
     // every outlier in the last head (its range ends at k_v) or spread; splits mid-block.
     cs.push_back({"nuq3-5%", hd, 4, 2, {1, 113, 257, 700}, 0, 3, 3});
     cs.push_back({"nuq4-5%-sink5", hd, 4, 2, {900, 40}, 0, 5});
+    // More KV heads than one CTA holds (LLaMA-2-7B's 32; 20: a last CTA with fewer warps), with
+    // outliers, sinks and splits.
+    cs.push_back({"nuq3-1%-sink5", hd, 32, 1, {300, 17}, 0, 3});
+    cs.push_back({"fp16", hd, 20, 1, {260}, 0, 2});
+    cs.push_back({"nuq2-1%", hd, 20, 2, {200, 1}, 0, 0});
   }
   return cs;
 }
@@ -629,38 +634,58 @@ TEST(MergeSelf, OwnKeyPartialMatchesExplicitPartial) {
   }
 }
 
-// Split choice (host only): whole waves of two CTAs per SM, no second wave of a few CTAs.
+// Split choice (host only): whole waves of resident CTAs, no second wave of a few CTAs.
 TEST(ChooseDecodeSplits, FillsWholeWaves) {
   const int sms = 132;  // H200
+  constexpr kernels::KvCodec kFp16 = kernels::KvCodec::kFp16, kLut3 = kernels::KvCodec::kLut3;
+  // LUT codecs: CTAs of up to 16 warps (one per SM); with <= 8 KV heads the same as fp16.
+  EXPECT_EQ(kernels::DecodeCtaWarps(32, kLut3), 16);
+  EXPECT_EQ(kernels::DecodeCtaWarps(32, kFp16), 8);
+  EXPECT_EQ(kernels::DecodeCtaWarps(3, kLut3), 3);
+  EXPECT_EQ(kernels::DecodeCtasPerSm(32, 128, kLut3), 1);
+  EXPECT_EQ(kernels::DecodeCtasPerSm(8, 128, kLut3), 2);
+  EXPECT_EQ(kernels::DecodeCtasPerSm(3, 64, kLut3), 5);
+  for (int batch : {1, 8, 32}) {
+    for (int ctx : {1024, 131072, 1048576}) {
+      for (int n_kv : {3, 8}) {
+        EXPECT_EQ(kernels::ChooseDecodeSplits(batch, n_kv, ctx, kLut3, sms),
+                  kernels::ChooseDecodeSplits(batch, n_kv, ctx, kFp16, sms));
+      }
+    }
+  }
+  // LLaMA-2-7B with a LUT codec: 2 CTAs of 16 warps per sequence and split, 132 slots.
+  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 32, 131072, kLut3, sms), 2);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 32, 1048576, kLut3, sms), 66);  // 132 CTAs
+  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 32, 131072, kLut3, sms), 8);    // 128 CTAs
   // Llama-3-8B (8 KV heads: one CTA per sequence and split) at 128K.
-  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 131072, 0, sms), 256);
-  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 8, 131072, 0, sms), 33);
-  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 8, 131072, 0, sms), 8);  // 9 gave 288 CTAs
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 131072, kFp16, sms), 256);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 8, 131072, kFp16, sms), 33);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 8, 131072, kFp16, sms), 8);  // 9 gave 288 CTAs
   // LLaMA-2-7B (32 KV heads: 4 CTAs per sequence and split), batch 32: one split per sequence
   // already makes 128 CTAs; two fill one wave.
-  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 32, 131072, 0, sms), 2);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 32, 131072, kFp16, sms), 2);
   // 3 KV heads of head dim 128: 3-warp CTAs, three per SM (shared memory): batch 32 at 128K
   // fills 396 slots. SmolLM2 (head dim 64): five per SM (registers), 660 slots.
-  EXPECT_EQ(kernels::DecodeCtasPerSm(3, 128), 3);
-  EXPECT_EQ(kernels::DecodeCtasPerSm(3, 64), 5);
-  EXPECT_EQ(kernels::DecodeCtasPerSm(8, 128), 2);
-  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 3, 131072, 0, sms), 12);
+  EXPECT_EQ(kernels::DecodeCtasPerSm(3, 128, kFp16), 3);
+  EXPECT_EQ(kernels::DecodeCtasPerSm(3, 64, kFp16), 5);
+  EXPECT_EQ(kernels::DecodeCtasPerSm(8, 128, kFp16), 2);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 3, 131072, kFp16, sms), 12);
   // 20 splits fill one wave (640 CTAs); 41 fill two (1,312 of 1,320) with half the tokens per CTA.
-  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 3, 131072, 0, sms, 64), 41);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(32, 3, 131072, kFp16, sms, 64), 41);
   // Short contexts: one 64-token group per split, then (no more CTAs than SMs) down to one
   // 16-token tile per split, up to one wave of CTAs.
-  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1024, 0, sms), 64);
-  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 8, 1024, 0, sms), 33);   // 264 slots / 8
-  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 4096, 0, sms), 256);
-  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 3, 4096, 0, sms, 64), 256);
-  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 3, 4096, 0, sms, 64), 64);  // 512 CTAs: groups kept
-  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 131072, 0, sms), 256);   // long: unchanged
-  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1, 0, sms), 1);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1024, kFp16, sms), 64);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 8, 1024, kFp16, sms), 33);   // 264 slots / 8
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 4096, kFp16, sms), 256);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 3, 4096, kFp16, sms, 64), 256);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(8, 3, 4096, kFp16, sms, 64), 64);  // 512 CTAs: groups kept
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 131072, kFp16, sms), 256);   // long: unchanged
+  EXPECT_EQ(kernels::ChooseDecodeSplits(1, 8, 1, kFp16, sms), 1);
   // More CTAs than a wave without splitting: no splits.
-  EXPECT_EQ(kernels::ChooseDecodeSplits(512, 8, 131072, 0, sms), 1);
+  EXPECT_EQ(kernels::ChooseDecodeSplits(512, 8, 131072, kFp16, sms), 1);
   for (int batch : {1, 3, 8, 17, 32, 64}) {
     for (int ctx : {4096, 65536, 1048576}) {
-      const int s = kernels::ChooseDecodeSplits(batch, 8, ctx, 0, sms);
+      const int s = kernels::ChooseDecodeSplits(batch, 8, ctx, kFp16, sms);
       EXPECT_GE(s, 1);
       EXPECT_LE(s, (ctx + 15) / 16);
       // Never a last wave under a quarter full when the splits could have avoided it.
