@@ -180,7 +180,7 @@ int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, KvCodec codec
   const int warps = DecodeCtaWarps(n_kv_heads, codec);
   const int64_t heads_ctas = (n_kv_heads + warps - 1) / warps;
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * heads_ctas);
-  // Whole waves of resident CTAs (two per SM); never below 64 tokens per CTA. (Whole blocks per
+  // Whole waves of resident CTAs (DecodeCtasPerSm per SM); never below 64 tokens per CTA. (Whole blocks per
   // split, as before, left a 1K-token context on 5 CTAs: a warp walks its tiles one memory round
   // trip at a time, ~3 us each, so Llama-3-8B fp16 spent 50 us per layer there.) The split count
   // minimises waves x (units per CTA + two units of fixed cost per CTA) over 1..8 waves: filling
