@@ -157,7 +157,8 @@ std::string DecodeAttentionDesc::ToString() const {
 
 int DecodeCtaWarps(int n_kv_heads, KvCodec codec) {
   return std::clamp(n_kv_heads, 1,
-                    codec == KvCodec::kFp16 ? decode_attention_mma::kMaxWarps : decode_attention_lut_mma::kLutMaxWarps);
+                    codec == KvCodec::kFp16 ? decode_attention_mma::kMaxWarps
+                                            : decode_attention_lut_mma::kLutMaxWarps);
 }
 
 int DecodeCtasPerSm(int n_kv_heads, int head_dim, KvCodec codec) {
@@ -180,14 +181,16 @@ int ChooseDecodeSplits(int batch, int n_kv_heads, int max_seq_len, KvCodec codec
   const int warps = DecodeCtaWarps(n_kv_heads, codec);
   const int64_t heads_ctas = (n_kv_heads + warps - 1) / warps;
   const int64_t ctas = std::max<int64_t>(1, static_cast<int64_t>(batch) * heads_ctas);
-  // Whole waves of resident CTAs (DecodeCtasPerSm per SM); never below 64 tokens per CTA. (Whole blocks per
-  // split, as before, left a 1K-token context on 5 CTAs: a warp walks its tiles one memory round
-  // trip at a time, ~3 us each, so Llama-3-8B fp16 spent 50 us per layer there.) The split count
+  // Whole waves of resident CTAs (DecodeCtasPerSm per SM); never below 64 tokens per CTA.
+  // (Whole blocks per split, as before, left a 1K-token context on 5 CTAs: a warp walks its tiles
+  // one memory round trip at a time, ~3 us each, so Llama-3-8B fp16 spent 50 us per layer there.)
+  // The split count
   // minimises waves x (units per CTA + two units of fixed cost per CTA) over 1..8 waves: filling
   // one wave as closely as possible could overshoot it (batch 32 x 9 splits = 288 CTAs on 264
   // slots ran a second wave of 24 CTAs: Llama-3-8B fp16 at 128K, 72% of the bandwidth floor;
   // 8 splits fit one wave). Both measured on the H200, 2026-12-01.
-  const int64_t slots = static_cast<int64_t>(DecodeCtasPerSm(n_kv_heads, head_dim, codec)) * std::max(sm_count, 1);
+  const int64_t slots =
+      static_cast<int64_t>(DecodeCtasPerSm(n_kv_heads, head_dim, codec)) * std::max(sm_count, 1);
   int best_splits = 1;
   int64_t best_cost = -1;
   for (int64_t waves = 1; waves <= 8; ++waves) {
