@@ -30,6 +30,11 @@
 // held as byte tables in four registers (kernels/lut_decode.cuh): eight codes become byte-permute
 // selectors in 1-4 instructions and four PRMT give four channels, no shared-memory lookups (the 3-bit pair table's
 // 64 entries took two wavefronts per lookup from bank conflicts: lut_core_bench, H200, 2026-12-02).
+// At 4 bits the pair table stays: 16-entry byte tables in eight registers (bits 0-2 of a code
+// pick a byte in both halves with four PRMT, bit 3 the half with two more, two interleave: 11
+// instructions per four channels) were faster only with 16-warp CTAs and slower with 8 or fewer
+// warps (nuq4-1% at 1M: LLaMA-2-7B 5,257 -> 5,058 us, Llama-3-8B 1,358 -> 1,403, SmolLM2 322 ->
+// 359; H200, same call, 2026-12-03 00:11 UTC).
 //
 // Sink tokens (fp16, pre-RoPE, outside blocks; split 0 only): up to 4 extra tiles before the block
 // tiles, staged from the sink buffers as l = (k - z_c) / r_c and v with r = 1, zp = 0, rotated at
