@@ -15,7 +15,8 @@ namespace kvq::kernels::decode_attention_lut_mma {
 // Writes the group that starts at gpos into cs_s (rot false: cos 1, sin 0), from the anchors
 // rot_tab holds for it (RopeGroupAnchors::Anchor), with threads tid of nthreads; the caller puts
 // the barriers around it. Rows of 8 absolute positions x frequency pairs, one per thread (9 rows
-// when gpos % 8 != 0, so warp 0 builds two); each entry is RowStart(its row) times e1 stepped
+// when gpos % 8 != 0: at head dim 128, 288 rows, so in an 8-warp CTA warp 0 builds two, in a
+// 16-warp one every thread at most one); each entry is RowStart(its row) times e1 stepped
 // position % 8 times, the same bits in every split and shard.
 //
 // Tried and slower (H200, same call, 2026-12-02 20:52 UTC): every thread 8 consecutive positions of
