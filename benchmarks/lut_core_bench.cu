@@ -44,6 +44,17 @@
 //            each lane loads that group (3 words) of tokens g and g + 8 and decodes them by PRMT
 //            straight into registers; key outliers as frag-out's score corrections, values staged
 //            and patched as today. The smaller format change (keys only, tokens stay contiguous);
+//   frag8-norope  frag-norope with keys and values decoded by PRMT to e4m3 bytes (one PRMT per
+//            4 codes, the byte table being the LUT itself) and multiplied on the fp8 tensor-core
+//            path (mma m16n8k32 e4m3): q and P in two e4m3 parts each (hi, lo), 32 tokens per step
+//            (k = 32 for P.V), P through shared memory as bytes. Not a kernel kvq could serve as
+//            written (LUT entries on the e4m3 grid, two-part q and P: ~7 significant bits, RoPE
+//            left out since fp8 has no elementwise multiply); it asks whether decoding to one byte
+//            per code makes the dense core cheaper. On sm_90 it does not: mma.sync has no native
+//            e4m3 path there (ptxas emits F2FP.F16.E4M3.UNPACK_B conversions, fp16 HMMA.16816 and
+//            the FADDs that join them), so the PRMTs saved are spent again (H200, 2026-12-03:
+//            380.5 / 383.5 us against frag-norope's 383.2 / 384.6, 421 against 433 instructions
+//            per warp-tile). Native fp8 on Hopper is wgmma only, whose operands span a warpgroup;
 //   regk     softmax, with the keys decoded straight into the mma A fragments (no key staging, no
 //            ldmatrix): each lane loads the 3 code words of its 32 channels of tokens g and g+8 (the
 //            layout a channel permutation shared by fragments, q and cos/sin would give) and looks
@@ -51,8 +62,9 @@
 // Shape: Llama-3-8B (8 KV heads x 128, 4 query heads per KV head), nuq3 (12 code words per token
 // and head for keys, as many for values).
 //
-//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out]
+//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope]
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -79,7 +91,7 @@ constexpr int kChunks = kHd / 16, kHC = kChunks / 2;
 constexpr int kCsStride = kHC * 8 + 4;
 using Cfg = lm::LutMmaCfg<kHd, kBits>;  // the real kernel's shared memory, for its occupancy
 
-enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9, kStagePrmt = 10, kStageOut = 11, kFragOut = 12, kRegKOut = 13 };
+enum Mode { kCopy = 0, kDecode = 1, kStage = 2, kSoftmax = 3, kRegK = 4, kDecodeRep = 5, kDecodePrmt = 6, kFrag = 7, kFragNoRope = 8, kFragRegOps = 9, kStagePrmt = 10, kStageOut = 11, kFragOut = 12, kRegKOut = 13, kFrag8 = 14 };
 __host__ __device__ constexpr bool IsFrag(int m) { return m == kFrag || m == kFragNoRope || m == kFragRegOps || m == kFragOut; }
 __host__ __device__ constexpr bool IsStagePrmt(int m) { return m == kStagePrmt || m == kStageOut || m == kRegKOut; }
 // Keys loaded as the words of tokens g and g + 8 (a channel permutation within each token), and
@@ -87,7 +99,7 @@ __host__ __device__ constexpr bool IsStagePrmt(int m) { return m == kStagePrmt |
 __host__ __device__ constexpr bool KeyRows(int m) { return m == kRegK || m == kRegKOut; }
 __host__ __device__ constexpr bool KeyInRegs(int m) { return KeyRows(m) || IsFrag(m); }
 __host__ __device__ constexpr bool HasOut(int m) { return m == kStageOut || m == kFragOut || m == kRegKOut; }
-const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops", "stage-prmt", "stage-out", "frag-out", "regk-out"};
+const char* const kModeNames[] = {"copy", "decode", "stage", "softmax", "regk", "decode-rep", "decode-prmt", "frag", "frag-norope", "frag-regops", "stage-prmt", "stage-out", "frag-out", "regk-out", "frag8-norope"};
 constexpr int kOut = 20;  // key (and value) outlier entries per head and tile (stage-out, frag-out)
 // Score and output deltas are summed as fixed-point integers: shared-memory integer atomics are
 // single instructions (ATOMS.ADD in the SASS) and order-independent, so the sums are deterministic
@@ -128,6 +140,49 @@ __device__ __forceinline__ uint32_t StreamCodes8(const uint32_t (&w)[kW], int g8
 }
 using lm::Decode4;
 using lm::Prmt;
+
+// D += A B on the fp8 tensor-core path: A 16 x 32 e4m3 (row), B 32 x 8 e4m3 (col), fp32 sums.
+__device__ __forceinline__ void Mma8(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t E4m3(float x) {
+  return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+}
+__device__ __forceinline__ float E4m3Value(uint32_t b) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3)));
+}
+
+// One online-softmax step of a warp's group: the running maxima m0, m1 raised to this step's
+// (mx0, mx1) reduced over the group's lanes, the factors the old sums take (corr0, corr1), and the
+// accumulators rescaled by them when any lane's factor is not 1; returns whether they were.
+__device__ __forceinline__ bool RaiseMax(float mx0, float mx1, float& m0, float& m1, float& corr0,
+                                         float& corr1, float (&acc)[kChunks][4]) {
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+  }
+  const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+  corr0 = exp2f(m0 - mn0);
+  corr1 = exp2f(m1 - mn1);
+  m0 = mn0;
+  m1 = mn1;
+  const bool rescale = __any_sync(0xffffffffu, corr0 != 1.0f || corr1 != 1.0f);
+  if (rescale) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      acc[i][0] *= corr0;
+      acc[i][1] *= corr1;
+      acc[i][2] *= corr0;
+      acc[i][3] *= corr1;
+    }
+  }
+  return rescale;
+}
 
 template <int kMode>
 __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
@@ -187,6 +242,32 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
     q1[i][0] = dm::PackF2(0.01f * (lane + i), -0.01f * i);
     q1[i][1] = dm::PackF2(0.02f * i, 0.01f * lane);
   }
+  // frag8-norope: the LUTs as e4m3 byte tables (PRMT picks four entries per instruction), and q
+  // as the B fragments of the 4 k-steps in two e4m3 parts (hi, lo = the rest), one uint4 (hi b0,
+  // hi b1, lo b0, lo b1) per k-step and lane in the warp's scratch (registers are full).
+  uint32_t tk8[2] = {0u, 0u}, tv8[2] = {0u, 0u};
+  uint4* q8_s = reinterpret_cast<uint4*>(xsm);  // [4 k-steps][32 lanes]
+  if constexpr (kMode == kFrag8) {
+    static_assert(4 * 32 * 16 <= kExtraBytes, "q8 must fit the warp's scratch");
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float lv = -1.0f + 2.0f * i / 7.0f;
+      tk8[i / 4] |= E4m3(lv) << (8 * (i % 4));
+      tv8[i / 4] |= E4m3(0.9f * lv) << (8 * (i % 4));
+    }
+    for (int ks = 0; ks < 4; ++ks) {
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+      for (int r = 0; r < 2; ++r) {
+        for (int e = 0; e < 4; ++e) {
+          const float x = 0.01f * (lane + ks + e) - 0.02f * r;
+          const uint32_t hb = E4m3(x);
+          w[r] |= hb << (8 * e);
+          w[2 + r] |= E4m3(x - E4m3Value(hb)) << (8 * e);
+        }
+      }
+      q8_s[ks * 32 + lane] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
   __syncthreads();
   if constexpr (HasOut(kMode)) {
     for (int i = lane; i < 16 * 8; i += 32) sdelta[i] = 0;
@@ -223,6 +304,15 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
   }
   dm::LoadWords(row(a.v, 0), cv);
   vs = __ldg(a.vscale + j0 + lt);
+  uint32_t c8k[2][kW], c8v[2][kW], vs8[2];  // frag8-norope: the codes of a 32-token step
+  if constexpr (kMode == kFrag8) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      dm::LoadWords(row(a.k, h), c8k[h]);
+      dm::LoadWords(row(a.v, h), c8v[h]);
+      vs8[h] = __ldg(a.vscale + j0 + h * dm::kTile + lt);
+    }
+  }
   // Outlier entries one tile ahead, as the codes (lanes >= kOut hold 0).
   auto out_at = [&](int T) { return ((static_cast<int64_t>(hk) * gridDim.y + split) * n_tiles + T) * kOut; };
   uint32_t kent = 0, vent = 0;
@@ -266,6 +356,72 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
       dm::LoadWords(row(a.k, Tn), ck);
       dm::LoadWords(row(a.v, Tn), cv);
       vs = __ldg(a.vscale + j0 + Tn * dm::kTile + lt);
+      continue;
+    } else if constexpr (kMode == kFrag8) {
+      // ---- scores of tiles T and T + 1: keys -> e4m3 A fragments, 4 k-steps x (q hi, q lo) ----
+      float s[2][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        const uint4 qq = q8_s[ks * 32 + lane];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t w0 = Word8(c8k[h], 2 * ks), w1 = Word8(c8k[h], 2 * ks + 1);
+          const uint32_t af[4] = {Prmt(tk8[0], tk8[1], w0), Prmt(tk8[0], tk8[1], w0 >> 16),
+                                  Prmt(tk8[0], tk8[1], w1), Prmt(tk8[0], tk8[1], w1 >> 16)};
+          Mma8(s[h], af, qq.x, qq.y);
+          Mma8(s[h], af, qq.z, qq.w);
+        }
+      }
+      const int Tn2 = T + 3 < n_tiles ? T + 2 : T;  // n_tiles is even (main)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) dm::LoadWords(row(a.k, Tn2 + h), c8k[h]);
+      // ---- online softmax over the 32 tokens ----
+      float corr0, corr1;
+      RaiseMax(fmaxf(fmaxf(s[0][0], s[0][2]), fmaxf(s[1][0], s[1][2])),
+               fmaxf(fmaxf(s[0][1], s[0][3]), fmaxf(s[1][1], s[1][3])), m0, m1, corr0, corr1, acc);
+      const float mn0 = m0, mn1 = m1;
+      l0 *= corr0;
+      l1 *= corr1;
+      // P (times the token's value range) as e4m3 bytes [part][head][token] in the P buffer.
+      uint8_t* pb8 = pbuf;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float p0 = exp2f(s[h][0] - mn0), p1 = exp2f(s[h][1] - mn1);
+        const float p2 = exp2f(s[h][2] - mn0), p3 = exp2f(s[h][3] - mn1);
+        l0 += p0 + p2;
+        l1 += p1 + p3;
+        const float rg = lm::HalfHi(__shfl_sync(0xffffffffu, vs8[h], g));
+        const float rg8 = lm::HalfHi(__shfl_sync(0xffffffffu, vs8[h], g + 8));
+        const float pv[4] = {p0 * rg, p1 * rg, p2 * rg8, p3 * rg8};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int at = (2 * q4 + (e & 1)) * 32 + 16 * h + g + 8 * (e >> 1);
+          const uint32_t hb = E4m3(pv[e]);
+          pb8[at] = static_cast<uint8_t>(hb);
+          pb8[256 + at] = static_cast<uint8_t>(E4m3(pv[e] - E4m3Value(hb)));
+        }
+      }
+      __syncwarp();
+      const uint32_t bh0 = *reinterpret_cast<const uint32_t*>(pb8 + g * 32 + 4 * q4);
+      const uint32_t bh1 = *reinterpret_cast<const uint32_t*>(pb8 + g * 32 + 16 + 4 * q4);
+      const uint32_t bl0 = *reinterpret_cast<const uint32_t*>(pb8 + 256 + g * 32 + 4 * q4);
+      const uint32_t bl1 = *reinterpret_cast<const uint32_t*>(pb8 + 256 + g * 32 + 16 + 4 * q4);
+      __syncwarp();
+      // ---- O^T += V^T . P: values -> e4m3 A fragments, k = the 32 tokens ----
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+        const uint32_t w0 = Word8(c8v[i / 4], 2 * (i % 4)), w1 = Word8(c8v[i / 4], 2 * (i % 4) + 1);
+        const uint32_t x[4] = {Prmt(tv8[0], tv8[1], w0), Prmt(tv8[0], tv8[1], w0 >> 16),
+                               Prmt(tv8[0], tv8[1], w1), Prmt(tv8[0], tv8[1], w1 >> 16)};
+        Mma8(acc[i], x, bh0, bh1);
+        Mma8(acc[i], x, bl0, bl1);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        dm::LoadWords(row(a.v, Tn2 + h), c8v[h]);
+        vs8[h] = __ldg(a.vscale + j0 + (Tn2 + h) * dm::kTile + lt);
+      }
+      ++T;  // two tiles a step
       continue;
     } else if constexpr (kMode == kDecode || kMode == kDecodeRep) {
       const uint32_t* kt = kMode == kDecodeRep ? krep_s + lane : kpair_s;
@@ -454,16 +610,9 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
       vs = __ldg(a.vscale + j0 + Tn * dm::kTile + lt);
       if constexpr (kMode >= kSoftmax) {
         // ---- online softmax (section 4) ----
-        float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
-#pragma unroll
-        for (int off = 4; off < 32; off <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-        }
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float corr0 = exp2f(m0 - mn0), corr1 = exp2f(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
+        float corr0, corr1;
+        const bool rescaled = RaiseMax(fmaxf(s[0], s[2]), fmaxf(s[1], s[3]), m0, m1, corr0, corr1, acc);
+        const float mn0 = m0, mn1 = m1;
         const float p0 = exp2f(s[0] - mn0), p1 = exp2f(s[1] - mn1);
         const float p2 = exp2f(s[2] - mn0), p3 = exp2f(s[3] - mn1);
         const uint32_t vs_g = __shfl_sync(0xffffffffu, vscale, g);
@@ -471,14 +620,7 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
         const float rg = lm::HalfHi(vs_g), rg8 = lm::HalfHi(vs_g8);
         l0 = fmaf(l0, corr0, p0 + p2);
         l1 = fmaf(l1, corr1, p1 + p3);
-        if (__any_sync(0xffffffffu, corr0 != 1.0f || corr1 != 1.0f)) {
-#pragma unroll
-          for (int i = 0; i < kChunks; ++i) {
-            acc[i][0] *= corr0;
-            acc[i][1] *= corr1;
-            acc[i][2] *= corr0;
-            acc[i][3] *= corr1;
-          }
+        if (rescaled) {
           if constexpr (kMode == kFragOut) {  // the output delta is rescaled as the accumulators
             if (q4 < 2) {
 #pragma unroll
@@ -605,14 +747,14 @@ bool Has(const std::string& list, const char* name) {
 
 int main(int argc, char** argv) {
   int tokens = 1 << 20, iters = 20;
-  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out";
+  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope";
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s.rfind("--tokens=", 0) == 0) tokens = std::atoi(s.c_str() + 9);
     else if (s.rfind("--iters=", 0) == 0) iters = std::atoi(s.c_str() + 8);
     else if (s.rfind("--modes=", 0) == 0) modes = s.substr(8);
     else {
-      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out]\n", argv[i]);
+      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope]\n", argv[i]);
       return 2;
     }
   }
@@ -625,9 +767,10 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   // Splits: whole waves of two CTAs per SM, 4 waves, each split a whole number of tiles.
   const int splits = 8 * prop.multiProcessorCount;
-  const int tps = tokens / splits / dm::kTile * dm::kTile;
-  if (tps < dm::kTile) {
-    std::fprintf(stderr, "lut_core_bench: --tokens must be >= %d\n", splits * dm::kTile);
+  // Whole pairs of tiles per split (frag8-norope steps two at a time).
+  const int tps = tokens / splits / (2 * dm::kTile) * (2 * dm::kTile);
+  if (tps < 2 * dm::kTile) {
+    std::fprintf(stderr, "lut_core_bench: --tokens must be >= %d\n", splits * 2 * dm::kTile);
     return 2;
   }
   const int64_t used_tokens = static_cast<int64_t>(tps) * splits;
@@ -712,6 +855,7 @@ int main(int argc, char** argv) {
   if (Has(modes, "stage-out")) row("stage-out", TimeMode<kStageOut>(a, splits, iters));
   if (Has(modes, "frag-out")) row("frag-out", TimeMode<kFragOut>(a, splits, iters));
   if (Has(modes, "regk-out")) row("regk-out", TimeMode<kRegKOut>(a, splits, iters));
+  if (Has(modes, "frag8-norope")) row("frag8-norope", TimeMode<kFrag8>(a, splits, iters));
   CK(cudaFree(k));
   CK(cudaFree(v));
   CK(cudaFree(vscale));
