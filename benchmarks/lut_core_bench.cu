@@ -62,7 +62,7 @@
 // Shape: Llama-3-8B (8 KV heads x 128, 4 query heads per KV head), nuq3 (12 code words per token
 // and head for keys, as many for values).
 //
-//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope]
+//   lut_core_bench [--tokens=1048576] [--iters=20] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope,wg8-norope]
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -710,14 +710,199 @@ __global__ void __launch_bounds__(256, 2) CoreKernel(const Args a) {
   a.out[(static_cast<int64_t>(split) * kHeads + hk) * 32 + lane] = sum;
 }
 
-template <int kMode>
-float TimeMode(const Args& a, int splits, int iters) {
+// wg8-norope: frag8-norope on Hopper's native fp8 path, wgmma (sm_90a). Its operands span a
+// warpgroup, so the work is split as such a kernel would have to: each warpgroup takes 4 of the
+// CTA's 8 KV heads in turn, 64 tokens a step; warp w of the group holds tokens [16 w, 16 w + 16)
+// of the step as the A rows of S = K q (keys decoded by PRMT to e4m3 in registers, q hi/lo from
+// shared memory), the running maxima are shared across the 4 warps (a named barrier), P (hi, lo)
+// goes to shared memory as the B operand of O^T += V^T P, whose A rows are each warp's 16 + 16 of
+// the 128 channels over the step's 64 tokens (values decoded in registers too). Same loads, codes,
+// grid and shared memory (occupancy) as the other modes.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define KVQ_LCB_WGMMA 1
+#endif
+// No-swizzle K-major shared-memory descriptor: core matrices of 8 rows x 16 bytes, `lbo` bytes
+// apart along K, `sbo` bytes apart along M/N.
+__device__ __forceinline__ uint64_t DescNoSwizzle(const void* p, uint32_t lbo, uint32_t sbo) {
+  const uint32_t addr = dm::SmemAddr(p);
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32);
+}
+// d += A B: A 64 x 32 e4m3 from registers (this warp's 16 rows), B 32 x 8 e4m3 in shared memory.
+__device__ __forceinline__ void Wgmma8(float (&d)[4], const uint32_t (&a)[4], uint64_t db) {
+#ifdef KVQ_LCB_WGMMA
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+#endif
+}
+__device__ __forceinline__ void WgFence() {
+#ifdef KVQ_LCB_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WgCommitWait() {
+#ifdef KVQ_LCB_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void GroupBarrier(int id) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
+}
+
+__global__ void __launch_bounds__(256, 2) Wg8Kernel(const Args a) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wl = warp & 3;
+  const int lt = lane & 15, lh = lane >> 4, g = lane >> 2, q4 = lane & 3;
+  // q hi, lo: [part][8 K cores of 16 channels][8 heads][16 bytes]; per warpgroup: the maxima
+  // [4 warps][8 heads] and P [part][4 K cores of 16 tokens][8 heads][16 bytes].
+  uint8_t* q_s = smem;
+  float* red_s = reinterpret_cast<float*>(smem + 2048 + wg * 1152);
+  uint8_t* p_s = smem + 2048 + wg * 1152 + 128;
+  for (int i = tid; i < 2 * 1024; i += blockDim.x) {
+    const float x = 0.01f * ((i >> 4) & 7) - 0.002f * (i & 15) + 0.001f * (i >> 7);
+    const uint32_t hb = E4m3(x);
+    q_s[i] = static_cast<uint8_t>(i < 1024 ? hb : E4m3(x - E4m3Value(hb)));
+  }
+  uint32_t tk8[2] = {0u, 0u}, tv8[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float lv = -1.0f + 2.0f * i / 7.0f;
+    tk8[i / 4] |= E4m3(lv) << (8 * (i % 4));
+    tv8[i / 4] |= E4m3(0.9f * lv) << (8 * (i % 4));
+  }
+  FenceProxyAsync();
+  __syncthreads();
+  const int split = blockIdx.y, j0 = split * a.tokens_per_split;
+  // Steps of 4 tiles; the last one of a split holds 2 when the split has 4 n + 2 (main: pairs).
+  const int n_tiles = a.tokens_per_split / dm::kTile, n_steps = (n_tiles + 3) / 4;
+  auto row = [&](const uint32_t* base, int hk, int tile) {
+    tile = min(tile, n_tiles - 1);  // a short last step's missing tiles: their P is 0
+    return base + (static_cast<int64_t>(hk) * (gridDim.y * a.tokens_per_split) + j0 + tile * dm::kTile + lt) * kRowWords + lh * kW;
+  };
+  float total = 0.0f;
+  for (int hh = 0; hh < 4; ++hh) {
+    const int hk = 4 * wg + hh;
+    uint32_t ck[kW], cv[kW], vs;
+    dm::LoadWords(row(a.k, hk, wl), ck);
+    dm::LoadWords(row(a.v, hk, wl), cv);
+    vs = __ldg(a.vscale + j0 + wl * dm::kTile + lt);
+    float acc[2][4] = {};
+    float m0 = -1e30f, m1 = -1e30f, l0 = 0.0f, l1 = 0.0f;
+    for (int st = 0; st < n_steps; ++st) {
+      const int sn = st + 1 < n_steps ? st + 1 : st;
+      const bool full = 4 * st + 4 <= n_tiles, live = 4 * st + wl < n_tiles;
+      // ---- S = K q: 4 k-steps of 32 channels x (q hi, q lo) ----
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      uint32_t af[4][4];
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        const uint32_t w0 = Word8(ck, 2 * ks), w1 = Word8(ck, 2 * ks + 1);
+        af[ks][0] = Prmt(tk8[0], tk8[1], w0);
+        af[ks][1] = Prmt(tk8[0], tk8[1], w0 >> 16);
+        af[ks][2] = Prmt(tk8[0], tk8[1], w1);
+        af[ks][3] = Prmt(tk8[0], tk8[1], w1 >> 16);
+      }
+      WgFence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        Wgmma8(s, af[ks], DescNoSwizzle(q_s + 2 * ks * 128, 128, 1024));
+        Wgmma8(s, af[ks], DescNoSwizzle(q_s + 1024 + 2 * ks * 128, 128, 1024));
+      }
+      WgCommitWait();
+      if (!live) s[0] = s[1] = s[2] = s[3] = -1e30f;
+      dm::LoadWords(row(a.k, hk, 4 * sn + wl), ck);
+      // ---- online softmax, maxima shared by the warpgroup ----
+      float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      if (g == 0) {
+        red_s[wl * 8 + 2 * q4] = mx0;
+        red_s[wl * 8 + 2 * q4 + 1] = mx1;
+      }
+      GroupBarrier(1 + wg);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        mx0 = fmaxf(mx0, red_s[w * 8 + 2 * q4]);
+        mx1 = fmaxf(mx1, red_s[w * 8 + 2 * q4 + 1]);
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float corr0 = exp2f(m0 - mn0), corr1 = exp2f(m1 - mn1);
+      m0 = mn0;
+      m1 = mn1;
+      const float p0 = exp2f(s[0] - mn0), p1 = exp2f(s[1] - mn1);
+      const float p2 = exp2f(s[2] - mn0), p3 = exp2f(s[3] - mn1);
+      l0 = fmaf(l0, corr0, p0 + p2);
+      l1 = fmaf(l1, corr1, p1 + p3);
+      // O^T's columns are the heads: (2 q4, 2 q4 + 1) in every lane.
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb) {
+        acc[mb][0] *= corr0;
+        acc[mb][1] *= corr1;
+        acc[mb][2] *= corr0;
+        acc[mb][3] *= corr1;
+      }
+      const float rg = lm::HalfHi(__shfl_sync(0xffffffffu, vs, g));
+      const float rg8 = lm::HalfHi(__shfl_sync(0xffffffffu, vs, g + 8));
+      vs = __ldg(a.vscale + j0 + min(4 * sn + wl, n_tiles - 1) * dm::kTile + lt);
+      const float pv[4] = {p0 * rg, p1 * rg, p2 * rg8, p3 * rg8};
+      // P byte of token t (16 wl + g (+8)) and head n: core t / 16 = wl, row n, byte t % 16.
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int at = wl * 128 + (2 * q4 + (e & 1)) * 16 + g + 8 * (e >> 1);
+        const uint32_t hb = E4m3(pv[e]);
+        p_s[at] = static_cast<uint8_t>(hb);
+        p_s[512 + at] = static_cast<uint8_t>(E4m3(pv[e] - E4m3Value(hb)));
+      }
+      FenceProxyAsync();
+      GroupBarrier(1 + wg);  // P complete; the maxima read
+      // ---- O^T += V^T P: 2 blocks of 64 channels x 2 k-steps of 32 tokens x (P hi, P lo) ----
+      uint32_t vf[2][2][4];
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          const uint32_t w0 = Word8(cv, 4 * mb + 2 * kk), w1 = Word8(cv, 4 * mb + 2 * kk + 1);
+          vf[mb][kk][0] = Prmt(tv8[0], tv8[1], w0);
+          vf[mb][kk][1] = Prmt(tv8[0], tv8[1], w0 >> 16);
+          vf[mb][kk][2] = Prmt(tv8[0], tv8[1], w1);
+          vf[mb][kk][3] = Prmt(tv8[0], tv8[1], w1 >> 16);
+        }
+      }
+      WgFence();
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+        for (int kk = 0; kk < (full ? 2 : 1); ++kk) {
+          Wgmma8(acc[mb], vf[mb][kk], DescNoSwizzle(p_s + 2 * kk * 128, 128, 1024));
+          Wgmma8(acc[mb], vf[mb][kk], DescNoSwizzle(p_s + 512 + 2 * kk * 128, 128, 1024));
+        }
+      }
+      WgCommitWait();
+      dm::LoadWords(row(a.v, hk, 4 * sn + wl), cv);
+    }
+    total += l0 + l1 + m0 + m1;
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) total += acc[mb][0] + acc[mb][1] + acc[mb][2] + acc[mb][3];
+  }
+  a.out[(static_cast<int64_t>(split) * kHeads + warp) * 32 + lane] = total;
+}
+
+template <typename Kernel>
+float TimeKernel(Kernel kernel, const char* name, const Args& a, int splits, int iters) {
   const size_t smem = Cfg::SmemBytes(kHeads);
-  CK(cudaFuncSetAttribute(CoreKernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
-  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, CoreKernel<kMode>, 256, smem));
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, smem));
   const dim3 grid(1, splits);
-  CoreKernel<kMode><<<grid, 256, smem>>>(a);
+  kernel<<<grid, 256, smem>>>(a);
   CK(cudaGetLastError());
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
@@ -725,7 +910,7 @@ float TimeMode(const Args& a, int splits, int iters) {
   std::vector<float> ts;
   for (int i = 0; i < iters; ++i) {
     CK(cudaEventRecord(e0));
-    CoreKernel<kMode><<<grid, 256, smem>>>(a);
+    kernel<<<grid, 256, smem>>>(a);
     CK(cudaEventRecord(e1));
     CK(cudaEventSynchronize(e1));
     float ms = 0;
@@ -735,8 +920,13 @@ float TimeMode(const Args& a, int splits, int iters) {
   std::sort(ts.begin(), ts.end());
   CK(cudaEventDestroy(e0));
   CK(cudaEventDestroy(e1));
-  std::printf("  (%s: %d CTAs per SM by occupancy)\n", kModeNames[kMode], per_sm);
+  std::printf("  (%s: %d CTAs per SM by occupancy)\n", name, per_sm);
   return ts[ts.size() / 2];
+}
+
+template <int kMode>
+float TimeMode(const Args& a, int splits, int iters) {
+  return TimeKernel(CoreKernel<kMode>, kModeNames[kMode], a, splits, iters);
 }
 
 bool Has(const std::string& list, const char* name) {
@@ -747,14 +937,14 @@ bool Has(const std::string& list, const char* name) {
 
 int main(int argc, char** argv) {
   int tokens = 1 << 20, iters = 20;
-  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope";
+  std::string modes = "copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope,wg8-norope";
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s.rfind("--tokens=", 0) == 0) tokens = std::atoi(s.c_str() + 9);
     else if (s.rfind("--iters=", 0) == 0) iters = std::atoi(s.c_str() + 8);
     else if (s.rfind("--modes=", 0) == 0) modes = s.substr(8);
     else {
-      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope]\n", argv[i]);
+      std::fprintf(stderr, "unknown flag %s\nusage: lut_core_bench [--tokens=N] [--iters=N] [--modes=copy,decode,decode-rep,decode-prmt,stage,softmax,regk,frag,frag-norope,frag-regops,stage-prmt,stage-out,frag-out,regk-out,frag8-norope,wg8-norope]\n", argv[i]);
       return 2;
     }
   }
@@ -767,7 +957,8 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   // Splits: whole waves of two CTAs per SM, 4 waves, each split a whole number of tiles.
   const int splits = 8 * prop.multiProcessorCount;
-  // Whole pairs of tiles per split (frag8-norope steps two at a time).
+  // Whole pairs of tiles per split (frag8-norope steps two tiles at a time; wg8-norope four,
+  // the last step of a split perhaps two).
   const int tps = tokens / splits / (2 * dm::kTile) * (2 * dm::kTile);
   if (tps < 2 * dm::kTile) {
     std::fprintf(stderr, "lut_core_bench: --tokens must be >= %d\n", splits * 2 * dm::kTile);
@@ -856,6 +1047,10 @@ int main(int argc, char** argv) {
   if (Has(modes, "frag-out")) row("frag-out", TimeMode<kFragOut>(a, splits, iters));
   if (Has(modes, "regk-out")) row("regk-out", TimeMode<kRegKOut>(a, splits, iters));
   if (Has(modes, "frag8-norope")) row("frag8-norope", TimeMode<kFrag8>(a, splits, iters));
+  if (Has(modes, "wg8-norope")) {
+    if (prop.major == 9) row("wg8-norope", TimeKernel(Wg8Kernel, "wg8-norope", a, splits, iters));
+    else std::printf("| wg8-norope | skipped: wgmma needs compute capability 9.0 | | |\n");
+  }
   CK(cudaFree(k));
   CK(cudaFree(v));
   CK(cudaFree(vscale));
