@@ -159,13 +159,17 @@ __device__ __forceinline__ float E4m3Value(uint32_t b) {
 // One online-softmax step of a warp's group: the running maxima m0, m1 raised to this step's
 // (mx0, mx1) reduced over the group's lanes, the factors the old sums take (corr0, corr1), and the
 // accumulators rescaled by them when any lane's factor is not 1; returns whether they were.
-__device__ __forceinline__ bool RaiseMax(float mx0, float mx1, float& m0, float& m1, float& corr0,
-                                         float& corr1, float (&acc)[kChunks][4]) {
+// (mx0, mx1) reduced over the 8 lanes of a warp that share q4 (an mma C fragment's column pair).
+__device__ __forceinline__ void ColumnMax(float& mx0, float& mx1) {
 #pragma unroll
   for (int off = 4; off < 32; off <<= 1) {
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
   }
+}
+__device__ __forceinline__ bool RaiseMax(float mx0, float mx1, float& m0, float& m1, float& corr0,
+                                         float& corr1, float (&acc)[kChunks][4]) {
+  ColumnMax(mx0, mx1);
   const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
   corr0 = exp2f(m0 - mn0);
   corr1 = exp2f(m1 - mn1);
@@ -762,13 +766,16 @@ __global__ void __launch_bounds__(256, 2) Wg8Kernel(const Args a) {
   const int lt = lane & 15, lh = lane >> 4, g = lane >> 2, q4 = lane & 3;
   // q hi, lo: [part][8 K cores of 16 channels][8 heads][16 bytes]; per warpgroup: the maxima
   // [4 warps][8 heads] and P [part][4 K cores of 16 tokens][8 heads][16 bytes].
+  constexpr int kCore = 8 * 16;                            // one core matrix, bytes
+  constexpr int kQPart = kHd / 16 * kCore, kPPart = 4 * kCore;
+  constexpr int kRedBytes = 4 * 8 * 4, kGroupBytes = kRedBytes + 2 * kPPart;
   uint8_t* q_s = smem;
-  float* red_s = reinterpret_cast<float*>(smem + 2048 + wg * 1152);
-  uint8_t* p_s = smem + 2048 + wg * 1152 + 128;
-  for (int i = tid; i < 2 * 1024; i += blockDim.x) {
+  float* red_s = reinterpret_cast<float*>(smem + 2 * kQPart + wg * kGroupBytes);
+  uint8_t* p_s = smem + 2 * kQPart + wg * kGroupBytes + kRedBytes;
+  for (int i = tid; i < 2 * kQPart; i += blockDim.x) {
     const float x = 0.01f * ((i >> 4) & 7) - 0.002f * (i & 15) + 0.001f * (i >> 7);
     const uint32_t hb = E4m3(x);
-    q_s[i] = static_cast<uint8_t>(i < 1024 ? hb : E4m3(x - E4m3Value(hb)));
+    q_s[i] = static_cast<uint8_t>(i < kQPart ? hb : E4m3(x - E4m3Value(hb)));
   }
   uint32_t tk8[2] = {0u, 0u}, tv8[2] = {0u, 0u};
 #pragma unroll
@@ -812,19 +819,15 @@ __global__ void __launch_bounds__(256, 2) Wg8Kernel(const Args a) {
       WgFence();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
-        Wgmma8(s, af[ks], DescNoSwizzle(q_s + 2 * ks * 128, 128, 1024));
-        Wgmma8(s, af[ks], DescNoSwizzle(q_s + 1024 + 2 * ks * 128, 128, 1024));
+        Wgmma8(s, af[ks], DescNoSwizzle(q_s + 2 * ks * kCore, kCore, kQPart));
+        Wgmma8(s, af[ks], DescNoSwizzle(q_s + kQPart + 2 * ks * kCore, kCore, kQPart));
       }
       WgCommitWait();
       if (!live) s[0] = s[1] = s[2] = s[3] = -1e30f;
       dm::LoadWords(row(a.k, hk, 4 * sn + wl), ck);
       // ---- online softmax, maxima shared by the warpgroup ----
       float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
+      ColumnMax(mx0, mx1);
       if (g == 0) {
         red_s[wl * 8 + 2 * q4] = mx0;
         red_s[wl * 8 + 2 * q4 + 1] = mx1;
@@ -858,10 +861,10 @@ __global__ void __launch_bounds__(256, 2) Wg8Kernel(const Args a) {
       // P byte of token t (16 wl + g (+8)) and head n: core t / 16 = wl, row n, byte t % 16.
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int at = wl * 128 + (2 * q4 + (e & 1)) * 16 + g + 8 * (e >> 1);
+        const int at = wl * kCore + (2 * q4 + (e & 1)) * 16 + g + 8 * (e >> 1);
         const uint32_t hb = E4m3(pv[e]);
         p_s[at] = static_cast<uint8_t>(hb);
-        p_s[512 + at] = static_cast<uint8_t>(E4m3(pv[e] - E4m3Value(hb)));
+        p_s[kPPart + at] = static_cast<uint8_t>(E4m3(pv[e] - E4m3Value(hb)));
       }
       FenceProxyAsync();
       GroupBarrier(1 + wg);  // P complete; the maxima read
@@ -883,8 +886,8 @@ __global__ void __launch_bounds__(256, 2) Wg8Kernel(const Args a) {
       for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
         for (int kk = 0; kk < (full ? 2 : 1); ++kk) {
-          Wgmma8(acc[mb], vf[mb][kk], DescNoSwizzle(p_s + 2 * kk * 128, 128, 1024));
-          Wgmma8(acc[mb], vf[mb][kk], DescNoSwizzle(p_s + 512 + 2 * kk * 128, 128, 1024));
+          Wgmma8(acc[mb], vf[mb][kk], DescNoSwizzle(p_s + 2 * kk * kCore, kCore, kQPart));
+          Wgmma8(acc[mb], vf[mb][kk], DescNoSwizzle(p_s + kPPart + 2 * kk * kCore, kCore, kQPart));
         }
       }
       WgCommitWait();
